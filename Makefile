@@ -1,0 +1,48 @@
+# Every target sets up .venv itself, so a fresh machine with Python 3.11+ and a
+# C compiler needs nothing but `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+SRC    := src tests benchmarks examples
+
+.PHONY: test lint typecheck docs docs-serve demo bench bench-smoke clean
+
+$(PY):
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "procshare needs Python 3.11+"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Stamps record which extras are installed; pyproject.toml changes reinstall.
+$(VENV)/.dev: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(VENV)/.base: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.bench: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check $(SRC)
+	$(PY) -m ruff format --check $(SRC)
+
+typecheck: $(VENV)/.dev
+	$(PY) -m mypy src
+
+docs: $(VENV)/.dev
+	$(PY) -m mkdocs build --strict --quiet --site-dir build/site
+
+test: lint typecheck docs
+	$(PY) -m pytest
+
+demo: $(VENV)/.base
+	$(PY) -m procshare demo
+
+bench: $(VENV)/.bench
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf build .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,71 @@
+"""procshare: multi-processing on POSIX as a decorator and a ``with`` block.
+
+This module only re-exports; the work lives in private modules. The public
+surface is exactly ``__all__``, and ``tests/test_exports.py`` checks that it
+matches the API reference in ``docs/api.md``.
+"""
+
+from __future__ import annotations
+
+# Errors
+from procshare.errors import ChildError as ChildError
+from procshare.errors import ChildExited as ChildExited
+from procshare.errors import ChildKilled as ChildKilled
+from procshare.errors import ChildRaised as ChildRaised
+from procshare.errors import ChildTimeout as ChildTimeout
+from procshare.errors import InvalidName as InvalidName
+from procshare.errors import JoinTimeout as JoinTimeout
+from procshare.errors import LockTimeout as LockTimeout
+from procshare.errors import OwnerDied as OwnerDied
+from procshare.errors import ProcshareError as ProcshareError
+from procshare.errors import SegmentClosed as SegmentClosed
+from procshare.errors import SegmentExists as SegmentExists
+from procshare.errors import SegmentNotFound as SegmentNotFound
+from procshare.errors import SharedMemoryFull as SharedMemoryFull
+from procshare.errors import SharedTypeError as SharedTypeError
+
+# Locks (issue 5)
+from procshare._locks import InterprocessLock as InterprocessLock
+from procshare._locks import interprocess_lock as interprocess_lock
+
+# Namespaces
+from procshare._namespace import namespace as namespace
+
+# Processes (issue 3)
+from procshare._process import Child as Child
+from procshare._process import Children as Children
+from procshare._process import children as children
+from procshare._process import forked as forked
+
+# Shared data (issue 4)
+from procshare._shared import shared as shared
+from procshare._shared import unlink as unlink
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "Child",
+    "ChildError",
+    "ChildExited",
+    "ChildKilled",
+    "ChildRaised",
+    "ChildTimeout",
+    "Children",
+    "InterprocessLock",
+    "InvalidName",
+    "JoinTimeout",
+    "LockTimeout",
+    "OwnerDied",
+    "ProcshareError",
+    "SegmentClosed",
+    "SegmentExists",
+    "SegmentNotFound",
+    "SharedMemoryFull",
+    "SharedTypeError",
+    "children",
+    "forked",
+    "interprocess_lock",
+    "namespace",
+    "shared",
+    "unlink",
+]

@@ -1,0 +1,133 @@
+"""What the engine needs from a backend to keep named shared-memory objects.
+
+A *segment object* is a named, mapped region that stays alive while at least
+one process holds it open, where "holds" is counted by the kernel so that a
+process killed by any signal stops holding it. Locks reuse the same objects
+for their backing memory.
+
+Every object starts with a small frame that the backend owns (magic, flags,
+sizes, the engine's metadata); the engine sees only ``meta`` and the data
+area.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import attrs
+
+
+class SegmentHandle(Protocol):
+    """One open of one object by this process."""
+
+    @property
+    def os_name(self) -> str: ...
+    @property
+    def meta(self) -> bytes:
+        """The engine's metadata, exactly as given at creation."""
+        ...
+
+    @property
+    def persist(self) -> bool: ...
+    @property
+    def data_size(self) -> int: ...
+    @property
+    def data(self) -> memoryview:
+        """A writable view of the data area (``data_size`` bytes, 64-byte aligned)."""
+        ...
+
+    @property
+    def address(self) -> int:
+        """The address of the data area in this process (for ctypes and mutexes)."""
+        ...
+
+    @property
+    def opener_pid(self) -> int:
+        """The pid that opened it; other pids (forked children) must not close it."""
+        ...
+
+    @property
+    def closed(self) -> bool: ...
+
+
+@attrs.frozen
+class SegmentInfo:
+    """What a listing knows about one object without opening it for use."""
+
+    os_name: str
+    meta: bytes
+    size: int
+    persist: bool
+    created_ns: int
+    creator_pid: int
+    holders: tuple[int, ...]
+    temporary: bool = False
+
+
+# Called with an object that no living process holds (its last holder died, or
+# two last holders closed at once): return True to keep it (persistent data, a
+# lock whose owner died), False to have it reclaimed.
+KeepOrphan = Callable[[SegmentHandle], bool]
+
+
+class SegmentBackend(Protocol):
+    def segment_create(
+        self,
+        os_name: str,
+        *,
+        meta: bytes,
+        data_size: int,
+        mode: int,
+        persist: bool,
+        init: Callable[[memoryview], None] | None = None,
+    ) -> SegmentHandle | None:
+        """Create, initialise and publish the object atomically.
+
+        Nobody can open ``os_name`` before ``init`` has returned, and a creator
+        killed during ``init`` leaves nothing under ``os_name``. Returns
+        ``None`` if ``os_name`` already exists. Raises ``OSError(ENOSPC)``
+        when the memory cannot be reserved (never a ``SIGBUS`` later) and
+        ``PermissionError`` when the namespace is not ours.
+        """
+        ...
+
+    def segment_open(self, os_name: str, *, keep_orphan: KeepOrphan) -> SegmentHandle | None:
+        """Attach to a live object; ``None`` if there is none.
+
+        An object found with no living holder is passed to ``keep_orphan``;
+        when that returns ``False`` it is removed and ``None`` returned, so
+        stale data is never served as live.
+        """
+        ...
+
+    def segment_close(self, handle: SegmentHandle, *, keep: KeepOrphan) -> bool:
+        """Stop holding ``handle``; remove the object if this was the last holder
+        and neither ``persist`` nor ``keep`` says to keep it. Returns whether
+        the object was removed. A no-op (returning ``False``) for a handle
+        opened by another pid, so a forked child never releases what it
+        inherited. The mapping stays valid while buffers exported from
+        ``handle.data`` are alive.
+        """
+        ...
+
+    def segment_unlink(self, os_name: str) -> bool:
+        """Remove the name now, whoever holds it (mappings stay valid)."""
+        ...
+
+    def segment_list(self, prefix: str) -> list[SegmentInfo]:
+        """Every object (and leftover temporary) whose OS name starts with ``prefix``."""
+        ...
+
+    def os_objects(self) -> frozenset[str]:
+        """The OS names of every object this backend keeps anywhere (segments, lock
+        memory, temporaries, of any namespace and user): what a leak check compares.
+        """
+        ...
+
+    def segment_collect(self, prefix: str, *, keep: KeepOrphan) -> list[str]:
+        """Remove every object under ``prefix`` that no living process holds and
+        ``keep`` does not keep, and every abandoned temporary. Returns the
+        OS names removed.
+        """
+        ...

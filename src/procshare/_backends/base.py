@@ -1,0 +1,20 @@
+"""The backend interface: everything the engine may ask of the operating system.
+
+The engine talks to exactly one object satisfying :class:`Backend`. A new
+platform is one new module under ``_backends/`` implementing it and passing
+``tests/test_backend_contract.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from procshare._backends.api_lock import LockBackend
+from procshare._backends.api_process import ProcessBackend
+from procshare._backends.api_segment import SegmentBackend
+
+
+class Backend(ProcessBackend, SegmentBackend, LockBackend, Protocol):
+    """Processes, segments and locks of one platform."""
+
+    name: str

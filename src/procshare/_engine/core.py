@@ -1,0 +1,124 @@
+"""The per-process engine: one registry of everything this process holds.
+
+There is exactly one :class:`Engine` per process. It is created on first use,
+replaced by an empty one in every forked child (the child never closes,
+unlinks or releases what it inherited: those belong to the parent), and shut
+down at interpreter exit, releasing what it holds in a fixed order:
+children first (they may still use segments and locks), then locks, then
+segments.
+
+Each area (children, locks, segments) keeps its own state in an
+:class:`EnginePart` created lazily by :meth:`Engine.part`. The engine itself
+holds no OS state and makes no OS calls; parts reach the OS only through
+``engine.backend``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+import attrs
+
+from procshare._backends import Backend, get_backend
+
+
+class EnginePart(Protocol):
+    """One area's state inside the engine."""
+
+    #: Shutdown order: lower runs first (children 0, locks 10, segments 20).
+    order: int
+
+    def poll(self) -> None:
+        """Cheap housekeeping run on every call into procshare (e.g. reaping)."""
+
+    def shutdown(self) -> None:
+        """Release everything this part holds. Must be safe to call twice."""
+
+
+P = TypeVar("P", bound=EnginePart)
+
+
+@attrs.define(eq=False)
+class Engine:
+    backend: Backend
+    pid: int = attrs.field(factory=os.getpid)
+    lock: threading.RLock = attrs.field(factory=threading.RLock)
+    _parts: dict[str, EnginePart] = attrs.field(factory=dict)
+    _closed: bool = False
+
+    def part(self, key: str, factory: Callable[[Engine], P]) -> P:
+        """The part stored under ``key``, created with ``factory(engine)`` on first use."""
+        found = self._parts.get(key)
+        if found is None:
+            with self.lock:
+                found = self._parts.get(key)
+                if found is None:
+                    found = factory(self)
+                    self._parts[key] = found
+        return found  # type: ignore[return-value]
+
+    def poll(self) -> None:
+        for part in list(self._parts.values()):
+            part.poll()
+
+    def shutdown(self) -> None:
+        """Release everything, in order. Errors of one part do not stop the others."""
+        if self._closed or self.pid != os.getpid():
+            return
+        self._closed = True
+        errors: list[BaseException] = []
+        for part in sorted(self._parts.values(), key=lambda p: p.order):
+            try:
+                part.shutdown()
+            except BaseException as exc:  # noqa: BLE001 - report all, after releasing all
+                errors.append(exc)
+        if errors:
+            raise BaseExceptionGroup("procshare engine shutdown failed", errors)
+
+
+_engine: Engine | None = None
+_engine_lock = threading.Lock()
+# Engines inherited across fork are kept referenced, never shut down: their
+# objects belong to the parent, and dropping them could run finalizers.
+_inherited: list[Engine] = []
+
+
+def get_engine() -> Engine:
+    """This process's engine, created on first use."""
+    engine = _engine
+    if engine is not None and engine.pid == os.getpid():
+        return engine
+    return _new_engine()
+
+
+def _new_engine() -> Engine:
+    global _engine
+    with _engine_lock:
+        if _engine is None or _engine.pid != os.getpid():
+            if _engine is not None:
+                _inherited.append(_engine)
+            _engine = Engine(get_backend())
+        return _engine
+
+
+def _after_fork_in_child() -> None:
+    global _engine, _engine_lock
+    _engine_lock = threading.Lock()  # may have been held by another thread at fork
+    if _engine is not None:
+        _inherited.append(_engine)
+        _engine = None
+
+
+def shutdown_engine() -> None:
+    """Shut down this process's engine if it has one (interpreter exit, child exit)."""
+    engine = _engine
+    if engine is not None and engine.pid == os.getpid():
+        engine.shutdown()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(shutdown_engine)

@@ -1,0 +1,111 @@
+"""User-facing names, namespaces, and the short OS names they map to.
+
+A user names a segment or lock with 1-128 characters of ``A-Z a-z 0-9 . _ -``.
+The OS name is derived from ``(uid, namespace, name)`` by hashing, so that
+
+* two users, or two applications in different namespaces, never collide;
+* every OS name is at most 31 characters including the leading slash (the
+  macOS limit), whatever the length of the user's name;
+* all objects of one namespace share a prefix, so listing a namespace is a
+  prefix scan of the backend's directory, not an open of every file.
+
+Layout: ``/ps`` + 7 characters of namespace hash + 1 character of object
+kind + 20 characters of name hash = 31 characters. 100 bits of name hash
+make an accidental collision within a namespace negligible; the backend also
+stores the full name in each object and checks it on open.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import contextvars
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+
+from procshare.errors import InvalidName
+
+MAX_NAME = 128
+OS_NAME_MAX = 31
+PREFIX = "/ps"
+
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_DEFAULT_NAMESPACE = "default"
+
+# Object kinds, one character each in the OS name.
+SEGMENT = "s"
+LOCK = "l"
+TEMP = "t"
+
+_namespace: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "procshare_namespace", default=None
+)
+
+
+def validate_name(name: object, what: str = "name") -> str:
+    """Return ``name`` if it is a valid procshare name, else raise :class:`InvalidName`."""
+    if not isinstance(name, str):
+        raise InvalidName(repr(name), f"a {what} must be a str, not {type(name).__name__}")
+    if not _NAME_RE.fullmatch(name):
+        if not name:
+            why = f"the {what} is empty"
+        elif len(name) > MAX_NAME:
+            why = f"the {what} is {len(name)} characters long"
+        else:
+            bad = sorted({c for c in name if not re.fullmatch(r"[A-Za-z0-9._-]", c)})
+            why = f"the {what} contains {', '.join(map(repr, bad))}"
+        raise InvalidName(name, why)
+    return name
+
+
+def current_namespace() -> str:
+    """The innermost ``ps.namespace()``, else ``$PROCSHARE_NAMESPACE``, else ``default``."""
+    ns = _namespace.get()
+    if ns is not None:
+        return ns
+    env = os.environ.get("PROCSHARE_NAMESPACE")
+    if env:
+        return validate_name(env, "namespace (from PROCSHARE_NAMESPACE)")
+    return _DEFAULT_NAMESPACE
+
+
+@contextlib.contextmanager
+def use_namespace(name: str) -> Iterator[str]:
+    """Make ``name`` the namespace of every segment and lock opened by name inside."""
+    token = _namespace.set(validate_name(name, "namespace"))
+    try:
+        yield name
+    finally:
+        _namespace.reset(token)
+
+
+def _b32(data: bytes, length: int) -> str:
+    # Lower-case base32 is valid in every POSIX IPC namespace and in file names.
+    return base64.b32encode(data).decode("ascii").lower()[:length]
+
+
+def namespace_prefix(namespace: str | None = None, uid: int | None = None) -> str:
+    """The OS-name prefix shared by every object of ``namespace`` for ``uid``."""
+    ns = current_namespace() if namespace is None else namespace
+    uid = os.geteuid() if uid is None else uid
+    digest = hashlib.blake2b(f"{uid}\0{ns}".encode(), digest_size=8).digest()
+    return PREFIX + _b32(digest, 7)
+
+
+def os_name(kind: str, name: str, namespace: str | None = None) -> str:
+    """The OS name (``/ps...``, 31 characters) of object ``name`` of ``kind``."""
+    if len(kind) != 1:
+        raise ValueError(f"object kind must be one character, got {kind!r}")
+    ns = current_namespace() if namespace is None else namespace
+    prefix = namespace_prefix(ns)
+    digest = hashlib.blake2b(f"{ns}\0{kind}\0{name}".encode(), digest_size=13).digest()
+    result = prefix + kind + _b32(digest, 20)
+    assert len(result) == OS_NAME_MAX
+    return result
+
+
+def temp_os_name(namespace: str | None = None) -> str:
+    """A fresh random OS name of kind ``TEMP`` (used while creating an object)."""
+    return namespace_prefix(namespace) + TEMP + _b32(os.urandom(13), 20)

@@ -1,0 +1,413 @@
+"""The whole public exception hierarchy of procshare.
+
+Every error is a :class:`ProcshareError` *and* the builtin exception a user
+would already catch for that situation (``TimeoutError``,
+``FileExistsError``, ``TypeError``, ...), so ``except TimeoutError:`` keeps
+working when procshare is dropped into existing code.
+
+Errors cross process boundaries (a child's failure is raised in the parent),
+so every class keeps its facts as attributes and pickles with them intact.
+The message is *derived* from those fields, never stored on its own, so a
+round trip through :mod:`pickle` cannot make the text and the fields
+disagree.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import signal as _signal
+from typing import Any, ClassVar
+
+__all__ = [
+    "ChildError",
+    "ChildExited",
+    "ChildKilled",
+    "ChildRaised",
+    "ChildTimeout",
+    "InvalidName",
+    "JoinTimeout",
+    "LockTimeout",
+    "OwnerDied",
+    "ProcshareError",
+    "SegmentClosed",
+    "SegmentExists",
+    "SegmentNotFound",
+    "SharedMemoryFull",
+    "SharedTypeError",
+]
+
+
+def _rebuild(cls: type[ProcshareError], fields: dict[str, Any]) -> ProcshareError:
+    return cls(**fields)
+
+
+class ProcshareError(Exception):
+    """Base class of every error procshare raises.
+
+    Subclasses list their keyword-only constructor fields in ``_fields`` and
+    implement :meth:`_message`; pickling rebuilds the exception from those
+    fields, which is what lets a child's failure reach the parent whole.
+    """
+
+    _fields: ClassVar[tuple[str, ...]] = ("detail",)
+
+    def __init__(self, detail: str = "") -> None:
+        self.detail = detail
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return self.detail
+
+    def __str__(self) -> str:
+        return self._message()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        fields = {name: getattr(self, name) for name in self._fields}
+        extra = {k: v for k, v in self.__dict__.items() if k not in fields}
+        return (_rebuild, (type(self), fields), extra or None)
+
+
+# --------------------------------------------------------------------------
+# Processes (SPEC section 1)
+
+
+_SIGNAL_CAUSES: dict[int, str] = {
+    _signal.SIGKILL: (
+        "it was killed outright: by the kernel's OOM killer when memory ran out "
+        "(check `dmesg`), by a timeout or cancellation, or by someone running `kill -9`"
+    ),
+    _signal.SIGSEGV: (
+        "a segmentation fault: a C extension or ctypes call touched invalid memory, "
+        "for example a numpy array used after its shared segment was unmapped"
+    ),
+    _signal.SIGBUS: (
+        "a bus error: memory-mapped storage could not be backed, for example a shared "
+        "segment whose file was truncated or a full /dev/shm"
+    ),
+    _signal.SIGTERM: "it was asked to terminate (by `kill`, a supervisor or a cancelled scope)",
+    _signal.SIGINT: "it was interrupted (Ctrl-C reaches every process of the terminal)",
+    _signal.SIGABRT: "it aborted: a failed C assertion or a fatal error inside the interpreter",
+    _signal.SIGFPE: "an arithmetic fault in native code (integer division by zero)",
+    _signal.SIGILL: "an illegal instruction in native code (a build for another CPU?)",
+    _signal.SIGPIPE: "it wrote to a pipe or socket whose reader had gone away",
+    _signal.SIGHUP: "its terminal or controlling process went away",
+}
+
+
+def signal_name(signum: int | None) -> str:
+    """``SIGKILL`` for 9; ``signal 64`` for numbers without a name."""
+    if signum is None:
+        return "no signal"
+    try:
+        return _signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class ChildError(ProcshareError, ChildProcessError):
+    """A forked child failed. Carries ``pid``, ``name``, ``exitcode`` and ``signal``.
+
+    ``exitcode`` follows :mod:`multiprocessing`: the exit status, or minus the
+    signal number when a signal ended the child. ``signal`` is the signal
+    number or ``None``.
+    """
+
+    _fields = ("pid", "name", "exitcode", "signal", "detail")
+
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        pid: int | None = None,
+        name: str | None = None,
+        exitcode: int | None = None,
+        signal: int | None = None,
+    ) -> None:
+        self.pid = pid
+        self.name = name
+        self.exitcode = exitcode
+        self.signal = signal
+        super().__init__(detail)
+
+    def _who(self) -> str:
+        return f"child {self.name!r} (pid {self.pid})"
+
+    def _message(self) -> str:
+        return f"{self._who()} failed" + (f": {self.detail}" if self.detail else "")
+
+
+class ChildRaised(ChildError):
+    """The child's function raised. The child's formatted traceback is in the
+    message; the original exception is ``__cause__`` when it could be pickled.
+    """
+
+    _fields = (*ChildError._fields, "exc_type", "exc_message", "child_traceback")
+
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        exc_type: str = "Exception",
+        exc_message: str = "",
+        child_traceback: str = "",
+        pid: int | None = None,
+        name: str | None = None,
+        exitcode: int | None = None,
+        signal: int | None = None,
+    ) -> None:
+        self.exc_type = exc_type
+        self.exc_message = exc_message
+        self.child_traceback = child_traceback
+        super().__init__(detail, pid=pid, name=name, exitcode=exitcode, signal=signal)
+
+    def _message(self) -> str:
+        head = f"{self._who()} raised {self.exc_type}: {self.exc_message}"
+        if self.detail:
+            head += f" ({self.detail})"
+        if self.child_traceback:
+            head += "\n\nTraceback in the child:\n" + self.child_traceback.rstrip("\n")
+        return head
+
+
+class ChildExited(ChildError):
+    """The child called ``sys.exit(n)`` or ``os._exit(n)`` with ``n != 0``."""
+
+    def _message(self) -> str:
+        return (
+            f"{self._who()} exited with status {self.exitcode}: it called sys.exit() or "
+            "os._exit() with a non-zero status instead of returning"
+            + (f" ({self.detail})" if self.detail else "")
+            + ". Return a value or raise an exception to report a result."
+        )
+
+
+class ChildKilled(ChildError):
+    """A signal ended the child; the message names it and its likely cause."""
+
+    def _message(self) -> str:
+        name = signal_name(self.signal)
+        cause = _SIGNAL_CAUSES.get(self.signal or 0, "an unexpected signal")
+        return (
+            f"{self._who()} was killed by {name}: {cause}"
+            + (f" ({self.detail})" if self.detail else "")
+            + "."
+        )
+
+
+class ChildTimeout(ChildError, TimeoutError):
+    """The ``timeout=`` given to ``@forked`` ran out; the child was killed and reaped."""
+
+    _fields = (*ChildError._fields, "timeout")
+
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        timeout: float | None = None,
+        pid: int | None = None,
+        name: str | None = None,
+        exitcode: int | None = None,
+        signal: int | None = None,
+    ) -> None:
+        self.timeout = timeout
+        super().__init__(detail, pid=pid, name=name, exitcode=exitcode, signal=signal)
+
+    def _message(self) -> str:
+        return (
+            f"{self._who()} ran longer than its timeout of {self.timeout} s and was "
+            "killed and reaped. Raise the timeout=, or make the work smaller"
+            + (f" ({self.detail})" if self.detail else "")
+            + "."
+        )
+
+
+class JoinTimeout(ProcshareError, TimeoutError):
+    """``Child.join(timeout=t)`` ran out; the child is left running."""
+
+    _fields = ("pid", "name", "timeout", "detail")
+
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        pid: int | None = None,
+        name: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self.pid = pid
+        self.name = name
+        self.timeout = timeout
+        super().__init__(detail)
+
+    def _message(self) -> str:
+        return (
+            f"child {self.name!r} (pid {self.pid}) was still running after join(timeout="
+            f"{self.timeout}); it is left running: join() again, or terminate() it"
+            + (f" ({self.detail})" if self.detail else "")
+        )
+
+
+# --------------------------------------------------------------------------
+# Shared data (SPEC section 3)
+
+
+class _NamedError(ProcshareError):
+    """An error about one named segment or lock."""
+
+    _fields = ("name", "detail")
+
+    def __init__(self, name: str = "", detail: str = "") -> None:
+        self.name = name
+        super().__init__(detail)
+
+    def _tail(self) -> str:
+        return f" ({self.detail})" if self.detail else ""
+
+
+class SegmentExists(_NamedError, FileExistsError):
+    """``create=True`` but a live segment of that name exists."""
+
+    def _message(self) -> str:
+        return (
+            f"shared segment {self.name!r} already exists and create=True demands a new one"
+            f"{self._tail()}; pass create=None to attach to it, or pick another name"
+        )
+
+
+class SegmentNotFound(_NamedError, FileNotFoundError):
+    """``create=False`` but no live segment of that name exists."""
+
+    def _message(self) -> str:
+        return (
+            f"no shared segment named {self.name!r} exists in this namespace{self._tail()}; "
+            "create it first, pass create=None to create it if missing, or check the "
+            "namespace (ps.namespace() / PROCSHARE_NAMESPACE)"
+        )
+
+
+class SharedTypeError(_NamedError, TypeError):
+    """Attaching with another kind, shape, size or layout than the segment holds."""
+
+    _fields = ("name", "expected", "found", "detail")
+
+    def __init__(
+        self, name: str = "", expected: str = "", found: str = "", detail: str = ""
+    ) -> None:
+        self.expected = expected
+        self.found = found
+        super().__init__(name, detail)
+
+    def _message(self) -> str:
+        return (
+            f"shared segment {self.name!r} holds {self.found}, but it was opened as "
+            f"{self.expected}{self._tail()}; open it with the kind it was created with, "
+            "or use another name"
+        )
+
+
+class SegmentClosed(_NamedError, ValueError):
+    """A scalar or struct view was used after its ``with`` block ended."""
+
+    def _message(self) -> str:
+        return (
+            f"shared segment {self.name!r} was used after its view was closed{self._tail()}; "
+            "use the view only inside its `with ps.shared(...)` block, or open it again"
+        )
+
+
+class SharedMemoryFull(_NamedError, OSError):
+    """Creating a segment that does not fit in free shared memory (``errno`` is ``ENOSPC``)."""
+
+    _fields = ("name", "requested", "available", "detail")
+
+    def __init__(
+        self,
+        name: str = "",
+        requested: int | None = None,
+        available: int | None = None,
+        detail: str = "",
+    ) -> None:
+        self.requested = requested
+        self.available = available
+        super().__init__(name, detail)
+        self.errno = _errno.ENOSPC
+        self.strerror = self._message()
+
+    def _message(self) -> str:
+        avail = "" if self.available is None else f", {self.available} bytes are free"
+        return (
+            f"shared segment {self.name!r} does not fit: {self.requested} bytes were "
+            f"requested{avail}{self._tail()}; free shared memory (`python -m procshare gc`, "
+            "close other segments) or enlarge /dev/shm (Docker: --shm-size)"
+        )
+
+
+class InvalidName(_NamedError, ValueError):
+    """A segment, lock or namespace name outside the allowed alphabet or length."""
+
+    def _message(self) -> str:
+        return (
+            f"invalid name {self.name!r}{self._tail()}: names are 1 to 128 characters of "
+            "A-Z a-z 0-9 . _ -"
+        )
+
+
+# --------------------------------------------------------------------------
+# Locks (SPEC section 4)
+
+
+class LockTimeout(_NamedError, TimeoutError):
+    """The lock could not be taken within ``timeout`` seconds."""
+
+    _fields = ("name", "timeout", "detail")
+
+    def __init__(
+        self, name: str = "", timeout: float | None = None, detail: str = ""
+    ) -> None:
+        self.timeout = timeout
+        super().__init__(name, detail)
+
+    def _message(self) -> str:
+        return (
+            f"could not take lock {self.name!r} within {self.timeout} s{self._tail()}; "
+            "another holder keeps it (see `python -m procshare ls`), or raise the timeout"
+        )
+
+
+class OwnerDied(_NamedError):
+    """The previous holder of a lock died while holding it.
+
+    ``held`` says whether the caller holds the lock now (``acquire()``
+    raises with the lock held; ``with`` raises after releasing it
+    unconfirmed). ``owner_pid`` is the dead holder's pid when known.
+    """
+
+    _fields = ("name", "owner_pid", "held", "detail")
+
+    def __init__(
+        self,
+        name: str = "",
+        owner_pid: int | None = None,
+        held: bool = False,
+        detail: str = "",
+    ) -> None:
+        self.owner_pid = owner_pid
+        self.held = held
+        super().__init__(name, detail)
+
+    def _message(self) -> str:
+        who = "its previous holder" if self.owner_pid is None else f"pid {self.owner_pid}"
+        if self.held:
+            todo = (
+                "you hold the lock now: repair the data it protects, call "
+                "lock.mark_consistent(), then release()"
+            )
+        else:
+            todo = (
+                "the lock was released unconfirmed: take it with acquire(), repair the data, "
+                "call lock.mark_consistent(); or pass on_owner_death=repair or 'warn'"
+            )
+        return (
+            f"lock {self.name!r}: {who} died while holding it, so the data it protects may "
+            f"be half-updated{self._tail()}; {todo}"
+        )

@@ -1,0 +1,120 @@
+"""A pytest plugin: each test gets its own namespace and fails if it leaks.
+
+Enable it in a ``conftest.py``::
+
+    pytest_plugins = ["procshare.testing"]
+
+or on the command line with ``pytest -p procshare.testing``. For every test
+it
+
+* sets ``PROCSHARE_NAMESPACE`` to a fresh namespace, so tests never see each
+  other's segments and locks (subprocesses inherit it);
+* records the backend's objects (``/dev/shm`` on Linux) and this process's
+  children before the test, and after it fails the test (as an error in
+  teardown) if a segment, a lock, a temporary, a live child or a zombie was
+  left behind. The leftovers are then removed and reaped, so one leaky test
+  does not make every later one fail too.
+
+It is not auto-enabled on install: a library must not change the outcome
+of its users' tests unasked.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from procshare._backends import get_backend
+from procshare._engine import get_engine
+
+
+def child_pids(parent: int | None = None) -> dict[int, str]:
+    """Children of ``parent`` (default: this process) mapped to their state letter."""
+    parent = os.getpid() if parent is None else parent
+    found: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) >= 2 and int(fields[1]) == parent:
+            found[int(entry)] = fields[0]
+    return found
+
+
+def _reap(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if done:
+                break
+            time.sleep(0.01)
+
+
+def _settle(before: dict[int, str], seconds: float) -> dict[int, str]:
+    """Children not there before; waits briefly for ones that are already exiting."""
+    deadline = time.monotonic() + seconds
+    while True:
+        extra = {p: s for p, s in child_pids().items() if p not in before}
+        if not extra or time.monotonic() >= deadline:
+            return extra
+        time.sleep(0.02)
+
+
+@pytest.fixture(autouse=True)
+def procshare_leak_check(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Give the test its own namespace and fail it if it leaves anything behind."""
+    namespace = f"t-{uuid.uuid4().hex[:12]}"
+    saved = os.environ.get("PROCSHARE_NAMESPACE")
+    os.environ["PROCSHARE_NAMESPACE"] = namespace
+    backend = get_backend()
+    objects_before = backend.os_objects()
+    children_before = child_pids()
+    try:
+        yield namespace
+    finally:
+        if saved is None:
+            os.environ.pop("PROCSHARE_NAMESPACE", None)
+        else:
+            os.environ["PROCSHARE_NAMESPACE"] = saved
+    # A call into procshare reaps children whose handles were dropped.
+    get_engine().poll()
+    leaked_children = _settle(children_before, seconds=0.5)
+    leaked_objects = sorted(backend.os_objects() - objects_before)
+    if not (leaked_children or leaked_objects):
+        return
+    problems = []
+    if leaked_objects:
+        problems.append(f"shared-memory objects left behind: {', '.join(leaked_objects)}")
+        for name in leaked_objects:
+            backend.segment_unlink(name)
+    if leaked_children:
+        described = ", ".join(
+            f"{pid} ({'zombie: never reaped' if st == 'Z' else 'still running'})"
+            for pid, st in sorted(leaked_children.items())
+        )
+        problems.append(f"child processes left behind: {described}")
+        _reap(sorted(leaked_children))
+    pytest.fail(
+        f"{request.node.nodeid} leaked: " + "; ".join(problems) + ". (They have been cleaned up.)",
+        pytrace=False,
+    )
