@@ -1,9 +1,11 @@
 # Every target sets up .venv itself, so a fresh machine with Python 3.11+ and a
 # C compiler needs nothing but `make demo` and `make test`.
+export NO_MKDOCS_2_WARNING := 1
+
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-SRC    := src tests benchmarks examples
+SRC    := $(wildcard src tests benchmarks examples)
 
 .PHONY: test lint typecheck docs docs-serve demo bench bench-smoke clean
 

@@ -112,7 +112,7 @@ class ChildError(ProcshareError, ChildProcessError):
     number or ``None``.
     """
 
-    _fields = ("pid", "name", "exitcode", "signal", "detail")
+    _fields: ClassVar[tuple[str, ...]] = ("pid", "name", "exitcode", "signal", "detail")
 
     def __init__(
         self,
@@ -133,7 +133,8 @@ class ChildError(ProcshareError, ChildProcessError):
         return f"child {self.name!r} (pid {self.pid})"
 
     def _message(self) -> str:
-        return f"{self._who()} failed" + (f": {self.detail}" if self.detail else "")
+        status = f" (exit code {self.exitcode})" if self.exitcode is not None else ""
+        return f"{self._who()} failed{status}" + (f": {self.detail}" if self.detail else "")
 
 
 class ChildRaised(ChildError):
@@ -141,7 +142,7 @@ class ChildRaised(ChildError):
     message; the original exception is ``__cause__`` when it could be pickled.
     """
 
-    _fields = (*ChildError._fields, "exc_type", "exc_message", "child_traceback")
+    _fields: ClassVar[tuple[str, ...]] = (*ChildError._fields, "exc_type", "exc_message", "child_traceback")
 
     def __init__(
         self,
@@ -197,7 +198,7 @@ class ChildKilled(ChildError):
 class ChildTimeout(ChildError, TimeoutError):
     """The ``timeout=`` given to ``@forked`` ran out; the child was killed and reaped."""
 
-    _fields = (*ChildError._fields, "timeout")
+    _fields: ClassVar[tuple[str, ...]] = (*ChildError._fields, "timeout")
 
     def __init__(
         self,
@@ -224,7 +225,7 @@ class ChildTimeout(ChildError, TimeoutError):
 class JoinTimeout(ProcshareError, TimeoutError):
     """``Child.join(timeout=t)`` ran out; the child is left running."""
 
-    _fields = ("pid", "name", "timeout", "detail")
+    _fields: ClassVar[tuple[str, ...]] = ("pid", "name", "timeout", "detail")
 
     def __init__(
         self,
@@ -254,7 +255,7 @@ class JoinTimeout(ProcshareError, TimeoutError):
 class _NamedError(ProcshareError):
     """An error about one named segment or lock."""
 
-    _fields = ("name", "detail")
+    _fields: ClassVar[tuple[str, ...]] = ("name", "detail")
 
     def __init__(self, name: str = "", detail: str = "") -> None:
         self.name = name
@@ -288,7 +289,7 @@ class SegmentNotFound(_NamedError, FileNotFoundError):
 class SharedTypeError(_NamedError, TypeError):
     """Attaching with another kind, shape, size or layout than the segment holds."""
 
-    _fields = ("name", "expected", "found", "detail")
+    _fields: ClassVar[tuple[str, ...]] = ("name", "expected", "found", "detail")
 
     def __init__(
         self, name: str = "", expected: str = "", found: str = "", detail: str = ""
@@ -318,7 +319,7 @@ class SegmentClosed(_NamedError, ValueError):
 class SharedMemoryFull(_NamedError, OSError):
     """Creating a segment that does not fit in free shared memory (``errno`` is ``ENOSPC``)."""
 
-    _fields = ("name", "requested", "available", "detail")
+    _fields: ClassVar[tuple[str, ...]] = ("name", "requested", "available", "detail")
 
     def __init__(
         self,
@@ -359,11 +360,9 @@ class InvalidName(_NamedError, ValueError):
 class LockTimeout(_NamedError, TimeoutError):
     """The lock could not be taken within ``timeout`` seconds."""
 
-    _fields = ("name", "timeout", "detail")
+    _fields: ClassVar[tuple[str, ...]] = ("name", "timeout", "detail")
 
-    def __init__(
-        self, name: str = "", timeout: float | None = None, detail: str = ""
-    ) -> None:
+    def __init__(self, name: str = "", timeout: float | None = None, detail: str = "") -> None:
         self.timeout = timeout
         super().__init__(name, detail)
 
@@ -382,7 +381,7 @@ class OwnerDied(_NamedError):
     unconfirmed). ``owner_pid`` is the dead holder's pid when known.
     """
 
-    _fields = ("name", "owner_pid", "held", "detail")
+    _fields: ClassVar[tuple[str, ...]] = ("name", "owner_pid", "held", "detail")
 
     def __init__(
         self,

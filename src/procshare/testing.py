@@ -21,6 +21,7 @@ of its users' tests unasked.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -54,10 +55,8 @@ def child_pids(parent: int | None = None) -> dict[int, str]:
 
 def _reap(pids: list[int]) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + 5
     for pid in pids:
         while time.monotonic() < deadline:

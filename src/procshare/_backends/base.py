@@ -17,4 +17,7 @@ from procshare._backends.api_segment import SegmentBackend
 class Backend(ProcessBackend, SegmentBackend, LockBackend, Protocol):
     """Processes, segments and locks of one platform."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """A short name for messages and listings (``"posix"``)."""
+        ...

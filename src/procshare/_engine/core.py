@@ -74,7 +74,7 @@ class Engine:
         for part in sorted(self._parts.values(), key=lambda p: p.order):
             try:
                 part.shutdown()
-            except BaseException as exc:  # noqa: BLE001 - report all, after releasing all
+            except BaseException as exc:
                 errors.append(exc)
         if errors:
             raise BaseExceptionGroup("procshare engine shutdown failed", errors)

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of procshare against its peers (`make bench`)."""

@@ -1,0 +1,132 @@
+"""The exception hierarchy: builtin bases, fields, messages, pickling."""
+
+from __future__ import annotations
+
+import errno
+import pickle
+import signal
+
+import pytest
+
+import procshare as ps
+from procshare import errors
+
+# One fully populated instance of every public error class.
+SAMPLES: list[ps.ProcshareError] = [
+    ps.ProcshareError("something went wrong"),
+    ps.ChildError("lost", pid=12, name="job", exitcode=3, signal=None),
+    ps.ChildRaised(
+        exc_type="ValueError",
+        exc_message="bad input",
+        child_traceback='Traceback (most recent call last):\n  File "x.py"\nValueError: bad',
+        pid=12,
+        name="job",
+        exitcode=1,
+    ),
+    ps.ChildExited(pid=12, name="job", exitcode=3),
+    ps.ChildKilled(pid=12, name="job", exitcode=-9, signal=signal.SIGKILL),
+    ps.ChildTimeout(timeout=1.5, pid=12, name="job", exitcode=-9, signal=signal.SIGKILL),
+    ps.JoinTimeout(pid=12, name="job", timeout=0.5),
+    ps.SegmentExists("sum"),
+    ps.SegmentNotFound("sum"),
+    ps.SharedTypeError("sum", expected="u64", found="f64"),
+    ps.SegmentClosed("sum"),
+    ps.SharedMemoryFull("big", requested=1 << 40, available=1 << 30),
+    ps.InvalidName("bad/name", "the name contains '/'"),
+    ps.LockTimeout("m", timeout=0.2),
+    ps.OwnerDied("m", owner_pid=77, held=True),
+]
+
+BUILTINS: dict[type[ps.ProcshareError], tuple[type[BaseException], ...]] = {
+    ps.ChildError: (ChildProcessError,),
+    ps.ChildRaised: (ChildProcessError,),
+    ps.ChildExited: (ChildProcessError,),
+    ps.ChildKilled: (ChildProcessError,),
+    ps.ChildTimeout: (ChildProcessError, TimeoutError),
+    ps.JoinTimeout: (TimeoutError,),
+    ps.SegmentExists: (FileExistsError,),
+    ps.SegmentNotFound: (FileNotFoundError,),
+    ps.SharedTypeError: (TypeError,),
+    ps.SegmentClosed: (ValueError,),
+    ps.SharedMemoryFull: (OSError,),
+    ps.InvalidName: (ValueError,),
+    ps.LockTimeout: (TimeoutError,),
+}
+
+
+def test_every_public_error_has_a_sample() -> None:
+    public = {
+        getattr(ps, n)
+        for n in ps.__all__
+        if isinstance(getattr(ps, n), type) and issubclass(getattr(ps, n), BaseException)
+    }
+    assert public == {type(e) for e in SAMPLES}
+
+
+@pytest.mark.parametrize("exc", SAMPLES, ids=lambda e: type(e).__name__)
+def test_pickle_round_trip_keeps_fields_and_message(exc: ps.ProcshareError) -> None:
+    copy = pickle.loads(pickle.dumps(exc))
+    assert type(copy) is type(exc)
+    for field in type(exc)._fields:
+        assert getattr(copy, field) == getattr(exc, field), field
+    assert str(copy) == str(exc)
+    assert copy.args == exc.args
+
+
+@pytest.mark.parametrize("exc", SAMPLES, ids=lambda e: type(e).__name__)
+def test_is_a_procshare_error_and_the_builtin_users_catch(exc: ps.ProcshareError) -> None:
+    assert isinstance(exc, ps.ProcshareError)
+    for builtin in BUILTINS.get(type(exc), ()):
+        assert isinstance(exc, builtin)
+
+
+@pytest.mark.parametrize("exc", SAMPLES[1:], ids=lambda e: type(e).__name__)
+def test_message_is_specific(exc: ps.ProcshareError) -> None:
+    text = str(exc)
+    assert len(text) > 40
+    # Every message names the object it is about.
+    name = getattr(exc, "name", None)
+    if name:
+        assert name in text
+
+
+def test_pickle_keeps_extra_attributes_and_notes() -> None:
+    exc = ps.SegmentNotFound("sum")
+    exc.add_note("while opening the totals")
+    copy = pickle.loads(pickle.dumps(exc))
+    assert copy.__notes__ == ["while opening the totals"]
+
+
+def test_child_killed_names_the_signal_and_a_cause() -> None:
+    text = str(ps.ChildKilled(pid=5, name="w", exitcode=-11, signal=signal.SIGSEGV))
+    assert "SIGSEGV" in text
+    assert "segmentation fault" in text
+    assert "OOM" in str(ps.ChildKilled(pid=5, name="w", exitcode=-9, signal=signal.SIGKILL))
+    assert "signal 63" in str(ps.ChildKilled(pid=5, name="w", exitcode=-63, signal=63))
+
+
+def test_child_raised_shows_the_child_traceback() -> None:
+    exc = SAMPLES[2]
+    assert "ValueError: bad input" in str(exc)
+    assert "Traceback in the child" in str(exc)
+
+
+def test_shared_memory_full_is_enospc() -> None:
+    exc = ps.SharedMemoryFull("big", requested=10, available=5)
+    assert exc.errno == errno.ENOSPC
+    assert pickle.loads(pickle.dumps(exc)).errno == errno.ENOSPC
+    assert "10 bytes" in str(exc)
+    assert "5 bytes are free" in str(exc)
+
+
+def test_owner_died_says_what_to_do_in_both_states() -> None:
+    held = str(ps.OwnerDied("m", owner_pid=3, held=True))
+    released = str(ps.OwnerDied("m", owner_pid=3, held=False))
+    assert "mark_consistent" in held
+    assert "release()" in held
+    assert "on_owner_death" in released
+
+
+def test_signal_name_helper() -> None:
+    assert errors.signal_name(9) == "SIGKILL"
+    assert errors.signal_name(None) == "no signal"

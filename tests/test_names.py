@@ -1,0 +1,95 @@
+"""Names, namespaces and the OS names they map to."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import procshare as ps
+from procshare._engine import names
+
+VALID = st.text(
+    alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-",
+    min_size=1,
+    max_size=128,
+)
+
+
+@given(VALID)
+def test_valid_names_map_to_short_distinct_os_names(name: str) -> None:
+    assert names.validate_name(name) == name
+    os_name = names.os_name(names.SEGMENT, name)
+    assert len(os_name) <= 31
+    assert os_name.startswith("/ps")
+    assert "/" not in os_name[1:]
+    assert os_name != names.os_name(names.LOCK, name)
+
+
+@given(st.text(min_size=1, max_size=40).filter(lambda s: not names._NAME_RE.fullmatch(s)))
+def test_invalid_names_are_refused_with_what_is_allowed(name: str) -> None:
+    with pytest.raises(ps.InvalidName) as info:
+        names.validate_name(name)
+    assert "A-Z a-z 0-9 . _ -" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("", "empty"),
+        ("x" * 129, "129 characters"),
+        ("a/b", "'/'"),
+        ("sum total", "' '"),
+        ("naïve", "'ï'"),
+    ],
+)
+def test_invalid_name_messages_say_why(name: str, why: str) -> None:
+    with pytest.raises(ps.InvalidName, match=why):
+        names.validate_name(name)
+
+
+def test_non_string_name() -> None:
+    with pytest.raises(ps.InvalidName, match="must be a str"):
+        names.validate_name(42)
+
+
+def test_namespaces_separate_the_same_name() -> None:
+    base = names.os_name(names.SEGMENT, "sum")
+    with ps.namespace("app"):
+        assert names.current_namespace() == "app"
+        inner = names.os_name(names.SEGMENT, "sum")
+        with ps.namespace("other"):
+            assert names.os_name(names.SEGMENT, "sum") not in {base, inner}
+        assert names.current_namespace() == "app"
+    assert inner != base
+    assert names.os_name(names.SEGMENT, "sum") == base
+
+
+def test_namespace_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROCSHARE_NAMESPACE", "envapp")
+    assert names.current_namespace() == "envapp"
+    with ps.namespace("inner"):
+        assert names.current_namespace() == "inner"
+    monkeypatch.setenv("PROCSHARE_NAMESPACE", "bad name")
+    with pytest.raises(ps.InvalidName, match="PROCSHARE_NAMESPACE"):
+        names.current_namespace()
+
+
+def test_invalid_namespace_is_refused() -> None:
+    with pytest.raises(ps.InvalidName), ps.namespace("no/slashes"):
+        pass
+
+
+def test_users_are_separated() -> None:
+    me = names.namespace_prefix("app", uid=os.geteuid())
+    other = names.namespace_prefix("app", uid=os.geteuid() + 1)
+    assert me != other
+
+
+def test_temp_names_share_the_namespace_prefix() -> None:
+    tmp = names.temp_os_name()
+    assert tmp.startswith(names.namespace_prefix())
+    assert len(tmp) == 31
+    assert tmp != names.temp_os_name()
