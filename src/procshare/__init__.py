@@ -7,23 +7,6 @@ matches the API reference in ``docs/api.md``.
 
 from __future__ import annotations
 
-# Errors
-from procshare.errors import ChildError as ChildError
-from procshare.errors import ChildExited as ChildExited
-from procshare.errors import ChildKilled as ChildKilled
-from procshare.errors import ChildRaised as ChildRaised
-from procshare.errors import ChildTimeout as ChildTimeout
-from procshare.errors import InvalidName as InvalidName
-from procshare.errors import JoinTimeout as JoinTimeout
-from procshare.errors import LockTimeout as LockTimeout
-from procshare.errors import OwnerDied as OwnerDied
-from procshare.errors import ProcshareError as ProcshareError
-from procshare.errors import SegmentClosed as SegmentClosed
-from procshare.errors import SegmentExists as SegmentExists
-from procshare.errors import SegmentNotFound as SegmentNotFound
-from procshare.errors import SharedMemoryFull as SharedMemoryFull
-from procshare.errors import SharedTypeError as SharedTypeError
-
 # Locks (issue 5)
 from procshare._locks import InterprocessLock as InterprocessLock
 from procshare._locks import interprocess_lock as interprocess_lock
@@ -40,6 +23,23 @@ from procshare._process import forked as forked
 # Shared data (issue 4)
 from procshare._shared import shared as shared
 from procshare._shared import unlink as unlink
+
+# Errors
+from procshare.errors import ChildError as ChildError
+from procshare.errors import ChildExited as ChildExited
+from procshare.errors import ChildKilled as ChildKilled
+from procshare.errors import ChildRaised as ChildRaised
+from procshare.errors import ChildTimeout as ChildTimeout
+from procshare.errors import InvalidName as InvalidName
+from procshare.errors import JoinTimeout as JoinTimeout
+from procshare.errors import LockTimeout as LockTimeout
+from procshare.errors import OwnerDied as OwnerDied
+from procshare.errors import ProcshareError as ProcshareError
+from procshare.errors import SegmentClosed as SegmentClosed
+from procshare.errors import SegmentExists as SegmentExists
+from procshare.errors import SegmentNotFound as SegmentNotFound
+from procshare.errors import SharedMemoryFull as SharedMemoryFull
+from procshare.errors import SharedTypeError as SharedTypeError
 
 __version__ = "0.1.0.dev0"
 

@@ -142,7 +142,12 @@ class ChildRaised(ChildError):
     message; the original exception is ``__cause__`` when it could be pickled.
     """
 
-    _fields: ClassVar[tuple[str, ...]] = (*ChildError._fields, "exc_type", "exc_message", "child_traceback")
+    _fields: ClassVar[tuple[str, ...]] = (
+        *ChildError._fields,
+        "exc_type",
+        "exc_message",
+        "child_traceback",
+    )
 
     def __init__(
         self,
