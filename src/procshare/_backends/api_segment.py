@@ -127,7 +127,8 @@ class SegmentBackend(Protocol):
 
     def segment_collect(self, prefix: str, *, keep: KeepOrphan) -> list[str]:
         """Remove every object under ``prefix`` that no living process holds and
-        ``keep`` does not keep, and every abandoned temporary. Returns the
-        OS names removed.
+        ``keep`` does not keep (``keep`` sees ``persist`` objects too and
+        decides about them), and every abandoned temporary. Returns the OS
+        names removed.
         """
         ...

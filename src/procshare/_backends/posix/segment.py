@@ -368,7 +368,7 @@ class PosixSegments:
                     except (OSError, ValueError):
                         doomed = True  # not a procshare object we can read: junk
                     else:
-                        doomed = not seg.persist and not keep(seg)
+                        doomed = not keep(seg)  # keep decides about persist too
                         seg.release_mapping()
                 if doomed and _unlink_if_same(fd, path):
                     removed.append(os_name)
