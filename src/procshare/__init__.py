@@ -24,6 +24,10 @@ from procshare._process import forked as forked
 from procshare._shared import shared as shared
 from procshare._shared import unlink as unlink
 
+# Tools
+from procshare._tools import SegmentInfo as SegmentInfo
+from procshare._tools import segments as segments
+
 # Errors
 from procshare.errors import ChildError as ChildError
 from procshare.errors import ChildExited as ChildExited
@@ -59,6 +63,7 @@ __all__ = [
     "ProcshareError",
     "SegmentClosed",
     "SegmentExists",
+    "SegmentInfo",
     "SegmentNotFound",
     "SharedMemoryFull",
     "SharedTypeError",
@@ -66,6 +71,7 @@ __all__ = [
     "forked",
     "interprocess_lock",
     "namespace",
+    "segments",
     "shared",
     "unlink",
 ]

@@ -271,8 +271,19 @@ class PosixSegments:
         return True
 
     def _holders(self, names: set[str]) -> dict[str, list[int]]:
-        """Pids with a descriptor open on each name (what /proc lets us see)."""
+        """Pids with a descriptor open on each name (what /proc lets us see).
+
+        Matched by inode, not by link text: a creator's descriptor still
+        shows the temporary name it was opened under.
+        """
         found: dict[str, list[int]] = {n: [] for n in names}
+        by_inode: dict[tuple[int, int], str] = {}
+        for name in names:
+            try:
+                st = os.stat(_path(name))
+            except OSError:
+                continue
+            by_inode[(st.st_dev, st.st_ino)] = name
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
@@ -284,14 +295,13 @@ class PosixSegments:
             seen: set[str] = set()
             for fdname in fds:
                 try:
-                    target = os.readlink(f"{fd_dir}/{fdname}")
+                    st = os.stat(f"{fd_dir}/{fdname}")
                 except OSError:
                     continue
-                if target.startswith(SHM_DIR + "/"):
-                    name = target[len(SHM_DIR) :]
-                    if name in found and name not in seen:
-                        seen.add(name)
-                        found[name].append(int(entry))
+                name = by_inode.get((st.st_dev, st.st_ino))
+                if name is not None and name not in seen:
+                    seen.add(name)
+                    found[name].append(int(entry))
         return found
 
     def segment_list(self, prefix: str) -> list[SegmentInfo]:

@@ -1,0 +1,115 @@
+"""``python -m procshare``: list, collect and remove objects; run the demo.
+
+::
+
+    python -m procshare ls [--namespace NS]
+    python -m procshare gc [--namespace NS] [--all]
+    python -m procshare rm NAME [--lock] [--namespace NS]
+    python -m procshare demo [--processes N] [--repeat K] [--sleep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from procshare._engine import inspect, names
+
+
+def _fmt_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _fmt_age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    objects = inspect.list_objects(args.namespace)
+    if not objects:
+        print(f"nothing in namespace {args.namespace or names.current_namespace()!r}")
+        return 0
+    header = ("NAME", "TYPE", "KIND", "SIZE", "HOLDERS", "OWNER", "AGE", "FLAGS")
+    rows = [
+        (
+            o.name or o.os_name,
+            o.type,
+            o.kind,
+            _fmt_size(o.size),
+            ",".join(map(str, o.holders)) or "-",
+            "-" if o.owner is None else str(o.owner),
+            _fmt_age(o.age),
+            "persist" if o.persist else "",
+        )
+        for o in objects
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    removed = inspect.collect(args.namespace, everything=args.all)
+    for os_name in removed:
+        print(f"removed {os_name}")
+    print(f"{len(removed)} object(s) removed")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    what = "lock" if args.lock else "segment"
+    if inspect.remove(args.name, lock=args.lock, namespace=args.namespace):
+        print(f"removed {what} {args.name!r}")
+        return 0
+    print(f"no {what} named {args.name!r} in this namespace", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        import importlib
+
+        demo = importlib.import_module("procshare._demo")
+        return int(demo.main(argv[1:]))
+    parser = argparse.ArgumentParser(prog="python -m procshare", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ns_help = "namespace (default: $PROCSHARE_NAMESPACE or 'default')"
+    p_ls = sub.add_parser("ls", help="list live segments and locks")
+    p_ls.add_argument("--namespace", help=ns_help)
+    p_ls.set_defaults(func=cmd_ls)
+    p_gc = sub.add_parser("gc", help="remove what no living process holds")
+    p_gc.add_argument("--namespace", help=ns_help)
+    p_gc.add_argument(
+        "--all",
+        action="store_true",
+        help="also remove persist=True segments and locks whose holder died",
+    )
+    p_gc.set_defaults(func=cmd_gc)
+    p_rm = sub.add_parser("rm", help="remove one segment (or lock) now")
+    p_rm.add_argument("name")
+    p_rm.add_argument("--lock", action="store_true", help="NAME is a lock, not a segment")
+    p_rm.add_argument("--namespace", help=ns_help)
+    p_rm.set_defaults(func=cmd_rm)
+    sub.add_parser("demo", help="run the seed scenario (see --help of 'demo')")
+    args = parser.parse_args(argv)
+    try:
+        result = int(args.func(args))
+    except Exception as exc:  # a clear one-line error, not a traceback, for a CLI
+        print(f"procshare: {exc}", file=sys.stderr)
+        return 2
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

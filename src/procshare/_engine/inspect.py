@@ -1,0 +1,136 @@
+"""Listing and collecting the objects of a namespace (``ps.segments()``, ``ls``, ``gc``, ``rm``).
+
+Every object's frame stores the engine's metadata. Segments and locks both
+write it as UTF-8 JSON with at least ``name``, ``namespace`` and ``kind``;
+anything else (a foreign file under our prefix, a half-built temporary) is
+listed with what can be known and never trusted as data.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from typing import Any, Literal
+
+import attrs
+
+from procshare._backends.api_segment import SegmentHandle
+from procshare._engine import names
+from procshare._engine.core import get_engine
+
+ObjectType = Literal["segment", "lock", "temporary", "unknown"]
+
+
+@attrs.frozen
+class SegmentInfo:
+    """One live object of a namespace, as ``ps.segments()`` reports it."""
+
+    #: The name given to ``ps.shared`` / ``ps.interprocess_lock`` (``None`` if unreadable).
+    name: str | None
+    namespace: str | None
+    #: ``"segment"``, ``"lock"``, ``"temporary"`` (a creation in progress or abandoned)
+    #: or ``"unknown"``.
+    type: ObjectType
+    #: What the object holds, as recorded at creation (e.g. ``"u64"``, ``"float64[1000]"``).
+    kind: str
+    #: Bytes of memory the object takes.
+    size: int
+    #: Pids of the processes that have it open (those this user may see).
+    holders: tuple[int, ...]
+    #: For a lock: the pid recorded as holding it, if any.
+    owner: int | None
+    persist: bool
+    #: Seconds since creation.
+    age: float
+    os_name: str
+
+
+def decode_meta(meta: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(meta.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _type_of(os_name: str, temporary: bool) -> ObjectType:
+    if temporary:
+        return "temporary"
+    kind_char = os_name[len(names.PREFIX) + 7 : len(names.PREFIX) + 8]
+    return {names.SEGMENT: "segment", names.LOCK: "lock"}.get(kind_char, "unknown")  # type: ignore[return-value]
+
+
+def _lock_hook(name: str) -> Any:
+    """A function of the lock part, looked up late: listing works without locks."""
+    try:
+        module = importlib.import_module("procshare._engine.locks")
+    except ImportError:
+        return None
+    return getattr(module, name, None)
+
+
+def _lock_owner(os_name: str) -> int | None:
+    owner = _lock_hook("owner_of")
+    return owner(os_name) if owner is not None else None
+
+
+def list_objects(namespace: str | None = None) -> list[SegmentInfo]:
+    """Every object of ``namespace`` (default: the current one), sorted by name."""
+    engine = get_engine()
+    ns = names.current_namespace() if namespace is None else names.validate_name(namespace)
+    now = time.time_ns()
+    out = []
+    for info in engine.backend.segment_list(names.namespace_prefix(ns)):
+        meta = decode_meta(info.meta)
+        kind_type = _type_of(info.os_name, info.temporary)
+        name = meta.get("name")
+        out.append(
+            SegmentInfo(
+                name=name if isinstance(name, str) else None,
+                namespace=meta.get("namespace", ns),
+                type=kind_type,
+                kind=str(meta.get("kind", "?")),
+                size=info.size,
+                holders=info.holders,
+                owner=_lock_owner(info.os_name) if kind_type == "lock" else None,
+                persist=info.persist,
+                age=max(0.0, (now - info.created_ns) / 1e9) if info.created_ns else 0.0,
+                os_name=info.os_name,
+            )
+        )
+    return sorted(out, key=lambda i: (i.type, i.name or "", i.os_name))
+
+
+def collect(namespace: str | None = None, *, everything: bool = False) -> list[str]:
+    """Remove what no living process holds; return the OS names removed.
+
+    Kept unless ``everything``: ``persist=True`` segments (meant to outlive
+    their users) and locks whose holder died (kept so the next user is told).
+    """
+    engine = get_engine()
+    ns = names.current_namespace() if namespace is None else names.validate_name(namespace)
+
+    def keep(handle: SegmentHandle) -> bool:
+        if everything:
+            return False
+        if handle.persist:
+            return True
+        if _type_of(handle.os_name, False) == "lock":
+            return _lock_keeps(handle)
+        return False
+
+    return engine.backend.segment_collect(names.namespace_prefix(ns), keep=keep)
+
+
+def _lock_keeps(handle: SegmentHandle) -> bool:
+    keeps = _lock_hook("keep_orphan")
+    return bool(keeps(handle)) if keeps is not None else False
+
+
+def remove(name: str, *, lock: bool = False, namespace: str | None = None) -> bool:
+    """Remove the segment (or lock) ``name`` now, whoever holds it."""
+    engine = get_engine()
+    names.validate_name(name)
+    kind = names.LOCK if lock else names.SEGMENT
+    return engine.backend.segment_unlink(names.os_name(kind, name, namespace))

@@ -1,0 +1,23 @@
+"""Front end for the engine's tools: ``ps.segments()``."""
+
+from __future__ import annotations
+
+from procshare._engine.inspect import SegmentInfo, list_objects
+
+
+def segments(namespace: str | None = None) -> list[SegmentInfo]:
+    """Every live segment and lock of ``namespace`` (default: the current namespace).
+
+    Each :class:`SegmentInfo` gives the name, whether it is a segment or a
+    lock, what it holds, its size, the pids holding it open, the pid holding
+    the lock (for locks), and its age. ``python -m procshare ls`` prints the
+    same list.
+
+    An object listed as ``"temporary"`` is a creation in progress, or one
+    whose creator died before publishing it: ``python -m procshare gc``
+    removes the abandoned ones.
+    """
+    return list_objects(namespace)
+
+
+__all__ = ["SegmentInfo", "segments"]

@@ -1,0 +1,151 @@
+"""ps.segments() and `python -m procshare ls | gc | rm`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import procshare as ps
+from procshare._backends import get_backend
+from procshare._engine import names
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _make(name: str, *, persist: bool = False, kind: str = names.SEGMENT) -> object:
+    meta = json.dumps({"name": name, "namespace": names.current_namespace(), "kind": "u64"})
+    handle = get_backend().segment_create(
+        names.os_name(kind, name),
+        meta=meta.encode(),
+        data_size=8,
+        mode=0o600,
+        persist=persist,
+    )
+    assert handle is not None
+    return handle
+
+
+def _close(handle: object) -> None:
+    get_backend().segment_close(handle, keep=lambda h: False)  # type: ignore[arg-type]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "procshare", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_segments_lists_name_kind_holders_and_age() -> None:
+    handle = _make("totals")
+    try:
+        (info,) = ps.segments()
+        assert info.name == "totals"
+        assert info.type == "segment"
+        assert info.kind == "u64"
+        assert info.holders == (os.getpid(),)
+        assert info.size >= 8
+        assert 0 <= info.age < 60
+        assert not info.persist
+        assert info.namespace == names.current_namespace()
+    finally:
+        _close(handle)
+    assert ps.segments() == []
+
+
+def test_segments_of_another_namespace_are_not_listed() -> None:
+    with ps.namespace("elsewhere"):
+        handle = _make("hidden")
+    try:
+        assert ps.segments() == []
+        assert [i.name for i in ps.segments("elsewhere")] == ["hidden"]
+    finally:
+        _close(handle)
+
+
+def test_cli_ls_prints_a_table() -> None:
+    handle = _make("totals")
+    try:
+        out = _cli("ls")
+        assert out.returncode == 0, out.stderr
+        header, row = out.stdout.splitlines()
+        assert header.split()[:3] == ["NAME", "TYPE", "KIND"]
+        assert row.split()[:3] == ["totals", "segment", "u64"]
+        assert str(os.getpid()) in row
+    finally:
+        _close(handle)
+    assert "nothing in namespace" in _cli("ls").stdout
+
+
+def _orphan(name: str, *, persist: bool = False) -> None:
+    """Create an object in a child that is then SIGKILLed while holding it."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            _make(name, persist=persist)
+            os.write(w, b"x")
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"x"
+    os.close(r)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def test_gc_removes_what_a_killed_holder_left_and_keeps_persistent_and_live() -> None:
+    _orphan("dead")
+    _orphan("kept", persist=True)
+    live = _make("live")
+    try:
+        assert {i.name for i in ps.segments()} == {"dead", "kept", "live"}
+        out = _cli("gc")
+        assert out.returncode == 0, out.stderr
+        assert "1 object(s) removed" in out.stdout
+        assert {i.name for i in ps.segments()} == {"kept", "live"}
+        out = _cli("gc", "--all")
+        assert "1 object(s) removed" in out.stdout
+        assert {i.name for i in ps.segments()} == {"live"}
+    finally:
+        _close(live)
+
+
+def test_gc_removes_an_abandoned_temporary() -> None:
+    # A creator killed before publishing leaves only its temporary behind.
+    tmp = names.temp_os_name()
+    fd = os.open("/dev/shm" + tmp, os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+    (info,) = ps.segments()
+    assert info.type == "temporary"
+    assert _cli("gc").stdout.strip().endswith("1 object(s) removed")
+    assert ps.segments() == []
+
+
+def test_rm_removes_one_object_and_reports_a_missing_one() -> None:
+    _orphan("doomed", persist=True)
+    out = _cli("rm", "doomed")
+    assert out.returncode == 0
+    assert "removed segment 'doomed'" in out.stdout
+    assert ps.segments() == []
+    out = _cli("rm", "doomed")
+    assert out.returncode == 1
+    assert "no segment named 'doomed'" in out.stderr
+
+
+def test_cli_reports_an_invalid_name_clearly() -> None:
+    out = _cli("rm", "bad name")
+    assert out.returncode == 2
+    assert "A-Z a-z 0-9 . _ -" in out.stderr
+    assert "Traceback" not in out.stderr
