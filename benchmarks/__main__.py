@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         benches.append(bench)
     elapsed = time.perf_counter() - started
     if not args.smoke and not args.only:
-        text = report.markdown(benches, machine=machine(), elapsed=elapsed)
+        report_path = Path(args.report)
+        plots = report.plot_series(benches, report_path.parent / "img")
+        text = report.markdown(benches, machine=machine(), elapsed=elapsed, plots=plots)
         Path(args.report).write_text(text)
         print(f"report written to {args.report}")
     return 0

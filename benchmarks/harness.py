@@ -51,6 +51,10 @@ class Group:
     targets: list[Target] = attrs.field(factory=list)
     n: int = 0
     skipped: dict[str, str] = attrs.field(factory=dict)
+    #: Groups sharing a ``series`` name are plotted together, one point per
+    #: contender at ``x`` (e.g. the number of processes), as throughput.
+    series: str | None = None
+    x: float | None = None
 
     def add(self, label: str, fn: Timer) -> None:
         self.contenders[label] = fn
@@ -88,8 +92,16 @@ class Bench:
     area: str
     groups: list[Group] = attrs.field(factory=list)
 
-    def group(self, title: str, *, note: str = "", unit: str = "per op") -> Group:
-        g = Group(title=title, note=note, unit=unit)
+    def group(
+        self,
+        title: str,
+        *,
+        note: str = "",
+        unit: str = "per op",
+        series: str | None = None,
+        x: float | None = None,
+    ) -> Group:
+        g = Group(title=title, note=note, unit=unit, series=series, x=x)
         self.groups.append(g)
         return g
 

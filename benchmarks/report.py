@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import re
+from collections.abc import Sequence
+from pathlib import Path
 
 from benchmarks.harness import Bench, Group, fmt_time
 
@@ -37,7 +40,55 @@ def group_text(group: Group) -> str:
     return "\n".join(lines)
 
 
-def markdown(benches: list[Bench], *, machine: dict[str, str], elapsed: float) -> str:
+def plot_series(benches: list[Bench], out_dir: Path) -> list[tuple[str, str]]:
+    """One PNG per series (throughput against x); returns (series, file name) pairs."""
+    series: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for bench in benches:
+        for group in bench.groups:
+            if group.series is None or group.x is None:
+                continue
+            lines = series.setdefault(group.series, {})
+            for label, median in group.medians().items():
+                lines.setdefault(label, []).append((group.x, 1.0 / median))
+    if not series:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made = []
+    for title, lines in series.items():
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        for label, points in sorted(lines.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        xs = sorted({p[0] for pts in lines.values() for p in pts})
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.set_xlabel("processes")
+        ax.set_ylabel("operations per second (higher is better)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") + ".png"
+        fig.savefig(out_dir / name)
+        plt.close(fig)
+        made.append((title, name))
+    return made
+
+
+def markdown(
+    benches: list[Bench],
+    *,
+    machine: dict[str, str],
+    elapsed: float,
+    plots: Sequence[tuple[str, str]] = (),
+    img_dir: str = "img",
+) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     out = [
         "# Benchmarks",
@@ -52,7 +103,9 @@ def markdown(benches: list[Bench], *, machine: dict[str, str], elapsed: float) -
         *[f"| {k} | {v} |" for k, v in machine.items()],
         "",
     ]
-    targets: list[tuple[str, str, str]] = []
+    for title, file in plots:
+        out += [f"![{title}]({img_dir}/{file})", ""]
+    targets: list[tuple[str, str, str, str]] = []
     for bench in benches:
         out += [f"## {bench.area}", ""]
         for group in bench.groups:
@@ -63,9 +116,16 @@ def markdown(benches: list[Bench], *, machine: dict[str, str], elapsed: float) -
             out += [f"| {a} | {b} | {c} |" for a, b, c in _rows(group)]
             out += [f"| {a} | skipped: {why} | |" for a, why in group.skipped.items()]
             out.append("")
-            targets += _targets(group)
+            targets += [(group.title, *t) for t in _targets(group)]
     if targets:
-        out += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
-        out += [f"| {a} | {b} | {c} |" for a, b, c in targets]
+        out += [
+            "## Targets",
+            "",
+            "Stated in the issues; a target is met when the measured ratio is within its limit.",
+            "",
+            "| benchmark | target | measured | verdict |",
+            "|---|---|---|---|",
+        ]
+        out += [f"| {g} | {a} | {b} | {c} |" for g, a, b, c in targets]
         out.append("")
     return "\n".join(out)
