@@ -1,0 +1,86 @@
+"""The per-process engine: lazy parts, ordered shutdown, a fresh engine after fork."""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+import pytest
+
+from procshare._backends import get_backend
+from procshare._engine import Engine, get_engine
+from procshare._engine import core as engine_core
+
+
+@attrs.define
+class Recorder:
+    order: int
+    log: list[str]
+    fail: bool = False
+    polls: int = 0
+
+    def poll(self) -> None:
+        self.polls += 1
+
+    def shutdown(self) -> None:
+        self.log.append(f"shutdown {self.order}")
+        if self.fail:
+            raise RuntimeError(f"part {self.order} failed")
+
+
+def test_one_engine_per_process() -> None:
+    assert get_engine() is get_engine()
+    assert get_engine().pid == os.getpid()
+    assert get_engine().backend is get_backend()
+
+
+def test_parts_are_created_once_and_polled() -> None:
+    engine = Engine(get_backend())
+    log: list[str] = []
+    part = engine.part("rec", lambda e: Recorder(5, log))
+    assert engine.part("rec", lambda e: Recorder(99, log)) is part
+    engine.poll()
+    engine.poll()
+    assert part.polls == 2
+
+
+def test_shutdown_runs_in_order_reports_every_failure_and_runs_once() -> None:
+    engine = Engine(get_backend())
+    log: list[str] = []
+    engine.part("segments", lambda e: Recorder(20, log, fail=True))
+    engine.part("children", lambda e: Recorder(0, log, fail=True))
+    engine.part("locks", lambda e: Recorder(10, log))
+    with pytest.raises(BaseExceptionGroup) as info:
+        engine.shutdown()
+    assert log == ["shutdown 0", "shutdown 10", "shutdown 20"]
+    assert sorted(str(e) for e in info.value.exceptions) == ["part 0 failed", "part 20 failed"]
+    engine.shutdown()
+    assert len(log) == 3
+
+
+def test_a_forked_child_gets_an_empty_engine_and_never_shuts_down_the_parents() -> None:
+    parent_engine = get_engine()
+    log: list[str] = []
+    parent_engine.part("probe", lambda e: Recorder(50, log))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child_engine = get_engine()
+            ok = (
+                child_engine is not parent_engine
+                and child_engine.pid == os.getpid()
+                and "probe" not in child_engine._parts
+            )
+            engine_core.shutdown_engine()  # must not reach the parent's parts
+            parent_engine.shutdown()  # refused: wrong pid
+            os.write(w, b"1" if ok and not log else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    answer = os.read(r, 1)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert answer == b"1"
+    assert log == []
+    parent_engine._parts.pop("probe")
