@@ -17,6 +17,7 @@ from procshare._namespace import namespace as namespace
 # Processes (issue 3)
 from procshare._process import Child as Child
 from procshare._process import Children as Children
+from procshare._process import ExitStatus as ExitStatus
 from procshare._process import children as children
 from procshare._process import forked as forked
 
@@ -55,6 +56,7 @@ __all__ = [
     "ChildRaised",
     "ChildTimeout",
     "Children",
+    "ExitStatus",
     "InterprocessLock",
     "InvalidName",
     "JoinTimeout",

@@ -1,36 +1,418 @@
 """Front end for processes: ``@forked``, ``Child`` and the ``children()`` scope.
 
-Built by issue 3. Until then every entry point says so instead of pretending.
+Argument checking, handles and context managers only; forking, waiting and
+reaping live in :mod:`procshare._engine.children`.
 """
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+import contextlib
+import functools
+import math
+import signal
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
+
+import attrs
+
+from procshare._engine import get_engine
+from procshare._engine.children import (
+    CANCEL_GRACE,
+    Cancelled,
+    ChildrenPart,
+    Record,
+    ScopeState,
+    get_children,
+)
+from procshare.errors import ChildError, ChildRaised, JoinTimeout
+
+__all__ = ["CANCEL_GRACE", "Child", "Children", "ExitStatus", "children", "forked"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Outcome = Literal["returned", "raised", "exited", "killed", "timed out", "cancelled", "lost"]
 
 
-def _todo(what: str) -> NoReturn:
-    raise NotImplementedError(f"procshare: {what} is not built yet (issue 3)")
+@attrs.frozen(eq=False)
+class ExitStatus:
+    """How a child ended, as returned by :meth:`Child.wait` (which never raises).
+
+    Attributes:
+        pid: The child's process id.
+        name: The child's name.
+        exitcode: The exit status, or minus the signal number when a signal
+            ended the child (the :mod:`multiprocessing` convention); ``None``
+            if the status was lost because something else reaped the child.
+        signal: The number of the signal that ended the child, or ``None``.
+        outcome: ``"returned"``, ``"raised"``, ``"exited"`` (non-zero status),
+            ``"killed"``, ``"timed out"``, ``"cancelled"`` (by its scope) or
+            ``"lost"``.
+        error: The exception :meth:`Child.join` would raise, or ``None`` when
+            the child returned normally.
+    """
+
+    pid: int
+    name: str
+    exitcode: int | None
+    signal: int | None
+    outcome: Outcome
+    error: ChildError | None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the child returned normally (``join()`` gives its value)."""
+        return self.error is None
 
 
-class Child:
-    """Handle of one forked child."""
+def _positive_timeout(timeout: float | None, what: str) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"{what} must be a number of seconds or None, not {timeout!r}")
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"{what} must be a number of seconds >= 0 or None, not {timeout!r}")
+    return float(timeout)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        _todo("Child")
+
+class Child(Generic[R]):
+    """Handle of one forked child, returned by calling a :func:`forked` function.
+
+    ``join()`` gives the function's return value (or raises a
+    :class:`~procshare.ChildError`); ``wait()`` gives an :class:`ExitStatus`
+    without raising. Used as a context manager, a ``Child`` joins on exit.
+
+    A handle dropped without ``join()`` does not leave a zombie: the child
+    keeps running, and is reaped at the next call into procshare after it
+    has exited (a failure then gives a ``RuntimeWarning``), or at
+    interpreter exit.
+    """
+
+    __slots__ = ("__weakref__", "_part", "_rec")
+
+    def __init__(self, part: ChildrenPart, rec: Record) -> None:
+        self._part = part
+        self._rec = rec
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self._rec.pid
+
+    @property
+    def name(self) -> str:
+        """The child's name (``name=`` of :func:`forked`, else the function's name)."""
+        return self._rec.name
+
+    @property
+    def daemon(self) -> bool:
+        """Whether interpreter exit terminates this child instead of waiting for it."""
+        return self._rec.daemon
+
+    @property
+    def running(self) -> bool:
+        """Whether the child has not ended yet (reaps it if it has)."""
+        return not self._part.advance(self._rec)
+
+    @property
+    def exitcode(self) -> int | None:
+        """``None`` while running; then the exit status, or minus the signal number."""
+        rec = self._rec
+        if not self._part.advance(rec) or rec.exit is None:
+            return None
+        return rec.exit.exitcode
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether its ``children()`` scope stopped it after another child failed."""
+        rec = self._rec
+        return rec.cancelled and rec.done and not self._part.outcome(rec)[0]
+
+    def join(self, timeout: float | None = None) -> R:
+        """Wait for the child and return its function's return value.
+
+        Raises:
+            JoinTimeout: ``timeout`` seconds passed; the child is left running.
+            ChildRaised: the function raised (its traceback is in the message).
+            ChildExited: the child exited with a non-zero status.
+            ChildKilled: a signal ended the child.
+            ChildTimeout: the ``timeout=`` given to :func:`forked` ran out.
+        """
+        timeout = _positive_timeout(timeout, "join(timeout=)")
+        if not self._part.wait(self._rec, timeout):
+            raise JoinTimeout(pid=self.pid, name=self.name, timeout=timeout)
+        ok, value = self._part.outcome(self._rec)
+        if ok:
+            return value  # type: ignore[no-any-return]
+        raise value
+
+    def wait(self, timeout: float | None = None) -> ExitStatus | None:
+        """Wait for the child to end and describe how it ended; never raises a
+        child's failure. Returns ``None`` if ``timeout`` seconds pass first."""
+        timeout = _positive_timeout(timeout, "wait(timeout=)")
+        rec = self._rec
+        if not self._part.wait(rec, timeout):
+            return None
+        ok, error = self._part.outcome(rec)
+        exit_ = rec.exit
+        outcome: Outcome
+        if ok:
+            outcome, error = "returned", None
+        elif rec.timed_out:
+            outcome = "timed out"
+        elif rec.cancelled:
+            outcome = "cancelled"
+        elif exit_ is None:
+            outcome = "lost"
+        elif exit_.signal is not None:
+            outcome = "killed"
+        elif isinstance(error, ChildRaised):
+            outcome = "raised"
+        else:
+            outcome = "exited"
+        return ExitStatus(
+            pid=rec.pid,
+            name=rec.name,
+            exitcode=None if exit_ is None else exit_.exitcode,
+            signal=None if exit_ is None else exit_.signal,
+            outcome=outcome,
+            error=error,
+        )
+
+    def terminate(self) -> None:
+        """Send ``SIGTERM`` (a no-op once the child has ended and been reaped)."""
+        self._part.signal(self._rec, signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Send ``SIGKILL`` (a no-op once the child has ended and been reaped)."""
+        self._part.signal(self._rec, signal.SIGKILL)
+
+    def __enter__(self) -> Child[R]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.join()
+            return
+        # The block failed: still join (no zombie), but let the block's error
+        # propagate, noting the child's own failure on it.
+        status = self.wait()
+        if status is not None and status.error is not None:
+            exc.add_note(f"procshare: meanwhile {status.error}")
+
+    def __repr__(self) -> str:
+        rec = self._rec
+        state = "running" if not rec.done else f"exitcode={self.exitcode}"
+        return f"<Child {rec.name!r} pid={rec.pid} {state}>"
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # never raise from a finalizer
+            self._part.drop(self._rec)
 
 
 class Children:
-    """The scope returned by :func:`children`."""
+    """The scope returned by :func:`children`: owns every child forked in its block."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        _todo("children()")
+    def __init__(self, *, limit: int | None, cancel_on_error: bool) -> None:
+        self._limit = limit
+        self._cancel_on_error = cancel_on_error
+        self._part: ChildrenPart | None = None
+        self._scope: ScopeState | None = None
+        self._handles: list[Child[Any]] = []
+        self._results: list[Any] | None = None
+
+    @property
+    def limit(self) -> int | None:
+        """At most this many children of the scope run at once (``None``: no limit)."""
+        return self._limit
+
+    @property
+    def cancel_on_error(self) -> bool:
+        """Whether the first failure terminates the scope's other children."""
+        return self._cancel_on_error
+
+    @property
+    def children(self) -> list[Child[Any]]:
+        """Handles of the children forked in the block, in fork order."""
+        scope = self._scope
+        if scope is not None and len(self._handles) < len(scope.records):
+            part = self._part
+            assert part is not None
+            self._handles.extend(Child(part, r) for r in scope.records[len(self._handles) :])
+        return list(self._handles)
+
+    @property
+    def results(self) -> list[Any]:
+        """Return values of the children in fork order, after a clean exit of the block."""
+        if self._results is None:
+            raise RuntimeError(
+                "kids.results is known only after the `with ps.children()` block has ended "
+                "without failures; inspect kids.children (each Child has wait()) otherwise"
+            )
+        return list(self._results)
+
+    def __enter__(self) -> Children:
+        if self._scope is not None:
+            raise RuntimeError("a ps.children() scope can be entered only once; make a new one")
+        part = get_children(get_engine())
+        self._part = part
+        self._scope = part.enter_scope(self._limit, self._cancel_on_error)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        part, scope = self._part, self._scope
+        assert part is not None
+        assert scope is not None
+        part.exit_scope(scope, exc)
+        handles = self.children
+        if exc is not None and not isinstance(exc, Exception | Cancelled):
+            return False  # KeyboardInterrupt & co propagate as they are
+        failed = set(scope.failures)
+        errors: list[Exception] = []
+        if isinstance(exc, Exception):
+            errors.append(exc)
+        for rec in scope.records:
+            if rec in failed:
+                _, error = part.outcome(rec)
+                errors.append(error)
+        if not errors:
+            self._results = [part.outcome(h._rec)[1] for h in handles]
+            return isinstance(exc, Cancelled) and exc.scope is scope
+        n = len(failed)
+        what = [f"{n} of {len(scope.records)} children failed"] if n else []
+        if isinstance(exc, Exception):
+            what.append(f"the block raised {type(exc).__name__}")
+        if scope.cancelling and any(r.cancelled for r in scope.records):
+            cancelled = sum(1 for h in handles if h.cancelled)
+            if cancelled:
+                what.append(f"{cancelled} cancelled")
+        raise ExceptionGroup("ps.children(): " + ", ".join(what), errors)
+
+    def __repr__(self) -> str:
+        n = 0 if self._scope is None else len(self._scope.records)
+        return f"<Children limit={self._limit} cancel_on_error={self._cancel_on_error} forked={n}>"
 
 
-def forked(*args: Any, **kwargs: Any) -> Any:
-    """Decorate a function so that calling it forks a child and returns a :class:`Child`."""
-    _todo("@forked")
+def children(*, limit: int | None = None, cancel_on_error: bool = True) -> Children:
+    """A scope that owns, joins and cancels every child forked inside it.
+
+    Every :func:`forked` call made in the block, in the same thread, belongs
+    to the scope. Leaving the block waits for all of them. If any failed, or
+    the block itself raised, one :class:`ExceptionGroup` holding every
+    failure (the block's own exception first, then the children's in fork
+    order) is raised, even for a single failure. After a clean exit
+    ``kids.results`` holds the return values in fork order.
+
+    Args:
+        limit: At most this many children of the scope run at once; a
+            further ``@forked`` call waits for one to end. ``None``: no limit.
+        cancel_on_error: On the first failure (a child's, or the block's own
+            exception), send the other children ``SIGTERM``, then ``SIGKILL``
+            after a grace period of ``CANCEL_GRACE`` (1 s). A child stopped
+            this way is *cancelled*, not a failure: it is left out of the
+            group and its handle's ``cancelled`` is true. A ``@forked`` call
+            made in the block after that raises an internal cancellation
+            that the scope absorbs. ``False``: let every child finish.
+
+    ``KeyboardInterrupt`` (Ctrl-C) from the block or while the scope waits
+    terminates and reaps every child, then propagates as itself.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+        raise TypeError(f"children(limit=) must be a positive int or None, not {limit!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(
+            f"children(limit=) must be at least 1 (or None for no limit), not {limit}"
+        )
+    return Children(limit=limit, cancel_on_error=bool(cancel_on_error))
 
 
-def children(*args: Any, **kwargs: Any) -> Children:
-    """A scope that owns, joins and cancels every child forked inside it."""
-    _todo("children()")
+class _Forked(Generic[P, R]):
+    """A function decorated with :func:`forked`: calling it forks a child."""
+
+    def __init__(
+        self, fn: Callable[P, R], name: str | None, timeout: float | None, daemon: bool
+    ) -> None:
+        self.__wrapped__ = fn
+        self._fn = fn
+        self._name = name or getattr(fn, "__qualname__", None) or repr(fn)
+        self._timeout = timeout
+        self._daemon = daemon
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Child[R]:
+        part = get_children(get_engine())
+        rec = part.start(
+            self._fn,
+            args,
+            kwargs,
+            name=self._name,
+            timeout=self._timeout,
+            daemon=self._daemon,
+            stacklevel=2,
+        )
+        return Child(part, rec)
+
+    def __repr__(self) -> str:
+        return f"<forked function {self._name}>"
+
+
+@overload
+def forked(fn: Callable[P, R], /) -> _Forked[P, R]: ...
+@overload
+def forked(
+    *, name: str | None = None, timeout: float | None = None, daemon: bool = False
+) -> Callable[[Callable[P, R]], _Forked[P, R]]: ...
+def forked(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    timeout: float | None = None,
+    daemon: bool = False,
+) -> _Forked[P, R] | Callable[[Callable[P, R]], _Forked[P, R]]:
+    """Decorate a function so that calling it forks a child now and returns a :class:`Child`.
+
+    The function runs in the child on a copy of the parent's memory, so it
+    need not be picklable (closures work); only its return value (or
+    exception) is pickled back. The child always ends with ``os._exit``
+    after flushing stdio and releasing what it opened itself: it never runs
+    the parent's ``atexit`` handlers and never returns into the caller.
+
+    Outside any :func:`children` scope the caller owns the :class:`Child`:
+    join it, or drop it and it is reaped once it ends (see :class:`Child`).
+
+    Args:
+        name: The child's name in handles and errors (default: the
+            function's qualified name).
+        timeout: Seconds the child may run. When they run out the child is
+            killed and reaped and ``join()`` raises
+            :class:`~procshare.ChildTimeout`. The parent enforces it whenever
+            it looks at the child (``join``, ``wait``, ``running``, a scope,
+            any call into procshare for a dropped handle).
+        daemon: At interpreter exit, still-running daemon children are
+            terminated (``SIGTERM``, then ``SIGKILL`` after 1 s); non-daemon
+            children (the default) are waited for. Both are reaped.
+    """
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"forked(name=) must be a str or None, not {name!r}")
+    timeout = _positive_timeout(timeout, "forked(timeout=)")
+
+    def decorate(f: Callable[P, R]) -> _Forked[P, R]:
+        if not callable(f):
+            raise TypeError(f"@ps.forked decorates a function, not {f!r}")
+        return _Forked(f, name, timeout, bool(daemon))
+
+    if fn is None:
+        return decorate
+    return decorate(fn)

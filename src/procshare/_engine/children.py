@@ -1,0 +1,661 @@
+"""Child supervision: forking, result transport, reaping, timeouts and scopes.
+
+One :class:`ChildrenPart` per engine (so per process) keeps a :class:`Record`
+for every child this process forked and has not reaped yet. Everything here
+reaches the OS through ``engine.backend`` only.
+
+Result transport: the child writes one message to its result pipe, an 8-byte
+length then a tag byte then a pickle (``R`` + the return value, or ``E`` +
+a description of the exception). The parent reads the pipe *while* it waits,
+never only after the exit, so a result larger than the pipe buffer cannot
+deadlock parent and child.
+
+Reaping: a record leaves the part once its child is reaped. A handle dropped
+unjoined marks its record *dropped*: the next call into procshare
+(:meth:`ChildrenPart.poll`) closes its pipe (the child, if still writing,
+gets ``EPIPE`` and ends) and reaps it once it has exited. At interpreter exit
+(:meth:`ChildrenPart.shutdown`) non-daemon children are waited for and daemon
+children are terminated; either way every one is reaped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import pickle
+import signal
+import struct
+import sys
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from procshare._backends.api_process import Exit
+from procshare.errors import (
+    ChildError,
+    ChildExited,
+    ChildKilled,
+    ChildRaised,
+    ChildTimeout,
+)
+
+if TYPE_CHECKING:
+    from procshare._engine.core import Engine
+
+#: Seconds a cancelled or terminated child gets between ``SIGTERM`` and ``SIGKILL``.
+CANCEL_GRACE = 1.0
+
+_LEN = struct.Struct("<Q")
+_RETURNED = b"R"
+_RAISED = b"E"
+# Without a pidfd (not Linux) the engine cannot wait on "the child exited"
+# directly, so it polls the exit status at this interval while waiting.
+_NO_PIDFD_SLICE = 0.005
+
+# The write end of this process's own result pipe, when it is a forked child:
+# its own children must close it, or they would hold our parent's pipe open.
+_own_result_fd: int | None = None
+
+
+class Cancelled(BaseException):
+    """Raised from a ``@forked`` call inside a scope that is being cancelled.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``) so that an
+    ``except Exception:`` in the block does not swallow it; the scope that
+    raised it catches it at its exit and does not count it as a failure.
+    """
+
+    def __init__(self, scope: ScopeState) -> None:
+        super().__init__(
+            "this ps.children() scope is cancelling its children after a failure; "
+            "no new child is started"
+        )
+        self.scope = scope
+
+
+@attrs.define(eq=False)
+class Record:
+    """The parent's knowledge of one child."""
+
+    pid: int
+    name: str
+    daemon: bool
+    timeout: float | None
+    started: float
+    result_fd: int | None
+    wait_fd: int | None
+    scope: ScopeState | None = None
+    buf: bytearray = attrs.field(factory=bytearray)
+    eof: bool = False
+    exit: Exit | None = None
+    lost: bool = False  # somebody else reaped it: its status is unknown
+    timed_out: bool = False
+    cancelled: bool = False
+    dropped: bool = False
+    lock: threading.RLock = attrs.field(factory=threading.RLock)
+    _decoded: tuple[bool, Any] | None = None
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout is None else self.started + self.timeout
+
+    @property
+    def done(self) -> bool:
+        """Reaped (or lost): its outcome is final."""
+        return self.exit is not None or self.lost
+
+
+@attrs.define(eq=False)
+class ScopeState:
+    """The engine's side of one ``ps.children()`` block."""
+
+    limit: int | None
+    cancel_on_error: bool
+    records: list[Record] = attrs.field(factory=list)
+    running: list[Record] = attrs.field(factory=list)
+    failures: list[Record] = attrs.field(factory=list)
+    cancelling: bool = False
+
+
+def _exit_status(exc: SystemExit) -> int:
+    """What the interpreter would exit with for this ``SystemExit``."""
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    with contextlib.suppress(Exception):
+        print(code, file=sys.stderr)
+    return 1
+
+
+def _raised_payload(exc: BaseException, detail: str = "", *, skip: int = 0) -> bytes:
+    frames = exc.__traceback__
+    for _ in range(skip):  # our own frames: the user's function is what matters
+        if frames is not None and frames.tb_next is not None:
+            frames = frames.tb_next
+    tb = "".join(traceback.format_exception(type(exc), exc, frames))
+    try:
+        exc_bytes: bytes | None = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        exc_bytes = None
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<the exception's message could not be formatted>"
+    info = (type(exc).__qualname__, message, tb, exc_bytes, detail)
+    return _RAISED + pickle.dumps(info, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _returned_payload(value: object) -> tuple[int, bytes]:
+    try:
+        return 0, _RETURNED + pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        detail = (
+            f"its return value, a {type(value).__qualname__}, could not be pickled to send it "
+            "to the parent; return something picklable (plain data), or put the result in "
+            "shared memory"
+        )
+        return 1, _raised_payload(exc, detail)
+
+
+class ChildrenPart:
+    """Every child this process forked and has not reaped yet."""
+
+    order = 0
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.backend = engine.backend
+        self._lock = threading.RLock()
+        self._live: dict[int, Record] = {}
+        self._dropped: list[Record] = []
+        self._local = threading.local()
+
+    # ------------------------------------------------------------------ fork
+
+    def scope_stack(self) -> list[ScopeState]:
+        stack: list[ScopeState] | None = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    def start(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        name: str,
+        timeout: float | None,
+        daemon: bool,
+        stacklevel: int,
+    ) -> Record:
+        """Fork a child running ``fn(*args, **kwargs)``; return its record (parent only)."""
+        self.poll()
+        stack = self.scope_stack()
+        scope = stack[-1] if stack else None
+        if scope is not None:
+            self._admit(scope)
+        threads = self.backend.process_python_threads()
+        if threads > 1:
+            warnings.warn(
+                f"procshare: forking child {name!r} while this process runs {threads} Python "
+                "threads. Only the calling thread exists in the child: a lock another thread "
+                "held at the fork (logging, an import, a stream's buffer) stays locked there "
+                "forever and can deadlock the child. Fork before starting threads, or fork "
+                "from a process that has none.",
+                RuntimeWarning,
+                stacklevel=stacklevel + 1,
+            )
+
+        def child(result_fd: int) -> int:
+            return self._child_main(result_fd, fn, args, kwargs)
+
+        started = time.monotonic()
+        forked = self.backend.process_fork(child)
+        rec = Record(
+            pid=forked.pid,
+            name=name,
+            daemon=daemon,
+            timeout=timeout,
+            started=started,
+            result_fd=forked.result_fd,
+            wait_fd=forked.wait_fd,
+            scope=scope,
+        )
+        with self._lock:
+            self._live[rec.pid] = rec
+        if scope is not None:
+            scope.records.append(rec)
+            scope.running.append(rec)
+        return rec
+
+    def _child_main(
+        self,
+        result_fd: int,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> int:
+        """Runs in the child; the backend ends the process with the status returned."""
+        global _own_result_fd
+        from procshare._engine.core import shutdown_engine
+
+        backend = self.backend
+        # Descriptors of our siblings and of our own parent's pipe are the
+        # parent's business: holding them open would keep those pipes alive.
+        inherited = _own_result_fd
+        _own_result_fd = result_fd
+        if inherited is not None:
+            backend.process_close(inherited)
+        for rec in list(self._live.values()):
+            for fd in (rec.result_fd, rec.wait_fd):
+                if fd is not None:
+                    backend.process_close(fd)
+        payload: bytes | None
+        try:
+            value = fn(*args, **kwargs)
+        except SystemExit as exc:
+            status, payload = _exit_status(exc), None
+        except BaseException as exc:
+            status, payload = 1, _raised_payload(exc, skip=1)
+        else:
+            status, payload = _returned_payload(value)
+            del value
+        try:
+            # Release what the child itself opened (never what it inherited:
+            # its engine started empty), and reap its own children.
+            shutdown_engine()
+        except BaseException as exc:
+            if status == 0:
+                status = 1
+                payload = _raised_payload(
+                    exc,
+                    "raised while the child released the segments, locks and children "
+                    "it had opened, after its function returned",
+                )
+        if payload is not None:
+            # The parent dropped its handle and closed the pipe: nobody wants it.
+            with contextlib.suppress(BrokenPipeError):
+                if len(payload) < 65536:
+                    backend.process_write(result_fd, _LEN.pack(len(payload)) + payload)
+                else:
+                    backend.process_write(result_fd, _LEN.pack(len(payload)))
+                    backend.process_write(result_fd, payload)
+        return status
+
+    # ------------------------------------------------------------- progress
+
+    def _drain(self, rec: Record) -> None:
+        fd = rec.result_fd
+        if fd is None or rec.eof:
+            return
+        while True:
+            data = self.backend.process_read(fd)
+            if data is None:
+                return
+            if not data:
+                rec.eof = True
+                return
+            rec.buf += data
+
+    def _finish(self, rec: Record, exit_: Exit | None) -> None:
+        """The child is reaped: collect the last of its output and forget it."""
+        if exit_ is None:
+            rec.lost = True
+        else:
+            rec.exit = exit_
+        self._drain(rec)
+        for fd in (rec.result_fd, rec.wait_fd):
+            if fd is not None:
+                self.backend.process_close(fd)
+        rec.result_fd = rec.wait_fd = None
+        with self._lock:
+            self._live.pop(rec.pid, None)
+
+    def _reap(self, rec: Record, *, block: bool) -> bool:
+        try:
+            exit_ = self.backend.process_reap(rec.pid, block=block)
+        except ChildProcessError:
+            self._finish(rec, None)  # reaped behind our back (os.wait(), SIGCHLD=SIG_IGN)
+            return True
+        if exit_ is None:
+            return False
+        self._finish(rec, exit_)
+        return True
+
+    def advance(self, rec: Record) -> bool:
+        """Non-blocking progress: read what the child wrote, reap it if it exited,
+        kill it if its timeout ran out. Returns whether it is done."""
+        if rec.done:
+            return True
+        with rec.lock:
+            if rec.done:
+                return True
+            self._drain(rec)
+            if self._reap(rec, block=False):
+                return True
+            deadline = rec.deadline
+            if deadline is not None and time.monotonic() >= deadline:
+                self._expire(rec)
+                return True
+            return False
+
+    def _expire(self, rec: Record) -> None:
+        rec.timed_out = True
+        self.backend.process_signal(rec.pid, signal.SIGKILL)
+        self._reap(rec, block=True)
+
+    def wait_any(self, recs: Sequence[Record], deadline: float | None) -> None:
+        """Return once one of ``recs`` is done, or at ``deadline`` (monotonic)."""
+        while True:
+            pending = [r for r in recs if not self.advance(r)]
+            if len(pending) < len(recs) or not pending:
+                return
+            limit = deadline
+            for r in pending:
+                d = r.deadline
+                if d is not None and (limit is None or d < limit):
+                    limit = d
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return
+            fds: list[int] = []
+            slice_ = False
+            for r in pending:
+                if r.result_fd is not None and not r.eof:
+                    fds.append(r.result_fd)
+                if r.wait_fd is not None:
+                    fds.append(r.wait_fd)
+                else:
+                    slice_ = True
+            wait = None if limit is None else max(0.0, limit - now)
+            if slice_:
+                wait = _NO_PIDFD_SLICE if wait is None else min(wait, _NO_PIDFD_SLICE)
+            self.backend.process_poll(fds, wait)
+
+    def wait(self, rec: Record, timeout: float | None) -> bool:
+        """Wait for one child; whether it is done (``False``: ``timeout`` ran out)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.wait_any([rec], deadline)
+        return rec.done
+
+    def signal(self, rec: Record, signum: int) -> bool:
+        """Signal a child that has not been reaped (never a reused pid)."""
+        with rec.lock:
+            if rec.done:
+                return False
+            return self.backend.process_signal(rec.pid, signum)
+
+    def terminate_all(self, recs: Iterable[Record], *, cancel: bool, grace: float) -> None:
+        """``SIGTERM`` every running one of ``recs``, ``SIGKILL`` after ``grace``
+        seconds, and reap them all, even when interrupted (``Ctrl-C`` again)."""
+        running = [r for r in recs if not self.advance(r)]
+        if not running:
+            return
+        try:
+            for r in running:
+                if cancel:
+                    r.cancelled = True
+                self.signal(r, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while True:
+                running = [r for r in running if not r.done]
+                if not running or time.monotonic() >= deadline:
+                    break
+                self.wait_any(running, deadline)
+        finally:
+            for r in running:
+                if not r.done:
+                    self.signal(r, signal.SIGKILL)
+                    with r.lock:
+                        if not r.done:
+                            self._reap(r, block=True)
+
+    # -------------------------------------------------------------- outcome
+
+    def outcome(self, rec: Record) -> tuple[bool, Any]:
+        """``(True, value)`` or ``(False, error)`` for a done child. A fresh error
+        object on every call, so raising it twice builds no reference cycle."""
+        decoded = rec._decoded
+        if decoded is None:
+            decoded = rec._decoded = self._decode(rec)
+        ok, data = decoded
+        if ok:
+            return True, data
+        return False, data()
+
+    def _decode(self, rec: Record) -> tuple[bool, Any]:  # noqa: PLR0911 - one per outcome
+        exit_ = rec.exit
+        common: dict[str, Any] = {
+            "pid": rec.pid,
+            "name": rec.name,
+            "exitcode": None if exit_ is None else exit_.exitcode,
+            "signal": None if exit_ is None else exit_.signal,
+        }
+        detail = (
+            "cancelled by its ps.children() scope after another failure" if rec.cancelled else ""
+        )
+        if rec.timed_out:
+            return False, lambda: ChildTimeout(timeout=rec.timeout, **common)
+        if exit_ is not None and exit_.signal is not None:
+            return False, lambda: ChildKilled(detail, **common)
+        message = self._message(rec)
+        if message is not None and message[:1] == _RAISED:
+            try:
+                info = pickle.loads(message[1:])
+            except Exception as exc:
+                return False, functools.partial(
+                    ChildRaised,
+                    "its exception could not be unpickled in the parent",
+                    exc_type=type(exc).__name__,
+                    exc_message=str(exc),
+                    **common,
+                )
+            exc_type, exc_message, tb, exc_bytes, raised_detail = info
+            if detail:
+                raised_detail = f"{raised_detail}; {detail}" if raised_detail else detail
+
+            def raised() -> ChildError:
+                err = ChildRaised(
+                    raised_detail,
+                    exc_type=exc_type,
+                    exc_message=exc_message,
+                    child_traceback=tb,
+                    **common,
+                )
+                if exc_bytes is not None:
+                    with contextlib.suppress(Exception):
+                        err.__cause__ = pickle.loads(exc_bytes)
+                return err
+
+            return False, raised
+        if exit_ is not None and exit_.status:
+            return False, lambda: ChildExited(detail, **common)
+        if rec.lost:
+            return False, lambda: ChildError(
+                "it was reaped by someone else (os.wait(), or SIGCHLD set to SIG_IGN), so its "
+                "exit status and result are lost; leave reaping to procshare",
+                **common,
+            )
+        if message is None:
+            if rec.buf:
+                return False, lambda: ChildExited(
+                    "it exited with status 0 before its whole result was written", **common
+                )
+            return True, None  # os._exit(0) / sys.exit(0): nothing was returned
+        try:
+            return True, pickle.loads(message[1:])
+        except Exception as exc:
+            return False, functools.partial(
+                ChildRaised,
+                "its return value could not be unpickled in the parent",
+                exc_type=type(exc).__name__,
+                exc_message=str(exc),
+                **common,
+            )
+
+    @staticmethod
+    def _message(rec: Record) -> bytes | None:
+        buf = rec.buf
+        if len(buf) < _LEN.size:
+            return None
+        (n,) = _LEN.unpack_from(buf)
+        if len(buf) < _LEN.size + n:
+            return None
+        return bytes(memoryview(buf)[_LEN.size : _LEN.size + n])
+
+    # --------------------------------------------------------------- scopes
+
+    def _refresh(self, scope: ScopeState) -> None:
+        """Advance the scope's running children; note failures among the ones
+        that ended (in fork order); cancel the rest if the scope says so."""
+        ended = [r for r in scope.running if self.advance(r)]
+        if not ended:
+            return
+        scope.running = [r for r in scope.running if not r.done]
+        for r in ended:
+            if not (r.cancelled or self.outcome(r)[0]):
+                scope.failures.append(r)
+        if scope.failures and scope.cancel_on_error and not scope.cancelling:
+            self.cancel(scope)
+
+    def cancel(self, scope: ScopeState) -> None:
+        scope.cancelling = True
+        self.terminate_all(scope.running, cancel=True, grace=CANCEL_GRACE)
+        self._refresh(scope)
+
+    def _admit(self, scope: ScopeState) -> None:
+        """Before forking into ``scope``: wait for a free slot under its limit."""
+        if scope.cancelling:
+            raise Cancelled(scope)
+        if scope.limit is None:
+            return
+        while True:
+            self._refresh(scope)
+            if scope.cancelling:
+                raise Cancelled(scope)
+            if len(scope.running) < scope.limit:
+                return
+            self.wait_any(scope.running, None)
+
+    def enter_scope(self, limit: int | None, cancel_on_error: bool) -> ScopeState:
+        self.poll()
+        scope = ScopeState(limit=limit, cancel_on_error=cancel_on_error)
+        self.scope_stack().append(scope)
+        return scope
+
+    def exit_scope(self, scope: ScopeState, exc: BaseException | None) -> None:
+        """Join (or cancel) every child of ``scope``; take it off the stack.
+
+        A ``KeyboardInterrupt`` (or any other non-``Exception``), from the
+        block or while waiting, terminates and reaps every child; the caller
+        then lets it propagate.
+        """
+        try:
+            if exc is not None and not isinstance(exc, Exception | Cancelled):
+                scope.cancelling = True
+                self.terminate_all(scope.running, cancel=True, grace=CANCEL_GRACE)
+                return
+            if exc is not None and not isinstance(exc, Cancelled) and scope.cancel_on_error:
+                self.cancel(scope)
+            while True:
+                self._refresh(scope)
+                if not scope.running:
+                    return
+                self.wait_any(scope.running, None)
+        except BaseException:
+            # Interrupted while joining: nothing may be left behind.
+            scope.cancelling = True
+            self.terminate_all(scope.running, cancel=True, grace=CANCEL_GRACE)
+            raise
+        finally:
+            stack = self.scope_stack()
+            if scope in stack:
+                stack.remove(scope)
+
+    # ------------------------------------------------------- engine hooks
+
+    def drop(self, rec: Record) -> None:
+        """A handle to ``rec`` was garbage collected (may run in any thread)."""
+        if rec.done or rec.scope is not None or self.engine.pid != os.getpid():
+            return
+        rec.dropped = True
+        self._dropped.append(rec)
+
+    def poll(self) -> None:
+        """Reap dropped children that have exited; enforce timeouts of dropped ones."""
+        if not self._dropped or self.engine.pid != os.getpid():
+            return
+        with self._lock:
+            dropped, self._dropped = self._dropped, []
+        keep = []
+        for rec in dropped:
+            with rec.lock:
+                if rec.done:
+                    continue
+                if rec.result_fd is not None:
+                    # Nobody will read the result: let a writing child fail fast.
+                    self.backend.process_close(rec.result_fd)
+                    rec.result_fd = None
+                    rec.eof = True
+            if self.advance(rec):
+                self._warn_dropped(rec)
+            else:
+                keep.append(rec)
+        if keep:
+            with self._lock:
+                self._dropped.extend(keep)
+
+    def _warn_dropped(self, rec: Record) -> None:
+        exit_ = rec.exit
+        if rec.timed_out:
+            what = f"was killed after its timeout of {rec.timeout} s"
+        elif exit_ is not None and exit_.signal is not None:
+            what = f"was killed by signal {exit_.signal}"
+        elif exit_ is not None and exit_.status:
+            what = f"ended with exit status {exit_.status} (an exception, or sys.exit)"
+        else:
+            return
+        warnings.warn(
+            f"procshare: child {rec.name!r} (pid {rec.pid}) {what}, and its handle was "
+            "dropped without join(), so nobody saw its error. Keep the Child and call "
+            "join(), or fork it inside `with ps.children():`.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def shutdown(self) -> None:
+        """Interpreter (or child) exit: wait for non-daemon children, terminate
+        daemon ones, reap them all."""
+        if self.engine.pid != os.getpid():
+            return
+        with self._lock:
+            recs = list(self._live.values())
+        if not recs:
+            return
+        try:
+            self.terminate_all([r for r in recs if r.daemon], cancel=False, grace=CANCEL_GRACE)
+            waiting = [r for r in recs if not r.daemon]
+            while True:
+                waiting = [r for r in waiting if not self.advance(r)]
+                if not waiting:
+                    break
+                self.wait_any(waiting, None)
+        finally:
+            self.terminate_all(recs, cancel=False, grace=0.0)
+            for rec in recs:
+                if rec.dropped and rec.done and not rec.daemon:
+                    with contextlib.suppress(Exception):
+                        self._warn_dropped(rec)
+
+
+def get_children(engine: Engine) -> ChildrenPart:
+    return engine.part("children", ChildrenPart)
