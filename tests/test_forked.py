@@ -1,0 +1,608 @@
+"""``@ps.forked`` and ``ps.Child``: forking now, results, failures, reaping, orphans."""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import procshare as ps
+from procshare._engine import get_engine
+from procshare.testing import child_pids
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _wait_for(predicate: object, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _run_script(code: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+# --------------------------------------------------------------- starting
+
+
+def test_calling_forks_now_and_returns_a_child(tmp_path: Path) -> None:
+    marker = tmp_path / "started"
+
+    @ps.forked
+    def job() -> int:
+        marker.write_text(str(os.getpid()))
+        time.sleep(0.3)
+        return os.getpid()
+
+    child = job()
+    assert isinstance(child, ps.Child)
+    assert child.pid != os.getpid()
+    # The child runs before anyone joins it.
+    assert _wait_for(marker.exists)
+    assert child.running
+    assert child.exitcode is None
+    assert child.join() == child.pid == int(marker.read_text())
+    assert not child.running
+    assert child.exitcode == 0
+
+
+def test_closures_defaults_args_and_kwargs_need_no_pickling() -> None:
+    lock = threading.Lock()  # unpicklable, captured by the closure
+
+    def scale(x: int, y: int = 10, *rest: int, z: int = 100, **extra: int) -> tuple[object, ...]:
+        with lock:
+            return (x, y, rest, z, extra)
+
+    job = ps.forked(scale)
+    assert job(1).join() == (1, 10, (), 100, {})
+    assert job(1, 2, 3, 4, z=5, w=6).join() == (1, 2, (3, 4), 5, {"w": 6})
+
+
+def test_join_twice_gives_the_same_value_and_name_defaults_to_the_function() -> None:
+    @ps.forked
+    def answer() -> list[int]:
+        return [42]
+
+    child = answer()
+    assert child.name.endswith("answer")
+    assert child.join() == [42]
+    assert child.join() == [42]
+
+    @ps.forked(name="worker-7")
+    def named() -> None:
+        return None
+
+    with named() as c:
+        assert c.name == "worker-7"
+    assert "worker-7" in repr(c)
+
+
+@pytest.mark.timeout(60)
+def test_join_timeout_leaves_the_child_running() -> None:
+    @ps.forked
+    def sleeper() -> str:
+        time.sleep(30)
+        return "never"
+
+    child = sleeper()
+    t0 = time.monotonic()
+    with pytest.raises(ps.JoinTimeout) as info:
+        child.join(timeout=0.2)
+    assert time.monotonic() - t0 < 5
+    assert isinstance(info.value, TimeoutError)
+    assert info.value.pid == child.pid
+    assert "left running" in str(info.value)
+    assert child.running
+    assert _alive(child.pid)
+    assert child.wait(timeout=0.05) is None
+    child.terminate()
+    with pytest.raises(ps.ChildKilled) as killed:
+        child.join()
+    assert killed.value.signal == signal.SIGTERM
+    assert "SIGTERM" in str(killed.value)
+
+
+@pytest.mark.timeout(120)
+def test_large_result_does_not_deadlock_on_the_pipe() -> None:
+    @ps.forked
+    def big() -> bytes:
+        return bytes(range(256)) * (40 * 1024 * 1024 // 256)  # 40 MiB
+
+    data = big().join(timeout=60)
+    assert len(data) == 40 * 1024 * 1024
+    assert data[:256] == bytes(range(256))
+    assert data[-1] == 255
+
+
+def test_unpicklable_result_is_a_child_raised_not_a_hang() -> None:
+    @ps.forked
+    def returns_a_lock() -> object:
+        return threading.Lock()
+
+    with pytest.raises(ps.ChildRaised) as info:
+        returns_a_lock().join(timeout=30)
+    assert "could not be pickled" in str(info.value)
+    assert "lock" in str(info.value)
+
+
+# --------------------------------------------------------------- failures
+
+
+class Unpicklable(Exception):
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg)
+        self.handle = threading.Lock()
+
+    def __reduce__(self) -> object:
+        raise TypeError("no pickling here")
+
+
+def test_child_raised_carries_the_traceback_and_the_original_as_cause() -> None:
+    @ps.forked
+    def fails() -> None:
+        def inner_helper() -> None:
+            raise KeyError("missing-key")
+
+        inner_helper()
+
+    child = fails()
+    with pytest.raises(ps.ChildRaised) as info:
+        child.join()
+    err = info.value
+    assert isinstance(err, ps.ChildError)
+    assert isinstance(err, ChildProcessError)
+    assert err.pid == child.pid
+    assert err.exitcode == 1
+    assert err.exc_type == "KeyError"
+    assert "inner_helper" in str(err)  # the child's traceback is in the message
+    assert "missing-key" in str(err)
+    assert isinstance(err.__cause__, KeyError)
+    assert err.__cause__.args == ("missing-key",)
+    # Raised again: a fresh exception object each time.
+    with pytest.raises(ps.ChildRaised) as again:
+        child.join()
+    assert again.value is not err
+    assert pickle.loads(pickle.dumps(err)).child_traceback == err.child_traceback
+
+
+def test_unpicklable_exception_still_reports_type_and_message() -> None:
+    @ps.forked
+    def fails() -> None:
+        raise Unpicklable("cannot cross")
+
+    with pytest.raises(ps.ChildRaised) as info:
+        fails().join()
+    assert info.value.exc_type == "Unpicklable"
+    assert "cannot cross" in str(info.value)
+    assert info.value.__cause__ is None
+
+
+def test_assertion_in_child_never_continues_the_parents_test() -> None:
+    me = os.getpid()
+
+    @ps.forked
+    def asserts() -> None:
+        raise AssertionError("failed inside the child")
+
+    with pytest.raises(ps.ChildRaised, match="failed inside the child"):
+        asserts().join()
+    assert os.getpid() == me
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [("sys.exit(3)", 3), ("os._exit(5)", 5), ("sys.exit('bye')", 1)],
+)
+def test_nonzero_exit_is_child_exited(body: str, status: int) -> None:
+    @ps.forked
+    def exits() -> None:
+        exec(body)
+
+    with pytest.raises(ps.ChildExited) as info:
+        exits().join()
+    assert info.value.exitcode == status
+    assert info.value.signal is None
+    assert f"status {status}" in str(info.value)
+
+
+@pytest.mark.parametrize("body", ["sys.exit(0)", "sys.exit()", "os._exit(0)"])
+def test_zero_exit_returns_none(body: str) -> None:
+    @ps.forked
+    def exits() -> int:
+        exec(body)
+        return 1
+
+    assert exits().join() is None
+
+
+@pytest.mark.parametrize(
+    ("signum", "cause"),
+    [
+        (signal.SIGKILL, "OOM killer"),
+        (signal.SIGSEGV, "segmentation fault"),
+        (signal.SIGTERM, "terminate"),
+        (signal.SIGABRT, "abort"),
+    ],
+)
+def test_killed_by_a_signal_names_it_and_its_likely_cause(signum: int, cause: str) -> None:
+    @ps.forked
+    def dies() -> None:
+        if signum != signal.SIGKILL:
+            signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        time.sleep(10)
+
+    child = dies()
+    with pytest.raises(ps.ChildKilled) as info:
+        child.join(timeout=30)
+    assert info.value.signal == signum
+    assert info.value.exitcode == -signum
+    assert signal.Signals(signum).name in str(info.value)
+    assert cause in str(info.value)
+    assert child.exitcode == -signum
+
+
+@pytest.mark.timeout(60)
+def test_timeout_kills_and_reaps_the_child() -> None:
+    @ps.forked(timeout=0.3)
+    def too_slow() -> None:
+        time.sleep(30)
+
+    child = too_slow()
+    t0 = time.monotonic()
+    with pytest.raises(ps.ChildTimeout) as info:
+        child.join()
+    assert time.monotonic() - t0 < 10
+    assert isinstance(info.value, TimeoutError)
+    assert info.value.timeout == 0.3
+    assert info.value.signal == signal.SIGKILL
+    assert "killed and reaped" in str(info.value)
+    assert not _alive(child.pid)
+    assert child.pid not in child_pids()  # reaped, not a zombie
+    status = child.wait()
+    assert status is not None
+    assert status.outcome == "timed out"
+
+
+def test_timeout_is_not_applied_to_a_fast_child() -> None:
+    @ps.forked(timeout=30)
+    def quick() -> str:
+        return "done"
+
+    assert quick().join() == "done"
+
+
+def test_wait_describes_every_outcome_without_raising() -> None:
+    @ps.forked
+    def ok() -> int:
+        return 7
+
+    @ps.forked
+    def raises() -> None:
+        raise ValueError("v")
+
+    @ps.forked
+    def exits() -> None:
+        os._exit(9)
+
+    @ps.forked
+    def killed() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    statuses = [c.wait() for c in (ok(), raises(), exits(), killed())]
+    assert [s.outcome for s in statuses if s] == ["returned", "raised", "exited", "killed"]
+    assert [s.exitcode for s in statuses if s] == [0, 1, 9, -9]
+    assert [s.ok for s in statuses if s] == [True, False, False, False]
+    assert statuses[0] is not None
+    assert statuses[0].error is None
+    assert statuses[0].signal is None
+    assert statuses[3] is not None
+    assert statuses[3].signal == signal.SIGKILL
+    assert isinstance(statuses[1] and statuses[1].error, ps.ChildRaised)
+    assert isinstance(statuses[2] and statuses[2].error, ps.ChildExited)
+
+
+@pytest.mark.timeout(60)
+def test_terminate_and_kill() -> None:
+    @ps.forked
+    def sleeper() -> None:
+        time.sleep(30)
+
+    a, b = sleeper(), sleeper()
+    a.terminate()
+    b.kill()
+    sa, sb = a.wait(timeout=20), b.wait(timeout=20)
+    assert sa is not None
+    assert sb is not None
+    assert (sa.signal, sb.signal) == (signal.SIGTERM, signal.SIGKILL)
+    # Signalling a reaped child is a no-op: its pid may belong to someone else now.
+    a.kill()
+    b.terminate()
+
+
+def test_context_manager_joins_and_raises_the_childs_failure() -> None:
+    @ps.forked
+    def fails() -> None:
+        raise RuntimeError("in child")
+
+    with pytest.raises(ps.ChildRaised), fails():
+        pass
+
+
+def test_context_manager_with_a_failing_block_joins_and_notes_the_child() -> None:
+    @ps.forked
+    def fails() -> None:
+        raise RuntimeError("child side")
+
+    with pytest.raises(ValueError, match="block side") as info, fails() as child:
+        raise ValueError("block side")
+    assert not child.running
+    assert any("child side" in note for note in getattr(info.value, "__notes__", []))
+
+
+def test_reaped_by_someone_else_is_reported_not_hung() -> None:
+    @ps.forked
+    def quick() -> int:
+        return 1
+
+    child = quick()
+    os.waitpid(child.pid, 0)  # steals the exit status
+    with pytest.raises(ps.ChildError, match="reaped by someone else"):
+        child.join(timeout=10)
+
+
+# ------------------------------------------------------------ child exit
+
+
+def test_child_skips_parent_atexit_and_flushes_its_stdio(tmp_path: Path) -> None:
+    out = _run_script(
+        f"""
+        import atexit, sys
+        import procshare as ps
+
+        atexit.register(lambda: open({str(tmp_path / "atexit")!r}, "a").write("ran\\n"))
+        sys.stdout.write("parent-buffered ")  # unflushed at fork: must not be printed twice
+
+        @ps.forked
+        def child():
+            sys.stdout.write("child-out")      # no newline, no flush
+            sys.stderr.write("child-err")
+            return 1
+
+        assert child().join() == 1
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("parent-buffered") == 1
+    assert "child-out" in out.stdout
+    assert "child-err" in out.stderr
+    # The parent's atexit ran once, in the parent only.
+    assert (tmp_path / "atexit").read_text() == "ran\n"
+
+
+def test_child_gets_a_fresh_engine() -> None:
+    parent_engine = get_engine()
+
+    @ps.forked
+    def probe() -> tuple[int, int, bool]:
+        engine = get_engine()
+        return engine.pid, os.getpid(), engine is parent_engine
+
+    engine_pid, pid, same = probe().join()
+    assert engine_pid == pid != os.getpid()
+    assert not same
+
+
+def test_children_can_fork_grandchildren() -> None:
+    @ps.forked
+    def leaf(i: int) -> int:
+        return i * i
+
+    @ps.forked
+    def middle() -> list[int]:
+        with ps.children() as kids:
+            for i in range(3):
+                leaf(i)
+        dropped = leaf(10)  # noqa: F841 - left unjoined: the child's exit reaps it
+        return kids.results
+
+    assert middle().join(timeout=30) == [0, 1, 4]
+
+
+# ----------------------------------------------------------------- zombies
+
+
+@pytest.mark.timeout(60)
+def test_dropped_handle_is_reaped_at_the_next_call_into_procshare() -> None:
+    @ps.forked
+    def quick() -> None:
+        return None
+
+    pid = quick().pid  # the handle is dropped at once
+    gc.collect()
+    assert _wait_for(lambda: child_pids().get(pid) == "Z")  # exited, not reaped yet
+    with ps.children():  # any call into procshare
+        pass
+    assert pid not in child_pids()
+
+
+@pytest.mark.timeout(60)
+def test_dropped_failing_child_warns_when_reaped() -> None:
+    @ps.forked(name="forgotten")
+    def fails() -> None:
+        raise ValueError("nobody listens")
+
+    pid = fails().pid
+    gc.collect()
+    assert _wait_for(lambda: child_pids().get(pid) == "Z")
+    with pytest.warns(RuntimeWarning, match="forgotten.*dropped without join"):
+        get_engine().poll()
+    assert pid not in child_pids()
+
+
+@pytest.mark.timeout(60)
+def test_dropped_child_with_a_large_result_does_not_block_forever() -> None:
+    @ps.forked
+    def big() -> bytes:
+        return b"x" * (8 * 1024 * 1024)
+
+    pid = big().pid
+    gc.collect()
+    get_engine().poll()  # closes the unread pipe: the child's write fails, it exits
+    assert _wait_for(lambda: child_pids().get(pid) in (None, "Z"))
+    get_engine().poll()
+    assert pid not in child_pids()
+
+
+@pytest.mark.timeout(60)
+def test_interpreter_exit_waits_for_non_daemon_and_terminates_daemon_children(
+    tmp_path: Path,
+) -> None:
+    done = tmp_path / "done"
+    out = _run_script(
+        f"""
+        import time
+        import procshare as ps
+
+        @ps.forked
+        def worker():
+            time.sleep(0.5)
+            open({str(done)!r}, "w").write("finished")
+
+        @ps.forked(daemon=True)
+        def daemon():
+            time.sleep(60)
+
+        worker()            # dropped: still waited for at exit
+        d = daemon()
+        print(d.pid, flush=True)
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert done.read_text() == "finished"
+    daemon_pid = int(out.stdout.split()[0])
+    assert _wait_for(lambda: not _alive(daemon_pid), 5)
+
+
+# ----------------------------------------------------------------- orphans
+
+
+@pytest.mark.timeout(60)
+def test_children_die_within_a_second_when_the_parent_is_sigkilled() -> None:
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
+                import time
+                import procshare as ps
+
+                @ps.forked
+                def sleeper():
+                    time.sleep(60)
+
+                kids = [sleeper() for _ in range(3)]
+                print(" ".join(str(k.pid) for k in kids), flush=True)
+                time.sleep(60)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 3
+        assert all(_alive(p) for p in pids)
+        parent.kill()
+        parent.wait()
+        t0 = time.monotonic()
+        assert _wait_for(lambda: not any(_alive(p) for p in pids), 5)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        parent.kill()
+        parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
+
+
+# ----------------------------------------------------------------- threads
+
+
+def test_forking_while_threads_run_warns() -> None:
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, name="busy-helper")
+    thread.start()
+    try:
+
+        @ps.forked
+        def job() -> int:
+            return 1
+
+        with pytest.warns(RuntimeWarning, match="threads.*deadlock"):
+            child = job()
+        assert child.join() == 1
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_no_thread_warning_when_single_threaded(recwarn: pytest.WarningsRecorder) -> None:
+    @ps.forked
+    def job() -> int:
+        return 1
+
+    assert job().join() == 1
+    assert not [w for w in recwarn if "threads" in str(w.message)]
+
+
+# -------------------------------------------------------------- bad input
+
+
+def test_bad_arguments_are_named_errors() -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        ps.forked(timeout=-1)
+    with pytest.raises(TypeError, match="timeout"):
+        ps.forked(timeout="soon")  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="name"):
+        ps.forked(name=3)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="decorates a function"):
+        ps.forked(42)  # type: ignore[call-overload]
+
+    @ps.forked
+    def job() -> int:
+        return 1
+
+    child = job()
+    with pytest.raises(ValueError, match="join"):
+        child.join(timeout=-0.5)
+    assert child.join() == 1
