@@ -1,20 +1,372 @@
-"""Front end for locks: ``interprocess_lock()``.
+"""Front end for locks: ``ps.interprocess_lock()``.
 
-Built by issue 5. Until then every entry point says so instead of pretending.
+Argument checking, the ``with`` / decorator / ``acquire`` protocols and the
+owner-died policy live here. The engine keeps the open lock objects
+(:mod:`procshare._engine.locks`); the hot path, one ``acquire`` and one
+``release`` on the engine's lock handle, is the only place this module calls
+through to a handle directly, because every extra Python call is a sizeable
+part of an uncontended lock's cost.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal, ParamSpec, TypeVar
+
+from procshare._engine import get_engine
+from procshare._engine import locks as _engine_locks
+from procshare._engine.locks import (
+    BUSY,
+    NOT_OWNER,
+    NOT_RECOVERABLE,
+    OK,
+    OWNER_DIED,
+    SELF_HELD,
+    TIMEDOUT,
+    UNCONFIRMED,
+    LockEntry,
+)
+from procshare._engine.names import validate_name
+from procshare.errors import LockTimeout, OwnerDied, ProcshareError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+OnOwnerDeath = Callable[["InterprocessLock"], object] | Literal["warn"] | None
+
+
+class _LockClosedError(ProcshareError, ValueError):
+    """A lock object was used after ``close()``."""
+
+
+class _Closed:
+    """Stands in for the lock handle after ``close()``: every use says so."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _fail(self) -> Any:
+        raise _LockClosedError(
+            f"lock {self.name!r} was used after close(); open it again with "
+            f"ps.interprocess_lock({self.name!r})"
+        )
+
+    def acquire(self, reentrant: bool, timeout: float, /) -> int:
+        return self._fail()  # type: ignore[no-any-return]
+
+    def release(self) -> int:
+        return self._fail()  # type: ignore[no-any-return]
+
+    def mark_consistent(self) -> int:
+        return self._fail()  # type: ignore[no-any-return]
+
+    def owned(self) -> bool:
+        return self._fail()  # type: ignore[no-any-return]
+
+    def locked(self) -> bool:
+        return self._fail()  # type: ignore[no-any-return]
+
+
+def _check_timeout(timeout: object, what: str = "timeout") -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(
+            f"{what} must be a number of seconds or None, not {type(timeout).__name__}"
+        )
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError(
+            f"{what} must be >= 0 seconds (0 tries once) or None to wait forever, got {timeout!r}"
+        )
+    return float(timeout)
 
 
 class InterprocessLock:
-    """A named, robust lock shared between processes and threads."""
+    """A named, robust lock shared between processes and between threads.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError("procshare: interprocess_lock() is not built yet (issue 5)")
+    Get one with :func:`interprocess_lock`. Use it as ``with lock:``, as a
+    decorator (``@lock``), or with :meth:`acquire` / :meth:`release`.
+
+    Ownership is per thread: the thread that acquired it must release it.
+    A process forked while one of its threads holds the lock does not hold it
+    in the child; the child blocks on it like any other process.
+
+    If a holder dies while holding the lock (killed by any signal, or exiting
+    without releasing it), the next acquirer gets the lock at once and is
+    told with :class:`~procshare.OwnerDied` (see the Robustness page of the docs).
+
+    The object is a *user* of the lock until :meth:`close`, garbage
+    collection or process exit; when the last user of the last process is
+    gone, the lock's object is removed.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_entry",
+        "_m",
+        "_name",
+        "_on_owner_death",
+        "_reentrant",
+        "_timeout",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        timeout: float | None = None,
+        reentrant: bool = False,
+        on_owner_death: OnOwnerDeath = None,
+        mode: int = 0o600,
+    ) -> None:
+        validate_name(name, "lock name")
+        self._name = name
+        self._timeout = _check_timeout(timeout)
+        if not isinstance(reentrant, bool):
+            raise TypeError(f"reentrant must be True or False, not {reentrant!r}")
+        self._reentrant = reentrant
+        if not (on_owner_death is None or on_owner_death == "warn" or callable(on_owner_death)):
+            raise ValueError(
+                "on_owner_death must be None (raise OwnerDied), 'warn', or a function "
+                f"repair(lock) that repairs the protected data; got {on_owner_death!r}"
+            )
+        self._on_owner_death = on_owner_death
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+            raise ValueError(f"mode must be permission bits such as 0o600, got {mode!r}")
+        self._m: Any = _Closed(name)  # until the entry is open (a failed open leaves it so)
+        engine = get_engine()
+        self._entry: LockEntry | None = _engine_locks.locks_part(engine).open(name, id(self), mode)
+        self._m = self._entry.mutex
+        # After registering as a user, so housekeeping never closes our own entry.
+        engine.poll()
+
+    # -- the hot path ----------------------------------------------------------
+
+    def __enter__(self) -> InterprocessLock:
+        if not self._m.acquire(self._reentrant, -1.0):
+            return self
+        return self._enter_slow()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._m.release():
+            self._not_owner("release")
+
+    # -- the rest ----------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The lock's name."""
+        return self._name
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds ``with`` and :meth:`acquire` wait by default (``None``: forever)."""
+        return self._timeout
+
+    @property
+    def reentrant(self) -> bool:
+        """Whether the holding thread may acquire it again (and must release as often)."""
+        return self._reentrant
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._entry is None
+
+    def _enter_slow(self) -> InterprocessLock:
+        rc = _engine_locks.wait_acquire(self._m, self._reentrant, self._timeout)
+        if rc == OK:
+            return self
+        if rc in (OWNER_DIED, UNCONFIRMED):
+            self._owner_died_in_with()
+            return self
+        self._fail(rc)
+        raise AssertionError("unreachable")
+
+    def _owner_died_in_with(self) -> None:
+        dead = self._dead_pid()
+        policy = self._on_owner_death
+        if policy is None:
+            # A block that never ran has no exit to release the lock: release
+            # it here, unconfirmed, so the next acquirer is told too.
+            self._m.release()
+            raise OwnerDied(self._name, owner_pid=dead, held=False)
+        if policy == "warn":
+            who = "its previous holder" if dead is None else f"pid {dead}"
+            warnings.warn(
+                f"lock {self._name!r}: {who} died while holding it, so the data it protects "
+                "may be half-updated; on_owner_death='warn' marked it consistent and went on",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        else:
+            assert callable(policy)
+            try:
+                policy(self)
+            except BaseException:
+                self._m.release()  # unconfirmed: the repair did not finish
+                raise
+        self._m.mark_consistent()
+
+    def _dead_pid(self) -> int | None:
+        entry = self._entry
+        return None if entry is None else entry.dead_pid()
+
+    def _fail(self, rc: int) -> None:
+        if rc in (BUSY, TIMEDOUT):
+            raise LockTimeout(self._name, timeout=self._timeout)
+        if rc == SELF_HELD:
+            raise RuntimeError(
+                f"lock {self._name!r} is already held by this thread; taking a non-reentrant "
+                "lock again would deadlock. Release it first, or open it with "
+                f"ps.interprocess_lock({self._name!r}, reentrant=True) to nest"
+            )
+        if rc == NOT_RECOVERABLE:
+            raise RuntimeError(
+                f"lock {self._name!r} was made unrecoverable by code outside procshare "
+                "(a pthread unlock without pthread_mutex_consistent after a holder died); "
+                f"remove it with `python -m procshare rm --lock {self._name}` and repair "
+                "the data it protects"
+            )
+        raise RuntimeError(f"lock {self._name!r}: unexpected result code {rc}")
+
+    def _not_owner(self, what: str) -> None:
+        raise RuntimeError(
+            f"cannot {what} lock {self._name!r}: the calling thread does not hold it "
+            "(a lock is owned by the thread that acquired it; a forked child does not "
+            "own what its parent held)"
+        )
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        """Take the lock; return whether it was taken.
+
+        ``timeout``: seconds to wait; ``0`` tries once; ``None`` uses the
+        lock's own ``timeout=`` (and waits forever if that is ``None`` too).
+        Returns ``False`` when the time runs out.
+
+        Raises :class:`~procshare.OwnerDied` *with the lock held* when a
+        previous holder died holding it (or its death was never confirmed):
+        repair the data it protects, call :meth:`mark_consistent`, then
+        :meth:`release`.
+        """
+        wait = self._timeout if timeout is None else _check_timeout(timeout)
+        m = self._m
+        rc = m.acquire(self._reentrant, -1.0)
+        if rc == BUSY and wait != 0:
+            rc = _engine_locks.wait_acquire(m, self._reentrant, wait)
+        if rc == OK:
+            return True
+        if rc in (BUSY, TIMEDOUT):
+            return False
+        if rc in (OWNER_DIED, UNCONFIRMED):
+            raise OwnerDied(self._name, owner_pid=self._dead_pid(), held=True)
+        self._fail(rc)
+        raise AssertionError("unreachable")
+
+    def release(self) -> None:
+        """Release the lock (one level, for a reentrant lock held several times).
+
+        Raises ``RuntimeError`` if the calling thread does not hold it. After
+        :class:`~procshare.OwnerDied`, releasing without :meth:`mark_consistent`
+        leaves the lock *unconfirmed*: the next acquirer is told again.
+        """
+        if self._m.release() == NOT_OWNER:
+            self._not_owner("release")
+
+    def mark_consistent(self) -> None:
+        """Confirm that the data this lock protects is consistent again.
+
+        Call it while holding the lock, after :class:`~procshare.OwnerDied`
+        and your repair. Until someone does, every acquirer is told the
+        holder died. Raises ``RuntimeError`` if the calling thread does not
+        hold the lock.
+        """
+        if self._m.mark_consistent() == NOT_OWNER:
+            self._not_owner("mark_consistent() on")
+
+    def locked(self) -> bool:
+        """Whether anybody (any process, any thread) holds the lock right now."""
+        return bool(self._m.locked())
+
+    def owned(self) -> bool:
+        """Whether the calling thread holds the lock."""
+        return bool(self._m.owned())
+
+    def close(self) -> None:
+        """Stop using the lock. The last user of the last process removes its object.
+
+        Refused with ``RuntimeError`` while the calling thread holds it. Safe
+        to call twice. In a forked child, closing an inherited lock object
+        only makes it unusable there; the parent keeps its lock.
+        """
+        entry = self._entry
+        if entry is None:
+            return
+        if self._m.owned():
+            raise RuntimeError(
+                f"cannot close lock {self._name!r} while this thread holds it; release it first"
+            )
+        self._entry = None
+        self._m = _Closed(self._name)
+        part = entry.part
+        if part.engine.pid == get_engine().pid:
+            part.drop_user(entry, id(self), close=True)
+
+    def __del__(self) -> None:
+        entry = getattr(self, "_entry", None)
+        if entry is not None:
+            entry.users.discard(id(self))
+
+    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
+        """Use the lock as a decorator: every call of ``func`` runs holding it."""
+
+        @functools.wraps(func)
+        def locked_call(*args: P.args, **kwargs: P.kwargs) -> R:
+            with self:
+                return func(*args, **kwargs)
+
+        return locked_call
+
+    def __repr__(self) -> str:
+        if self._entry is None:
+            return f"<InterprocessLock {self._name!r} closed>"
+        return f"<InterprocessLock {self._name!r} {'locked' if self._m.locked() else 'unlocked'}>"
 
 
-def interprocess_lock(*args: Any, **kwargs: Any) -> InterprocessLock:
-    """Open the named robust lock ``name``."""
-    return InterprocessLock(*args, **kwargs)
+def interprocess_lock(
+    name: str,
+    *,
+    timeout: float | None = None,
+    reentrant: bool = False,
+    on_owner_death: OnOwnerDeath = None,
+    mode: int = 0o600,
+) -> InterprocessLock:
+    """Open the named robust lock ``name``, creating it if needed.
+
+    Args:
+        name: 1 to 128 characters of ``A-Z a-z 0-9 . _ -``; the lock lives in
+            the current namespace (``ps.namespace()`` / ``PROCSHARE_NAMESPACE``).
+        timeout: seconds ``with`` and the decorator wait before raising
+            :class:`~procshare.LockTimeout` (``None``: forever). Also the
+            default of :meth:`InterprocessLock.acquire`.
+        reentrant: let the holding thread acquire it again (it must release
+            it as many times).
+        on_owner_death: what ``with`` and the decorator do when a previous
+            holder died holding the lock. ``None`` (default): release it
+            unconfirmed and raise :class:`~procshare.OwnerDied`. A function
+            ``repair(lock)``: call it with the lock held, then mark the lock
+            consistent and run the block. ``"warn"``: warn, mark it
+            consistent, and run the block.
+        mode: permission bits of the lock's object if this call creates it.
+
+    Opening the same name again in the same process reuses the open object,
+    so ``with ps.interprocess_lock("m"):`` is cheap inside a loop.
+    """
+    return InterprocessLock(
+        name, timeout=timeout, reentrant=reentrant, on_owner_death=on_owner_death, mode=mode
+    )

@@ -1,12 +1,95 @@
 """What the engine needs from a backend to provide robust named locks.
 
-Owned by the locks work (issue 5); see ``posix/lock.py``.
+A lock lives in a small segment object (see :mod:`.api_segment`): the
+backend initialises its memory at creation (``lock_init``, passed as the
+segment's ``init``), wraps an open segment in a :class:`LockHandle`
+(``lock_attach``), and says whether an object nobody holds must be kept
+because a holder died and nobody has confirmed the repair (``lock_keep``,
+passed as ``keep`` / ``keep_orphan``), so a later opener is still told.
+
+The hot path (an uncontended ``acquire``/``release``) is one call each into
+the handle; everything else (timeouts, slicing long waits, the owner-died
+protocol) is the engine's and front end's work on top of these result codes.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+from procshare._backends.api_segment import SegmentHandle
+
+# Result codes of LockHandle.acquire / release / mark_consistent.
+OK = 0  #: acquired (or one more nesting level), released, confirmed
+BUSY = 1  #: a try (timeout < 0) found it held by someone else
+TIMEDOUT = 2  #: a timed wait ran out
+OWNER_DIED = 3  #: acquired; its holder died holding it just now; the lock is unconfirmed
+UNCONFIRMED = 4  #: acquired; an earlier holder died and nobody confirmed the repair yet
+SELF_HELD = 5  #: the calling thread already holds it and reentrant is false
+NOT_OWNER = 6  #: release / mark_consistent by a thread that does not hold it
+NOT_RECOVERABLE = 7  #: the mutex was poisoned (by code outside procshare)
+
+
+class LockHandle(Protocol):
+    """One process's handle on one lock's memory.
+
+    Ownership is per thread (the kernel thread id, so a forked child never
+    owns what its parent held). All methods are cheap and non-blocking except
+    ``acquire`` with ``timeout >= 0``, which must release the GIL.
+    """
+
+    def acquire(self, reentrant: bool, timeout: float, /) -> int:
+        """Take the lock. ``timeout < 0``: try once; else wait up to ``timeout`` seconds.
+
+        Returns a result code. On ``OWNER_DIED`` and ``UNCONFIRMED`` the lock
+        is held by the caller. A reentrant acquire by the holder nests.
+        """
+        ...
+
+    def release(self) -> int:
+        """Undo one acquire: ``OK``, or ``NOT_OWNER``. Unconfirmed stays unconfirmed."""
+        ...
+
+    def mark_consistent(self) -> int:
+        """Clear the unconfirmed state (holder only): ``OK`` or ``NOT_OWNER``."""
+        ...
+
+    def owned(self) -> bool:
+        """Whether the calling thread holds it."""
+        ...
+
+    def held_here(self) -> bool:
+        """Whether any thread of this process holds it through this handle."""
+        ...
+
+    def locked(self) -> bool:
+        """Whether anybody (any process, any thread) holds it now."""
+        ...
+
+    def state(self) -> tuple[int, int, int, int, int, int, int]:
+        """Raw shared state, for listings: (word, unconfirmed, owner_pid, owner_tid,
+        dead_pid, deaths, magic)."""
+        ...
+
+    def detach(self) -> None:
+        """Let go of the memory. Raises ``RuntimeError`` while held here."""
+        ...
+
 
 class LockBackend(Protocol):
-    """Robust mutex primitives living in segment memory. Filled in by the locks work."""
+    """Robust mutex primitives living in segment memory."""
+
+    #: bytes of segment data a lock needs
+    lock_data_size: int
+
+    def lock_init(self, data: memoryview) -> None:
+        """Initialise a fresh lock in ``data`` (the ``init`` of ``segment_create``)."""
+        ...
+
+    def lock_attach(self, handle: SegmentHandle) -> LockHandle:
+        """Wrap the memory of an open lock object."""
+        ...
+
+    def lock_keep(self, handle: SegmentHandle) -> bool:
+        """Whether a lock object with no living holder must be kept (a holder died
+        holding it, or it was released unconfirmed), so a later opener is told."""
+        ...

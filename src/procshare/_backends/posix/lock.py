@@ -1,7 +1,63 @@
-"""Robust process-shared mutexes on POSIX. Owned by issue 5."""
+"""Robust process-shared mutexes on POSIX.
+
+A lock is a ``PTHREAD_PROCESS_SHARED`` + ``PTHREAD_MUTEX_ROBUST`` (+
+``ERRORCHECK``) pthread mutex in the data area of a segment object, plus a
+few words of our own beside it (see ``_robustmutex.c`` for the layout and for
+why the hot path is C rather than ``ctypes``).
+
+Robust mutexes are what make "the holder died" both *survivable* (the kernel
+releases a dead thread's robust mutexes, marking them ``FUTEX_OWNER_DIED``
+and waking one waiter at once) and *visible* (the next locker gets
+``EOWNERDEAD``). Semaphores deadlock when their holder dies; file locks are
+released silently.
+"""
 
 from __future__ import annotations
+
+import struct
+
+from procshare._backends.api_lock import LockHandle
+from procshare._backends.api_segment import SegmentHandle
+from procshare._backends.posix._robustmutex import DATA_SIZE, STATE_MAGIC, STATE_OFFSET, Mutex
+
+FUTEX_TID_MASK = 0x3FFFFFFF
+FUTEX_OWNER_DIED = 0x40000000
+
+# lock word (the mutex's first int), then our state words (see _robustmutex.c)
+_WORD = struct.Struct("@I")
+_STATE = struct.Struct("@IIiiiI")
+
+
+def lock_needs_keeping(data: memoryview) -> bool:
+    """Whether lock memory records a death nobody has confirmed yet.
+
+    True when a holder died holding it (the kernel marked the word
+    ``FUTEX_OWNER_DIED``, or left a dead thread's id in it) or when it was
+    released unconfirmed. Such an object is kept even with no living holder,
+    so the next process to open it is told.
+    """
+    (word,) = _WORD.unpack_from(data, 0)
+    magic, unconfirmed, *_ = _STATE.unpack_from(data, STATE_OFFSET)
+    if magic != STATE_MAGIC:
+        return False
+    return bool(word & (FUTEX_OWNER_DIED | FUTEX_TID_MASK)) or bool(unconfirmed)
 
 
 class PosixLocks:
     """The lock half of the POSIX backend."""
+
+    lock_data_size = DATA_SIZE
+
+    def lock_init(self, data: memoryview) -> None:
+        mutex = Mutex(data)
+        try:
+            mutex.initialise()
+        finally:
+            mutex.detach()
+
+    def lock_attach(self, handle: SegmentHandle) -> LockHandle:
+        mutex: LockHandle = Mutex(handle.data)
+        return mutex
+
+    def lock_keep(self, handle: SegmentHandle) -> bool:
+        return lock_needs_keeping(handle.data)

@@ -1,0 +1,261 @@
+"""The locks part of the engine: a per-process cache of open locks.
+
+Opening a lock object (open, OFD holder lock, map) costs tens of
+microseconds; taking an uncontended lock costs well under one. So the engine
+keeps every lock this process opened in a cache keyed by ``(namespace,
+name)``, and every :class:`~procshare.InterprocessLock` of that name in this
+process shares one :class:`LockEntry`. ``with ps.interprocess_lock("m"):``
+inside a loop therefore opens the object once.
+
+Lifetime: an entry counts its *users* (live lock objects). An entry with no
+user is closed
+
+* at once by ``close()`` of its last user (the last user out removes the
+  object, when no other process holds it either);
+* by the next call into procshare that does not use it (:meth:`LocksPart.poll`),
+  when its last user was merely garbage collected: closing there rather than
+  in the finalizer is what keeps a by-name ``with`` in a hot loop cheap;
+* at interpreter exit.
+
+An entry that a thread of this process holds is never closed: the kernel
+walks a held robust mutex when the thread exits, so its memory must stay
+mapped. At exit such a lock is left to the kernel, which releases it and
+marks its holder dead, so the next acquirer is told (``OwnerDied``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING
+
+import attrs
+
+from procshare._backends.api_lock import (
+    BUSY,
+    NOT_OWNER,
+    NOT_RECOVERABLE,
+    OK,
+    OWNER_DIED,
+    SELF_HELD,
+    TIMEDOUT,
+    UNCONFIRMED,
+    LockHandle,
+)
+from procshare._backends.api_segment import SegmentHandle
+from procshare._engine import names
+from procshare._engine.core import get_engine
+
+if TYPE_CHECKING:
+    from procshare._engine.core import Engine
+
+__all__ = [
+    "BUSY",
+    "NOT_OWNER",
+    "NOT_RECOVERABLE",
+    "OK",
+    "OWNER_DIED",
+    "SELF_HELD",
+    "TIMEDOUT",
+    "UNCONFIRMED",
+    "LockEntry",
+    "LocksPart",
+    "keep_orphan",
+    "locks_part",
+    "owner_of",
+    "wait_acquire",
+]
+
+#: Longest single blocking wait: between slices Python runs signal handlers,
+#: so Ctrl-C interrupts a wait within this many seconds.
+SLICE = 0.1
+
+KEY = "locks"
+
+
+@attrs.define(eq=False)
+class LockEntry:
+    """One open lock object, shared by every lock object of that name in this process."""
+
+    name: str
+    namespace: str
+    os_name: str
+    handle: SegmentHandle
+    mutex: LockHandle
+    part: LocksPart
+    #: ``id()`` of the live lock objects using this entry (set operations are atomic).
+    users: set[int] = attrs.field(factory=set)
+    closed: bool = False
+
+    def dead_pid(self) -> int | None:
+        """The pid recorded for the holder that died (``None`` if it died before recording)."""
+        pid = self.mutex.state()[4]
+        return pid or None
+
+    def owner_pid(self) -> int | None:
+        return self.mutex.state()[2] or None
+
+
+class LocksPart:
+    """Per-process cache of open locks (an :class:`~procshare._engine.core.EnginePart`)."""
+
+    order = 10
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.backend = engine.backend
+        self._entries: dict[tuple[str, str], LockEntry] = {}
+
+    # -- opening and closing -------------------------------------------------
+
+    def open(self, name: str, user: int, mode: int) -> LockEntry:
+        """The entry for ``name`` in the current namespace, registering ``user`` on it."""
+        key = (names.current_namespace(), name)
+        entry = self._entries.get(key)
+        if entry is not None:
+            # Register first, then check: a concurrent close marks the entry
+            # closed before it looks at the users (see _close_if_idle).
+            entry.users.add(user)
+            if not entry.closed:
+                return entry
+            entry.users.discard(user)
+        with self.engine.lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.closed:
+                entry = self._open_new(key[0], name, mode)
+                self._entries[key] = entry
+            entry.users.add(user)
+            return entry
+
+    def _open_new(self, namespace: str, name: str, mode: int) -> LockEntry:
+        backend = self.backend
+        os_name = names.os_name(names.LOCK, name, namespace)
+        meta = json.dumps(
+            {"name": name, "namespace": namespace, "kind": "lock"}, sort_keys=True
+        ).encode()
+        # Open, else create; a racing creator or closer can make both miss once.
+        while True:
+            handle = backend.segment_open(os_name, keep_orphan=backend.lock_keep)
+            if handle is None:
+                handle = backend.segment_create(
+                    os_name,
+                    meta=meta,
+                    data_size=backend.lock_data_size,
+                    mode=mode,
+                    persist=False,
+                    init=backend.lock_init,
+                )
+            if handle is not None:
+                break
+        if handle.data_size < backend.lock_data_size:
+            backend.segment_close(handle, keep=lambda _h: True)
+            raise RuntimeError(
+                f"procshare: the object behind lock {name!r} ({os_name}) is not a lock; "
+                f"remove it with `python -m procshare rm --lock {name}`"
+            )
+        return LockEntry(
+            name=name,
+            namespace=namespace,
+            os_name=os_name,
+            handle=handle,
+            mutex=backend.lock_attach(handle),
+            part=self,
+        )
+
+    def drop_user(self, entry: LockEntry, user: int, *, close: bool) -> None:
+        """``user`` stops using ``entry``; with ``close``, close it now if it was the last."""
+        entry.users.discard(user)
+        if close and not entry.users:
+            self._close_if_idle(entry)
+
+    def _close_if_idle(self, entry: LockEntry) -> bool:
+        with self.engine.lock:
+            if entry.closed:
+                return True
+            entry.closed = True
+            if entry.users or entry.mutex.held_here():
+                entry.closed = False
+                return False
+            key = (entry.namespace, entry.name)
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+            entry.mutex.detach()
+            self.backend.segment_close(entry.handle, keep=self.backend.lock_keep)
+            return True
+
+    def entries(self) -> list[LockEntry]:
+        return list(self._entries.values())
+
+    # -- EnginePart ----------------------------------------------------------
+
+    def poll(self) -> None:
+        """Close entries whose users have all been garbage collected."""
+        if not self._entries:
+            return
+        for entry in list(self._entries.values()):
+            if not entry.users and not entry.mutex.held_here():
+                self._close_if_idle(entry)
+
+    def shutdown(self) -> None:
+        """Close every entry no thread of this process holds; leave held ones to the kernel."""
+        for entry in list(self._entries.values()):
+            entry.users.clear()
+            self._close_if_idle(entry)
+
+
+def locks_part(engine: Engine | None = None) -> LocksPart:
+    engine = get_engine() if engine is None else engine
+    return engine.part(KEY, LocksPart)
+
+
+def wait_acquire(mutex: LockHandle, reentrant: bool, timeout: float | None) -> int:
+    """Take ``mutex`` within ``timeout`` seconds (``None``: forever), in slices.
+
+    Each slice is one blocking wait with the GIL released. A holder that dies
+    wakes one waiter at once (the kernel does it), so there is no polling
+    delay; slicing only lets Ctrl-C and other signal handlers run.
+    """
+    rc = mutex.acquire(reentrant, -1.0)
+    if rc != BUSY or timeout == 0:
+        return rc
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if deadline is None:
+            wait = SLICE
+        else:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return TIMEDOUT
+            wait = min(SLICE, left)
+        rc = mutex.acquire(reentrant, wait)
+        if rc != TIMEDOUT:
+            return rc
+
+
+# -- hooks for listing and collecting (procshare._engine.inspect) -------------
+
+
+def keep_orphan(handle: SegmentHandle) -> bool:
+    """Whether a lock object nobody holds must be kept (an unconfirmed holder death)."""
+    return get_engine().backend.lock_keep(handle)
+
+
+def owner_of(os_name: str) -> int | None:
+    """The pid recorded as holding the lock object ``os_name`` now, if any."""
+    backend = get_engine().backend
+    handle = backend.segment_open(os_name, keep_orphan=backend.lock_keep)
+    if handle is None:
+        return None
+    try:
+        if handle.data_size < backend.lock_data_size:
+            return None
+        mutex = backend.lock_attach(handle)
+        try:
+            state = mutex.state()
+        finally:
+            mutex.detach()
+        # Cleared on release; a holder that died leaves its pid (the lister
+        # shows who it was).
+        return state[2] or None
+    finally:
+        backend.segment_close(handle, keep=backend.lock_keep)
