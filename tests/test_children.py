@@ -1,0 +1,320 @@
+"""``with ps.children()``: ownership, results, ExceptionGroups, cancellation, limit, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import procshare as ps
+from procshare._process import CANCEL_GRACE
+from procshare.testing import child_pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+@ps.forked
+def square(i: int) -> int:
+    return i * i
+
+
+@ps.forked
+def sleep_then(seconds: float, value: object) -> object:
+    time.sleep(seconds)
+    return value
+
+
+@ps.forked
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+@ps.forked
+def fail_after(seconds: float, message: str) -> None:
+    time.sleep(seconds)
+    raise ValueError(message)
+
+
+def test_results_in_fork_order_not_finish_order() -> None:
+    with ps.children() as kids:
+        for i in range(5):
+            sleep_then((5 - i) * 0.05, i)  # the last forked finishes first
+    assert kids.results == [0, 1, 2, 3, 4]
+    assert [c.exitcode for c in kids.children] == [0] * 5
+    assert not any(c.running for c in kids.children)
+
+
+def test_leaving_the_block_joins_every_child() -> None:
+    with ps.children() as kids:
+        for i in range(8):
+            square(i)
+        pids = [c.pid for c in kids.children]
+    assert kids.results == [i * i for i in range(8)]
+    mine = child_pids()
+    assert not [p for p in pids if p in mine]  # reaped, not even zombies
+
+
+def test_results_are_only_known_after_a_clean_exit() -> None:
+    with ps.children() as kids:
+        square(2)
+        with pytest.raises(RuntimeError, match="only after"):
+            _ = kids.results
+    assert kids.results == [4]
+    with pytest.raises(ExceptionGroup), ps.children() as failed:
+        fail("x")
+    with pytest.raises(RuntimeError, match="only after"):
+        _ = failed.results
+
+
+def test_a_single_failure_is_still_a_group() -> None:
+    with pytest.raises(ExceptionGroup) as info, ps.children():
+        square(1)
+        fail("only one")
+    group = info.value
+    assert len(group.exceptions) == 1
+    (err,) = group.exceptions
+    assert isinstance(err, ps.ChildRaised)
+    assert "only one" in str(err)
+    assert "1 of 2 children failed" in str(group)
+
+
+def test_the_blocks_own_exception_is_in_the_group() -> None:
+    with pytest.raises(ExceptionGroup) as info, ps.children(cancel_on_error=False):
+        fail("child side")
+        raise KeyError("block side")
+    errors = info.value.exceptions
+    assert [type(e) for e in errors] == [KeyError, ps.ChildRaised]
+    assert "the block raised KeyError" in str(info.value)
+
+
+def test_block_exception_alone_is_a_group_and_children_are_reaped() -> None:
+    with pytest.raises(ExceptionGroup) as info, ps.children() as kids:
+        sleep_then(30, None)
+        raise RuntimeError("block failed")
+    assert [type(e) for e in info.value.exceptions] == [RuntimeError]
+    (child,) = kids.children
+    assert child.cancelled
+    assert not _alive(child.pid)
+
+
+@pytest.mark.timeout(60)
+def test_cancel_on_error_terminates_the_others_which_are_not_failures() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(ExceptionGroup) as info, ps.children() as kids:
+        sleep_then(30, "slow")
+        sleep_then(30, "slow")
+        sleep_then(0.0, "quick")
+        fail_after(0.5, "first failure")  # "quick" has finished by then
+    assert time.monotonic() - t0 < 20
+    errors = info.value.exceptions
+    assert len(errors) == 1
+    assert "first failure" in str(errors[0])
+    handles = kids.children
+    assert [h.cancelled for h in handles] == [True, True, False, False]
+    for h in handles[:2]:
+        status = h.wait()
+        assert status is not None
+        assert status.outcome == "cancelled"
+        assert status.signal == signal.SIGTERM
+        with pytest.raises(ps.ChildKilled, match="cancelled"):
+            h.join()
+    assert "2 cancelled" in str(info.value)
+
+
+@pytest.mark.timeout(60)
+def test_cancellation_escalates_to_sigkill_after_the_grace_period() -> None:
+    @ps.forked
+    def stubborn() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(30)
+
+    t0 = time.monotonic()
+    with pytest.raises(ExceptionGroup), ps.children() as kids:
+        stubborn()
+        time.sleep(0.2)  # let it install its handler
+        fail("go")
+    elapsed = time.monotonic() - t0
+    assert CANCEL_GRACE <= elapsed < CANCEL_GRACE + 15
+    status = kids.children[0].wait()
+    assert status is not None
+    assert status.signal == signal.SIGKILL
+    assert status.outcome == "cancelled"
+
+
+@pytest.mark.timeout(60)
+def test_cancel_on_error_false_lets_all_finish_and_reports_every_failure() -> None:
+    with pytest.raises(ExceptionGroup) as info, ps.children(cancel_on_error=False) as kids:
+        fail("a")
+        sleep_then(0.3, "finished")
+        fail("b")
+    assert [e.exc_message for e in info.value.exceptions] == ["a", "b"]  # type: ignore[attr-defined]
+    assert kids.children[1].join() == "finished"
+    assert not any(h.cancelled for h in kids.children)
+
+
+@pytest.mark.timeout(60)
+def test_forks_after_a_failure_are_not_started() -> None:
+    started = []
+    with pytest.raises(ExceptionGroup) as info, ps.children(limit=1) as kids:
+        fail("stop")
+        for i in range(20):
+            started.append(i)
+            sleep_then(0.05, i)
+    assert len(info.value.exceptions) == 1
+    # The second fork waited for the slot, saw the failure and stopped the block.
+    assert started == [0]
+    assert len(kids.children) == 1
+
+
+@pytest.mark.timeout(120)
+def test_limit_bounds_how_many_run_at_once(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+
+    @ps.forked
+    def stamped(i: int) -> None:
+        start = time.monotonic()
+        time.sleep(0.15)
+        end = time.monotonic()
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, f"{start} {end}\n".encode())
+        finally:
+            os.close(fd)
+
+    def max_overlap(limit: int | None) -> int:
+        log.unlink(missing_ok=True)
+        with ps.children(limit=limit):
+            for i in range(8):
+                stamped(i)
+        events = []
+        for line in log.read_text().splitlines():
+            start, end = map(float, line.split())
+            events += [(start, 1), (end, -1)]
+        running = peak = 0
+        for _, delta in sorted(events):  # an end before a start at the same instant
+            running += delta
+            peak = max(peak, running)
+        return peak
+
+    assert max_overlap(2) <= 2
+    assert max_overlap(1) == 1
+    # Negative control: without a limit the same children do overlap.
+    assert max_overlap(None) > 2
+
+
+def test_nested_scopes_own_their_own_children() -> None:
+    with ps.children() as outer:
+        square(1)
+        with ps.children() as inner:
+            square(2)
+            square(3)
+        assert inner.results == [4, 9]
+        square(4)
+    assert outer.results == [1, 16]
+
+
+def test_an_inner_failure_is_a_group_inside_the_outer_group() -> None:
+    with pytest.raises(ExceptionGroup) as info, ps.children():
+        square(1)
+        with ps.children():
+            fail("deep")
+    (inner,) = info.value.exceptions
+    assert isinstance(inner, ExceptionGroup)
+    assert isinstance(inner.exceptions[0], ps.ChildRaised)
+
+
+def test_forks_from_another_thread_do_not_join_the_scope(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    handles: list[ps.Child[int]] = []
+    with ps.children() as kids:
+        square(1)
+        thread = threading.Thread(target=lambda: handles.append(square(5)))
+        thread.start()
+        thread.join()
+    assert kids.results == [1]
+    assert handles[0].join() == 25
+
+
+def test_timeouts_inside_a_scope_are_failures() -> None:
+    @ps.forked(timeout=0.2)
+    def hangs() -> None:
+        time.sleep(30)
+
+    with pytest.raises(ExceptionGroup) as info, ps.children():
+        hangs()
+    assert isinstance(info.value.exceptions[0], ps.ChildTimeout)
+
+
+def test_keyboard_interrupt_in_the_block_terminates_children_and_propagates() -> None:
+    with pytest.raises(KeyboardInterrupt), ps.children() as kids:
+        sleep_then(30, None)
+        sleep_then(30, None)
+        raise KeyboardInterrupt
+    for child in kids.children:
+        assert not child.running
+        assert not _alive(child.pid)
+
+
+@pytest.mark.timeout(60)
+def test_sigint_while_the_scope_waits_terminates_reaps_and_propagates() -> None:
+    script = textwrap.dedent(
+        """
+        import time
+        import procshare as ps
+        from procshare.testing import child_pids
+
+        @ps.forked
+        def sleeper():
+            time.sleep(60)
+
+        try:
+            with ps.children() as kids:
+                for _ in range(3):
+                    sleeper()
+                print(" ".join(str(c.pid) for c in kids.children), flush=True)
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt", sorted(child_pids()), flush=True)
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 3
+        time.sleep(0.2)  # the scope is waiting now
+        parent.send_signal(signal.SIGINT)
+        out, err = parent.communicate(timeout=30)
+    finally:
+        parent.kill()
+        parent.wait()
+    assert out.strip() == "KeyboardInterrupt []", err
+    assert not any(_alive(p) for p in pids)
+
+
+def test_scope_can_be_entered_once_and_checks_its_arguments() -> None:
+    scope = ps.children()
+    with scope:
+        pass
+    with pytest.raises(RuntimeError, match="only once"), scope:
+        pass
+    with pytest.raises(ValueError, match="at least 1"):
+        ps.children(limit=0)
+    with pytest.raises(TypeError, match="limit"):
+        ps.children(limit=1.5)  # type: ignore[arg-type]
