@@ -1,4 +1,5 @@
 """``with ps.children()``: ownership, results, ExceptionGroups, cancellation, limit, Ctrl-C."""
+# ruff: noqa: PT012 - the block under pytest.raises is the ps.children() scope under test
 
 from __future__ import annotations
 
