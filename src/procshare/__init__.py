@@ -7,6 +7,18 @@ matches the API reference in ``docs/api.md``.
 
 from __future__ import annotations
 
+# Shared data: number kinds (issue 4)
+from procshare._kinds import f32 as f32
+from procshare._kinds import f64 as f64
+from procshare._kinds import i8 as i8
+from procshare._kinds import i16 as i16
+from procshare._kinds import i32 as i32
+from procshare._kinds import i64 as i64
+from procshare._kinds import u8 as u8
+from procshare._kinds import u16 as u16
+from procshare._kinds import u32 as u32
+from procshare._kinds import u64 as u64
+
 # Locks (issue 5)
 from procshare._locks import InterprocessLock as InterprocessLock
 from procshare._locks import interprocess_lock as interprocess_lock
@@ -70,10 +82,20 @@ __all__ = [
     "SharedMemoryFull",
     "SharedTypeError",
     "children",
+    "f32",
+    "f64",
     "forked",
+    "i8",
+    "i16",
+    "i32",
+    "i64",
     "interprocess_lock",
     "namespace",
     "segments",
     "shared",
+    "u8",
+    "u16",
+    "u32",
+    "u64",
     "unlink",
 ]

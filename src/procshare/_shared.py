@@ -1,22 +1,201 @@
-"""Front end for shared data: ``shared()`` and ``unlink()``.
-
-Built by issue 4. Until then every entry point says so instead of pretending.
-"""
+"""Front end for shared data: ``shared()``, ``unlink()`` and the :class:`Segment` handle."""
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+import contextlib
+from types import TracebackType
+from typing import Any
+
+from procshare import _kinds
+from procshare._engine import names
+from procshare._engine.segments import OpenSegment, SegmentsPart, segments_part
+from procshare.errors import SegmentClosed
 
 
-def _todo(what: str) -> NoReturn:
-    raise NotImplementedError(f"procshare: {what} is not built yet (issue 4)")
+class Segment:
+    """An open shared segment: what :func:`shared` returns.
+
+    Use it as a context manager (``with ps.shared(...) as view:`` gives the
+    view and closes the segment at the end of the block) or keep it as an
+    explicit handle: ``seg.view`` is the view and ``seg.close()`` closes it.
+    A handle that is garbage collected is closed, and the engine closes what
+    is still open at interpreter exit.
+    """
+
+    __slots__ = ("__weakref__", "_part", "_rec", "_view")
+
+    def __init__(self, part: SegmentsPart, rec: OpenSegment, resolved: _kinds.Resolved) -> None:
+        self._part = part
+        self._rec = rec
+        self._view: Any = None
+        try:
+            self._view = resolved.view(self, rec)
+            if hasattr(self._view, "_ps_invalidate"):
+                # Not for numpy arrays and memoryviews: they pin the mapping
+                # themselves and keep working after close (see the docs).
+                from procshare._views import invalidator
+
+                rec.on_close.append(invalidator(self._view))
+        except BaseException:
+            part.close(rec)
+            raise
+
+    @property
+    def name(self) -> str:
+        """The name given to :func:`shared`."""
+        return self._rec.name
+
+    @property
+    def namespace(self) -> str:
+        """The namespace the name lives in."""
+        return self._rec.namespace
+
+    @property
+    def created(self) -> bool:
+        """Whether this call created the segment (and set it to ``initial``)."""
+        return self._rec.created
+
+    @property
+    def kind(self) -> str:
+        """What the segment holds, as recorded in it (``"u64"``, ``"numpy float64[10]"``)."""
+        return self._rec.layout.kind
+
+    @property
+    def size(self) -> int:
+        """Bytes of data."""
+        return self._rec.layout.size
+
+    @property
+    def persist(self) -> bool:
+        """Whether the segment outlives its last holder (set at creation)."""
+        return self._rec.handle.persist
+
+    @property
+    def closed(self) -> bool:
+        return self._rec.closed
+
+    @property
+    def view(self) -> Any:
+        """The view: ``.value`` for a number, attributes for a struct, a numpy
+        array, or a memoryview. Raises :class:`~procshare.SegmentClosed` once closed.
+        """
+        if self._rec.closed:
+            raise SegmentClosed(self._rec.name)
+        return self._view
+
+    def close(self) -> None:
+        """Stop holding the segment; the last holder to close it removes it
+        (unless it was created with ``persist=True``). Idempotent."""
+        if not self._rec.closed:
+            self._part.close(self._rec)
+
+    def __enter__(self) -> Any:
+        return self.view
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        rec = getattr(self, "_rec", None)
+        if rec is not None and not rec.closed:
+            with contextlib.suppress(Exception):
+                self._part.close(rec)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._rec.closed else "open"
+        return f"<procshare.Segment {self.name!r} {self.kind} ({state})>"
 
 
-def shared(*args: Any, **kwargs: Any) -> Any:
-    """Create or attach a named, typed shared-memory segment."""
-    _todo("shared()")
+def shared(
+    name: str,
+    kind: Any,
+    *,
+    shape: int | tuple[int, ...] | None = None,
+    size: int | None = None,
+    initial: Any = None,
+    create: bool | None = None,
+    persist: bool = False,
+    mode: int = 0o600,
+) -> Segment:
+    """Create or attach the named shared segment ``name`` holding ``kind``.
+
+    ```text
+    with ps.shared("sum", ps.u64) as total:
+        total.value += 1
+    ```
+
+    Args:
+        name: 1-128 characters of ``A-Z a-z 0-9 . _ -``, in the current
+            namespace (:func:`procshare.namespace`, ``PROCSHARE_NAMESPACE``)
+            of the current user.
+        kind: ``int`` (signed 64-bit), ``float`` (64-bit), ``bool``,
+            ``ps.i8`` ... ``ps.i64``, ``ps.u8`` ... ``ps.u64``, ``ps.f32``,
+            ``ps.f64`` or a ctypes scalar (view with ``.value``); a ctypes
+            ``Structure``, ``Union`` or array (attributes / items); an attrs
+            class whose fields are number kinds (a shared struct:
+            ``view.count += 1``); a numpy dtype with ``shape=`` (a zero-copy
+            ``numpy.ndarray``); ``bytes`` with ``size=`` (a writable
+            ``memoryview``).
+        shape: The shape of a numpy array (an int or a tuple).
+        size: The number of bytes of a ``bytes`` segment.
+        initial: The value a *new* segment starts with (otherwise zeroed).
+            Attaching never resets a segment.
+        create: ``None`` creates or attaches; ``True`` must create
+            (:class:`~procshare.SegmentExists` if it exists); ``False`` must
+            attach (:class:`~procshare.SegmentNotFound` if it does not).
+        persist: Keep the segment after its last holder closes it, until
+            :func:`procshare.unlink`. Decided by the creator.
+        mode: Permission bits of a new segment (default owner only); must
+            include owner read and write (``0o600``).
+
+    Returns:
+        A :class:`Segment`; ``with`` gives its view and closes it at the end.
+
+    Raises:
+        InvalidName: ``name`` is not a valid name.
+        TypeError: ``kind`` is not supported (the message lists what is), or
+            ``initial`` does not fit it.
+        SharedTypeError: the segment exists and holds another kind, shape,
+            size or layout.
+        SegmentExists: ``create=True`` and a live segment has that name.
+        SegmentNotFound: ``create=False`` and no live segment has that name.
+        SharedMemoryFull: the new segment does not fit in free shared memory.
+    """
+    names.validate_name(name)
+    if create is not None and not isinstance(create, bool):
+        raise TypeError(f"create= must be None, True or False, not {create!r}")
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        raise ValueError(f"mode= must be permission bits such as 0o600, not {mode!r}")
+    if mode & 0o600 != 0o600:
+        raise ValueError(
+            f"mode={mode:#o} lacks owner read and write (0o600); the owner's own processes "
+            "could not attach. Use 0o600 (default) or add group/other bits to it"
+        )
+    part = segments_part()
+    resolved = _kinds.resolve(name, kind, shape, size, part)
+    init = resolved.initial(initial)
+    rec = part.open(
+        name,
+        resolved.layout,
+        create=create,
+        initial=init,
+        persist=bool(persist),
+        mode=mode,
+    )
+    return Segment(part, rec, resolved)
 
 
 def unlink(name: str) -> bool:
-    """Remove a segment now, typically one created with ``persist=True``."""
-    _todo("unlink()")
+    """Remove the segment ``name`` now; return whether it existed.
+
+    Meant for segments created with ``persist=True``. Processes that hold it
+    keep their memory, but the name is free at once: the next
+    :func:`shared` of that name creates a new segment.
+    """
+    names.validate_name(name)
+    return segments_part().unlink(name)

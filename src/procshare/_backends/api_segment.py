@@ -13,7 +13,7 @@ area.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Literal, Protocol
 
 import attrs
 
@@ -63,6 +63,22 @@ class SegmentInfo:
     creator_pid: int
     holders: tuple[int, ...]
     temporary: bool = False
+
+
+@attrs.frozen
+class NativeKind:
+    """What a backend knows about a native (ctypes) kind given to ``ps.shared``."""
+
+    #: Depends only on the memory layout: ``"i64"``, ``"struct{x:i32@0,y:f64@8}:16"``.
+    canonical: str
+    #: For messages: the type's name.
+    describe: str
+    size: int
+    align: int
+    category: Literal["scalar", "struct", "array"]
+    #: For a scalar: the :mod:`struct` / ``memoryview.cast`` format with the same
+    #: layout (the front end then serves it like ``ps.i64``), else ``None``.
+    format: str | None
 
 
 # Called with an object that no living process holds (its last holder died, or
@@ -131,4 +147,23 @@ class SegmentBackend(Protocol):
         decides about them), and every abandoned temporary. Returns the OS
         names removed.
         """
+        ...
+
+    def segment_space(self) -> int | None:
+        """Bytes free for new objects now, if the platform can tell (for messages)."""
+        ...
+
+    def native_kind(self, kind: object) -> NativeKind | None:
+        """Describe ``kind`` if it is a native (ctypes) type, else ``None``.
+
+        Raises ``TypeError`` for native types that cannot be shared (pointers).
+        """
+        ...
+
+    def native_view(self, kind: object, buffer: memoryview) -> Any:
+        """A ``kind`` object over ``buffer``; it pins the buffer while alive."""
+        ...
+
+    def native_bytes(self, kind: object, initial: object) -> bytes:
+        """``initial`` converted to the bytes of a ``kind``; ``TypeError`` if it cannot be."""
         ...

@@ -12,12 +12,15 @@ Layout of an object (all little-endian native, 64-byte aligned data)::
     64  meta    the engine's metadata
     dataoff     data  (zeroed, then filled by the creator's init)
 
-Creation is atomic by publication: the object is built under a random
-temporary name, reserved with ``posix_fallocate`` (so a full ``/dev/shm``
+Creation is atomic by publication: the object is built as an unnamed
+``O_TMPFILE`` inode (or, where the kernel lacks that, under a random
+temporary name), reserved with ``posix_fallocate`` (so a full ``/dev/shm``
 fails *now* with ``ENOSPC`` rather than as a ``SIGBUS`` on first touch),
 initialised, and only then hard-linked to its final name. ``link`` fails
 with ``EEXIST`` atomically, so exactly one of many racing creators wins and
-nobody ever opens a half-initialised object.
+nobody ever opens a half-initialised object. A creator killed before the
+link leaves nothing at all behind with ``O_TMPFILE`` (the kernel frees the
+unnamed inode), and an abandoned named temporary that ``gc`` removes without.
 
 Holders are counted by the kernel with OFD locks (see :mod:`._ofd`).
 """
@@ -38,6 +41,7 @@ from collections.abc import Callable
 import attrs
 
 from procshare._backends.api_segment import KeepOrphan, SegmentHandle, SegmentInfo
+from procshare._backends.native_kinds import NativeKinds
 from procshare._backends.posix import _ofd
 
 SHM_DIR = "/dev/shm"
@@ -47,6 +51,10 @@ _HEADER = struct.Struct("@8sIIQQQI")
 _META_OFFSET = 64
 _ALIGN = 64
 FLAG_PERSIST = 1
+# Above this size creation first compares with statvfs: on tmpfs, fallocate of
+# a size between "free" and "filesystem size" fills RAM page by page before it
+# fails, squeezing every other process for a moment.
+_PRECHECK_BYTES = 1 << 20
 
 
 def _path(os_name: str) -> str:
@@ -97,7 +105,11 @@ class PosixSegment:
         pulls memory out from under a live buffer.
         """
         if self._data is not None:
-            self._data.release()
+            # Views made with memoryview(data) or data[...] share data's managed
+            # buffer and keep the mmap exported; only a buffer exported from
+            # ``data`` itself (numpy.frombuffer(data)) makes release() refuse.
+            with contextlib.suppress(BufferError):
+                self._data.release()
             self._data = None
         with contextlib.suppress(BufferError):
             self.mm.close()
@@ -111,8 +123,10 @@ def _read_header(mm: mmap.mmap, os_name: str) -> tuple[int, bytes, int, int, int
     return flags, meta, dataoff, datalen, created, creator
 
 
-def _map(fd: int, os_name: str, opener_pid: int | None = None) -> PosixSegment:
-    st = os.fstat(fd)
+def _map(
+    fd: int, os_name: str, opener_pid: int | None = None, st: os.stat_result | None = None
+) -> PosixSegment:
+    st = os.fstat(fd) if st is None else st
     if st.st_size < _META_OFFSET:
         raise OSError(errno.EBADMSG, f"{os_name} is too small to be a procshare object")
     mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -136,26 +150,76 @@ def _map(fd: int, os_name: str, opener_pid: int | None = None) -> PosixSegment:
     )
 
 
-def _same_file(fd: int, path: str) -> bool:
+def _same_file(fd: int, path: str, inode: tuple[int, int] | None = None) -> bool:
     """Whether ``path`` still names the file open as ``fd`` (it may have been unlinked)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return False
-    fst = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+    if inode is None:
+        fst = os.fstat(fd)
+        inode = (fst.st_dev, fst.st_ino)
+    return (st.st_dev, st.st_ino) == inode
 
 
-def _unlink_if_same(fd: int, path: str) -> bool:
-    if _same_file(fd, path):
+def _unlink_if_same(fd: int, path: str, inode: tuple[int, int] | None = None) -> bool:
+    if _same_file(fd, path, inode):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
             return True
     return False
 
 
-class PosixSegments:
+# Whether this kernel and filesystem take O_TMPFILE (decided by the first creation).
+_tmpfile_ok: bool | None = None
+
+
+def _open_unnamed(mode: int) -> int | None:
+    """An unnamed inode on the shm filesystem, or ``None`` where O_TMPFILE is missing."""
+    global _tmpfile_ok
+    if _tmpfile_ok is False or not hasattr(os, "O_TMPFILE"):
+        return None
+    try:
+        fd = os.open(SHM_DIR, os.O_TMPFILE | os.O_RDWR, mode)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+            _tmpfile_ok = False
+            return None
+        raise
+    _tmpfile_ok = True
+    return fd
+
+
+def _publish_unnamed(fd: int, final: str) -> None:
+    """Give the unnamed inode ``fd`` its name; ``FileExistsError`` if taken.
+
+    ``linkat(AT_SYMLINK_FOLLOW)`` on ``/proc/self/fd/N`` is the unprivileged way
+    to name an O_TMPFILE inode. CPython passes that flag only when a dir fd is
+    given, so one is, though an absolute path makes the kernel ignore it.
+    """
+    os.link(f"/proc/self/fd/{fd}", final, src_dir_fd=fd, follow_symlinks=True)
+
+
+def _check_space(os_name: str, total: int) -> None:
+    if total <= _PRECHECK_BYTES:
+        return
+    try:
+        vfs = os.statvfs(SHM_DIR)
+    except OSError:
+        return
+    if total > vfs.f_bavail * vfs.f_frsize:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os_name)
+
+
+class PosixSegments(NativeKinds):
     """The segment half of the POSIX backend."""
+
+    def segment_space(self) -> int | None:
+        try:
+            vfs = os.statvfs(SHM_DIR)
+        except OSError:
+            return None
+        return vfs.f_bavail * vfs.f_frsize
 
     def segment_create(
         self,
@@ -167,17 +231,24 @@ class PosixSegments:
         persist: bool,
         init: Callable[[memoryview], None] | None = None,
     ) -> PosixSegment | None:
+        # No early "does it exist?" check: link() below decides atomically, and
+        # the engine opens before it creates, so creating over a live name is rare.
         final = _path(os_name)
-        if os.path.exists(final):
-            return None
         dataoff = _align(_META_OFFSET + len(meta))
         total = dataoff + max(data_size, 1)
-        # Same namespace prefix, kind "t", random tail: `gc` finds abandoned ones.
-        tmp = _path(os_name[:-21] + "t" + base64.b32encode(os.urandom(13)).decode()[:20].lower())
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        _check_space(os_name, total)
+        fd_or_none = _open_unnamed(mode)
+        tmp: str | None = None
+        if fd_or_none is None:
+            # Same namespace prefix, kind "t", random tail: `gc` finds abandoned ones.
+            tmp = _path(
+                os_name[:-21] + "t" + base64.b32encode(os.urandom(13)).decode()[:20].lower()
+            )
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        else:
+            fd = fd_or_none
         published = False
         try:
-            os.fchmod(fd, mode)  # the umask must not widen or narrow what was asked
             _ofd.lock(fd, _ofd.READ, _ofd.HOLD)
             try:
                 os.posix_fallocate(fd, 0, total)
@@ -190,19 +261,26 @@ class PosixSegments:
                 _MAGIC, flags, len(meta), dataoff, data_size, time.time_ns(), os.getpid()
             )
             os.pwrite(fd, header + bytes(_META_OFFSET - len(header)) + meta, 0)
-            seg = _map(fd, os_name)
+            st = os.fstat(fd)
+            if stat.S_IMODE(st.st_mode) != mode:
+                os.fchmod(fd, mode)  # the umask must not narrow what was asked
+            seg = _map(fd, os_name, st=st)
             if init is not None:
                 init(seg.data)
             try:
-                os.link(tmp, final)
+                if tmp is None:
+                    _publish_unnamed(fd, final)
+                else:
+                    os.link(tmp, final)
             except FileExistsError:
                 seg.release_mapping()
                 return None
             published = True
             return seg
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
             if not published:
                 os.close(fd)
 
@@ -215,13 +293,14 @@ class PosixSegments:
                 return None
             try:
                 _ofd.lock(fd, _ofd.WRITE, _ofd.GUARD)
-                if not _same_file(fd, path):
+                st = os.fstat(fd)
+                if not _same_file(fd, path, (st.st_dev, st.st_ino)):
                     # A closer removed it between our open and our guard: the
                     # name may already name a newer object, so look again.
                     os.close(fd)
                     continue
                 orphaned = _ofd.try_lock(fd, _ofd.WRITE, _ofd.HOLD)
-                seg = _map(fd, os_name)
+                seg = _map(fd, os_name, st=st)
                 if orphaned:
                     if not seg.persist and not keep_orphan(seg):
                         os.unlink(path)
@@ -257,10 +336,17 @@ class PosixSegments:
                 and not handle.persist
                 and not keep(handle)
             ):
-                removed = _unlink_if_same(fd, _path(handle.os_name))
+                removed = _unlink_if_same(fd, _path(handle.os_name), handle.inode)
         finally:
+            # The mmap holds a dup of fd: when a numpy array keeps the mapping
+            # alive, the description (and the locks on it) outlives os.close(fd),
+            # and a guard left there would block every opener. Unlock explicitly.
             handle.release_mapping()
-            os.close(fd)  # drops the guard and any lock with the description
+            if not handle.mm.closed:
+                with contextlib.suppress(OSError):
+                    _ofd.unlock(fd, _ofd.HOLD)
+                    _ofd.unlock(fd, _ofd.GUARD)
+            os.close(fd)
         return removed
 
     def segment_unlink(self, os_name: str) -> bool:
@@ -298,10 +384,10 @@ class PosixSegments:
                     st = os.stat(f"{fd_dir}/{fdname}")
                 except OSError:
                     continue
-                name = by_inode.get((st.st_dev, st.st_ino))
-                if name is not None and name not in seen:
-                    seen.add(name)
-                    found[name].append(int(entry))
+                hit = by_inode.get((st.st_dev, st.st_ino))
+                if hit is not None and hit not in seen:
+                    seen.add(hit)
+                    found[hit].append(int(entry))
         return found
 
     def segment_list(self, prefix: str) -> list[SegmentInfo]:

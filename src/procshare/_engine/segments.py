@@ -1,0 +1,285 @@
+"""The engine's part for shared segments: the registry of what this process holds.
+
+The front end (``procshare._shared``) resolves a kind into a layout and asks
+this part to open a segment; this part
+
+* turns the user's name into an OS name (per user and namespace),
+* encodes what the segment holds as metadata and checks it on attach,
+  raising :class:`SharedTypeError` naming both sides,
+* runs the create-or-attach protocol (``create=None/True/False``) over the
+  backend's atomic create and kernel-counted open,
+* turns ``OSError(ENOSPC)`` into :class:`SharedMemoryFull`,
+* keeps every open segment in a registry, so interpreter exit closes what the
+  user left open (newest first), and
+* invalidates views on close, so a scalar or struct view used afterwards
+  raises :class:`SegmentClosed` instead of touching unmapped memory.
+
+Metadata is UTF-8 JSON (what ``ps.segments()`` reads)::
+
+    {"name": "sum", "namespace": "app", "kind": "u64", "layout": "u64", "size": 8}
+
+``kind`` is for people; ``layout`` is compared on attach and depends only on
+the memory layout, so ``int`` and ``ps.i64`` (or an attrs class and a ctypes
+``Structure`` with the same fields) open the same segment.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from procshare._backends.api_segment import NativeKind, SegmentHandle
+from procshare._engine import names
+from procshare._engine.core import Engine, get_engine
+from procshare.errors import (
+    SegmentExists,
+    SegmentNotFound,
+    SharedMemoryFull,
+    SharedTypeError,
+)
+
+#: What ``initial=`` becomes for the engine: bytes copied to the start of the
+#: data area, or a function that fills the data area itself (numpy arrays).
+Initialiser = bytes | Callable[[memoryview], None] | None
+
+
+@attrs.frozen
+class Layout:
+    """What a segment holds, as recorded in its metadata."""
+
+    #: Compared on attach; depends only on the memory layout.
+    layout: str
+    #: For people: ``"u64"``, ``"numpy float64 (3, 4)"``, ``"struct Counter"``.
+    kind: str
+    #: Bytes of data.
+    size: int
+
+
+@attrs.define(eq=False)
+class OpenSegment:
+    """One segment this process opened (one ``ps.shared`` call)."""
+
+    name: str
+    namespace: str
+    handle: SegmentHandle
+    created: bool
+    layout: Layout
+    #: Called once when the segment closes (views drop their memory here).
+    on_close: list[Callable[[], None]] = attrs.field(factory=list)
+    closed: bool = False
+
+
+def _keep_nothing(handle: SegmentHandle) -> bool:
+    # A segment nobody living holds is stale: reclaim it. (The backend itself
+    # keeps persist=True segments.)
+    return False
+
+
+def encode_meta(name: str, namespace: str, layout: Layout) -> bytes:
+    return json.dumps(
+        {
+            "name": name,
+            "namespace": namespace,
+            "kind": layout.kind,
+            "layout": layout.layout,
+            "size": layout.size,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_meta(meta: bytes) -> dict[str, Any]:
+    """The metadata of a segment as a dict (empty if it is not ours)."""
+    try:
+        value = json.loads(meta.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+@attrs.define(eq=False)
+class SegmentsPart:
+    """The engine part that owns every segment this process opened."""
+
+    engine: Engine
+    order: int = 20
+    #: Test hook: called during initialisation of a new segment, half-way
+    #: through writing ``initial`` and before publication. Tests set it in a
+    #: forked child to pause (or die) there and prove nobody sees the half.
+    init_hook: Callable[[str], None] | None = None
+    _open: dict[int, OpenSegment] = attrs.field(factory=dict)
+    _os_names: dict[tuple[str, str], str] = attrs.field(factory=dict)
+
+    # -- names -------------------------------------------------------------
+
+    def os_name(self, name: str, namespace: str) -> str:
+        key = (namespace, name)
+        found = self._os_names.get(key)
+        if found is None:
+            found = self._os_names[key] = names.os_name(names.SEGMENT, name, namespace)
+        return found
+
+    # -- native (ctypes) kinds, which only the backend may touch --------------
+
+    def native_kind(self, kind: object) -> NativeKind | None:
+        return self.engine.backend.native_kind(kind)
+
+    def native_view(self, kind: object, buffer: memoryview) -> Any:
+        return self.engine.backend.native_view(kind, buffer)
+
+    def native_bytes(self, kind: object, initial: object) -> bytes:
+        return self.engine.backend.native_bytes(kind, initial)
+
+    # -- open / close -------------------------------------------------------
+
+    def open(
+        self,
+        name: str,
+        layout: Layout,
+        *,
+        create: bool | None,
+        initial: Initialiser,
+        persist: bool,
+        mode: int,
+    ) -> OpenSegment:
+        """Create or attach ``name`` holding ``layout``; see ``ps.shared``."""
+        namespace = names.current_namespace()
+        os_name = self.os_name(name, namespace)
+        meta = encode_meta(name, namespace, layout)
+        backend = self.engine.backend
+        init = self._initialiser(name, initial)
+        while True:
+            if create is not True:
+                handle = backend.segment_open(os_name, keep_orphan=_keep_nothing)
+                if handle is not None:
+                    return self._register(name, namespace, handle, False, layout, meta)
+                if create is False:
+                    raise SegmentNotFound(name)
+            try:
+                handle = backend.segment_create(
+                    os_name,
+                    meta=meta,
+                    data_size=layout.size,
+                    mode=mode,
+                    persist=persist,
+                    init=init,
+                )
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise SharedMemoryFull(
+                        name, requested=layout.size, available=backend.segment_space()
+                    ) from None
+                raise
+            if handle is not None:
+                return self._register(name, namespace, handle, True, layout, meta)
+            if create is True:
+                # The name is taken; it is an error only if a living process
+                # holds it (opening reclaims a stale one, then we retry).
+                handle = backend.segment_open(os_name, keep_orphan=_keep_nothing)
+                if handle is not None:
+                    backend.segment_close(handle, keep=_keep_nothing)
+                    raise SegmentExists(name)
+            # Lost a race with another creator (or a closer): look again.
+
+    def _initialiser(self, name: str, initial: Initialiser) -> Callable[[memoryview], None]:
+        def init(data: memoryview) -> None:
+            hook = self.init_hook
+            if isinstance(initial, bytes):
+                half = len(initial) // 2
+                data[:half] = initial[:half]
+                if hook is not None:
+                    hook(name)
+                data[half : len(initial)] = initial[half:]
+            else:
+                if initial is not None:
+                    initial(data)
+                if hook is not None:
+                    hook(name)
+
+        return init
+
+    def _register(  # noqa: PLR0917
+        self,
+        name: str,
+        namespace: str,
+        handle: SegmentHandle,
+        created: bool,
+        layout: Layout,
+        meta: bytes,
+    ) -> OpenSegment:
+        if handle.meta != meta:
+            found = decode_meta(handle.meta)
+            if found.get("layout") != layout.layout or found.get("name") != name:
+                self.engine.backend.segment_close(handle, keep=_keep_nothing)
+                raise SharedTypeError(
+                    name,
+                    expected=describe(layout.kind, layout.layout),
+                    found=_describe_found(found, name),
+                )
+        rec = OpenSegment(name, namespace, handle, created, layout)
+        with self.engine.lock:
+            self._open[id(rec)] = rec
+        return rec
+
+    def close(self, rec: OpenSegment) -> None:
+        """Close ``rec`` (idempotent). A segment inherited across fork is only
+        forgotten: the parent still holds it."""
+        if rec.closed:
+            return
+        rec.closed = True
+        callbacks, rec.on_close = rec.on_close, []
+        for callback in callbacks:
+            callback()
+        if self.engine.pid != os.getpid():
+            return  # inherited: never close, unlink or release the parent's
+        with self.engine.lock:
+            self._open.pop(id(rec), None)
+        self.engine.backend.segment_close(rec.handle, keep=_keep_nothing)
+
+    def unlink(self, name: str) -> bool:
+        """Remove ``name`` now (mappings stay valid); whether it existed."""
+        os_name = self.os_name(name, names.current_namespace())
+        return self.engine.backend.segment_unlink(os_name)
+
+    def held(self) -> list[OpenSegment]:
+        """Every segment this process holds open, oldest first."""
+        with self.engine.lock:
+            return list(self._open.values())
+
+    # -- EnginePart ---------------------------------------------------------
+
+    def poll(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        errors: list[BaseException] = []
+        for rec in reversed(self.held()):
+            try:
+                self.close(rec)
+            except Exception as exc:  # close the rest, then report
+                errors.append(exc)
+        if errors:
+            raise ExceptionGroup("closing shared segments failed", errors)  # type: ignore[type-var]
+
+
+def describe(kind: str, layout: str) -> str:
+    return kind if kind == layout else f"{kind} (layout {layout})"
+
+
+def _describe_found(found: dict[str, Any], name: str) -> str:
+    if not found:
+        return "something that is not a procshare segment"
+    text = describe(str(found.get("kind", "?")), str(found.get("layout", "?")))
+    if found.get("name") != name:  # two names whose hashes collide: say so
+        text += f" created under the name {found.get('name')!r}"
+    return text
+
+
+def segments_part(engine: Engine | None = None) -> SegmentsPart:
+    """This process's segments part."""
+    return (engine or get_engine()).part("segments", SegmentsPart)

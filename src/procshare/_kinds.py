@@ -1,0 +1,372 @@
+"""Kinds: what a shared segment holds, and how to read it.
+
+``ps.i8`` ... ``ps.f64`` are plain :class:`Scalar` descriptors (a name, a
+:mod:`struct` format, a size), defined without ctypes. ``int``, ``float`` and
+``bool`` map onto them. Every other kind the user passes is *resolved* here
+into a :class:`Resolved` that knows the segment's layout (recorded in its
+metadata and checked on attach), how to encode ``initial=`` and how to build
+the view. ctypes types are described and instantiated by the backend, through
+the engine, because only the backend may import ctypes.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import sys
+import typing
+from typing import Any, Protocol
+
+import attrs
+
+from procshare import _views
+from procshare._engine.segments import Initialiser, Layout, OpenSegment, SegmentsPart
+
+
+@attrs.frozen(repr=False)
+class Scalar:
+    """A fixed-width number kind for :func:`procshare.shared`.
+
+    ``ps.i8``, ``ps.i16``, ``ps.i32``, ``ps.i64`` (signed), ``ps.u8`` ...
+    ``ps.u64`` (unsigned), ``ps.f32``, ``ps.f64`` (IEEE floats). The view
+    has ``.value``; as an attrs field annotation it sets the field's width
+    (``count: ps.u32``, or ``Annotated[int, ps.u32]`` to keep type checkers happy).
+    """
+
+    #: ``"u64"``: also the layout recorded in the segment.
+    name: str
+    #: The :mod:`struct` / ``memoryview.cast`` format.
+    format: str
+    #: Bytes.
+    size: int
+
+    def __repr__(self) -> str:
+        return f"procshare.{self.name}"
+
+
+i8 = Scalar("i8", "b", 1)
+i16 = Scalar("i16", "h", 2)
+i32 = Scalar("i32", "i", 4)
+i64 = Scalar("i64", "q", 8)
+u8 = Scalar("u8", "B", 1)
+u16 = Scalar("u16", "H", 2)
+u32 = Scalar("u32", "I", 4)
+u64 = Scalar("u64", "Q", 8)
+f32 = Scalar("f32", "f", 4)
+f64 = Scalar("f64", "d", 8)
+BOOL = Scalar("bool", "?", 1)
+CHAR = Scalar("char", "c", 1)
+
+_BY_NAME = {s.name: s for s in (i8, i16, i32, i64, u8, u16, u32, u64, f32, f64, BOOL, CHAR)}
+_BUILTINS: dict[object, Scalar] = {int: i64, float: f64, bool: BOOL}
+
+SUPPORTED = (
+    "int, float, bool; ps.i8, ps.i16, ps.i32, ps.i64, ps.u8, ps.u16, ps.u32, ps.u64, "
+    "ps.f32, ps.f64; a ctypes scalar, Structure, Union or array; an attrs class whose "
+    "fields are of those number kinds; a numpy dtype with shape=; bytes with size="
+)
+
+
+class Resolved(Protocol):
+    """A kind resolved against the options of one ``ps.shared`` call."""
+
+    @property
+    def layout(self) -> Layout: ...
+
+    def initial(self, value: object) -> Initialiser:
+        """Check and encode ``initial=`` (before anything is created)."""
+        ...
+
+    def view(self, segment: object, rec: OpenSegment) -> Any:
+        """The view the ``with`` block gets."""
+        ...
+
+
+def _unsupported(kind: object, why: str = "") -> TypeError:
+    shown = getattr(kind, "__qualname__", None) or repr(kind)
+    return TypeError(
+        f"ps.shared cannot hold {shown}{': ' + why if why else ''}. Supported kinds: {SUPPORTED}."
+    )
+
+
+def _pack(name: str, scalar: Scalar, value: object) -> bytes:
+    try:
+        return struct.pack("=" + scalar.format, value)
+    except (struct.error, TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(
+            f"initial={value!r} does not fit shared segment {name!r} of kind {scalar.name} "
+            f"({exc}); pass a value of that kind and range"
+        ) from None
+
+
+@attrs.frozen
+class ScalarKind:
+    name: str
+    scalar: Scalar
+    layout: Layout
+
+    def initial(self, value: object) -> Initialiser:
+        return None if value is None else _pack(self.name, self.scalar, value)
+
+    def view(self, segment: object, rec: OpenSegment) -> Any:
+        mv = rec.handle.data.cast(self.scalar.format)  # type: ignore[call-overload]
+        return _views.ScalarView(segment, self.name, self.scalar.name, mv)
+
+
+@attrs.frozen
+class StructKind:
+    name: str
+    cls: type
+    #: (field name, scalar, offset)
+    fields: tuple[tuple[str, Scalar, int], ...]
+    layout: Layout
+    view_class: type[_views.StructView]
+
+    def initial(self, value: object) -> Initialiser:
+        if value is None:
+            return None
+        if not isinstance(value, self.cls):
+            raise TypeError(
+                f"initial= for shared segment {self.name!r} must be a "
+                f"{self.cls.__qualname__} instance, not {type(value).__qualname__}"
+            )
+        out = bytearray(self.layout.size)
+        for field, scalar, offset in self.fields:
+            out[offset : offset + scalar.size] = _pack(self.name, scalar, getattr(value, field))
+        return bytes(out)
+
+    def view(self, segment: object, rec: OpenSegment) -> Any:
+        data = rec.handle.data
+        cells = tuple(
+            data[offset : offset + scalar.size].cast(scalar.format)  # type: ignore[call-overload]
+            for _, scalar, offset in self.fields
+        )
+        return self.view_class(segment, self.name, cells)
+
+
+@attrs.frozen
+class NativeKindR:
+    name: str
+    kind: type
+    part: SegmentsPart
+    layout: Layout
+
+    def initial(self, value: object) -> Initialiser:
+        return None if value is None else self.part.native_bytes(self.kind, value)
+
+    def view(self, segment: object, rec: OpenSegment) -> Any:
+        obj = self.part.native_view(self.kind, memoryview(rec.handle.data))
+        return _views.NativeView(segment, self.name, self.layout.kind, obj)
+
+
+@attrs.frozen
+class NumpyKind:
+    name: str
+    dtype: Any
+    shape: tuple[int, ...]
+    layout: Layout
+
+    def initial(self, value: object) -> Initialiser:
+        if value is None:
+            return None
+        import numpy as np
+
+        try:
+            arr = np.broadcast_to(np.asarray(value, dtype=self.dtype), self.shape)
+        except (ValueError, TypeError) as exc:
+            raise TypeError(
+                f"initial= for shared segment {self.name!r} ({self.layout.kind}) must be "
+                f"an array-like that broadcasts to shape {self.shape}: {exc}"
+            ) from None
+
+        def fill(data: memoryview) -> None:
+            target = np.frombuffer(data, dtype=self.dtype, count=math.prod(self.shape))
+            target.reshape(self.shape)[...] = arr
+
+        return fill
+
+    def view(self, segment: object, rec: OpenSegment) -> Any:
+        import numpy as np
+
+        # frombuffer takes a buffer export of the memoryview, which keeps the
+        # mmap open for as long as the array lives (numpy.ndarray(buffer=...)
+        # would not: closing the mapping under it would make the next access
+        # a segfault). So arrays keep working after the block ends.
+        flat = np.frombuffer(
+            memoryview(rec.handle.data), dtype=self.dtype, count=math.prod(self.shape)
+        )
+        return flat.reshape(self.shape)
+
+
+@attrs.frozen
+class BytesKind:
+    name: str
+    layout: Layout
+
+    def initial(self, value: object) -> Initialiser:
+        if value is None:
+            return None
+        try:
+            blob = bytes(memoryview(value))  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(
+                f"initial= for shared segment {self.name!r} must be bytes-like, not "
+                f"{type(value).__qualname__}"
+            ) from None
+        if len(blob) > self.layout.size:
+            raise ValueError(
+                f"initial= for shared segment {self.name!r} is {len(blob)} bytes but the "
+                f"segment has size={self.layout.size}; pass at most that many bytes"
+            )
+        return blob
+
+    def view(self, segment: object, rec: OpenSegment) -> Any:
+        # A new view on the same managed buffer: it keeps the mapping alive on
+        # its own, so it keeps working after the block ends.
+        return memoryview(rec.handle.data)
+
+
+def _scalar_of(annotation: object, part: SegmentsPart) -> Scalar | None:  # noqa: PLR0911
+    """The scalar kind of an attrs field annotation, if it is one."""
+    if isinstance(annotation, Scalar):
+        return annotation
+    found = _BUILTINS.get(annotation)
+    if found is not None:
+        return found
+    if typing.get_origin(annotation) is typing.Annotated:
+        for extra in typing.get_args(annotation)[1:]:
+            if isinstance(extra, Scalar):
+                return extra
+        return _scalar_of(typing.get_args(annotation)[0], part)
+    try:
+        native = part.native_kind(annotation)
+    except TypeError:
+        return None
+    if native is not None and native.format is not None:
+        return _BY_NAME.get(native.canonical)
+    return None
+
+
+def _resolve_attrs(name: str, cls: type, part: SegmentsPart) -> StructKind:
+    try:
+        hints = typing.get_type_hints(cls, include_extras=True)
+    except Exception as exc:  # any failure to resolve is the same problem
+        raise _unsupported(cls, f"its field annotations cannot be resolved ({exc})") from None
+    fields: list[tuple[str, Scalar, int]] = []
+    offset = 0
+    align = 1
+    for field in attrs.fields(cls):
+        annotation = hints.get(field.name, field.type)
+        scalar = _scalar_of(annotation, part)
+        if scalar is None:
+            raise _unsupported(
+                cls,
+                f"field {field.name!r} is annotated {annotation!r}; attrs fields of a shared "
+                "struct must be int, float, bool, ps.i8 ... ps.f64 or a ctypes number type",
+            )
+        # Natural alignment, as a C compiler (and ctypes.Structure) lays it out.
+        offset = (offset + scalar.size - 1) // scalar.size * scalar.size
+        fields.append((field.name, scalar, offset))
+        offset += scalar.size
+        align = max(align, scalar.size)
+    if not fields:
+        raise _unsupported(cls, "it has no fields")
+    size = (offset + align - 1) // align * align
+    canonical = "struct{" + ",".join(f"{f}:{s.name}@{o}" for f, s, o in fields) + "}:" + str(size)
+    view_class = _views.struct_view_class(
+        cls.__qualname__, tuple((f, s.name) for f, s, _ in fields)
+    )
+    return StructKind(
+        name,
+        cls,
+        tuple(fields),
+        Layout(canonical, f"struct {cls.__qualname__}", size),
+        view_class,
+    )
+
+
+def _numpy_dtype(kind: object) -> Any:
+    """``numpy.dtype(kind)`` if ``kind`` is a numpy dtype or scalar type, else ``None``."""
+    np = sys.modules.get("numpy")
+    if np is None:
+        return None  # a numpy kind implies numpy was imported by the caller
+    if isinstance(kind, np.dtype):
+        return kind
+    if isinstance(kind, type) and issubclass(kind, np.generic):
+        return np.dtype(kind)
+    return None
+
+
+def _shape(name: str, shape: object) -> tuple[int, ...]:
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, tuple) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
+        raise TypeError(
+            f"shape= for shared segment {name!r} must be an int or a tuple of ints >= 0, "
+            f"not {shape!r}"
+        )
+    return shape
+
+
+def resolve(name: str, kind: object, shape: object, size: object, part: SegmentsPart) -> Resolved:
+    """Resolve ``kind`` (with ``shape=`` / ``size=``) or raise ``TypeError``."""
+    dtype = _numpy_dtype(kind)
+    if shape is not None and dtype is None:
+        raise TypeError(
+            f"shape= goes with a numpy dtype (ps.shared({name!r}, numpy.float64, shape=...)), "
+            f"not with {getattr(kind, '__qualname__', kind)!r}; for a fixed array without "
+            "numpy use a ctypes array such as ctypes.c_double * 10"
+        )
+    if size is not None and kind is not bytes:
+        raise TypeError(
+            f"size= goes with kind bytes (ps.shared({name!r}, bytes, size=4096)); the size "
+            f"of {getattr(kind, '__qualname__', kind)!r} follows from the kind itself"
+        )
+    if dtype is not None:
+        return _resolve_numpy(name, dtype, shape)
+    if kind is bytes:
+        if size is None or isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise TypeError(
+                f"kind bytes needs size=, a positive int (the number of bytes), got {size!r}"
+            )
+        return BytesKind(name, Layout(f"bytes[{size}]", f"bytes[{size}]", size))
+    scalar = kind if isinstance(kind, Scalar) else _BUILTINS.get(kind)
+    if scalar is not None:
+        return ScalarKind(name, scalar, Layout(scalar.name, scalar.name, scalar.size))
+    if isinstance(kind, type) and attrs.has(kind):
+        return _resolve_attrs(name, kind, part)
+    native = part.native_kind(kind)  # TypeError for pointers
+    if native is not None:
+        if native.format is not None and native.canonical in _BY_NAME:
+            scalar = _BY_NAME[native.canonical]
+            return ScalarKind(name, scalar, Layout(scalar.name, scalar.name, scalar.size))
+        assert isinstance(kind, type)
+        return NativeKindR(
+            name, kind, part, Layout(native.canonical, f"ctypes {native.describe}", native.size)
+        )
+    raise _unsupported(kind)
+
+
+def _resolve_numpy(name: str, dtype: Any, shape: object) -> NumpyKind:
+    if shape is None:
+        raise TypeError(
+            f"a numpy kind needs shape= (ps.shared({name!r}, numpy.{dtype.name}, shape=(10,))); "
+            "use shape=() for a single element"
+        )
+    dims = _shape(name, shape)
+    if dtype.hasobject:
+        raise _unsupported(dtype, "numpy object arrays hold pointers into one process")
+    if dtype.subdtype is not None:  # ("f8", (3,)): fold the sub-array into the shape
+        dtype, sub = dtype.subdtype
+        dims = dims + tuple(sub)
+    descr = dtype.str if dtype.fields is None else repr(dtype.descr)
+    size = dtype.itemsize * math.prod(dims)
+    shown = "x".join(map(str, dims)) or "scalar"
+    return NumpyKind(
+        name,
+        dtype,
+        dims,
+        Layout(f"ndarray[{descr}]{dims}", f"numpy {dtype.name}[{shown}]", size),
+    )

@@ -1,0 +1,206 @@
+"""Views over segment memory: what ``with ps.shared(...) as view`` gives.
+
+* :class:`ScalarView` (``int``, ``float``, ``bool``, ``ps.i8`` ... ``ps.f64``,
+  ctypes scalars): ``.value`` reads and writes the number in place through a
+  cached ``memoryview.cast``, so an access is one property call and one
+  indexing, no lookups.
+* struct views (attrs classes): one property per field, generated once per
+  class, each reading its own one-element ``memoryview.cast``.
+* :class:`NativeView` (ctypes ``Structure``, ``Union``, arrays, odd
+  scalars): forwards attributes and items to a ctypes object living in the
+  segment (built by the backend: the front end never imports ctypes).
+
+When the segment closes these views drop their memory and every later use
+raises :class:`~procshare.SegmentClosed`: the closed sentinel takes the place
+of the memoryview, so the fast path carries no "is it closed?" test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, NoReturn
+
+from procshare.errors import SegmentClosed
+
+
+class _Closed:
+    """Stands in for a closed view's memory; every use raises SegmentClosed."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _raise(self, *args: object) -> NoReturn:
+        raise SegmentClosed(self.name)
+
+    __getitem__ = __setitem__ = __len__ = __iter__ = _raise
+
+    def __getattr__(self, attr: str) -> NoReturn:
+        raise SegmentClosed(self.name)
+
+
+def _release(mv: Any) -> None:
+    if isinstance(mv, memoryview):
+        with contextlib.suppress(BufferError):
+            mv.release()
+
+
+def _value_error(name: str, kind: str, value: object, exc: Exception) -> Exception:
+    err = type(exc)(
+        f"shared segment {name!r} holds a {kind}, which cannot hold {value!r} ({exc}); "
+        "store a value in the kind's range, or create the segment with a wider kind"
+    )
+    return err
+
+
+class ScalarView:
+    """A number in shared memory: read and write it as ``.value``.
+
+    ``view.value += 1`` is a read then a write, not an atomic increment: guard
+    it with ``ps.interprocess_lock`` when several processes update it.
+    Storing a value the kind cannot hold (``-1`` in a ``ps.u8``, ``2**64`` in
+    an ``int``) raises ``ValueError`` or ``TypeError``; nothing wraps around.
+    """
+
+    __slots__ = ("__weakref__", "_kind", "_mv", "_name", "_segment")
+
+    def __init__(self, segment: object, name: str, kind: str, mv: memoryview) -> None:
+        self._segment = segment  # the handle stays open while its view is alive
+        self._name = name
+        self._kind = kind
+        self._mv: Any = mv
+
+    @property
+    def value(self) -> Any:
+        """The number, read from shared memory now."""
+        return self._mv[0]
+
+    @value.setter
+    def value(self, value: Any) -> None:
+        try:
+            self._mv[0] = value
+        except (ValueError, TypeError) as exc:
+            raise _value_error(self._name, self._kind, value, exc) from None
+
+    def _ps_invalidate(self) -> None:
+        mv, self._mv = self._mv, _Closed(self._name)
+        _release(mv)
+
+    def __repr__(self) -> str:
+        if isinstance(self._mv, _Closed):
+            return f"<shared {self._kind} {self._name!r} (closed)>"
+        return f"<shared {self._kind} {self._name!r} value={self._mv[0]!r}>"
+
+
+class StructView:
+    """Base of the generated views of attrs classes: one property per field."""
+
+    __slots__ = ("__weakref__", "_ps_cells", "_ps_name", "_ps_segment")
+    _ps_fields: ClassVar[tuple[str, ...]] = ()
+    _ps_kind: ClassVar[str] = ""
+
+    def __init__(self, segment: object, name: str, cells: tuple[memoryview, ...]) -> None:
+        self._ps_segment = segment
+        self._ps_name = name
+        self._ps_cells: Any = cells
+
+    def _ps_invalidate(self) -> None:
+        cells, self._ps_cells = self._ps_cells, _Closed(self._ps_name)
+        for mv in cells:
+            _release(mv)
+
+    def __repr__(self) -> str:
+        if isinstance(self._ps_cells, _Closed):
+            return f"<shared {self._ps_kind} {self._ps_name!r} (closed)>"
+        fields = ", ".join(
+            f"{f}={c[0]!r}" for f, c in zip(self._ps_fields, self._ps_cells, strict=True)
+        )
+        return f"<shared {self._ps_kind} {self._ps_name!r} {fields}>"
+
+
+def _field_property(index: int, field: str, kind: str) -> property:
+    def get(self: StructView) -> Any:
+        return self._ps_cells[index][0]
+
+    def set(self: StructView, value: Any) -> None:
+        try:
+            self._ps_cells[index][0] = value
+        except (ValueError, TypeError) as exc:
+            raise _value_error(self._ps_name, f"{kind} field {field!r}", value, exc) from None
+
+    return property(get, set, doc=f"Field {field!r} ({kind}), read and written in place.")
+
+
+def struct_view_class(qualname: str, fields: tuple[tuple[str, str], ...]) -> type[StructView]:
+    """A StructView subclass with one property per ``(field, kind)``."""
+    namespace: dict[str, Any] = {
+        "__slots__": (),
+        "_ps_fields": tuple(f for f, _ in fields),
+        "_ps_kind": f"struct {qualname}",
+        "__doc__": f"Shared view of attrs class {qualname}: its fields live in shared memory.",
+    }
+    for index, (field, kind) in enumerate(fields):
+        namespace[field] = _field_property(index, field, kind)
+    return type(f"Shared{qualname.rsplit('.', 1)[-1]}", (StructView,), namespace)
+
+
+class NativeView:
+    """A ctypes object in shared memory: attributes and items are forwarded.
+
+    Sub-objects read from it (a nested ``Structure`` or array field) are ctypes
+    objects sharing the segment's memory: like numpy arrays, they keep the
+    memory mapped and keep working after the block ends.
+    """
+
+    __slots__ = ("__weakref__", "_ps_kind", "_ps_name", "_ps_obj", "_ps_segment")
+
+    def __init__(self, segment: object, name: str, kind: str, obj: Any) -> None:
+        object.__setattr__(self, "_ps_segment", segment)
+        object.__setattr__(self, "_ps_name", name)
+        object.__setattr__(self, "_ps_kind", kind)
+        object.__setattr__(self, "_ps_obj", obj)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._ps_obj, attr)
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        setattr(self._ps_obj, attr, value)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._ps_obj[index]
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._ps_obj[index] = value
+
+    def __len__(self) -> int:
+        return len(self._ps_obj)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._ps_obj)
+
+    def _ps_invalidate(self) -> None:
+        object.__setattr__(self, "_ps_obj", _Closed(self._ps_name))
+
+    def __repr__(self) -> str:
+        closed = " (closed)" if isinstance(self._ps_obj, _Closed) else ""
+        return f"<shared {self._ps_kind} {self._ps_name!r}{closed}>"
+
+
+def invalidator(view: object) -> Callable[[], None]:
+    """A close callback that invalidates ``view`` if it is still alive.
+
+    It holds the view weakly: the engine's registry must not keep a view (and
+    through it the handle) alive, or a dropped handle would never close.
+    """
+    import weakref
+
+    ref = weakref.ref(view)
+
+    def invalidate() -> None:
+        target = ref()
+        if target is not None:
+            target._ps_invalidate()  # type: ignore[attr-defined]
+
+    return invalidate
