@@ -300,14 +300,17 @@ class InterprocessLock:
     def close(self) -> None:
         """Stop using the lock. The last user of the last process removes its object.
 
-        Refused with ``RuntimeError`` while the calling thread holds it. Safe
+        Refused with ``RuntimeError`` while the calling thread holds the lock
+        and this is the process's last object for it. Safe
         to call twice. In a forked child, closing an inherited lock object
         only makes it unusable there; the parent keeps its lock.
         """
         entry = self._entry
         if entry is None:
             return
-        if self._m.owned():
+        if self._m.owned() and entry.users <= {id(self)}:
+            # The last object of this lock in the process: closing it would
+            # leave the thread holding a lock nothing can release.
             raise RuntimeError(
                 f"cannot close lock {self._name!r} while this thread holds it; release it first"
             )

@@ -1,0 +1,646 @@
+"""ps.interprocess_lock: protocols, timeouts, mutual exclusion, reentrancy, fork, lifetime.
+
+Robustness (a holder that dies) is in test_locks_robust.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import procshare as ps
+from procshare._engine import get_engine
+from lockhelpers import fork, lock_objects, read_byte, shared_counter, wait_ok
+
+# -- the three ways to use it -------------------------------------------------
+
+
+def test_with_block_holds_the_lock_inside_only() -> None:
+    lock = ps.interprocess_lock("m")
+    assert not lock.locked()
+    with lock as entered:
+        assert entered is lock
+        assert lock.locked()
+        assert lock.owned()
+    assert not lock.locked()
+    assert not lock.owned()
+    lock.close()
+
+
+def test_with_block_releases_when_the_body_raises() -> None:
+    lock = ps.interprocess_lock("m")
+    with pytest.raises(KeyError), lock:
+        raise KeyError("boom")
+    assert not lock.locked()
+    lock.close()
+
+
+def test_decorator_holds_the_lock_during_each_call() -> None:
+    lock = ps.interprocess_lock("m")
+    seen = []
+
+    @lock
+    def work(x: int) -> int:
+        """Doubles x."""
+        seen.append(lock.owned())
+        return 2 * x
+
+    assert work(21) == 42
+    assert work(1) == 2
+    assert seen == [True, True]
+    assert not lock.locked()
+    assert work.__name__ == "work"
+    assert work.__doc__ == "Doubles x."
+    lock.close()
+
+
+def test_acquire_release_and_locked() -> None:
+    lock = ps.interprocess_lock("m")
+    assert lock.acquire() is True
+    assert lock.locked()
+    lock.release()
+    assert not lock.locked()
+    assert lock.acquire(timeout=0) is True
+    lock.release()
+    lock.close()
+
+
+def test_two_objects_of_one_name_are_one_lock() -> None:
+    a = ps.interprocess_lock("m")
+    b = ps.interprocess_lock("m")
+    other = ps.interprocess_lock("other")
+    with a:
+        assert b.locked()
+        assert not other.locked()
+    a.close()
+    b.close()
+    other.close()
+
+
+# -- timeouts ----------------------------------------------------------------------
+
+
+def _held_by_another_thread(name: str) -> tuple[threading.Event, threading.Thread]:
+    taken, done = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with ps.interprocess_lock(name):
+            taken.set()
+            done.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert taken.wait(10)
+    return done, t
+
+
+@pytest.mark.timeout(30)
+def test_timeout_in_with_raises_lock_timeout_after_the_timeout() -> None:
+    done, t = _held_by_another_thread("m")
+    try:
+        lock = ps.interprocess_lock("m", timeout=0.2)
+        start = time.monotonic()
+        with pytest.raises(ps.LockTimeout) as info, lock:
+            pytest.fail("entered a block whose lock another thread holds")
+        waited = time.monotonic() - start
+        assert 0.2 <= waited < 1.0
+        assert info.value.name == "m"
+        assert info.value.timeout == 0.2
+        assert isinstance(info.value, TimeoutError)
+        lock.close()
+    finally:
+        done.set()
+        t.join()
+
+
+@pytest.mark.timeout(30)
+def test_timeout_in_decorator_raises_lock_timeout() -> None:
+    done, t = _held_by_another_thread("m")
+    try:
+        lock = ps.interprocess_lock("m", timeout=0.2)
+
+        @lock
+        def never() -> None:
+            pytest.fail("ran while another thread held the lock")
+
+        start = time.monotonic()
+        with pytest.raises(ps.LockTimeout):
+            never()
+        assert 0.2 <= time.monotonic() - start < 1.0
+        lock.close()
+    finally:
+        done.set()
+        t.join()
+
+
+@pytest.mark.timeout(30)
+def test_acquire_with_timeout_returns_false_after_the_timeout() -> None:
+    done, t = _held_by_another_thread("m")
+    try:
+        lock = ps.interprocess_lock("m")
+        start = time.monotonic()
+        assert lock.acquire(timeout=0.2) is False
+        assert 0.2 <= time.monotonic() - start < 1.0
+        start = time.monotonic()
+        assert lock.acquire(timeout=0) is False
+        assert time.monotonic() - start < 0.2
+        # acquire() without a timeout uses the lock's own.
+        timed = ps.interprocess_lock("m", timeout=0.2)
+        start = time.monotonic()
+        assert timed.acquire() is False
+        assert 0.2 <= time.monotonic() - start < 1.0
+        lock.close()
+        timed.close()
+    finally:
+        done.set()
+        t.join()
+
+
+@pytest.mark.timeout(30)
+def test_a_waiter_gets_the_lock_when_it_is_released() -> None:
+    lock = ps.interprocess_lock("m")
+    lock.acquire()
+    got = []
+
+    def waiter() -> None:
+        with ps.interprocess_lock("m"):
+            got.append(time.monotonic())
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.3)
+    assert got == []
+    released = time.monotonic()
+    lock.release()
+    t.join(10)
+    assert len(got) == 1 and got[0] >= released
+    lock.close()
+
+
+@pytest.mark.timeout(30)
+def test_blocking_wait_releases_the_gil() -> None:
+    done, t = _held_by_another_thread("m")
+    ticks = [0]
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            ticks[0] += 1
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        lock = ps.interprocess_lock("m")
+        before = ticks[0]
+        assert lock.acquire(timeout=0.3) is False
+        assert ticks[0] - before > 1000  # Python ran in another thread meanwhile
+        lock.close()
+    finally:
+        stop.set()
+        spinner.join()
+        done.set()
+        t.join()
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.timeout(30)
+def test_a_signal_interrupts_a_wait_without_a_timeout() -> None:
+    done, t = _held_by_another_thread("m")
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Interrupted
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        lock = ps.interprocess_lock("m")
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        start = time.monotonic()
+        with pytest.raises(_Interrupted):
+            lock.acquire()
+        assert time.monotonic() - start < 3.0
+        assert not lock.owned()
+        lock.close()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        done.set()
+        t.join()
+
+
+# -- mutual exclusion, exact counts ------------------------------------------------
+
+N_PROCS = 8
+N_INCREMENTS = 20_000
+
+
+def _increment(counter: memoryview, times: int, lock: ps.InterprocessLock | None) -> None:
+    # Read, yield the CPU, write back: without the lock another process runs
+    # between the read and the write and its updates are lost.
+    for i in range(times):
+        if lock is not None:
+            lock.acquire()
+        value = counter[0]
+        if i % 8 == 0:
+            os.sched_yield()
+        counter[0] = value + 1
+        if lock is not None:
+            lock.release()
+
+
+def _run_forked_increments(counter: memoryview, use_lock: bool) -> None:
+    def body() -> None:
+        lock = ps.interprocess_lock("m") if use_lock else None
+        _increment(counter, N_INCREMENTS, lock)
+        if lock is not None:
+            lock.close()
+
+    pids = [fork(body) for _ in range(N_PROCS)]
+    for pid in pids:
+        wait_ok(pid, timeout=240)
+
+
+@pytest.mark.timeout(300)
+def test_mutual_exclusion_between_forked_processes() -> None:
+    with shared_counter() as counter:
+        _run_forked_increments(counter, use_lock=True)
+        assert counter[0] == N_PROCS * N_INCREMENTS
+
+
+@pytest.mark.timeout(300)
+def test_negative_control_forked_increments_without_the_lock_lose_updates() -> None:
+    with shared_counter() as counter:
+        _run_forked_increments(counter, use_lock=False)
+        assert counter[0] < N_PROCS * N_INCREMENTS
+
+
+@pytest.mark.timeout(300)
+def test_mutual_exclusion_with_an_inherited_lock_object() -> None:
+    lock = ps.interprocess_lock("m")  # opened before the fork: children use the inherited one
+    with shared_counter() as counter:
+        pids = [fork(lambda: _increment(counter, 5_000, lock)) for _ in range(4)]
+        for pid in pids:
+            wait_ok(pid, timeout=240)
+        assert counter[0] == 4 * 5_000
+    lock.close()
+
+
+def _thread_increments(use_lock: bool) -> int:
+    box = [0]
+    lock = ps.interprocess_lock("m") if use_lock else None
+
+    def work() -> None:
+        for _ in range(2_000):
+            if lock is not None:
+                lock.acquire()
+            value = box[0]
+            time.sleep(0)  # lets another thread run between the read and the write
+            box[0] = value + 1
+            if lock is not None:
+                lock.release()
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if lock is not None:
+        lock.close()
+    return box[0]
+
+
+@pytest.mark.timeout(120)
+def test_mutual_exclusion_between_threads() -> None:
+    assert _thread_increments(use_lock=True) == 4 * 2_000
+
+
+@pytest.mark.timeout(120)
+def test_negative_control_threads_without_the_lock_lose_updates() -> None:
+    assert _thread_increments(use_lock=False) < 4 * 2_000
+
+
+_UNRELATED = """
+import os, sys
+import procshare as ps
+
+path, times, use_lock = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+fd = os.open(path, os.O_RDWR)
+lock = ps.interprocess_lock("m") if use_lock else None
+for i in range(times):
+    if lock is not None:
+        lock.acquire()
+    value = int.from_bytes(os.pread(fd, 8, 0), "little")
+    if i % 8 == 0:
+        os.sched_yield()
+    os.pwrite(fd, (value + 1).to_bytes(8, "little"), 0)
+    if lock is not None:
+        lock.release()
+if lock is not None:
+    lock.close()
+"""
+
+
+def _run_unrelated(tmp_path: Path, use_lock: bool, procs: int = 4, times: int = 5_000) -> int:
+    counter = tmp_path / "counter.bin"
+    counter.write_bytes(bytes(8))
+    # Not forked: fresh interpreters that know only the name (and inherit
+    # PROCSHARE_NAMESPACE from the test's environment).
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _UNRELATED, str(counter), str(times), "1" if use_lock else "0"]
+        )
+        for _ in range(procs)
+    ]
+    for child in children:
+        assert child.wait(timeout=240) == 0
+    return int.from_bytes(counter.read_bytes(), "little")
+
+
+@pytest.mark.timeout(300)
+def test_mutual_exclusion_between_unrelated_processes(tmp_path: Path) -> None:
+    assert _run_unrelated(tmp_path, use_lock=True) == 4 * 5_000
+    assert lock_objects() == set()
+
+
+@pytest.mark.timeout(300)
+def test_negative_control_unrelated_processes_without_the_lock_lose_updates(
+    tmp_path: Path,
+) -> None:
+    assert _run_unrelated(tmp_path, use_lock=False) < 4 * 5_000
+
+
+# -- reentrancy and ownership ------------------------------------------------------
+
+
+def test_reentrant_lock_nests_within_a_thread() -> None:
+    lock = ps.interprocess_lock("m", reentrant=True)
+    with lock:
+        with lock:
+            assert lock.acquire(timeout=0)
+            lock.release()
+            assert lock.owned()
+        assert lock.owned()
+        assert lock.locked()
+    assert not lock.locked()
+    lock.close()
+
+
+def test_a_non_reentrant_lock_taken_twice_by_one_thread_raises() -> None:
+    lock = ps.interprocess_lock("m")
+    with lock:
+        with pytest.raises(RuntimeError, match="reentrant=True"):
+            lock.acquire()
+        with pytest.raises(RuntimeError, match="already held by this thread"), lock:
+            pass
+        # through a second object of the same name, too
+        other = ps.interprocess_lock("m")
+        with pytest.raises(RuntimeError, match="already held"):
+            other.acquire(timeout=1)
+        other.close()
+        assert lock.owned()
+    lock.close()
+
+
+@pytest.mark.timeout(30)
+def test_reentrant_nesting_is_per_thread() -> None:
+    lock = ps.interprocess_lock("m", reentrant=True)
+    lock.acquire()
+    result = []
+    t = threading.Thread(target=lambda: result.append(lock.acquire(timeout=0.2)))
+    t.start()
+    t.join()
+    assert result == [False]
+    lock.release()
+    lock.close()
+
+
+def test_releasing_a_lock_you_do_not_hold_raises_runtime_error() -> None:
+    lock = ps.interprocess_lock("m")
+    with pytest.raises(RuntimeError, match="does not hold it"):
+        lock.release()
+    with pytest.raises(RuntimeError, match="does not hold it"):
+        lock.mark_consistent()
+    lock.close()
+
+
+@pytest.mark.timeout(30)
+def test_releasing_a_lock_another_thread_holds_raises_runtime_error() -> None:
+    done, t = _held_by_another_thread("m")
+    try:
+        lock = ps.interprocess_lock("m")
+        with pytest.raises(RuntimeError, match="does not hold it"):
+            lock.release()
+        assert lock.locked()
+        lock.close()
+    finally:
+        done.set()
+        t.join()
+
+
+@pytest.mark.timeout(60)
+def test_a_lock_held_at_fork_is_not_owned_by_the_child_and_the_child_blocks() -> None:
+    lock = ps.interprocess_lock("m")
+    lock.acquire()
+    r, w = os.pipe()
+
+    def child() -> None:
+        os.close(r)
+        # threading.get_ident() is the parent's here; ownership must not be.
+        assert not lock.owned()
+        assert lock.locked()
+        with pytest.raises(RuntimeError):
+            lock.release()
+        start = time.monotonic()
+        assert lock.acquire(timeout=0.2) is False
+        assert time.monotonic() - start >= 0.2
+        os.write(w, b"W")
+        # blocks until the parent releases, then gets it
+        assert lock.acquire(timeout=30) is True
+        assert lock.owned()
+        lock.release()
+
+    pid = fork(child)
+    os.close(w)
+    try:
+        assert read_byte(r) == b"W"
+        time.sleep(0.2)
+        assert lock.owned()  # the child's attempts did not disturb the parent
+        lock.release()
+        wait_ok(pid)
+    finally:
+        os.close(r)
+    lock.close()
+
+
+# -- lifetime --------------------------------------------------------------------
+
+
+def test_the_last_user_out_removes_the_lock_object() -> None:
+    a = ps.interprocess_lock("m")
+    b = ps.interprocess_lock("m")
+    assert len(lock_objects()) == 1
+    a.close()
+    assert len(lock_objects()) == 1
+    b.close()
+    assert lock_objects() == set()
+    b.close()  # twice is fine
+
+
+@pytest.mark.timeout(60)
+def test_a_lock_lives_while_another_process_holds_it_open() -> None:
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+
+    def child() -> None:
+        os.close(r)
+        os.close(w2)
+        lock = ps.interprocess_lock("m")
+        os.write(w, b"O")
+        read_byte(r2)
+        lock.close()
+
+    pid = fork(child)
+    os.close(w)
+    os.close(r2)
+    try:
+        assert read_byte(r) == b"O"
+        mine = ps.interprocess_lock("m")
+        mine.close()
+        assert len(lock_objects()) == 1  # the child still uses it
+        os.write(w2, b"x")
+        wait_ok(pid)
+        assert lock_objects() == set()  # the child was the last out
+    finally:
+        os.close(r)
+        os.close(w2)
+
+
+def test_a_by_name_with_block_is_cached_then_released_by_housekeeping() -> None:
+    for _ in range(100):
+        with ps.interprocess_lock("m"):
+            pass
+    # The cache kept one open object for all hundred blocks ...
+    assert len(lock_objects()) == 1
+    # ... and the next call into procshare that does not use it closes it.
+    get_engine().poll()
+    assert lock_objects() == set()
+
+
+def test_a_lock_object_in_use_survives_housekeeping() -> None:
+    lock = ps.interprocess_lock("m")
+    get_engine().poll()
+    with ps.interprocess_lock("other"):
+        pass
+    assert len(lock_objects()) == 2
+    get_engine().poll()
+    assert len(lock_objects()) == 1
+    with lock:
+        pass
+    lock.close()
+    assert lock_objects() == set()
+
+
+def test_a_held_lock_is_not_closed_by_housekeeping_or_close() -> None:
+    lock = ps.interprocess_lock("m")
+    lock.acquire()
+    with pytest.raises(RuntimeError, match="release it first"):
+        lock.close()
+    get_engine().poll()
+    assert len(lock_objects()) == 1
+    lock.release()
+    lock.close()
+    assert lock_objects() == set()
+
+
+def test_using_a_closed_lock_raises() -> None:
+    lock = ps.interprocess_lock("m")
+    lock.close()
+    assert lock.closed
+    for use in (lock.acquire, lock.release, lock.locked, lock.mark_consistent):
+        with pytest.raises(ValueError, match="after close"):
+            use()
+    with pytest.raises(ps.ProcshareError, match="after close"), lock:
+        pass
+    assert "closed" in repr(lock)
+
+
+@pytest.mark.timeout(60)
+def test_a_child_closing_an_inherited_lock_does_not_close_the_parents() -> None:
+    lock = ps.interprocess_lock("m")
+
+    def child() -> None:
+        lock.close()
+        assert lock.closed
+
+    wait_ok(fork(child))
+    assert not lock.closed
+    with lock:
+        pass
+    assert len(lock_objects()) == 1
+    lock.close()
+
+
+@pytest.mark.timeout(60)
+def test_nothing_is_left_in_dev_shm_after_processes_use_a_lock() -> None:
+    before = set(os.listdir("/dev/shm"))
+
+    def child() -> None:
+        with ps.interprocess_lock("m"):
+            pass
+        get_engine().shutdown()
+
+    pids = [fork(child) for _ in range(4)]
+    for pid in pids:
+        wait_ok(pid)
+    assert set(os.listdir("/dev/shm")) - before == set()
+
+
+# -- bad input ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "x" * 129, "sp ace"])
+def test_invalid_names_raise_invalid_name(name: str) -> None:
+    with pytest.raises(ps.InvalidName):
+        ps.interprocess_lock(name)
+
+
+def test_bad_options_raise_with_a_message() -> None:
+    with pytest.raises(ValueError, match=">= 0"):
+        ps.interprocess_lock("m", timeout=-1)
+    with pytest.raises(TypeError, match="number of seconds"):
+        ps.interprocess_lock("m", timeout="soon")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="on_owner_death"):
+        ps.interprocess_lock("m", on_owner_death="ignore")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="reentrant"):
+        ps.interprocess_lock("m", reentrant=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mode"):
+        ps.interprocess_lock("m", mode=0o7777)
+    lock = ps.interprocess_lock("m")
+    with pytest.raises(ValueError, match=">= 0"):
+        lock.acquire(timeout=-0.5)
+    lock.close()
+    assert lock_objects() == set()
+
+
+def test_mode_is_applied_to_a_new_lock_object() -> None:
+    lock = ps.interprocess_lock("m", mode=0o640)
+    (os_name,) = lock_objects()
+    assert os.stat("/dev/shm" + os_name).st_mode & 0o777 == 0o640
+    lock.close()
+
+
+def test_repr_says_the_name_and_state() -> None:
+    lock = ps.interprocess_lock("m")
+    assert repr(lock) == "<InterprocessLock 'm' unlocked>"
+    with lock:
+        assert repr(lock) == "<InterprocessLock 'm' locked>"
+    lock.close()
