@@ -67,7 +67,8 @@ def wait_ok(pid: int, timeout: float = 60.0) -> None:
 def kill_and_reap(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert os.WIFSIGNALED(status)
+    assert os.WTERMSIG(status) == signal.SIGKILL
 
 
 def read_byte(fd: int, timeout: float = 30.0) -> bytes:

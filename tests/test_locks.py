@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import procshare as ps
-from procshare._engine import get_engine
 from lockhelpers import fork, lock_objects, read_byte, shared_counter, wait_ok
+from procshare._engine import get_engine
 
 # -- the three ways to use it -------------------------------------------------
 
@@ -180,7 +180,8 @@ def test_a_waiter_gets_the_lock_when_it_is_released() -> None:
     released = time.monotonic()
     lock.release()
     t.join(10)
-    assert len(got) == 1 and got[0] >= released
+    assert len(got) == 1
+    assert got[0] >= released
     lock.close()
 
 
