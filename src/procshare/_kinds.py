@@ -273,14 +273,12 @@ def _resolve_attrs(name: str, cls: type, part: SegmentsPart) -> StructKind:
         raise _unsupported(cls, "it has no fields")
     size = (offset + align - 1) // align * align
     canonical = "struct{" + ",".join(f"{f}:{s.name}@{o}" for f, s, o in fields) + "}:" + str(size)
-    view_class = _views.struct_view_class(
-        cls.__qualname__, tuple((f, s.name) for f, s, _ in fields)
-    )
+    view_class = _views.struct_view_class(cls.__name__, tuple((f, s.name) for f, s, _ in fields))
     return StructKind(
         name,
         cls,
         tuple(fields),
-        Layout(canonical, f"struct {cls.__qualname__}", size),
+        Layout(canonical, f"struct {cls.__name__}", size),
         view_class,
     )
 

@@ -40,6 +40,11 @@ class _Closed:
     def __getattr__(self, attr: str) -> NoReturn:
         raise SegmentClosed(self.name)
 
+    def __setattr__(self, attr: str, value: object) -> None:
+        if attr != "name":
+            raise SegmentClosed(self.name)
+        object.__setattr__(self, attr, value)
+
 
 def _release(mv: Any) -> None:
     if isinstance(mv, memoryview):
