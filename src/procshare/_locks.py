@@ -148,9 +148,10 @@ class InterprocessLock:
     # -- the hot path ----------------------------------------------------------
 
     def __enter__(self) -> InterprocessLock:
-        if not self._m.acquire(self._reentrant, -1.0):
+        rc = self._m.acquire(self._reentrant, -1.0)
+        if not rc:
             return self
-        return self._enter_slow()
+        return self._enter_slow(rc)
 
     def __exit__(self, *exc_info: object) -> None:
         if self._m.release():
@@ -178,8 +179,9 @@ class InterprocessLock:
         """Whether :meth:`close` was called."""
         return self._entry is None
 
-    def _enter_slow(self) -> InterprocessLock:
-        rc = _engine_locks.wait_acquire(self._m, self._reentrant, self._timeout)
+    def _enter_slow(self, rc: int) -> InterprocessLock:
+        if rc == BUSY and self._timeout != 0:
+            rc = _engine_locks.wait_acquire(self._m, self._reentrant, self._timeout)
         if rc == OK:
             return self
         if rc in (OWNER_DIED, UNCONFIRMED):

@@ -1,0 +1,308 @@
+"""ps.interprocess_lock when a holder dies: SPEC section 4, "Robust", point by point."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+
+import pytest
+
+import procshare as ps
+from lockhelpers import (
+    fork,
+    hold_and_die,
+    kill_and_reap,
+    killed_holder,
+    lock_objects,
+    read_byte,
+    wait_ok,
+)
+from procshare._engine import locks as engine_locks
+
+
+def _confirm(lock: ps.InterprocessLock) -> None:
+    """Take the lock through OwnerDied, confirm it, release it."""
+    with pytest.raises(ps.OwnerDied):
+        lock.acquire()
+    lock.mark_consistent()
+    lock.release()
+
+
+@pytest.mark.timeout(60)
+def test_acquire_raises_owner_died_with_the_lock_held() -> None:
+    lock = ps.interprocess_lock("m")
+    dead = killed_holder("m")
+    with pytest.raises(ps.OwnerDied) as info:
+        lock.acquire()
+    assert info.value.held is True
+    assert info.value.owner_pid == dead
+    assert info.value.name == "m"
+    assert "mark_consistent" in str(info.value)
+    assert lock.owned()
+    assert lock.locked()
+    lock.mark_consistent()
+    lock.release()
+    # life goes on: the next acquire is clean
+    assert lock.acquire(timeout=0) is True
+    lock.release()
+    with lock:
+        pass
+    lock.close()
+    assert lock_objects() == set()
+
+
+@pytest.mark.timeout(60)
+def test_the_next_waiter_gets_the_lock_at_once_when_the_holder_is_killed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With waits sliced at 30 s, only the kernel's wake-up on the holder's
+    # death can make the waiter return quickly: no polling delay.
+    monkeypatch.setattr(engine_locks, "SLICE", 30.0)
+    lock = ps.interprocess_lock("m")
+    holder = hold_and_die("m")
+    outcome: list[object] = []
+    waiting = threading.Event()
+
+    def waiter() -> None:
+        waiting.set()
+        try:
+            lock.acquire()
+        except ps.OwnerDied as exc:
+            outcome.append(time.monotonic())
+            outcome.append(exc)
+            lock.mark_consistent()
+            lock.release()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    assert waiting.wait(10)
+    time.sleep(0.3)  # the waiter is blocked in the kernel by now
+    assert outcome == []
+    killed = time.monotonic()
+    kill_and_reap(holder)
+    t.join(20)
+    assert not t.is_alive()
+    assert len(outcome) == 2
+    assert isinstance(outcome[1], ps.OwnerDied)
+    assert outcome[1].owner_pid == holder
+    assert outcome[0] - killed < 5.0  # far below the 30 s slice
+    lock.close()
+
+
+@pytest.mark.timeout(60)
+def test_with_raises_owner_died_after_releasing_unconfirmed() -> None:
+    lock = ps.interprocess_lock("m")
+    dead = killed_holder("m")
+    ran = []
+    with pytest.raises(ps.OwnerDied) as info, lock:
+        ran.append(True)
+    assert ran == []
+    assert info.value.held is False
+    assert info.value.owner_pid == dead
+    assert not lock.locked()  # released...
+    # ... but unconfirmed: the next acquirer is told again, and again.
+    with pytest.raises(ps.OwnerDied) as again:
+        lock.acquire()
+    assert again.value.held is True
+    assert again.value.owner_pid == dead
+    lock.release()  # still unconfirmed
+    with pytest.raises(ps.OwnerDied), lock:
+        pass
+    _confirm(lock)
+    with lock:
+        ran.append(True)
+    assert ran == [True]
+    lock.close()
+
+
+@pytest.mark.timeout(60)
+def test_decorator_raises_owner_died_after_releasing_unconfirmed() -> None:
+    lock = ps.interprocess_lock("m")
+
+    @lock
+    def work() -> str:
+        return "ran"
+
+    killed_holder("m")
+    with pytest.raises(ps.OwnerDied) as info:
+        work()
+    assert info.value.held is False
+    assert not lock.locked()
+    _confirm(lock)
+    assert work() == "ran"
+    lock.close()
+
+
+@pytest.mark.timeout(60)
+def test_unconfirmed_is_told_to_other_processes_too() -> None:
+    lock = ps.interprocess_lock("m")
+    dead = killed_holder("m")
+    with pytest.raises(ps.OwnerDied), lock:
+        pass
+
+    def child() -> None:
+        other = ps.interprocess_lock("m")
+        with pytest.raises(ps.OwnerDied) as info:  # never silently healed
+            other.acquire()
+        assert info.value.owner_pid == dead
+        assert info.value.held
+        other.mark_consistent()
+        other.release()
+        other.close()
+
+    wait_ok(fork(child))
+    # the child confirmed: clean from now on
+    with lock:
+        pass
+    lock.close()
+
+
+@pytest.mark.timeout(60)
+def test_on_owner_death_repair_runs_with_the_lock_held_then_the_block() -> None:
+    calls = []
+
+    def repair(lock: ps.InterprocessLock) -> None:
+        calls.append(("repair", lock.owned()))
+
+    lock = ps.interprocess_lock("m", on_owner_death=repair)
+    killed_holder("m")
+    with lock:
+        calls.append(("block", lock.owned()))
+    assert calls == [("repair", True), ("block", True)]
+    # repaired means confirmed: nobody is told any more
+    plain = ps.interprocess_lock("m")
+    assert plain.acquire(timeout=0) is True
+    plain.release()
+    plain.close()
+    lock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_repair_leaves_the_lock_released_and_unconfirmed() -> None:
+    def repair(lock: ps.InterprocessLock) -> None:
+        raise ValueError("cannot repair")
+
+    lock = ps.interprocess_lock("m", on_owner_death=repair)
+    killed_holder("m")
+    with pytest.raises(ValueError, match="cannot repair"), lock:
+        pass
+    assert not lock.locked()
+    plain = ps.interprocess_lock("m")
+    _confirm(plain)
+    plain.close()
+    lock.close()
+
+
+@pytest.mark.timeout(60)
+def test_on_owner_death_warn_warns_confirms_and_enters() -> None:
+    lock = ps.interprocess_lock("m", on_owner_death="warn")
+    dead = killed_holder("m")
+    ran = []
+    with pytest.warns(RuntimeWarning, match=f"pid {dead} died while holding it"), lock:
+        ran.append(lock.owned())
+    assert ran == [True]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with lock:  # confirmed: no second warning
+            pass
+    lock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_lock_whose_holder_died_is_kept_when_nobody_has_it_open() -> None:
+    # Only the child ever opens the lock, so when it is killed no living
+    # process holds the object: it must be kept, and a later opener told.
+    dead = killed_holder("m")
+    assert len(lock_objects()) == 1
+    lock = ps.interprocess_lock("m")
+    with pytest.raises(ps.OwnerDied) as info:
+        lock.acquire()
+    assert info.value.owner_pid == dead
+    lock.mark_consistent()
+    lock.release()
+    lock.close()
+    assert lock_objects() == set()  # confirmed and closed: the last user out removes it
+
+
+@pytest.mark.timeout(60)
+def test_a_lock_released_unconfirmed_is_kept_after_its_last_user_closes() -> None:
+    lock = ps.interprocess_lock("m")
+    dead = killed_holder("m")
+    with pytest.raises(ps.OwnerDied), lock:
+        pass
+    lock.close()
+    assert len(lock_objects()) == 1  # never silently healed by being removed
+    again = ps.interprocess_lock("m")
+    with pytest.raises(ps.OwnerDied) as info:
+        again.acquire()
+    assert info.value.owner_pid == dead
+    again.mark_consistent()
+    again.release()
+    again.close()
+    assert lock_objects() == set()
+
+
+@pytest.mark.timeout(60)
+def test_a_holder_that_dies_again_during_repair_is_told_again() -> None:
+    lock = ps.interprocess_lock("m")
+    killed_holder("m")
+    r, w = os.pipe()
+
+    def child() -> None:
+        os.close(r)
+        mine = ps.interprocess_lock("m")
+        try:
+            mine.acquire()
+        except ps.OwnerDied:
+            os.write(w, b"R")  # "repairing" ... and killed before confirming
+            while True:
+                time.sleep(10)
+
+    pid = fork(child)
+    os.close(w)
+    try:
+        assert read_byte(r) == b"R"
+    finally:
+        os.close(r)
+    kill_and_reap(pid)
+    with pytest.raises(ps.OwnerDied) as info:
+        lock.acquire()
+    assert info.value.owner_pid == pid
+    lock.mark_consistent()
+    lock.release()
+    lock.close()
+
+
+@pytest.mark.timeout(60)
+def test_reentrant_lock_is_robust_too() -> None:
+    lock = ps.interprocess_lock("m", reentrant=True)
+    killed_holder("m")
+    with pytest.raises(ps.OwnerDied):
+        lock.acquire()
+    with lock:  # nests inside the held lock: no new news
+        pass
+    lock.mark_consistent()
+    lock.release()
+    assert not lock.locked()
+    lock.close()
+
+
+@pytest.mark.timeout(60)
+def test_mark_consistent_when_nothing_died_is_harmless() -> None:
+    lock = ps.interprocess_lock("m")
+    with lock:
+        lock.mark_consistent()
+    assert lock.acquire(timeout=0)
+    lock.release()
+    lock.close()
+
+
+def test_owner_died_pickles_with_its_fields() -> None:
+    import pickle
+
+    exc = ps.OwnerDied("m", owner_pid=123, held=True)
+    back = pickle.loads(pickle.dumps(exc))
+    assert (back.name, back.owner_pid, back.held) == ("m", 123, True)
+    assert str(back) == str(exc)
