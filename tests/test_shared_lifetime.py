@@ -1,0 +1,477 @@
+"""ps.shared: create/attach, atomic initialisation, lifetime, space, names, fork, permissions."""
+
+from __future__ import annotations
+
+import gc
+import os
+import select
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import procshare as ps
+from procshare._engine import names
+from procshare._engine.segments import segments_part
+from shared_support import ChildFailed, Helper, run_in_child
+
+
+def shm_path(name: str, namespace: str | None = None) -> str:
+    return "/dev/shm" + names.os_name(names.SEGMENT, name, namespace)
+
+
+def exists(name: str) -> bool:
+    return os.path.exists(shm_path(name))
+
+
+# --------------------------------------------------------------------------
+# create=None / True / False, initial, zeroing
+
+
+def test_create_none_creates_then_attaches() -> None:
+    with ps.shared("x", int) as _:
+        first = ps.shared("x", int)
+        try:
+            assert not first.created
+        finally:
+            first.close()
+    seg = ps.shared("x", int)
+    try:
+        assert seg.created
+    finally:
+        seg.close()
+
+
+def test_create_true_refuses_a_live_segment() -> None:
+    with ps.shared("x", int, create=True):
+        with pytest.raises(ps.SegmentExists, match="'x' already exists") as info:
+            ps.shared("x", int, create=True)
+        assert isinstance(info.value, FileExistsError)
+    with ps.shared("x", int, create=True) as again:  # gone after the block: creatable
+        assert again.value == 0
+
+
+def test_create_false_refuses_a_missing_segment() -> None:
+    with pytest.raises(ps.SegmentNotFound, match="no shared segment named 'y'") as info:
+        ps.shared("y", int, create=False)
+    assert isinstance(info.value, FileNotFoundError)
+    with ps.shared("y", int), ps.shared("y", int, create=False) as y:
+        assert y.value == 0
+
+
+def test_create_must_be_none_or_bool() -> None:
+    with pytest.raises(TypeError, match="create="):
+        ps.shared("x", int, create="yes")  # type: ignore[arg-type]
+
+
+def test_initial_is_applied_once_and_attaching_never_resets() -> None:
+    with ps.shared("x", int, initial=5) as x:
+        x.value += 1
+        with ps.shared("x", int, initial=100) as again:
+            assert again.value == 6
+
+        def child() -> int:
+            with ps.shared("x", int, initial=1000) as mine:
+                return int(mine.value)
+
+        assert run_in_child(child) == 6
+
+
+def _race_child(index: int, start_r: int, hold_r: int, report_w: int) -> None:
+    os.read(start_r, 1)  # every racer starts at the same moment
+    seg = ps.shared("race", ps.u64, initial=1000 + index)
+    os.write(report_w, f"{index} {int(seg.created)} {seg.view.value}\n".encode())
+    os.read(hold_r, 1)  # hold it until everyone has attached
+    seg.close()
+
+
+@pytest.mark.timeout(120)
+def test_twenty_racing_creators_initialise_exactly_once() -> None:
+    start_r, start_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    report_r, report_w = os.pipe()
+    pids = []
+    try:
+        for i in range(20):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - child
+                code = 1
+                try:
+                    os.close(start_w)
+                    os.close(hold_w)
+                    os.close(report_r)
+                    _race_child(i, start_r, hold_r, report_w)
+                    code = 0
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        os.close(report_w)
+        os.close(start_w)  # go
+        lines: list[str] = []
+        buf = b""
+        deadline = time.monotonic() + 90
+        while len(lines) < 20 and time.monotonic() < deadline:
+            if select.select([report_r], [], [], 1)[0]:
+                chunk = os.read(report_r, 4096)
+                if not chunk:
+                    break
+                buf += chunk
+                *done, rest = buf.split(b"\n")
+                lines += [d.decode() for d in done]
+                buf = rest
+        os.close(hold_w)  # let them close
+    finally:
+        statuses = [os.waitpid(pid, 0)[1] for pid in pids]
+        for fd in (start_r, hold_r, report_r):
+            os.close(fd)
+    assert statuses == [0] * 20
+    assert len(lines) == 20
+    reports = [tuple(int(x) for x in line.split()) for line in lines]
+    creators = [index for index, created, _ in reports if created]
+    assert len(creators) == 1
+    assert {value for _, _, value in reports} == {1000 + creators[0]}
+    assert not exists("race")
+
+
+@pytest.mark.timeout(60)
+def test_a_creator_killed_mid_initialisation_leaves_nothing_half_done() -> None:
+    blob = b"\xab" * 8192
+
+    def creator(h: Helper) -> None:
+        def pause(name: str) -> None:
+            h.ready()  # half of initial is written now
+            time.sleep(600)
+
+        segments_part().init_hook = pause
+        ps.shared("half", bytes, size=len(blob), initial=blob)
+
+    before = set(os.listdir("/dev/shm"))
+    helper = Helper(creator)
+    try:
+        helper.wait_ready()
+        # While the creator is paused half-way, the segment does not exist...
+        with pytest.raises(ps.SegmentNotFound):
+            ps.shared("half", bytes, size=len(blob), create=False)
+    finally:
+        helper.kill()
+    # ... and once it is dead there is nothing left behind, not even a temporary.
+    assert set(os.listdir("/dev/shm")) == before
+    with ps.shared("half", bytes, size=len(blob), initial=b"\x01" * 8192) as fresh:
+        assert bytes(fresh) == b"\x01" * 8192
+
+
+@pytest.mark.timeout(60)
+def test_an_attacher_racing_a_paused_creator_gets_a_whole_segment() -> None:
+    def creator(h: Helper) -> None:
+        def pause(name: str) -> None:
+            h.ready()
+            h.wait_release()
+
+        segments_part().init_hook = pause
+        with ps.shared("p", bytes, size=4096, initial=b"A" * 4096) as mine:
+            # It lost the race: it attached to the other creator's segment.
+            assert bytes(mine) == b"B" * 4096
+
+    helper = Helper(creator)
+    try:
+        helper.wait_ready()
+        with ps.shared("p", bytes, size=4096, initial=b"B" * 4096) as ours:
+            assert bytes(ours) == b"B" * 4096
+            status = helper.release()
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        if helper.pid:
+            try:
+                os.kill(helper.pid, 9)
+                helper.join()
+            except (ProcessLookupError, ChildProcessError, OSError):
+                pass
+
+
+# --------------------------------------------------------------------------
+# lifetime
+
+
+def test_the_last_holder_to_close_unlinks() -> None:
+    a = ps.shared("life", int)
+    b = ps.shared("life", int)
+    a.close()
+    assert exists("life")
+    b.close()
+    assert not exists("life")
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_holder_stops_holding() -> None:
+    def holder(h: Helper) -> None:
+        ps.shared("k", int, initial=3)
+        h.ready()
+        time.sleep(600)
+
+    helper = Helper(holder)
+    try:
+        helper.wait_ready()
+        seg = ps.shared("k", int)
+        assert seg.view.value == 3
+    finally:
+        helper.kill()
+    seg.close()  # the dead child does not count: we were the last holder
+    assert not exists("k")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("create", [None, False])
+def test_an_orphan_is_never_served_as_live_data(create: bool | None) -> None:
+    def holder(h: Helper) -> None:
+        seg = ps.shared("o", int)
+        seg.view.value = 42
+        h.ready()
+        time.sleep(600)
+
+    helper = Helper(holder)
+    helper.wait_ready()
+    helper.kill()
+    assert exists("o")  # left behind by the SIGKILL...
+    if create is False:
+        with pytest.raises(ps.SegmentNotFound):
+            ps.shared("o", int, create=False)
+        assert not exists("o")  # ... and reclaimed by the next open
+    else:
+        with ps.shared("o", int) as o:
+            assert o.value == 0  # a fresh segment, not the dead one's 42
+        assert not exists("o")
+
+
+def test_persist_keeps_a_segment_until_unlink() -> None:
+    with ps.shared("keep", int, persist=True) as k:
+        k.value = 9
+    assert exists("keep")
+    with ps.shared("keep", int, create=False) as k:
+        assert k.value == 9
+    seg = ps.shared("keep", int)
+    assert seg.persist
+    seg.close()
+    assert ps.unlink("keep") is True
+    assert not exists("keep")
+    assert ps.unlink("keep") is False
+
+
+@pytest.mark.timeout(60)
+def test_a_persistent_segment_outlives_a_killed_creator() -> None:
+    def holder(h: Helper) -> None:
+        seg = ps.shared("pk", int, persist=True)
+        seg.view.value = 5
+        h.ready()
+        time.sleep(600)
+
+    helper = Helper(holder)
+    helper.wait_ready()
+    helper.kill()
+    try:
+        with ps.shared("pk", int, create=False) as pk:
+            assert pk.value == 5
+    finally:
+        ps.unlink("pk")
+
+
+def test_unlink_frees_the_name_while_holders_keep_their_memory() -> None:
+    with ps.shared("u", int, initial=1) as old:
+        assert ps.unlink("u")
+        with ps.shared("u", int, initial=2) as new:
+            assert (old.value, new.value) == (1, 2)
+            old.value = 10
+            assert new.value == 2
+
+
+def test_a_dropped_handle_is_closed_by_garbage_collection() -> None:
+    seg = ps.shared("gc", int)
+    assert exists("gc")
+    del seg
+    gc.collect()
+    assert not exists("gc")
+
+
+def test_a_view_keeps_its_handle_open() -> None:
+    view = ps.shared("v", int).view
+    gc.collect()
+    view.value = 3
+    assert exists("v")
+    del view
+    gc.collect()
+    assert not exists("v")
+
+
+def test_interpreter_exit_closes_what_is_left_open() -> None:
+    code = textwrap.dedent(
+        """
+        import procshare as ps
+        seg = ps.shared("left-open", int, initial=1)
+        keep = [seg]  # still referenced at exit
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert not exists("left-open")
+
+
+# --------------------------------------------------------------------------
+# out of space
+
+
+def test_a_segment_bigger_than_free_shared_memory_raises_at_creation() -> None:
+    vfs = os.statvfs("/dev/shm")
+    too_big = vfs.f_blocks * vfs.f_frsize + (1 << 30)
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(ps.SharedMemoryFull) as info:
+        ps.shared("huge", bytes, size=too_big)
+    err = info.value
+    assert isinstance(err, OSError)
+    assert err.errno == 28  # ENOSPC
+    assert err.requested == too_big
+    assert err.available is not None
+    assert err.available < too_big
+    assert "does not fit" in str(err)
+    assert set(os.listdir("/dev/shm")) == before
+
+
+def test_creation_reserves_the_pages() -> None:
+    size = 8 << 20
+    with ps.shared("big", bytes, size=size):
+        st = os.stat(shm_path("big"))
+        assert st.st_blocks * 512 >= size  # fallocated: no SIGBUS on first touch
+
+
+# --------------------------------------------------------------------------
+# names and namespaces
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "a b", "é", "x" * 129, "semi;colon"])
+def test_invalid_names(bad: str) -> None:
+    with pytest.raises(ps.InvalidName, match="A-Z a-z 0-9"):
+        ps.shared(bad, int)
+    with pytest.raises(ps.InvalidName):
+        ps.unlink(bad)
+
+
+def test_long_names_map_to_short_os_names() -> None:
+    name = "n" * 128
+    with ps.shared(name, int, initial=4) as v:
+        assert v.value == 4
+        assert len(names.os_name(names.SEGMENT, name)) <= 31
+        assert exists(name)
+
+
+def test_namespaces_separate_applications() -> None:
+    with ps.namespace("app1"), ps.shared("x", int, initial=1) as one:
+        with ps.namespace("app2"), ps.shared("x", int, initial=2) as two:
+            assert (one.value, two.value) == (1, 2)
+            assert os.path.exists(shm_path("x", "app2"))
+        assert os.path.exists(shm_path("x", "app1"))
+
+
+def test_the_environment_variable_sets_the_namespace() -> None:
+    code = 'import procshare as ps\nprint(ps.shared("e", int, create=False).view.value)'
+    with ps.namespace("envapp"), ps.shared("e", int, initial=77):
+        env = dict(os.environ, PROCSHARE_NAMESPACE="envapp")
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+        )
+        assert out.stdout.strip() == "77", out.stderr
+        env["PROCSHARE_NAMESPACE"] = "otherapp"
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+        )
+        assert "SegmentNotFound" in out.stderr
+
+
+# --------------------------------------------------------------------------
+# fork
+
+
+def test_a_segment_opened_before_fork_is_usable_in_the_child_which_never_unlinks_it() -> None:
+    seg = ps.shared("f", int, initial=1)
+    try:
+
+        def child() -> int:
+            seg.view.value += 10
+            seg.close()  # the child's close must not release the parent's hold
+            with ps.shared("f", int, create=False) as mine:
+                return int(mine.value)
+
+        assert run_in_child(child) == 11
+        assert exists("f")
+        assert not seg.closed
+        assert seg.view.value == 11
+        # the parent still counts as a holder: another process attaches fine
+        assert run_in_child(lambda: int(ps.shared("f", int, create=False).view.value)) == 11
+    finally:
+        seg.close()
+    assert not exists("f")
+
+
+def test_a_child_exiting_inside_an_inherited_with_block_releases_nothing() -> None:
+    with ps.shared("w", int) as w:
+
+        def child() -> None:
+            with ps.shared("w", int) as again:
+                again.value = 5
+            w.value += 1
+
+        run_in_child(child)
+        assert w.value == 6
+        assert exists("w")
+    assert not exists("w")
+
+
+# --------------------------------------------------------------------------
+# permissions
+
+
+def test_segments_are_owner_only_by_default() -> None:
+    with ps.shared("m", int):
+        assert stat.S_IMODE(os.stat(shm_path("m")).st_mode) == 0o600
+    with ps.shared("m", int, mode=0o640):
+        assert stat.S_IMODE(os.stat(shm_path("m")).st_mode) == 0o640
+
+
+@pytest.mark.parametrize("mode", [0o400, 0o1777, -1, "0o600"])
+def test_bad_modes_are_refused(mode: object) -> None:
+    with pytest.raises(ValueError, match="mode="):
+        ps.shared("m", int, mode=mode)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_another_user_cannot_attach() -> None:
+    with ps.shared("secret", int, initial=7):
+        os_name = names.os_name(names.SEGMENT, "secret")
+
+        def child() -> tuple[str, str]:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            # By name it is another user's namespace: not found.
+            try:
+                ps.shared("secret", int, create=False)
+                by_name = "attached"
+            except ps.SegmentNotFound:
+                by_name = "not found"
+            # By the OS name itself, the mode keeps it out.
+            from procshare._engine.core import get_engine
+
+            try:
+                get_engine().backend.segment_open(os_name, keep_orphan=lambda h: False)
+                direct = "attached"
+            except PermissionError:
+                direct = "denied"
+            return by_name, direct
+
+        assert run_in_child(child) == ("not found", "denied")
+
+
+def test_child_failures_are_reported() -> None:
+    # The helper itself must not hide a failing child (a negative control).
+    with pytest.raises(ChildFailed, match="ZeroDivisionError"):
+        run_in_child(lambda: 1 / 0)
