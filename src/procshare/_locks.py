@@ -38,6 +38,10 @@ R = TypeVar("R")
 OnOwnerDeath = Callable[["InterprocessLock"], object] | Literal["warn"] | None
 
 
+# Names already validated (a by-name lock in a hot loop validates once).
+_valid_names: set[str] = set()
+
+
 class _LockClosedError(ProcshareError, ValueError):
     """A lock object was used after ``close()``."""
 
@@ -124,7 +128,10 @@ class InterprocessLock:
         on_owner_death: OnOwnerDeath = None,
         mode: int = 0o600,
     ) -> None:
-        validate_name(name, "lock name")
+        if name not in _valid_names:
+            validate_name(name, "lock name")
+            if len(_valid_names) < 4096:
+                _valid_names.add(name)
         self._name = name
         self._timeout = _check_timeout(timeout)
         if not isinstance(reentrant, bool):
@@ -326,6 +333,8 @@ class InterprocessLock:
         entry = getattr(self, "_entry", None)
         if entry is not None:
             entry.users.discard(id(self))
+            if not entry.users:
+                entry.part.maybe_idle = True
 
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
         """Use the lock as a decorator: every call of ``func`` runs holding it."""

@@ -26,6 +26,7 @@ marks its holder dead, so the next acquirer is told (``OwnerDied``).
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -72,6 +73,20 @@ SLICE = 0.1
 
 KEY = "locks"
 
+# (ps.namespace() in effect, $PROCSHARE_NAMESPACE) -> validated namespace: a
+# by-name lock in a hot loop should not re-validate the namespace every time.
+_namespaces: dict[tuple[str | None, str | None], str] = {}
+
+
+def _current_namespace() -> str:
+    memo = (names._namespace.get(), os.environ.get("PROCSHARE_NAMESPACE"))
+    found = _namespaces.get(memo)
+    if found is None:
+        found = names.current_namespace()
+        if len(_namespaces) < 256:
+            _namespaces[memo] = found
+    return found
+
 
 @attrs.define(eq=False)
 class LockEntry:
@@ -105,12 +120,14 @@ class LocksPart:
         self.engine = engine
         self.backend = engine.backend
         self._entries: dict[tuple[str, str], LockEntry] = {}
+        #: set when an entry may have lost its last user (a lock object was collected)
+        self.maybe_idle = False
 
     # -- opening and closing -------------------------------------------------
 
     def open(self, name: str, user: int, mode: int) -> LockEntry:
         """The entry for ``name`` in the current namespace, registering ``user`` on it."""
-        key = (names.current_namespace(), name)
+        key = (_current_namespace(), name)
         entry = self._entries.get(key)
         if entry is not None:
             # Register first, then check: a concurrent close marks the entry
@@ -175,6 +192,8 @@ class LocksPart:
             entry.closed = True
             if entry.users or entry.mutex.held_here():
                 entry.closed = False
+                if not entry.users:
+                    self.maybe_idle = True  # held: look again at the next poll
                 return False
             key = (entry.namespace, entry.name)
             if self._entries.get(key) is entry:
@@ -190,10 +209,11 @@ class LocksPart:
 
     def poll(self) -> None:
         """Close entries whose users have all been garbage collected."""
-        if not self._entries:
+        if not self.maybe_idle:
             return
+        self.maybe_idle = False
         for entry in list(self._entries.values()):
-            if not entry.users and not entry.mutex.held_here():
+            if not entry.users:
                 self._close_if_idle(entry)
 
     def shutdown(self) -> None:
