@@ -1,0 +1,204 @@
+"""The lock half of the backend contract: what any backend's LockBackend must do.
+
+Talks to the backend directly (segments + lock handles, no engine, no front
+end), so a new backend is checked against exactly the promises of
+``api_lock.py``: result codes, per-thread ownership, nesting, owner death
+told and never healed, the keep decision, the GIL released while waiting,
+and no ownership across fork.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from procshare._backends import Backend, get_backend
+from procshare._backends import api_lock as api
+from procshare._backends.api_lock import LockHandle
+from procshare._backends.api_segment import SegmentHandle
+from procshare._engine import names
+
+
+@pytest.fixture(params=["posix"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    assert request.param == get_backend().name
+    return get_backend()
+
+
+@pytest.fixture
+def segment(backend: Backend) -> Iterator[SegmentHandle]:
+    os_name = names.os_name(names.LOCK, "contract")
+    handle = backend.segment_create(
+        os_name,
+        meta=b'{"kind": "lock"}',
+        data_size=backend.lock_data_size,
+        mode=0o600,
+        persist=False,
+        init=backend.lock_init,
+    )
+    assert handle is not None
+    yield handle
+    backend.segment_close(handle, keep=lambda _h: False)
+    backend.segment_unlink(os_name)
+
+
+@pytest.fixture
+def mutex(backend: Backend, segment: SegmentHandle) -> Iterator[LockHandle]:
+    m = backend.lock_attach(segment)
+    yield m
+    while m.owned():
+        m.release()
+    m.detach()
+
+
+def in_thread(fn: object) -> object:
+    out: list[object] = []
+    t = threading.Thread(target=lambda: out.append(fn()))  # type: ignore[operator]
+    t.start()
+    t.join(30)
+    return out[0]
+
+
+def _die_holding(m: LockHandle) -> int:
+    """Fork a child that takes ``m`` (inherited mapping) and is SIGKILLed holding it."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            m.acquire(False, 5.0)
+            os.write(w, b"H")
+            time.sleep(60)
+        finally:
+            os._exit(1)
+    os.close(w)
+    assert os.read(r, 1) == b"H"
+    os.close(r)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return pid
+
+
+def test_fresh_lock_is_free_and_needs_no_keeping(
+    backend: Backend, segment: SegmentHandle, mutex: LockHandle
+) -> None:
+    assert not mutex.locked()
+    assert not mutex.owned()
+    assert not mutex.held_here()
+    assert not backend.lock_keep(segment)
+    assert mutex.acquire(False, -1.0) == api.OK
+    # An object found held when its last holder leaves is kept, never removed
+    # from under its owner (the engine itself never closes a held lock).
+    assert backend.lock_keep(segment)
+    assert mutex.release() == api.OK
+
+
+def test_acquire_release_codes(mutex: LockHandle) -> None:
+    assert mutex.acquire(False, -1.0) == api.OK
+    assert mutex.owned()
+    assert mutex.held_here()
+    assert mutex.locked()
+    assert mutex.acquire(False, -1.0) == api.SELF_HELD
+    assert mutex.release() == api.OK
+    assert not mutex.locked()
+    assert mutex.release() == api.NOT_OWNER
+    assert mutex.mark_consistent() == api.NOT_OWNER
+
+
+def test_reentrant_acquire_nests(mutex: LockHandle) -> None:
+    assert mutex.acquire(True, -1.0) == api.OK
+    assert mutex.acquire(True, 0.5) == api.OK
+    assert mutex.release() == api.OK
+    assert mutex.locked()
+    assert mutex.release() == api.OK
+    assert not mutex.locked()
+
+
+@pytest.mark.timeout(30)
+def test_other_threads_see_busy_and_timeout(mutex: LockHandle) -> None:
+    assert mutex.acquire(False, -1.0) == api.OK
+    assert in_thread(lambda: mutex.acquire(False, -1.0)) == api.BUSY
+    start = time.monotonic()
+    assert in_thread(lambda: mutex.acquire(False, 0.2)) == api.TIMEDOUT
+    assert time.monotonic() - start >= 0.2
+    assert in_thread(mutex.release) == api.NOT_OWNER
+    assert in_thread(mutex.owned) is False
+    assert mutex.release() == api.OK
+
+
+@pytest.mark.timeout(30)
+def test_a_timed_wait_releases_the_gil(mutex: LockHandle) -> None:
+    assert mutex.acquire(False, -1.0) == api.OK
+    ticks = [0]
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            ticks[0] += 1
+
+    waiter = threading.Thread(target=lambda: mutex.acquire(False, 0.3))
+    spinner = threading.Thread(target=spin)
+    waiter.start()
+    time.sleep(0.05)
+    spinner.start()
+    before = ticks[0]
+    time.sleep(0.15)
+    progressed = ticks[0] - before
+    stop.set()
+    waiter.join()
+    spinner.join()
+    assert progressed > 1000
+    assert mutex.release() == api.OK
+
+
+@pytest.mark.timeout(30)
+def test_owner_death_is_told_until_confirmed_and_kept(
+    backend: Backend, segment: SegmentHandle, mutex: LockHandle
+) -> None:
+    dead = _die_holding(mutex)
+    assert backend.lock_keep(segment)  # a death nobody confirmed: keep it
+    assert mutex.acquire(False, -1.0) == api.OWNER_DIED
+    assert mutex.owned()
+    assert mutex.state()[4] == dead  # dead_pid
+    assert mutex.release() == api.OK  # released unconfirmed
+    assert backend.lock_keep(segment)
+    assert mutex.acquire(False, 1.0) == api.UNCONFIRMED  # told again
+    assert mutex.mark_consistent() == api.OK
+    assert mutex.release() == api.OK
+    assert not backend.lock_keep(segment)
+    assert mutex.acquire(False, -1.0) == api.OK  # clean
+    assert mutex.release() == api.OK
+
+
+@pytest.mark.timeout(30)
+def test_a_forked_child_does_not_own_what_the_parent_holds(mutex: LockHandle) -> None:
+    assert mutex.acquire(False, -1.0) == api.OK
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            ok = (
+                not mutex.owned()
+                and not mutex.held_here()
+                and mutex.release() == api.NOT_OWNER
+                and mutex.acquire(False, -1.0) == api.BUSY
+                and mutex.acquire(True, 0.1) == api.TIMEDOUT
+            )
+            code = 0 if ok else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert mutex.owned()
+    assert mutex.release() == api.OK
+
+
+def test_detach_is_refused_while_held(mutex: LockHandle) -> None:
+    assert mutex.acquire(False, -1.0) == api.OK
+    with pytest.raises(RuntimeError):
+        mutex.detach()
+    assert mutex.release() == api.OK
