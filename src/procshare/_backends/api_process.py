@@ -13,13 +13,10 @@ every promise made here; a new backend passes them before it is used.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NoReturn, Protocol
-
-import attrs
+from typing import NamedTuple, NoReturn, Protocol
 
 
-@attrs.frozen
-class Forked:
+class Forked(NamedTuple):
     """What :meth:`ProcessBackend.process_fork` returns in the parent.
 
     ``pid`` is the child's pid, ``result_fd`` the non-blocking read end of the
@@ -33,8 +30,7 @@ class Forked:
     wait_fd: int | None
 
 
-@attrs.frozen
-class Exit:
+class Exit(NamedTuple):
     """How a reaped child ended: ``status`` for a normal exit, else ``signal``."""
 
     status: int | None

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from procshare._backends.api_process import Exit
+from procshare._engine import core as _core
 from procshare.errors import (
     ChildError,
     ChildExited,
@@ -79,36 +80,56 @@ class Cancelled(BaseException):
         self.scope = scope
 
 
-@attrs.define(eq=False)
 class Record:
-    """The parent's knowledge of one child."""
+    """The parent's knowledge of one child.
 
-    pid: int
-    name: str
-    daemon: bool
-    timeout: float | None
-    started: float
-    result_fd: int | None
-    wait_fd: int | None
-    scope: ScopeState | None = None
-    buf: bytearray = attrs.field(factory=bytearray)
-    eof: bool = False
-    exit: Exit | None = None
-    lost: bool = False  # somebody else reaped it: its status is unknown
-    timed_out: bool = False
-    cancelled: bool = False
-    dropped: bool = False
-    lock: threading.RLock = attrs.field(factory=threading.RLock)
-    _decoded: tuple[bool, Any] | None = None
+    A plain slotted class, not attrs: it is built on every fork, and each
+    object touched around a fork costs a copy-on-write page fault.
+    """
 
-    @property
-    def deadline(self) -> float | None:
-        return None if self.timeout is None else self.started + self.timeout
+    __slots__ = (
+        "buf",
+        "cancelled",
+        "daemon",
+        "deadline",
+        "decoded",
+        "done",
+        "dropped",
+        "eof",
+        "exit",
+        "lost",
+        "name",
+        "pid",
+        "result_fd",
+        "scope",
+        "timed_out",
+        "timeout",
+        "wait_fd",
+    )
 
-    @property
-    def done(self) -> bool:
-        """Reaped (or lost): its outcome is final."""
-        return self.exit is not None or self.lost
+    def __init__(
+        self, name: str, daemon: bool, timeout: float | None, scope: ScopeState | None
+    ) -> None:
+        self.name = name
+        self.daemon = daemon
+        self.timeout = timeout
+        self.deadline: float | None = None if timeout is None else time.monotonic() + timeout
+        self.scope = scope
+        self.pid = 0
+        self.result_fd: int | None = None
+        self.wait_fd: int | None = None
+        self.buf = bytearray()
+        self.eof = False  # the result pipe is at end of file (or closed by us)
+        self.exit: Exit | None = None
+        self.done = False  # reaped (or lost): the outcome is final
+        self.lost = False  # somebody else reaped it: its status is unknown
+        self.timed_out = False
+        self.cancelled = False
+        self.dropped = False
+        self.decoded: tuple[bool, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Record {self.name!r} pid={self.pid} done={self.done}>"
 
 
 @attrs.define(eq=False)
@@ -153,7 +174,13 @@ def _raised_payload(exc: BaseException, detail: str = "", *, skip: int = 0) -> b
     return _RAISED + pickle.dumps(info, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+_NONE_PAYLOAD = _RETURNED + pickle.dumps(None, protocol=pickle.HIGHEST_PROTOCOL)
+_NONE_MESSAGE = _LEN.pack(len(_NONE_PAYLOAD)) + _NONE_PAYLOAD
+
+
 def _returned_payload(value: object) -> tuple[int, bytes]:
+    if value is None:
+        return 0, _NONE_PAYLOAD
     try:
         return 0, _RETURNED + pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
@@ -197,9 +224,14 @@ class ChildrenPart:
         daemon: bool,
         stacklevel: int,
     ) -> Record:
-        """Fork a child running ``fn(*args, **kwargs)``; return its record (parent only)."""
-        self.poll()
-        stack = self.scope_stack()
+        """Fork a child running ``fn(*args, **kwargs)``; return its record (parent only).
+
+        Everything the parent needs is built *before* the fork: each Python
+        object first written after it costs a copy-on-write page fault.
+        """
+        if self._dropped:
+            self.poll()
+        stack = getattr(self._local, "stack", None)
         scope = stack[-1] if stack else None
         if scope is not None:
             self._admit(scope)
@@ -214,24 +246,13 @@ class ChildrenPart:
                 RuntimeWarning,
                 stacklevel=stacklevel + 1,
             )
+        rec = Record(name, daemon, timeout, scope)
 
         def child(result_fd: int) -> int:
             return self._child_main(result_fd, fn, args, kwargs)
 
-        started = time.monotonic()
-        forked = self.backend.process_fork(child)
-        rec = Record(
-            pid=forked.pid,
-            name=name,
-            daemon=daemon,
-            timeout=timeout,
-            started=started,
-            result_fd=forked.result_fd,
-            wait_fd=forked.wait_fd,
-            scope=scope,
-        )
-        with self._lock:
-            self._live[rec.pid] = rec
+        rec.pid, rec.result_fd, rec.wait_fd = self.backend.process_fork(child)
+        self._live[rec.pid] = rec
         if scope is not None:
             scope.records.append(rec)
             scope.running.append(rec)
@@ -246,19 +267,17 @@ class ChildrenPart:
     ) -> int:
         """Runs in the child; the backend ends the process with the status returned."""
         global _own_result_fd
-        from procshare._engine.core import shutdown_engine
-
         backend = self.backend
         # Descriptors of our siblings and of our own parent's pipe are the
         # parent's business: holding them open would keep those pipes alive.
-        inherited = _own_result_fd
+        if _own_result_fd is not None:
+            backend.process_close(_own_result_fd)
         _own_result_fd = result_fd
-        if inherited is not None:
-            backend.process_close(inherited)
-        for rec in list(self._live.values()):
-            for fd in (rec.result_fd, rec.wait_fd):
-                if fd is not None:
-                    backend.process_close(fd)
+        if self._live:
+            for rec in list(self._live.values()):
+                for fd in (rec.result_fd, rec.wait_fd):
+                    if fd is not None:
+                        backend.process_close(fd)
         payload: bytes | None
         try:
             value = fn(*args, **kwargs)
@@ -272,7 +291,7 @@ class ChildrenPart:
         try:
             # Release what the child itself opened (never what it inherited:
             # its engine started empty), and reap its own children.
-            shutdown_engine()
+            _core.shutdown_engine()
         except BaseException as exc:
             if status == 0:
                 status = 1
@@ -284,7 +303,9 @@ class ChildrenPart:
         if payload is not None:
             # The parent dropped its handle and closed the pipe: nobody wants it.
             with contextlib.suppress(BrokenPipeError):
-                if len(payload) < 65536:
+                if payload is _NONE_PAYLOAD:
+                    backend.process_write(result_fd, _NONE_MESSAGE)
+                elif len(payload) < 65536:
                     backend.process_write(result_fd, _LEN.pack(len(payload)) + payload)
                 else:
                     backend.process_write(result_fd, _LEN.pack(len(payload)))
@@ -294,9 +315,11 @@ class ChildrenPart:
     # ------------------------------------------------------------- progress
 
     def _drain(self, rec: Record) -> None:
+        """Read what the child wrote so far; stop once the message is complete."""
         fd = rec.result_fd
         if fd is None or rec.eof:
             return
+        buf = rec.buf
         while True:
             data = self.backend.process_read(fd)
             if data is None:
@@ -304,7 +327,10 @@ class ChildrenPart:
             if not data:
                 rec.eof = True
                 return
-            rec.buf += data
+            buf += data
+            if len(buf) >= _LEN.size and len(buf) >= _LEN.size + _LEN.unpack_from(buf)[0]:
+                rec.eof = True  # the whole message is in: nothing more will come
+                return
 
     def _finish(self, rec: Record, exit_: Exit | None) -> None:
         """The child is reaped: collect the last of its output and forget it."""
@@ -313,12 +339,14 @@ class ChildrenPart:
         else:
             rec.exit = exit_
         self._drain(rec)
-        for fd in (rec.result_fd, rec.wait_fd):
-            if fd is not None:
-                self.backend.process_close(fd)
+        backend = self.backend
+        if rec.result_fd is not None:
+            backend.process_close(rec.result_fd)
+        if rec.wait_fd is not None:
+            backend.process_close(rec.wait_fd)
         rec.result_fd = rec.wait_fd = None
-        with self._lock:
-            self._live.pop(rec.pid, None)
+        rec.done = True
+        self._live.pop(rec.pid, None)
 
     def _reap(self, rec: Record, *, block: bool) -> bool:
         try:
@@ -336,7 +364,7 @@ class ChildrenPart:
         kill it if its timeout ran out. Returns whether it is done."""
         if rec.done:
             return True
-        with rec.lock:
+        with self._lock:
             if rec.done:
                 return True
             self._drain(rec)
@@ -352,6 +380,33 @@ class ChildrenPart:
         rec.timed_out = True
         self.backend.process_signal(rec.pid, signal.SIGKILL)
         self._reap(rec, block=True)
+
+    def wait(self, rec: Record, timeout: float | None) -> bool:
+        """Wait for one child; whether it is done (``False``: ``timeout`` ran out).
+
+        The lean path of ``join()``: poll the result pipe and the pidfd, read
+        when there is data, reap when the child has exited.
+        """
+        if rec.done:
+            return True
+        if rec.wait_fd is None or rec.deadline is not None or timeout is not None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self.wait_any([rec], deadline)
+            return rec.done
+        poll = self.backend.process_poll
+        while not rec.done:
+            fds = (
+                [rec.wait_fd] if rec.eof or rec.result_fd is None else [rec.result_fd, rec.wait_fd]
+            )
+            ready = poll(fds, None)
+            with self._lock:
+                if rec.done:
+                    break
+                if rec.wait_fd in ready:
+                    self._reap(rec, block=False)
+                else:
+                    self._drain(rec)
+        return True
 
     def wait_any(self, recs: Sequence[Record], deadline: float | None) -> None:
         """Return once one of ``recs`` is done, or at ``deadline`` (monotonic)."""
@@ -381,15 +436,9 @@ class ChildrenPart:
                 wait = _NO_PIDFD_SLICE if wait is None else min(wait, _NO_PIDFD_SLICE)
             self.backend.process_poll(fds, wait)
 
-    def wait(self, rec: Record, timeout: float | None) -> bool:
-        """Wait for one child; whether it is done (``False``: ``timeout`` ran out)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self.wait_any([rec], deadline)
-        return rec.done
-
     def signal(self, rec: Record, signum: int) -> bool:
         """Signal a child that has not been reaped (never a reused pid)."""
-        with rec.lock:
+        with self._lock:
             if rec.done:
                 return False
             return self.backend.process_signal(rec.pid, signum)
@@ -415,7 +464,7 @@ class ChildrenPart:
             for r in running:
                 if not r.done:
                     self.signal(r, signal.SIGKILL)
-                    with r.lock:
+                    with self._lock:
                         if not r.done:
                             self._reap(r, block=True)
 
@@ -424,9 +473,9 @@ class ChildrenPart:
     def outcome(self, rec: Record) -> tuple[bool, Any]:
         """``(True, value)`` or ``(False, error)`` for a done child. A fresh error
         object on every call, so raising it twice builds no reference cycle."""
-        decoded = rec._decoded
+        decoded = rec.decoded
         if decoded is None:
-            decoded = rec._decoded = self._decode(rec)
+            decoded = rec.decoded = self._decode(rec)
         ok, data = decoded
         if ok:
             return True, data
@@ -434,6 +483,13 @@ class ChildrenPart:
 
     def _decode(self, rec: Record) -> tuple[bool, Any]:  # noqa: PLR0911 - one per outcome
         exit_ = rec.exit
+        if exit_ is not None and not exit_.status and exit_.signal is None and not rec.timed_out:
+            if rec.buf == _NONE_MESSAGE:
+                return True, None  # the commonest case: no pickle machinery at all
+            message = self._message(rec)
+            if message is not None and message[:1] == _RETURNED:
+                with contextlib.suppress(Exception):
+                    return True, pickle.loads(message[1:])  # the common case, fast
         common: dict[str, Any] = {
             "pid": rec.pid,
             "name": rec.name,
@@ -598,7 +654,7 @@ class ChildrenPart:
             dropped, self._dropped = self._dropped, []
         keep = []
         for rec in dropped:
-            with rec.lock:
+            with self._lock:
                 if rec.done:
                     continue
                 if rec.result_fd is not None:

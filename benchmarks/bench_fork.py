@@ -1,0 +1,100 @@
+"""Starting and joining one no-op child: procshare against the bare kernel and the peers.
+
+One operation is: fork a child that does nothing, wait for it, collect its
+result (where the contender has one). Everything is measured from the same
+process, interleaved, so the cost of copying this process's page tables at
+fork time (the bulk of it) is the same for all.
+
+* ``raw os.fork``: ``os.fork()``; the child calls ``os._exit(0)`` at once; the
+  parent ``os.waitpid``. No result, no error reporting, no orphan protection.
+* ``procshare @forked``: ``noop().join()``: result pipe, pickled return value,
+  ``PR_SET_PDEATHSIG``, pidfd wait, the child's stdio flush and engine
+  shutdown.
+* ``multiprocessing.Process (fork)``: ``start()`` + ``join()``.
+* ``ProcessPoolExecutor round trip``: ``submit(noop).result()`` on a warm pool
+  (its workers are already forked): context for what reusing processes costs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import time
+
+import procshare as ps
+from benchmarks.harness import Bench
+
+
+def _noop() -> None:
+    return None
+
+
+@ps.forked
+def _ps_noop() -> None:
+    return None
+
+
+def procshare_forked(n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        _ps_noop().join()
+    return time.perf_counter() - t0
+
+
+def raw_fork(n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+    return time.perf_counter() - t0
+
+
+def multiprocessing_process(n: int) -> float:
+    ctx = multiprocessing.get_context("fork")
+    t0 = time.perf_counter()
+    for _ in range(n):
+        p = ctx.Process(target=_noop)
+        p.start()
+        p.join()
+    return time.perf_counter() - t0
+
+
+def pool_round_trip(n: int) -> float:
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        pool.submit(_noop).result()  # warm: the worker exists before timing starts
+        t0 = time.perf_counter()
+        for _ in range(n):
+            pool.submit(_noop).result()
+        return time.perf_counter() - t0
+
+
+def run(bench: Bench) -> None:
+    g = bench.group(
+        "fork: start + join of a no-op child",
+        note=(
+            "one op = fork a child that returns at once, wait for it and collect its result; "
+            "the pool contender reuses a warm worker instead of forking"
+        ),
+        unit="per child",
+    )
+    g.add("procshare @forked", procshare_forked)
+    g.add("raw os.fork", raw_fork)
+    g.add("multiprocessing.Process (fork)", multiprocessing_process)
+    g.add("ProcessPoolExecutor round trip (warm)", pool_round_trip)
+    g.measure(n=300)
+    g.target(
+        "procshare @forked",
+        "raw os.fork",
+        max_ratio=1.2,
+        text="@forked start + join within 1.2x of raw os.fork + os._exit + os.waitpid (issue 3)",
+    )
+    g.target(
+        "procshare @forked",
+        "multiprocessing.Process (fork)",
+        max_ratio=1.0,
+        text="@forked start + join faster than multiprocessing.Process with fork (issue 3)",
+    )
