@@ -179,7 +179,9 @@ def test_a_killed_holder_is_an_orphan_reclaimed_unless_kept(
         assert listed(backend, os_name)
         asked: list[SegmentHandle] = []
 
-        def recorder(handle: SegmentHandle, keep: object = keep) -> bool:
+        def recorder(
+            handle: SegmentHandle, keep: object = keep, asked: list[SegmentHandle] = asked
+        ) -> bool:
             asked.append(handle)
             return keep(handle)  # type: ignore[operator]
 
