@@ -306,3 +306,53 @@ def test_owner_died_pickles_with_its_fields() -> None:
     back = pickle.loads(pickle.dumps(exc))
     assert (back.name, back.owner_pid, back.held) == ("m", 123, True)
     assert str(back) == str(exc)
+
+
+@pytest.mark.timeout(60)
+def test_a_process_that_exits_holding_the_lock_counts_as_dead() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import procshare as ps\n"
+        "lock = ps.interprocess_lock('m')\n"
+        "lock.acquire()\n"
+        "raise SystemExit(0)  # exits normally, never releasing: atexit must not crash\n"
+    )
+    lock = ps.interprocess_lock("m")
+    child = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, timeout=60
+    )
+    assert child.returncode == 0, child.stderr.decode()
+    with pytest.raises(ps.OwnerDied) as info:
+        lock.acquire(timeout=5)
+    assert info.value.owner_pid is not None
+    lock.mark_consistent()
+    lock.release()
+    lock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_thread_that_ends_holding_the_lock_counts_as_dead() -> None:
+    lock = ps.interprocess_lock("m")
+    t = threading.Thread(target=lock.acquire)
+    t.start()
+    t.join()
+    with pytest.raises(ps.OwnerDied) as info:
+        lock.acquire(timeout=5)
+    assert info.value.owner_pid == os.getpid()
+    lock.mark_consistent()
+    lock.release()
+    lock.close()
+
+
+def test_listing_shows_the_lock_and_its_owner() -> None:
+    lock = ps.interprocess_lock("m")
+    with lock:
+        (info,) = [i for i in ps.segments() if i.type == "lock"]
+        assert info.name == "m"
+        assert info.owner == os.getpid()
+        assert os.getpid() in info.holders
+    (info,) = [i for i in ps.segments() if i.type == "lock"]
+    assert info.owner is None
+    lock.close()
