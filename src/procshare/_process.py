@@ -16,14 +16,13 @@ from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 import attrs
 
-from procshare._engine import get_engine
 from procshare._engine.children import (
     CANCEL_GRACE,
     Cancelled,
     ChildrenPart,
     Record,
     ScopeState,
-    get_children,
+    current_children,
 )
 from procshare.errors import ChildError, ChildRaised, JoinTimeout
 
@@ -260,7 +259,7 @@ class Children:
     def __enter__(self) -> Children:
         if self._scope is not None:
             raise RuntimeError("a ps.children() scope can be entered only once; make a new one")
-        part = get_children(get_engine())
+        part = current_children()
         self._part = part
         self._scope = part.enter_scope(self._limit, self._cancel_on_error)
         return self
@@ -351,16 +350,8 @@ class _Forked(Generic[P, R]):
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Child[R]:
-        part = get_children(get_engine())
-        rec = part.start(
-            self._fn,
-            args,
-            kwargs,
-            name=self._name,
-            timeout=self._timeout,
-            daemon=self._daemon,
-            stacklevel=2,
-        )
+        part = current_children()
+        rec = part.start(self._fn, args, kwargs, self._name, self._timeout, self._daemon, 2)
         return Child(part, rec)
 
     def __repr__(self) -> str:

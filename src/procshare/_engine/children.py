@@ -213,12 +213,11 @@ class ChildrenPart:
             stack = self._local.stack = []
         return stack
 
-    def start(
+    def start(  # noqa: PLR0917 - positional: this runs on every fork
         self,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        *,
         name: str,
         timeout: float | None,
         daemon: bool,
@@ -247,10 +246,7 @@ class ChildrenPart:
                 stacklevel=stacklevel + 1,
             )
         rec = Record(name, daemon, timeout, scope)
-
-        def child(result_fd: int) -> int:
-            return self._child_main(result_fd, fn, args, kwargs)
-
+        child = functools.partial(self._child_main, fn, args, kwargs)
         rec.pid, rec.result_fd, rec.wait_fd = self.backend.process_fork(child)
         self._live[rec.pid] = rec
         if scope is not None:
@@ -260,10 +256,10 @@ class ChildrenPart:
 
     def _child_main(
         self,
-        result_fd: int,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        result_fd: int,
     ) -> int:
         """Runs in the child; the backend ends the process with the status returned."""
         global _own_result_fd
@@ -395,10 +391,10 @@ class ChildrenPart:
             return rec.done
         poll = self.backend.process_poll
         while not rec.done:
-            fds = (
-                [rec.wait_fd] if rec.eof or rec.result_fd is None else [rec.result_fd, rec.wait_fd]
-            )
-            ready = poll(fds, None)
+            if rec.eof or rec.result_fd is None:
+                ready = poll([rec.wait_fd], None)  # all data is in: wait for the exit
+            else:
+                ready = poll([rec.result_fd, rec.wait_fd], None)
             with self._lock:
                 if rec.done:
                     break
@@ -715,3 +711,19 @@ class ChildrenPart:
 
 def get_children(engine: Engine) -> ChildrenPart:
     return engine.part("children", ChildrenPart)
+
+
+_current: ChildrenPart | None = None
+
+
+def current_children() -> ChildrenPart:
+    """This process's children part, cached: it is looked up on every fork.
+
+    A forked child resets the engine (``core._engine``), which invalidates the
+    cache there, so a child never uses its parent's part.
+    """
+    global _current
+    part = _current
+    if part is None or part.engine is not _core._engine:
+        part = _current = get_children(_core.get_engine())
+    return part

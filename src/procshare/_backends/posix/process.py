@@ -53,6 +53,8 @@ def _load_prctl() -> Callable[[int, int, int, int, int], int] | None:
 
 
 _prctl = _load_prctl()
+_threads_active: dict[int, Any] = threading._active  # type: ignore[attr-defined]
+_threads_limbo: dict[Any, Any] = threading._limbo  # type: ignore[attr-defined]
 _pidfd_open: Callable[[int], int] | None = getattr(os, "pidfd_open", None)
 
 
@@ -137,10 +139,12 @@ class PosixProcesses:
         return forked
 
     def process_write(self, fd: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        n = os.write(fd, data)
+        if n < len(data):
+            view = memoryview(data)[n:]
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
 
     def process_read(self, fd: int) -> bytes | None:
         try:
@@ -192,4 +196,5 @@ class PosixProcesses:
             os._exit(status)
 
     def process_python_threads(self) -> int:
-        return threading.active_count()
+        # threading.active_count() without its lock: this runs on every fork.
+        return len(_threads_active) + len(_threads_limbo)
