@@ -606,3 +606,50 @@ def test_bad_arguments_are_named_errors() -> None:
     with pytest.raises(ValueError, match="join"):
         child.join(timeout=-0.5)
     assert child.join() == 1
+
+
+# ------------------------------------------------- inherited segments, locks
+
+
+def test_segments_and_locks_opened_before_a_fork_stay_usable_and_are_not_released() -> None:
+    from procshare._backends import get_backend
+
+    backend = get_backend()
+    lock = ps.interprocess_lock("inherited-lock")
+    try:
+        with ps.shared("inherited", ps.u64) as total:
+            before = backend.os_objects()
+
+            @ps.forked
+            def add(i: int) -> int:
+                for _ in range(50):
+                    with lock:  # the parent's lock object, inherited by the fork
+                        total.value += i  # the parent's mapping, inherited too
+                return i
+
+            with ps.children() as kids:
+                for i in range(1, 5):
+                    add(i)
+            assert kids.results == [1, 2, 3, 4]
+            assert total.value == 50 * (1 + 2 + 3 + 4)
+            # The children closed, unlinked and released nothing they inherited.
+            assert backend.os_objects() == before
+            assert lock.acquire(timeout=5)
+            lock.release()
+    finally:
+        lock.close()
+
+
+def test_what_a_child_opens_itself_is_released_when_it_ends() -> None:
+    from procshare._backends import get_backend
+
+    backend = get_backend()
+    before = backend.os_objects()
+
+    @ps.forked
+    def opens_and_forgets() -> int:
+        seg = ps.shared("child-own", int, initial=7)  # never closed by the function
+        return int(seg.__enter__().value)
+
+    assert opens_and_forgets().join() == 7
+    assert backend.os_objects() == before  # the child's engine shutdown removed it
