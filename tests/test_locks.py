@@ -550,16 +550,64 @@ def test_a_lock_object_in_use_survives_housekeeping() -> None:
     assert lock_objects() == set()
 
 
-def test_a_held_lock_is_not_closed_by_housekeeping_or_close() -> None:
+def test_a_held_lock_survives_housekeeping_and_close_until_released() -> None:
     lock = ps.interprocess_lock("m")
     lock.acquire()
-    with pytest.raises(RuntimeError, match="release it first"):
-        lock.close()
+    lock.close()  # allowed: the lock can still be released through the object ...
     get_engine().poll()
-    assert len(lock_objects()) == 1
+    assert len(lock_objects()) == 1  # ... and its memory stays mapped until then
+    assert lock.owned()
+    with pytest.raises(ValueError, match="after close"):
+        lock.acquire()
     lock.release()
-    lock.close()
+    assert lock_objects() == set()  # released: the last user is gone
+    with pytest.raises(ValueError, match="after close"):
+        lock.release()
+
+
+@pytest.mark.timeout(30)
+def test_closing_an_object_another_thread_waits_on_never_strands_the_lock() -> None:
+    done, t = _held_by_another_thread("m")
+    lock = ps.interprocess_lock("m")
+    result = []
+
+    def wait_then_release() -> None:
+        result.append(lock.acquire(timeout=10))
+        lock.release()  # through the closed object: still allowed
+        result.append(lock.owned())
+
+    waiter = threading.Thread(target=wait_then_release)
+    waiter.start()
+    time.sleep(0.2)
+    lock.close()  # while the waiter sleeps on the mutex: its memory must stay mapped
+    done.set()
+    t.join()
+    waiter.join()
+    assert result == [True, False]
+    get_engine().poll()
     assert lock_objects() == set()
+
+
+@pytest.mark.timeout(120)
+def test_threads_opening_by_name_concurrently_share_one_lock() -> None:
+    box = [0]
+
+    def work() -> None:
+        for i in range(500):
+            with ps.interprocess_lock("m"):
+                value = box[0]
+                if i % 4 == 0:
+                    time.sleep(0)
+                box[0] = value + 1
+            if i % 50 == 0:
+                get_engine().poll()  # housekeeping racing with the other threads
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert box[0] == 4 * 500
 
 
 def test_using_a_closed_lock_raises() -> None:

@@ -47,12 +47,19 @@ class _LockClosedError(ProcshareError, ValueError):
 
 
 class _Closed:
-    """Stands in for the lock handle after ``close()``: every use says so."""
+    """Stands in for the lock handle after ``close()``.
 
-    __slots__ = ("name",)
+    Taking the lock again says the object is closed. What a thread of this
+    process still holds (or was waiting for when another thread closed the
+    object) can still be released and confirmed: closing must never strand a
+    held lock. The engine keeps the memory mapped until then.
+    """
 
-    def __init__(self, name: str) -> None:
+    __slots__ = ("entry", "name")
+
+    def __init__(self, name: str, entry: LockEntry | None = None) -> None:
         self.name = name
+        self.entry = entry
 
     def _fail(self) -> Any:
         raise _LockClosedError(
@@ -60,17 +67,32 @@ class _Closed:
             f"ps.interprocess_lock({self.name!r})"
         )
 
+    def _held(self) -> LockEntry | None:
+        entry = self.entry
+        if entry is None or entry.closed or not entry.mutex.owned():
+            return None
+        return entry
+
     def acquire(self, reentrant: bool, timeout: float, /) -> int:
         return self._fail()  # type: ignore[no-any-return]
 
     def release(self) -> int:
-        return self._fail()  # type: ignore[no-any-return]
+        entry = self._held()
+        if entry is None:
+            return self._fail()  # type: ignore[no-any-return]
+        rc = entry.mutex.release()
+        if not entry.mutex.in_use():
+            entry.part.close_if_unused(entry)
+        return rc
 
     def mark_consistent(self) -> int:
-        return self._fail()  # type: ignore[no-any-return]
+        entry = self._held()
+        if entry is None:
+            return self._fail()  # type: ignore[no-any-return]
+        return entry.mutex.mark_consistent()
 
     def owned(self) -> bool:
-        return self._fail()  # type: ignore[no-any-return]
+        return self._held() is not None
 
     def locked(self) -> bool:
         return self._fail()  # type: ignore[no-any-return]
@@ -309,22 +331,16 @@ class InterprocessLock:
     def close(self) -> None:
         """Stop using the lock. The last user of the last process removes its object.
 
-        Refused with ``RuntimeError`` while the calling thread holds the lock
-        and this is the process's last object for it. Safe
-        to call twice. In a forked child, closing an inherited lock object
+        A lock this thread still holds can be released after ``close()``
+        (nothing else can be done with the object); its memory stays mapped
+        until then. Safe to call twice. In a forked child, closing an inherited lock object
         only makes it unusable there; the parent keeps its lock.
         """
         entry = self._entry
         if entry is None:
             return
-        if self._m.owned() and entry.users <= {id(self)}:
-            # The last object of this lock in the process: closing it would
-            # leave the thread holding a lock nothing can release.
-            raise RuntimeError(
-                f"cannot close lock {self._name!r} while this thread holds it; release it first"
-            )
         self._entry = None
-        self._m = _Closed(self._name)
+        self._m = _Closed(self._name, entry)
         part = entry.part
         if part.engine.pid == get_engine().pid:
             part.drop_user(entry, id(self), close=True)

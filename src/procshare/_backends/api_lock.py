@@ -61,6 +61,11 @@ class LockHandle(Protocol):
         """Whether any thread of this process holds it through this handle."""
         ...
 
+    def in_use(self) -> bool:
+        """Whether a thread of this process holds it or waits for it through this handle
+        (its memory must then stay mapped: see ``detach``)."""
+        ...
+
     def locked(self) -> bool:
         """Whether anybody (any process, any thread) holds it now."""
         ...
@@ -71,7 +76,7 @@ class LockHandle(Protocol):
         ...
 
     def detach(self) -> None:
-        """Let go of the memory. Raises ``RuntimeError`` while held here."""
+        """Let go of the memory. Raises ``RuntimeError`` while ``in_use()``."""
         ...
 
 

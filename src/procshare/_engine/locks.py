@@ -185,12 +185,17 @@ class LocksPart:
         if close and not entry.users:
             self._close_if_idle(entry)
 
+    def close_if_unused(self, entry: LockEntry) -> None:
+        """Close ``entry`` if no lock object uses it and no thread holds or waits for it."""
+        if not entry.users and self.engine.pid == os.getpid():
+            self._close_if_idle(entry)
+
     def _close_if_idle(self, entry: LockEntry) -> bool:
         with self.engine.lock:
             if entry.closed:
                 return True
             entry.closed = True
-            if entry.users or entry.mutex.held_here():
+            if entry.users or entry.mutex.in_use():
                 entry.closed = False
                 if not entry.users:
                     self.maybe_idle = True  # held: look again at the next poll

@@ -83,6 +83,7 @@ typedef struct {
     unsigned long owner_gen;
     uint32_t owner_ktid;
     long depth;
+    long waiters; /* threads of this process blocked in acquire on this object */
 } MutexObject;
 
 static inline uint32_t
@@ -248,9 +249,12 @@ Mutex_acquire(MutexObject *self, PyObject *const *args, Py_ssize_t nargs)
             abs.tv_sec += 1;
             abs.tv_nsec -= 1000000000L;
         }
+        /* Counted so that detach() never unmaps memory a thread sleeps on. */
+        self->waiters++;
         Py_BEGIN_ALLOW_THREADS
         rc = pthread_mutex_clocklock(self->mutex, CLOCK_MONOTONIC, &abs);
         Py_END_ALLOW_THREADS
+        self->waiters--;
     }
     switch (rc) {
     case 0:
@@ -347,6 +351,20 @@ Mutex_held_here(MutexObject *self, PyObject *Py_UNUSED(ignored))
                            (word(self) & FUTEX_TID_MASK) == self->owner_ktid);
 }
 
+static int
+held_here(MutexObject *self)
+{
+    return self->has_view && self->depth > 0 && self->owner_gen == fork_gen &&
+           (word(self) & FUTEX_TID_MASK) == self->owner_ktid;
+}
+
+/* in_use(): held, or waited for, by a thread of this process through this object. */
+static PyObject *
+Mutex_in_use(MutexObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(held_here(self) || self->waiters > 0);
+}
+
 static PyObject *
 Mutex_locked(MutexObject *self, PyObject *Py_UNUSED(ignored))
 {
@@ -376,10 +394,9 @@ Mutex_detach(MutexObject *self, PyObject *Py_UNUSED(ignored))
     if (!self->has_view) {
         Py_RETURN_NONE;
     }
-    if (self->depth > 0 && self->owner_gen == fork_gen &&
-        (word(self) & FUTEX_TID_MASK) == self->owner_ktid) {
+    if (held_here(self) || self->waiters > 0) {
         PyErr_SetString(PyExc_RuntimeError,
-                        "cannot detach a robust mutex held by a thread of this process");
+                        "cannot detach a robust mutex a thread of this process holds or waits for");
         return NULL;
     }
     self->has_view = 0;
@@ -405,6 +422,8 @@ static PyMethodDef Mutex_methods[] = {
     {"owned", (PyCFunction)Mutex_owned, METH_NOARGS, "Held by the calling thread?"},
     {"held_here", (PyCFunction)Mutex_held_here, METH_NOARGS,
      "Held by any thread of this process through this object?"},
+    {"in_use", (PyCFunction)Mutex_in_use, METH_NOARGS,
+     "Held or waited for by a thread of this process through this object?"},
     {"locked", (PyCFunction)Mutex_locked, METH_NOARGS, "Held by anybody?"},
     {"state", (PyCFunction)Mutex_state, METH_NOARGS, "The raw shared state, for listings."},
     {"detach", (PyCFunction)Mutex_detach, METH_NOARGS, "Release the memory."},
