@@ -1,0 +1,247 @@
+"""The process half of the backend contract: what any backend must do.
+
+These tests talk to the backend directly (no engine, no front end), so a new
+backend is checked against exactly the promises ``api_process.py`` makes:
+fork returns only in the parent, the child always ends through
+``process_exit`` with its status, the result pipe (close-on-exec, the
+parent's read end non-blocking, end of file once the child is gone), the
+wait descriptor, reaping with exit status or signal, signalling, and death
+with the parent.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from procshare._backends import get_backend
+from procshare._backends.api_process import Exit, Forked, ProcessBackend
+
+
+@pytest.fixture(params=["posix"])
+def backend(request: pytest.FixtureRequest) -> ProcessBackend:
+    assert request.param == get_backend().name
+    return get_backend()
+
+
+def _finish(backend: ProcessBackend, forked: Forked) -> Exit:
+    """Wait for the exit (through the wait descriptor when there is one) and reap."""
+    if forked.wait_fd is not None:
+        assert backend.process_poll([forked.wait_fd], 30) == [forked.wait_fd]
+        exit_ = backend.process_reap(forked.pid, block=False)
+    else:
+        exit_ = backend.process_reap(forked.pid, block=True)
+    assert exit_ is not None
+    backend.process_close(forked.result_fd)
+    if forked.wait_fd is not None:
+        backend.process_close(forked.wait_fd)
+    return exit_
+
+
+def _read_all(backend: ProcessBackend, fd: int) -> bytes:
+    data = bytearray()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        backend.process_poll([fd], 1)
+        chunk = backend.process_read(fd)
+        if chunk is None:
+            continue
+        if not chunk:
+            return bytes(data)
+        data += chunk
+    raise AssertionError("no end of file on the result pipe")
+
+
+def test_fork_returns_only_in_the_parent_and_the_child_reports_through_the_pipe(
+    backend: ProcessBackend,
+) -> None:
+    me = os.getpid()
+
+    def child(fd: int) -> int:
+        backend.process_write(fd, f"{os.getpid()} {os.getppid()}".encode())
+        return 0
+
+    forked = backend.process_fork(child)
+    assert os.getpid() == me  # only the parent comes back here
+    assert forked.pid > 0
+    pid, ppid = map(int, _read_all(backend, forked.result_fd).split())
+    assert (pid, ppid) == (forked.pid, me)
+    assert _finish(backend, forked) == Exit(0, None)
+
+
+@pytest.mark.parametrize("status", [0, 3, 255])
+def test_the_child_exits_with_the_status_it_returns(backend: ProcessBackend, status: int) -> None:
+    forked = backend.process_fork(lambda fd: status)
+    exit_ = _finish(backend, forked)
+    assert exit_ == Exit(status, None)
+    assert exit_.exitcode == status
+
+
+def test_a_child_that_raises_never_returns_into_the_caller(backend: ProcessBackend) -> None:
+    me = os.getpid()
+
+    def child(fd: int) -> int:
+        raise KeyboardInterrupt  # even a BaseException must not escape the child
+
+    forked = backend.process_fork(child)
+    assert os.getpid() == me
+    assert _finish(backend, forked) == Exit(1, None)
+
+
+def test_process_exit_skips_finalizers(backend: ProcessBackend) -> None:
+    def child(fd: int) -> int:
+        try:
+            backend.process_exit(7)
+        finally:
+            os.write(fd, b"finally ran")  # must not happen: _exit runs nothing
+        return 0  # pragma: no cover
+
+    forked = backend.process_fork(child)
+    assert _read_all(backend, forked.result_fd) == b""
+    assert _finish(backend, forked) == Exit(7, None)
+
+
+def test_signals_are_reported_as_signals(backend: ProcessBackend) -> None:
+    def child(fd: int) -> int:
+        time.sleep(30)
+        return 0
+
+    forked = backend.process_fork(child)
+    assert backend.process_reap(forked.pid, block=False) is None  # still running
+    assert backend.process_poll([forked.result_fd], 0.05) == []  # nothing written yet
+    assert backend.process_read(forked.result_fd) is None  # non-blocking: no data now
+    assert backend.process_signal(forked.pid, signal.SIGKILL)
+    exit_ = _finish(backend, forked)
+    assert exit_ == Exit(None, signal.SIGKILL)
+    assert exit_.exitcode == -signal.SIGKILL
+
+
+def test_the_pipe_is_close_on_exec_and_read_while_the_child_writes(
+    backend: ProcessBackend,
+) -> None:
+    size = 4 * 1024 * 1024  # far beyond a pipe buffer: the parent must read as it goes
+
+    def child(fd: int) -> int:
+        assert not os.get_inheritable(fd)
+        backend.process_write(fd, b"z" * size)
+        return 0
+
+    forked = backend.process_fork(child)
+    assert not os.get_inheritable(forked.result_fd)
+    assert not os.get_blocking(forked.result_fd)
+    data = _read_all(backend, forked.result_fd)
+    assert len(data) == size
+    assert _finish(backend, forked) == Exit(0, None)
+
+
+def test_the_wait_descriptor_becomes_ready_at_exit(backend: ProcessBackend) -> None:
+    def child(fd: int) -> int:
+        time.sleep(0.3)
+        return 0
+
+    forked = backend.process_fork(child)
+    if forked.wait_fd is None:
+        pytest.fail("the POSIX backend on Linux must provide a pidfd")
+    assert backend.process_poll([forked.wait_fd], 0.05) == []
+    assert backend.process_poll([forked.wait_fd], 30) == [forked.wait_fd]
+    assert _finish(backend, forked) == Exit(0, None)
+
+
+def test_reaping_twice_or_a_stranger_is_child_process_error(backend: ProcessBackend) -> None:
+    forked = backend.process_fork(lambda fd: 0)
+    _finish(backend, forked)
+    with pytest.raises(ChildProcessError):
+        backend.process_reap(forked.pid, block=False)
+    with pytest.raises(ChildProcessError):
+        backend.process_reap(1, block=False)
+
+
+def test_poll_is_interrupted_by_a_raising_signal_handler(backend: ProcessBackend) -> None:
+    r, w = os.pipe()
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            backend.process_poll([r], 30)
+        assert time.monotonic() - t0 < 10
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        os.close(r)
+        os.close(w)
+
+
+def test_python_threads_are_counted(backend: ProcessBackend) -> None:
+    base = backend.process_python_threads()
+    assert base >= 1
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert backend.process_python_threads() == base + 1
+    finally:
+        stop.set()
+        thread.join()
+
+
+@pytest.mark.timeout(60)
+def test_children_die_with_their_parent(backend: ProcessBackend) -> None:
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
+                import time
+                from procshare._backends import get_backend
+
+                backend = get_backend()
+
+                def sleeper(fd):
+                    time.sleep(60)
+                    return 0
+
+                kids = [backend.process_fork(sleeper) for _ in range(2)]
+                print(" ".join(str(k.pid) for k in kids), flush=True)
+                time.sleep(60)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.01)
+        assert not any(_alive(p) for p in pids)
+    finally:
+        parent.kill()
+        parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().decode().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
