@@ -687,6 +687,48 @@ def test_mode_is_applied_to_a_new_lock_object() -> None:
     lock.close()
 
 
+@pytest.mark.timeout(60)
+def test_a_lock_pickles_by_name_and_opens_in_the_receiving_process() -> None:
+    import pickle
+
+    lock = ps.interprocess_lock("m", timeout=0.2, reentrant=True)
+    again = pickle.loads(pickle.dumps(lock))
+    assert (again.name, again.timeout, again.reentrant) == ("m", 0.2, True)
+    with lock:
+        assert again.owned()  # same lock, same process
+    # a fresh interpreter: only the name (and namespace) travels
+    script = (
+        "import pickle, sys\n"
+        "lock = pickle.loads(sys.stdin.buffer.read())\n"
+        "got = lock.acquire(timeout=0.1)\n"
+        "print(got, lock.reentrant)\n"
+        "if got:\n"
+        "    lock.release()\n"
+        "lock.close()\n"
+    )
+
+    def in_other_process() -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            input=pickle.dumps(lock),
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+        return done.stdout.decode().strip()
+
+    lock.acquire()
+    assert in_other_process() == "False True"
+    lock.release()
+    assert in_other_process() == "True True"
+    again.close()
+    lock.close()
+    closed = ps.interprocess_lock("m")
+    closed.close()
+    with pytest.raises(ValueError, match="closed"):
+        pickle.dumps(closed)
+
+
 def test_repr_says_the_name_and_state() -> None:
     lock = ps.interprocess_lock("m")
     assert repr(lock) == "<InterprocessLock 'm' unlocked>"

@@ -29,7 +29,7 @@ from procshare._engine.locks import (
     UNCONFIRMED,
     LockEntry,
 )
-from procshare._engine.names import validate_name
+from procshare._engine.names import use_namespace, validate_name
 from procshare.errors import LockTimeout, OwnerDied, ProcshareError
 
 P = ParamSpec("P")
@@ -352,6 +352,15 @@ class InterprocessLock:
             if not entry.users:
                 entry.part.maybe_idle = True
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickling sends the name, not the memory: the receiving process opens
+        # the same lock (same namespace) itself.
+        entry = self._entry
+        if entry is None:
+            raise _LockClosedError(f"lock {self._name!r} was closed; a closed lock cannot be sent")
+        options = (self._timeout, self._reentrant, self._on_owner_death)
+        return (_reopen, (entry.namespace, self._name, *options))
+
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
         """Use the lock as a decorator: every call of ``func`` runs holding it."""
 
@@ -366,6 +375,19 @@ class InterprocessLock:
         if self._entry is None:
             return f"<InterprocessLock {self._name!r} closed>"
         return f"<InterprocessLock {self._name!r} {'locked' if self._m.locked() else 'unlocked'}>"
+
+
+def _reopen(
+    namespace: str,
+    name: str,
+    timeout: float | None,
+    reentrant: bool,
+    on_owner_death: OnOwnerDeath,
+) -> InterprocessLock:
+    with use_namespace(namespace):
+        return InterprocessLock(
+            name, timeout=timeout, reentrant=reentrant, on_owner_death=on_owner_death
+        )
 
 
 def interprocess_lock(
