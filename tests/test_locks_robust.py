@@ -356,3 +356,24 @@ def test_listing_shows_the_lock_and_its_owner() -> None:
     (info,) = [i for i in ps.segments() if i.type == "lock"]
     assert info.owner is None
     lock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_lock_poisoned_by_foreign_code_says_how_to_get_rid_of_it() -> None:
+    import ctypes
+
+    lock = ps.interprocess_lock("m")
+    killed_holder("m")
+    assert lock._entry is not None
+    address = ctypes.c_void_p(lock._entry.handle.address)
+    libc = ctypes.CDLL(None)
+    assert libc.pthread_mutex_lock(address) == 130  # EOWNERDEAD, taken by "foreign" code
+    assert libc.pthread_mutex_unlock(address) == 0  # ... unlocked without consistent
+    for attempt in (lock.acquire, lock.__enter__):
+        with pytest.raises(RuntimeError, match="rm --lock m"):
+            attempt()
+    lock.close()
+    assert len(lock_objects()) == 1  # kept: nobody confirmed anything
+    from procshare._engine import inspect
+
+    assert inspect.remove("m", lock=True)

@@ -202,3 +202,25 @@ def test_detach_is_refused_while_held(mutex: LockHandle) -> None:
     with pytest.raises(RuntimeError):
         mutex.detach()
     assert mutex.release() == api.OK
+
+
+@pytest.mark.timeout(30)
+def test_a_mutex_poisoned_by_foreign_code_is_reported_not_crashed_on(
+    segment: SegmentHandle, mutex: LockHandle
+) -> None:
+    import ctypes
+
+    # Foreign code (plain pthreads): unlocking after EOWNERDEAD without
+    # pthread_mutex_consistent() makes the mutex ENOTRECOVERABLE for good.
+    libc = ctypes.CDLL(None)
+    address = ctypes.c_void_p(segment.address)
+    _die_holding(mutex)
+    assert libc.pthread_mutex_lock(address) == 130  # EOWNERDEAD
+    assert libc.pthread_mutex_unlock(address) == 0
+    # glibc's trylock on such a mutex would leave our tid in the lock word
+    # (and a later unlock crash): the handle must not even try.
+    word_before = mutex.state()[0]
+    assert mutex.acquire(False, -1.0) == api.NOT_RECOVERABLE
+    assert mutex.acquire(False, 0.1) == api.NOT_RECOVERABLE
+    assert mutex.state()[0] == word_before
+    assert not mutex.owned()

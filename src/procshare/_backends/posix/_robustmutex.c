@@ -28,6 +28,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -228,7 +229,7 @@ Mutex_acquire(MutexObject *self, PyObject *const *args, Py_ssize_t nargs)
 #ifdef __GLIBC__
     /* glibc's trylock on an ENOTRECOVERABLE mutex leaves our tid in the lock
      * word and a later unlock crashes: never call it on one. */
-    if (self->mutex->__data.__owner == 0x7fffffff) {
+    if (self->mutex->__data.__owner == INT_MAX - 1) { /* PTHREAD_MUTEX_NOTRECOVERABLE */
         return PyLong_FromLong(PSL_NOT_RECOVERABLE);
     }
 #endif

@@ -23,8 +23,12 @@ from procshare._backends.posix._robustmutex import DATA_SIZE, STATE_MAGIC, STATE
 FUTEX_TID_MASK = 0x3FFFFFFF
 FUTEX_OWNER_DIED = 0x40000000
 
-# lock word (the mutex's first int), then our state words (see _robustmutex.c)
-_WORD = struct.Struct("@I")
+# lock word (the mutex's first int) and glibc's owner field, then our state
+# words (see _robustmutex.c)
+_WORD = struct.Struct("@IIi")  # __lock, __count, __owner
+# glibc's __owner value of a mutex unlocked after EOWNERDEAD without
+# pthread_mutex_consistent() (by code that is not procshare): poisoned.
+_NOTRECOVERABLE = 0x7FFFFFFE
 _STATE = struct.Struct("@IIiiiI")
 
 
@@ -32,14 +36,16 @@ def lock_needs_keeping(data: memoryview) -> bool:
     """Whether lock memory records a death nobody has confirmed yet.
 
     True when a holder died holding it (the kernel marked the word
-    ``FUTEX_OWNER_DIED``, or left a dead thread's id in it) or when it was
-    released unconfirmed. Such an object is kept even with no living holder,
-    so the next process to open it is told.
+    ``FUTEX_OWNER_DIED``, or left a dead thread's id in it), when it was
+    released unconfirmed, or when foreign code poisoned it. Such an object is
+    kept even with no living holder, so the next process to open it is told.
     """
-    (word,) = _WORD.unpack_from(data, 0)
+    word, _count, owner = _WORD.unpack_from(data, 0)
     magic, unconfirmed, *_ = _STATE.unpack_from(data, STATE_OFFSET)
     if magic != STATE_MAGIC:
         return False
+    if owner == _NOTRECOVERABLE:
+        return True  # keep reporting it until someone removes it (`procshare rm --lock`)
     return bool(word & (FUTEX_OWNER_DIED | FUTEX_TID_MASK)) or bool(unconfirmed)
 
 
