@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SRC    := $(wildcard src tests benchmarks examples)
+# Changing any of these reinstalls, which rebuilds the C helper of locks.
+BUILD_INPUTS := pyproject.toml setup.py src/procshare/_backends/posix/_robustmutex.c
 
 .PHONY: test lint typecheck docs docs-serve demo bench bench-smoke clean
 
@@ -15,15 +17,15 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 # Stamps record which extras are installed; pyproject.toml changes reinstall.
-$(VENV)/.dev: pyproject.toml | $(PY)
+$(VENV)/.dev: $(BUILD_INPUTS) | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-$(VENV)/.base: pyproject.toml | $(PY)
+$(VENV)/.base: $(BUILD_INPUTS) | $(PY)
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.bench: pyproject.toml | $(PY)
+$(VENV)/.bench: $(BUILD_INPUTS) | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $@
 

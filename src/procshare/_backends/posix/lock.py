@@ -18,7 +18,20 @@ import struct
 
 from procshare._backends.api_lock import LockHandle
 from procshare._backends.api_segment import SegmentHandle
-from procshare._backends.posix._robustmutex import DATA_SIZE, STATE_MAGIC, STATE_OFFSET, Mutex
+
+try:
+    from procshare._backends.posix._robustmutex import (
+        DATA_SIZE,
+        STATE_MAGIC,
+        STATE_OFFSET,
+        Mutex,
+    )
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "procshare's C helper for locks (procshare._backends.posix._robustmutex) is not "
+        "built: reinstall procshare with a C compiler available (`pip install -e .` in a "
+        "checkout, or `pip install procshare`)"
+    ) from exc
 
 FUTEX_TID_MASK = 0x3FFFFFFF
 FUTEX_OWNER_DIED = 0x40000000
