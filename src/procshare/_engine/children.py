@@ -58,6 +58,8 @@ _RAISED = b"E"
 # Without a pidfd (not Linux) the engine cannot wait on "the child exited"
 # directly, so it polls the exit status at this interval while waiting.
 _NO_PIDFD_SLICE = 0.005
+# join() waits this long for a child's exit before it also watches the pipe.
+_EXIT_FIRST = 0.002
 
 # The write end of this process's own result pipe, when it is a forked child:
 # its own children must close it, or they would hold our parent's pipe open.
@@ -390,6 +392,15 @@ class ChildrenPart:
             self.wait_any([rec], deadline)
             return rec.done
         poll = self.backend.process_poll
+        # Most children that are joined at once are short: wait for the exit
+        # alone first, so the parent wakes once instead of twice (for the data,
+        # then the exit). A result bigger than the pipe buffer waits at most
+        # _EXIT_FIRST seconds before the parent starts reading it.
+        ready = poll([rec.wait_fd], _EXIT_FIRST)
+        if ready:
+            with self._lock:
+                if not rec.done:
+                    self._reap(rec, block=False)
         while not rec.done:
             if rec.eof or rec.result_fd is None:
                 ready = poll([rec.wait_fd], None)  # all data is in: wait for the exit
