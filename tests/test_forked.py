@@ -653,3 +653,29 @@ def test_what_a_child_opens_itself_is_released_when_it_ends() -> None:
 
     assert opens_and_forgets().join() == 7
     assert backend.os_objects() == before  # the child's engine shutdown removed it
+
+
+@pytest.mark.timeout(60)
+def test_documented_caveat_children_die_with_the_thread_that_forked_them(
+    tmp_path: Path,
+) -> None:
+    handles: list[ps.Child[None]] = []
+    started = tmp_path / "started"
+
+    @ps.forked
+    def sleeper() -> None:
+        started.write_text("up")  # the death signal is armed before the function runs
+        time.sleep(30)
+
+    def fork_and_leave() -> None:
+        with pytest.warns(RuntimeWarning, match="threads"):
+            handles.append(sleeper())
+        assert _wait_for(started.exists)
+
+    thread = threading.Thread(target=fork_and_leave)
+    thread.start()
+    thread.join()
+    # PR_SET_PDEATHSIG fires when the forking *thread* exits (see the concepts page).
+    status = handles[0].wait(timeout=20)
+    assert status is not None
+    assert status.signal == signal.SIGKILL
