@@ -73,6 +73,11 @@ class ProcessBackend(Protocol):
         yet, ``b""`` at end of file."""
         ...
 
+    def process_grow_pipe(self, fd: int, size: int) -> None:
+        """Best effort: let the pipe of ``fd`` buffer up to ``size`` bytes, so a large
+        result crosses in fewer wake-ups. Silently does nothing where it cannot."""
+        ...
+
     def process_poll(self, fds: Sequence[int], timeout: float | None) -> list[int]:
         """Wait until one of ``fds`` is readable (or at end of file, or hung up),
         at most ``timeout`` seconds (``None``: no limit). Returns the ready ones,

@@ -58,6 +58,10 @@ _RAISED = b"E"
 # Without a pidfd (not Linux) the engine cannot wait on "the child exited"
 # directly, so it polls the exit status at this interval while waiting.
 _NO_PIDFD_SLICE = 0.005
+# Results larger than this get the pipe enlarged to _BIG_PIPE bytes (Linux
+# lets an unprivileged process go up to /proc/sys/fs/pipe-max-size, 1 MiB).
+_BIG_RESULT = 1 << 16
+_BIG_PIPE = 1 << 20
 # join() waits this long for a child's exit before it also watches the pipe.
 _EXIT_FIRST = 0.002
 
@@ -326,9 +330,14 @@ class ChildrenPart:
                 rec.eof = True
                 return
             buf += data
-            if len(buf) >= _LEN.size and len(buf) >= _LEN.size + _LEN.unpack_from(buf)[0]:
-                rec.eof = True  # the whole message is in: nothing more will come
-                return
+            if len(buf) >= _LEN.size:
+                (n,) = _LEN.unpack_from(buf)
+                if len(buf) >= _LEN.size + n:
+                    rec.eof = True  # the whole message is in: nothing more will come
+                    return
+                if n > _BIG_RESULT and len(buf) == len(data):
+                    # A large result: a bigger pipe means fewer wake-ups per MiB.
+                    self.backend.process_grow_pipe(fd, _BIG_PIPE)
 
     def _finish(self, rec: Record, exit_: Exit | None) -> None:
         """The child is reaped: collect the last of its output and forget it."""
@@ -483,6 +492,7 @@ class ChildrenPart:
         decoded = rec.decoded
         if decoded is None:
             decoded = rec.decoded = self._decode(rec)
+            rec.buf = bytearray()  # decoded once: free a large result's bytes
         ok, data = decoded
         if ok:
             return True, data
@@ -566,14 +576,15 @@ class ChildrenPart:
             )
 
     @staticmethod
-    def _message(rec: Record) -> bytes | None:
+    def _message(rec: Record) -> memoryview | None:
+        """The complete message (tag byte + pickle), without copying it."""
         buf = rec.buf
         if len(buf) < _LEN.size:
             return None
         (n,) = _LEN.unpack_from(buf)
         if len(buf) < _LEN.size + n:
             return None
-        return bytes(memoryview(buf)[_LEN.size : _LEN.size + n])
+        return memoryview(buf)[_LEN.size : _LEN.size + n]
 
     # --------------------------------------------------------------- scopes
 

@@ -18,9 +18,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import importlib
 import os
 import select
@@ -151,6 +153,12 @@ class PosixProcesses:
             return os.read(fd, _READ_CHUNK)
         except BlockingIOError:
             return None
+
+    def process_grow_pipe(self, fd: int, size: int) -> None:
+        setpipe = getattr(fcntl, "F_SETPIPE_SZ", None)
+        if setpipe is not None:
+            with contextlib.suppress(OSError):  # above pipe-max-size, or not a pipe
+                fcntl.fcntl(fd, setpipe, size)
 
     def process_poll(self, fds: Sequence[int], timeout: float | None) -> list[int]:
         if not fds:
