@@ -245,3 +245,25 @@ def _alive(pid: int) -> bool:
             return f.read().decode().rsplit(")", 1)[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_grown_pipe_buffers_a_large_result_without_a_reader(backend: ProcessBackend) -> None:
+    size = 512 * 1024
+
+    def child(fd: int) -> int:
+        backend.process_write(fd, b"q" * size)
+        return 0
+
+    r, w = os.pipe()
+    try:
+        backend.process_grow_pipe(r, 1 << 20)
+        # The grown pipe takes the whole write at once, with nobody reading.
+        os.set_blocking(w, False)
+        assert os.write(w, b"q" * size) == size
+    finally:
+        os.close(r)
+        os.close(w)
+    forked = backend.process_fork(child)
+    backend.process_grow_pipe(forked.result_fd, 1 << 20)
+    assert len(_read_all(backend, forked.result_fd)) == size
+    assert _finish(backend, forked) == Exit(0, None)
