@@ -284,12 +284,17 @@ def test_sigint_while_the_scope_waits_terminates_reaps_and_propagates() -> None:
             time.sleep(60)
 
         try:
-            with ps.children() as kids:
-                for _ in range(3):
-                    sleeper()
-                print(" ".join(str(c.pid) for c in kids.children), flush=True)
+            with ps.shared("held", int) as held, ps.interprocess_lock("held-lock"):
+                held.value = 1
+                with ps.children() as kids:
+                    for _ in range(3):
+                        sleeper()
+                    print(" ".join(str(c.pid) for c in kids.children), flush=True)
         except KeyboardInterrupt:
-            print("KeyboardInterrupt", sorted(child_pids()), flush=True)
+            # Segments still open, and locks still held (a lock object stays
+            # cached by name after its block, but nobody may hold it).
+            left = [s.name for s in ps.segments() if s.type == "segment" or s.owner]
+            print("KeyboardInterrupt", sorted(child_pids()), left, flush=True)
         """
     )
     parent = subprocess.Popen(
@@ -305,7 +310,8 @@ def test_sigint_while_the_scope_waits_terminates_reaps_and_propagates() -> None:
     finally:
         parent.kill()
         parent.wait()
-    assert out.strip() == "KeyboardInterrupt []", err
+    # Children terminated and reaped; the segment and the lock released.
+    assert out.strip() == "KeyboardInterrupt [] []", err
     assert not any(_alive(p) for p in pids)
 
 
