@@ -679,3 +679,16 @@ def test_documented_caveat_children_die_with_the_thread_that_forked_them(
     status = handles[0].wait(timeout=20)
     assert status is not None
     assert status.signal == signal.SIGKILL
+
+
+def test_a_decorated_method_gets_its_instance() -> None:
+    class Counter:
+        def __init__(self, start: int) -> None:
+            self.start = start
+
+        @ps.forked
+        def plus(self, n: int) -> int:
+            return self.start + n
+
+    assert Counter(40).plus(2).join() == 42
+    assert isinstance(Counter.__dict__["plus"], type(ps.forked(len)))

@@ -6,10 +6,10 @@ reaping live in :mod:`procshare._engine.children`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import signal
+import types
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
@@ -211,8 +211,10 @@ class Child(Generic[R]):
         return f"<Child {rec.name!r} pid={rec.pid} {state}>"
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # never raise from a finalizer
+        try:  # noqa: SIM105 - contextlib may be gone at interpreter shutdown
             self._part.drop(self._rec)
+        except Exception:
+            pass
 
 
 class Children:
@@ -353,6 +355,12 @@ class _Forked(Generic[P, R]):
         part = current_children()
         rec = part.start(self._fn, args, kwargs, self._name, self._timeout, self._daemon, 2)
         return Child(part, rec)
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        """Decorating a method works: ``obj.method(...)`` forks with ``obj`` bound."""
+        if instance is None:
+            return self
+        return types.MethodType(self, instance)
 
     def __repr__(self) -> str:
         return f"<forked function {self._name}>"

@@ -131,7 +131,6 @@ class PosixProcesses:
                 status = child(w)
             finally:
                 self.process_exit(status)
-        _sigmask(signal.SIG_SETMASK, old_mask)
         os.close(w)
         wait_fd = None
         if _pidfd_open is not None:
@@ -140,6 +139,10 @@ class PosixProcesses:
             except OSError:
                 pass  # an old kernel: the engine falls back to polling waitpid
         forked: Forked = _new_tuple(Forked, (pid, r, wait_fd))
+        # Unblocked last, so a KeyboardInterrupt cannot separate the fork from
+        # the descriptors that let the engine reap the child (only the few
+        # bytecodes of the caller storing them remain).
+        _sigmask(signal.SIG_SETMASK, old_mask)
         return forked
 
     def process_write(self, fd: int, data: bytes) -> None:
