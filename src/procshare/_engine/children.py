@@ -180,8 +180,8 @@ def _raised_payload(exc: BaseException, detail: str = "", *, skip: int = 0) -> b
     return _RAISED + pickle.dumps(info, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+# A child returning None sends nothing at all: status 0 and an empty pipe say it.
 _NONE_PAYLOAD = _RETURNED + pickle.dumps(None, protocol=pickle.HIGHEST_PROTOCOL)
-_NONE_MESSAGE = _LEN.pack(len(_NONE_PAYLOAD)) + _NONE_PAYLOAD
 
 
 def _returned_payload(value: object) -> tuple[int, bytes]:
@@ -306,7 +306,7 @@ class ChildrenPart:
             # The parent dropped its handle and closed the pipe: nobody wants it.
             with contextlib.suppress(BrokenPipeError):
                 if payload is _NONE_PAYLOAD:
-                    backend.process_write(result_fd, _NONE_MESSAGE)
+                    pass  # None needs no message: exit status 0 and silence say it
                 elif len(payload) < 65536:
                     backend.process_write(result_fd, _LEN.pack(len(payload)) + payload)
                 else:
@@ -501,8 +501,8 @@ class ChildrenPart:
     def _decode(self, rec: Record) -> tuple[bool, Any]:  # noqa: PLR0911 - one per outcome
         exit_ = rec.exit
         if exit_ is not None and not exit_.status and exit_.signal is None and not rec.timed_out:
-            if rec.buf == _NONE_MESSAGE:
-                return True, None  # the commonest case: no pickle machinery at all
+            if not rec.buf:
+                return True, None  # returned None (or exited 0): nothing was sent
             message = self._message(rec)
             if message is not None and message[:1] == _RETURNED:
                 with contextlib.suppress(Exception):
