@@ -692,3 +692,37 @@ def test_a_decorated_method_gets_its_instance() -> None:
 
     assert Counter(40).plus(2).join() == 42
     assert isinstance(Counter.__dict__["plus"], type(ps.forked(len)))
+
+
+@pytest.mark.timeout(120)
+def test_everything_works_without_pidfds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Kernels before 5.3 (and other platforms) have no pidfd: the engine then
+    # polls the exit status. The same behaviour must hold.
+    from procshare._backends.posix import process as posix_process
+
+    monkeypatch.setattr(posix_process, "_pidfd_open", None)
+
+    @ps.forked
+    def big() -> bytes:
+        return b"y" * (2 * 1024 * 1024)
+
+    @ps.forked(timeout=0.2)
+    def hangs() -> None:
+        time.sleep(30)
+
+    child = big()
+    assert len(child.join()) == 2 * 1024 * 1024
+    with pytest.raises(ps.ChildTimeout):
+        hangs().join()
+    with ps.children(limit=2) as kids:
+        for i in range(4):
+            square = ps.forked(lambda i=i: i * i)
+            square()
+    assert kids.results == [0, 1, 4, 9]
+    sleeper = ps.forked(lambda: time.sleep(30))()
+    with pytest.raises(ps.JoinTimeout):
+        sleeper.join(timeout=0.1)
+    sleeper.kill()
+    status = sleeper.wait()
+    assert status is not None
+    assert status.signal == signal.SIGKILL

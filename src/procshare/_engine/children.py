@@ -6,7 +6,8 @@ reaches the OS through ``engine.backend`` only.
 
 Result transport: the child writes one message to its result pipe, an 8-byte
 length then a tag byte then a pickle (``R`` + the return value, or ``E`` +
-a description of the exception). The parent reads the pipe *while* it waits,
+a description of the exception); returning ``None`` sends nothing at all.
+The parent reads the pipe *while* it waits,
 never only after the exit, so a result larger than the pipe buffer cannot
 deadlock parent and child.
 
