@@ -325,3 +325,25 @@ def test_scope_can_be_entered_once_and_checks_its_arguments() -> None:
         ps.children(limit=0)
     with pytest.raises(TypeError, match="limit"):
         ps.children(limit=1.5)  # type: ignore[arg-type]
+
+
+def test_a_child_cannot_join_or_signal_a_sibling_it_inherited() -> None:
+    @ps.forked
+    def sleeper() -> None:
+        time.sleep(30)
+
+    sibling = sleeper()
+    try:
+
+        @ps.forked
+        def meddles() -> str:
+            for action in (sibling.join, sibling.kill):
+                with pytest.raises(RuntimeError, match="cannot wait for or signal"):
+                    action()
+            return "refused"
+
+        assert meddles().join() == "refused"
+        assert sibling.running
+    finally:
+        sibling.kill()
+        sibling.wait()

@@ -356,10 +356,19 @@ class ChildrenPart:
         rec.done = True
         self._live.pop(rec.pid, None)
 
+    def _foreign(self, rec: Record) -> None:
+        raise RuntimeError(
+            f"this handle of child {rec.name!r} (pid {rec.pid}) belongs to process "
+            f"{self.engine.pid}, which forked it; process {os.getpid()} inherited it with a "
+            "fork and cannot wait for or signal a child that is not its own"
+        )
+
     def _reap(self, rec: Record, *, block: bool) -> bool:
         try:
             exit_ = self.backend.process_reap(rec.pid, block=block)
         except ChildProcessError:
+            if self.engine.pid != os.getpid():
+                self._foreign(rec)
             self._finish(rec, None)  # reaped behind our back (os.wait(), SIGCHLD=SIG_IGN)
             return True
         if exit_ is None:
@@ -397,6 +406,8 @@ class ChildrenPart:
         """
         if rec.done:
             return True
+        if self.engine.pid != os.getpid():
+            self._foreign(rec)
         if rec.wait_fd is None or rec.deadline is not None or timeout is not None:
             deadline = None if timeout is None else time.monotonic() + timeout
             self.wait_any([rec], deadline)
@@ -458,6 +469,8 @@ class ChildrenPart:
         with self._lock:
             if rec.done:
                 return False
+            if self.engine.pid != os.getpid():
+                self._foreign(rec)
             return self.backend.process_signal(rec.pid, signum)
 
     def terminate_all(self, recs: Iterable[Record], *, cancel: bool, grace: float) -> None:
