@@ -298,7 +298,9 @@ class Children:
             cancelled = sum(1 for h in handles if h.cancelled)
             if cancelled:
                 what.append(f"{cancelled} cancelled")
-        raise ExceptionGroup("ps.children(): " + ", ".join(what), errors)
+        # `from None`: the block's exception is inside the group already; as the
+        # group's context too it would be printed twice.
+        raise ExceptionGroup("ps.children(): " + ", ".join(what), errors) from None
 
     def __repr__(self) -> str:
         n = 0 if self._scope is None else len(self._scope.records)
