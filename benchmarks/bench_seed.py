@@ -1,0 +1,173 @@
+"""The seed scenario three ways: procshare, multiprocessing, and raw fork + mmap + semaphore.
+
+One operation is one whole scenario: create the shared value and the lock,
+fork 100 children that each add ``i*j - i + i**4`` for ``j`` in 1..99 under
+the lock, join them all, check the total, remove everything. Forking
+dominates, so the question this answers is what procshare's safety (named,
+typed, kernel-counted segments, robust locks, result pipes, no orphans)
+costs on top of the bare kernel primitives.
+
+* ``raw fork + mmap + posix_ipc``: what a careful expert writes by hand, as
+  in the original D program: one named segment (``shm_open`` + ``mmap``)
+  mapped before the fork, one named POSIX semaphore, ``os.fork`` / ``os._exit`` /
+  ``os.waitpid``. No error reporting, no crash safety.
+* ``multiprocessing``: ``Process`` (fork context) + ``Value`` + ``Lock``.
+* ``procshare``: the example at the top of SPEC.md, verbatim.
+
+Every contender checks its total, so a fast wrong answer cannot win.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import multiprocessing
+import multiprocessing.synchronize
+import os
+import secrets
+import time
+
+import posix_ipc
+
+import procshare as ps
+from benchmarks.harness import SMOKE, Bench
+
+PROCESSES = 10 if SMOKE else 100
+
+
+def expected(processes: int) -> int:
+    return sum(i * j - i + i**4 for i in range(processes) for j in range(1, 100))
+
+
+EXPECTED = expected(PROCESSES)
+
+
+def _check(label: str, total: int) -> None:
+    if total != EXPECTED:
+        raise AssertionError(f"{label}: sum {total} != {EXPECTED}")
+
+
+# -- procshare: the SPEC example, as a user writes it ------------------------------------
+
+
+@ps.forked
+def _ps_job(i: int) -> None:
+    with ps.shared("sum", ps.u64) as s, ps.interprocess_lock("m"):
+        for j in range(1, 100):
+            s.value += i * j - i + i**4
+
+
+def procshare_scenario(n: int) -> float:
+    # A namespace of its own, so a "sum" kept by anything else cannot interfere.
+    with ps.namespace(f"bench-seed-{os.getpid()}"):
+        started = time.perf_counter()
+        for _ in range(n):
+            with ps.shared("sum", ps.u64) as total:
+                with ps.children():
+                    for i in range(PROCESSES):
+                        _ps_job(i)
+                _check("procshare", total.value)
+        return time.perf_counter() - started
+
+
+# -- multiprocessing: Process + Value + Lock -----------------------------------------------
+
+
+def _mp_job(i: int, value: ctypes.c_uint64, lock: multiprocessing.synchronize.Lock) -> None:
+    with lock:
+        for j in range(1, 100):
+            value.value += i * j - i + i**4
+
+
+def multiprocessing_scenario(n: int) -> float:
+    ctx = multiprocessing.get_context("fork")
+    started = time.perf_counter()
+    for _ in range(n):
+        # lock=False: the raw shared c_uint64; the separate Lock guards it, as in the spec.
+        value = ctx.Value(ctypes.c_uint64, 0, lock=False)
+        lock = ctx.Lock()
+        procs = [ctx.Process(target=_mp_job, args=(i, value, lock)) for i in range(PROCESSES)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        bad = [p.exitcode for p in procs if p.exitcode != 0]
+        if bad:
+            raise AssertionError(f"multiprocessing: children failed with {bad}")
+        _check("multiprocessing", value.value)
+    return time.perf_counter() - started
+
+
+# -- raw: os.fork + mmap + posix_ipc.Semaphore ----------------------------------------------
+
+
+def _raw_once(tag: str) -> int:
+    shm = posix_ipc.SharedMemory(f"/bseed-s-{tag}", posix_ipc.O_CREX, size=8)
+    try:
+        mm = mmap.mmap(shm.fd, 8)
+    finally:
+        shm.close_fd()
+    sem = posix_ipc.Semaphore(f"/bseed-l-{tag}", posix_ipc.O_CREX, initial_value=1)
+    value = ctypes.c_uint64.from_buffer(mm)
+    try:
+        pids = []
+        for i in range(PROCESSES):
+            pid = os.fork()
+            if pid == 0:  # child: always leaves through os._exit
+                code = 1
+                try:
+                    sem.acquire()
+                    try:
+                        for j in range(1, 100):
+                            value.value += i * j - i + i**4
+                    finally:
+                        sem.release()
+                    code = 0
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        failed = [pid for pid in pids if os.waitpid(pid, 0)[1] != 0]
+        if failed:
+            raise AssertionError(f"raw: {len(failed)} children failed")
+        return value.value
+    finally:
+        del value
+        mm.close()
+        shm.unlink()
+        sem.unlink()
+        sem.close()
+
+
+def raw_scenario(n: int) -> float:
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    started = time.perf_counter()
+    for k in range(n):
+        _check("raw", _raw_once(f"{tag}-{k}"))
+    return time.perf_counter() - started
+
+
+def run(bench: Bench) -> None:
+    g = bench.group(
+        f"seed scenario: {PROCESSES} processes summing under one lock",
+        note=(
+            "one op = create the value and the lock, fork the children, each adds "
+            "i*j - i + i**4 for j in 1..99 under the lock, join, check, clean up"
+        ),
+        unit="per scenario",
+    )
+    g.add("procshare", procshare_scenario)
+    g.add("raw fork + mmap + posix_ipc", raw_scenario)
+    g.add("multiprocessing", multiprocessing_scenario)
+    g.measure(n=3)
+    g.target(
+        "procshare",
+        "raw fork + mmap + posix_ipc",
+        max_ratio=1.2,
+        text="seed scenario within 1.2x of raw os.fork + mmap + posix_ipc (issue 6)",
+    )
+    g.target(
+        "procshare",
+        "multiprocessing",
+        max_ratio=1.0,
+        text="seed scenario faster than multiprocessing Process + Value + Lock (issue 6)",
+    )
