@@ -67,8 +67,15 @@ def current_namespace() -> str:
         return ns
     env = os.environ.get("PROCSHARE_NAMESPACE")
     if env:
-        return validate_name(env, "namespace (from PROCSHARE_NAMESPACE)")
+        if env != _env_checked[0]:
+            # The variable is read on every call (it may change, e.g. per test)
+            # but validated only when it does: by-name opens sit in hot loops.
+            _env_checked[0] = validate_name(env, "namespace (from PROCSHARE_NAMESPACE)")
+        return env
     return _DEFAULT_NAMESPACE
+
+
+_env_checked: list[str | None] = [None]
 
 
 @contextlib.contextmanager
