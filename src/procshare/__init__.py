@@ -60,7 +60,7 @@ from procshare.errors import SharedTypeError as SharedTypeError
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "Child",
     "ChildError",
     "ChildExited",
@@ -85,17 +85,17 @@ __all__ = [
     "f32",
     "f64",
     "forked",
-    "i8",
     "i16",
     "i32",
     "i64",
+    "i8",
     "interprocess_lock",
     "namespace",
     "segments",
     "shared",
-    "u8",
     "u16",
     "u32",
     "u64",
+    "u8",
     "unlink",
 ]

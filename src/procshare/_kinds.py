@@ -45,15 +45,25 @@ class Scalar:
 
 
 i8 = Scalar("i8", "b", 1)
+"""Signed 8-bit integer (-128 .. 127)."""
 i16 = Scalar("i16", "h", 2)
+"""Signed 16-bit integer."""
 i32 = Scalar("i32", "i", 4)
+"""Signed 32-bit integer."""
 i64 = Scalar("i64", "q", 8)
+"""Signed 64-bit integer (what `int` means)."""
 u8 = Scalar("u8", "B", 1)
+"""Unsigned 8-bit integer (0 .. 255)."""
 u16 = Scalar("u16", "H", 2)
+"""Unsigned 16-bit integer."""
 u32 = Scalar("u32", "I", 4)
+"""Unsigned 32-bit integer."""
 u64 = Scalar("u64", "Q", 8)
+"""Unsigned 64-bit integer."""
 f32 = Scalar("f32", "f", 4)
+"""IEEE 754 single-precision float."""
 f64 = Scalar("f64", "d", 8)
+"""IEEE 754 double-precision float (what `float` means)."""
 BOOL = Scalar("bool", "?", 1)
 CHAR = Scalar("char", "c", 1)
 
@@ -72,6 +82,10 @@ class Resolved(Protocol):
 
     @property
     def layout(self) -> Layout: ...
+
+    #: Whether the view must be told when the segment closes.
+    @property
+    def invalidates(self) -> bool: ...
 
     def initial(self, value: object) -> Initialiser:
         """Check and encode ``initial=`` (before anything is created)."""
@@ -104,6 +118,7 @@ class ScalarKind:
     name: str
     scalar: Scalar
     layout: Layout
+    invalidates: bool = True
 
     def initial(self, value: object) -> Initialiser:
         return None if value is None else _pack(self.name, self.scalar, value)
@@ -121,6 +136,7 @@ class StructKind:
     fields: tuple[tuple[str, Scalar, int], ...]
     layout: Layout
     view_class: type[_views.StructView]
+    invalidates: bool = True
 
     def initial(self, value: object) -> Initialiser:
         if value is None:
@@ -150,6 +166,7 @@ class NativeKindR:
     kind: type
     part: SegmentsPart
     layout: Layout
+    invalidates: bool = True
 
     def initial(self, value: object) -> Initialiser:
         return None if value is None else self.part.native_bytes(self.kind, value)
@@ -165,6 +182,7 @@ class NumpyKind:
     dtype: Any
     shape: tuple[int, ...]
     layout: Layout
+    invalidates: bool = False
 
     def initial(self, value: object) -> Initialiser:
         if value is None:
@@ -202,6 +220,7 @@ class NumpyKind:
 class BytesKind:
     name: str
     layout: Layout
+    invalidates: bool = False
 
     def initial(self, value: object) -> Initialiser:
         if value is None:
@@ -306,6 +325,30 @@ def _shape(name: str, shape: object) -> tuple[int, ...]:
             f"not {shape!r}"
         )
     return shape
+
+
+_cache: dict[tuple[object, ...], Resolved] = {}
+
+
+def resolve_cached(
+    name: str, kind: object, shape: object, size: object, part: SegmentsPart
+) -> Resolved:
+    """:func:`resolve`, remembered per (name, kind, shape, size) of this engine part.
+
+    Resolving is pure, but re-resolving an attrs class or a ctypes type on every
+    ``ps.shared`` inside a loop would cost more than the open itself.
+    """
+    try:
+        key = (name, kind, shape, size, id(part))
+        found = _cache.get(key)
+    except TypeError:  # an unhashable kind: resolve it (and fail) every time
+        return resolve(name, kind, shape, size, part)
+    if found is None:
+        found = resolve(name, kind, shape, size, part)
+        if len(_cache) >= 1024:
+            _cache.clear()
+        _cache[key] = found
+    return found
 
 
 def resolve(name: str, kind: object, shape: object, size: object, part: SegmentsPart) -> Resolved:

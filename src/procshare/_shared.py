@@ -9,6 +9,7 @@ from typing import Any
 from procshare import _kinds
 from procshare._engine import names
 from procshare._engine.segments import OpenSegment, SegmentsPart, segments_part
+from procshare._views import invalidator
 from procshare.errors import SegmentClosed
 
 
@@ -30,11 +31,9 @@ class Segment:
         self._view: Any = None
         try:
             self._view = resolved.view(self, rec)
-            if hasattr(self._view, "_ps_invalidate"):
-                # Not for numpy arrays and memoryviews: they pin the mapping
+            if resolved.invalidates:
+                # Not numpy arrays and memoryviews: they pin the mapping
                 # themselves and keep working after close (see the docs).
-                from procshare._views import invalidator
-
                 rec.on_close.append(invalidator(self._view))
         except BaseException:
             part.close(rec)
@@ -177,7 +176,7 @@ def shared(
             "could not attach. Use 0o600 (default) or add group/other bits to it"
         )
     part = segments_part()
-    resolved = _kinds.resolve(name, kind, shape, size, part)
+    resolved = _kinds.resolve_cached(name, kind, shape, size, part)
     init = resolved.initial(initial)
     rec = part.open(
         name,

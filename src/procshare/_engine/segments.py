@@ -26,6 +26,7 @@ the memory layout, so ``int`` and ``ps.i64`` (or an attrs class and a ctypes
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -80,6 +81,7 @@ def _keep_nothing(handle: SegmentHandle) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=1024)
 def encode_meta(name: str, namespace: str, layout: Layout) -> bytes:
     return json.dumps(
         {

@@ -22,7 +22,28 @@ nobody ever opens a half-initialised object. A creator killed before the
 link leaves nothing at all behind with ``O_TMPFILE`` (the kernel frees the
 unnamed inode), and an abandoned named temporary that ``gc`` removes without.
 
-Holders are counted by the kernel with OFD locks (see :mod:`._ofd`).
+Holders are counted by the kernel with OFD locks on byte 0 (see :mod:`._ofd`):
+every holder keeps a READ lock there, so the kernel drops a dead holder's
+hold with its descriptors, whatever killed it. A WRITE lock on byte 0 is
+taken only for a moment, by a process that has found itself alone with the
+object and decides whether to remove it; being exclusive, it stops anyone
+from becoming a holder meanwhile. No other lock is needed:
+
+* open: first try WRITE while holding nothing: it succeeds only if nobody
+  holds the object, which makes it an orphan, and ``keep_orphan`` decides
+  under that exclusive lock whether to remove it (then downgrade to READ,
+  atomically). Otherwise take READ; if a remover has WRITE, wait for it, then
+  see whether it unlinked the object meanwhile (``st_nlink == 0``: retry).
+* close: drop READ, then try WRITE. Two last holders closing at once cannot
+  both fail (whichever tries second sees the first gone); if both succeed in
+  turn, the second finds the object already unlinked.
+* an opener that slips in between a closer's drop and its try keeps the object
+  alive, and the closer leaves it; an opener that arrives after a closer left
+  finds an orphan and reclaims it, as if it had come a moment later.
+
+Why no lock-free shortcut such as a counter in the header: a holder killed
+by SIGKILL cannot decrement anything; the kernel releasing its locks is the
+only count that stays right.
 """
 
 from __future__ import annotations
@@ -30,6 +51,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
 import re
@@ -51,6 +73,9 @@ _HEADER = struct.Struct("@8sIIQQQI")
 _META_OFFSET = 64
 _ALIGN = 64
 FLAG_PERSIST = 1
+# Up to this size the whole object is written with one pwrite (which reserves
+# the pages just as fallocate does, and fails with ENOSPC the same way).
+_PWRITE_BYTES = 64 << 10
 # Above this size creation first compares with statvfs: on tmpfs, fallocate of
 # a size between "free" and "filesystem size" fills RAM page by page before it
 # fails, squeezing every other process for a moment.
@@ -150,26 +175,6 @@ def _map(
     )
 
 
-def _same_file(fd: int, path: str, inode: tuple[int, int] | None = None) -> bool:
-    """Whether ``path`` still names the file open as ``fd`` (it may have been unlinked)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    if inode is None:
-        fst = os.fstat(fd)
-        inode = (fst.st_dev, fst.st_ino)
-    return (st.st_dev, st.st_ino) == inode
-
-
-def _unlink_if_same(fd: int, path: str, inode: tuple[int, int] | None = None) -> bool:
-    if _same_file(fd, path, inode):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-            return True
-    return False
-
-
 # Whether this kernel and filesystem take O_TMPFILE (decided by the first creation).
 _tmpfile_ok: bool | None = None
 
@@ -211,6 +216,23 @@ def _check_space(os_name: str, total: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os_name)
 
 
+# The three lock requests on byte 0 (HOLD), packed once: open and close are hot.
+_RDLCK_HOLD = _ofd._FLOCK.pack(_ofd.READ, 0, _ofd.HOLD, 1, 0)
+_WRLCK_HOLD = _ofd._FLOCK.pack(_ofd.WRITE, 0, _ofd.HOLD, 1, 0)
+_UNLCK_HOLD = _ofd._FLOCK.pack(_ofd.UNLOCK, 0, _ofd.HOLD, 1, 0)
+
+
+def _try(fd: int, request: bytes) -> bool:
+    """One non-blocking OFD lock request; ``False`` if it conflicts."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
 class PosixSegments(NativeKinds):
     """The segment half of the POSIX backend."""
 
@@ -250,17 +272,21 @@ class PosixSegments(NativeKinds):
         published = False
         try:
             _ofd.lock(fd, _ofd.READ, _ofd.HOLD)
-            try:
-                os.posix_fallocate(fd, 0, total)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EFBIG):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os_name) from None
-                raise
             flags = FLAG_PERSIST if persist else 0
             header = _HEADER.pack(
                 _MAGIC, flags, len(meta), dataoff, data_size, time.time_ns(), os.getpid()
             )
-            os.pwrite(fd, header + bytes(_META_OFFSET - len(header)) + meta, 0)
+            head = header + bytes(_META_OFFSET - len(header)) + meta
+            try:
+                if total <= _PWRITE_BYTES:
+                    os.pwrite(fd, head + bytes(total - len(head)), 0)
+                else:
+                    os.posix_fallocate(fd, 0, total)
+                    os.pwrite(fd, head, 0)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EFBIG):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os_name) from None
+                raise
             st = os.fstat(fd)
             if stat.S_IMODE(st.st_mode) != mode:
                 os.fchmod(fd, mode)  # the umask must not narrow what was asked
@@ -292,25 +318,27 @@ class PosixSegments(NativeKinds):
             except FileNotFoundError:
                 return None
             try:
-                _ofd.lock(fd, _ofd.WRITE, _ofd.GUARD)
+                # WRITE first, holding nothing: it succeeds only if nobody holds
+                # the object, i.e. it is an orphan. Two openers of one orphan
+                # cannot both miss that: one wins, the other waits below.
+                alone = _try(fd, _WRLCK_HOLD)
+                if not alone and not _try(fd, _RDLCK_HOLD):
+                    # A remover holds WRITE: wait for its decision.
+                    _ofd.lock(fd, _ofd.READ, _ofd.HOLD)
                 st = os.fstat(fd)
-                if not _same_file(fd, path, (st.st_dev, st.st_ino)):
-                    # A closer removed it between our open and our guard: the
-                    # name may already name a newer object, so look again.
+                if st.st_nlink == 0:
+                    # Removed between our open and our lock: the name may
+                    # already name a newer object, so look again.
                     os.close(fd)
                     continue
-                orphaned = _ofd.try_lock(fd, _ofd.WRITE, _ofd.HOLD)
                 seg = _map(fd, os_name, st=st)
-                if orphaned:
+                if alone:
                     if not seg.persist and not keep_orphan(seg):
-                        os.unlink(path)
+                        os.unlink(path)  # we hold WRITE: nobody can be attaching
                         seg.release_mapping()
                         os.close(fd)
                         return None
-                    _ofd.lock(fd, _ofd.READ, _ofd.HOLD)  # atomic downgrade
-                else:
-                    _ofd.lock(fd, _ofd.READ, _ofd.HOLD)
-                _ofd.unlock(fd, _ofd.GUARD)
+                    _try(fd, _RDLCK_HOLD)  # atomic downgrade, cannot fail
                 return seg
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -329,23 +357,24 @@ class PosixSegments(NativeKinds):
         fd = handle.fd
         removed = False
         try:
-            _ofd.lock(fd, _ofd.WRITE, _ofd.GUARD)
-            _ofd.unlock(fd, _ofd.HOLD)
+            _try(fd, _UNLCK_HOLD)
             if (
-                _ofd.try_lock(fd, _ofd.WRITE, _ofd.HOLD)
+                _try(fd, _WRLCK_HOLD)  # the last holder: nobody else has READ
                 and not handle.persist
                 and not keep(handle)
+                and os.fstat(fd).st_nlink > 0  # not already unlinked (ps.unlink, a twin)
             ):
-                removed = _unlink_if_same(fd, _path(handle.os_name), handle.inode)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(_path(handle.os_name))
+                    removed = True
         finally:
-            # The mmap holds a dup of fd: when a numpy array keeps the mapping
-            # alive, the description (and the locks on it) outlives os.close(fd),
-            # and a guard left there would block every opener. Unlock explicitly.
             handle.release_mapping()
             if not handle.mm.closed:
+                # The mmap holds a dup of fd: while a numpy array keeps the
+                # mapping alive, the description (and a WRITE left on it)
+                # outlives os.close(fd) and would stall every opener.
                 with contextlib.suppress(OSError):
-                    _ofd.unlock(fd, _ofd.HOLD)
-                    _ofd.unlock(fd, _ofd.GUARD)
+                    _try(fd, _UNLCK_HOLD)
             os.close(fd)
         return removed
 
@@ -453,9 +482,8 @@ class PosixSegments(NativeKinds):
             try:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     continue
-                _ofd.lock(fd, _ofd.WRITE, _ofd.GUARD)
-                if not _ofd.try_lock(fd, _ofd.WRITE, _ofd.HOLD):
-                    continue  # somebody living holds it
+                if not _try(fd, _WRLCK_HOLD):
+                    continue  # somebody living holds it (or is deciding about it)
                 if _is_temp(os_name):
                     doomed = True  # its creator died before publishing it
                 else:
@@ -466,8 +494,10 @@ class PosixSegments(NativeKinds):
                     else:
                         doomed = not keep(seg)  # keep decides about persist too
                         seg.release_mapping()
-                if doomed and _unlink_if_same(fd, path):
-                    removed.append(os_name)
+                if doomed and os.fstat(fd).st_nlink > 0:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                        removed.append(os_name)
             finally:
                 os.close(fd)
         return removed

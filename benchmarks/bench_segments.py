@@ -1,0 +1,221 @@
+"""Shared segments: procshare against multiprocessing.shared_memory and posix_ipc.
+
+* create + close of a 4 KiB segment: ``with ps.shared(name, bytes, size=4096):``
+  (create-or-attach, which finds no segment, creates it atomically with its
+  metadata, takes the kernel-counted hold, and as last holder unlinks it at
+  the end) against ``SharedMemory(create=True)`` + ``close()`` + ``unlink()``
+  and ``posix_ipc.SharedMemory(O_CREX)`` + ``mmap`` + ``unlink``;
+* attach + close of a segment someone else holds, the same three ways;
+* copying 256 MiB into an already-touched shared numpy array against the
+  same copy into a private array;
+* the cost of reading and writing a scalar view's ``.value``, with a private
+  ctypes value and ``multiprocessing.Value(lock=False)`` for context.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import multiprocessing
+import time
+import warnings
+from multiprocessing import shared_memory
+
+import numpy as np
+
+import procshare as ps
+from benchmarks.harness import SMOKE, Bench
+
+try:
+    import posix_ipc
+except ImportError:  # pragma: no cover - a declared dependency, but be explicit
+    posix_ipc = None
+
+SIZE = 4096
+
+
+def ps_create_close(n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        with ps.shared("bench-cc", bytes, size=SIZE):
+            pass
+    return time.perf_counter() - t0
+
+
+def mp_create_close(n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        shm = shared_memory.SharedMemory(create=True, size=SIZE)
+        shm.close()
+        shm.unlink()
+    return time.perf_counter() - t0
+
+
+def posix_ipc_create_close(n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        shm = posix_ipc.SharedMemory("/bench-posix-ipc-cc", posix_ipc.O_CREX, size=SIZE)
+        mm = mmap.mmap(shm.fd, SIZE)
+        shm.close_fd()
+        mm.close()
+        shm.unlink()
+    return time.perf_counter() - t0
+
+
+def ps_attach(n: int) -> float:
+    with ps.shared("bench-at", bytes, size=SIZE):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with ps.shared("bench-at", bytes, size=SIZE, create=False):
+                pass
+        return time.perf_counter() - t0
+
+
+def mp_attach(n: int) -> float:
+    owner = shared_memory.SharedMemory(create=True, size=SIZE)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            shm = shared_memory.SharedMemory(name=owner.name)
+            shm.close()
+        return time.perf_counter() - t0
+    finally:
+        owner.close()
+        owner.unlink()
+
+
+def posix_ipc_attach(n: int) -> float:
+    owner = posix_ipc.SharedMemory("/bench-posix-ipc-at", posix_ipc.O_CREX, size=SIZE)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            shm = posix_ipc.SharedMemory("/bench-posix-ipc-at")
+            mm = mmap.mmap(shm.fd, SIZE)
+            shm.close_fd()
+            mm.close()
+        return time.perf_counter() - t0
+    finally:
+        owner.close_fd()
+        owner.unlink()
+
+
+def _copy_contenders(bench: Bench) -> None:
+    mib = 1 if SMOKE else 256
+    count = mib * (1 << 20) // 8
+    source = np.arange(count, dtype=np.float64)
+    private = np.ones(count, dtype=np.float64)  # touched: its pages exist
+    seg = ps.shared("bench-copy", np.float64, shape=count)
+    shared_array = seg.view
+    shared_array[:] = 1.0  # touched too, so both copies measure memory bandwidth
+
+    def into(target: np.ndarray) -> float:
+        t0 = time.perf_counter()
+        np.copyto(target, source)
+        return time.perf_counter() - t0
+
+    def ps_copy(n: int) -> float:
+        return sum(into(shared_array) for _ in range(n))
+
+    def private_copy(n: int) -> float:
+        return sum(into(private) for _ in range(n))
+
+    g = bench.group(
+        f"segments: copy {mib} MiB into a warm numpy array",
+        note="np.copyto(target, source); both targets already touched",
+        unit="per copy",
+    )
+    g.add("procshare shared array", ps_copy)
+    g.add("private numpy array", private_copy)
+    try:
+        g.measure(n=3, repeat=5)
+    finally:
+        seg.close()  # the array stays valid until it is collected with this frame
+    g.target(
+        "procshare shared array",
+        "private numpy array",
+        max_ratio=1 / 0.9,
+        text="copy into a warm shared array at least 0.9x a private copy (issue 4)",
+    )
+
+
+def _scalar_contenders(bench: Bench) -> None:
+    seg = ps.shared("bench-scalar", ps.u64)
+    view = seg.view
+    private = ctypes.c_uint64(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp_value = multiprocessing.get_context("fork").Value("Q", 0, lock=False)
+
+    def reader(obj: object) -> float:
+        def run(n: int) -> float:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                obj.value  # type: ignore[attr-defined]  # noqa: B018
+            return time.perf_counter() - t0
+
+        return run  # type: ignore[return-value]
+
+    def writer(obj: object) -> float:
+        def run(n: int) -> float:
+            t0 = time.perf_counter()
+            for i in range(n):
+                obj.value = i  # type: ignore[attr-defined]
+            return time.perf_counter() - t0
+
+        return run  # type: ignore[return-value]
+
+    try:
+        for what, make in (("read", reader), ("write", writer)):
+            g = bench.group(
+                f"segments: scalar .value {what}",
+                note="ps.shared(name, ps.u64) view, reported (no target)",
+            )
+            g.add("procshare view.value", make(view))  # type: ignore[arg-type]
+            g.add("private ctypes c_uint64", make(private))  # type: ignore[arg-type]
+            g.add("multiprocessing.Value(lock=False)", make(mp_value))  # type: ignore[arg-type]
+            g.measure(n=200_000)
+    finally:
+        del view
+        seg.close()
+
+
+def run(bench: Bench) -> None:
+    g = bench.group(
+        "segments: create + close a 4 KiB segment",
+        note="procshare: with ps.shared(name, bytes, size=4096) (atomic create, metadata, "
+        "kernel-counted hold, unlink by the last holder)",
+    )
+    g.add("procshare", ps_create_close)
+    g.add("multiprocessing.shared_memory", mp_create_close)
+    if posix_ipc is not None:
+        g.add("posix_ipc + mmap", posix_ipc_create_close)
+    else:
+        g.skip("posix_ipc + mmap", "posix_ipc is not installed")
+    g.measure(n=2000)
+    g.target(
+        "procshare",
+        "multiprocessing.shared_memory",
+        max_ratio=1.0,
+        text="4 KiB create + close no slower than SharedMemory create + unlink (issue 4)",
+    )
+
+    g = bench.group(
+        "segments: attach + close a held 4 KiB segment",
+        note="procshare: with ps.shared(name, bytes, size=4096, create=False) (layout checked)",
+    )
+    g.add("procshare", ps_attach)
+    g.add("multiprocessing.shared_memory", mp_attach)
+    if posix_ipc is not None:
+        g.add("posix_ipc + mmap", posix_ipc_attach)
+    else:
+        g.skip("posix_ipc + mmap", "posix_ipc is not installed")
+    g.measure(n=2000)
+    g.target(
+        "procshare",
+        "multiprocessing.shared_memory",
+        max_ratio=1.0,
+        text="attach no slower than SharedMemory attach (issue 4)",
+    )
+
+    _copy_contenders(bench)
+    _scalar_contenders(bench)
