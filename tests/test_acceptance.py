@@ -31,6 +31,7 @@ PROCESSES = 100
 RUNS = 200
 OVERLAP_EVERY = 10
 GATE_TIMEOUT = 60.0
+OVERLAP_PAUSE = 0.002
 EXPECTED = sum(i * j - i + i**4 for i in range(PROCESSES) for j in range(1, 100))
 
 
@@ -94,7 +95,7 @@ def test_the_seed_scenario_200_times_in_a_row() -> None:
     overlapped = 0
     for run in range(1, RUNS + 1):
         if run % OVERLAP_EVERY == 0:
-            total, expected = overlapping_scenario(PROCESSES, locked=True, pause=0.002)
+            total, expected = overlapping_scenario(PROCESSES, locked=True, pause=OVERLAP_PAUSE)
             overlapped += 1
         else:
             total, expected = seed_scenario(), EXPECTED
@@ -107,20 +108,12 @@ def test_the_seed_scenario_200_times_in_a_row() -> None:
 
 @pytest.mark.timeout(300)
 def test_negative_control_without_the_lock_updates_are_lost() -> None:
-    # Ten children released together, each pausing 200 ms between a read and
-    # its write: for no update to be lost, the ten pauses would have to fall
-    # one after another, two seconds in all, despite starting at one moment.
-    for attempt in range(3):
-        total, expected = overlapping_scenario(10, locked=False, pause=0.2)
+    # Exactly the overlap runs above, minus the lock. A hundred children leave
+    # the gate together and each holds a read 2 ms before writing it back: for
+    # no update to be lost, no child could write during any other's 2 ms, one
+    # after another, for all hundred. Measured: over 90% of the sum is lost.
+    for attempt in range(5):
+        total, expected = overlapping_scenario(PROCESSES, locked=False, pause=OVERLAP_PAUSE)
         # A lost update overwrites others' additions, so the total can only fall short.
         assert total < expected, f"attempt {attempt}: no update was lost ({total})"
-        assert_nothing_left(attempt)
-
-
-@pytest.mark.timeout(300)
-def test_the_same_overlap_with_the_lock_loses_nothing() -> None:
-    # The control's exact workload and timing, locked: the only difference is the lock.
-    for attempt in range(3):
-        total, expected = overlapping_scenario(10, locked=True, pause=0.2)
-        assert total == expected, f"attempt {attempt}: {total} != {expected}"
         assert_nothing_left(attempt)
