@@ -216,18 +216,22 @@ def main(argv: list[str] | None = None) -> int:
     expected = expected_sum(processes)
 
     print("procshare demo: the seed scenario")
-    print(
-        f"  {processes} processes each add i*j - i + i**4 for j in 1..99 "
-        'to the shared u64 "sum" under the lock "m"'
-    )
-    print(f"  expected sum: {expected}")
+    print(f"  {processes} forked processes; child i adds i*j - i + i**4 for j in 1..99")
+    print('  to the shared u64 "sum", holding the interprocess lock "m"')
+    print(f"  expected sum: {expected} (from the formula)")
     print(f"  namespace: {namespace} (fresh for this run)")
     if paced:
+        hold_ms = f"{PAUSE_HOLDING * 1000:g} ms"
         print(
-            f"  --sleep: each child sleeps {PAUSE_BEFORE:g} s, then holds the lock for "
-            f"{PAUSE_HOLDING * 1000:g} ms; the locked sections run one at a time, so a run "
-            f"takes at least {min_paced_wall(processes):.1f} s "
-            f"({PAUSE_BEFORE:g} s + {processes} x {PAUSE_HOLDING * 1000:g} ms)"
+            f"  --sleep: each child sleeps {PAUSE_BEFORE:g} s, then holds the lock for {hold_ms}."
+        )
+        print(
+            f"    The locked sections run one at a time, so expect at least "
+            f"{min_paced_wall(processes):.1f} s a run"
+        )
+        print(
+            f"    ({PAUSE_BEFORE:g} s + {processes} x {hold_ms}); "
+            "a faster run would mean two children held the lock at once."
         )
     print()
     before = leftovers.namespace_objects(namespace)
@@ -242,9 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         problems += found
         shown = "failed" if run.total is None else str(run.total)
         verdict = "ok" if not found else "WRONG"
+        bound = f" (>= {min_paced_wall(processes):.1f} s)" if paced else ""
         print(
             f"run {number:>{len(str(args.repeat))}}: sum {shown}  expected {run.expected}  "
-            f"wall {run.wall:.3f} s  {verdict}",
+            f"wall {run.wall:.3f} s{bound}  {verdict}",
             flush=True,
         )
     print()
