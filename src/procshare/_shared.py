@@ -86,6 +86,10 @@ class Segment:
         """Stop holding the segment; the last holder to close it removes it
         (unless it was created with ``persist=True``). Idempotent."""
         if not self._rec.closed:
+            # Drop our own reference first: a memoryview or array nobody else
+            # holds then dies now, and the mapping can be unmapped right away
+            # instead of when this handle is collected.
+            self._view = None
             self._part.close(self._rec)
 
     def __enter__(self) -> Any:
