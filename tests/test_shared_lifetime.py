@@ -475,3 +475,76 @@ def test_child_failures_are_reported() -> None:
     # The helper itself must not hide a failing child (a negative control).
     with pytest.raises(ChildFailed, match="ZeroDivisionError"):
         run_in_child(lambda: 1 / 0)
+
+
+@pytest.mark.timeout(120)
+def test_racing_openers_of_an_orphan_never_serve_its_data() -> None:
+    def holder(h: Helper) -> None:
+        seg = ps.shared("stale", int)
+        seg.view.value = 42
+        h.ready()
+        time.sleep(600)
+
+    helper = Helper(holder)
+    helper.wait_ready()
+    helper.kill()
+    assert exists("stale")
+    start_r, start_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    report_r, report_w = os.pipe()
+    pids = []
+    for _ in range(8):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                os.close(start_w)
+                os.close(hold_w)
+                os.read(start_r, 1)
+                seg = ps.shared("stale", int)
+                os.write(report_w, f"{seg.view.value}\n".encode())
+                os.read(hold_r, 1)
+                seg.close()
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    os.close(report_w)
+    os.close(start_w)
+    seen = b""
+    while seen.count(b"\n") < 8:
+        chunk = os.read(report_r, 1024)
+        if not chunk:
+            break
+        seen += chunk
+    os.close(hold_w)
+    statuses = [os.waitpid(pid, 0)[1] for pid in pids]
+    for fd in (start_r, hold_r, report_r):
+        os.close(fd)
+    assert statuses == [0] * 8
+    assert seen.split() == [b"0"] * 8  # every one got the fresh segment, none the 42
+    assert not exists("stale")
+
+
+def test_threads_closing_one_handle_at_once_close_it_once() -> None:
+    import threading
+
+    seg = ps.shared("t", int)
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def close() -> None:
+        barrier.wait()
+        try:
+            seg.close()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=close) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert seg.closed
+    assert not exists("t")

@@ -231,10 +231,11 @@ class SegmentsPart:
     def close(self, rec: OpenSegment) -> None:
         """Close ``rec`` (idempotent). A segment inherited across fork is only
         forgotten: the parent still holds it."""
-        if rec.closed:
-            return
-        rec.closed = True
-        callbacks, rec.on_close = rec.on_close, []
+        with self.engine.lock:  # two threads closing one handle: only one does
+            if rec.closed:
+                return
+            rec.closed = True
+            callbacks, rec.on_close = rec.on_close, []
         for callback in callbacks:
             callback()
         if self.engine.pid != os.getpid():
