@@ -548,3 +548,29 @@ def test_threads_closing_one_handle_at_once_close_it_once() -> None:
     assert errors == []
     assert seg.closed
     assert not exists("t")
+
+
+@pytest.mark.timeout(60)
+def test_create_none_attaches_even_when_this_process_created_the_name_last_time() -> None:
+    # The engine guesses "create first" for a name it created last time; the
+    # guess must never cost correctness.
+    with ps.shared("hint", int) as first:
+        first.value = 1
+
+    def holder(h: Helper) -> None:
+        with ps.shared("hint", int, initial=7):
+            h.ready()
+            h.wait_release()
+
+    helper = Helper(holder)
+    try:
+        helper.wait_ready()
+        seg = ps.shared("hint", int)
+        try:
+            assert not seg.created
+            assert seg.view.value == 7
+        finally:
+            seg.close()
+    finally:
+        assert helper.release() == 0
+    assert not exists("hint")

@@ -75,6 +75,23 @@ class OpenSegment:
     closed: bool = False
 
 
+# This process's pid, kept current across fork without a getpid() system call
+# on every close.
+_pid = os.getpid()
+
+
+def _refresh_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
+
+
+def current_pid() -> int:
+    return _pid
+
+
 def _keep_nothing(handle: SegmentHandle) -> bool:
     # A segment nobody living holds is stale: reclaim it. (The backend itself
     # keeps persist=True segments.)
@@ -116,6 +133,8 @@ class SegmentsPart:
     init_hook: Callable[[str], None] | None = None
     _open: dict[int, OpenSegment] = attrs.field(factory=dict)
     _os_names: dict[tuple[str, str], str] = attrs.field(factory=dict)
+    #: Whether this process's last open of each OS name created it (a hint).
+    _created_last: dict[str, bool] = attrs.field(factory=dict)
 
     # -- names -------------------------------------------------------------
 
@@ -155,8 +174,13 @@ class SegmentsPart:
         meta = encode_meta(name, namespace, layout)
         backend = self.engine.backend
         init = self._initialiser(name, initial)
+        # create=None usually looks before it creates. When this process created
+        # the name last time (a scratch segment opened and closed in a loop), it
+        # creates first: a failed create costs more than a failed look, but the
+        # look is wasted every time the guess is right.
+        skip_look = create is None and self._created_last.get(os_name, False)
         while True:
-            if create is not True:
+            if create is not True and not skip_look:
                 handle = backend.segment_open(os_name, keep_orphan=_keep_nothing)
                 if handle is not None:
                     return self._register(name, namespace, handle, False, layout, meta)
@@ -179,6 +203,7 @@ class SegmentsPart:
                 raise
             if handle is not None:
                 return self._register(name, namespace, handle, True, layout, meta)
+            skip_look = False
             if create is True:
                 # The name is taken; it is an error only if a living process
                 # holds it (opening reclaims a stale one, then we retry).
@@ -226,6 +251,9 @@ class SegmentsPart:
         rec = OpenSegment(name, namespace, handle, created, layout)
         with self.engine.lock:
             self._open[id(rec)] = rec
+            if len(self._created_last) > 4096:
+                self._created_last.clear()
+            self._created_last[handle.os_name] = created
         return rec
 
     def close(self, rec: OpenSegment) -> None:
@@ -238,7 +266,7 @@ class SegmentsPart:
             callbacks, rec.on_close = rec.on_close, []
         for callback in callbacks:
             callback()
-        if self.engine.pid != os.getpid():
+        if self.engine.pid != current_pid():
             return  # inherited: never close, unlink or release the parent's
         with self.engine.lock:
             self._open.pop(id(rec), None)

@@ -82,6 +82,23 @@ _PWRITE_BYTES = 64 << 10
 _PRECHECK_BYTES = 1 << 20
 
 
+# This process's pid, kept current across fork: getpid() is a real system call
+# (glibc stopped caching it), and open/close would make several.
+_pid = os.getpid()
+
+
+def _refresh_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
+
+
+def current_pid() -> int:
+    return _pid
+
+
 def _path(os_name: str) -> str:
     if not os_name.startswith("/") or "/" in os_name[1:]:
         raise ValueError(f"bad OS name {os_name!r}")
@@ -99,14 +116,14 @@ class PosixSegment:
     os_name: str
     fd: int
     mm: mmap.mmap
-    inode: tuple[int, int]
+    inode: tuple[int, int] | None  # (st_dev, st_ino) when known (not after create)
     meta: bytes
     persist: bool
     data_offset: int
     data_size: int
     created_ns: int
     creator_pid: int
-    opener_pid: int = attrs.field(factory=os.getpid)
+    opener_pid: int = attrs.field(factory=current_pid)
     closed: bool = False
     _data: memoryview | None = None
 
@@ -149,12 +166,18 @@ def _read_header(mm: mmap.mmap, os_name: str) -> tuple[int, bytes, int, int, int
 
 
 def _map(
-    fd: int, os_name: str, opener_pid: int | None = None, st: os.stat_result | None = None
+    fd: int,
+    os_name: str,
+    opener_pid: int | None = None,
+    st: os.stat_result | None = None,
+    size: int | None = None,
 ) -> PosixSegment:
-    st = os.fstat(fd) if st is None else st
-    if st.st_size < _META_OFFSET:
+    if size is None:
+        st = os.fstat(fd) if st is None else st
+        size = st.st_size
+    if size < _META_OFFSET:
         raise OSError(errno.EBADMSG, f"{os_name} is too small to be a procshare object")
-    mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     try:
         flags, meta, dataoff, datalen, created, creator = _read_header(mm, os_name)
     except BaseException:
@@ -164,14 +187,14 @@ def _map(
         os_name=os_name,
         fd=fd,
         mm=mm,
-        inode=(st.st_dev, st.st_ino),
+        inode=None if st is None else (st.st_dev, st.st_ino),
         meta=meta,
         persist=bool(flags & FLAG_PERSIST),
         data_offset=dataoff,
         data_size=datalen,
         created_ns=created,
         creator_pid=creator,
-        opener_pid=os.getpid() if opener_pid is None else opener_pid,
+        opener_pid=_pid if opener_pid is None else opener_pid,
     )
 
 
@@ -274,7 +297,7 @@ class PosixSegments(NativeKinds):
             _ofd.lock(fd, _ofd.READ, _ofd.HOLD)
             flags = FLAG_PERSIST if persist else 0
             header = _HEADER.pack(
-                _MAGIC, flags, len(meta), dataoff, data_size, time.time_ns(), os.getpid()
+                _MAGIC, flags, len(meta), dataoff, data_size, time.time_ns(), _pid
             )
             head = header + bytes(_META_OFFSET - len(header)) + meta
             try:
@@ -287,10 +310,11 @@ class PosixSegments(NativeKinds):
                 if exc.errno in (errno.ENOSPC, errno.EFBIG):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os_name) from None
                 raise
-            st = os.fstat(fd)
-            if stat.S_IMODE(st.st_mode) != mode:
-                os.fchmod(fd, mode)  # the umask must not narrow what was asked
-            seg = _map(fd, os_name, st=st)
+            if mode & 0o077:
+                # The umask may have narrowed what was asked; it never touches
+                # the owner bits in practice, so owner-only modes skip this.
+                os.fchmod(fd, mode)
+            seg = _map(fd, os_name, size=total)
             if init is not None:
                 init(seg.data)
             try:
@@ -350,7 +374,7 @@ class PosixSegments(NativeKinds):
         if handle.closed:
             return False
         handle.closed = True
-        if handle.opener_pid != os.getpid():
+        if handle.opener_pid != _pid:
             # Inherited across fork: the description (and its lock) is the
             # parent's. Drop our references without touching the kernel state.
             return False
