@@ -72,6 +72,44 @@ def pool_round_trip(n: int) -> float:
         return time.perf_counter() - t0
 
 
+FAN_OUT = 50
+
+
+def procshare_scope(n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        with ps.children():
+            for _ in range(FAN_OUT):
+                _ps_noop()
+    return time.perf_counter() - t0
+
+
+def raw_fan_out(n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        pids = []
+        for _ in range(FAN_OUT):
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            pids.append(pid)
+        for pid in pids:
+            os.waitpid(pid, 0)
+    return time.perf_counter() - t0
+
+
+def multiprocessing_fan_out(n: int) -> float:
+    ctx = multiprocessing.get_context("fork")
+    t0 = time.perf_counter()
+    for _ in range(n):
+        procs = [ctx.Process(target=_noop) for _ in range(FAN_OUT)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+    return time.perf_counter() - t0
+
+
 def run(bench: Bench) -> None:
     g = bench.group(
         "fork: start + join of a no-op child",
@@ -98,3 +136,16 @@ def run(bench: Bench) -> None:
         max_ratio=1.0,
         text="@forked start + join faster than multiprocessing.Process with fork (issue 3)",
     )
+
+    fan = bench.group(
+        f"fork: {FAN_OUT} no-op children started together, then all joined",
+        note=(
+            "one op = fork every child, then wait for all; procshare does it with "
+            "`with ps.children():` (results collected, failures grouped)"
+        ),
+        unit="per batch",
+    )
+    fan.add("procshare children()", procshare_scope)
+    fan.add("raw os.fork", raw_fan_out)
+    fan.add("multiprocessing.Process (fork)", multiprocessing_fan_out)
+    fan.measure(n=5)
