@@ -437,32 +437,43 @@ class ChildrenPart:
         return True
 
     def wait_any(self, recs: Sequence[Record], deadline: float | None) -> None:
-        """Return once one of ``recs`` is done, or at ``deadline`` (monotonic)."""
+        """Return once one of ``recs`` is done, or at ``deadline`` (monotonic).
+
+        One ``poll`` over every pipe and pidfd, then progress only for the
+        children whose descriptors are ready: waiting on N children costs
+        O(N) per wake-up, not N reads and N ``waitpid`` calls.
+        """
         while True:
-            pending = [r for r in recs if not self.advance(r)]
-            if len(pending) < len(recs) or not pending:
-                return
-            limit = deadline
-            for r in pending:
-                d = r.deadline
-                if d is not None and (limit is None or d < limit):
-                    limit = d
             now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return
-            fds: list[int] = []
-            slice_ = False
-            for r in pending:
+            limit = deadline
+            by_fd: dict[int, Record] = {}
+            blind: list[Record] = []  # no pidfd: their exit must be polled for
+            for r in recs:
+                if r.done:
+                    return
+                d = r.deadline
+                if d is not None:
+                    if d <= now:
+                        self.advance(r)  # kills and reaps it: its timeout ran out
+                        return
+                    if limit is None or d < limit:
+                        limit = d
                 if r.result_fd is not None and not r.eof:
-                    fds.append(r.result_fd)
+                    by_fd[r.result_fd] = r
                 if r.wait_fd is not None:
-                    fds.append(r.wait_fd)
+                    by_fd[r.wait_fd] = r
                 else:
-                    slice_ = True
+                    blind.append(r)
+            if not recs or (deadline is not None and now >= deadline):
+                return
             wait = None if limit is None else max(0.0, limit - now)
-            if slice_:
+            if blind:
                 wait = _NO_PIDFD_SLICE if wait is None else min(wait, _NO_PIDFD_SLICE)
-            self.backend.process_poll(fds, wait)
+            ready = self.backend.process_poll(list(by_fd), wait)
+            for fd in ready:
+                self.advance(by_fd[fd])
+            for r in blind:
+                self.advance(r)
 
     def signal(self, rec: Record, signum: int) -> bool:
         """Signal a child that has not been reaped (never a reused pid)."""
@@ -605,7 +616,9 @@ class ChildrenPart:
     def _refresh(self, scope: ScopeState) -> None:
         """Advance the scope's running children; note failures among the ones
         that ended (in fork order); cancel the rest if the scope says so."""
-        ended = [r for r in scope.running if self.advance(r)]
+        # wait_any() and terminate_all() advance the children; here we only
+        # look (no system calls per child on every fork under a limit).
+        ended = [r for r in scope.running if r.done]
         if not ended:
             return
         scope.running = [r for r in scope.running if not r.done]
