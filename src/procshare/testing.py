@@ -13,7 +13,9 @@ it
   children before the test, and after it fails the test (as an error in
   teardown) if a segment, a lock, a temporary, a live child or a zombie was
   left behind. The leftovers are then removed and reaped, so one leaky test
-  does not make every later one fail too.
+  does not make every later one fail too. Objects recorded as belonging to
+  another test's namespace are left alone: they are a concurrently running
+  session's, not this test's.
 
 It is not auto-enabled on install: a library must not change the outcome
 of its users' tests unasked.
@@ -31,7 +33,8 @@ from collections.abc import Iterator
 import pytest
 
 from procshare._backends import get_backend
-from procshare._engine import get_engine
+from procshare._engine import get_engine, names
+from procshare._engine.inspect import decode_meta
 
 
 def child_pids(parent: int | None = None) -> dict[int, str]:
@@ -79,6 +82,26 @@ def _settle(before: dict[int, str], seconds: float) -> dict[int, str]:
         time.sleep(0.02)
 
 
+def _own(new_objects: frozenset[str], namespace: str) -> list[str]:
+    """The new objects this test is answerable for.
+
+    Everything new counts (raw files, other namespaces a test chose with
+    ``ps.namespace``), except procshare objects recorded as belonging to
+    *another* test's namespace: those are a concurrently running test
+    session's, and removing them would break it.
+    """
+    if not new_objects:
+        return []
+    others = set()
+    for info in get_backend().segment_list(names.PREFIX):
+        if info.os_name not in new_objects:
+            continue
+        owner = decode_meta(info.meta).get("namespace")
+        if isinstance(owner, str) and owner.startswith("t-") and owner != namespace:
+            others.add(info.os_name)
+    return sorted(new_objects - others)
+
+
 @pytest.fixture(autouse=True)
 def procshare_leak_check(request: pytest.FixtureRequest) -> Iterator[str]:
     """Give the test its own namespace and fail it if it leaves anything behind."""
@@ -98,7 +121,7 @@ def procshare_leak_check(request: pytest.FixtureRequest) -> Iterator[str]:
     # A call into procshare reaps children whose handles were dropped.
     get_engine().poll()
     leaked_children = _settle(children_before, seconds=0.5)
-    leaked_objects = sorted(backend.os_objects() - objects_before)
+    leaked_objects = _own(backend.os_objects() - objects_before, namespace)
     if not (leaked_children or leaked_objects):
         return
     problems = []
