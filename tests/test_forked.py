@@ -454,6 +454,27 @@ def test_dropped_handle_is_reaped_at_the_next_call_into_procshare() -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("call", ["shared", "lock", "segments"])
+def test_every_public_entry_point_reaps_dropped_children(call: str) -> None:
+    @ps.forked
+    def quick() -> None:
+        return None
+
+    pid = quick().pid
+    gc.collect()
+    assert _wait_for(lambda: child_pids().get(pid) == "Z")
+    if call == "shared":
+        with ps.shared("probe", ps.u8):
+            pass
+    elif call == "lock":
+        with ps.interprocess_lock("probe"):
+            pass
+    else:
+        ps.segments()
+    assert pid not in child_pids()
+
+
+@pytest.mark.timeout(60)
 def test_dropped_failing_child_warns_when_reaped() -> None:
     @ps.forked(name="forgotten")
     def fails() -> None:

@@ -180,6 +180,7 @@ def shared(
             "could not attach. Use 0o600 (default) or add group/other bits to it"
         )
     part = segments_part()
+    part.engine.poll()  # every call into procshare reaps dropped children (SPEC 1)
     resolved = _kinds.resolve_cached(name, kind, shape, size, part)
     init = resolved.initial(initial)
     rec = part.open(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from procshare._engine import get_engine
 from procshare._engine.inspect import SegmentInfo, list_objects
 
 
@@ -17,6 +18,7 @@ def segments(namespace: str | None = None) -> list[SegmentInfo]:
     whose creator died before publishing it: ``python -m procshare gc``
     removes the abandoned ones.
     """
+    get_engine().poll()  # every call into procshare reaps dropped children (SPEC 1)
     return list_objects(namespace)
 
 
