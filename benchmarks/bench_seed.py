@@ -11,6 +11,9 @@ costs on top of the bare kernel primitives.
   in the original D program: one named segment (``shm_open`` + ``mmap``)
   mapped before the fork, one named POSIX semaphore, ``os.fork`` / ``os._exit`` /
   ``os.waitpid``. No error reporting, no crash safety.
+* ``raw, children reopen both by name``: the same, but each child opens the
+  segment and the semaphore by name, as procshare's children do. Context
+  only: the target is against the bare version above.
 * ``multiprocessing``: ``Process`` (fork context) + ``Value`` + ``Lock``.
 * ``procshare``: the example at the top of SPEC.md, verbatim.
 
@@ -101,13 +104,34 @@ def multiprocessing_scenario(n: int) -> float:
 # -- raw: os.fork + mmap + posix_ipc.Semaphore ----------------------------------------------
 
 
-def _raw_once(tag: str) -> int:
-    shm = posix_ipc.SharedMemory(f"/bseed-s-{tag}", posix_ipc.O_CREX, size=8)
+def _raw_child(i: int, value: ctypes.c_uint64, sem: posix_ipc.Semaphore) -> None:
+    sem.acquire()
+    try:
+        for j in range(1, 100):
+            value.value += i * j - i + i**4
+    finally:
+        sem.release()
+
+
+def _raw_child_by_name(i: int, shm_name: str, sem_name: str) -> None:
+    # What procshare's children do: attach to both objects by name.
+    shm = posix_ipc.SharedMemory(shm_name)
     try:
         mm = mmap.mmap(shm.fd, 8)
     finally:
         shm.close_fd()
-    sem = posix_ipc.Semaphore(f"/bseed-l-{tag}", posix_ipc.O_CREX, initial_value=1)
+    value = ctypes.c_uint64.from_buffer(mm)
+    _raw_child(i, value, posix_ipc.Semaphore(sem_name))
+
+
+def _raw_once(tag: str, *, by_name: bool) -> int:
+    shm_name, sem_name = f"/bseed-s-{tag}", f"/bseed-l-{tag}"
+    shm = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, size=8)
+    try:
+        mm = mmap.mmap(shm.fd, 8)
+    finally:
+        shm.close_fd()
+    sem = posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, initial_value=1)
     value = ctypes.c_uint64.from_buffer(mm)
     try:
         pids = []
@@ -116,12 +140,10 @@ def _raw_once(tag: str) -> int:
             if pid == 0:  # child: always leaves through os._exit
                 code = 1
                 try:
-                    sem.acquire()
-                    try:
-                        for j in range(1, 100):
-                            value.value += i * j - i + i**4
-                    finally:
-                        sem.release()
+                    if by_name:
+                        _raw_child_by_name(i, shm_name, sem_name)
+                    else:
+                        _raw_child(i, value, sem)
                     code = 0
                 finally:
                     os._exit(code)
@@ -138,12 +160,16 @@ def _raw_once(tag: str) -> int:
         sem.close()
 
 
-def raw_scenario(n: int) -> float:
+def raw_scenario(n: int, *, by_name: bool = False) -> float:
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     started = time.perf_counter()
     for k in range(n):
-        _check("raw", _raw_once(f"{tag}-{k}"))
+        _check("raw", _raw_once(f"{tag}-{k}", by_name=by_name))
     return time.perf_counter() - started
+
+
+def raw_by_name_scenario(n: int) -> float:
+    return raw_scenario(n, by_name=True)
 
 
 def run(bench: Bench) -> None:
@@ -157,6 +183,7 @@ def run(bench: Bench) -> None:
     )
     g.add("procshare", procshare_scenario)
     g.add("raw fork + mmap + posix_ipc", raw_scenario)
+    g.add("raw, children reopen both by name", raw_by_name_scenario)
     g.add("multiprocessing", multiprocessing_scenario)
     g.measure(n=3)
     g.target(
