@@ -24,7 +24,7 @@ import time
 import attrs
 
 import procshare as ps
-from procshare._engine import leftovers
+from procshare._engine import inspect, leftovers
 
 J_RANGE = range(1, 100)
 #: The original program's pauses: before taking the lock, and while holding it.
@@ -148,6 +148,37 @@ def run_once(number: int, processes: int, *, paced: bool, namespace: str) -> Run
     return Run(number, total, expected, wall, left, error)
 
 
+def _is_interrupt(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(KeyboardInterrupt) is not None
+    return isinstance(exc, KeyboardInterrupt)
+
+
+def _interrupted(number: int, namespace: str) -> int:
+    left = leftovers.namespace_objects(namespace)
+    print(f"\ninterrupted during run {number}")
+    if left:
+        # A child killed while it held the lock leaves the lock behind on purpose:
+        # the next process to open "m" must be told its owner died (ps.OwnerDied).
+        # Nobody will open this namespace again, so the demo removes it.
+        print(f"left in shared memory: {', '.join(sorted(left))}")
+        print("  (a lock whose holder was killed is kept, so its next user hears of it)")
+        _remove_leftovers(namespace)
+    else:
+        print(f"nothing left in shared memory: namespace {namespace} is empty")
+    return 130  # the shell's convention for "ended by SIGINT"
+
+
+def _remove_leftovers(namespace: str) -> None:
+    """Remove what a failed or interrupted run left in the demo's own namespace."""
+    removed = inspect.collect(namespace, everything=True)
+    if removed:
+        print(
+            f"  removed {len(removed)} object(s) from the demo's namespace "
+            f"(as `python -m procshare gc --all --namespace {namespace}` would)"
+        )
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         inner = "; ".join(_describe(e) for e in exc.exceptions)
@@ -240,7 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     if before:  # impossible for a fresh namespace, but then nothing below is meaningful
         problems.append(f"namespace {namespace} was not empty: {', '.join(sorted(before))}")
     for number in range(1, args.repeat + 1):
-        run = run_once(number, processes, paced=paced, namespace=namespace)
+        try:
+            run = run_once(number, processes, paced=paced, namespace=namespace)
+        except BaseException as exc:
+            if not _is_interrupt(exc):
+                raise
+            # Ctrl-C: the children were terminated and what they held released;
+            # show that nothing leaked even so.
+            return _interrupted(number, namespace)
         runs.append(run)
         found = run.problems(paced=paced, processes=processes)
         problems += found
@@ -262,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     left = frozenset().union(*(r.left for r in runs))
     if left:
         print(f"LEFT IN SHARED MEMORY: {', '.join(sorted(left))}")
+        _remove_leftovers(namespace)
     else:
         print(
             f"nothing left in shared memory: namespace {namespace} had "
