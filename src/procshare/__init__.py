@@ -34,6 +34,7 @@ from procshare._process import children as children
 from procshare._process import forked as forked
 
 # Shared data (issue 4)
+from procshare._shared import Segment as Segment
 from procshare._shared import shared as shared
 from procshare._shared import unlink as unlink
 
@@ -75,6 +76,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "LockTimeout",
     "OwnerDied",
     "ProcshareError",
+    "Segment",
     "SegmentClosed",
     "SegmentExists",
     "SegmentInfo",
