@@ -134,3 +134,45 @@ def test_objects_of_another_test_namespace_are_neither_blamed_nor_removed(
         os_name = names.os_name(names.SEGMENT, "theirs")
     assert os_name in get_backend().os_objects()
     get_backend().segment_unlink(os_name)
+
+
+def test_a_live_unrelated_programs_object_is_neither_blamed_nor_removed(
+    pytester: pytest.Pytester,
+) -> None:
+    # A program that is not a descendant of the inner pytest (here: started by
+    # this outer test, so a sibling of the inner run) creates an object while
+    # the inner test runs, as a concurrent demo would.
+    import subprocess
+    import sys
+
+    ready = pytester.path / "ready"
+    program = (
+        "import json, sys, time\n"
+        "from procshare._backends import get_backend\n"
+        "from procshare._engine import names\n"
+        "with names.use_namespace('demo-unrelated'):\n"
+        "    n = names.os_name(names.SEGMENT, 'live')\n"
+        "h = get_backend().segment_create(n, meta=b'{}', data_size=1, mode=0o600, persist=False)\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        "sys.stdin.read()\n"
+        "get_backend().segment_close(h, keep=lambda h: False)\n"
+    )
+    inner = f"""
+import os, time
+
+def test_runs_while_another_program_creates_objects():
+    deadline = time.monotonic() + 20
+    while not os.path.exists({str(ready)!r}) and time.monotonic() < deadline:
+        time.sleep(0.01)
+"""
+    pytester.makepyfile(inner)
+    env_program = subprocess.Popen(
+        [sys.executable, "-c", program], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        result = pytester.runpytest_subprocess("-p", "procshare.testing", "-p", "no:cacheprovider")
+        assert ready.exists()
+        result.assert_outcomes(passed=1)
+    finally:
+        _, err = env_program.communicate("", timeout=20)
+        assert env_program.returncode == 0, err

@@ -82,16 +82,33 @@ def _settle(before: dict[int, str], seconds: float) -> dict[int, str]:
         time.sleep(0.02)
 
 
+def _ancestors(pid: int) -> set[int]:
+    """``pid`` and its ancestors up to init, from /proc (empty if ``pid`` is gone)."""
+    chain: set[int] = set()
+    while pid > 1 and pid not in chain:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().decode(errors="replace").rsplit(")", 1)[-1].split()
+        except OSError:
+            break
+        chain.add(pid)
+        pid = int(fields[1])
+    return chain
+
+
 def _own(new_objects: frozenset[str], namespace: str) -> list[str]:
     """The new objects this test is answerable for.
 
     Everything new counts (raw files, other namespaces a test chose with
-    ``ps.namespace``), except procshare objects recorded as belonging to
-    *another* test's namespace: those are a concurrently running test
-    session's, and removing them would break it.
+    ``ps.namespace``), except procshare objects that are visibly another
+    program's: recorded as belonging to *another* test's namespace, or
+    created by a process that is still alive and is neither this process nor
+    one of its descendants (a concurrently running demo or test session).
+    Removing those would break the program that owns them.
     """
     if not new_objects:
         return []
+    me = os.getpid()
     others = set()
     for info in get_backend().segment_list(names.PREFIX):
         if info.os_name not in new_objects:
@@ -99,6 +116,12 @@ def _own(new_objects: frozenset[str], namespace: str) -> list[str]:
         owner = decode_meta(info.meta).get("namespace")
         if isinstance(owner, str) and owner.startswith("t-") and owner != namespace:
             others.add(info.os_name)
+            continue
+        creator = info.creator_pid
+        if creator and creator != me:
+            lineage = _ancestors(creator)
+            if lineage and me not in lineage:
+                others.add(info.os_name)
     return sorted(new_objects - others)
 
 
