@@ -26,7 +26,8 @@ def _targets(group: Group) -> list[tuple[str, str, str]]:
     medians = group.medians()
     for t in group.targets:
         ratio, ok = t.verdict(medians)
-        shown = "n/a" if ratio is None else f"{ratio:.2f}x (limit {t.max_ratio:.2f}x)"
+        # A ratio of times per operation: below 1 means procshare is faster.
+        shown = "n/a" if ratio is None else f"time ratio {ratio:.2f}x (limit {t.max_ratio:.2f}x)"
         verdict = "not measured" if ok is None else ("met" if ok else "NOT MET")
         out.append((t.text, shown, verdict))
     return out
@@ -121,7 +122,10 @@ def markdown(
         out += [
             "## Targets",
             "",
-            "Stated in the issues; a target is met when the measured ratio is within its limit.",
+            "Stated in the issues. Each is checked as a ratio of times per operation "
+            "(procshare / peer; below 1 means procshare is faster, and a throughput "
+            "target of at least 0.6x becomes a time limit of 1/0.6 = 1.67x); it is met "
+            "when the measured ratio is within its limit.",
             "",
             "| benchmark | target | measured | verdict |",
             "|---|---|---|---|",
