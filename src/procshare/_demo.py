@@ -24,7 +24,7 @@ import time
 import attrs
 
 import procshare as ps
-from procshare._engine import inspect, leftovers
+from procshare._engine import inspect
 
 J_RANGE = range(1, 100)
 #: The original program's pauses: before taking the lock, and while holding it.
@@ -144,7 +144,7 @@ def run_once(number: int, processes: int, *, paced: bool, namespace: str) -> Run
     except Exception as exc:
         error = _describe(exc)
     wall = time.perf_counter() - started
-    left = leftovers.namespace_objects(namespace)
+    left = inspect.namespace_objects(namespace)
     return Run(number, total, expected, wall, left, error)
 
 
@@ -155,7 +155,7 @@ def _is_interrupt(exc: BaseException) -> bool:
 
 
 def _interrupted(number: int, namespace: str) -> int:
-    left = leftovers.namespace_objects(namespace)
+    left = inspect.namespace_objects(namespace)
     print(f"\ninterrupted during run {number}")
     if left:
         # A child killed while it held the lock leaves the lock behind on purpose:
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             "a faster run would mean two children held the lock at once."
         )
     print()
-    before = leftovers.namespace_objects(namespace)
+    before = inspect.namespace_objects(namespace)
     runs: list[Run] = []
     problems: list[str] = []
     if before:  # impossible for a fresh namespace, but then nothing below is meaningful

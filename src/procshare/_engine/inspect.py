@@ -134,3 +134,14 @@ def remove(name: str, *, lock: bool = False, namespace: str | None = None) -> bo
     names.validate_name(name)
     kind = names.LOCK if lock else names.SEGMENT
     return engine.backend.segment_unlink(names.os_name(kind, name, namespace))
+
+
+def namespace_objects(namespace: str | None = None) -> frozenset[str]:
+    """The OS names of every object of ``namespace`` (default: the current one).
+
+    Segments, lock memory and abandoned temporaries all count. Only names are
+    listed: nothing is opened, locked or removed, so looking cannot change
+    what is seen (the demo's "nothing left behind" check).
+    """
+    prefix = names.namespace_prefix(namespace)
+    return frozenset(n for n in get_engine().backend.os_objects() if n.startswith(prefix))
