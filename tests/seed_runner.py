@@ -26,7 +26,7 @@ import sys
 import time
 
 import procshare as ps
-from procshare._engine import leftovers
+from procshare._engine import inspect
 
 PROCESSES = 100
 GATE_TIMEOUT = 60.0
@@ -83,7 +83,7 @@ def overlapping_scenario(processes: int, *, locked: bool, pause: float = OVERLAP
 
 def left_behind() -> list[str]:
     """What this process and its namespace still have: objects, children, zombies."""
-    found = sorted(leftovers.namespace_objects())
+    found = sorted(inspect.namespace_objects())
     try:
         pid, _ = os.waitpid(-1, os.WNOHANG)
     except ChildProcessError:

@@ -14,7 +14,7 @@ import pytest
 
 import procshare as ps
 from procshare import _demo
-from procshare._engine import leftovers, names
+from procshare._engine import inspect, names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def test_a_leftover_fails_the_demo(
         for namespace in seen:
             with ps.namespace(namespace):
                 ps.unlink("stray")
-    assert all(not leftovers.namespace_objects(ns) for ns in seen)
+    assert all(not inspect.namespace_objects(ns) for ns in seen)
 
 
 @pytest.mark.timeout(120)
