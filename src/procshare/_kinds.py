@@ -333,17 +333,20 @@ _cache: dict[tuple[object, ...], Resolved] = {}
 def resolve_cached(
     name: str, kind: object, shape: object, size: object, part: SegmentsPart
 ) -> Resolved:
-    """:func:`resolve`, remembered per (name, kind, shape, size) of this engine part.
+    """:func:`resolve`, remembered per (name, kind, shape, size).
 
     Resolving is pure, but re-resolving an attrs class or a ctypes type on every
-    ``ps.shared`` inside a loop would cost more than the open itself.
+    ``ps.shared`` inside a loop would cost more than the open itself. The cache
+    is module-level, so a forked child inherits what its parent resolved; only
+    a ctypes kind remembers the engine part it was resolved with, and is
+    resolved again for another part (a child's own engine).
     """
     try:
-        key = (name, kind, shape, size, id(part))
+        key = (name, kind, shape, size)
         found = _cache.get(key)
     except TypeError:  # an unhashable kind: resolve it (and fail) every time
         return resolve(name, kind, shape, size, part)
-    if found is None:
+    if found is None or (isinstance(found, NativeKindR) and found.part is not part):
         found = resolve(name, kind, shape, size, part)
         if len(_cache) >= 1024:
             _cache.clear()

@@ -8,6 +8,7 @@ from typing import Any
 
 from procshare import _kinds
 from procshare._engine import names
+from procshare._engine import segments as _segments
 from procshare._engine.segments import OpenSegment, SegmentsPart, segments_part
 from procshare._views import invalidator
 from procshare.errors import SegmentClosed
@@ -169,7 +170,7 @@ def shared(
         SegmentNotFound: ``create=False`` and no live segment has that name.
         SharedMemoryFull: the new segment does not fit in free shared memory.
     """
-    names.validate_name(name)
+    _segments.validate_name(name)
     if create is not None and not isinstance(create, bool):
         raise TypeError(f"create= must be None, True or False, not {create!r}")
     if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:

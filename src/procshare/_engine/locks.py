@@ -25,6 +25,7 @@ marks its holder dead, so the next acquirer is told (``OwnerDied``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -45,6 +46,7 @@ from procshare._backends.api_lock import (
 )
 from procshare._backends.api_segment import SegmentHandle
 from procshare._engine import names
+from procshare._engine import segments as _segments
 from procshare._engine.core import get_engine
 
 if TYPE_CHECKING:
@@ -86,6 +88,14 @@ def _current_namespace() -> str:
         if len(_namespaces) < 256:
             _namespaces[memo] = found
     return found
+
+
+@functools.lru_cache(maxsize=256)
+def _lock_meta(name: str, namespace: str) -> bytes:
+    """The metadata of a new lock object (cached: a forked child inherits it)."""
+    return json.dumps(
+        {"name": name, "namespace": namespace, "kind": "lock"}, sort_keys=True
+    ).encode()
 
 
 @attrs.define(eq=False)
@@ -146,17 +156,14 @@ class LocksPart:
 
     def _open_new(self, namespace: str, name: str, mode: int) -> LockEntry:
         backend = self.backend
-        os_name = names.os_name(names.LOCK, name, namespace)
-        meta = json.dumps(
-            {"name": name, "namespace": namespace, "kind": "lock"}, sort_keys=True
-        ).encode()
+        os_name = _segments.os_name(names.LOCK, name, namespace)
         # Open, else create; a racing creator or closer can make both miss once.
         while True:
             handle = backend.segment_open(os_name, keep_orphan=backend.lock_keep)
             if handle is None:
                 handle = backend.segment_create(
                     os_name,
-                    meta=meta,
+                    meta=_lock_meta(name, namespace),
                     data_size=backend.lock_data_size,
                     mode=mode,
                     persist=False,

@@ -92,6 +92,41 @@ def current_pid() -> int:
     return _pid
 
 
+# (kind, name, namespace, euid) -> OS name, for every part of this process and
+# inherited by forked children: a child's own (new, empty) part finds the names
+# its parent computed here instead of hashing them again, which in a fresh
+# child touches, and so copies, dozens of pages of interpreter objects.
+_inherited_os_names: dict[tuple[str, str, str, int], str] = {}
+
+
+def os_name(kind: str, name: str, namespace: str) -> str:
+    """``names.os_name(kind, name, namespace)``, remembered per user."""
+    key = (kind, name, namespace, os.geteuid())
+    found = _inherited_os_names.get(key)
+    if found is None:
+        found = names.os_name(kind, name, namespace)
+        if len(_inherited_os_names) >= 4096:
+            _inherited_os_names.clear()
+        _inherited_os_names[key] = found
+    return found
+
+
+# Names names.validate_name() accepted, inherited by forked children: a set
+# lookup touches far fewer pages than the regular expression.
+_valid_names: set[str] = set()
+
+
+def validate_name(name: object) -> str:
+    """``names.validate_name(name)``, remembered."""
+    if type(name) is str and name in _valid_names:
+        return name
+    names.validate_name(name)
+    assert isinstance(name, str)
+    if type(name) is str and len(_valid_names) < 4096:
+        _valid_names.add(name)
+    return name
+
+
 def _keep_nothing(handle: SegmentHandle) -> bool:
     # A segment nobody living holds is stale: reclaim it. (The backend itself
     # keeps persist=True segments.)
@@ -142,7 +177,7 @@ class SegmentsPart:
         key = (namespace, name)
         found = self._os_names.get(key)
         if found is None:
-            found = self._os_names[key] = names.os_name(names.SEGMENT, name, namespace)
+            found = self._os_names[key] = os_name(names.SEGMENT, name, namespace)
         return found
 
     # -- native (ctypes) kinds, which only the backend may touch --------------
