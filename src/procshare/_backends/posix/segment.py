@@ -146,15 +146,21 @@ class PosixSegment:
         so the memory) valid until it is garbage collected: closing never
         pulls memory out from under a live buffer.
         """
+        # (try/except rather than contextlib.suppress: this runs on every close,
+        # and in a forked child every object touched costs a page fault.)
         if self._data is not None:
             # Views made with memoryview(data) or data[...] share data's managed
             # buffer and keep the mmap exported; only a buffer exported from
             # ``data`` itself (numpy.frombuffer(data)) makes release() refuse.
-            with contextlib.suppress(BufferError):
+            try:  # noqa: SIM105 - see above
                 self._data.release()
+            except BufferError:
+                pass
             self._data = None
-        with contextlib.suppress(BufferError):
+        try:  # noqa: SIM105 - see above
             self.mm.close()
+        except BufferError:
+            pass
 
 
 def _read_header(mm: mmap.mmap, os_name: str) -> tuple[int, bytes, int, int, int, int]:
@@ -405,17 +411,21 @@ class PosixSegments(NativeKinds):
                 and not keep(handle)
                 and os.fstat(fd).st_nlink > 0  # not already unlinked (ps.unlink, a twin)
             ):
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     os.unlink(_path(handle.os_name))
                     removed = True
+                except FileNotFoundError:
+                    pass
         finally:
             handle.release_mapping()
             if not handle.mm.closed:
                 # The mmap holds a dup of fd: while a numpy array keeps the
                 # mapping alive, the description (and a WRITE left on it)
                 # outlives os.close(fd) and would stall every opener.
-                with contextlib.suppress(OSError):
+                try:  # noqa: SIM105 - hot path: contextlib costs page faults in a child
                     _try(fd, _UNLCK_HOLD)
+                except OSError:
+                    pass
             os.close(fd)
         return removed
 
