@@ -327,7 +327,11 @@ def _shape(name: str, shape: object) -> tuple[int, ...]:
     return shape
 
 
-_cache: dict[tuple[object, ...], Resolved] = {}
+# (name, id(kind), shape, size) -> (kind, resolved): keyed by the kind's
+# identity, so a hit hashes and compares no user objects (an attrs kind's
+# __hash__ / __eq__ are Python code, and in a forked child every object they
+# touch costs a page fault). The kind is kept to check the identity.
+_cache: dict[tuple[object, ...], tuple[object, Resolved]] = {}
 
 
 def resolve_cached(
@@ -342,15 +346,18 @@ def resolve_cached(
     resolved again for another part (a child's own engine).
     """
     try:
-        key = (name, kind, shape, size)
-        found = _cache.get(key)
-    except TypeError:  # an unhashable kind: resolve it (and fail) every time
+        key = (name, id(kind), shape, size)
+        entry = _cache.get(key)
+    except TypeError:  # an unhashable shape: resolve it (and fail) every time
         return resolve(name, kind, shape, size, part)
-    if found is None or (isinstance(found, NativeKindR) and found.part is not part):
-        found = resolve(name, kind, shape, size, part)
-        if len(_cache) >= 1024:
-            _cache.clear()
-        _cache[key] = found
+    if entry is not None and entry[0] is kind:
+        found = entry[1]
+        if not (isinstance(found, NativeKindR) and found.part is not part):
+            return found
+    found = resolve(name, kind, shape, size, part)
+    if len(_cache) >= 1024:
+        _cache.clear()
+    _cache[key] = (kind, found)
     return found
 
 
