@@ -81,7 +81,12 @@ _namespaces: dict[tuple[str | None, str | None], str] = {}
 
 
 def _current_namespace() -> str:
-    memo = (names._namespace.get(), os.environ.get("PROCSHARE_NAMESPACE"))
+    ns = names._namespace.get()
+    if ns is not None:
+        # ps.namespace() validated it, and it wins over the environment; not
+        # reading os.environ (Python code) saves a forked child page faults.
+        return ns
+    memo = (ns, os.environ.get("PROCSHARE_NAMESPACE"))
     found = _namespaces.get(memo)
     if found is None:
         found = names.current_namespace()
