@@ -9,17 +9,17 @@ The OS name is derived from ``(uid, namespace, name)`` by hashing, so that
 * all objects of one namespace share a prefix, so listing a namespace is a
   prefix scan of the backend's directory, not an open of every file.
 
-Layout: ``/ps`` + 7 characters of namespace hash + 1 character of object
-kind + 20 characters of name hash = 31 characters. 100 bits of name hash
-make an accidental collision within a namespace negligible; the backend also
+Layout: ``/ps`` + 7 hex digits of namespace hash + 1 character of object
+kind + 20 hex digits of name hash = 31 characters. 80 bits of name hash make
+an accidental collision within a namespace negligible; the engine also
 stores the full name in each object and checks it on open.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import contextvars
+import functools
 import hashlib
 import os
 import re
@@ -88,17 +88,23 @@ def use_namespace(name: str) -> Iterator[str]:
         _namespace.reset(token)
 
 
-def _b32(data: bytes, length: int) -> str:
-    # Lower-case base32 is valid in every POSIX IPC namespace and in file names.
-    return base64.b32encode(data).decode("ascii").lower()[:length]
+def _code(data: bytes, length: int) -> str:
+    # Lower-case hex: valid in every POSIX IPC namespace and file system, and
+    # computed in C. (base64.b32encode is Python code; in a freshly forked
+    # child every line of it run for the first time copies pages.)
+    return data.hex()[:length]
+
+
+@functools.lru_cache(maxsize=64)
+def _prefix(namespace: str, uid: int) -> str:
+    digest = hashlib.blake2b(f"{uid}\0{namespace}".encode(), digest_size=8).digest()
+    return PREFIX + _code(digest, 7)
 
 
 def namespace_prefix(namespace: str | None = None, uid: int | None = None) -> str:
     """The OS-name prefix shared by every object of ``namespace`` for ``uid``."""
     ns = current_namespace() if namespace is None else namespace
-    uid = os.geteuid() if uid is None else uid
-    digest = hashlib.blake2b(f"{uid}\0{ns}".encode(), digest_size=8).digest()
-    return PREFIX + _b32(digest, 7)
+    return _prefix(ns, os.geteuid() if uid is None else uid)
 
 
 def os_name(kind: str, name: str, namespace: str | None = None) -> str:
@@ -107,12 +113,12 @@ def os_name(kind: str, name: str, namespace: str | None = None) -> str:
         raise ValueError(f"object kind must be one character, got {kind!r}")
     ns = current_namespace() if namespace is None else namespace
     prefix = namespace_prefix(ns)
-    digest = hashlib.blake2b(f"{ns}\0{kind}\0{name}".encode(), digest_size=13).digest()
-    result = prefix + kind + _b32(digest, 20)
+    digest = hashlib.blake2b(f"{ns}\0{kind}\0{name}".encode(), digest_size=10).digest()
+    result = prefix + kind + _code(digest, 20)
     assert len(result) == OS_NAME_MAX
     return result
 
 
 def temp_os_name(namespace: str | None = None) -> str:
     """A fresh random OS name of kind ``TEMP`` (used while creating an object)."""
-    return namespace_prefix(namespace) + TEMP + _b32(os.urandom(13), 20)
+    return namespace_prefix(namespace) + TEMP + _code(os.urandom(10), 20)

@@ -48,7 +48,6 @@ only count that stays right.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import errno
 import fcntl
@@ -307,9 +306,7 @@ class PosixSegments(NativeKinds):
         tmp: str | None = None
         if fd_or_none is None:
             # Same namespace prefix, kind "t", random tail: `gc` finds abandoned ones.
-            tmp = _path(
-                os_name[:-21] + "t" + base64.b32encode(os.urandom(13)).decode()[:20].lower()
-            )
+            tmp = _path(os_name[:-21] + "t" + os.urandom(10).hex())
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
         else:
             fd = fd_or_none
