@@ -87,10 +87,20 @@ _engine_lock = threading.Lock()
 _inherited: list[Engine] = []
 
 
+# This process's pid, kept current across fork: getpid() is a real system
+# call (glibc stopped caching it) and sits on every hot path below.
+_pid = os.getpid()
+
+
+def current_pid() -> int:
+    """``os.getpid()`` without the system call."""
+    return _pid
+
+
 def get_engine() -> Engine:
     """This process's engine, created on first use."""
     engine = _engine
-    if engine is not None and engine.pid == os.getpid():
+    if engine is not None and engine.pid == _pid:
         return engine
     return _new_engine()
 
@@ -106,7 +116,8 @@ def _new_engine() -> Engine:
 
 
 def _after_fork_in_child() -> None:
-    global _engine, _engine_lock
+    global _engine, _engine_lock, _pid
+    _pid = os.getpid()
     _engine_lock = threading.Lock()  # may have been held by another thread at fork
     if _engine is not None:
         _inherited.append(_engine)

@@ -36,7 +36,7 @@ import attrs
 
 from procshare._backends.api_segment import NativeKind, SegmentHandle
 from procshare._engine import names
-from procshare._engine.core import Engine, get_engine
+from procshare._engine.core import Engine, current_pid, get_engine
 from procshare.errors import (
     SegmentExists,
     SegmentNotFound,
@@ -73,23 +73,6 @@ class OpenSegment:
     #: Called once when the segment closes (views drop their memory here).
     on_close: list[Callable[[], None]] = attrs.field(factory=list)
     closed: bool = False
-
-
-# This process's pid, kept current across fork without a getpid() system call
-# on every close.
-_pid = os.getpid()
-
-
-def _refresh_pid() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_refresh_pid)
-
-
-def current_pid() -> int:
-    return _pid
 
 
 # (kind, name, namespace, euid) -> OS name, for every part of this process and
