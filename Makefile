@@ -6,8 +6,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SRC    := $(wildcard src tests benchmarks examples)
-# Changing any of these reinstalls, which rebuilds the C helper of locks.
-BUILD_INPUTS := pyproject.toml setup.py src/procshare/_backends/posix/_robustmutex.c
+# Changing any of these reinstalls, which rebuilds the C helpers.
+BUILD_INPUTS := pyproject.toml setup.py src/procshare/_backends/posix/_robustmutex.c \
+                src/procshare/_backends/posix/_forkstep.c
 
 .PHONY: test lint typecheck docs docs-serve demo bench bench-smoke clean
 

@@ -1,84 +1,58 @@
 """Fork, wait, signals and parent-death handling on POSIX (Linux).
 
-* ``os.fork`` with a fresh ``pipe2(O_CLOEXEC)`` result pipe; the parent closes
-  its write end at once and reads its end non-blocking.
+* The fork step is one C call (``_forkstep.c``): every page the parent or the
+  child writes after a fork is copied, and the same steps in Python wrote
+  ~10 more pages in the parent and ~10-30 more in the child per fork.
+* A fresh ``pipe2(O_CLOEXEC)`` result pipe; the parent closes its write end
+  at once and reads its end non-blocking; the child writes blocking.
 * The parent opens a *pidfd* (Linux 5.3+) for the child right after the fork:
   it becomes readable when the child exits, so waiting for "result data or
   exit" is one ``poll``. Waiting on pipe end-of-file alone is not enough: a
   descriptor inherited by another process (a sibling forked at the same
   moment by another thread, or a grandchild) keeps the pipe open after the
   child is gone.
-* In the child, ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` through ctypes, then a
-  re-check of ``getppid()``: a parent that died between the fork and the
-  ``prctl`` would otherwise leave an orphan nobody kills. The ctypes function
-  is looked up once, in the parent, so the child pays only for the call.
-  ``PR_SET_PDEATHSIG`` fires when the *thread* that forked exits, not the
-  process; the engine documents that caveat.
+* In the child, ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, then a re-check of
+  ``getppid()``: a parent that died between the fork and the ``prctl`` would
+  otherwise leave an orphan nobody kills. ``PR_SET_PDEATHSIG`` fires when the
+  *thread* that forked exits, not the process; the engine documents that
+  caveat.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import fcntl
-import importlib
 import os
 import select
-import signal
 import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from procshare._backends.api_process import Exit, Forked
 
-_PR_SET_PDEATHSIG = 1
+try:
+    from procshare._backends.posix import _forkstep
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "procshare's C helper for processes (procshare._backends.posix._forkstep) is not "
+        "built: reinstall procshare with a C compiler available (`pip install -e .` in a "
+        "checkout, or `pip install procshare`)"
+    ) from exc
+
 # NamedTuple construction without the Python-level __new__ (fewer objects touched).
 _new_tuple: Any = tuple.__new__
 _EXIT_OK = Exit(0, None)
 _READ_CHUNK = 1 << 20
+_fork_step = _forkstep.fork
+_unblock = _forkstep.unblock
 
-
-def _load_prctl() -> Callable[[int, int, int, int, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        # PyDLL keeps the GIL (prctl never blocks) and no argtypes: both save
-        # ctypes machinery, whose memory the child would otherwise copy
-        # page by page (~15 page faults per fork, measured). libffi widens
-        # the small non-negative ints to the unsigned longs prctl reads.
-        prctl = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6").prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.restype = ctypes.c_int
-    return prctl
-
-
-_prctl = _load_prctl()
 _threads_active: dict[int, Any] = threading._active  # type: ignore[attr-defined]
 _threads_limbo: dict[Any, Any] = threading._limbo  # type: ignore[attr-defined]
+# None (no os.pidfd_open: an old Python or platform) makes the fork step skip
+# the pidfd; the engine then polls the exit status.
 _pidfd_open: Callable[[int], int] | None = getattr(os, "pidfd_open", None)
-
-
-# The signals whose Python handlers commonly raise. Blocking every signal
-# costs ~70 µs a fork; so does signal.pthread_sigmask's conversion of the
-# result to Signals enums, hence _signal's version, which returns ints.
-_sigmask: Callable[[int, Iterable[int]], set[int]] = importlib.import_module(
-    "_signal"
-).pthread_sigmask
-_BLOCKED = frozenset(
-    {
-        signal.SIGINT,
-        signal.SIGTERM,
-        signal.SIGHUP,
-        signal.SIGQUIT,
-        signal.SIGALRM,
-        signal.SIGUSR1,
-        signal.SIGUSR2,
-    }
-)
 
 
 def _flush_std_streams() -> None:
@@ -90,59 +64,27 @@ def _flush_std_streams() -> None:
                 pass
 
 
-def _die_with_parent(parent: int) -> None:
-    """In a fresh child: be SIGKILLed when the parent dies, also if it already has."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        # The parent died before the prctl took effect (we were re-parented).
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 class PosixProcesses:
     """The process half of the POSIX backend."""
 
     def process_fork(self, child: Callable[[int], int], *, die_with_parent: bool = True) -> Forked:
-        # Every object the parent writes after the fork costs it a page fault
-        # (fork write-protects all its pages), so the pipe is fully set up
-        # before it: non-blocking read end, blocking write end.
-        parent = os.getpid()
         _flush_std_streams()
-        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        os.set_blocking(w, True)
-        # Block signals across the fork: a handler that raises (SIGINT ->
-        # KeyboardInterrupt) must not run in the child before it is inside the
-        # try below, or the child would unwind into the caller's frames.
-        old_mask = _sigmask(signal.SIG_BLOCK, _BLOCKED)
-        try:
-            pid = os.fork()
-        except BaseException:
-            _sigmask(signal.SIG_SETMASK, old_mask)
-            os.close(r)
-            os.close(w)
-            raise
+        # The C step blocks SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGALRM, SIGUSR1
+        # and SIGUSR2 across the fork. The parent gets them back last, after
+        # the pidfd is open, so a KeyboardInterrupt cannot separate the fork
+        # from the descriptors that let the engine reap the child (only the
+        # few bytecodes of the caller storing them remain). The child gets
+        # them back only inside the try below: a handler that raises must not
+        # run before it, or the child would unwind into the caller's frames.
+        pid, fd, wait_fd = _fork_step(die_with_parent, _pidfd_open is not None)
         if pid == 0:
             status = 1
             try:
-                os.close(r)
-                if die_with_parent:
-                    _die_with_parent(parent)
-                _sigmask(signal.SIG_SETMASK, old_mask)
-                status = child(w)
+                _unblock()
+                status = child(fd)
             finally:
                 self.process_exit(status)
-        os.close(w)
-        wait_fd = None
-        if _pidfd_open is not None:
-            try:  # noqa: SIM105 - cheaper than suppress() on the fork path
-                wait_fd = _pidfd_open(pid)
-            except OSError:
-                pass  # an old kernel: the engine falls back to polling waitpid
-        forked: Forked = _new_tuple(Forked, (pid, r, wait_fd))
-        # Unblocked last, so a KeyboardInterrupt cannot separate the fork from
-        # the descriptors that let the engine reap the child (only the few
-        # bytecodes of the caller storing them remain).
-        _sigmask(signal.SIG_SETMASK, old_mask)
+        forked: Forked = _new_tuple(Forked, (pid, fd, wait_fd))
         return forked
 
     def process_write(self, fd: int, data: bytes) -> None:
