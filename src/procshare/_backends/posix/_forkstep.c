@@ -141,7 +141,33 @@ forkstep_unblock(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
     Py_RETURN_NONE;
 }
 
+static void
+flush_stream(const char *name)
+{
+    PyObject *stream = PySys_GetObject(name); /* borrowed */
+    if (stream != NULL && stream != Py_None) {
+        PyObject *r = PyObject_CallMethod(stream, "flush", NULL);
+        Py_XDECREF(r);
+    }
+    PyErr_Clear(); /* a failed flush must not stop the exit */
+}
+
+static PyObject *
+forkstep_exit(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    long status = PyLong_AsLong(arg);
+    if (status == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        status = 1;
+    }
+    flush_stream("stdout");
+    flush_stream("stderr");
+    _exit((int)status);
+}
+
 static PyMethodDef forkstep_methods[] = {
+    {"exit", forkstep_exit, METH_O,
+     "exit(status): flush sys.stdout and sys.stderr (ignoring errors), then _exit(status)."},
     {"fork", (PyCFunction)(void (*)(void))forkstep_fork, METH_FASTCALL,
      "fork(die_with_parent, want_pidfd) -> (pid, fd, pidfd or None): in the child "
      "(0, write end, None) "

@@ -47,6 +47,7 @@ _EXIT_OK = Exit(0, None)
 _READ_CHUNK = 1 << 20
 _fork_step = _forkstep.fork
 _unblock = _forkstep.unblock
+_exit = _forkstep.exit
 
 _threads_active: dict[int, Any] = threading._active  # type: ignore[attr-defined]
 _threads_limbo: dict[Any, Any] = threading._limbo  # type: ignore[attr-defined]
@@ -145,10 +146,7 @@ class PosixProcesses:
                 raise
 
     def process_exit(self, status: int) -> NoReturn:
-        try:
-            _flush_std_streams()
-        finally:
-            os._exit(status)
+        _exit(status)  # flushes stdout and stderr first, in C
 
     def process_python_threads(self) -> int:
         # threading.active_count() without its lock: this runs on every fork.
