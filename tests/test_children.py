@@ -242,13 +242,28 @@ def test_forks_from_another_thread_do_not_join_the_scope(
     recwarn: pytest.WarningsRecorder,
 ) -> None:
     handles: list[ps.Child[int]] = []
+    forked = threading.Event()
+    joined = threading.Event()
+
+    def fork_and_outlive_the_child() -> None:
+        # The death signal follows the forking *thread* (see the processes
+        # concepts page): this thread must outlive its child, or the child may
+        # be killed before it answers.
+        handles.append(square(5))
+        forked.set()
+        joined.wait(30)
+
     with ps.children() as kids:
         square(1)
-        thread = threading.Thread(target=lambda: handles.append(square(5)))
+        thread = threading.Thread(target=fork_and_outlive_the_child)
         thread.start()
-        thread.join()
+        assert forked.wait(30)
     assert kids.results == [1]
-    assert handles[0].join() == 25
+    try:
+        assert handles[0].join() == 25
+    finally:
+        joined.set()
+        thread.join()
 
 
 def test_timeouts_inside_a_scope_are_failures() -> None:
