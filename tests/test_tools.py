@@ -12,6 +12,7 @@ import time
 import pytest
 
 import procshare as ps
+from lockhelpers import killed_holder
 from procshare._backends import get_backend
 from procshare._engine import names
 
@@ -149,3 +150,13 @@ def test_cli_reports_an_invalid_name_clearly() -> None:
     assert out.returncode == 2
     assert "A-Z a-z 0-9 . _ -" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_gc_keeps_a_lock_whose_holder_died_until_gc_all() -> None:
+    dead = killed_holder("m")
+    (info,) = ps.segments()
+    assert (info.name, info.type, info.owner, info.holders) == ("m", "lock", dead, ())
+    assert "0 object(s) removed" in _cli("gc").stdout  # kept: the next user must be told
+    assert [i.name for i in ps.segments()] == ["m"]
+    assert "1 object(s) removed" in _cli("gc", "--all").stdout
+    assert ps.segments() == []

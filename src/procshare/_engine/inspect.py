@@ -8,7 +8,6 @@ listed with what can be known and never trusted as data.
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from typing import Any, Literal
@@ -16,6 +15,7 @@ from typing import Any, Literal
 import attrs
 
 from procshare._backends.api_segment import SegmentHandle
+from procshare._engine import locks as _locks
 from procshare._engine import names
 from procshare._engine.core import get_engine
 
@@ -61,20 +61,6 @@ def _type_of(os_name: str, temporary: bool) -> ObjectType:
     return {names.SEGMENT: "segment", names.LOCK: "lock"}.get(kind_char, "unknown")  # type: ignore[return-value]
 
 
-def _lock_hook(name: str) -> Any:
-    """A function of the lock part, looked up late: listing works without locks."""
-    try:
-        module = importlib.import_module("procshare._engine.locks")
-    except ImportError:
-        return None
-    return getattr(module, name, None)
-
-
-def _lock_owner(os_name: str) -> int | None:
-    owner = _lock_hook("owner_of")
-    return owner(os_name) if owner is not None else None
-
-
 def list_objects(namespace: str | None = None) -> list[SegmentInfo]:
     """Every object of ``namespace`` (default: the current one), sorted by name."""
     engine = get_engine()
@@ -93,7 +79,7 @@ def list_objects(namespace: str | None = None) -> list[SegmentInfo]:
                 kind=str(meta.get("kind", "?")),
                 size=info.size,
                 holders=info.holders,
-                owner=_lock_owner(info.os_name) if kind_type == "lock" else None,
+                owner=_locks.owner_of(info.os_name) if kind_type == "lock" else None,
                 persist=info.persist,
                 age=max(0.0, (now - info.created_ns) / 1e9) if info.created_ns else 0.0,
                 os_name=info.os_name,
@@ -116,16 +102,10 @@ def collect(namespace: str | None = None, *, everything: bool = False) -> list[s
             return False
         if handle.persist:
             return True
-        if _type_of(handle.os_name, False) == "lock":
-            return _lock_keeps(handle)
-        return False
+        # A lock whose holder died unconfirmed is kept so its next user is told.
+        return _type_of(handle.os_name, False) == "lock" and engine.backend.lock_keep(handle)
 
     return engine.backend.segment_collect(names.namespace_prefix(ns), keep=keep)
-
-
-def _lock_keeps(handle: SegmentHandle) -> bool:
-    keeps = _lock_hook("keep_orphan")
-    return bool(keeps(handle)) if keeps is not None else False
 
 
 def remove(name: str, *, lock: bool = False, namespace: str | None = None) -> bool:

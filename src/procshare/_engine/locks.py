@@ -63,7 +63,6 @@ __all__ = [
     "UNCONFIRMED",
     "LockEntry",
     "LocksPart",
-    "keep_orphan",
     "locks_part",
     "owner_of",
     "wait_acquire",
@@ -269,12 +268,7 @@ def wait_acquire(mutex: LockHandle, reentrant: bool, timeout: float | None) -> i
             return rc
 
 
-# -- hooks for listing and collecting (procshare._engine.inspect) -------------
-
-
-def keep_orphan(handle: SegmentHandle) -> bool:
-    """Whether a lock object nobody holds must be kept (an unconfirmed holder death)."""
-    return get_engine().backend.lock_keep(handle)
+# -- for listing (procshare._engine.inspect) ---------------------------------
 
 
 def owner_of(os_name: str) -> int | None:
