@@ -37,22 +37,25 @@ from procshare._engine import get_engine, names
 from procshare._engine.inspect import decode_meta
 
 
+def _stat(pid: int | str) -> tuple[str, int] | None:
+    """``(state letter, parent pid)`` of ``pid`` from /proc, or ``None`` if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    fields = stat.rsplit(")", 1)[-1].split()
+    return (fields[0], int(fields[1])) if len(fields) >= 2 else None
+
+
 def child_pids(parent: int | None = None) -> dict[int, str]:
     """Children of ``parent`` (default: this process) mapped to their state letter."""
     parent = os.getpid() if parent is None else parent
     found: dict[int, str] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) >= 2 and int(fields[1]) == parent:
-            found[int(entry)] = fields[0]
+        if entry.isdigit() and (st := _stat(entry)) is not None and st[1] == parent:
+            found[int(entry)] = st[0]
     return found
 
 
@@ -85,14 +88,9 @@ def _settle(before: dict[int, str], seconds: float) -> dict[int, str]:
 def _ancestors(pid: int) -> set[int]:
     """``pid`` and its ancestors up to init, from /proc (empty if ``pid`` is gone)."""
     chain: set[int] = set()
-    while pid > 1 and pid not in chain:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().decode(errors="replace").rsplit(")", 1)[-1].split()
-        except OSError:
-            break
+    while pid > 1 and pid not in chain and (st := _stat(pid)) is not None:
         chain.add(pid)
-        pid = int(fields[1])
+        pid = st[1]
     return chain
 
 
