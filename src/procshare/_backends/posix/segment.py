@@ -245,9 +245,9 @@ def _check_space(os_name: str, total: int) -> None:
 
 
 # The three lock requests on byte 0 (HOLD), packed once: open and close are hot.
-_RDLCK_HOLD = _ofd._FLOCK.pack(_ofd.READ, 0, _ofd.HOLD, 1, 0)
-_WRLCK_HOLD = _ofd._FLOCK.pack(_ofd.WRITE, 0, _ofd.HOLD, 1, 0)
-_UNLCK_HOLD = _ofd._FLOCK.pack(_ofd.UNLOCK, 0, _ofd.HOLD, 1, 0)
+_RDLCK_HOLD = _ofd.FLOCK.pack(_ofd.READ, 0, _ofd.HOLD, 1, 0)
+_WRLCK_HOLD = _ofd.FLOCK.pack(_ofd.WRITE, 0, _ofd.HOLD, 1, 0)
+_UNLCK_HOLD = _ofd.FLOCK.pack(_ofd.UNLOCK, 0, _ofd.HOLD, 1, 0)
 
 
 _UNLCK_TYPE = _UNLCK_HOLD[:2]
