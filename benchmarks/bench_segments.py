@@ -24,7 +24,7 @@ from multiprocessing import shared_memory
 import numpy as np
 
 import procshare as ps
-from benchmarks.harness import SMOKE, Bench
+from benchmarks.harness import SMOKE, Bench, Timer
 
 try:
     import posix_ipc
@@ -179,43 +179,37 @@ def _scalar_contenders(bench: Bench) -> None:
         seg.close()
 
 
+def _against_shared_memory(
+    bench: Bench, title: str, note: str, timers: tuple[Timer, Timer, Timer], target: str
+) -> None:
+    """procshare vs multiprocessing.shared_memory (the target) and posix_ipc + mmap."""
+    procshare_fn, mp_fn, posix_ipc_fn = timers
+    g = bench.group(title, note=note)
+    g.add("procshare", procshare_fn)
+    g.add("multiprocessing.shared_memory", mp_fn)
+    if posix_ipc is not None:
+        g.add("posix_ipc + mmap", posix_ipc_fn)
+    else:
+        g.skip("posix_ipc + mmap", "posix_ipc is not installed")
+    g.measure(n=2000)
+    g.target("procshare", "multiprocessing.shared_memory", max_ratio=1.0, text=target)
+
+
 def run(bench: Bench) -> None:
-    g = bench.group(
+    _against_shared_memory(
+        bench,
         "segments: create + close a 4 KiB segment",
-        note="procshare: with ps.shared(name, bytes, size=4096) (atomic create, metadata, "
+        "procshare: with ps.shared(name, bytes, size=4096) (atomic create, metadata, "
         "kernel-counted hold, unlink by the last holder)",
+        (ps_create_close, mp_create_close, posix_ipc_create_close),
+        "4 KiB create + close no slower than SharedMemory create + unlink (issue 4)",
     )
-    g.add("procshare", ps_create_close)
-    g.add("multiprocessing.shared_memory", mp_create_close)
-    if posix_ipc is not None:
-        g.add("posix_ipc + mmap", posix_ipc_create_close)
-    else:
-        g.skip("posix_ipc + mmap", "posix_ipc is not installed")
-    g.measure(n=2000)
-    g.target(
-        "procshare",
-        "multiprocessing.shared_memory",
-        max_ratio=1.0,
-        text="4 KiB create + close no slower than SharedMemory create + unlink (issue 4)",
-    )
-
-    g = bench.group(
+    _against_shared_memory(
+        bench,
         "segments: attach + close a held 4 KiB segment",
-        note="procshare: with ps.shared(name, bytes, size=4096, create=False) (layout checked)",
+        "procshare: with ps.shared(name, bytes, size=4096, create=False) (layout checked)",
+        (ps_attach, mp_attach, posix_ipc_attach),
+        "attach no slower than SharedMemory attach (issue 4)",
     )
-    g.add("procshare", ps_attach)
-    g.add("multiprocessing.shared_memory", mp_attach)
-    if posix_ipc is not None:
-        g.add("posix_ipc + mmap", posix_ipc_attach)
-    else:
-        g.skip("posix_ipc + mmap", "posix_ipc is not installed")
-    g.measure(n=2000)
-    g.target(
-        "procshare",
-        "multiprocessing.shared_memory",
-        max_ratio=1.0,
-        text="attach no slower than SharedMemory attach (issue 4)",
-    )
-
     _copy_contenders(bench)
     _scalar_contenders(bench)
