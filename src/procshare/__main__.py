@@ -78,10 +78,9 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:
-        import importlib
+        from procshare._demo import main as demo_main
 
-        demo = importlib.import_module("procshare._demo")
-        return int(demo.main(argv[1:]))
+        return demo_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m procshare", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     ns_help = "namespace (default: $PROCSHARE_NAMESPACE or 'default')"
