@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -362,3 +363,51 @@ def test_a_child_cannot_join_or_signal_a_sibling_it_inherited() -> None:
     finally:
         sibling.kill()
         sibling.wait()
+
+
+def _fd_targets(fds: set[int] | None = None) -> list[str]:
+    """What this process's descriptors point at (``pipe:[inode]``, ``anon_inode:[pidfd]``)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd") if fds is None else map(str, fds):
+        with contextlib.suppress(FileNotFoundError):  # the one listdir itself used
+            found.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return found
+
+
+def test_a_child_holds_none_of_its_siblings_descriptors() -> None:
+    from procshare._backends.posix import _forkstep
+
+    before = set(_forkstep.private())
+
+    @ps.forked
+    def nested() -> tuple[list[str], list[str], list[str]]:
+        own = _fd_targets(set(_forkstep.private()))  # our result pipe's write end
+
+        @ps.forked
+        def grandchild() -> list[str]:
+            return _fd_targets()
+
+        return own, _fd_targets(), grandchild().join()
+
+    sibling = sleep_then(30, None)
+    rec = sibling._rec
+    sibling_fds = {rec.result_fd, rec.wait_fd} - {None}
+    try:
+        assert sibling_fds <= set(_forkstep.private())
+        (sibling_pipe,) = [t for t in _fd_targets(sibling_fds) if t.startswith("pipe:")]
+        own, child, grandchild = nested().join()
+        assert len(own) == 1
+        assert own[0].startswith("pipe:")
+        # The child holds neither its sibling's pipe nor any pidfd; the
+        # grandchild not even the child's own result pipe (its parent's business).
+        assert sibling_pipe not in child
+        assert not [t for t in child if "pidfd" in t]
+        assert sibling_pipe not in grandchild
+        assert own[0] not in grandchild
+        assert not [t for t in grandchild if "pidfd" in t]
+    finally:
+        sibling.kill()
+        with pytest.raises(ps.ChildKilled):
+            sibling.join()
+    # Joined children's descriptors are closed and forgotten.
+    assert set(_forkstep.private()) == before

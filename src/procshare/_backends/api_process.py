@@ -60,6 +60,11 @@ class ProcessBackend(Protocol):
         output is not written twice. With ``die_with_parent`` the child is
         killed (``SIGKILL``) when its parent dies, including when the parent
         died before the arrangement took effect.
+
+        Before ``child`` runs, the child closes every descriptor an earlier
+        ``process_fork`` of its parent returned and :meth:`process_close` has
+        not closed yet (its siblings' pipes and wait descriptors), and the
+        parent's own result pipe if the parent is itself a forked child.
         """
         ...
 
@@ -98,7 +103,7 @@ class ProcessBackend(Protocol):
 
     def process_close(self, fd: int) -> None:
         """Close a descriptor returned by :meth:`process_fork` (idempotent on
-        ``EBADF``)."""
+        ``EBADF``); children forked later no longer close it."""
         ...
 
     def process_exit(self, status: int) -> NoReturn:

@@ -66,10 +66,6 @@ _BIG_PIPE = 1 << 20
 # join() waits this long for a child's exit before it also watches the pipe.
 _EXIT_FIRST = 0.002
 
-# The write end of this process's own result pipe, when it is a forked child:
-# its own children must close it, or they would hold our parent's pipe open.
-_own_result_fd: int | None = None
-
 
 class Cancelled(BaseException):
     """Raised from a ``@forked`` call inside a scope that is being cancelled.
@@ -269,18 +265,9 @@ class ChildrenPart:
         result_fd: int,
     ) -> int:
         """Runs in the child; the backend ends the process with the status returned."""
-        global _own_result_fd
         backend = self.backend
-        # Descriptors of our siblings and of our own parent's pipe are the
-        # parent's business: holding them open would keep those pipes alive.
-        if _own_result_fd is not None:
-            backend.process_close(_own_result_fd)
-        _own_result_fd = result_fd
-        if self._live:
-            for rec in list(self._live.values()):
-                for fd in (rec.result_fd, rec.wait_fd):
-                    if fd is not None:
-                        backend.process_close(fd)
+        # The fork step already closed our siblings' descriptors and our own
+        # parent's pipe (see the backend): nothing of the parent's to drop here.
         payload: bytes | None
         try:
             value = fn(*args, **kwargs)

@@ -11,6 +11,10 @@
   descriptor inherited by another process (a sibling forked at the same
   moment by another thread, or a grandchild) keeps the pipe open after the
   child is gone.
+* Result read ends and pidfds are the parent's own: the fork step records
+  them, and a child closes every one it inherited before it runs any Python
+  (its siblings' pipes must not stay open in it); ``process_close`` forgets
+  them again.
 * In the child, ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, then a re-check of
   ``getppid()``: a parent that died between the fork and the ``prctl`` would
   otherwise leave an orphan nobody kills. ``PR_SET_PDEATHSIG`` fires when the
@@ -21,7 +25,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import select
@@ -48,6 +51,7 @@ _READ_CHUNK = 1 << 20
 _fork_step = _forkstep.fork
 _unblock = _forkstep.unblock
 _exit = _forkstep.exit
+_close = _forkstep.close
 
 _threads_active: dict[int, Any] = threading._active  # type: ignore[attr-defined]
 _threads_limbo: dict[Any, Any] = threading._limbo  # type: ignore[attr-defined]
@@ -139,11 +143,7 @@ class PosixProcesses:
         return True
 
     def process_close(self, fd: int) -> None:
-        try:
-            os.close(fd)
-        except OSError as exc:
-            if exc.errno != errno.EBADF:
-                raise
+        _close(fd)  # also stops children from closing it (see _forkstep.c)
 
     def process_exit(self, status: int) -> NoReturn:
         _exit(status)  # flushes stdout and stderr first, in C
