@@ -108,12 +108,16 @@ class SegmentBackend(Protocol):
         """
         ...
 
-    def segment_open(self, os_name: str, *, keep_orphan: KeepOrphan) -> SegmentHandle | None:
+    def segment_open(
+        self, os_name: str, *, keep_orphan: KeepOrphan, meta: bytes = b""
+    ) -> SegmentHandle | None:
         """Attach to a live object; ``None`` if there is none.
 
         An object found with no living holder is passed to ``keep_orphan``;
         when that returns ``False`` it is removed and ``None`` returned, so
-        stale data is never served as live.
+        stale data is never served as live. ``meta`` is the metadata the
+        caller expects: when the object's equals it, ``handle.meta`` may be
+        that very object (so comparing them costs nothing).
         """
         ...
 

@@ -74,25 +74,6 @@ SLICE = 0.1
 
 KEY = "locks"
 
-# (ps.namespace() in effect, $PROCSHARE_NAMESPACE) -> validated namespace: a
-# by-name lock in a hot loop should not re-validate the namespace every time.
-_namespaces: dict[tuple[str | None, str | None], str] = {}
-
-
-def _current_namespace() -> str:
-    ns = names._namespace.get()
-    if ns is not None:
-        # ps.namespace() validated it, and it wins over the environment; not
-        # reading os.environ (Python code) saves a forked child page faults.
-        return ns
-    memo = (ns, os.environ.get("PROCSHARE_NAMESPACE"))
-    found = _namespaces.get(memo)
-    if found is None:
-        found = names.current_namespace()
-        if len(_namespaces) < 256:
-            _namespaces[memo] = found
-    return found
-
 
 @functools.lru_cache(maxsize=256)
 def _lock_meta(name: str, namespace: str) -> bytes:
@@ -141,7 +122,7 @@ class LocksPart:
 
     def open(self, name: str, user: int, mode: int) -> LockEntry:
         """The entry for ``name`` in the current namespace, registering ``user`` on it."""
-        key = (_current_namespace(), name)
+        key = (names.current_namespace(), name)
         entry = self._entries.get(key)
         if entry is not None:
             # Register first, then check: a concurrent close marks the entry

@@ -24,6 +24,7 @@ import hashlib
 import os
 import re
 from collections.abc import Iterator
+from typing import Any
 
 from procshare.errors import InvalidName
 
@@ -65,17 +66,36 @@ def current_namespace() -> str:
     ns = _namespace.get()
     if ns is not None:
         return ns
-    env = os.environ.get("PROCSHARE_NAMESPACE")
-    if env:
-        if env != _env_checked[0]:
-            # The variable is read on every call (it may change, e.g. per test)
-            # but validated only when it does: by-name opens sit in hot loops.
-            _env_checked[0] = validate_name(env, "namespace (from PROCSHARE_NAMESPACE)")
-        return env
-    return _DEFAULT_NAMESPACE
+    # The variable is read on every call (it may change, e.g. per test) but
+    # decoded and validated only when it does: by-name opens sit in hot loops,
+    # and in a freshly forked child every Python frame run costs page faults.
+    raw = _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get(_ENV_NAME)
+    if not raw:
+        return _DEFAULT_NAMESPACE
+    last = _env_last
+    if raw == last[0]:
+        found: str = last[1]
+        return found
+    env = os.fsdecode(raw) if isinstance(raw, bytes) else str(raw)
+    validate_name(env, "namespace (from PROCSHARE_NAMESPACE)")
+    _env_last[:] = (raw, env)
+    return env
 
 
-_env_checked: list[str | None] = [None]
+_ENV_NAME = "PROCSHARE_NAMESPACE"
+# os.environ keeps its contents in a plain dict (of bytes on POSIX) and writes
+# through to it: one C lookup there replaces the five Python frames of
+# os.environ.get(). Where that private layout is missing, the public way.
+_ENV_DATA: dict[object, object] | None = getattr(os.environ, "_data", None)
+_ENV_KEY: object = (
+    os.environ.encodekey(_ENV_NAME)
+    if _ENV_DATA is not None and hasattr(os.environ, "encodekey")
+    else _ENV_NAME
+)
+if _ENV_KEY is _ENV_NAME:  # pragma: no cover - not CPython's os.environ
+    _ENV_DATA = None
+# (raw value of $PROCSHARE_NAMESPACE, the namespace it validated to)
+_env_last: list[Any] = [None, _DEFAULT_NAMESPACE]
 
 
 @contextlib.contextmanager

@@ -199,7 +199,7 @@ class SegmentsPart:
         skip_look = create is None and self._created_last.get(os_name, False)
         while True:
             if create is not True and not skip_look:
-                handle = backend.segment_open(os_name, keep_orphan=_keep_nothing)
+                handle = backend.segment_open(os_name, keep_orphan=_keep_nothing, meta=meta)
                 if handle is not None:
                     return self._register(name, namespace, handle, False, layout, meta)
                 if create is False:

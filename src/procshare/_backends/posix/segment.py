@@ -59,11 +59,21 @@ import struct
 import time
 from collections.abc import Callable
 
-import attrs
-
 from procshare._backends.api_segment import KeepOrphan, SegmentHandle, SegmentInfo
 from procshare._backends.native_kinds import NativeKinds
 from procshare._backends.posix import _ofd
+
+try:
+    from procshare._backends.posix import _shmstep
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "procshare's C helper for segments (procshare._backends.posix._shmstep) is not "
+        "built: reinstall procshare with a C compiler available (`pip install -e .` in a "
+        "checkout, or `pip install procshare`)"
+    ) from exc
+
+_attach = _shmstep.attach
+_release = _shmstep.release
 
 SHM_DIR = "/dev/shm"
 
@@ -98,6 +108,18 @@ def current_pid() -> int:
     return _pid
 
 
+# OS name -> the path as bytes, for the C open step (inherited by forked children).
+_path_bytes: dict[str, bytes] = {}
+
+
+def _remember_path(os_name: str) -> bytes:
+    path = _path(os_name).encode()
+    if len(_path_bytes) >= 4096:
+        _path_bytes.clear()
+    _path_bytes[os_name] = path
+    return path
+
+
 def _path(os_name: str) -> str:
     if not os_name.startswith("/") or "/" in os_name[1:]:
         raise ValueError(f"bad OS name {os_name!r}")
@@ -108,23 +130,61 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-@attrs.define(eq=False)
 class PosixSegment:
-    """One open of one object. Implements :class:`SegmentHandle`."""
+    """One open of one object. Implements :class:`SegmentHandle`.
 
-    os_name: str
-    fd: int
-    mm: mmap.mmap
-    inode: tuple[int, int] | None  # (st_dev, st_ino) when known (not after create)
-    meta: bytes
-    persist: bool
-    data_offset: int
-    data_size: int
-    created_ns: int
-    creator_pid: int
-    opener_pid: int = attrs.field(factory=current_pid)
-    closed: bool = False
-    _data: memoryview | None = None
+    A plain slotted class, not attrs: one is built on every open, and in a
+    freshly forked child each separately compiled method it runs (attrs
+    generates ``__init__`` apart from the module) costs copied pages.
+    """
+
+    __slots__ = (
+        "_data",
+        "closed",
+        "created_ns",
+        "creator_pid",
+        "data_offset",
+        "data_size",
+        "fd",
+        "inode",
+        "meta",
+        "mm",
+        "opener_pid",
+        "os_name",
+        "persist",
+    )
+
+    def __init__(  # noqa: PLR0917 - positional: built on every open
+        self,
+        os_name: str,
+        fd: int,
+        mm: mmap.mmap,
+        inode: tuple[int, int] | None,  # (st_dev, st_ino) when known (not after create)
+        meta: bytes,
+        persist: bool,
+        data_offset: int,
+        data_size: int,
+        created_ns: int,
+        creator_pid: int,
+        opener_pid: int,
+    ) -> None:
+        self.os_name = os_name
+        self.fd = fd
+        self.mm = mm
+        self.inode = inode
+        self.meta = meta
+        self.persist = persist
+        self.data_offset = data_offset
+        self.data_size = data_size
+        self.created_ns = created_ns
+        self.creator_pid = creator_pid
+        self.opener_pid = opener_pid
+        self.closed = False
+        self._data: memoryview | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<PosixSegment {self.os_name} fd={self.fd} {self.data_size} bytes ({state})>"
 
     @property
     def data(self) -> memoryview:
@@ -189,17 +249,17 @@ def _map(
         mm.close()
         raise
     return PosixSegment(
-        os_name=os_name,
-        fd=fd,
-        mm=mm,
-        inode=None if st is None else (st.st_dev, st.st_ino),
-        meta=meta,
-        persist=bool(flags & FLAG_PERSIST),
-        data_offset=dataoff,
-        data_size=datalen,
-        created_ns=created,
-        creator_pid=creator,
-        opener_pid=_pid if opener_pid is None else opener_pid,
+        os_name,
+        fd,
+        mm,
+        None if st is None else (st.st_dev, st.st_ino),
+        meta,
+        bool(flags & FLAG_PERSIST),
+        dataoff,
+        datalen,
+        created,
+        creator,
+        _pid if opener_pid is None else opener_pid,
     )
 
 
@@ -352,7 +412,35 @@ class PosixSegments(NativeKinds):
             if not published:
                 os.close(fd)
 
-    def segment_open(self, os_name: str, *, keep_orphan: KeepOrphan) -> PosixSegment | None:
+    def segment_open(
+        self, os_name: str, *, keep_orphan: KeepOrphan, meta: bytes = b""
+    ) -> PosixSegment | None:
+        # The common case (somebody holds it, nobody is removing it) in one C
+        # call; everything else through the protocol below.
+        path_bytes = _path_bytes.get(os_name)
+        if path_bytes is None:
+            path_bytes = _remember_path(os_name)
+        found = _attach(path_bytes, meta)
+        if found is None:
+            return None
+        if type(found) is tuple:
+            fd, mm, flags, dataoff, datalen, created, creator, found_meta, dev, ino = found
+            return PosixSegment(
+                os_name,
+                fd,
+                mm,
+                (dev, ino),
+                found_meta,
+                bool(flags & FLAG_PERSIST),
+                dataoff,
+                datalen,
+                created,
+                creator,
+                _pid,
+            )
+        return self._open_protocol(os_name, keep_orphan)
+
+    def _open_protocol(self, os_name: str, keep_orphan: KeepOrphan) -> PosixSegment | None:
         path = _path(os_name)
         while True:
             try:
@@ -400,10 +488,8 @@ class PosixSegments(NativeKinds):
         fd = handle.fd
         removed = False
         try:
-            _try(fd, _UNLCK_HOLD)
             if (
-                _write_free(fd)  # a cheap look first, as in segment_open
-                and _try(fd, _WRLCK_HOLD)  # the last holder: nobody else has READ
+                _release(fd)  # drop READ, then WRITE only if nobody else holds it
                 and not handle.persist
                 and not keep(handle)
                 and os.fstat(fd).st_nlink > 0  # not already unlinked (ps.unlink, a twin)

@@ -1,0 +1,256 @@
+/* The hot steps of opening and closing a procshare segment, one C call each.
+ *
+ * Why C: in a freshly forked child every Python object the open path touches
+ * is a copy-on-write page fault (~3 us of CPU each here, see FIELD-NOTES),
+ * and the same steps in Python (os.open, two fcntl calls, os.fstat, mmap,
+ * a struct unpack of the header, a comparison of the metadata) touched some
+ * forty pages: functions, constants, result objects. Here only the mmap
+ * object and the result tuple are Python objects.
+ *
+ * attach() is the common case of segment.py's open protocol and nothing
+ * else: it opens the name, sees that somebody already holds the object
+ * (an F_OFD_GETLK for WRITE on the holder byte conflicts), takes its own
+ * READ hold, checks the object was not unlinked meanwhile, maps it and reads
+ * its header. Whatever is unusual (an orphan nobody holds, a remover deciding
+ * right now, an unlinked or malformed object) it undoes and reports as
+ * SLOW, and the Python protocol handles it. release() is the first half of
+ * closing: drop READ, then try WRITE, which succeeds only for the last holder.
+ *
+ * Layout of the header is the one segment.py documents; the holder byte is
+ * byte 0 (_ofd.HOLD).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define HEADER_SIZE 64
+#define META_OFFSET 64
+#define HOLD 0
+
+static const char MAGIC[8] = {'P', 'R', 'C', 'S', 'H', 'R', 0, 1};
+
+/* mmap.mmap, imported once. */
+static PyObject *mmap_type;
+
+static int
+ofd(int fd, int cmd, short type)
+{
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = type;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = HOLD;
+    fl.l_len = 1;
+    int rc;
+    do {
+        rc = fcntl(fd, cmd, &fl);
+    } while (rc == -1 && errno == EINTR && cmd != F_OFD_SETLKW);
+    if (rc == 0 && cmd == F_OFD_GETLK) {
+        return fl.l_type; /* F_UNLCK: a WRITE would be granted */
+    }
+    return rc;
+}
+
+static uint32_t
+u32_at(const char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static uint64_t
+u64_at(const char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* attach(path: bytes, meta: bytes) -> None | SLOW | (fd, mm, flags, data_offset,
+ * data_size, created_ns, creator_pid, found_meta, st_dev, st_ino) */
+static PyObject *
+shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "attach() takes path and meta, both bytes");
+        return NULL;
+    }
+    const char *path = PyBytes_AS_STRING(args[0]);
+    PyObject *meta = args[1];
+    int fd;
+    Py_BEGIN_ALLOW_THREADS
+    fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    Py_END_ALLOW_THREADS
+    if (fd < 0) {
+        if (errno == ENOENT) {
+            Py_RETURN_NONE;
+        }
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+    struct stat st;
+    int lock = ofd(fd, F_OFD_GETLK, F_WRLCK);
+    if (lock == -1) {
+        goto os_error;
+    }
+    if (lock == F_UNLCK) {
+        goto slow; /* nobody holds it: an orphan, the protocol decides */
+    }
+    if (ofd(fd, F_OFD_SETLK, F_RDLCK) != 0) {
+        if (errno == EAGAIN || errno == EACCES) {
+            goto slow; /* a remover holds WRITE: the protocol waits for it */
+        }
+        goto os_error;
+    }
+    if (fstat(fd, &st) != 0) {
+        goto os_error;
+    }
+    if (st.st_nlink == 0 || st.st_size < HEADER_SIZE) {
+        goto slow; /* unlinked meanwhile, or not ours: the protocol says what */
+    }
+    PyObject *mm = PyObject_CallFunction(mmap_type, "in", fd, (Py_ssize_t)st.st_size);
+    if (mm == NULL) {
+        close(fd);
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(mm, &view, PyBUF_SIMPLE) != 0) {
+        goto mm_error;
+    }
+    const char *base = view.buf;
+    uint32_t flags = u32_at(base + 8), metalen = u32_at(base + 12);
+    uint64_t dataoff = u64_at(base + 16), datalen = u64_at(base + 24);
+    uint64_t created = u64_at(base + 32);
+    uint32_t creator = u32_at(base + 40);
+    uint64_t size = (uint64_t)st.st_size;
+    if (memcmp(base, MAGIC, sizeof MAGIC) != 0 || metalen > size - META_OFFSET ||
+        dataoff > size || datalen > size - dataoff) {
+        PyBuffer_Release(&view);
+        PyObject *r = PyObject_CallMethod(mm, "close", NULL);
+        Py_XDECREF(r);
+        Py_DECREF(mm);
+        if (r == NULL) {
+            close(fd);
+            return NULL;
+        }
+        goto slow;
+    }
+    PyObject *found;
+    if ((Py_ssize_t)metalen == PyBytes_GET_SIZE(meta) &&
+        memcmp(base + META_OFFSET, PyBytes_AS_STRING(meta), metalen) == 0) {
+        found = Py_NewRef(meta);
+    }
+    else {
+        found = PyBytes_FromStringAndSize(base + META_OFFSET, metalen);
+    }
+    PyBuffer_Release(&view);
+    if (found == NULL) {
+        goto mm_error;
+    }
+    PyObject *result = Py_BuildValue(
+        "(iNIKKKINKK)", fd, mm, flags, (unsigned long long)dataoff,
+        (unsigned long long)datalen, (unsigned long long)created, creator, found,
+        (unsigned long long)st.st_dev, (unsigned long long)st.st_ino);
+    if (result == NULL) {
+        /* Py_BuildValue consumed the N references even on failure. */
+        close(fd);
+    }
+    return result;
+
+mm_error: {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = PyObject_CallMethod(mm, "close", NULL);
+    Py_XDECREF(r);
+    PyErr_Clear();
+    PyErr_Restore(type, value, tb);
+    Py_DECREF(mm);
+    close(fd);
+    return NULL;
+}
+os_error: {
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+}
+slow:
+    close(fd); /* drops the READ taken above with the description */
+    return PyLong_FromLong(0);
+}
+
+/* release(fd) -> bool: drop this description's READ hold, then try WRITE:
+ * True means nobody else holds the object and the caller now has WRITE. */
+static PyObject *
+shmstep_release(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    long value = PyLong_AsLong(arg);
+    if (value == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    int fd = (int)value;
+    if (ofd(fd, F_OFD_SETLK, F_UNLCK) != 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    int lock = ofd(fd, F_OFD_GETLK, F_WRLCK);
+    if (lock == -1) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (lock != F_UNLCK) {
+        Py_RETURN_FALSE; /* somebody else holds it: the common case */
+    }
+    if (ofd(fd, F_OFD_SETLK, F_WRLCK) != 0) {
+        if (errno == EAGAIN || errno == EACCES) {
+            Py_RETURN_FALSE; /* an opener slipped in between */
+        }
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyMethodDef shmstep_methods[] = {
+    {"attach", (PyCFunction)(void (*)(void))shmstep_attach, METH_FASTCALL,
+     "attach(path, meta) -> None (no such object) | SLOW (use the full protocol) | "
+     "(fd, mm, flags, data_offset, data_size, created_ns, creator_pid, found_meta, "
+     "st_dev, st_ino); found_meta is meta itself when the object's metadata equals it."},
+    {"release", shmstep_release, METH_O,
+     "release(fd) -> bool: drop the READ hold, then try WRITE (True: the last holder)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef shmstep_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "procshare._backends.posix._shmstep",
+    .m_doc = "The hot open and close steps of procshare's POSIX segments.",
+    .m_size = -1,
+    .m_methods = shmstep_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__shmstep(void)
+{
+    PyObject *mmap_module = PyImport_ImportModule("mmap");
+    if (mmap_module == NULL) {
+        return NULL;
+    }
+    mmap_type = PyObject_GetAttrString(mmap_module, "mmap");
+    Py_DECREF(mmap_module);
+    if (mmap_type == NULL) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&shmstep_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(module, "SLOW", 0) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
