@@ -334,6 +334,16 @@ def _shape(name: str, shape: object) -> tuple[int, ...]:
 _cache: dict[tuple[object, ...], tuple[object, Resolved]] = {}
 
 
+def exact_shape_and_size(shape: object, size: object) -> bool:
+    """Whether ``shape`` and ``size`` are ``None`` or exactly ints (a tuple of
+    them for a shape): the only values a cache keyed by them may look up."""
+    return (size is None or type(size) is int) and (
+        shape is None
+        or type(shape) is int
+        or (type(shape) is tuple and all(type(n) is int for n in shape))
+    )
+
+
 def resolve_cached(
     name: str, kind: object, shape: object, size: object, part: SegmentsPart
 ) -> Resolved:
@@ -345,11 +355,13 @@ def resolve_cached(
     a ctypes kind remembers the engine part it was resolved with, and is
     resolved again for another part (a child's own engine).
     """
-    try:
-        key = (name, id(kind), shape, size)
-        entry = _cache.get(key)
-    except TypeError:  # an unhashable shape: resolve it (and fail) every time
+    if not exact_shape_and_size(shape, size):
+        # 3.0 == 3 and (2.0,) == (2,) as keys: only exact ints may hit the
+        # cache, or a shape the full path refuses would pass (an unhashable
+        # shape is resolved, and refused, every time too).
         return resolve(name, kind, shape, size, part)
+    key = (name, id(kind), shape, size)
+    entry = _cache.get(key)
     if entry is not None and entry[0] is kind:
         found = entry[1]
         if not (isinstance(found, NativeKindR) and found.part is not part):

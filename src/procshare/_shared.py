@@ -170,6 +170,29 @@ def shared(
         SegmentNotFound: ``create=False`` and no live segment has that name.
         SharedMemoryFull: the new segment does not fit in free shared memory.
     """
+    if initial is None and _exact(name, shape, size, create, persist, mode):
+        # The same call again (a by-name open in a loop, or in a forked child
+        # that inherited its parent's plans): skip validating, resolving and
+        # naming, which in a fresh child would touch dozens of pages.
+        namespace = names.current_namespace()
+        plan = _plans.get((name, id(kind), shape, size, create, persist, mode, namespace))
+        if plan is not None and plan[0] is kind:
+            part = segments_part()
+            resolved = plan[1]
+            if not (type(resolved) is _kinds.NativeKindR and resolved.part is not part):
+                part.engine.poll()  # every call into procshare reaps dropped children
+                rec = part.open_at(
+                    name,
+                    namespace,
+                    plan[2],
+                    plan[3],
+                    resolved.layout,
+                    create=create,
+                    initial=None,
+                    persist=bool(persist),
+                    mode=mode,
+                )
+                return Segment(part, rec, resolved)
     _segments.validate_name(name)
     if create is not None and not isinstance(create, bool):
         raise TypeError(f"create= must be None, True or False, not {create!r}")
@@ -184,15 +207,53 @@ def shared(
     part.engine.poll()  # every call into procshare reaps dropped children (SPEC 1)
     resolved = _kinds.resolve_cached(name, kind, shape, size, part)
     init = resolved.initial(initial)
-    rec = part.open(
+    namespace = names.current_namespace()
+    os_name = part.os_name(name, namespace)
+    meta = _segments.encode_meta(name, namespace, resolved.layout)
+    rec = part.open_at(
         name,
+        namespace,
+        os_name,
+        meta,
         resolved.layout,
         create=create,
         initial=init,
         persist=bool(persist),
         mode=mode,
     )
+    if initial is None and _exact(name, shape, size, create, persist, mode):
+        _remember_plan(
+            (name, id(kind), shape, size, create, persist, mode, namespace),
+            (kind, resolved, os_name, meta),
+        )
     return Segment(part, rec, resolved)
+
+
+# (name, id(kind), shape, size, create, persist, mode, namespace) ->
+# (kind, resolved, os_name, meta) for every call that succeeded without
+# initial=. Module-level, so a forked child inherits its parent's plans; the
+# kind is kept so its id cannot be reused by another object while planned.
+_plans: dict[tuple[object, ...], tuple[Any, _kinds.Resolved, str, bytes]] = {}
+
+
+def _exact(  # noqa: PLR0917
+    name: object, shape: object, size: object, create: object, persist: object, mode: object
+) -> bool:
+    """Whether the arguments are of exactly the types validation accepts, so a
+    plan keyed by them cannot let ``384.0`` pass for ``0o600`` or ``1`` for ``True``."""
+    return (
+        type(name) is str
+        and type(mode) is int
+        and (persist is True or persist is False)
+        and (create is None or create is True or create is False)
+        and _kinds.exact_shape_and_size(shape, size)
+    )
+
+
+def _remember_plan(key: tuple[object, ...], plan: tuple[Any, _kinds.Resolved, str, bytes]) -> None:
+    if len(_plans) >= 1024:
+        _plans.clear()
+    _plans[key] = plan
 
 
 def unlink(name: str) -> bool:

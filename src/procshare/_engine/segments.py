@@ -188,10 +188,34 @@ class SegmentsPart:
     ) -> OpenSegment:
         """Create or attach ``name`` holding ``layout``; see ``ps.shared``."""
         namespace = names.current_namespace()
-        os_name = self.os_name(name, namespace)
-        meta = encode_meta(name, namespace, layout)
+        return self.open_at(
+            name,
+            namespace,
+            self.os_name(name, namespace),
+            encode_meta(name, namespace, layout),
+            layout,
+            create=create,
+            initial=initial,
+            persist=persist,
+            mode=mode,
+        )
+
+    def open_at(
+        self,
+        name: str,
+        namespace: str,
+        os_name: str,
+        meta: bytes,
+        layout: Layout,
+        *,
+        create: bool | None,
+        initial: Initialiser,
+        persist: bool,
+        mode: int,
+    ) -> OpenSegment:
+        """:meth:`open` with the OS name and metadata already computed (a
+        caller that opens the same segment repeatedly keeps them)."""
         backend = self.engine.backend
-        init = self._initialiser(name, initial)
         # create=None usually looks before it creates. When this process created
         # the name last time (a scratch segment opened and closed in a loop), it
         # creates first: a failed create costs more than a failed look, but the
@@ -211,7 +235,7 @@ class SegmentsPart:
                     data_size=layout.size,
                     mode=mode,
                     persist=persist,
-                    init=init,
+                    init=self._initialiser(name, initial),
                 )
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
@@ -231,7 +255,10 @@ class SegmentsPart:
                     raise SegmentExists(name)
             # Lost a race with another creator (or a closer): look again.
 
-    def _initialiser(self, name: str, initial: Initialiser) -> Callable[[memoryview], None]:
+    def _initialiser(self, name: str, initial: Initialiser) -> Callable[[memoryview], None] | None:
+        if initial is None and self.init_hook is None:
+            return None  # a new object is zeroed already
+
         def init(data: memoryview) -> None:
             hook = self.init_hook
             if isinstance(initial, bytes):

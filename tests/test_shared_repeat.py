@@ -1,0 +1,105 @@
+"""Repeated ``ps.shared`` calls: the remembered plan must never change what a call does.
+
+A call that succeeded without ``initial=`` is remembered (module-level, so a
+forked child inherits it) and the same call again skips validation, kind
+resolution and naming. These tests prove the shortcut answers exactly as the
+full path would: same errors, same namespace rules, same checks on attach.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import procshare as ps
+from procshare import _shared
+
+
+def _planned(name: str) -> list[tuple[object, ...]]:
+    return [key for key in _shared._plans if key[0] == name]
+
+
+def test_a_repeated_call_is_planned_and_behaves_the_same() -> None:
+    with ps.shared("rep", ps.u64) as first:
+        first.value = 7
+        assert _planned("rep")
+        with ps.shared("rep", ps.u64) as again:  # the planned path
+            assert again.value == 7
+            again.value += 1
+        assert first.value == 8
+    seg = ps.shared("rep", ps.u64)  # planned, and the name is free again: creates
+    try:
+        assert seg.created
+        assert seg.view.value == 0
+    finally:
+        seg.close()
+
+
+@pytest.mark.parametrize(
+    ("good", "bad", "error"),
+    [
+        ({"mode": 0o600}, {"mode": 384.0}, ValueError),
+        ({"create": True}, {"create": 1}, TypeError),
+        ({"size": 16}, {"size": 16.0}, TypeError),
+    ],
+)
+def test_a_plan_never_lets_a_lookalike_argument_skip_validation(
+    good: dict[str, object], bad: dict[str, object], error: type[Exception]
+) -> None:
+    kind: object = bytes if "size" in good else ps.u8
+    with ps.shared("look", kind, **good):  # type: ignore[arg-type]
+        pass
+    # 384.0 == 0o600, 1 == True, 16.0 == 16: equal keys, but the wrong types.
+    with pytest.raises(error):
+        ps.shared("look", kind, **bad)  # type: ignore[arg-type]
+
+
+def test_a_numpy_shape_of_floats_is_refused_after_the_same_shape_in_ints() -> None:
+    np = pytest.importorskip("numpy")
+    with ps.shared("shp", np.float64, shape=(2, 3)):
+        pass
+    with pytest.raises(TypeError, match="shape="):
+        ps.shared("shp", np.float64, shape=(2.0, 3))
+
+
+def test_a_plan_is_per_namespace() -> None:
+    with ps.shared("ns-rep", ps.u8, initial=1) as outer:
+        with ps.namespace("other-rep"), ps.shared("ns-rep", ps.u8) as inner:
+            assert inner.value == 0  # another namespace: another segment
+            inner.value = 2
+        with ps.shared("ns-rep", ps.u8) as again:
+            assert again.value == 1
+        assert outer.value == 1
+
+
+def test_a_planned_call_still_refuses_a_segment_of_another_kind() -> None:
+    with ps.shared("kind-rep", ps.u64):
+        pass
+    assert _planned("kind-rep")
+    with ps.shared("kind-rep", ps.f64, initial=1.5):  # recreated, holding a float
+        with pytest.raises(ps.SharedTypeError, match="f64"):
+            ps.shared("kind-rep", ps.u64)  # planned, but the segment says otherwise
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_uses_its_parents_plan() -> None:
+    @ps.forked
+    def add(n: int) -> int:
+        with ps.shared("child-rep", ps.u64) as total:
+            total.value += n
+            return int(total.value)
+
+    with ps.shared("child-rep", ps.u64) as total:
+        assert _planned("child-rep")
+        with ps.children() as kids:
+            for n in (1, 2, 3):
+                add(n)
+        assert total.value == 6
+        assert sorted(kids.results)[-1] == 6
+
+
+def test_unhashable_arguments_get_the_full_paths_errors() -> None:
+    with pytest.raises(ps.InvalidName):
+        ps.shared(["not", "a", "name"], ps.u8)  # type: ignore[arg-type]
+    with ps.shared("hash", ps.u8, persist=[]) as view:  # type: ignore[arg-type]
+        view.value = 1  # any truthiness is accepted, as before; no plan is kept
+    assert not _planned("hash")
