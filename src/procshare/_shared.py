@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 from types import TracebackType
 from typing import Any
+from weakref import ref as _weakref
 
 from procshare import _kinds
 from procshare._engine import names
 from procshare._engine import segments as _segments
 from procshare._engine.segments import OpenSegment, SegmentsPart, segments_part
-from procshare._views import invalidator
 from procshare.errors import SegmentClosed
 
 
@@ -35,7 +35,8 @@ class Segment:
             if resolved.invalidates:
                 # Not numpy arrays and memoryviews: they pin the mapping
                 # themselves and keep working after close (see the docs).
-                rec.on_close.append(invalidator(self._view))
+                # (Held weakly: the registry must not keep a dropped handle alive.)
+                rec.view = _weakref(self._view)
         except BaseException:
             part.close(rec)
             raise

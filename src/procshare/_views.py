@@ -17,7 +17,7 @@ of the memoryview, so the fast path carries no "is it closed?" test.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, ClassVar, NoReturn
 
 from procshare.errors import SegmentClosed
@@ -192,21 +192,3 @@ class NativeView:
     def __repr__(self) -> str:
         closed = " (closed)" if isinstance(self._ps_obj, _Closed) else ""
         return f"<shared {self._ps_kind} {self._ps_name!r}{closed}>"
-
-
-def invalidator(view: object) -> Callable[[], None]:
-    """A close callback that invalidates ``view`` if it is still alive.
-
-    It holds the view weakly: the engine's registry must not keep a view (and
-    through it the handle) alive, or a dropped handle would never close.
-    """
-    import weakref
-
-    ref = weakref.ref(view)
-
-    def invalidate() -> None:
-        target = ref()
-        if target is not None:
-            target._ps_invalidate()  # type: ignore[attr-defined]
-
-    return invalidate

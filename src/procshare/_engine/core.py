@@ -21,8 +21,6 @@ import threading
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
-import attrs
-
 from procshare._backends import Backend, get_backend
 
 
@@ -42,13 +40,22 @@ class EnginePart(Protocol):
 P = TypeVar("P", bound=EnginePart)
 
 
-@attrs.define(eq=False)
 class Engine:
-    backend: Backend
-    pid: int = attrs.field(factory=os.getpid)
-    lock: threading.RLock = attrs.field(factory=threading.RLock)
-    _parts: dict[str, EnginePart] = attrs.field(factory=dict)
-    _closed: bool = False
+    """One process's registry (a plain slotted class: one is built in every
+    forked child that calls into procshare, where each separately compiled
+    attrs method would cost copied pages)."""
+
+    __slots__ = ("_closed", "_parts", "backend", "lock", "pid")
+
+    def __init__(self, backend: Backend, pid: int | None = None) -> None:
+        self.backend = backend
+        self.pid = os.getpid() if pid is None else pid
+        self.lock = threading.RLock()
+        self._parts: dict[str, EnginePart] = {}
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<procshare Engine pid={self.pid} parts={sorted(self._parts)}>"
 
     def part(self, key: str, factory: Callable[[Engine], P]) -> P:
         """The part stored under ``key``, created with ``factory(engine)`` on first use."""

@@ -61,18 +61,28 @@ class Layout:
     size: int
 
 
-@attrs.define(eq=False)
 class OpenSegment:
-    """One segment this process opened (one ``ps.shared`` call)."""
+    """One segment this process opened (one ``ps.shared`` call).
 
-    name: str
-    namespace: str
-    handle: SegmentHandle
-    created: bool
-    layout: Layout
-    #: Called once when the segment closes (views drop their memory here).
-    on_close: list[Callable[[], None]] = attrs.field(factory=list)
-    closed: bool = False
+    Plain slotted classes here and in :class:`SegmentsPart`, not attrs: they
+    are built in every forked child that opens a segment, and each separately
+    compiled attrs method run there costs copied pages.
+    """
+
+    __slots__ = ("closed", "created", "handle", "layout", "name", "namespace", "view")
+
+    def __init__(
+        self, name: str, namespace: str, handle: SegmentHandle, created: bool, layout: Layout
+    ) -> None:
+        self.name = name
+        self.namespace = namespace
+        self.handle = handle
+        self.created = created
+        self.layout = layout
+        #: A weak reference to the view to invalidate at close (scalar and
+        #: struct views: they drop their memory then), if any.
+        self.view: Callable[[], Any] | None = None
+        self.closed = False
 
 
 # (kind, name, namespace, euid) -> OS name, for every part of this process and
@@ -139,20 +149,21 @@ def decode_meta(meta: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-@attrs.define(eq=False)
 class SegmentsPart:
     """The engine part that owns every segment this process opened."""
 
-    engine: Engine
-    order: int = 20
-    #: Test hook: called during initialisation of a new segment, half-way
-    #: through writing ``initial`` and before publication. Tests set it in a
-    #: forked child to pause (or die) there and prove nobody sees the half.
-    init_hook: Callable[[str], None] | None = None
-    _open: dict[int, OpenSegment] = attrs.field(factory=dict)
-    _os_names: dict[tuple[str, str], str] = attrs.field(factory=dict)
-    #: Whether this process's last open of each OS name created it (a hint).
-    _created_last: dict[str, bool] = attrs.field(factory=dict)
+    order = 20
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        #: Test hook: called during initialisation of a new segment, half-way
+        #: through writing ``initial`` and before publication. Tests set it in a
+        #: forked child to pause (or die) there and prove nobody sees the half.
+        self.init_hook: Callable[[str], None] | None = None
+        self._open: dict[int, OpenSegment] = {}
+        self._os_names: dict[tuple[str, str], str] = {}
+        #: Whether this process's last open of each OS name created it (a hint).
+        self._created_last: dict[str, bool] = {}
 
     # -- names -------------------------------------------------------------
 
@@ -308,9 +319,10 @@ class SegmentsPart:
             if rec.closed:
                 return
             rec.closed = True
-            callbacks, rec.on_close = rec.on_close, []
-        for callback in callbacks:
-            callback()
+            ref, rec.view = rec.view, None
+        view = None if ref is None else ref()
+        if view is not None:
+            view._ps_invalidate()  # later uses raise SegmentClosed
         if self.engine.pid != current_pid():
             return  # inherited: never close, unlink or release the parent's
         with self.engine.lock:
