@@ -88,7 +88,19 @@ def _race_child(index: int, start_r: int, hold_r: int, report_w: int) -> None:
     seg.close()
 
 
+@pytest.fixture(params=["O_TMPFILE", "named temporary"])
+def creation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways of creating atomically: an unnamed O_TMPFILE inode (Linux, the
+    default) and a named temporary linked into place (where O_TMPFILE is missing)."""
+    from procshare._backends.posix import segment
+
+    if request.param == "named temporary":
+        monkeypatch.setattr(segment, "_tmpfile_ok", False)
+    return str(request.param)
+
+
 @pytest.mark.timeout(120)
+@pytest.mark.usefixtures("creation")
 def test_twenty_racing_creators_initialise_exactly_once() -> None:
     start_r, start_w = os.pipe()
     hold_r, hold_w = os.pipe()

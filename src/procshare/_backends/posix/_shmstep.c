@@ -16,6 +16,12 @@
  * SLOW, and the Python protocol handles it. release() is the first half of
  * closing: drop READ, then try WRITE, which succeeds only for the last holder.
  *
+ * create() and publish() are the two halves of segment.py's atomic creation
+ * where the kernel has O_TMPFILE: an unnamed inode, holder READ lock, header
+ * and zeroed data written (reserving the pages: ENOSPC now, never SIGBUS
+ * later), mapped; then, after the caller's initialisation, linked to its
+ * name, which fails with EEXIST if somebody else published first.
+ *
  * Layout of the header is the one segment.py documents; the holder byte is
  * byte 0 (_ofd.HOLD).
  */
@@ -27,6 +33,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #define HEADER_SIZE 64
@@ -185,6 +192,144 @@ slow:
     return PyLong_FromLong(0);
 }
 
+#define PWRITE_BYTES (64 << 10)
+
+static int
+write_all(int fd, const char *buf, size_t len, off_t offset)
+{
+    while (len > 0) {
+        ssize_t n = pwrite(fd, buf, len, offset);
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return -1;
+        }
+        buf += n;
+        len -= (size_t)n;
+        offset += n;
+    }
+    return 0;
+}
+
+/* create(dir, meta, flags, data_offset, data_size, total, mode)
+ *     -> None (no O_TMPFILE here) | (fd, mm, created_ns) */
+static PyObject *
+shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    const char *dir;
+    Py_buffer meta;
+    unsigned int flags, mode;
+    unsigned long long dataoff, datalen, total;
+    if (!PyArg_ParseTuple(args, "yy*IKKKI", &dir, &meta, &flags, &dataoff, &datalen, &total,
+                          &mode)) {
+        return NULL;
+    }
+    if (total < (unsigned long long)META_OFFSET + (unsigned long long)meta.len ||
+        dataoff + datalen > total || dataoff < (unsigned long long)META_OFFSET + meta.len) {
+        PyBuffer_Release(&meta);
+        PyErr_SetString(PyExc_ValueError, "create(): the layout does not fit in total");
+        return NULL;
+    }
+#ifndef O_TMPFILE
+    PyBuffer_Release(&meta);
+    Py_RETURN_NONE;
+#else
+    int fd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, (mode_t)mode);
+    if (fd < 0) {
+        PyBuffer_Release(&meta);
+        if (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL || errno == ENOENT) {
+            Py_RETURN_NONE;
+        }
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, dir);
+    }
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    unsigned long long created =
+        (unsigned long long)now.tv_sec * 1000000000ULL + (unsigned long long)now.tv_nsec;
+    uint32_t metalen = (uint32_t)meta.len, creator = (uint32_t)getpid();
+    size_t head_len = (size_t)META_OFFSET + (size_t)meta.len;
+    size_t buf_len = total <= PWRITE_BYTES ? (size_t)total : head_len;
+    char *buf = PyMem_RawCalloc(1, buf_len);
+    if (buf == NULL) {
+        PyBuffer_Release(&meta);
+        close(fd);
+        return PyErr_NoMemory();
+    }
+    memcpy(buf, MAGIC, sizeof MAGIC);
+    memcpy(buf + 8, &flags, 4);
+    memcpy(buf + 12, &metalen, 4);
+    uint64_t v = dataoff;
+    memcpy(buf + 16, &v, 8);
+    v = datalen;
+    memcpy(buf + 24, &v, 8);
+    v = created;
+    memcpy(buf + 32, &v, 8);
+    memcpy(buf + 40, &creator, 4);
+    memcpy(buf + META_OFFSET, meta.buf, (size_t)meta.len);
+    PyBuffer_Release(&meta);
+    int rc = ofd(fd, F_OFD_SETLK, F_RDLCK); /* a new inode: nothing conflicts */
+    if (rc == 0 && total > PWRITE_BYTES) {
+        rc = posix_fallocate(fd, 0, (off_t)total);
+        if (rc != 0) {
+            errno = rc;
+            rc = -1;
+        }
+    }
+    if (rc == 0) {
+        rc = write_all(fd, buf, buf_len, 0);
+    }
+    PyMem_RawFree(buf);
+    if (rc == 0 && (mode & 077)) {
+        /* The umask may have narrowed what was asked. */
+        rc = fchmod(fd, (mode_t)mode);
+    }
+    if (rc != 0) {
+        int saved = errno;
+        close(fd);
+        if (saved == EFBIG) {
+            saved = ENOSPC;
+        }
+        errno = saved;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *mm = PyObject_CallFunction(mmap_type, "iK", fd, total);
+    if (mm == NULL) {
+        close(fd);
+        return NULL;
+    }
+    PyObject *result = Py_BuildValue("(iNK)", fd, mm, created);
+    if (result == NULL) {
+        close(fd);
+    }
+    return result;
+#endif
+}
+
+/* publish(fd, path) -> bool: name the unnamed inode fd; False if the name is taken. */
+static PyObject *
+shmstep_publish(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int fd;
+    const char *path;
+    if (!PyArg_ParseTuple(args, "iy", &fd, &path)) {
+        return NULL;
+    }
+    char proc[64];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = linkat(AT_FDCWD, proc, AT_FDCWD, path, AT_SYMLINK_FOLLOW);
+    Py_END_ALLOW_THREADS
+    if (rc == 0) {
+        Py_RETURN_TRUE;
+    }
+    if (errno == EEXIST) {
+        Py_RETURN_FALSE;
+    }
+    return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+}
+
 /* release(fd) -> bool: drop this description's READ hold, then try WRITE:
  * True means nobody else holds the object and the caller now has WRITE. */
 static PyObject *
@@ -219,6 +364,11 @@ static PyMethodDef shmstep_methods[] = {
      "attach(path, meta) -> None (no such object) | SLOW (use the full protocol) | "
      "(fd, mm, flags, data_offset, data_size, created_ns, creator_pid, found_meta, "
      "st_dev, st_ino); found_meta is meta itself when the object's metadata equals it."},
+    {"create", shmstep_create, METH_VARARGS,
+     "create(dir, meta, flags, data_offset, data_size, total, mode) -> None (no O_TMPFILE) "
+     "| (fd, mm, created_ns): an unnamed, READ-held, written and mapped new object."},
+    {"publish", shmstep_publish, METH_VARARGS,
+     "publish(fd, path) -> bool: link the unnamed inode to path; False if it exists."},
     {"release", shmstep_release, METH_O,
      "release(fd) -> bool: drop the READ hold, then try WRITE (True: the last holder)."},
     {NULL, NULL, 0, NULL},

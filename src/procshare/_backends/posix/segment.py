@@ -74,8 +74,11 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 _attach = _shmstep.attach
 _release = _shmstep.release
+_create = _shmstep.create
+_publish = _shmstep.publish
 
 SHM_DIR = "/dev/shm"
+_SHM_DIR_BYTES = SHM_DIR.encode()
 
 _MAGIC = b"PRCSHR\x00\x01"
 _HEADER = struct.Struct("@8sIIQQQI")
@@ -267,32 +270,6 @@ def _map(
 _tmpfile_ok: bool | None = None
 
 
-def _open_unnamed(mode: int) -> int | None:
-    """An unnamed inode on the shm filesystem, or ``None`` where O_TMPFILE is missing."""
-    global _tmpfile_ok
-    if _tmpfile_ok is False or not hasattr(os, "O_TMPFILE"):
-        return None
-    try:
-        fd = os.open(SHM_DIR, os.O_TMPFILE | os.O_RDWR, mode)
-    except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
-            _tmpfile_ok = False
-            return None
-        raise
-    _tmpfile_ok = True
-    return fd
-
-
-def _publish_unnamed(fd: int, final: str) -> None:
-    """Give the unnamed inode ``fd`` its name; ``FileExistsError`` if taken.
-
-    ``linkat(AT_SYMLINK_FOLLOW)`` on ``/proc/self/fd/N`` is the unprivileged way
-    to name an O_TMPFILE inode. CPython passes that flag only when a dir fd is
-    given, so one is, though an absolute path makes the kernel ignore it.
-    """
-    os.link(f"/proc/self/fd/{fd}", final, src_dir_fd=fd, follow_symlinks=True)
-
-
 def _check_space(os_name: str, total: int) -> None:
     if total <= _PRECHECK_BYTES:
         return
@@ -358,18 +335,80 @@ class PosixSegments(NativeKinds):
     ) -> PosixSegment | None:
         # No early "does it exist?" check: link() below decides atomically, and
         # the engine opens before it creates, so creating over a live name is rare.
-        final = _path(os_name)
         dataoff = _align(_META_OFFSET + len(meta))
         total = dataoff + max(data_size, 1)
-        _check_space(os_name, total)
-        fd_or_none = _open_unnamed(mode)
-        tmp: str | None = None
-        if fd_or_none is None:
-            # Same namespace prefix, kind "t", random tail: `gc` finds abandoned ones.
-            tmp = _path(os_name[:-21] + "t" + os.urandom(10).hex())
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-        else:
-            fd = fd_or_none
+        if total > _PRECHECK_BYTES:
+            _check_space(os_name, total)
+        if _tmpfile_ok is not False:
+            return self._create_unnamed(os_name, meta, data_size, mode, persist, init, total)
+        return self._create_named(os_name, meta, data_size, mode, persist, init, total)
+
+    def _create_unnamed(  # noqa: PLR0917
+        self,
+        os_name: str,
+        meta: bytes,
+        data_size: int,
+        mode: int,
+        persist: bool,
+        init: Callable[[memoryview], None] | None,
+        total: int,
+    ) -> PosixSegment | None:
+        """Create with O_TMPFILE in C, then publish (see _shmstep.c); where the
+        kernel or filesystem lacks O_TMPFILE, remember that and name a temporary."""
+        global _tmpfile_ok
+        dataoff = _align(_META_OFFSET + len(meta))
+        try:
+            made = _create(
+                _SHM_DIR_BYTES,
+                meta,
+                FLAG_PERSIST if persist else 0,
+                dataoff,
+                data_size,
+                total,
+                mode,
+            )
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EFBIG):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os_name) from None
+            raise
+        if made is None:
+            _tmpfile_ok = False
+            return self._create_named(os_name, meta, data_size, mode, persist, init, total)
+        _tmpfile_ok = True
+        fd, mm, created = made
+        seg = PosixSegment(
+            os_name, fd, mm, None, meta, persist, dataoff, data_size, created, _pid, _pid
+        )
+        published = False
+        try:
+            if init is not None:
+                init(seg.data)
+            path = _path_bytes.get(os_name)
+            if path is None:
+                path = _remember_path(os_name)
+            published = _publish(fd, path)
+        finally:
+            if not published:
+                seg.release_mapping()
+                os.close(fd)
+        return seg if published else None
+
+    def _create_named(  # noqa: PLR0917
+        self,
+        os_name: str,
+        meta: bytes,
+        data_size: int,
+        mode: int,
+        persist: bool,
+        init: Callable[[memoryview], None] | None,
+        total: int,
+    ) -> PosixSegment | None:
+        """Create under a random temporary name, then link it to its own (no O_TMPFILE)."""
+        final = _path(os_name)
+        dataoff = _align(_META_OFFSET + len(meta))
+        # Same namespace prefix, kind "t", random tail: `gc` finds abandoned ones.
+        tmp = _path(os_name[:-21] + "t" + os.urandom(10).hex())
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
         published = False
         try:
             _ofd.lock(fd, _ofd.READ, _ofd.HOLD)
@@ -396,19 +435,15 @@ class PosixSegments(NativeKinds):
             if init is not None:
                 init(seg.data)
             try:
-                if tmp is None:
-                    _publish_unnamed(fd, final)
-                else:
-                    os.link(tmp, final)
+                os.link(tmp, final)
             except FileExistsError:
                 seg.release_mapping()
                 return None
             published = True
             return seg
         finally:
-            if tmp is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             if not published:
                 os.close(fd)
 
