@@ -5,6 +5,7 @@ Robustness (a holder that dies) is in test_locks_robust.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import procshare as ps
 from lockhelpers import fork, lock_objects, read_byte, shared_counter, wait_ok
@@ -735,3 +738,18 @@ def test_repr_says_the_name_and_state() -> None:
     with lock:
         assert repr(lock) == "<InterprocessLock 'm' locked>"
     lock.close()
+
+
+@given(
+    name=st.from_regex(r"[A-Za-z0-9._-]{1,128}", fullmatch=True),
+    namespace=st.from_regex(r"[A-Za-z0-9._-]{1,128}", fullmatch=True),
+)
+def test_lock_metadata_is_the_json_it_always_was(name: str, namespace: str) -> None:
+    # Formatted directly (no json module in a forked child's first lock open),
+    # it must stay byte-identical to what json wrote, and decode to the fields.
+    from procshare._engine.locks import _lock_meta
+
+    meta = _lock_meta(name, namespace)
+    fields = {"name": name, "namespace": namespace, "kind": "lock"}
+    assert meta == json.dumps(fields, sort_keys=True).encode()
+    assert json.loads(meta) == fields

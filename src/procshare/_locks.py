@@ -155,8 +155,11 @@ class InterprocessLock:
             if len(_valid_names) < 4096:
                 _valid_names.add(name)
         self._name = name
-        self._timeout = _check_timeout(timeout)
-        if not isinstance(reentrant, bool):
+        # (Each check is written to touch as little as possible when the
+        # argument is the default: a lock is often first opened in a freshly
+        # forked child, where every object touched is a copied page.)
+        self._timeout = None if timeout is None else _check_timeout(timeout)
+        if reentrant is not False and reentrant is not True:
             raise TypeError(f"reentrant must be True or False, not {reentrant!r}")
         self._reentrant = reentrant
         if not (on_owner_death is None or on_owner_death == "warn" or callable(on_owner_death)):
@@ -165,12 +168,18 @@ class InterprocessLock:
                 f"repair(lock) that repairs the protected data; got {on_owner_death!r}"
             )
         self._on_owner_death = on_owner_death
-        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        if type(mode) is not int or not 0 <= mode <= 0o777:
             raise ValueError(f"mode must be permission bits such as 0o600, got {mode!r}")
-        self._m: Any = _Closed(name)  # until the entry is open (a failed open leaves it so)
+        self._entry: LockEntry | None = None
+        self._m: Any = None
         engine = get_engine()
-        self._entry: LockEntry | None = _engine_locks.locks_part(engine).open(name, id(self), mode)
-        self._m = self._entry.mutex
+        try:
+            entry = _engine_locks.locks_part(engine).open(name, id(self), mode)
+        except BaseException:
+            self._m = _Closed(name)  # a failed open leaves the object unusable
+            raise
+        self._entry = entry
+        self._m = entry.mutex
         # After registering as a user, so housekeeping never closes our own entry.
         engine.poll()
 

@@ -25,13 +25,9 @@ marks its holder dead, so the next acquirer is told (``OwnerDied``).
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import time
 from typing import TYPE_CHECKING
-
-import attrs
 
 from procshare._backends.api_lock import (
     BUSY,
@@ -75,27 +71,51 @@ SLICE = 0.1
 KEY = "locks"
 
 
-@functools.lru_cache(maxsize=256)
+# (namespace, name) -> (OS name, metadata) of a lock, for this process and
+# inherited by forked children: a child that opens a lock its parent opened
+# before skips hashing the name (geteuid, blake2b, a dozen objects touched).
+_plans: dict[tuple[str, str], tuple[str, bytes]] = {}
+
+
 def _lock_meta(name: str, namespace: str) -> bytes:
-    """The metadata of a new lock object (cached: a forked child inherits it)."""
-    return json.dumps(
-        {"name": name, "namespace": namespace, "kind": "lock"}, sort_keys=True
-    ).encode()
+    """The metadata of a new lock object: the JSON ``json.dumps(..., sort_keys=True)``
+    writes, formatted directly. Names and namespaces are validated to
+    ``A-Z a-z 0-9 . _ -``, which JSON never escapes, and the json module is
+    a lot of code to run for the first time in a forked child."""
+    return f'{{"kind": "lock", "name": "{name}", "namespace": "{namespace}"}}'.encode()
 
 
-@attrs.define(eq=False)
 class LockEntry:
-    """One open lock object, shared by every lock object of that name in this process."""
+    """One open lock object, shared by every lock object of that name in this process.
 
-    name: str
-    namespace: str
-    os_name: str
-    handle: SegmentHandle
-    mutex: LockHandle
-    part: LocksPart
-    #: ``id()`` of the live lock objects using this entry (set operations are atomic).
-    users: set[int] = attrs.field(factory=set)
-    closed: bool = False
+    A plain slotted class (not attrs): one is built in every forked child
+    that opens a lock, where each separately compiled method costs pages.
+    """
+
+    __slots__ = ("closed", "handle", "mutex", "name", "namespace", "os_name", "part", "users")
+
+    def __init__(  # noqa: PLR0917 - positional: built on every open of a new name
+        self,
+        name: str,
+        namespace: str,
+        os_name: str,
+        handle: SegmentHandle,
+        mutex: LockHandle,
+        part: LocksPart,
+    ) -> None:
+        self.name = name
+        self.namespace = namespace
+        self.os_name = os_name
+        self.handle = handle
+        self.mutex = mutex
+        self.part = part
+        #: ``id()`` of the live lock objects using this entry (set operations are atomic).
+        self.users: set[int] = set()
+        self.closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self.users)} user(s)"
+        return f"<LockEntry {self.namespace}/{self.name} {self.os_name} ({state})>"
 
     def dead_pid(self) -> int | None:
         """The pid recorded for the holder that died (``None`` if it died before recording)."""
@@ -141,14 +161,20 @@ class LocksPart:
 
     def _open_new(self, namespace: str, name: str, mode: int) -> LockEntry:
         backend = self.backend
-        os_name = _segments.os_name(names.LOCK, name, namespace)
+        plan = _plans.get((namespace, name))
+        if plan is None:
+            plan = (_segments.os_name(names.LOCK, name, namespace), _lock_meta(name, namespace))
+            if len(_plans) >= 1024:
+                _plans.clear()
+            _plans[(namespace, name)] = plan
+        os_name, meta = plan
         # Open, else create; a racing creator or closer can make both miss once.
         while True:
-            handle = backend.segment_open(os_name, keep_orphan=backend.lock_keep)
+            handle = backend.segment_open(os_name, keep_orphan=backend.lock_keep, meta=meta)
             if handle is None:
                 handle = backend.segment_create(
                     os_name,
-                    meta=_lock_meta(name, namespace),
+                    meta=meta,
                     data_size=backend.lock_data_size,
                     mode=mode,
                     persist=False,
@@ -162,14 +188,7 @@ class LocksPart:
                 f"procshare: the object behind lock {name!r} ({os_name}) is not a lock; "
                 f"remove it with `python -m procshare rm --lock {name}`"
             )
-        return LockEntry(
-            name=name,
-            namespace=namespace,
-            os_name=os_name,
-            handle=handle,
-            mutex=backend.lock_attach(handle),
-            part=self,
-        )
+        return LockEntry(name, namespace, os_name, handle, backend.lock_attach(handle), self)
 
     def drop_user(self, entry: LockEntry, user: int, *, close: bool) -> None:
         """``user`` stops using ``entry``; with ``close``, close it now if it was the last."""
