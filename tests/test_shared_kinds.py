@@ -409,7 +409,13 @@ def test_numpy_arrays_and_memoryviews_keep_working_after_the_block() -> None:
             pass
         with ps.shared("blob", bytes, size=4096) as blob:
             pass
+        owner = ps.shared("att", np.int64, shape=10)
+        with ps.shared("att", np.int64, shape=10) as att:  # attached, not created
+            pass
+        owner.close()
         gc.collect()
+        att[:] = 5
+        assert att.sum() == 50
         arr[:] += 1
         blob[0:3] = b"abc"
         assert arr.sum() == 2000, arr.sum()

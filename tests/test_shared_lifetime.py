@@ -586,3 +586,22 @@ def test_create_none_attaches_even_when_this_process_created_the_name_last_time(
     finally:
         assert helper.release() == 0
     assert not exists("hint")
+
+
+def test_a_mapping_is_unmapped_only_when_no_exported_buffer_needs_it() -> None:
+    from procshare._backends.posix import _shmstep
+
+    seg = ps.shared("mapping", bytes, size=64)
+    mapping = seg._rec.handle.mm
+    assert isinstance(mapping, _shmstep.Mapping)
+    assert len(mapping) >= 64
+    view = memoryview(mapping)
+    with pytest.raises(BufferError):
+        mapping.close()  # a buffer is exported: refusing beats a segfault
+    assert not mapping.closed
+    view.release()
+    seg.close()  # the segment's own views are gone: now it unmaps
+    assert mapping.closed
+    mapping.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        memoryview(mapping)

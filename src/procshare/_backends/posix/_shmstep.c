@@ -4,7 +4,7 @@
  * is a copy-on-write page fault (~3 us of CPU each here, see FIELD-NOTES),
  * and the same steps in Python (os.open, two fcntl calls, os.fstat, mmap,
  * a struct unpack of the header, a comparison of the metadata) touched some
- * forty pages: functions, constants, result objects. Here only the mmap
+ * forty pages: functions, constants, result objects. Here only the mapping
  * object and the result tuple are Python objects.
  *
  * attach() is the common case of segment.py's open protocol and nothing
@@ -32,6 +32,7 @@
 #include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -42,8 +43,131 @@
 
 static const char MAGIC[8] = {'P', 'R', 'C', 'S', 'H', 'R', 0, 1};
 
-/* mmap.mmap, imported once. */
-static PyObject *mmap_type;
+/* A shared mapping of a whole object, exported through the buffer protocol.
+ *
+ * What segment.py needs of Python's mmap.mmap, without its two extra system
+ * calls per map (an fstat to check the size, a dup of the descriptor) and
+ * the close() of that dup: the size is known here, and the mapping must not
+ * keep the open file description alive (holding is the descriptor's job).
+ * close() unmaps, or raises BufferError while a buffer exported from the
+ * mapping (a memoryview, a numpy array) is alive, exactly as mmap does; the
+ * memory is then unmapped when the mapping object itself is collected,
+ * which cannot happen before those buffers are gone. */
+typedef struct {
+    PyObject_HEAD
+    char *data;
+    Py_ssize_t size;
+    Py_ssize_t exports;
+} MappingObject;
+
+static PyTypeObject Mapping_Type;
+
+static PyObject *
+mapping_new(int fd, Py_ssize_t size)
+{
+    void *data = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (data == MAP_FAILED) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    MappingObject *self = PyObject_New(MappingObject, &Mapping_Type);
+    if (self == NULL) {
+        munmap(data, (size_t)size);
+        return NULL;
+    }
+    self->data = data;
+    self->size = size;
+    self->exports = 0;
+    return (PyObject *)self;
+}
+
+static void
+mapping_dealloc(MappingObject *self)
+{
+    if (self->data != NULL) {
+        munmap(self->data, (size_t)self->size);
+    }
+    PyObject_Free(self);
+}
+
+static int
+mapping_getbuffer(MappingObject *self, Py_buffer *view, int flags)
+{
+    if (self->data == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the shared mapping is closed");
+        view->obj = NULL;
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)self, self->data, self->size, 0, flags) < 0) {
+        return -1;
+    }
+    self->exports++;
+    return 0;
+}
+
+static void
+mapping_releasebuffer(MappingObject *self, Py_buffer *Py_UNUSED(view))
+{
+    self->exports--;
+}
+
+static PyObject *
+mapping_close(MappingObject *self, PyObject *Py_UNUSED(args))
+{
+    if (self->exports > 0) {
+        PyErr_SetString(PyExc_BufferError, "cannot close a shared mapping: buffers are exported");
+        return NULL;
+    }
+    if (self->data != NULL) {
+        munmap(self->data, (size_t)self->size);
+        self->data = NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mapping_closed(MappingObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->data == NULL);
+}
+
+static Py_ssize_t
+mapping_length(MappingObject *self)
+{
+    return self->size;
+}
+
+static PyBufferProcs mapping_as_buffer = {
+    (getbufferproc)mapping_getbuffer,
+    (releasebufferproc)mapping_releasebuffer,
+};
+
+static PySequenceMethods mapping_as_sequence = {
+    .sq_length = (lenfunc)mapping_length,
+};
+
+static PyMethodDef mapping_methods[] = {
+    {"close", (PyCFunction)mapping_close, METH_NOARGS,
+     "Unmap (BufferError while exported buffers are alive). Idempotent."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef mapping_getset[] = {
+    {"closed", (getter)mapping_closed, NULL, "Whether close() unmapped it.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject Mapping_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "procshare._backends.posix._shmstep.Mapping",
+    .tp_basicsize = sizeof(MappingObject),
+    .tp_dealloc = (destructor)mapping_dealloc,
+    .tp_as_sequence = &mapping_as_sequence,
+    .tp_as_buffer = &mapping_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A shared mapping of a whole procshare object (buffer protocol, close()).",
+    .tp_methods = mapping_methods,
+    .tp_getset = mapping_getset,
+};
 
 static int
 ofd(int fd, int cmd, short type)
@@ -121,16 +245,12 @@ shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     if (st.st_nlink == 0 || st.st_size < HEADER_SIZE) {
         goto slow; /* unlinked meanwhile, or not ours: the protocol says what */
     }
-    PyObject *mm = PyObject_CallFunction(mmap_type, "in", fd, (Py_ssize_t)st.st_size);
+    PyObject *mm = mapping_new(fd, (Py_ssize_t)st.st_size);
     if (mm == NULL) {
         close(fd);
         return NULL;
     }
-    Py_buffer view;
-    if (PyObject_GetBuffer(mm, &view, PyBUF_SIMPLE) != 0) {
-        goto mm_error;
-    }
-    const char *base = view.buf;
+    const char *base = ((MappingObject *)mm)->data;
     uint32_t flags = u32_at(base + 8), metalen = u32_at(base + 12);
     uint64_t dataoff = u64_at(base + 16), datalen = u64_at(base + 24);
     uint64_t created = u64_at(base + 32);
@@ -138,14 +258,7 @@ shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     uint64_t size = (uint64_t)st.st_size;
     if (memcmp(base, MAGIC, sizeof MAGIC) != 0 || metalen > size - META_OFFSET ||
         dataoff > size || datalen > size - dataoff) {
-        PyBuffer_Release(&view);
-        PyObject *r = PyObject_CallMethod(mm, "close", NULL);
-        Py_XDECREF(r);
-        Py_DECREF(mm);
-        if (r == NULL) {
-            close(fd);
-            return NULL;
-        }
+        Py_DECREF(mm); /* unmaps */
         goto slow;
     }
     PyObject *found;
@@ -156,9 +269,10 @@ shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     else {
         found = PyBytes_FromStringAndSize(base + META_OFFSET, metalen);
     }
-    PyBuffer_Release(&view);
     if (found == NULL) {
-        goto mm_error;
+        Py_DECREF(mm);
+        close(fd);
+        return NULL;
     }
     PyObject *result = Py_BuildValue(
         "(iNIKKKINKK)", fd, mm, flags, (unsigned long long)dataoff,
@@ -170,17 +284,6 @@ shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     }
     return result;
 
-mm_error: {
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyObject *r = PyObject_CallMethod(mm, "close", NULL);
-    Py_XDECREF(r);
-    PyErr_Clear();
-    PyErr_Restore(type, value, tb);
-    Py_DECREF(mm);
-    close(fd);
-    return NULL;
-}
 os_error: {
     int saved = errno;
     close(fd);
@@ -293,7 +396,7 @@ shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
         errno = saved;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    PyObject *mm = PyObject_CallFunction(mmap_type, "iK", fd, total);
+    PyObject *mm = mapping_new(fd, (Py_ssize_t)total);
     if (mm == NULL) {
         close(fd);
         return NULL;
@@ -343,16 +446,9 @@ shmstep_release(PyObject *Py_UNUSED(module), PyObject *arg)
     if (ofd(fd, F_OFD_SETLK, F_UNLCK) != 0) {
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    int lock = ofd(fd, F_OFD_GETLK, F_WRLCK);
-    if (lock == -1) {
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    if (lock != F_UNLCK) {
-        Py_RETURN_FALSE; /* somebody else holds it: the common case */
-    }
     if (ofd(fd, F_OFD_SETLK, F_WRLCK) != 0) {
         if (errno == EAGAIN || errno == EACCES) {
-            Py_RETURN_FALSE; /* an opener slipped in between */
+            Py_RETURN_FALSE; /* somebody else holds it */
         }
         return PyErr_SetFromErrno(PyExc_OSError);
     }
@@ -385,17 +481,17 @@ static struct PyModuleDef shmstep_module = {
 PyMODINIT_FUNC
 PyInit__shmstep(void)
 {
-    PyObject *mmap_module = PyImport_ImportModule("mmap");
-    if (mmap_module == NULL) {
-        return NULL;
-    }
-    mmap_type = PyObject_GetAttrString(mmap_module, "mmap");
-    Py_DECREF(mmap_module);
-    if (mmap_type == NULL) {
+    if (PyType_Ready(&Mapping_Type) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&shmstep_module);
     if (module == NULL) {
+        return NULL;
+    }
+    Py_INCREF(&Mapping_Type);
+    if (PyModule_AddObject(module, "Mapping", (PyObject *)&Mapping_Type) < 0) {
+        Py_DECREF(&Mapping_Type);
+        Py_DECREF(module);
         return NULL;
     }
     if (PyModule_AddIntConstant(module, "SLOW", 0) < 0) {

@@ -161,7 +161,7 @@ class PosixSegment:
         self,
         os_name: str,
         fd: int,
-        mm: mmap.mmap,
+        mm: mmap.mmap | _shmstep.Mapping,
         inode: tuple[int, int] | None,  # (st_dev, st_ino) when known (not after create)
         meta: bytes,
         persist: bool,
