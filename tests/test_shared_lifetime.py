@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -88,15 +89,21 @@ def _race_child(index: int, start_r: int, hold_r: int, report_w: int) -> None:
     seg.close()
 
 
-@pytest.fixture(params=["O_TMPFILE", "named temporary"])
-def creation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways of creating atomically: an unnamed O_TMPFILE inode (Linux, the
-    default) and a named temporary linked into place (where O_TMPFILE is missing)."""
-    from procshare._backends.posix import segment
+@pytest.fixture(params=["O_TMPFILE, AT_EMPTY_PATH", "O_TMPFILE, /proc/self/fd", "named temporary"])
+def creation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Every way of creating atomically: an unnamed O_TMPFILE inode linked by
+    descriptor (Linux 6.10+, or with CAP_DAC_READ_SEARCH) or through
+    /proc/self/fd (older kernels), and a named temporary linked into place
+    (where O_TMPFILE is missing)."""
+    from procshare._backends.posix import _shmstep, segment
 
     if request.param == "named temporary":
         monkeypatch.setattr(segment, "_tmpfile_ok", False)
-    return str(request.param)
+    old = _shmstep.link_mode(0 if "/proc" in request.param else -1)
+    try:
+        yield str(request.param)
+    finally:
+        _shmstep.link_mode(old)
 
 
 @pytest.mark.timeout(120)
@@ -605,3 +612,41 @@ def test_a_mapping_is_unmapped_only_when_no_exported_buffer_needs_it() -> None:
     mapping.close()  # idempotent
     with pytest.raises(ValueError, match="closed"):
         memoryview(mapping)
+
+
+def test_reopening_a_held_segment_reuses_its_idle_mapping() -> None:
+    from procshare._backends.posix import segment
+
+    with ps.shared("spare", ps.u64) as owner:
+        first = ps.shared("spare", ps.u64)
+        mapping = first._rec.handle.mm
+        first.close()  # not the last holder: the mapping is kept, idle
+        assert mapping in segment._spares.values()
+        owner.value = 41
+        again = ps.shared("spare", ps.u64)
+        try:
+            assert again._rec.handle.mm is mapping  # no new mmap
+            assert mapping not in segment._spares.values()
+            again.view.value += 1
+        finally:
+            again.close()
+        assert owner.value == 42  # the same shared memory, both ways
+    # The last holder removed the object; its name is free for a new one.
+    with ps.shared("spare", ps.u64) as fresh:
+        assert fresh.value == 0
+
+
+def test_idle_mappings_are_few_and_small() -> None:
+    from procshare._backends.posix import segment
+
+    owners = [ps.shared(f"few-{i}", ps.u8) for i in range(segment._SPARES + 4)]
+    big = ps.shared("big", bytes, size=segment._SPARE_BYTES * 2)
+    try:
+        for i in range(len(owners)):
+            ps.shared(f"few-{i}", ps.u8).close()
+        ps.shared("big", bytes, size=segment._SPARE_BYTES * 2).close()
+        assert len(segment._spares) <= segment._SPARES
+        assert all(len(m) <= segment._SPARE_BYTES for m in segment._spares.values())
+    finally:
+        for seg in [*owners, big]:
+            seg.close()

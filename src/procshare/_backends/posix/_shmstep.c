@@ -151,8 +151,15 @@ static PyMethodDef mapping_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *
+mapping_exported(MappingObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->exports > 0);
+}
+
 static PyGetSetDef mapping_getset[] = {
     {"closed", (getter)mapping_closed, NULL, "Whether close() unmapped it.", NULL},
+    {"exported", (getter)mapping_exported, NULL, "Whether a buffer of it is alive.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -209,12 +216,14 @@ u64_at(const char *p)
 static PyObject *
 shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "attach() takes path and meta, both bytes");
+    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1]) ||
+        !PyDict_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "attach() takes path, meta (bytes) and spares (dict)");
         return NULL;
     }
     const char *path = PyBytes_AS_STRING(args[0]);
     PyObject *meta = args[1];
+    PyObject *spares = args[2];
     int fd;
     Py_BEGIN_ALLOW_THREADS
     fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
@@ -245,10 +254,38 @@ shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     if (st.st_nlink == 0 || st.st_size < HEADER_SIZE) {
         goto slow; /* unlinked meanwhile, or not ours: the protocol says what */
     }
-    PyObject *mm = mapping_new(fd, (Py_ssize_t)st.st_size);
+    /* A mapping of this very inode kept by an earlier close (see segment.py):
+     * the inode cannot have been reused while that mapping holds it. */
+    PyObject *mm = NULL;
+    if (PyDict_GET_SIZE(spares) > 0) {
+        PyObject *key = Py_BuildValue("(KK)", (unsigned long long)st.st_dev,
+                                      (unsigned long long)st.st_ino);
+        if (key == NULL) {
+            close(fd);
+            return NULL;
+        }
+        PyObject *spare = PyDict_GetItemWithError(spares, key); /* borrowed */
+        if (spare != NULL && Py_IS_TYPE(spare, &Mapping_Type) &&
+            ((MappingObject *)spare)->data != NULL &&
+            ((MappingObject *)spare)->size == (Py_ssize_t)st.st_size) {
+            mm = Py_NewRef(spare);
+            if (PyDict_DelItem(spares, key) < 0) {
+                Py_CLEAR(mm);
+            }
+        }
+        Py_DECREF(key);
+        if (PyErr_Occurred()) {
+            Py_XDECREF(mm);
+            close(fd);
+            return NULL;
+        }
+    }
     if (mm == NULL) {
-        close(fd);
-        return NULL;
+        mm = mapping_new(fd, (Py_ssize_t)st.st_size);
+        if (mm == NULL) {
+            close(fd);
+            return NULL;
+        }
     }
     const char *base = ((MappingObject *)mm)->data;
     uint32_t flags = u32_at(base + 8), metalen = u32_at(base + 12);
@@ -409,6 +446,12 @@ shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
 #endif
 }
 
+/* Whether linkat(fd, "", ..., AT_EMPTY_PATH) works here: Linux 6.10+ allows it
+ * for a descriptor the caller opened itself, older kernels only with
+ * CAP_DAC_READ_SEARCH. Unknown (-1) until the first publish. It saves the
+ * walk through /proc/self/fd/N, a third of what publishing costs. */
+static int empty_path_ok = -1;
+
 /* publish(fd, path) -> bool: name the unnamed inode fd; False if the name is taken. */
 static PyObject *
 shmstep_publish(PyObject *Py_UNUSED(module), PyObject *args)
@@ -418,11 +461,26 @@ shmstep_publish(PyObject *Py_UNUSED(module), PyObject *args)
     if (!PyArg_ParseTuple(args, "iy", &fd, &path)) {
         return NULL;
     }
-    char proc[64];
-    snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
-    int rc;
+    int rc = -1;
+    int tried_empty = 0;
     Py_BEGIN_ALLOW_THREADS
-    rc = linkat(AT_FDCWD, proc, AT_FDCWD, path, AT_SYMLINK_FOLLOW);
+#ifdef AT_EMPTY_PATH
+    if (empty_path_ok != 0) {
+        tried_empty = 1;
+        rc = linkat(fd, "", AT_FDCWD, path, AT_EMPTY_PATH);
+    }
+#endif
+    if (rc != 0 && (!tried_empty || errno == ENOENT || errno == EPERM)) {
+        if (tried_empty && errno != EEXIST) {
+            empty_path_ok = 0; /* not allowed here: /proc from now on */
+        }
+        char proc[64];
+        snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+        rc = linkat(AT_FDCWD, proc, AT_FDCWD, path, AT_SYMLINK_FOLLOW);
+    }
+    else if (rc == 0) {
+        empty_path_ok = 1;
+    }
     Py_END_ALLOW_THREADS
     if (rc == 0) {
         Py_RETURN_TRUE;
@@ -431,6 +489,22 @@ shmstep_publish(PyObject *Py_UNUSED(module), PyObject *args)
         Py_RETURN_FALSE;
     }
     return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+}
+
+/* link_mode() -> the current mode; link_mode(m) sets it: 1 AT_EMPTY_PATH, 0 the
+ * /proc/self/fd path, -1 find out at the next publish (tests use both ways). */
+static PyObject *
+shmstep_link_mode(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int mode = -2;
+    if (!PyArg_ParseTuple(args, "|i", &mode)) {
+        return NULL;
+    }
+    int old = empty_path_ok;
+    if (mode != -2) {
+        empty_path_ok = mode < 0 ? -1 : mode > 0;
+    }
+    return PyLong_FromLong(old);
 }
 
 /* release(fd) -> bool: drop this description's READ hold, then try WRITE:
@@ -457,14 +531,18 @@ shmstep_release(PyObject *Py_UNUSED(module), PyObject *arg)
 
 static PyMethodDef shmstep_methods[] = {
     {"attach", (PyCFunction)(void (*)(void))shmstep_attach, METH_FASTCALL,
-     "attach(path, meta) -> None (no such object) | SLOW (use the full protocol) | "
+     "attach(path, meta, spares) -> None (no such object) | SLOW (use the full protocol) | "
      "(fd, mm, flags, data_offset, data_size, created_ns, creator_pid, found_meta, "
-     "st_dev, st_ino); found_meta is meta itself when the object's metadata equals it."},
+     "st_dev, st_ino); found_meta is meta itself when the object's metadata equals it, and "
+     "mm is taken from spares ({(st_dev, st_ino): Mapping}) when it holds this inode."},
     {"create", shmstep_create, METH_VARARGS,
      "create(dir, meta, flags, data_offset, data_size, total, mode) -> None (no O_TMPFILE) "
      "| (fd, mm, created_ns): an unnamed, READ-held, written and mapped new object."},
     {"publish", shmstep_publish, METH_VARARGS,
      "publish(fd, path) -> bool: link the unnamed inode to path; False if it exists."},
+    {"link_mode", shmstep_link_mode, METH_VARARGS,
+     "link_mode([mode]) -> previous mode: how publish() links (1 AT_EMPTY_PATH, 0 "
+     "/proc/self/fd, -1 undecided)."},
     {"release", shmstep_release, METH_O,
      "release(fd) -> bool: drop the READ hold, then try WRITE (True: the last holder)."},
     {NULL, NULL, 0, NULL},

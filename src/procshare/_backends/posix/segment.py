@@ -73,6 +73,16 @@ except ImportError as exc:  # pragma: no cover - only without a build
     ) from exc
 
 _attach = _shmstep.attach
+_Mapping = _shmstep.Mapping
+# Idle mappings of objects this process closed without removing them, by
+# (st_dev, st_ino), for the next open of the same object: opening a segment
+# someone else holds in a loop then costs no mmap and munmap (a third of an
+# attach here). Small ones only, and few: a kept mapping keeps its object's
+# memory allocated after everybody else is gone, until it is evicted. Forked
+# children inherit them (the memory is shared).
+_spares: dict[tuple[int, int], _shmstep.Mapping] = {}
+_SPARES = 16
+_SPARE_BYTES = 64 << 10
 _release = _shmstep.release
 _create = _shmstep.create
 _publish = _shmstep.publish
@@ -201,26 +211,44 @@ class PosixSegment:
 
         return ctypes.addressof(ctypes.c_char.from_buffer(self.mm, self.data_offset))
 
-    def release_mapping(self) -> None:
+    def release_mapping(self, *, spare: bool = False) -> None:
         """Unmap if nothing exported from the mapping is alive; else leave it mapped.
 
         A numpy array or memoryview taken from ``data`` keeps the mapping (and
         so the memory) valid until it is garbage collected: closing never
-        pulls memory out from under a live buffer.
+        pulls memory out from under a live buffer. With ``spare`` a small idle
+        mapping is kept for the next open of the same object instead (see
+        ``_spares``).
         """
         # (try/except rather than contextlib.suppress: this runs on every close,
         # and in a forked child every object touched costs a page fault.)
         if self._data is not None:
             # Views made with memoryview(data) or data[...] share data's managed
-            # buffer and keep the mmap exported; only a buffer exported from
+            # buffer and keep the mapping exported; only a buffer exported from
             # ``data`` itself (numpy.frombuffer(data)) makes release() refuse.
             try:  # noqa: SIM105 - see above
                 self._data.release()
             except BufferError:
                 pass
             self._data = None
+        mm = self.mm
+        if (
+            spare
+            and type(mm) is _Mapping
+            and self.inode is not None
+            and len(mm) <= _SPARE_BYTES
+            and not mm.exported
+            and not mm.closed
+        ):
+            if len(_spares) >= _SPARES:
+                try:  # noqa: SIM105 - see above
+                    _spares.pop(next(iter(_spares))).close()  # the oldest
+                except (BufferError, KeyError, RuntimeError, StopIteration):
+                    pass  # another thread evicted (or is evicting) it
+            _spares[self.inode] = mm
+            return
         try:  # noqa: SIM105 - see above
-            self.mm.close()
+            mm.close()
         except BufferError:
             pass
 
@@ -455,7 +483,7 @@ class PosixSegments(NativeKinds):
         path_bytes = _path_bytes.get(os_name)
         if path_bytes is None:
             path_bytes = _remember_path(os_name)
-        found = _attach(path_bytes, meta)
+        found = _attach(path_bytes, meta, _spares)
         if found is None:
             return None
         if type(found) is tuple:
@@ -521,10 +549,11 @@ class PosixSegments(NativeKinds):
             # parent's. Drop our references without touching the kernel state.
             return False
         fd = handle.fd
-        removed = False
+        removed = last = False
         try:
+            last = _release(fd)  # drop READ, then WRITE only if nobody else holds it
             if (
-                _release(fd)  # drop READ, then WRITE only if nobody else holds it
+                last
                 and not handle.persist
                 and not keep(handle)
                 and os.fstat(fd).st_nlink > 0  # not already unlinked (ps.unlink, a twin)
@@ -535,11 +564,13 @@ class PosixSegments(NativeKinds):
                 except FileNotFoundError:
                     pass
         finally:
-            handle.release_mapping()
-            if not handle.mm.closed:
-                # The mmap holds a dup of fd: while a numpy array keeps the
-                # mapping alive, the description (and a WRITE left on it)
-                # outlives os.close(fd) and would stall every opener.
+            mm = handle.mm
+            handle.release_mapping(spare=not removed)
+            if (last and not removed) or (type(mm) is not _Mapping and not mm.closed):
+                # A WRITE we took on an object we keep, or an mmap.mmap still
+                # pinned by a numpy array (it holds a dup of fd): either way the
+                # description outlives os.close(fd) (a forked child may share
+                # it too), and a WRITE left on it would stall every opener.
                 try:  # noqa: SIM105 - hot path: contextlib costs page faults in a child
                     _try(fd, _UNLCK_HOLD)
                 except OSError:
