@@ -12,9 +12,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -31,6 +32,18 @@ def keep_nothing(handle: SegmentHandle) -> bool:
 
 def keep_all(handle: SegmentHandle) -> bool:
     return True
+
+
+#: What the tests pass to segment_close() to keep nothing: both a callback and
+#: None (the backend then decides without calling back) must behave the same.
+CLOSE_KEEP: Callable[[SegmentHandle], bool] | None = keep_nothing
+
+
+@pytest.fixture(autouse=True, params=["callback", "None"])
+def _close_keep(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        sys.modules[__name__], "CLOSE_KEEP", keep_nothing if request.param == "callback" else None
+    )
 
 
 @pytest.fixture(params=["posix"])
@@ -73,7 +86,7 @@ def test_create_publishes_meta_and_zeroed_aligned_data(
         assert not h.persist
         assert not h.closed
     finally:
-        assert backend.segment_close(h, keep=keep_nothing) is True
+        assert backend.segment_close(h, keep=CLOSE_KEEP) is True
     assert h.closed
     assert not listed(backend, os_name)
 
@@ -91,7 +104,7 @@ def test_nobody_sees_the_object_before_init_returns(backend: SegmentBackend, os_
         assert seen == [None, False]
         assert bytes(h.data[:4]) == b"abcd"
     finally:
-        backend.segment_close(h, keep=keep_nothing)
+        backend.segment_close(h, keep=CLOSE_KEEP)
 
 
 def test_a_second_create_returns_none_and_changes_nothing(
@@ -107,9 +120,9 @@ def test_a_second_create_returns_none_and_changes_nothing(
         assert other is not None
         assert other.meta == b'{"m":1}'
         assert other.data[0] == 1
-        backend.segment_close(other, keep=keep_nothing)
+        backend.segment_close(other, keep=CLOSE_KEEP)
     finally:
-        backend.segment_close(h, keep=keep_nothing)
+        backend.segment_close(h, keep=CLOSE_KEEP)
 
 
 @pytest.mark.timeout(60)
@@ -140,9 +153,9 @@ def test_holders_are_counted(backend: SegmentBackend, os_name: str) -> None:
     assert b is not None
     b.data[0] = 7
     assert a.data[0] == 7  # the same memory
-    assert backend.segment_close(a, keep=keep_nothing) is False
+    assert backend.segment_close(a, keep=CLOSE_KEEP) is False
     assert listed(backend, os_name)
-    assert backend.segment_close(b, keep=keep_nothing) is True
+    assert backend.segment_close(b, keep=CLOSE_KEEP) is True
     assert not listed(backend, os_name)
 
 
@@ -150,11 +163,11 @@ def test_persist_and_keep_stop_the_last_close_from_removing(
     backend: SegmentBackend, os_name: str
 ) -> None:
     h = create(backend, os_name, persist=True)
-    assert backend.segment_close(h, keep=keep_nothing) is False
+    assert backend.segment_close(h, keep=CLOSE_KEEP) is False
     again = backend.segment_open(os_name, keep_orphan=keep_nothing)
     assert again is not None
     assert again.persist
-    assert backend.segment_close(again, keep=keep_nothing) is False
+    assert backend.segment_close(again, keep=CLOSE_KEEP) is False
     assert backend.segment_unlink(os_name) is True
     assert backend.segment_unlink(os_name) is False
     h = create(backend, os_name)
@@ -193,7 +206,7 @@ def test_a_killed_holder_is_an_orphan_reclaimed_unless_kept(
         else:
             assert h is not None
             assert h.data[0] == expect
-            assert backend.segment_close(h, keep=keep_nothing) is True
+            assert backend.segment_close(h, keep=CLOSE_KEEP) is True
 
 
 @pytest.mark.timeout(60)
@@ -219,7 +232,7 @@ def test_collect_removes_orphans_and_spares_held_objects(
         assert infos[other].holders == (os.getpid(),)
         assert infos[other].meta == b'{"m":1}'
     finally:
-        backend.segment_close(held, keep=keep_nothing)
+        backend.segment_close(held, keep=CLOSE_KEEP)
 
 
 def test_out_of_space_is_enospc_at_creation(backend: SegmentBackend, os_name: str) -> None:
@@ -241,7 +254,7 @@ def test_a_fork_child_never_releases_an_inherited_handle(
 
         def child() -> bool:
             h.data[1] = 5
-            return backend.segment_close(h, keep=keep_nothing)
+            return backend.segment_close(h, keep=CLOSE_KEEP)
 
         assert run_in_child(child) is False
         assert h.data[1] == 5
@@ -250,9 +263,9 @@ def test_a_fork_child_never_releases_an_inherited_handle(
         # still counted as held: a second holder's close does not remove it
         other = backend.segment_open(os_name, keep_orphan=keep_nothing)
         assert other is not None
-        assert backend.segment_close(other, keep=keep_nothing) is False
+        assert backend.segment_close(other, keep=CLOSE_KEEP) is False
     finally:
-        backend.segment_close(h, keep=keep_nothing)
+        backend.segment_close(h, keep=CLOSE_KEEP)
 
 
 @pytest.mark.timeout(60)
@@ -263,7 +276,7 @@ def test_an_exported_buffer_outlives_close_without_blocking_others(
     b = backend.segment_open(os_name, keep_orphan=keep_nothing)
     assert b is not None
     arr = np.frombuffer(a.data, dtype=np.uint8)
-    backend.segment_close(a, keep=keep_nothing)
+    backend.segment_close(a, keep=CLOSE_KEEP)
     arr[0] = 3  # still mapped: no crash
     assert b.data[0] == 3
     # a's close must not leave a lock on the description the array keeps alive
@@ -276,8 +289,8 @@ def test_an_exported_buffer_outlives_close_without_blocking_others(
     assert not opener.is_alive(), "an opener blocked on a lock left by a closed handle"
     c = result[0]
     assert c is not None
-    backend.segment_close(c, keep=keep_nothing)  # type: ignore[arg-type]
-    assert backend.segment_close(b, keep=keep_nothing) is True
+    backend.segment_close(c, keep=CLOSE_KEEP)  # type: ignore[arg-type]
+    assert backend.segment_close(b, keep=CLOSE_KEEP) is True
     del arr
 
 
@@ -303,4 +316,4 @@ def test_native_kinds(backend: SegmentBackend, os_name: str) -> None:
         assert h.data[0] == 9
         del obj
     finally:
-        backend.segment_close(h, keep=keep_nothing)
+        backend.segment_close(h, keep=CLOSE_KEEP)

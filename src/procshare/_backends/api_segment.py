@@ -121,9 +121,10 @@ class SegmentBackend(Protocol):
         """
         ...
 
-    def segment_close(self, handle: SegmentHandle, *, keep: KeepOrphan) -> bool:
+    def segment_close(self, handle: SegmentHandle, *, keep: KeepOrphan | None) -> bool:
         """Stop holding ``handle``; remove the object if this was the last holder
-        and neither ``persist`` nor ``keep`` says to keep it. Returns whether
+        and neither ``persist`` nor ``keep`` says to keep it (``None``: keep
+        nothing, which lets the backend decide without calling back). Returns whether
         the object was removed. A no-op (returning ``False``) for a handle
         opened by another pid, so a forked child never releases what it
         inherited. The mapping stays valid while buffers exported from

@@ -262,7 +262,7 @@ class SegmentsPart:
                 # holds it (opening reclaims a stale one, then we retry).
                 handle = backend.segment_open(os_name, keep_orphan=_keep_nothing)
                 if handle is not None:
-                    backend.segment_close(handle, keep=_keep_nothing)
+                    backend.segment_close(handle, keep=None)
                     raise SegmentExists(name)
             # Lost a race with another creator (or a closer): look again.
 
@@ -298,7 +298,7 @@ class SegmentsPart:
         if handle.meta != meta:
             found = decode_meta(handle.meta)
             if found.get("layout") != layout.layout or found.get("name") != name:
-                self.engine.backend.segment_close(handle, keep=_keep_nothing)
+                self.engine.backend.segment_close(handle, keep=None)
                 raise SharedTypeError(
                     name,
                     expected=describe(layout.kind, layout.layout),
@@ -327,7 +327,7 @@ class SegmentsPart:
             return  # inherited: never close, unlink or release the parent's
         with self.engine.lock:
             self._open.pop(id(rec), None)
-        self.engine.backend.segment_close(rec.handle, keep=_keep_nothing)
+        self.engine.backend.segment_close(rec.handle, keep=None)
 
     def unlink(self, name: str) -> bool:
         """Remove ``name`` now (mappings stay valid); whether it existed."""

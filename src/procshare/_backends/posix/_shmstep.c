@@ -507,26 +507,50 @@ shmstep_link_mode(PyObject *Py_UNUSED(module), PyObject *args)
     return PyLong_FromLong(old);
 }
 
-/* release(fd) -> bool: drop this description's READ hold, then try WRITE:
- * True means nobody else holds the object and the caller now has WRITE. */
+/* release(fd, path) -> 0 | 1 | 2: drop this description's READ hold, then try
+ * WRITE, which succeeds only for the last holder. 0: others hold the object.
+ * 1: we are the last holder and now have WRITE; with path None the caller
+ * decides whether to remove the object, otherwise it was already unlinked
+ * (ps.unlink, a twin). 2: we were the last holder and unlinked path. */
 static PyObject *
-shmstep_release(PyObject *Py_UNUSED(module), PyObject *arg)
+shmstep_release(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    long value = PyLong_AsLong(arg);
-    if (value == -1 && PyErr_Occurred()) {
+    int fd;
+    PyObject *path;
+    if (!PyArg_ParseTuple(args, "iO", &fd, &path)) {
         return NULL;
     }
-    int fd = (int)value;
+    if (path != Py_None && !PyBytes_Check(path)) {
+        PyErr_SetString(PyExc_TypeError, "release(): path must be bytes or None");
+        return NULL;
+    }
     if (ofd(fd, F_OFD_SETLK, F_UNLCK) != 0) {
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     if (ofd(fd, F_OFD_SETLK, F_WRLCK) != 0) {
         if (errno == EAGAIN || errno == EACCES) {
-            Py_RETURN_FALSE; /* somebody else holds it */
+            return PyLong_FromLong(0); /* somebody else holds it */
         }
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    Py_RETURN_TRUE;
+    if (path == Py_None) {
+        return PyLong_FromLong(1);
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (st.st_nlink == 0) {
+        return PyLong_FromLong(1); /* unlinked already: the name may be another's */
+    }
+    /* We hold WRITE: nobody can be attaching, and the name is still ours. */
+    if (unlink(PyBytes_AS_STRING(path)) != 0) {
+        if (errno == ENOENT) {
+            return PyLong_FromLong(1);
+        }
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+    }
+    return PyLong_FromLong(2);
 }
 
 static PyMethodDef shmstep_methods[] = {
@@ -543,8 +567,9 @@ static PyMethodDef shmstep_methods[] = {
     {"link_mode", shmstep_link_mode, METH_VARARGS,
      "link_mode([mode]) -> previous mode: how publish() links (1 AT_EMPTY_PATH, 0 "
      "/proc/self/fd, -1 undecided)."},
-    {"release", shmstep_release, METH_O,
-     "release(fd) -> bool: drop the READ hold, then try WRITE (True: the last holder)."},
+    {"release", shmstep_release, METH_VARARGS,
+     "release(fd, path) -> 0 (others hold it) | 1 (last holder, WRITE held; removal is "
+     "the caller's call when path is None) | 2 (last holder, path unlinked)."},
     {NULL, NULL, 0, NULL},
 };
 

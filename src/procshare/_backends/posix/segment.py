@@ -539,7 +539,7 @@ class PosixSegments(NativeKinds):
                     os.close(fd)
                 raise
 
-    def segment_close(self, handle: SegmentHandle, *, keep: KeepOrphan) -> bool:
+    def segment_close(self, handle: SegmentHandle, *, keep: KeepOrphan | None) -> bool:
         assert isinstance(handle, PosixSegment)
         if handle.closed:
             return False
@@ -551,18 +551,26 @@ class PosixSegments(NativeKinds):
         fd = handle.fd
         removed = last = False
         try:
-            last = _release(fd)  # drop READ, then WRITE only if nobody else holds it
-            if (
-                last
-                and not handle.persist
-                and not keep(handle)
-                and os.fstat(fd).st_nlink > 0  # not already unlinked (ps.unlink, a twin)
-            ):
-                try:
-                    os.unlink(_path(handle.os_name))
-                    removed = True
-                except FileNotFoundError:
-                    pass
+            if keep is None and not handle.persist:
+                # Nothing to decide: C unlinks if we are the last holder.
+                path = _path_bytes.get(handle.os_name)
+                if path is None:
+                    path = _remember_path(handle.os_name)
+                state = _release(fd, path)
+                last, removed = state != 0, state == 2
+            else:
+                last = _release(fd, None) != 0
+                if (
+                    last
+                    and not handle.persist
+                    and not (keep is not None and keep(handle))
+                    and os.fstat(fd).st_nlink > 0  # not already unlinked (ps.unlink, a twin)
+                ):
+                    try:
+                        os.unlink(_path(handle.os_name))
+                        removed = True
+                    except FileNotFoundError:
+                        pass
         finally:
             mm = handle.mm
             handle.release_mapping(spare=not removed)
