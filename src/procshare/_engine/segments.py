@@ -246,7 +246,11 @@ class SegmentsPart:
                     data_size=layout.size,
                     mode=mode,
                     persist=persist,
-                    init=self._initialiser(name, initial),
+                    init=(
+                        None
+                        if initial is None and self.init_hook is None
+                        else self._initialiser(name, initial)
+                    ),
                 )
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
@@ -305,11 +309,11 @@ class SegmentsPart:
                     found=_describe_found(found, name),
                 )
         rec = OpenSegment(name, namespace, handle, created, layout)
-        with self.engine.lock:
-            self._open[id(rec)] = rec
-            if len(self._created_last) > 4096:
-                self._created_last.clear()
-            self._created_last[handle.os_name] = created
+        # (Single dict operations are atomic: no lock needed for these.)
+        self._open[id(rec)] = rec
+        if len(self._created_last) > 4096:
+            self._created_last.clear()  # a hint: losing it costs one extra look
+        self._created_last[handle.os_name] = created
         return rec
 
     def close(self, rec: OpenSegment) -> None:
@@ -325,8 +329,7 @@ class SegmentsPart:
             view._ps_invalidate()  # later uses raise SegmentClosed
         if self.engine.pid != current_pid():
             return  # inherited: never close, unlink or release the parent's
-        with self.engine.lock:
-            self._open.pop(id(rec), None)
+        self._open.pop(id(rec), None)
         self.engine.backend.segment_close(rec.handle, keep=None)
 
     def unlink(self, name: str) -> bool:

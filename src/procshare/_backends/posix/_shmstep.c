@@ -352,17 +352,18 @@ write_all(int fd, const char *buf, size_t len, off_t offset)
     return 0;
 }
 
-/* create(dir, meta, flags, data_offset, data_size, total, mode)
- *     -> None (no O_TMPFILE here) | (fd, mm, created_ns) */
+/* create(dir, meta, flags, data_offset, data_size, total, mode, pid)
+ *     -> None (no O_TMPFILE here) | (fd, mm, created_ns); pid is the creator
+ *     recorded in the header (the caller's, known without a system call). */
 static PyObject *
 shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
 {
     const char *dir;
     Py_buffer meta;
-    unsigned int flags, mode;
+    unsigned int flags, mode, pid;
     unsigned long long dataoff, datalen, total;
-    if (!PyArg_ParseTuple(args, "yy*IKKKI", &dir, &meta, &flags, &dataoff, &datalen, &total,
-                          &mode)) {
+    if (!PyArg_ParseTuple(args, "yy*IKKKII", &dir, &meta, &flags, &dataoff, &datalen, &total,
+                          &mode, &pid)) {
         return NULL;
     }
     if (total < (unsigned long long)META_OFFSET + (unsigned long long)meta.len ||
@@ -387,7 +388,7 @@ shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
     clock_gettime(CLOCK_REALTIME, &now);
     unsigned long long created =
         (unsigned long long)now.tv_sec * 1000000000ULL + (unsigned long long)now.tv_nsec;
-    uint32_t metalen = (uint32_t)meta.len, creator = (uint32_t)getpid();
+    uint32_t metalen = (uint32_t)meta.len, creator = (uint32_t)pid;
     size_t head_len = (size_t)META_OFFSET + (size_t)meta.len;
     size_t buf_len = total <= PWRITE_BYTES ? (size_t)total : head_len;
     char *buf = PyMem_RawCalloc(1, buf_len);
@@ -560,7 +561,7 @@ static PyMethodDef shmstep_methods[] = {
      "st_dev, st_ino); found_meta is meta itself when the object's metadata equals it, and "
      "mm is taken from spares ({(st_dev, st_ino): Mapping}) when it holds this inode."},
     {"create", shmstep_create, METH_VARARGS,
-     "create(dir, meta, flags, data_offset, data_size, total, mode) -> None (no O_TMPFILE) "
+     "create(dir, meta, flags, data_offset, data_size, total, mode, pid) -> None (no O_TMPFILE) "
      "| (fd, mm, created_ns): an unnamed, READ-held, written and mapped new object."},
     {"publish", shmstep_publish, METH_VARARGS,
      "publish(fd, path) -> bool: link the unnamed inode to path; False if it exists."},

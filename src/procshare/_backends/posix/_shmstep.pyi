@@ -21,6 +21,7 @@ def create(
     data_size: int,
     total: int,
     mode: int,
+    pid: int,
     /,
 ) -> tuple[int, Mapping, int] | None: ...
 def publish(fd: int, path: bytes, /) -> bool: ...

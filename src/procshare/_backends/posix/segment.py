@@ -363,28 +363,15 @@ class PosixSegments(NativeKinds):
     ) -> PosixSegment | None:
         # No early "does it exist?" check: link() below decides atomically, and
         # the engine opens before it creates, so creating over a live name is rare.
-        dataoff = _align(_META_OFFSET + len(meta))
-        total = dataoff + max(data_size, 1)
+        global _tmpfile_ok
+        dataoff = (_META_OFFSET + len(meta) + _ALIGN - 1) // _ALIGN * _ALIGN
+        total = dataoff + (data_size or 1)
         if total > _PRECHECK_BYTES:
             _check_space(os_name, total)
-        if _tmpfile_ok is not False:
-            return self._create_unnamed(os_name, meta, data_size, mode, persist, init, total)
-        return self._create_named(os_name, meta, data_size, mode, persist, init, total)
-
-    def _create_unnamed(  # noqa: PLR0917
-        self,
-        os_name: str,
-        meta: bytes,
-        data_size: int,
-        mode: int,
-        persist: bool,
-        init: Callable[[memoryview], None] | None,
-        total: int,
-    ) -> PosixSegment | None:
-        """Create with O_TMPFILE in C, then publish (see _shmstep.c); where the
-        kernel or filesystem lacks O_TMPFILE, remember that and name a temporary."""
-        global _tmpfile_ok
-        dataoff = _align(_META_OFFSET + len(meta))
+        if _tmpfile_ok is False:
+            return self._create_named(os_name, meta, data_size, mode, persist, init, total)
+        # O_TMPFILE: the unnamed object is made, held, written and mapped in C,
+        # initialised here, then published (see _shmstep.c).
         try:
             made = _create(
                 _SHM_DIR_BYTES,
@@ -394,12 +381,13 @@ class PosixSegments(NativeKinds):
                 data_size,
                 total,
                 mode,
+                _pid,
             )
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EFBIG):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os_name) from None
             raise
-        if made is None:
+        if made is None:  # this kernel or filesystem has no O_TMPFILE: name a temporary
             _tmpfile_ok = False
             return self._create_named(os_name, meta, data_size, mode, persist, init, total)
         _tmpfile_ok = True
