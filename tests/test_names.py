@@ -93,3 +93,10 @@ def test_temp_names_share_the_namespace_prefix() -> None:
     assert tmp.startswith(names.namespace_prefix())
     assert len(tmp) == 31
     assert tmp != names.temp_os_name()
+
+
+def test_os_names_never_change_between_versions() -> None:
+    # Objects outlive processes (persist=True, a kept lock): a new version of
+    # procshare must derive the same OS names, or it would not find them.
+    assert names.os_name("l", "m", "ns1", 1000) == "/ps8343ddflf2d5a9c9ac73dde16294"
+    assert names.os_name("s", "sum", "default", 0) == "/ps1c98974sb2e6008119ce9c2e850a"

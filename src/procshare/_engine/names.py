@@ -127,16 +127,18 @@ def namespace_prefix(namespace: str | None = None, uid: int | None = None) -> st
     return _prefix(ns, os.geteuid() if uid is None else uid)
 
 
-def os_name(kind: str, name: str, namespace: str | None = None) -> str:
+def os_name(kind: str, name: str, namespace: str | None = None, uid: int | None = None) -> str:
     """The OS name (``/ps...``, 31 characters) of object ``name`` of ``kind``."""
     if len(kind) != 1:
         raise ValueError(f"object kind must be one character, got {kind!r}")
     ns = current_namespace() if namespace is None else namespace
-    prefix = namespace_prefix(ns)
-    digest = hashlib.blake2b(f"{ns}\0{kind}\0{name}".encode(), digest_size=10).digest()
-    result = prefix + kind + _code(digest, 20)
-    assert len(result) == OS_NAME_MAX
-    return result
+    prefix = _prefix(ns, os.geteuid() if uid is None else uid)
+    # 10 bytes of digest are the 20 hex digits of the name part (see _code).
+    tail = _blake2b(f"{ns}\0{kind}\0{name}".encode(), digest_size=10).hexdigest()
+    return prefix + kind + tail
+
+
+_blake2b = hashlib.blake2b
 
 
 def temp_os_name(namespace: str | None = None) -> str:

@@ -94,10 +94,11 @@ _inherited_os_names: dict[tuple[str, str, str, int], str] = {}
 
 def os_name(kind: str, name: str, namespace: str) -> str:
     """``names.os_name(kind, name, namespace)``, remembered per user."""
-    key = (kind, name, namespace, os.geteuid())
+    uid = os.geteuid()
+    key = (kind, name, namespace, uid)
     found = _inherited_os_names.get(key)
     if found is None:
-        found = names.os_name(kind, name, namespace)
+        found = names.os_name(kind, name, namespace, uid)
         if len(_inherited_os_names) >= 4096:
             _inherited_os_names.clear()
         _inherited_os_names[key] = found

@@ -15,9 +15,11 @@ released silently.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from procshare._backends.api_lock import LockHandle
 from procshare._backends.api_segment import SegmentHandle
+from procshare._backends.posix.segment import PosixSegment
 
 try:
     from procshare._backends.posix._robustmutex import (
@@ -45,7 +47,7 @@ _NOTRECOVERABLE = 0x7FFFFFFE
 _STATE = struct.Struct("@IIiiiI")
 
 
-def lock_needs_keeping(data: memoryview) -> bool:
+def lock_needs_keeping(data: Any, offset: int = 0) -> bool:
     """Whether lock memory records a death nobody has confirmed yet.
 
     True when a holder died holding it (the kernel marked the word
@@ -53,8 +55,8 @@ def lock_needs_keeping(data: memoryview) -> bool:
     released unconfirmed, or when foreign code poisoned it. Such an object is
     kept even with no living holder, so the next process to open it is told.
     """
-    word, _count, owner = _WORD.unpack_from(data, 0)
-    magic, unconfirmed, *_ = _STATE.unpack_from(data, STATE_OFFSET)
+    word, _count, owner = _WORD.unpack_from(data, offset)
+    magic, unconfirmed, *_ = _STATE.unpack_from(data, offset + STATE_OFFSET)
     if magic != STATE_MAGIC:
         return False
     if owner == _NOTRECOVERABLE:
@@ -79,4 +81,7 @@ class PosixLocks:
         return mutex
 
     def lock_keep(self, handle: SegmentHandle) -> bool:
+        if isinstance(handle, PosixSegment):
+            # Straight from the mapping: no memoryview built just to read two words.
+            return lock_needs_keeping(handle.mm, handle.data_offset)
         return lock_needs_keeping(handle.data)
