@@ -34,14 +34,18 @@ def test_one_engine_per_process() -> None:
     assert get_engine().backend is get_backend()
 
 
-def test_parts_are_created_once_and_polled() -> None:
+def test_parts_are_created_once_and_polled_when_one_asks() -> None:
     engine = Engine(get_backend())
     log: list[str] = []
     part = engine.part("rec", lambda e: Recorder(5, log))
     assert engine.part("rec", lambda e: Recorder(99, log)) is part
     engine.poll()
+    assert part.polls == 0  # nothing pending: every call into procshare stays cheap
+    engine.pending = True
     engine.poll()
-    assert part.polls == 2
+    engine.poll()
+    assert part.polls == 1  # once per request
+    assert not engine.pending
 
 
 def test_shutdown_runs_in_order_reports_every_failure_and_runs_once() -> None:

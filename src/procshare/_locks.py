@@ -359,7 +359,7 @@ class InterprocessLock:
         if entry is not None:
             entry.users.discard(id(self))
             if not entry.users:
-                entry.part.maybe_idle = True
+                entry.part.note_idle()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickling sends the name, not the memory: the receiving process opens

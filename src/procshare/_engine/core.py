@@ -16,6 +16,7 @@ holds no OS state and makes no OS calls; parts reach the OS only through
 from __future__ import annotations
 
 import atexit
+import operator
 import os
 import threading
 from collections.abc import Callable
@@ -31,13 +32,15 @@ class EnginePart(Protocol):
     order: int
 
     def poll(self) -> None:
-        """Cheap housekeeping run on every call into procshare (e.g. reaping)."""
+        """Housekeeping (e.g. reaping) run by the next call into procshare after
+        the part set ``engine.pending``."""
 
     def shutdown(self) -> None:
         """Release everything this part holds. Must be safe to call twice."""
 
 
 P = TypeVar("P", bound=EnginePart)
+_order = operator.attrgetter("order")
 
 
 class Engine:
@@ -45,13 +48,15 @@ class Engine:
     forked child that calls into procshare, where each separately compiled
     attrs method would cost copied pages)."""
 
-    __slots__ = ("_closed", "_parts", "backend", "lock", "pid")
+    __slots__ = ("_closed", "_parts", "backend", "lock", "pending", "pid")
 
     def __init__(self, backend: Backend, pid: int | None = None) -> None:
         self.backend = backend
         self.pid = os.getpid() if pid is None else pid
         self.lock = threading.RLock()
         self._parts: dict[str, EnginePart] = {}
+        #: Set by a part that has housekeeping for the next call into procshare.
+        self.pending = False
         self._closed = False
 
     def __repr__(self) -> str:
@@ -69,16 +74,24 @@ class Engine:
         return found  # type: ignore[return-value]
 
     def poll(self) -> None:
+        """Run the parts' housekeeping if one asked for it (every call into
+        procshare calls this, so it costs one attribute test otherwise)."""
+        if not self.pending:
+            return
+        self.pending = False
         for part in list(self._parts.values()):
             part.poll()
 
     def shutdown(self) -> None:
         """Release everything, in order. Errors of one part do not stop the others."""
+        # os.getpid(), not the cached pid: releasing in a process that only
+        # inherited this engine (forked behind Python's back) would release
+        # the parent's holds on the open file descriptions they share.
         if self._closed or self.pid != os.getpid():
             return
         self._closed = True
         errors: list[BaseException] = []
-        for part in sorted(self._parts.values(), key=lambda p: p.order):
+        for part in sorted(self._parts.values(), key=_order):
             try:
                 part.shutdown()
             except BaseException as exc:
@@ -134,7 +147,7 @@ def _after_fork_in_child() -> None:
 def shutdown_engine() -> None:
     """Shut down this process's engine if it has one (interpreter exit, child exit)."""
     engine = _engine
-    if engine is not None and engine.pid == os.getpid():
+    if engine is not None and engine.pid == _pid:
         engine.shutdown()
 
 

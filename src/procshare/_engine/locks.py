@@ -209,7 +209,7 @@ class LocksPart:
             if entry.users or entry.mutex.in_use():
                 entry.closed = False
                 if not entry.users:
-                    self.maybe_idle = True  # held: look again at the next poll
+                    self.note_idle()  # held: look again at the next poll
                 return False
             key = (entry.namespace, entry.name)
             if self._entries.get(key) is entry:
@@ -217,6 +217,11 @@ class LocksPart:
             entry.mutex.detach()
             self.backend.segment_close(entry.handle, keep=self.backend.lock_keep)
             return True
+
+    def note_idle(self) -> None:
+        """An entry may have lost its last user: close it at the next call into procshare."""
+        self.maybe_idle = True
+        self.engine.pending = True
 
     def entries(self) -> list[LockEntry]:
         return list(self._entries.values())

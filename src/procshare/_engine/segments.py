@@ -349,6 +349,8 @@ class SegmentsPart:
         pass
 
     def shutdown(self) -> None:
+        if not self._open:
+            return
         errors: list[BaseException] = []
         for rec in reversed(self.held()):
             try:
