@@ -466,17 +466,26 @@ def test_bad_modes_are_refused(mode: object) -> None:
 def test_another_user_cannot_attach() -> None:
     with ps.shared("secret", int, initial=7):
         os_name = names.os_name(names.SEGMENT, "secret")
+        ps.shared("secret", int, create=False).close()  # remembered: a plan for this call
+        with ps.interprocess_lock("secret-lock"):
+            pass
 
         def child() -> tuple[str, str]:
             os.setgroups([])
             os.setgid(65534)
             os.setuid(65534)
-            # By name it is another user's namespace: not found.
+            # By name it is another user's namespace: not found, although
+            # the parent made this very call before the fork.
             try:
                 ps.shared("secret", int, create=False)
                 by_name = "attached"
             except ps.SegmentNotFound:
                 by_name = "not found"
+            # A lock of the same name is another user's lock, not the parent's.
+            lock = ps.interprocess_lock("secret-lock")
+            assert lock._entry is not None
+            assert lock._entry.os_name != names.os_name(names.LOCK, "secret-lock", uid=0)
+            lock.close()
             # By the OS name itself, the mode keeps it out.
             from procshare._engine.core import get_engine
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from types import TracebackType
 from typing import Any
 from weakref import ref as _weakref
@@ -176,13 +177,14 @@ def shared(
         # that inherited its parent's plans): skip validating, resolving and
         # naming, which in a fresh child would touch dozens of pages.
         namespace = names.current_namespace()
-        plan = _plans.get((name, id(kind), shape, size, create, persist, mode, namespace))
+        key = (name, id(kind), shape, size, create, persist, mode, namespace, _geteuid())
+        plan = _plans.get(key)
         if plan is not None and plan[0] is kind:
             part = segments_part()
             resolved = plan[1]
             if not (type(resolved) is _kinds.NativeKindR and resolved.part is not part):
                 part.engine.poll()  # every call into procshare reaps dropped children
-                rec = part.open_at(
+                rec = part.open(
                     name,
                     namespace,
                     plan[2],
@@ -211,7 +213,7 @@ def shared(
     namespace = names.current_namespace()
     os_name = part.os_name(name, namespace)
     meta = _segments.encode_meta(name, namespace, resolved.layout)
-    rec = part.open_at(
+    rec = part.open(
         name,
         namespace,
         os_name,
@@ -224,16 +226,21 @@ def shared(
     )
     if initial is None and _exact(name, shape, size, create, persist, mode):
         _remember_plan(
-            (name, id(kind), shape, size, create, persist, mode, namespace),
+            (name, id(kind), shape, size, create, persist, mode, namespace, _geteuid()),
             (kind, resolved, os_name, meta),
         )
     return Segment(part, rec, resolved)
 
 
-# (name, id(kind), shape, size, create, persist, mode, namespace) ->
+_geteuid = os.geteuid
+
+# (name, id(kind), shape, size, create, persist, mode, namespace, euid) ->
 # (kind, resolved, os_name, meta) for every call that succeeded without
 # initial=. Module-level, so a forked child inherits its parent's plans; the
 # kind is kept so its id cannot be reused by another object while planned.
+# The effective uid is part of the key because OS names are per user: a
+# process that switches user (os.setuid in a child) must look in its new
+# user's namespace, not reuse a name of the old one.
 _plans: dict[tuple[object, ...], tuple[Any, _kinds.Resolved, str, bytes]] = {}
 
 

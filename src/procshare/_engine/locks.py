@@ -71,10 +71,10 @@ SLICE = 0.1
 KEY = "locks"
 
 
-# (namespace, name) -> (OS name, metadata) of a lock, for this process and
+# (namespace, name, euid) -> (OS name, metadata) of a lock, for this process and
 # inherited by forked children: a child that opens a lock its parent opened
 # before skips hashing the name (geteuid, blake2b, a dozen objects touched).
-_plans: dict[tuple[str, str], tuple[str, bytes]] = {}
+_plans: dict[tuple[str, str, int], tuple[str, bytes]] = {}
 
 
 def _lock_meta(name: str, namespace: str) -> bytes:
@@ -161,12 +161,13 @@ class LocksPart:
 
     def _open_new(self, namespace: str, name: str, mode: int) -> LockEntry:
         backend = self.backend
-        plan = _plans.get((namespace, name))
+        key = (namespace, name, os.geteuid())  # OS names are per user
+        plan = _plans.get(key)
         if plan is None:
             plan = (_segments.os_name(names.LOCK, name, namespace), _lock_meta(name, namespace))
             if len(_plans) >= 1024:
                 _plans.clear()
-            _plans[(namespace, name)] = plan
+            _plans[key] = plan
         os_name, meta = plan
         # Open, else create; a racing creator or closer can make both miss once.
         while True:

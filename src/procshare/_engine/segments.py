@@ -191,30 +191,6 @@ class SegmentsPart:
     def open(
         self,
         name: str,
-        layout: Layout,
-        *,
-        create: bool | None,
-        initial: Initialiser,
-        persist: bool,
-        mode: int,
-    ) -> OpenSegment:
-        """Create or attach ``name`` holding ``layout``; see ``ps.shared``."""
-        namespace = names.current_namespace()
-        return self.open_at(
-            name,
-            namespace,
-            self.os_name(name, namespace),
-            encode_meta(name, namespace, layout),
-            layout,
-            create=create,
-            initial=initial,
-            persist=persist,
-            mode=mode,
-        )
-
-    def open_at(
-        self,
-        name: str,
         namespace: str,
         os_name: str,
         meta: bytes,
@@ -225,8 +201,12 @@ class SegmentsPart:
         persist: bool,
         mode: int,
     ) -> OpenSegment:
-        """:meth:`open` with the OS name and metadata already computed (a
-        caller that opens the same segment repeatedly keeps them)."""
+        """Create or attach ``name`` holding ``layout``; see ``ps.shared``.
+
+        The caller gives the OS name and the metadata (``os_name()``,
+        ``encode_meta()``), so that one that opens the same segment
+        repeatedly works them out once.
+        """
         backend = self.engine.backend
         # create=None usually looks before it creates. When this process created
         # the name last time (a scratch segment opened and closed in a loop), it

@@ -364,7 +364,7 @@ class PosixSegments(NativeKinds):
         # No early "does it exist?" check: link() below decides atomically, and
         # the engine opens before it creates, so creating over a live name is rare.
         global _tmpfile_ok
-        dataoff = (_META_OFFSET + len(meta) + _ALIGN - 1) // _ALIGN * _ALIGN
+        dataoff = _align(_META_OFFSET + len(meta))
         total = dataoff + (data_size or 1)
         if total > _PRECHECK_BYTES:
             _check_space(os_name, total)
