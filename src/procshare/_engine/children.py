@@ -177,13 +177,9 @@ def _raised_payload(exc: BaseException, detail: str = "", *, skip: int = 0) -> b
     return _RAISED + pickle.dumps(info, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-# A child returning None sends nothing at all: status 0 and an empty pipe say it.
-_NONE_PAYLOAD = _RETURNED + pickle.dumps(None, protocol=pickle.HIGHEST_PROTOCOL)
-
-
 def _returned_payload(value: object) -> tuple[int, bytes]:
-    if value is None:
-        return 0, _NONE_PAYLOAD
+    """The message for a returned value (not None: a child returning None
+    sends nothing at all, and status 0 with an empty pipe says it)."""
     try:
         return 0, _RETURNED + pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
@@ -290,10 +286,10 @@ class ChildrenPart:
                     "raised while the child released the segments, locks and children "
                     "it had opened, after its function returned",
                 )
-        # None needs no message: exit status 0 and silence say it. (Tested
-        # first: the common case runs no more code in a child that is about
-        # to exit, where each object touched is a copied page.)
-        if payload is not None and payload is not _NONE_PAYLOAD:
+        # None needs no message: exit status 0 and silence say it (and the
+        # common case runs no more code in a child about to exit, where each
+        # object touched is a copied page).
+        if payload is not None:
             # The parent dropped its handle and closed the pipe: nobody wants it.
             with contextlib.suppress(BrokenPipeError):
                 if len(payload) < 65536:

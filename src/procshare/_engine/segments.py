@@ -64,8 +64,8 @@ class Layout:
 class OpenSegment:
     """One segment this process opened (one ``ps.shared`` call).
 
-    Plain slotted classes here and in :class:`SegmentsPart`, not attrs: they
-    are built in every forked child that opens a segment, and each separately
+    A plain class (slotted), like :class:`SegmentsPart`, not attrs: both are
+    built in every forked child that opens a segment, and each separately
     compiled attrs method run there costs copied pages.
     """
 
@@ -227,11 +227,7 @@ class SegmentsPart:
                     data_size=layout.size,
                     mode=mode,
                     persist=persist,
-                    init=(
-                        None
-                        if initial is None and self.init_hook is None
-                        else self._initialiser(name, initial)
-                    ),
+                    init=self._initialiser(name, initial),
                 )
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
