@@ -411,3 +411,36 @@ def test_a_child_holds_none_of_its_siblings_descriptors() -> None:
             sibling.join()
     # Joined children's descriptors are closed and forgotten.
     assert set(_forkstep.private()) == before
+
+
+def test_a_plain_os_fork_child_keeps_the_descriptor_numbers_it_reused(tmp_path: Path) -> None:
+    # A process made by os.fork (not by procshare) inherits the list of its
+    # parent's private descriptors. If it closed one and reused the number,
+    # its own procshare children must not close that number for it.
+    from procshare._backends.posix import _forkstep
+    from shared_support import run_in_child
+
+    sibling = sleep_then(30, None)
+    try:
+        reused = sibling._rec.result_fd
+        assert reused is not None
+        assert reused in _forkstep.private()
+        marker = tmp_path / "kept"
+        marker.write_text("mine")
+
+        def plain_child() -> str:
+            fd = os.open(marker, os.O_RDONLY)
+            os.dup2(fd, reused)  # the inherited number now names our own file
+            os.close(fd)
+
+            @ps.forked
+            def grandchild() -> str:
+                return os.pread(reused, 4, 0).decode()
+
+            return str(grandchild().join())
+
+        assert run_in_child(plain_child) == "mine"
+    finally:
+        sibling.kill()
+        with pytest.raises(ps.ChildKilled):
+            sibling.join()

@@ -50,6 +50,10 @@ static sigset_t saved_mask;
 /* The parent-private descriptors (see above); only touched with the GIL held. */
 static int *private_fds;
 static Py_ssize_t n_private, cap_private;
+/* The process the list belongs to. A process that inherited it through a
+ * fork that was not ours (os.fork) may have closed those descriptors and
+ * reused their numbers: it forgets the list instead of closing anything. */
+static pid_t private_owner;
 
 /* Room for two more entries; -1 with MemoryError set if there is none. */
 static int
@@ -124,6 +128,10 @@ forkstep_fork(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
         return NULL;
     }
     parent = getpid();
+    if (private_owner != parent) {
+        n_private = 0;
+        private_owner = parent;
+    }
     if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) {
         return PyErr_SetFromErrno(PyExc_OSError);
     }
@@ -147,6 +155,7 @@ forkstep_fork(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
         }
         n_private = 0;
         private_fds[n_private++] = fds[1]; /* reserved above */
+        private_owner = getpid();
         if (die_with_parent) {
 #ifdef __linux__
             prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
