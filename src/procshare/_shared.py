@@ -172,7 +172,16 @@ def shared(
         SegmentNotFound: ``create=False`` and no live segment has that name.
         SharedMemoryFull: the new segment does not fit in free shared memory.
     """
-    if initial is None and _exact(name, shape, size, create, persist, mode):
+    if (
+        initial is None
+        and type(name) is str
+        and type(mode) is int
+        and (persist is False or persist is True)
+        and (create is None or create is True or create is False)
+        and (size is None or type(size) is int)
+        and (shape is None or _kinds.exact_shape_and_size(shape, size))
+    ):
+        # (_exact() written out: this is the hot path of every repeated call.)
         # The same call again (a by-name open in a loop, or in a forked child
         # that inherited its parent's plans): skip validating, resolving and
         # naming, which in a fresh child would touch dozens of pages.

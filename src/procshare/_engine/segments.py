@@ -296,17 +296,17 @@ class SegmentsPart:
     def close(self, rec: OpenSegment) -> None:
         """Close ``rec`` (idempotent). A segment inherited across fork is only
         forgotten: the parent still holds it."""
-        with self.engine.lock:  # two threads closing one handle: only one does
-            if rec.closed:
-                return
-            rec.closed = True
-            ref, rec.view = rec.view, None
+        # Taking the record out of the registry is the claim: dict.pop is
+        # atomic, so of two threads closing one handle only one goes on.
+        if self._open.pop(id(rec), None) is not rec:
+            return
+        rec.closed = True
+        ref, rec.view = rec.view, None
         view = None if ref is None else ref()
         if view is not None:
             view._ps_invalidate()  # later uses raise SegmentClosed
         if self.engine.pid != current_pid():
             return  # inherited: never close, unlink or release the parent's
-        self._open.pop(id(rec), None)
         self.engine.backend.segment_close(rec.handle, keep=None)
 
     def unlink(self, name: str) -> bool:
