@@ -659,3 +659,74 @@ def test_idle_mappings_are_few_and_small() -> None:
     finally:
         for seg in [*owners, big]:
             seg.close()
+
+
+def test_a_held_object_that_is_not_ours_is_refused_not_mapped_as_data() -> None:
+    # The C attach step sees a holder, maps, finds no procshare header and
+    # hands over to the Python protocol, which says what it found.
+    import errno
+    import fcntl
+    import struct
+
+    path = shm_path("junk")
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.write(fd, b"not a procshare object".ljust(256, b"\0"))
+        hold = struct.pack("@hhqqi4x", fcntl.F_RDLCK, 0, 0, 1, 0)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, hold)  # somebody "holds" it
+        with pytest.raises(OSError, match="not a procshare object") as info:
+            ps.shared("junk", ps.u8, create=False)
+        assert info.value.errno == errno.EBADMSG
+    finally:
+        os.unlink(path)
+        os.close(fd)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("remover_unlinks", [False, True])
+def test_an_opener_waits_for_a_remover_deciding_and_follows_its_decision(
+    remover_unlinks: bool,
+) -> None:
+    # A last holder deciding whether to remove an object holds WRITE on its
+    # holder byte. An opener arriving then (the C step sees the WRITE and
+    # hands over to the Python protocol) waits, and attaches only if the
+    # object is still there afterwards.
+    import fcntl
+    import struct
+    import threading
+
+    with ps.shared("deciding", ps.u64, persist=True) as view:
+        view.value = 42  # the creator leaves; persist keeps it, holding nothing
+    path = shm_path("deciding")
+    fd = os.open(path, os.O_RDWR)
+    outcome: list[object] = []
+    try:
+        write = struct.pack("@hhqqi4x", fcntl.F_WRLCK, 0, 0, 1, 0)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, write)  # the "remover" is deciding
+
+        def opener() -> None:
+            try:
+                with ps.shared("deciding", ps.u64, create=False) as seen:
+                    outcome.append(seen.value)
+            except ps.SegmentNotFound as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=opener)
+        thread.start()
+        time.sleep(0.2)
+        assert outcome == []  # still waiting for the decision
+        if remover_unlinks:
+            os.unlink(path)
+        unlock = struct.pack("@hhqqi4x", fcntl.F_UNLCK, 0, 0, 1, 0)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, unlock)
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        os.close(fd)
+        if not remover_unlinks:
+            ps.unlink("deciding")
+    if remover_unlinks:
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], ps.SegmentNotFound)
+    else:
+        assert outcome == [42]
