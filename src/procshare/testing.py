@@ -34,7 +34,7 @@ import pytest
 
 from procshare._backends import get_backend
 from procshare._engine import get_engine, names
-from procshare._engine.inspect import decode_meta
+from procshare._engine.segments import decode_meta
 
 
 def _stat(pid: int | str) -> tuple[str, int] | None:

@@ -8,9 +8,8 @@ listed with what can be known and never trusted as data.
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Any, Literal
+from typing import Literal
 
 import attrs
 
@@ -18,6 +17,7 @@ from procshare._backends.api_segment import SegmentHandle
 from procshare._engine import locks as _locks
 from procshare._engine import names
 from procshare._engine.core import get_engine
+from procshare._engine.segments import decode_meta
 
 ObjectType = Literal["segment", "lock", "temporary", "unknown"]
 
@@ -44,14 +44,6 @@ class SegmentInfo:
     #: Seconds since creation.
     age: float
     os_name: str
-
-
-def decode_meta(meta: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(meta.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _type_of(os_name: str, temporary: bool) -> ObjectType:
