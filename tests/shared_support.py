@@ -1,4 +1,4 @@
-"""Fork helpers for the shared-data tests.
+"""Fork helpers for the tests.
 
 Every forked child leaves through ``os._exit`` (a child must never return
 into pytest), reports through a pipe, and is always reaped by the parent.
@@ -14,6 +14,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from procshare.testing import _stat
+
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
@@ -26,6 +28,12 @@ def _read_all(fd: int) -> bytes:
     while chunk := os.read(fd, 65536):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (read from /proc, as the leak check does)."""
+    found = _stat(pid)
+    return found is not None and found[0] != "Z"
 
 
 class ChildFailed(AssertionError):

@@ -18,15 +18,7 @@ import pytest
 import procshare as ps
 from procshare._process import CANCEL_GRACE
 from procshare.testing import child_pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+from shared_support import alive
 
 
 @ps.forked
@@ -110,7 +102,7 @@ def test_block_exception_alone_is_a_group_and_children_are_reaped() -> None:
     assert [type(e) for e in info.value.exceptions] == [RuntimeError]
     (child,) = kids.children
     assert child.cancelled
-    assert not _alive(child.pid)
+    assert not alive(child.pid)
 
 
 @pytest.mark.timeout(60)
@@ -284,7 +276,7 @@ def test_keyboard_interrupt_in_the_block_terminates_children_and_propagates() ->
         raise KeyboardInterrupt
     for child in kids.children:
         assert not child.running
-        assert not _alive(child.pid)
+        assert not alive(child.pid)
 
 
 @pytest.mark.timeout(60)
@@ -328,7 +320,7 @@ def test_sigint_while_the_scope_waits_terminates_reaps_and_propagates() -> None:
         parent.wait()
     # Children terminated and reaped; the segment and the lock released.
     assert out.strip() == "KeyboardInterrupt [] []", err
-    assert not any(_alive(p) for p in pids)
+    assert not any(alive(p) for p in pids)
 
 
 def test_scope_can_be_entered_once_and_checks_its_arguments() -> None:

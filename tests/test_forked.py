@@ -18,16 +18,7 @@ import pytest
 import procshare as ps
 from procshare._engine import get_engine
 from procshare.testing import child_pids
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+from shared_support import alive
 
 
 def _wait_for(predicate: object, timeout: float = 10.0) -> bool:
@@ -120,7 +111,7 @@ def test_join_timeout_leaves_the_child_running() -> None:
     assert info.value.pid == child.pid
     assert "left running" in str(info.value)
     assert child.running
-    assert _alive(child.pid)
+    assert alive(child.pid)
     assert child.wait(timeout=0.05) is None
     child.terminate()
     with pytest.raises(ps.ChildKilled) as killed:
@@ -284,7 +275,7 @@ def test_timeout_kills_and_reaps_the_child() -> None:
     assert info.value.timeout == 0.3
     assert info.value.signal == signal.SIGKILL
     assert "killed and reaped" in str(info.value)
-    assert not _alive(child.pid)
+    assert not alive(child.pid)
     assert child.pid not in child_pids()  # reaped, not a zombie
     status = child.wait()
     assert status is not None
@@ -529,7 +520,7 @@ def test_interpreter_exit_waits_for_non_daemon_and_terminates_daemon_children(
     assert out.returncode == 0, out.stderr
     assert done.read_text() == "finished"
     daemon_pid = int(out.stdout.split()[0])
-    assert _wait_for(lambda: not _alive(daemon_pid), 5)
+    assert _wait_for(lambda: not alive(daemon_pid), 5)
 
 
 # ----------------------------------------------------------------- orphans
@@ -563,11 +554,11 @@ def test_children_die_within_a_second_when_the_parent_is_sigkilled() -> None:
         assert parent.stdout is not None
         pids = [int(p) for p in parent.stdout.readline().split()]
         assert len(pids) == 3
-        assert all(_alive(p) for p in pids)
+        assert all(alive(p) for p in pids)
         parent.kill()
         parent.wait()
         t0 = time.monotonic()
-        assert _wait_for(lambda: not any(_alive(p) for p in pids), 5)
+        assert _wait_for(lambda: not any(alive(p) for p in pids), 5)
         assert time.monotonic() - t0 < 1.0
     finally:
         parent.kill()

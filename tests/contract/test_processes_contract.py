@@ -23,6 +23,7 @@ import pytest
 
 from procshare._backends import get_backend
 from procshare._backends.api_process import Exit, Forked, ProcessBackend
+from shared_support import alive
 
 
 @pytest.fixture(params=["posix"])
@@ -229,22 +230,14 @@ def test_children_die_with_their_parent(backend: ProcessBackend) -> None:
         parent.kill()
         parent.wait()
         deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(alive(p) for p in pids):
             time.sleep(0.01)
-        assert not any(_alive(p) for p in pids)
+        assert not any(alive(p) for p in pids)
     finally:
         parent.kill()
         parent.wait()
         if parent.stdout is not None:
             parent.stdout.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().decode().rsplit(")", 1)[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_a_grown_pipe_buffers_a_large_result_without_a_reader(backend: ProcessBackend) -> None:
