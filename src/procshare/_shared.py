@@ -172,16 +172,19 @@ def shared(
         SegmentNotFound: ``create=False`` and no live segment has that name.
         SharedMemoryFull: the new segment does not fit in free shared memory.
     """
-    if (
+    # Only a call without initial= whose arguments are of exactly the types
+    # validation accepts is planned, so 384.0 cannot pass for 0o600, 1 for
+    # True, or (2.0, 3) for (2, 3) as a dict key.
+    plannable = (
         initial is None
         and type(name) is str
         and type(mode) is int
         and (persist is False or persist is True)
         and (create is None or create is True or create is False)
-        and (size is None or type(size) is int)
-        and (shape is None or _kinds.exact_shape_and_size(shape, size))
-    ):
-        # (_exact() written out: this is the hot path of every repeated call.)
+        and _kinds.exact_shape_and_size(shape, size)
+    )
+    key: tuple[object, ...] = ()
+    if plannable:
         # The same call again (a by-name open in a loop, or in a forked child
         # that inherited its parent's plans): skip validating, resolving and
         # naming, which in a fresh child would touch dozens of pages.
@@ -220,7 +223,7 @@ def shared(
     resolved = _kinds.resolve_cached(name, kind, shape, size, part)
     init = resolved.initial(initial)
     namespace = names.current_namespace()
-    os_name = part.os_name(name, namespace)
+    os_name = _segments.os_name(names.SEGMENT, name, namespace)
     meta = _segments.encode_meta(name, namespace, resolved.layout)
     rec = part.open(
         name,
@@ -233,11 +236,10 @@ def shared(
         persist=bool(persist),
         mode=mode,
     )
-    if initial is None and _exact(name, shape, size, create, persist, mode):
-        _remember_plan(
-            (name, id(kind), shape, size, create, persist, mode, namespace, _geteuid()),
-            (kind, resolved, os_name, meta),
-        )
+    if plannable:
+        if len(_plans) >= 1024:
+            _plans.clear()
+        _plans[key] = (kind, resolved, os_name, meta)
     return Segment(part, rec, resolved)
 
 
@@ -251,26 +253,6 @@ _geteuid = os.geteuid
 # process that switches user (os.setuid in a child) must look in its new
 # user's namespace, not reuse a name of the old one.
 _plans: dict[tuple[object, ...], tuple[Any, _kinds.Resolved, str, bytes]] = {}
-
-
-def _exact(  # noqa: PLR0917
-    name: object, shape: object, size: object, create: object, persist: object, mode: object
-) -> bool:
-    """Whether the arguments are of exactly the types validation accepts, so a
-    plan keyed by them cannot let ``384.0`` pass for ``0o600`` or ``1`` for ``True``."""
-    return (
-        type(name) is str
-        and type(mode) is int
-        and (persist is True or persist is False)
-        and (create is None or create is True or create is False)
-        and _kinds.exact_shape_and_size(shape, size)
-    )
-
-
-def _remember_plan(key: tuple[object, ...], plan: tuple[Any, _kinds.Resolved, str, bytes]) -> None:
-    if len(_plans) >= 1024:
-        _plans.clear()
-    _plans[key] = plan
 
 
 def unlink(name: str) -> bool:

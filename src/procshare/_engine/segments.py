@@ -162,18 +162,8 @@ class SegmentsPart:
         #: forked child to pause (or die) there and prove nobody sees the half.
         self.init_hook: Callable[[str], None] | None = None
         self._open: dict[int, OpenSegment] = {}
-        self._os_names: dict[tuple[str, str], str] = {}
         #: Whether this process's last open of each OS name created it (a hint).
         self._created_last: dict[str, bool] = {}
-
-    # -- names -------------------------------------------------------------
-
-    def os_name(self, name: str, namespace: str) -> str:
-        key = (namespace, name)
-        found = self._os_names.get(key)
-        if found is None:
-            found = self._os_names[key] = os_name(names.SEGMENT, name, namespace)
-        return found
 
     # -- native (ctypes) kinds, which only the backend may touch --------------
 
@@ -311,8 +301,8 @@ class SegmentsPart:
 
     def unlink(self, name: str) -> bool:
         """Remove ``name`` now (mappings stay valid); whether it existed."""
-        os_name = self.os_name(name, names.current_namespace())
-        return self.engine.backend.segment_unlink(os_name)
+        target = os_name(names.SEGMENT, name, names.current_namespace())
+        return self.engine.backend.segment_unlink(target)
 
     def held(self) -> list[OpenSegment]:
         """Every segment this process holds open, oldest first."""
