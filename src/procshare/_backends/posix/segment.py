@@ -369,7 +369,9 @@ class PosixSegments(NativeKinds):
         if total > _PRECHECK_BYTES:
             _check_space(os_name, total)
         if _tmpfile_ok is False:
-            return self._create_named(os_name, meta, data_size, mode, persist, init, total)
+            return self._create_named(
+                os_name, meta, data_size, mode, persist, init, dataoff, total
+            )
         # O_TMPFILE: the unnamed object is made, held, written and mapped in C,
         # initialised here, then published (see _shmstep.c).
         try:
@@ -389,7 +391,9 @@ class PosixSegments(NativeKinds):
             raise
         if made is None:  # this kernel or filesystem has no O_TMPFILE: name a temporary
             _tmpfile_ok = False
-            return self._create_named(os_name, meta, data_size, mode, persist, init, total)
+            return self._create_named(
+                os_name, meta, data_size, mode, persist, init, dataoff, total
+            )
         _tmpfile_ok = True
         fd, mm, created = made
         seg = PosixSegment(
@@ -417,11 +421,11 @@ class PosixSegments(NativeKinds):
         mode: int,
         persist: bool,
         init: Callable[[memoryview], None] | None,
+        dataoff: int,
         total: int,
     ) -> PosixSegment | None:
         """Create under a random temporary name, then link it to its own (no O_TMPFILE)."""
         final = _path(os_name)
-        dataoff = _align(_META_OFFSET + len(meta))
         # Same namespace prefix, kind "t", random tail: `gc` finds abandoned ones.
         tmp = _path(os_name[:-21] + "t" + os.urandom(10).hex())
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
