@@ -50,9 +50,9 @@ class Engine:
 
     __slots__ = ("_closed", "_parts", "backend", "lock", "pending", "pid")
 
-    def __init__(self, backend: Backend, pid: int | None = None) -> None:
+    def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self.pid = os.getpid() if pid is None else pid
+        self.pid = os.getpid()
         self.lock = threading.RLock()
         self._parts: dict[str, EnginePart] = {}
         #: Set by a part that has housekeeping for the next call into procshare.

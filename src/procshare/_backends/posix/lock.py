@@ -47,8 +47,9 @@ _NOTRECOVERABLE = 0x7FFFFFFE
 _STATE = struct.Struct("@IIiiiI")
 
 
-def lock_needs_keeping(data: Any, offset: int = 0) -> bool:
-    """Whether lock memory records a death nobody has confirmed yet.
+def lock_needs_keeping(data: Any, offset: int) -> bool:
+    """Whether the lock memory at ``offset`` of ``data`` records a death nobody
+    has confirmed yet.
 
     True when a holder died holding it (the kernel marked the word
     ``FUTEX_OWNER_DIED``, or left a dead thread's id in it), when it was
@@ -81,7 +82,6 @@ class PosixLocks:
         return mutex
 
     def lock_keep(self, handle: SegmentHandle) -> bool:
-        if isinstance(handle, PosixSegment):
-            # Straight from the mapping: no memoryview built just to read two words.
-            return lock_needs_keeping(handle.mm, handle.data_offset)
-        return lock_needs_keeping(handle.data)
+        assert isinstance(handle, PosixSegment)
+        # Straight from the mapping: no memoryview built just to read two words.
+        return lock_needs_keeping(handle.mm, handle.data_offset)
