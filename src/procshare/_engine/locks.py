@@ -71,12 +71,6 @@ SLICE = 0.1
 KEY = "locks"
 
 
-# (namespace, name, euid) -> (OS name, metadata) of a lock, for this process and
-# inherited by forked children: a child that opens a lock its parent opened
-# before skips hashing the name (geteuid, blake2b, a dozen objects touched).
-_plans: dict[tuple[str, str, int], tuple[str, bytes]] = {}
-
-
 def _lock_meta(name: str, namespace: str) -> bytes:
     """The metadata of a new lock object: the JSON ``json.dumps(..., sort_keys=True)``
     writes, formatted directly. Names and namespaces are validated to
@@ -161,14 +155,10 @@ class LocksPart:
 
     def _open_new(self, namespace: str, name: str, mode: int) -> LockEntry:
         backend = self.backend
-        key = (namespace, name, os.geteuid())  # OS names are per user
-        plan = _plans.get(key)
-        if plan is None:
-            plan = (_segments.os_name(names.LOCK, name, namespace), _lock_meta(name, namespace))
-            if len(_plans) >= 1024:
-                _plans.clear()
-            _plans[key] = plan
-        os_name, meta = plan
+        # (segments.os_name() remembers names per user, and a forked child
+        # inherits what its parent worked out.)
+        os_name = _segments.os_name(names.LOCK, name, namespace)
+        meta = _lock_meta(name, namespace)
         # Open, else create; a racing creator or closer can make both miss once.
         while True:
             handle = backend.segment_open(os_name, keep_orphan=backend.lock_keep, meta=meta)
