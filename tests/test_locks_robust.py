@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 import warnings
@@ -49,6 +50,30 @@ def test_acquire_raises_owner_died_with_the_lock_held() -> None:
     lock.release()
     with lock:
         pass
+    lock.close()
+    assert lock_objects() == set()
+
+
+@pytest.mark.timeout(60)
+def test_a_child_killed_holding_an_inherited_lock_object_counts_as_dead() -> None:
+    # The fast way to fan out (docs/tutorial/seed.md): the parent opens the
+    # lock, the children take the object they inherit. Still the same robust lock.
+    lock = ps.interprocess_lock("m")
+
+    @ps.forked
+    def take_and_die() -> None:
+        lock.acquire()  # the parent's object, inherited by the fork
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    status = take_and_die().wait()
+    assert status is not None
+    assert status.outcome == "killed"
+    with pytest.raises(ps.OwnerDied) as info:
+        lock.acquire(timeout=5)
+    assert info.value.owner_pid == status.pid
+    assert info.value.held is True
+    lock.mark_consistent()
+    lock.release()
     lock.close()
     assert lock_objects() == set()
 
