@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 
 import procshare as ps
 from lockhelpers import fork, lock_objects, read_byte, shared_counter, wait_ok
+from procshare._engine import children as children_engine
 from procshare._engine import get_engine
 
 # -- the three ways to use it -------------------------------------------------
@@ -295,6 +297,59 @@ def test_mutual_exclusion_with_an_inherited_lock_object() -> None:
         for pid in pids:
             wait_ok(pid, timeout=240)
         assert counter[0] == 4 * 5_000
+    lock.close()
+
+
+# -- the parent holds what its children wait for ----------------------------------
+
+
+@ps.forked
+def _try_the_lock(lock: ps.InterprocessLock) -> bool:
+    return lock.acquire(timeout=3)  # the parent holds it throughout: gives up
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["scope", "join"])
+def test_waiting_for_children_that_wait_for_a_held_lock_warns(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The deadlock a user writes with `with ps.interprocess_lock("m") as lock:`
+    # around the children that use it: the engine says so instead of hanging
+    # in silence. (The children give up after 3 s, so this one ends.)
+    monkeypatch.setattr(children_engine, "DEADLOCK_WATCH", 0.3)
+    lock = ps.interprocess_lock("m")
+    with pytest.warns(RuntimeWarning, match="holds interprocess lock 'm'.*neither can go on"):
+        got = _wait_for_a_child_holding(lock, how)
+    assert got == [False]
+    lock.close()
+
+
+def _wait_for_a_child_holding(lock: ps.InterprocessLock, how: str) -> list[bool]:
+    with lock:
+        if how == "scope":
+            with ps.children() as kids:
+                _try_the_lock(lock)
+            return kids.results
+        return [_try_the_lock(lock).join()]
+
+
+@pytest.mark.timeout(60)
+def test_holding_a_lock_nobody_waits_for_while_waiting_for_children_is_fine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(children_engine, "DEADLOCK_WATCH", 0.1)
+    lock = ps.interprocess_lock("m")
+
+    @ps.forked
+    def nap() -> None:
+        time.sleep(1.0)  # longer than the watch: the engine looks, finds no waiter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with lock:
+            with ps.children():
+                nap()
+            assert nap().join() is None
     lock.close()
 
 

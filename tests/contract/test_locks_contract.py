@@ -156,6 +156,28 @@ def test_a_timed_wait_releases_the_gil(mutex: LockHandle) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_contended_says_whether_someone_waits(backend: Backend, mutex: LockHandle) -> None:
+    assert not backend.lock_contended(mutex)
+    assert mutex.acquire(False, -1.0) == api.OK
+    assert not backend.lock_contended(mutex)  # held, nobody waiting
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            code = 0 if mutex.acquire(False, 20.0) == api.OK and mutex.release() == api.OK else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while not backend.lock_contended(mutex):  # the child went to sleep on it
+        assert time.monotonic() < deadline, "a waiting process never showed"
+        time.sleep(0.01)
+    assert mutex.release() == api.OK
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not backend.lock_contended(mutex)  # the last holder had nobody to wake
+
+
+@pytest.mark.timeout(30)
 def test_owner_death_is_told_until_confirmed_and_kept(
     backend: Backend, segment: SegmentHandle, mutex: LockHandle
 ) -> None:

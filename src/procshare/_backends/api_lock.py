@@ -98,3 +98,11 @@ class LockBackend(Protocol):
         """Whether a lock object with no living holder must be kept (a holder died
         holding it, or it was released unconfirmed), so a later opener is told."""
         ...
+
+    def lock_contended(self, mutex: LockHandle) -> bool:
+        """Whether another thread or process is waiting for the lock now.
+
+        A hint for diagnostics, never for correctness: a waiter that just gave
+        up may still count until the next release.
+        """
+        ...

@@ -39,6 +39,7 @@ import attrs
 
 from procshare._backends.api_process import Exit
 from procshare._engine import core as _core
+from procshare._engine import locks as _locks
 from procshare.errors import (
     ChildError,
     ChildExited,
@@ -65,6 +66,10 @@ _BIG_RESULT = 1 << 16
 _BIG_PIPE = 1 << 20
 # join() waits this long for a child's exit before it also watches the pipe.
 _EXIT_FIRST = 0.002
+#: Seconds a wait for children lasts before the engine looks for the classic
+#: deadlock: the waiting thread holds an interprocess lock that someone (a
+#: child?) is waiting for. It then warns once; the wait goes on.
+DEADLOCK_WATCH = 5.0
 
 
 class Cancelled(BaseException):
@@ -406,11 +411,18 @@ class ChildrenPart:
             with self._lock:
                 if not rec.done:
                     self._reap(rec, block=False)
+        watch: float | None = time.monotonic() + DEADLOCK_WATCH
         while not rec.done:
+            wait = None
+            if watch is not None:
+                wait = watch - time.monotonic()
+                if wait <= 0:
+                    watch = wait = None
+                    self._warn_held_locks()
             if rec.eof or rec.result_fd is None:
-                ready = poll([rec.wait_fd], None)  # all data is in: wait for the exit
+                ready = poll([rec.wait_fd], wait)  # all data is in: wait for the exit
             else:
-                ready = poll([rec.result_fd, rec.wait_fd], None)
+                ready = poll([rec.result_fd, rec.wait_fd], wait)
             with self._lock:
                 if rec.done:
                     break
@@ -427,6 +439,7 @@ class ChildrenPart:
         children whose descriptors are ready: waiting on N children costs
         O(N) per wake-up, not N reads and N ``waitpid`` calls.
         """
+        watch: float | None = time.monotonic() + DEADLOCK_WATCH
         while True:
             now = time.monotonic()
             limit = deadline
@@ -451,6 +464,12 @@ class ChildrenPart:
             if not recs or (deadline is not None and now >= deadline):
                 return
             wait = None if limit is None else max(0.0, limit - now)
+            if watch is not None:
+                if now >= watch:
+                    watch = None
+                    self._warn_held_locks()
+                elif wait is None or watch - now < wait:
+                    wait = watch - now
             if blind:
                 wait = _NO_PIDFD_SLICE if wait is None else min(wait, _NO_PIDFD_SLICE)
             ready = self.backend.process_poll(list(by_fd), wait)
@@ -458,6 +477,26 @@ class ChildrenPart:
                 self.advance(by_fd[fd])
             for r in blind:
                 self.advance(r)
+
+    def _warn_held_locks(self) -> None:
+        """A wait for children has lasted DEADLOCK_WATCH seconds: warn if the
+        waiting thread holds a lock somebody is waiting for."""
+        part = self.engine.existing_part(_locks.KEY)
+        if not isinstance(part, _locks.LocksPart):
+            return
+        held = part.held_and_awaited()
+        if held:
+            warnings.warn(
+                f"procshare: this thread has waited {DEADLOCK_WATCH:g} s for child processes "
+                f"while it holds interprocess lock {', '.join(map(repr, held))}, which "
+                "another process is waiting for. If that process is one of the children, "
+                "neither can go on: the child waits for the lock and this thread for the "
+                "child. Release the lock before waiting for children; to share a lock with "
+                "children, open it in the parent without `with` (see 'Making it fast' in "
+                "the seed scenario tutorial).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def signal(self, rec: Record, signum: int) -> bool:
         """Signal a child that has not been reaped (never a reused pid)."""

@@ -73,6 +73,10 @@ class Engine:
                     self._parts[key] = found
         return found  # type: ignore[return-value]
 
+    def existing_part(self, key: str) -> EnginePart | None:
+        """The part stored under ``key`` if one was made (never makes one)."""
+        return self._parts.get(key)
+
     def poll(self) -> None:
         """Run the parts' housekeeping if one asked for it (every call into
         procshare calls this, so it costs one attribute test otherwise)."""

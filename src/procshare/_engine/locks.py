@@ -217,6 +217,16 @@ class LocksPart:
     def entries(self) -> list[LockEntry]:
         return list(self._entries.values())
 
+    def held_and_awaited(self) -> list[str]:
+        """Names of the locks the calling thread holds that someone seems to wait for."""
+        return [
+            entry.name
+            for entry in self.entries()
+            if not entry.closed
+            and entry.mutex.owned()
+            and self.backend.lock_contended(entry.mutex)
+        ]
+
     # -- EnginePart ----------------------------------------------------------
 
     def poll(self) -> None:

@@ -37,6 +37,9 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 FUTEX_TID_MASK = 0x3FFFFFFF
 FUTEX_OWNER_DIED = 0x40000000
+# Set in the lock word by a thread about to sleep on it; cleared by the
+# release that finds nobody left to wake (glibc's robust mutexes).
+FUTEX_WAITERS = 0x80000000
 
 # lock word (the mutex's first int) and glibc's owner field, then our state
 # words (see _robustmutex.c)
@@ -80,6 +83,9 @@ class PosixLocks:
     def lock_attach(self, handle: SegmentHandle) -> LockHandle:
         mutex: LockHandle = Mutex(handle.data)
         return mutex
+
+    def lock_contended(self, mutex: LockHandle) -> bool:
+        return bool(mutex.state()[0] & FUTEX_WAITERS)
 
     def lock_keep(self, handle: SegmentHandle) -> bool:
         assert isinstance(handle, PosixSegment)
