@@ -23,6 +23,7 @@ import procshare as ps
 from lockhelpers import fork, lock_objects, read_byte, shared_counter, wait_ok
 from procshare._engine import children as children_engine
 from procshare._engine import get_engine
+from procshare._engine import locks as engine_locks
 
 # -- the three ways to use it -------------------------------------------------
 
@@ -329,8 +330,21 @@ def _wait_for_a_child_holding(lock: ps.InterprocessLock, how: str) -> list[bool]
         if how == "scope":
             with ps.children() as kids:
                 _try_the_lock(lock)
+                _until_the_child_waits()
             return kids.results
-        return [_try_the_lock(lock).join()]
+        child = _try_the_lock(lock)
+        _until_the_child_waits()
+        return [child.join()]
+
+
+def _until_the_child_waits() -> None:
+    # However loaded the machine, the parent starts waiting only once the
+    # child is asleep on the lock (a waiter that gave up still shows until the
+    # parent releases it), so the warning does not depend on timing.
+    deadline = time.monotonic() + 30
+    while engine_locks.locks_part().held_and_awaited() != ["m"]:
+        assert time.monotonic() < deadline, "the child never waited for the lock"
+        time.sleep(0.01)
 
 
 @pytest.mark.timeout(60)
