@@ -359,7 +359,7 @@ def test_holding_a_lock_nobody_waits_for_while_waiting_for_children_is_fine(
         time.sleep(1.0)  # longer than the watch: the engine looks, finds no waiter
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", RuntimeWarning)
         with lock:
             with ps.children():
                 nap()
