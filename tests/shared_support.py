@@ -36,6 +36,16 @@ def alive(pid: int) -> bool:
     return found is not None and found[0] != "Z"
 
 
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
+    """Whether ``predicate()`` became true within ``timeout`` seconds (polled every 10 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
 class ChildFailed(AssertionError):
     pass
 

@@ -18,16 +18,7 @@ import pytest
 import procshare as ps
 from procshare._engine import get_engine
 from procshare.testing import child_pids
-from shared_support import alive
-
-
-def _wait_for(predicate: object, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.01)
-    return False
+from shared_support import alive, wait_for
 
 
 def _run_script(code: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -56,7 +47,7 @@ def test_calling_forks_now_and_returns_a_child(tmp_path: Path) -> None:
     assert isinstance(child, ps.Child)
     assert child.pid != os.getpid()
     # The child runs before anyone joins it.
-    assert _wait_for(marker.exists)
+    assert wait_for(marker.exists)
     assert child.running
     assert child.exitcode is None
     assert child.join() == child.pid == int(marker.read_text())
@@ -438,7 +429,7 @@ def test_dropped_handle_is_reaped_at_the_next_call_into_procshare() -> None:
 
     pid = quick().pid  # the handle is dropped at once
     gc.collect()
-    assert _wait_for(lambda: child_pids().get(pid) == "Z")  # exited, not reaped yet
+    assert wait_for(lambda: child_pids().get(pid) == "Z")  # exited, not reaped yet
     with ps.children():  # any call into procshare
         pass
     assert pid not in child_pids()
@@ -453,7 +444,7 @@ def test_every_public_entry_point_reaps_dropped_children(call: str) -> None:
 
     pid = quick().pid
     gc.collect()
-    assert _wait_for(lambda: child_pids().get(pid) == "Z")
+    assert wait_for(lambda: child_pids().get(pid) == "Z")
     if call == "shared":
         with ps.shared("probe", ps.u8):
             pass
@@ -473,7 +464,7 @@ def test_dropped_failing_child_warns_when_reaped() -> None:
 
     pid = fails().pid
     gc.collect()
-    assert _wait_for(lambda: child_pids().get(pid) == "Z")
+    assert wait_for(lambda: child_pids().get(pid) == "Z")
     with pytest.warns(RuntimeWarning, match="forgotten.*dropped without join"):
         get_engine().poll()
     assert pid not in child_pids()
@@ -488,7 +479,7 @@ def test_dropped_child_with_a_large_result_does_not_block_forever() -> None:
     pid = big().pid
     gc.collect()
     get_engine().poll()  # closes the unread pipe: the child's write fails, it exits
-    assert _wait_for(lambda: child_pids().get(pid) in (None, "Z"))
+    assert wait_for(lambda: child_pids().get(pid) in (None, "Z"))
     get_engine().poll()
     assert pid not in child_pids()
 
@@ -520,7 +511,7 @@ def test_interpreter_exit_waits_for_non_daemon_and_terminates_daemon_children(
     assert out.returncode == 0, out.stderr
     assert done.read_text() == "finished"
     daemon_pid = int(out.stdout.split()[0])
-    assert _wait_for(lambda: not alive(daemon_pid), 5)
+    assert wait_for(lambda: not alive(daemon_pid), 5)
 
 
 # ----------------------------------------------------------------- orphans
@@ -558,7 +549,7 @@ def test_children_die_within_a_second_when_the_parent_is_sigkilled() -> None:
         parent.kill()
         parent.wait()
         t0 = time.monotonic()
-        assert _wait_for(lambda: not any(alive(p) for p in pids), 5)
+        assert wait_for(lambda: not any(alive(p) for p in pids), 5)
         assert time.monotonic() - t0 < 1.0
     finally:
         parent.kill()
@@ -682,7 +673,7 @@ def test_documented_caveat_children_die_with_the_thread_that_forked_them(
     def fork_and_leave() -> None:
         with pytest.warns(RuntimeWarning, match="threads"):
             handles.append(sleeper())
-        assert _wait_for(started.exists)
+        assert wait_for(started.exists)
 
     thread = threading.Thread(target=fork_and_leave)
     thread.start()

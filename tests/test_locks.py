@@ -24,6 +24,7 @@ from lockhelpers import fork, lock_objects, read_byte, shared_counter, wait_ok
 from procshare._engine import children as children_engine
 from procshare._engine import get_engine
 from procshare._engine import locks as engine_locks
+from shared_support import wait_for
 
 # -- the three ways to use it -------------------------------------------------
 
@@ -341,10 +342,9 @@ def _until_the_child_waits() -> None:
     # However loaded the machine, the parent starts waiting only once the
     # child is asleep on the lock (a waiter that gave up still shows until the
     # parent releases it), so the warning does not depend on timing.
-    deadline = time.monotonic() + 30
-    while engine_locks.locks_part().held_and_awaited() != ["m"]:
-        assert time.monotonic() < deadline, "the child never waited for the lock"
-        time.sleep(0.01)
+    assert wait_for(lambda: engine_locks.locks_part().held_and_awaited() == ["m"], 30), (
+        "the child never waited for the lock"
+    )
 
 
 @pytest.mark.timeout(60)

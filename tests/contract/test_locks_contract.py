@@ -22,6 +22,7 @@ from procshare._backends import api_lock as api
 from procshare._backends.api_lock import LockHandle
 from procshare._backends.api_segment import SegmentHandle
 from procshare._engine import names
+from shared_support import wait_for
 
 
 @pytest.fixture(params=["posix"])
@@ -167,10 +168,8 @@ def test_contended_says_whether_someone_waits(backend: Backend, mutex: LockHandl
             code = 0 if mutex.acquire(False, 20.0) == api.OK and mutex.release() == api.OK else 2
         finally:
             os._exit(code)
-    deadline = time.monotonic() + 20
-    while not backend.lock_contended(mutex):  # the child went to sleep on it
-        assert time.monotonic() < deadline, "a waiting process never showed"
-        time.sleep(0.01)
+    # the child goes to sleep on it
+    assert wait_for(lambda: backend.lock_contended(mutex), 20), "a waiting process never showed"
     assert mutex.release() == api.OK
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
