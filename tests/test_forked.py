@@ -134,6 +134,27 @@ def test_unpicklable_result_is_a_child_raised_not_a_hang() -> None:
     assert "lock" in str(info.value)
 
 
+def _refuse_to_load() -> object:
+    raise RuntimeError("this value cannot be rebuilt in the parent")
+
+
+class _LoadsOnlyInTheChild:
+    def __reduce__(self) -> object:
+        return (_refuse_to_load, ())  # called only by pickle.loads, in the parent
+
+
+def test_a_result_the_parent_cannot_unpickle_is_a_child_raised() -> None:
+    @ps.forked
+    def returns_it() -> object:
+        return _LoadsOnlyInTheChild()  # pickles fine; loading it in the parent raises
+
+    with pytest.raises(ps.ChildRaised) as info:
+        returns_it().join(timeout=30)
+    assert "its return value could not be unpickled in the parent" in str(info.value)
+    assert info.value.exc_type == "RuntimeError"
+    assert "cannot be rebuilt" in str(info.value)
+
+
 # --------------------------------------------------------------- failures
 
 

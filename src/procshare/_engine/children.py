@@ -182,6 +182,17 @@ def _raised_payload(exc: BaseException, detail: str = "", *, skip: int = 0) -> b
     return _RAISED + pickle.dumps(info, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def _not_unpickled(what: str, exc: Exception, common: dict[str, Any]) -> Callable[[], ChildError]:
+    """The error of a child whose message (``what``) the parent could not unpickle."""
+    return functools.partial(
+        ChildRaised,
+        f"{what} could not be unpickled in the parent",
+        exc_type=type(exc).__name__,
+        exc_message=str(exc),
+        **common,
+    )
+
+
 def _returned_payload(value: object) -> tuple[int, bytes]:
     """The message for a returned value (not None: a child returning None
     sends nothing at all, and status 0 with an empty pipe says it)."""
@@ -573,13 +584,7 @@ class ChildrenPart:
             try:
                 info = pickle.loads(message[1:])
             except Exception as exc:
-                return False, functools.partial(
-                    ChildRaised,
-                    "its exception could not be unpickled in the parent",
-                    exc_type=type(exc).__name__,
-                    exc_message=str(exc),
-                    **common,
-                )
+                return False, _not_unpickled("its exception", exc, common)
             exc_type, exc_message, tb, exc_bytes, raised_detail = info
             if detail:
                 raised_detail = f"{raised_detail}; {detail}" if raised_detail else detail
@@ -615,13 +620,7 @@ class ChildrenPart:
         try:
             return True, pickle.loads(message[1:])
         except Exception as exc:
-            return False, functools.partial(
-                ChildRaised,
-                "its return value could not be unpickled in the parent",
-                exc_type=type(exc).__name__,
-                exc_message=str(exc),
-                **common,
-            )
+            return False, _not_unpickled("its return value", exc, common)
 
     @staticmethod
     def _message(rec: Record) -> memoryview | None:
