@@ -241,11 +241,11 @@ def test_a_killed_holder_stops_holding() -> None:
     assert not exists("k")
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("create", [None, False])
-def test_an_orphan_is_never_served_as_live_data(create: bool | None) -> None:
+def _leave_an_orphan(name: str) -> None:
+    """A holder that set ``name`` to 42 is SIGKILLed: the segment stays, held by nobody."""
+
     def holder(h: Helper) -> None:
-        seg = ps.shared("o", int)
+        seg = ps.shared(name, int)
         seg.view.value = 42
         h.ready()
         time.sleep(600)
@@ -253,11 +253,17 @@ def test_an_orphan_is_never_served_as_live_data(create: bool | None) -> None:
     helper = Helper(holder)
     helper.wait_ready()
     helper.kill()
-    assert exists("o")  # left behind by the SIGKILL...
+    assert exists(name)  # left behind by the SIGKILL
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("create", [None, False])
+def test_an_orphan_is_never_served_as_live_data(create: bool | None) -> None:
+    _leave_an_orphan("o")
     if create is False:
         with pytest.raises(ps.SegmentNotFound):
             ps.shared("o", int, create=False)
-        assert not exists("o")  # ... and reclaimed by the next open
+        assert not exists("o")  # reclaimed by the next open
     else:
         with ps.shared("o", int) as o:
             assert o.value == 0  # a fresh segment, not the dead one's 42
@@ -507,16 +513,7 @@ def test_child_failures_are_reported() -> None:
 
 @pytest.mark.timeout(120)
 def test_racing_openers_of_an_orphan_never_serve_its_data() -> None:
-    def holder(h: Helper) -> None:
-        seg = ps.shared("stale", int)
-        seg.view.value = 42
-        h.ready()
-        time.sleep(600)
-
-    helper = Helper(holder)
-    helper.wait_ready()
-    helper.kill()
-    assert exists("stale")
+    _leave_an_orphan("stale")
     start_r, start_w = os.pipe()
     hold_r, hold_w = os.pipe()
     report_r, report_w = os.pipe()
