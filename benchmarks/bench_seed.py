@@ -35,6 +35,7 @@ import multiprocessing.synchronize
 import os
 import secrets
 import time
+from contextlib import closing
 from typing import Any
 
 import posix_ipc
@@ -94,15 +95,13 @@ def procshare_inherited_scenario(n: int) -> float:
     with ps.namespace(f"bench-seed-inh-{os.getpid()}"):
         started = time.perf_counter()
         for _ in range(n):
-            # Opened, not taken: `with lock:` here would hold it while the
-            # children wait for it.
-            lock = ps.interprocess_lock("m")
-            with ps.shared("sum", ps.u64) as total:
+            # closing(): opened and closed, never taken (`with lock:` here would
+            # hold it while the children wait for it).
+            with closing(ps.interprocess_lock("m")) as lock, ps.shared("sum", ps.u64) as total:
                 with ps.children():
                     for i in range(PROCESSES):
                         _ps_inherited_job(i, total, lock)
                 _check("procshare, opened in the parent", total.value)
-            lock.close()
         return time.perf_counter() - started
 
 
