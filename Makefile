@@ -35,7 +35,7 @@ lint: $(VENV)/.dev
 	$(PY) -m ruff format --check $(SRC)
 
 typecheck: $(VENV)/.dev
-	$(PY) -m mypy src
+	$(PY) -m mypy src benchmarks
 
 docs: $(VENV)/.dev
 	$(PY) -m mkdocs build --strict --quiet --site-dir build/site

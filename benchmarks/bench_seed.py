@@ -118,8 +118,9 @@ def multiprocessing_scenario(n: int) -> float:
     ctx = multiprocessing.get_context("fork")
     started = time.perf_counter()
     for _ in range(n):
-        # lock=False: the raw shared c_uint64; the separate Lock guards it, as in the spec.
-        value = ctx.Value(ctypes.c_uint64, 0, lock=False)
+        # RawValue (what Value(lock=False) returns): the raw shared c_uint64; the
+        # separate Lock guards it, as in the spec.
+        value = ctx.RawValue(ctypes.c_uint64, 0)
         lock = ctx.Lock()
         procs = [ctx.Process(target=_mp_job, args=(i, value, lock)) for i in range(PROCESSES)]
         for p in procs:
