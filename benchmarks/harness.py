@@ -31,14 +31,15 @@ SMOKE = os.environ.get("PROCSHARE_BENCH_SMOKE") == "1"
 class Target:
     numerator: str
     denominator: str
-    max_ratio: float
+    #: ``None``: a ratio reported for context, with no limit and no verdict.
+    max_ratio: float | None
     text: str
 
     def verdict(self, medians: dict[str, float]) -> tuple[float | None, bool | None]:
         if self.numerator not in medians or self.denominator not in medians:
             return None, None
         ratio = medians[self.numerator] / medians[self.denominator]
-        return ratio, ratio <= self.max_ratio
+        return ratio, None if self.max_ratio is None else ratio <= self.max_ratio
 
 
 @attrs.define
@@ -82,6 +83,10 @@ class Group:
     def target(self, numerator: str, denominator: str, *, max_ratio: float, text: str) -> None:
         """A goal: time(numerator) / time(denominator) per op must be at most ``max_ratio``."""
         self.targets.append(Target(numerator, denominator, max_ratio, text))
+
+    def report(self, numerator: str, denominator: str, *, text: str) -> None:
+        """A ratio worth reading beside the targets, with no limit (listed as "reported")."""
+        self.targets.append(Target(numerator, denominator, None, text))
 
     def medians(self) -> dict[str, float]:
         return {k: statistics.median(v) for k, v in self.samples.items() if v}
