@@ -486,9 +486,10 @@ def test_dropped_failing_child_warns_when_reaped() -> None:
     pid = fails().pid
     gc.collect()
     assert wait_for(lambda: child_pids().get(pid) == "Z")
-    with pytest.warns(RuntimeWarning, match="forgotten.*dropped without join"):
+    with pytest.warns(RuntimeWarning, match="forgotten.*dropped without join") as caught:
         get_engine().poll()
     assert pid not in child_pids()
+    assert [w.filename for w in caught] == [__file__]  # the call that reaped it
 
 
 @pytest.mark.timeout(60)
@@ -592,9 +593,10 @@ def test_forking_while_threads_run_warns() -> None:
         def job() -> int:
             return 1
 
-        with pytest.warns(RuntimeWarning, match="threads.*deadlock"):
+        with pytest.warns(RuntimeWarning, match="threads.*deadlock") as caught:
             child = job()
         assert child.join() == 1
+        assert [w.filename for w in caught] == [__file__]
     finally:
         stop.set()
         thread.join()

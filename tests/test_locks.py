@@ -320,9 +320,14 @@ def test_waiting_for_children_that_wait_for_a_held_lock_warns(
     # in silence. (The children give up after 3 s, so this one ends.)
     monkeypatch.setattr(children_engine, "DEADLOCK_WATCH", 0.3)
     lock = ps.interprocess_lock("m")
-    with pytest.warns(RuntimeWarning, match="holds interprocess lock 'm'.*neither can go on"):
+    with pytest.warns(
+        RuntimeWarning, match="holds interprocess lock 'm'.*neither can go on"
+    ) as caught:
         got = _wait_for_a_child_holding(lock, how)
     assert got == [False]
+    # Attributed to the user's line (the scope's `with` / the join() call), not
+    # to procshare's wait loop, however deep that path was.
+    assert [w.filename for w in caught] == [__file__]
     lock.close()
 
 

@@ -225,13 +225,29 @@ def test_on_owner_death_warn_warns_confirms_and_enters() -> None:
     lock = ps.interprocess_lock("m", on_owner_death="warn")
     dead = killed_holder("m")
     ran = []
-    with pytest.warns(RuntimeWarning, match=f"pid {dead} died while holding it"), lock:
+    with pytest.warns(RuntimeWarning, match=f"pid {dead} died while holding it") as caught, lock:
         ran.append(lock.owned())
     assert ran == [True]
+    assert [w.filename for w in caught] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with lock:  # confirmed: no second warning
             pass
+    lock.close()
+
+
+@pytest.mark.timeout(60)
+def test_on_owner_death_warn_through_the_decorator_names_the_callers_line() -> None:
+    lock = ps.interprocess_lock("m", on_owner_death="warn")
+
+    @lock
+    def guarded() -> bool:
+        return lock.owned()
+
+    dead = killed_holder("m")
+    with pytest.warns(RuntimeWarning, match=f"pid {dead} died while holding it") as caught:
+        assert guarded() is True
+    assert [w.filename for w in caught] == [__file__]
     lock.close()
 
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any, Literal, ParamSpec, TypeVar
 
-from procshare._engine import get_engine
+from procshare._engine import get_engine, userwarn
 from procshare._engine import locks as _engine_locks
 from procshare._engine.locks import (
     BUSY,
@@ -238,11 +237,9 @@ class InterprocessLock:
             raise OwnerDied(self._name, owner_pid=dead, held=False)
         if policy == "warn":
             who = "its previous holder" if dead is None else f"pid {dead}"
-            warnings.warn(
+            userwarn.warn(
                 f"lock {self._name!r}: {who} died while holding it, so the data it protects "
-                "may be half-updated; on_owner_death='warn' marked it consistent and went on",
-                RuntimeWarning,
-                stacklevel=4,
+                "may be half-updated; on_owner_death='warn' marked it consistent and went on"
             )
         else:
             assert callable(policy)

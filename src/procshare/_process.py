@@ -355,7 +355,7 @@ class _Forked(Generic[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Child[R]:
         part = current_children()
-        rec = part.start(self._fn, args, kwargs, self._name, self._timeout, self._daemon, 2)
+        rec = part.start(self._fn, args, kwargs, self._name, self._timeout, self._daemon)
         return Child(part, rec)
 
     def __get__(self, instance: object, owner: type | None = None) -> Any:

@@ -31,7 +31,6 @@ import sys
 import threading
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +39,7 @@ import attrs
 from procshare._backends.api_process import Exit
 from procshare._engine import core as _core
 from procshare._engine import locks as _locks
+from procshare._engine import userwarn
 from procshare.errors import (
     ChildError,
     ChildExited,
@@ -236,7 +236,6 @@ class ChildrenPart:
         name: str,
         timeout: float | None,
         daemon: bool,
-        stacklevel: int,
     ) -> Record:
         """Fork a child running ``fn(*args, **kwargs)``; return its record (parent only).
 
@@ -251,14 +250,12 @@ class ChildrenPart:
             self._admit(scope)
         threads = self.backend.process_python_threads()
         if threads > 1:
-            warnings.warn(
+            userwarn.warn(
                 f"procshare: forking child {name!r} while this process runs {threads} Python "
                 "threads. Only the calling thread exists in the child: a lock another thread "
                 "held at the fork (logging, an import, a stream's buffer) stays locked there "
                 "forever and can deadlock the child. Fork before starting threads, or fork "
-                "from a process that has none.",
-                RuntimeWarning,
-                stacklevel=stacklevel + 1,
+                "from a process that has none."
             )
         rec = Record(name, daemon, timeout, scope)
         child = functools.partial(self._child_main, fn, args, kwargs)
@@ -497,16 +494,14 @@ class ChildrenPart:
             return
         held = part.held_and_awaited()
         if held:
-            warnings.warn(
+            userwarn.warn(
                 f"procshare: this thread has waited {DEADLOCK_WATCH:g} s for child processes "
                 f"while it holds interprocess lock {', '.join(map(repr, held))}, which "
                 "another process is waiting for. If that process is one of the children, "
                 "neither can go on: the child waits for the lock and this thread for the "
                 "child. Release the lock before waiting for children; to share a lock with "
                 "children, open it in the parent without `with` (see 'Making it fast' in "
-                "the seed scenario tutorial).",
-                RuntimeWarning,
-                stacklevel=2,
+                "the seed scenario tutorial)."
             )
 
     def signal(self, rec: Record, signum: int) -> bool:
@@ -749,12 +744,10 @@ class ChildrenPart:
             what = f"ended with exit status {exit_.status} (an exception, or sys.exit)"
         else:
             return
-        warnings.warn(
+        userwarn.warn(
             f"procshare: child {rec.name!r} (pid {rec.pid}) {what}, and its handle was "
             "dropped without join(), so nobody saw its error. Keep the Child and call "
-            "join(), or fork it inside `with ps.children():`.",
-            RuntimeWarning,
-            stacklevel=2,
+            "join(), or fork it inside `with ps.children():`."
         )
 
     def shutdown(self) -> None:
