@@ -302,6 +302,53 @@ def test_mutual_exclusion_with_an_inherited_lock_object() -> None:
     lock.close()
 
 
+# -- interrupts -------------------------------------------------------------------
+
+
+class _Interrupt(Exception):
+    """What a signal handler raises here (KeyboardInterrupt would stop pytest)."""
+
+
+@pytest.mark.timeout(60)
+def test_an_interrupt_never_leaves_a_with_block_holding_the_lock() -> None:
+    # CPython runs signal handlers between bytecodes. One that raises (Ctrl-C's
+    # KeyboardInterrupt) just after the mutex was taken and before the block
+    # began, or in __exit__ before the release, would leave the thread holding
+    # the lock for good: `with` on a lock is C, as threading.Lock's is, so no
+    # bytecode runs in between. A timer fires every 100 us for 1.5 s.
+    lock = ps.interprocess_lock("m")
+    armed = False
+
+    def interrupt(signum: int, frame: object) -> None:
+        nonlocal armed
+        if armed:
+            armed = False  # at most one per round: never inside the except below
+            raise _Interrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    interrupted = stranded = 0
+    signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            try:
+                armed = True
+                with lock:
+                    pass
+                armed = False
+            except _Interrupt:
+                interrupted += 1
+                if lock.owned():
+                    stranded += 1
+                    lock.release()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, previous)
+    lock.close()
+    assert interrupted > 20, "the timer never interrupted the loop: the test proves nothing"
+    assert stranded == 0, f"{stranded} of {interrupted} interrupts left the lock held"
+
+
 # -- the parent holds what its children wait for ----------------------------------
 
 

@@ -252,6 +252,27 @@ def test_on_owner_death_warn_through_the_decorator_names_the_callers_line() -> N
 
 
 @pytest.mark.timeout(60)
+def test_on_owner_death_warn_turned_into_an_error_releases_the_lock_unconfirmed() -> None:
+    # `python -W error` (or pytest's filterwarnings) makes the warning raise
+    # from entering the block: the block never runs, so no __exit__ will
+    # release the lock. Entering must release it itself, unconfirmed.
+    lock = ps.interprocess_lock("m", on_owner_death="warn")
+    dead = killed_holder("m")
+    ran = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(RuntimeWarning, match=f"pid {dead} died while holding it"), lock:
+            ran.append(True)
+    assert ran == []
+    assert not lock.owned()
+    assert not lock.locked()
+    other = ps.interprocess_lock("m")
+    _confirm(other)  # still unconfirmed: the next acquirer is told
+    other.close()
+    lock.close()
+
+
+@pytest.mark.timeout(60)
 def test_a_lock_whose_holder_died_is_kept_when_nobody_has_it_open() -> None:
     # Only the child ever opens the lock, so when it is killed no living
     # process holds the object: it must be kept, and a later opener told.

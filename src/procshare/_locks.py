@@ -27,6 +27,7 @@ from procshare._engine.locks import (
     TIMEDOUT,
     UNCONFIRMED,
     LockEntry,
+    LockGuard,
 )
 from procshare._engine.names import use_namespace, validate_name
 from procshare.errors import LockTimeout, OwnerDied, ProcshareError
@@ -111,7 +112,7 @@ def _check_timeout(timeout: object, what: str = "timeout") -> float | None:
     return float(timeout)
 
 
-class InterprocessLock:
+class InterprocessLock(LockGuard):
     """A named, robust lock shared between processes and between threads.
 
     Get one with :func:`interprocess_lock`. Use it as ``with lock:``, as a
@@ -130,13 +131,14 @@ class InterprocessLock:
     gone, the lock's object is removed.
     """
 
+    # `with` itself (__enter__, __exit__) and the `_m` and `_reentrant` fields
+    # come from the engine's LockGuard, in C: nothing can interrupt between
+    # taking the mutex and the block starting (see PyLockGuard).
     __slots__ = (
         "__weakref__",
         "_entry",
-        "_m",
         "_name",
         "_on_owner_death",
-        "_reentrant",
         "_timeout",
     )
 
@@ -170,7 +172,7 @@ class InterprocessLock:
         if type(mode) is not int or not 0 <= mode <= 0o777:
             raise ValueError(f"mode must be permission bits such as 0o600, got {mode!r}")
         self._entry: LockEntry | None = None
-        self._m: Any = None
+        self._m = None
         engine = get_engine()
         try:
             entry = _engine_locks.locks_part(engine).open(name, id(self), mode)
@@ -182,19 +184,7 @@ class InterprocessLock:
         # After registering as a user, so housekeeping never closes our own entry.
         engine.poll()
 
-    # -- the hot path ----------------------------------------------------------
-
-    def __enter__(self) -> InterprocessLock:
-        rc = self._m.acquire(self._reentrant, -1.0)
-        if not rc:
-            return self
-        return self._enter_slow(rc)
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._m.release():
-            self._not_owner("release")
-
-    # -- the rest ----------------------------------------------------------------
+    # -- the rest (`with` is LockGuard's, in C) ----------------------------------
 
     @property
     def name(self) -> str:
@@ -217,13 +207,25 @@ class InterprocessLock:
         return self._entry is None
 
     def _enter_slow(self, rc: int) -> InterprocessLock:
-        if rc == BUSY and self._timeout != 0:
-            rc = _engine_locks.wait_acquire(self._m, self._reentrant, self._timeout)
-        if rc == OK:
-            return self
-        if rc in (OWNER_DIED, UNCONFIRMED):
-            self._owner_died_in_with()
-            return self
+        """``with``'s path for every outcome but an uncontended OK (LockGuard calls it)."""
+        try:
+            if rc == BUSY and self._timeout != 0:
+                rc = _engine_locks.wait_acquire(self._m, self._reentrant, self._timeout)
+            if rc == OK:
+                return self
+            if rc in (OWNER_DIED, UNCONFIRMED):
+                self._owner_died_in_with()
+                return self
+        except BaseException:
+            # The block will not run, so no __exit__ will release what this
+            # call took (an interrupt that landed once the wait had the lock, a
+            # warnings filter turning on_owner_death="warn" into an error).
+            # Entering the slow path this thread did not hold the lock (a
+            # nested reentrant acquire succeeds in LockGuard), so holding it now
+            # means this call took it: release it, unconfirmed if a holder died.
+            if self._m.owned():
+                self._m.release()
+            raise
         self._fail(rc)
         raise AssertionError("unreachable")
 

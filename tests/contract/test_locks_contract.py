@@ -119,6 +119,67 @@ def test_reentrant_acquire_nests(mutex: LockHandle) -> None:
     assert not mutex.locked()
 
 
+def _guard_class(base: type) -> type:
+    class Guarded(base):  # type: ignore[valid-type,misc]
+        """What the front end's lock object adds to the guard: the two call-backs."""
+
+        __slots__ = ("calls",)
+
+        def _enter_slow(self, rc: int) -> object:
+            self.calls.append(("enter_slow", rc))
+            return "slow path's result"
+
+        def _not_owner(self, what: str) -> None:
+            self.calls.append(("not_owner", what))
+            raise RuntimeError(f"not the owner: {what}")
+
+    return Guarded
+
+
+class _StandIn:
+    """A closed lock's stand-in: any object whose acquire/release return codes."""
+
+    def acquire(self, reentrant: bool, timeout: float, /) -> int:
+        return api.SELF_HELD
+
+    def release(self) -> int:
+        return api.NOT_OWNER
+
+
+@pytest.mark.parametrize("which", ["backend", "reference"])
+def test_the_lock_guard_keeps_its_contract(
+    backend: Backend, mutex: LockHandle, which: str
+) -> None:
+    # The backend's `with` (C for posix) behaves exactly as the Python
+    # reference in api_lock.PyLockGuard describes.
+    guard = _guard_class(backend.lock_guard if which == "backend" else api.PyLockGuard)()
+    guard.calls = []
+    guard._m = mutex
+    guard._reentrant = False
+    with guard as got:
+        assert got is guard
+        assert mutex.owned()
+    assert not mutex.owned()
+    assert guard.calls == []
+    guard._reentrant = True
+    with guard, guard:
+        assert mutex.owned()
+    assert not mutex.locked()
+    # Any other code goes to the call-backs.
+    assert mutex.acquire(False, -1.0) == api.OK
+    assert in_thread(guard.__enter__) == "slow path's result"
+    assert guard.calls == [("enter_slow", api.BUSY)]
+    assert mutex.release() == api.OK
+    with pytest.raises(RuntimeError, match="not the owner: release"):
+        guard.__exit__(None, None, None)
+    guard.calls.clear()
+    guard._m = _StandIn()
+    assert guard.__enter__() == "slow path's result"
+    with pytest.raises(RuntimeError, match="not the owner: release"):
+        guard.__exit__(None, None, None)
+    assert guard.calls == [("enter_slow", api.SELF_HELD), ("not_owner", "release")]
+
+
 @pytest.mark.timeout(30)
 def test_other_threads_see_busy_and_timeout(mutex: LockHandle) -> None:
     assert mutex.acquire(False, -1.0) == api.OK

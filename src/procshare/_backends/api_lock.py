@@ -14,7 +14,7 @@ protocol) is the engine's and front end's work on top of these result codes.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol, Self
 
 from procshare._backends.api_segment import SegmentHandle
 
@@ -80,11 +80,52 @@ class LockHandle(Protocol):
         ...
 
 
+class PyLockGuard:
+    """The contract of ``LockBackend.lock_guard``, written in Python.
+
+    The front end's lock object derives from the backend's guard class and
+    sets ``_m`` (its :class:`LockHandle`, or a stand-in with the same
+    ``acquire``/``release`` once the lock object is closed) and
+    ``_reentrant``. ``with lock:`` then runs:
+
+    * ``__enter__``: ``rc = _m.acquire(_reentrant, -1.0)``; ``OK`` returns
+      the lock object, any other code returns ``self._enter_slow(rc)``;
+    * ``__exit__``: ``rc = _m.release()``; any code but ``OK`` calls
+      ``self._not_owner("release")``.
+
+    A backend should implement both in C (or whatever its interpreter cannot
+    interrupt): between a Python ``__enter__``'s acquire and its return a
+    signal handler may raise (``KeyboardInterrupt``), and then no
+    ``__exit__`` releases the lock; likewise before a Python ``__exit__``'s
+    release. This class is that implementation without the guarantee, for
+    reference and for the backend contract tests.
+    """
+
+    __slots__ = ("_m", "_reentrant")
+
+    _m: Any
+    _reentrant: bool
+
+    def __enter__(self) -> Self:
+        rc = self._m.acquire(self._reentrant, -1.0)
+        if rc == OK:
+            return self
+        return self._enter_slow(rc)  # type: ignore[attr-defined,no-any-return]
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._m.release() != OK:
+            self._not_owner("release")  # type: ignore[attr-defined]
+
+
 class LockBackend(Protocol):
     """Robust mutex primitives living in segment memory."""
 
     #: bytes of segment data a lock needs
     lock_data_size: int
+
+    #: Base class of the front end's lock object: ``with`` on it (see
+    #: :class:`PyLockGuard` for the contract, and why it belongs in C).
+    lock_guard: type
 
     def lock_init(self, data: memoryview) -> None:
         """Initialise a fresh lock in ``data`` (the ``init`` of ``segment_create``)."""

@@ -29,6 +29,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from procshare._backends import get_backend
 from procshare._backends.api_lock import (
     BUSY,
     NOT_OWNER,
@@ -58,11 +59,19 @@ __all__ = [
     "TIMEDOUT",
     "UNCONFIRMED",
     "LockEntry",
+    "LockGuard",
     "LocksPart",
     "locks_part",
     "owner_of",
     "wait_acquire",
 ]
+
+if TYPE_CHECKING:
+    from procshare._backends.api_lock import PyLockGuard as LockGuard
+else:
+    #: Base class of the front end's lock object: the backend's ``with``, in C
+    #: (see ``PyLockGuard`` for the contract and why).
+    LockGuard = get_backend().lock_guard
 
 #: Longest single blocking wait: between slices Python runs signal handlers,
 #: so Ctrl-C interrupts a wait within this many seconds.

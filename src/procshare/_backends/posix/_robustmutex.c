@@ -26,6 +26,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
 #include <limits.h>
@@ -197,40 +198,28 @@ took_it(MutexObject *self)
     self->state->owner_tid = (int32_t)self->owner_ktid;
 }
 
-/* acquire(reentrant, timeout) -> code. timeout < 0: try once, keeping the GIL;
- * timeout >= 0: wait up to that many seconds with the GIL released. */
-static PyObject *
-Mutex_acquire(MutexObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* The work of acquire(): a result code, or -1 with an exception set.
+ * timeout < 0: try once, keeping the GIL; timeout >= 0: wait up to that many
+ * seconds with the GIL released. */
+static int
+acquire_code(MutexObject *self, int reentrant, double timeout)
 {
-    int reentrant, rc;
-    double timeout;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "acquire(reentrant, timeout)");
-        return NULL;
-    }
+    int rc;
     if (check_open(self) < 0) {
-        return NULL;
-    }
-    reentrant = PyObject_IsTrue(args[0]);
-    if (reentrant < 0) {
-        return NULL;
-    }
-    timeout = PyFloat_AsDouble(args[1]);
-    if (timeout == -1.0 && PyErr_Occurred()) {
-        return NULL;
+        return -1;
     }
     if (owned_by_me(self)) {
         if (!reentrant) {
-            return PyLong_FromLong(PSL_SELF_HELD);
+            return PSL_SELF_HELD;
         }
         self->depth++;
-        return PyLong_FromLong(PSL_OK);
+        return PSL_OK;
     }
 #ifdef __GLIBC__
     /* glibc's trylock on an ENOTRECOVERABLE mutex leaves our tid in the lock
      * word and a later unlock crashes: never call it on one. */
     if (self->mutex->__data.__owner == INT_MAX - 1) { /* PTHREAD_MUTEX_NOTRECOVERABLE */
-        return PyLong_FromLong(PSL_NOT_RECOVERABLE);
+        return PSL_NOT_RECOVERABLE;
     }
 #endif
     if (timeout < 0) {
@@ -260,10 +249,7 @@ Mutex_acquire(MutexObject *self, PyObject *const *args, Py_ssize_t nargs)
     switch (rc) {
     case 0:
         took_it(self);
-        if (self->state->unconfirmed) {
-            return PyLong_FromLong(PSL_UNCONFIRMED);
-        }
-        return PyLong_FromLong(PSL_OK);
+        return self->state->unconfirmed ? PSL_UNCONFIRMED : PSL_OK;
     case EOWNERDEAD:
         /* Record the death before making pthreads happy: if we die in
          * between, the next acquirer gets EOWNERDEAD again anyway. */
@@ -272,36 +258,60 @@ Mutex_acquire(MutexObject *self, PyObject *const *args, Py_ssize_t nargs)
         self->state->deaths++;
         pthread_mutex_consistent(self->mutex);
         took_it(self);
-        return PyLong_FromLong(PSL_OWNER_DIED);
+        return PSL_OWNER_DIED;
     case EBUSY:
-        return PyLong_FromLong(PSL_BUSY);
+        return PSL_BUSY;
     case ETIMEDOUT:
-        return PyLong_FromLong(PSL_TIMEDOUT);
+        return PSL_TIMEDOUT;
     case EDEADLK:
         /* Held by this thread through another object of the same lock. */
-        return PyLong_FromLong(PSL_SELF_HELD);
+        return PSL_SELF_HELD;
     case ENOTRECOVERABLE:
-        return PyLong_FromLong(PSL_NOT_RECOVERABLE);
+        return PSL_NOT_RECOVERABLE;
     default:
         errno = rc;
-        return PyErr_SetFromErrno(PyExc_OSError);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
     }
 }
 
-/* release() -> code: PSL_OK (released or one nesting level undone) or PSL_NOT_OWNER. */
+/* acquire(reentrant, timeout) -> code (see acquire_code). */
 static PyObject *
-Mutex_release(MutexObject *self, PyObject *Py_UNUSED(ignored))
+Mutex_acquire(MutexObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int reentrant, rc;
+    double timeout;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "acquire(reentrant, timeout)");
+        return NULL;
+    }
+    reentrant = PyObject_IsTrue(args[0]);
+    if (reentrant < 0) {
+        return NULL;
+    }
+    timeout = PyFloat_AsDouble(args[1]);
+    if (timeout == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    rc = acquire_code(self, reentrant, timeout);
+    return rc < 0 ? NULL : PyLong_FromLong(rc);
+}
+
+/* The work of release(): PSL_OK (released or one nesting level undone),
+ * PSL_NOT_OWNER, or -1 with an exception set. */
+static int
+release_code(MutexObject *self)
 {
     int rc;
     if (check_open(self) < 0) {
-        return NULL;
+        return -1;
     }
     if (!owned_by_me(self)) {
-        return PyLong_FromLong(PSL_NOT_OWNER);
+        return PSL_NOT_OWNER;
     }
     if (self->depth > 1) {
         self->depth--;
-        return PyLong_FromLong(PSL_OK);
+        return PSL_OK;
     }
     self->depth = 0;
     self->owner_ident = 0;
@@ -309,13 +319,22 @@ Mutex_release(MutexObject *self, PyObject *Py_UNUSED(ignored))
     self->state->owner_tid = 0;
     rc = pthread_mutex_unlock(self->mutex);
     if (rc == EPERM) {
-        return PyLong_FromLong(PSL_NOT_OWNER);
+        return PSL_NOT_OWNER;
     }
     if (rc != 0) {
         errno = rc;
-        return PyErr_SetFromErrno(PyExc_OSError);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
     }
-    return PyLong_FromLong(PSL_OK);
+    return PSL_OK;
+}
+
+/* release() -> code (see release_code). */
+static PyObject *
+Mutex_release(MutexObject *self, PyObject *Py_UNUSED(ignored))
+{
+    int rc = release_code(self);
+    return rc < 0 ? NULL : PyLong_FromLong(rc);
 }
 
 static PyObject *
@@ -450,6 +469,139 @@ static PyTypeObject MutexType = {
     .tp_getset = Mutex_getset,
 };
 
+/* Guard: the base class of the front end's lock object, whose `with` is C.
+ *
+ * Why: CPython runs signal handlers (KeyboardInterrupt) between bytecodes.
+ * With __enter__ written in Python, a handler could raise after the mutex was
+ * taken and before the with block began, so no __exit__ ever released it; a
+ * Python __exit__ could be interrupted before its release. Either way the
+ * thread kept the lock for good. Here nothing runs between taking (or
+ * releasing) the mutex and returning to the with statement, as with
+ * threading.Lock. Only the uncommon outcomes call back into Python: any
+ * code but OK from the try-acquire calls self._enter_slow(code) and returns
+ * its result; any code but OK from release calls self._not_owner("release").
+ * The fields are the front end's `_m` (the Mutex, or whatever stands in for
+ * it once the lock object is closed: any object with acquire and release
+ * returning codes) and `_reentrant`. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *m;
+    char reentrant;
+} GuardObject;
+
+static int
+Guard_traverse(GuardObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->m);
+    return 0;
+}
+
+static int
+Guard_clear(GuardObject *self)
+{
+    Py_CLEAR(self->m);
+    return 0;
+}
+
+static void
+Guard_dealloc(GuardObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Guard_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A result code from a call that returned an int, or -1 with an exception set. */
+static int
+code_of(PyObject *result)
+{
+    if (result == NULL) {
+        return -1;
+    }
+    long rc = PyLong_AsLong(result);
+    Py_DECREF(result);
+    if (rc == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    return (int)rc;
+}
+
+static PyObject *
+Guard_enter(GuardObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *m = self->m;
+    int rc;
+    if (m != NULL && Py_IS_TYPE(m, &MutexType)) {
+        rc = acquire_code((MutexObject *)m, self->reentrant, -1.0);
+    }
+    else {
+        rc = code_of(PyObject_CallMethod(m != NULL ? m : Py_None, "acquire", "Od",
+                                         self->reentrant ? Py_True : Py_False, -1.0));
+    }
+    if (rc < 0) {
+        return NULL;
+    }
+    if (rc == PSL_OK) {
+        return Py_NewRef(self);
+    }
+    return PyObject_CallMethod((PyObject *)self, "_enter_slow", "i", rc);
+}
+
+static PyObject *
+Guard_exit(GuardObject *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
+{
+    PyObject *m = self->m;
+    int rc;
+    if (m != NULL && Py_IS_TYPE(m, &MutexType)) {
+        rc = release_code((MutexObject *)m);
+    }
+    else {
+        rc = code_of(PyObject_CallMethod(m != NULL ? m : Py_None, "release", NULL));
+    }
+    if (rc < 0) {
+        return NULL;
+    }
+    if (rc == PSL_OK) {
+        Py_RETURN_NONE;
+    }
+    PyObject *r = PyObject_CallMethod((PyObject *)self, "_not_owner", "s", "release");
+    if (r == NULL) {
+        return NULL;
+    }
+    Py_DECREF(r);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Guard_methods[] = {
+    {"__enter__", (PyCFunction)Guard_enter, METH_NOARGS,
+     "Take the lock; the with block runs holding it."},
+    {"__exit__", (PyCFunction)(void (*)(void))Guard_exit, METH_FASTCALL,
+     "Release the lock taken by __enter__."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Guard_members[] = {
+    {"_m", T_OBJECT, offsetof(GuardObject, m), 0, "The lock handle (or its closed stand-in)."},
+    {"_reentrant", T_BOOL, offsetof(GuardObject, reentrant), 0,
+     "Whether the holding thread may take it again."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject GuardType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "procshare._backends.posix._robustmutex.Guard",
+    .tp_doc = "Base of the lock object: `with` in C (see _robustmutex.c).",
+    .tp_basicsize = sizeof(GuardObject),
+    .tp_itemsize = 0,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)Guard_dealloc,
+    .tp_traverse = (traverseproc)Guard_traverse,
+    .tp_clear = (inquiry)Guard_clear,
+    .tp_methods = Guard_methods,
+    .tp_members = Guard_members,
+};
+
 static struct PyModuleDef robustmutex_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "procshare._backends.posix._robustmutex",
@@ -466,7 +618,7 @@ PyInit__robustmutex(void)
         PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
         return NULL;
     }
-    if (PyType_Ready(&MutexType) < 0) {
+    if (PyType_Ready(&MutexType) < 0 || PyType_Ready(&GuardType) < 0) {
         return NULL;
     }
     m = PyModule_Create(&robustmutex_module);
@@ -476,6 +628,12 @@ PyInit__robustmutex(void)
     Py_INCREF(&MutexType);
     if (PyModule_AddObject(m, "Mutex", (PyObject *)&MutexType) < 0) {
         Py_DECREF(&MutexType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&GuardType);
+    if (PyModule_AddObject(m, "Guard", (PyObject *)&GuardType) < 0) {
+        Py_DECREF(&GuardType);
         Py_DECREF(m);
         return NULL;
     }

@@ -1,3 +1,5 @@
+from typing import Any, Self
+
 DATA_SIZE: int
 STATE_OFFSET: int
 STATE_MAGIC: int
@@ -16,3 +18,9 @@ class Mutex:
     def detach(self) -> None: ...
     @property
     def detached(self) -> bool: ...
+
+class Guard:
+    _m: Any
+    _reentrant: bool
+    def __enter__(self) -> Self: ...
+    def __exit__(self, *exc_info: object) -> None: ...

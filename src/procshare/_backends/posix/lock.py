@@ -26,6 +26,7 @@ try:
         DATA_SIZE,
         STATE_MAGIC,
         STATE_OFFSET,
+        Guard,
         Mutex,
     )
 except ImportError as exc:  # pragma: no cover - only without a build
@@ -72,6 +73,7 @@ class PosixLocks:
     """The lock half of the POSIX backend."""
 
     lock_data_size = DATA_SIZE
+    lock_guard: type = Guard
 
     def lock_init(self, data: memoryview) -> None:
         mutex = Mutex(data)
