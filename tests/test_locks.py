@@ -302,6 +302,28 @@ def test_mutual_exclusion_with_an_inherited_lock_object() -> None:
     lock.close()
 
 
+@ps.forked
+def _nest_inherited_and_by_name(lock: ps.InterprocessLock) -> str:
+    with lock:  # the object inherited from the parent
+        try:
+            with ps.interprocess_lock(lock.name, reentrant=True):
+                return "nested"
+        except RuntimeError as exc:
+            return str(exc)
+
+
+@pytest.mark.timeout(60)
+def test_a_reentrant_lock_cannot_nest_across_an_inherited_and_an_own_object() -> None:
+    lock = ps.interprocess_lock("r", reentrant=True)
+    with lock, ps.interprocess_lock("r", reentrant=True):  # one process: one handle
+        assert lock.owned()
+    said = _nest_inherited_and_by_name(lock).join()
+    # Not the non-reentrant advice ("open it with reentrant=True"): it is.
+    assert "inherited across a fork" in said
+    assert "reentrant=True" not in said
+    lock.close()
+
+
 # -- interrupts -------------------------------------------------------------------
 
 

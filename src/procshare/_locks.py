@@ -259,6 +259,17 @@ class InterprocessLock(LockGuard):
     def _fail(self, rc: int) -> None:
         if rc in (BUSY, TIMEDOUT):
             raise LockTimeout(self._name, timeout=self._timeout)
+        if rc == SELF_HELD and self._reentrant:
+            # Only a second handle on the same lock can say so: one this
+            # process inherited across a fork and one it opened itself (the
+            # engine shares one per name otherwise), which count holds apart.
+            raise RuntimeError(
+                f"lock {self._name!r} is already held by this thread through another lock "
+                "object of that name, inherited across a fork; holds taken through an "
+                "inherited object and through one opened in this process are counted apart, "
+                "so they cannot nest. Nest through one object: the inherited one, or one "
+                "opened by name in this process"
+            )
         if rc == SELF_HELD:
             raise RuntimeError(
                 f"lock {self._name!r} is already held by this thread; taking a non-reentrant "
