@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,31 @@ def test_join_timeout_leaves_the_child_running() -> None:
     assert "SIGTERM" in str(killed.value)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "no-pidfd"])
+def test_a_zero_timeout_still_reaps_a_child_that_has_exited(
+    pidfd: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not pidfd:
+        from procshare._backends.posix import process as posix_process
+
+        monkeypatch.setattr(posix_process, "_pidfd_open", None)
+
+    @ps.forked
+    def quick() -> int:
+        return 5
+
+    a, b = quick(), quick()
+    assert wait_for(lambda: child_pids().get(a.pid) == child_pids().get(b.pid) == "Z")
+    # Exited, not reaped yet: a timeout of 0 is "do not block", not "do not look".
+    status = a.wait(timeout=0)
+    assert status is not None
+    assert status.outcome == "returned"
+    assert b.join(timeout=0) == 5
+    assert a.pid not in child_pids()
+    assert b.pid not in child_pids()
+
+
 @pytest.mark.timeout(120)
 def test_large_result_does_not_deadlock_on_the_pipe() -> None:
     @ps.forked
@@ -153,6 +179,92 @@ def test_a_result_the_parent_cannot_unpickle_is_a_child_raised() -> None:
     assert "its return value could not be unpickled in the parent" in str(info.value)
     assert info.value.exc_type == "RuntimeError"
     assert "cannot be rebuilt" in str(info.value)
+
+
+class _ExitsWhenLoaded(Exception):
+    """Pickles fine in the child; unpickling it in the parent calls sys.exit(7)."""
+
+    def __reduce__(self) -> object:
+        return (sys.exit, (7,))
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+class _InterruptsWhenLoaded:
+    def __reduce__(self) -> object:
+        return (_interrupt, ())  # as if Ctrl-C came while the parent unpickles
+
+
+def test_a_base_exception_while_the_parent_unpickles_is_a_child_raised() -> None:
+    @ps.forked
+    def raises_it() -> None:
+        raise _ExitsWhenLoaded("boom")
+
+    @ps.forked
+    def returns_it() -> object:
+        return _ExitsWhenLoaded("a value")
+
+    with pytest.raises(ps.ChildRaised) as info:
+        raises_it().join(timeout=30)
+    assert info.value.exc_type == "_ExitsWhenLoaded"
+    assert "boom" in str(info.value)
+    assert "could not be unpickled in the parent" in str(info.value)
+    assert "SystemExit: 7" in str(info.value)
+    assert info.value.__cause__ is None
+
+    with pytest.raises(ps.ChildRaised) as info:
+        returns_it().join(timeout=30)
+    assert "its return value could not be unpickled in the parent" in str(info.value)
+    assert info.value.exc_type == "SystemExit"
+
+
+def test_keyboard_interrupt_while_the_parent_unpickles_is_not_swallowed() -> None:
+    @ps.forked
+    def returns_it() -> object:
+        return _InterruptsWhenLoaded()
+
+    child = returns_it()
+    with pytest.raises(KeyboardInterrupt):
+        child.join(timeout=30)
+    assert not child.running  # reaped all the same
+
+
+class _StopsPickling(Exception):
+    """Pickling it raises ``stop``, a BaseException that is not an Exception."""
+
+    def __init__(self, stop: type[BaseException]) -> None:
+        super().__init__(f"stops pickling with {stop.__name__}")
+        self.stop = stop
+
+    def __reduce__(self) -> object:
+        raise self.stop
+
+
+@pytest.mark.parametrize("stop", [SystemExit, KeyboardInterrupt])
+def test_a_base_exception_while_the_child_pickles_is_a_child_raised(
+    stop: type[BaseException],
+) -> None:
+    @ps.forked
+    def returns_it() -> object:
+        return _StopsPickling(stop)
+
+    @ps.forked
+    def raises_it() -> None:
+        raise _StopsPickling(stop)
+
+    with pytest.raises(ps.ChildRaised) as info:
+        returns_it().join(timeout=30)
+    assert info.value.exc_type == stop.__name__
+    assert "its return value, a _StopsPickling, could not be pickled" in str(info.value)
+
+    with pytest.raises(ps.ChildRaised) as info:
+        raises_it().join(timeout=30)
+    assert info.value.exc_type == "_StopsPickling"
+    assert f"stops pickling with {stop.__name__}" in str(info.value)
+    assert "raises_it" in info.value.child_traceback
+    assert info.value.__cause__ is None
 
 
 # --------------------------------------------------------------- failures
@@ -221,7 +333,20 @@ def test_assertion_in_child_never_continues_the_parents_test() -> None:
 
 @pytest.mark.parametrize(
     ("body", "status"),
-    [("sys.exit(3)", 3), ("os._exit(5)", 5), ("sys.exit('bye')", 1)],
+    [
+        ("sys.exit(3)", 3),
+        ("os._exit(5)", 5),
+        ("sys.exit('bye')", 1),
+        # CPython keeps the low byte of a C long: 256 would exit 0, a success.
+        ("sys.exit(256)", 255),
+        ("sys.exit(512)", 255),
+        ("sys.exit(-256)", 255),
+        ("sys.exit(2**31 + 5)", 5),
+        # Too big for a C long (or -1): CPython exits 255.
+        ("sys.exit(2**70)", 255),
+        ("sys.exit(2**70 + 5)", 255),
+        ("sys.exit(-1)", 255),
+    ],
 )
 def test_nonzero_exit_is_child_exited(body: str, status: int) -> None:
     @ps.forked
@@ -370,6 +495,59 @@ def test_context_manager_with_a_failing_block_joins_and_notes_the_child() -> Non
     assert any("child side" in note for note in getattr(info.value, "__notes__", []))
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, SystemExit])
+def test_context_manager_interrupted_terminates_and_reaps_the_child(
+    interruption: type[BaseException],
+) -> None:
+    @ps.forked
+    def sleeper() -> None:
+        time.sleep(20)
+
+    with pytest.raises(interruption), sleeper() as child:
+        raise interruption
+    assert child.pid not in child_pids()  # not waited for: terminated and reaped
+    status = child.wait()
+    assert status is not None
+    assert status.signal == signal.SIGTERM
+    assert status.outcome == "killed"
+
+
+@pytest.mark.timeout(60)
+def test_sigint_while_the_context_manager_joins_terminates_reaps_and_propagates() -> None:
+    script = textwrap.dedent(
+        """
+        import time
+        import procshare as ps
+        from procshare.testing import child_pids
+
+        @ps.forked
+        def sleeper():
+            time.sleep(60)
+
+        try:
+            with sleeper() as child:
+                print(child.pid, flush=True)
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt", sorted(child_pids()), child.exitcode, flush=True)
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        time.sleep(0.2)  # leaving the block: joining the child now
+        parent.send_signal(signal.SIGINT)
+        out, err = parent.communicate(timeout=30)
+    finally:
+        parent.kill()
+        parent.wait()
+    assert out.strip() == f"KeyboardInterrupt [] {-signal.SIGTERM}", err
+    assert not alive(pid)
+
+
 def test_reaped_by_someone_else_is_reported_not_hung() -> None:
     @ps.forked
     def quick() -> int:
@@ -457,24 +635,73 @@ def test_dropped_handle_is_reaped_at_the_next_call_into_procshare() -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("call", ["shared", "lock", "segments"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        "shared",
+        "lock",
+        "segments",
+        "join",
+        "wait",
+        "running",
+        "exitcode",
+        "terminate",
+        "kill",
+        "scope exit",
+    ],
+)
 def test_every_public_entry_point_reaps_dropped_children(call: str) -> None:
+    # A dropped child that has exited is reaped; one whose timeout= ran out is
+    # killed and reaped (with a warning), by any call into procshare.
     @ps.forked
     def quick() -> None:
         return None
 
-    pid = quick().pid
-    gc.collect()
-    assert wait_for(lambda: child_pids().get(pid) == "Z")
-    if call == "shared":
+    @ps.forked(timeout=0.1)
+    def overdue() -> None:
+        time.sleep(30)
+
+    kept = quick()  # calls on a handle the caller keeps are calls into procshare too
+    t0 = time.monotonic()
+    dropped = [quick(), overdue()]
+    pids = [c.pid for c in dropped]
+    assert wait_for(lambda: child_pids().get(pids[0]) == "Z")
+    time.sleep(max(0.0, t0 + 0.3 - time.monotonic()))  # overdue's timeout has run out
+
+    def shared() -> None:
         with ps.shared("probe", ps.u8):
             pass
-    elif call == "lock":
+
+    def lock() -> None:
         with ps.interprocess_lock("probe"):
             pass
-    else:
-        ps.segments()
-    assert pid not in child_pids()
+
+    def scope_exit() -> None:
+        with ps.children():
+            dropped.clear()  # after the scope's entry, which polls too
+            gc.collect()
+            assert all(p in child_pids() for p in pids)
+
+    calls: dict[str, Callable[[], object]] = {
+        "shared": shared,
+        "lock": lock,
+        "segments": ps.segments,
+        "join": kept.join,
+        "wait": kept.wait,
+        "running": lambda: kept.running,
+        "exitcode": lambda: kept.exitcode,
+        "terminate": kept.terminate,
+        "kill": kept.kill,
+        "scope exit": scope_exit,
+    }
+    if call != "scope exit":
+        dropped.clear()
+        gc.collect()
+    with pytest.warns(RuntimeWarning, match="after its timeout"):
+        calls[call]()
+    mine = child_pids()
+    assert [p for p in pids if p in mine] == []
+    kept.wait()
 
 
 @pytest.mark.timeout(60)
@@ -718,6 +945,17 @@ def test_a_decorated_method_gets_its_instance() -> None:
 
     assert Counter(40).plus(2).join() == 42
     assert isinstance(Counter.__dict__["plus"], type(ps.forked(len)))
+
+
+def test_a_decorated_staticmethod_gets_no_instance() -> None:
+    class Maths:
+        @ps.forked
+        @staticmethod
+        def triple(y: int) -> int:
+            return y * 3
+
+    assert Maths.triple(4).join() == 12
+    assert Maths().triple(4).join() == 12  # not Maths.triple(instance, 4)
 
 
 @pytest.mark.timeout(120)

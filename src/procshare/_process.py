@@ -16,6 +16,7 @@ from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 import attrs
 
+from procshare._engine import get_engine
 from procshare._engine.children import (
     CANCEL_GRACE,
     Cancelled,
@@ -86,6 +87,11 @@ class Child(Generic[R]):
     keeps running, and is reaped at the next call into procshare after it
     has exited (a failure then gives a ``RuntimeWarning``), or at
     interpreter exit.
+
+    Leaving a ``with`` block by ``KeyboardInterrupt`` (or another exception
+    that is not an :class:`Exception`) terminates the child (``SIGTERM``,
+    then ``SIGKILL`` after ``CANCEL_GRACE``), reaps it and lets the
+    interruption propagate, as a :func:`children` scope does.
     """
 
     __slots__ = ("__weakref__", "_part", "_rec")
@@ -109,14 +115,21 @@ class Child(Generic[R]):
         """Whether interpreter exit terminates this child instead of waiting for it."""
         return self._rec.daemon
 
+    # Every method that looks at the child is a call into procshare: each
+    # first reaps (and enforces the timeout of) children whose handles were
+    # dropped (SPEC 1). get_engine(), not self._part.engine: a handle
+    # inherited by a fork must not run its parent's housekeeping here.
+
     @property
     def running(self) -> bool:
         """Whether the child has not ended yet (reaps it if it has)."""
+        get_engine().poll()
         return not self._part.advance(self._rec)
 
     @property
     def exitcode(self) -> int | None:
         """``None`` while running; then the exit status, or minus the signal number."""
+        get_engine().poll()
         rec = self._rec
         if not self._part.advance(rec) or rec.exit is None:
             return None
@@ -139,6 +152,7 @@ class Child(Generic[R]):
             ChildTimeout: the ``timeout=`` given to :func:`forked` ran out.
         """
         timeout = _positive_timeout(timeout, "join(timeout=)")
+        get_engine().poll()
         if not self._part.wait(self._rec, timeout):
             raise JoinTimeout(pid=self.pid, name=self.name, timeout=timeout)
         ok, value = self._part.outcome(self._rec)
@@ -150,6 +164,7 @@ class Child(Generic[R]):
         """Wait for the child to end and describe how it ended; never raises a
         child's failure. Returns ``None`` if ``timeout`` seconds pass first."""
         timeout = _positive_timeout(timeout, "wait(timeout=)")
+        get_engine().poll()
         rec = self._rec
         if not self._part.wait(rec, timeout):
             return None
@@ -181,10 +196,12 @@ class Child(Generic[R]):
 
     def terminate(self) -> None:
         """Send ``SIGTERM`` (a no-op once the child has ended and been reaped)."""
+        get_engine().poll()
         self._part.signal(self._rec, signal.SIGTERM)
 
     def kill(self) -> None:
         """Send ``SIGKILL`` (a no-op once the child has ended and been reaped)."""
+        get_engine().poll()
         self._part.signal(self._rec, signal.SIGKILL)
 
     def __enter__(self) -> Child[R]:
@@ -196,18 +213,33 @@ class Child(Generic[R]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is None:
-            self.join()
+        if exc is not None and not isinstance(exc, Exception):
+            # Ctrl-C (or SystemExit & co) in the block: waiting for the child to
+            # finish on its own could take forever. Stop and reap it, as a
+            # children() scope does, and let the interruption propagate.
+            self._part.terminate_all([self._rec], cancel=False, grace=CANCEL_GRACE)
             return
-        # The block failed: still join (no zombie), but let the block's error
-        # propagate, noting the child's own failure on it.
-        status = self.wait()
+        try:
+            if exc is None:
+                self.join()
+                return
+            # The block failed: still join (no zombie), but let the block's
+            # error propagate, noting the child's own failure on it.
+            status = self.wait()
+        except BaseException as interrupted:
+            if not isinstance(interrupted, Exception):  # Ctrl-C while joining
+                self._part.terminate_all([self._rec], cancel=False, grace=CANCEL_GRACE)
+            raise
         if status is not None and status.error is not None:
             exc.add_note(f"procshare: meanwhile {status.error}")
 
     def __repr__(self) -> str:
         rec = self._rec
-        state = "running" if not rec.done else f"exitcode={self.exitcode}"
+        exit_ = rec.exit
+        if not rec.done:
+            state = "running"
+        else:  # from the record: a repr is no call into procshare, it never reaps
+            state = f"exitcode={None if exit_ is None else exit_.exitcode}"
         return f"<Child {rec.name!r} pid={rec.pid} {state}>"
 
     def __del__(self) -> None:
@@ -279,6 +311,10 @@ class Children:
         handles = self.children
         if exc is not None and not isinstance(exc, Exception | Cancelled):
             return False  # KeyboardInterrupt & co propagate as they are
+        # A call into procshare reaps dropped children (SPEC 1); after the
+        # scope's own are joined, so a warning raised as an error (-W error)
+        # cannot leave those behind.
+        get_engine().poll()
         failed = set(scope.failures)
         errors: list[Exception] = []
         if isinstance(exc, Exception):
@@ -351,6 +387,8 @@ class _Forked(Generic[P, R]):
         self._name = name or getattr(fn, "__qualname__", None) or repr(fn)
         self._timeout = timeout
         self._daemon = daemon
+        # Above @staticmethod it must not bind: obj.method(x) calls fn(x).
+        self._binds = not isinstance(fn, staticmethod)
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Child[R]:
@@ -359,8 +397,9 @@ class _Forked(Generic[P, R]):
         return Child(part, rec)
 
     def __get__(self, instance: object, owner: type | None = None) -> Any:
-        """Decorating a method works: ``obj.method(...)`` forks with ``obj`` bound."""
-        if instance is None:
+        """Decorating a method works: ``obj.method(...)`` forks with ``obj`` bound
+        (a ``@staticmethod`` below ``@forked`` gets no instance)."""
+        if instance is None or not self._binds:
             return self
         return types.MethodType(self, instance)
 

@@ -152,37 +152,58 @@ class ScopeState:
     cancelling: bool = False
 
 
+# CPython exits with ``(int)PyLong_AsLong(code)``: an int code is taken as a C
+# long, and one that does not fit becomes -1 (status 255).
+_LONG_MAX = (1 << (8 * struct.calcsize("l") - 1)) - 1
+
+
 def _exit_status(exc: SystemExit) -> int:
-    """What the interpreter would exit with for this ``SystemExit``."""
+    """What the interpreter would exit with for this ``SystemExit``, except
+    that a non-zero code never gives status 0."""
     code = exc.code
     if code is None:
         return 0
     if isinstance(code, int):
-        return code & 0xFF
+        if not code:
+            return 0
+        status = code & 0xFF if -_LONG_MAX - 1 <= code <= _LONG_MAX else 0xFF
+        # sys.exit(256) would exit 0 from a plain interpreter, and the parent
+        # would report a clean return. 255, not 1: it is what CPython itself
+        # exits with for a code it cannot represent (sys.exit(2**70)), and 1
+        # is also the status of a child that raised.
+        return status or 0xFF
     with contextlib.suppress(Exception):
         print(code, file=sys.stderr)
     return 1
 
 
 def _raised_payload(exc: BaseException, detail: str = "", *, skip: int = 0) -> bytes:
+    """The message for an exception (runs in the child, which must report
+    something: so any ``BaseException`` of the user's code it calls, a
+    ``__reduce__`` calling ``sys.exit()`` or a Ctrl-C, is caught too)."""
     frames = exc.__traceback__
     for _ in range(skip):  # our own frames: the user's function is what matters
         if frames is not None and frames.tb_next is not None:
             frames = frames.tb_next
-    tb = "".join(traceback.format_exception(type(exc), exc, frames))
+    try:
+        tb = "".join(traceback.format_exception(type(exc), exc, frames))
+    except BaseException as failed:
+        tb = f"<the traceback could not be formatted: {type(failed).__name__}>\n"
     try:
         exc_bytes: bytes | None = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
+    except BaseException:
         exc_bytes = None
     try:
         message = str(exc)
-    except Exception:
+    except BaseException:
         message = "<the exception's message could not be formatted>"
     info = (type(exc).__qualname__, message, tb, exc_bytes, detail)
     return _RAISED + pickle.dumps(info, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _not_unpickled(what: str, exc: Exception, common: dict[str, Any]) -> Callable[[], ChildError]:
+def _not_unpickled(
+    what: str, exc: BaseException, common: dict[str, Any]
+) -> Callable[[], ChildError]:
     """The error of a child whose message (``what``) the parent could not unpickle."""
     return functools.partial(
         ChildRaised,
@@ -198,7 +219,7 @@ def _returned_payload(value: object) -> tuple[int, bytes]:
     sends nothing at all, and status 0 with an empty pipe says it)."""
     try:
         return 0, _RETURNED + pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
+    except BaseException as exc:  # a __reduce__ may raise anything: report it, not exit 1
         detail = (
             f"its return value, a {type(value).__qualname__}, could not be pickled to send it "
             "to the parent; return something picklable (plain data), or put the result in "
@@ -445,9 +466,12 @@ class ChildrenPart:
 
         One ``poll`` over every pipe and pidfd, then progress only for the
         children whose descriptors are ready: waiting on N children costs
-        O(N) per wake-up, not N reads and N ``waitpid`` calls.
+        O(N) per wake-up, not N reads and N ``waitpid`` calls. A ``deadline``
+        already past still looks once (``join(timeout=0)`` reaps a child that
+        has exited).
         """
         watch: float | None = time.monotonic() + DEADLOCK_WATCH
+        looked = False
         while True:
             now = time.monotonic()
             limit = deadline
@@ -469,7 +493,7 @@ class ChildrenPart:
                     by_fd[r.wait_fd] = r
                 else:
                     blind.append(r)
-            if not recs or (deadline is not None and now >= deadline):
+            if not recs or (looked and deadline is not None and now >= deadline):
                 return
             wait = None if limit is None else max(0.0, limit - now)
             if watch is not None:
@@ -481,6 +505,7 @@ class ChildrenPart:
             if blind:
                 wait = _NO_PIDFD_SLICE if wait is None else min(wait, _NO_PIDFD_SLICE)
             ready = self.backend.process_poll(list(by_fd), wait)
+            looked = True
             for fd in ready:
                 self.advance(by_fd[fd])
             for r in blind:
@@ -559,14 +584,13 @@ class ChildrenPart:
                 return True, None  # returned None (or exited 0): nothing was sent
             message = self._message(rec)
             if message is not None and message[:1] == _RETURNED:
-                with contextlib.suppress(Exception):
+                try:
                     return True, pickle.loads(message[1:])  # the common case, fast
-        common: dict[str, Any] = {
-            "pid": rec.pid,
-            "name": rec.name,
-            "exitcode": None if exit_ is None else exit_.exitcode,
-            "signal": None if exit_ is None else exit_.signal,
-        }
+                except KeyboardInterrupt:
+                    raise  # Ctrl-C in the parent: the user's, not the child's failure
+                except BaseException as exc:  # a __reduce__ may even call sys.exit()
+                    return False, _not_unpickled("its return value", exc, self._common(rec))
+        common = self._common(rec)
         detail = (
             "cancelled by its ps.children() scope after another failure" if rec.cancelled else ""
         )
@@ -578,23 +602,37 @@ class ChildrenPart:
         if message is not None and message[:1] == _RAISED:
             try:
                 info = pickle.loads(message[1:])
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
                 return False, _not_unpickled("its exception", exc, common)
             exc_type, exc_message, tb, exc_bytes, raised_detail = info
             if detail:
                 raised_detail = f"{raised_detail}; {detail}" if raised_detail else detail
 
             def raised() -> ChildError:
+                cause: object = None
+                why = raised_detail
+                if exc_bytes is not None:
+                    try:
+                        cause = pickle.loads(exc_bytes)
+                    except KeyboardInterrupt:
+                        raise
+                    except BaseException as exc:  # its __reduce__ may even call sys.exit()
+                        lost = (
+                            "the original exception could not be unpickled in the parent "
+                            f"(so it is not the __cause__): {type(exc).__name__}: {exc}"
+                        )
+                        why = f"{why}; {lost}" if why else lost
                 err = ChildRaised(
-                    raised_detail,
+                    why,
                     exc_type=exc_type,
                     exc_message=exc_message,
                     child_traceback=tb,
                     **common,
                 )
-                if exc_bytes is not None:
-                    with contextlib.suppress(Exception):
-                        err.__cause__ = pickle.loads(exc_bytes)
+                if isinstance(cause, BaseException):
+                    err.__cause__ = cause
                 return err
 
             return False, raised
@@ -614,8 +652,21 @@ class ChildrenPart:
             return True, None  # os._exit(0) / sys.exit(0): nothing was returned
         try:
             return True, pickle.loads(message[1:])
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
             return False, _not_unpickled("its return value", exc, common)
+
+    @staticmethod
+    def _common(rec: Record) -> dict[str, Any]:
+        """The fields every error of ``rec``'s child carries."""
+        exit_ = rec.exit
+        return {
+            "pid": rec.pid,
+            "name": rec.name,
+            "exitcode": None if exit_ is None else exit_.exitcode,
+            "signal": None if exit_ is None else exit_.signal,
+        }
 
     @staticmethod
     def _message(rec: Record) -> memoryview | None:
