@@ -152,6 +152,20 @@ def test_cli_reports_an_invalid_name_clearly() -> None:
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("command", [["ls"], ["gc"], ["rm", "totals"], ["rm", "m", "--lock"]])
+def test_cli_refuses_an_invalid_namespace_for_every_command(command: list[str]) -> None:
+    out = _cli(*command, "--namespace", "bad/ns")
+    assert out.returncode == 2
+    assert "the namespace contains '/'" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stdout == ""
+
+
+def test_segments_refuses_an_invalid_namespace() -> None:
+    with pytest.raises(ps.InvalidName, match="the namespace is empty"):
+        ps.segments("")
+
+
 def test_gc_keeps_a_lock_whose_holder_died_until_gc_all() -> None:
     dead = killed_holder("m")
     (info,) = ps.segments()

@@ -46,6 +46,13 @@ class SegmentInfo:
     os_name: str
 
 
+def _namespace(namespace: str | None) -> str:
+    """``namespace`` checked (``InvalidName`` saying "namespace"), or the current one."""
+    if namespace is None:
+        return names.current_namespace()
+    return names.validate_name(namespace, "namespace")
+
+
 def _type_of(os_name: str, temporary: bool) -> ObjectType:
     if temporary:
         return "temporary"
@@ -56,7 +63,7 @@ def _type_of(os_name: str, temporary: bool) -> ObjectType:
 def list_objects(namespace: str | None = None) -> list[SegmentInfo]:
     """Every object of ``namespace`` (default: the current one), sorted by name."""
     engine = get_engine()
-    ns = names.current_namespace() if namespace is None else names.validate_name(namespace)
+    ns = _namespace(namespace)
     now = time.time_ns()
     out = []
     for info in engine.backend.segment_list(names.namespace_prefix(ns)):
@@ -87,7 +94,7 @@ def collect(namespace: str | None = None, *, everything: bool = False) -> list[s
     their users) and locks whose holder died (kept so the next user is told).
     """
     engine = get_engine()
-    ns = names.current_namespace() if namespace is None else names.validate_name(namespace)
+    ns = _namespace(namespace)
 
     def keep(handle: SegmentHandle) -> bool:
         if everything:
@@ -104,8 +111,9 @@ def remove(name: str, *, lock: bool = False, namespace: str | None = None) -> bo
     """Remove the segment (or lock) ``name`` now, whoever holds it."""
     engine = get_engine()
     names.validate_name(name)
+    ns = _namespace(namespace)
     kind = names.LOCK if lock else names.SEGMENT
-    return engine.backend.segment_unlink(names.os_name(kind, name, namespace))
+    return engine.backend.segment_unlink(names.os_name(kind, name, ns))
 
 
 def namespace_objects(namespace: str | None = None) -> frozenset[str]:
