@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import subprocess
 import sys
 import textwrap
@@ -65,6 +66,30 @@ def test_float_kinds() -> None:
         assert h.value == 1e300
         with pytest.raises(TypeError, match="cannot hold"):
             f.value = "x"
+
+
+def test_f32_refuses_a_finite_value_it_would_store_as_inf() -> None:
+    @attrs.define
+    class Sample:
+        level: ps.f32  # type: ignore[valid-type]
+
+    biggest = float(np.finfo(np.float32).max)
+    with ps.shared("f", ps.f32) as f, ps.shared("c", ctypes.c_float) as c:
+        with ps.shared("s", Sample) as s:
+            for seg_view, attr in ((f, "value"), (c, "value"), (s, "level")):
+                setattr(seg_view, attr, 1.5)
+                for too_big in (1e39, -1e39, 10**400):
+                    with pytest.raises(ValueError, match="cannot hold"):
+                        setattr(seg_view, attr, too_big)
+                assert getattr(seg_view, attr) == 1.5  # a refused write changes nothing
+                setattr(seg_view, attr, biggest)
+                assert getattr(seg_view, attr) == biggest
+                setattr(seg_view, attr, float("-inf"))  # inf and nan are f32 values
+                assert getattr(seg_view, attr) == float("-inf")
+                setattr(seg_view, attr, float("nan"))
+                assert math.isnan(getattr(seg_view, attr))
+                with pytest.raises(TypeError, match="cannot hold"):
+                    setattr(seg_view, attr, "x")
 
 
 def test_bool_kind() -> None:
@@ -332,6 +357,86 @@ def test_bad_initial_is_refused_before_anything_is_created() -> None:
         ps.shared("x", ps.u8, create=False)
 
 
+class Small(ctypes.Structure):
+    _fields_ = (("x", ctypes.c_uint8), ("y", ctypes.c_int16), ("bits", ctypes.c_uint32, 3))
+
+
+class Tagged(Small):
+    _fields_ = (("tags", ctypes.c_uint8 * 2),)
+
+
+_PAIR = np.dtype([("x", "u1"), ("y", "<f4")])
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape", "initial"),
+    [
+        (np.uint8, 3, [300, 1, 2]),
+        (np.uint8, 3, [-1, 0, 0]),
+        (np.int64, 3, [1.5, 2.7, 3.9]),
+        (np.int64, 2, [2**63, 0]),
+        (np.int64, 2, [2**70, 1]),  # a numpy object array
+        (np.uint64, 1, [2.0**64]),
+        (np.int16, 2, np.array([1.0, float("nan")])),
+        (np.int32, 2, np.array([2**40, 1])),
+        (np.int32, 2, ["1", "2"]),
+        (np.float32, 2, [1e39, 0.0]),
+        (np.float16, 1, np.array([1e5])),
+        (np.float64, 1, [1 + 2j]),
+        (_PAIR, 2, [(300, 1.0), (1, 1.0)]),
+        (_PAIR, 1, np.array([(1, 1e39)], dtype=[("x", "<i8"), ("y", "<f8")])),
+        (np.int32, (2, 2), [1, 2, 3]),
+    ],
+)
+def test_numpy_initial_that_does_not_fit_is_a_type_error(
+    kind: object, shape: object, initial: object
+) -> None:
+    with pytest.raises(
+        TypeError, match=r"initial=.* does not fit shared segment 'a' of kind numpy"
+    ):
+        ps.shared("a", kind, shape=shape, initial=initial).close()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kind", "initial"),
+    [
+        (ctypes.c_uint8 * 3, [300, -1, 2]),
+        (ctypes.c_uint8 * 3, [1, -1, 2]),
+        (ctypes.c_int * 3, [1, 2, 3, 4]),
+        (ctypes.c_int64 * 1, [2**70]),
+        (ctypes.c_float * 2, [1e39, 0.0]),
+        (ctypes.c_int32.__ctype_be__, 2**40),  # served by ctypes, not as a ps.i32
+        (Small, (256, 1)),
+        (Small, (1, 70000)),
+        (Small, (1, 1, 8)),  # a 3-bit field
+        (Tagged, (1, 2, 3, (4, 256))),  # base class fields first, then a nested array
+        ((ctypes.c_int8 * 2) * 2, [(1, 2), (3, 128)]),
+    ],
+)
+def test_ctypes_initial_that_does_not_fit_is_a_type_error(kind: object, initial: object) -> None:
+    with pytest.raises(TypeError, match=r"shared segment 'a'.*initial=.* cannot be stored as"):
+        ps.shared("a", kind, initial=initial).close()
+
+
+def test_initial_values_that_fit_are_stored_as_given() -> None:
+    with ps.shared("a", np.uint8, shape=3, initial=[255, 0, 7]) as a:
+        assert a.tolist() == [255, 0, 7]
+    with ps.shared("b", np.int64, shape=2, initial=[2.0, -(2.0**63)]) as b:
+        assert b.tolist() == [2, -(2**63)]
+    with ps.shared("c", np.float32, shape=3, initial=[0.1, float("inf"), float("nan")]) as c:
+        assert c[0] == np.float32(0.1)  # rounding to f32 is not a misfit
+        assert c[1] == float("inf")
+        assert np.isnan(c[2])
+    with ps.shared("d", _PAIR, shape=1, initial=[(255, 0.1)]) as d:
+        assert d["x"].tolist() == [255]
+    with ps.shared("e", ctypes.c_uint8 * 3, initial=[255, 0]) as e:
+        assert list(e) == [255, 0, 0]
+    with ps.shared("f", Tagged, initial=(255, -(2**15), 7, (1, 2))) as f:
+        assert (f.x, f.y, f.bits, list(f.tags)) == (255, -(2**15), 7, [1, 2])
+    with ps.shared("g", ctypes.c_float * 2, initial=[float("inf"), 0.1]) as g:
+        assert g[0] == float("inf")
+
+
 # --------------------------------------------------------------------------
 # the segment records what it holds
 
@@ -398,6 +503,39 @@ def test_scalar_struct_and_ctypes_views_raise_segment_closed_after_the_block() -
     seg.close()  # idempotent
     with pytest.raises(ps.SegmentClosed, match="'a'"):
         _ = seg.view
+
+
+def test_writing_to_a_closed_view_raises_the_same_segment_closed_as_reading() -> None:
+    with ps.shared("a", int) as a, ps.shared("b", Counter) as b:
+        pass
+    for read, write in (
+        (lambda: a.value, lambda: setattr(a, "value", 5)),
+        (lambda: b.count, lambda: setattr(b, "count", 5)),
+        (lambda: b.ratio, lambda: setattr(b, "ratio", 1.5)),  # an f32 field
+    ):
+        with pytest.raises(ps.SegmentClosed) as on_read:
+            read()
+        with pytest.raises(ps.SegmentClosed) as on_write:
+            write()
+        assert on_write.value.name == on_read.value.name in ("a", "b")
+        assert str(on_write.value) == str(on_read.value)
+
+
+def test_a_closed_ctypes_view_reaches_nothing_through_its_field_names() -> None:
+    class Record(ctypes.Structure):
+        _fields_ = (("name", ctypes.c_int), ("count", ctypes.c_int), ("_raise", ctypes.c_int))
+
+    with ps.shared("rec", Record) as rec:
+        rec.name = 7
+        assert rec.name == 7
+    for attr in ("name", "count", "_raise", "missing"):
+        with pytest.raises(ps.SegmentClosed, match="'rec'"):
+            getattr(rec, attr)
+        with pytest.raises(ps.SegmentClosed, match="'rec'"):
+            setattr(rec, attr, 99)
+    with pytest.raises(ps.SegmentClosed):
+        _ = rec.name  # the refused write above changed nothing it could reach
+    assert "closed" in repr(rec)
 
 
 def test_numpy_arrays_and_memoryviews_keep_working_after_the_block() -> None:

@@ -3,7 +3,8 @@
 * :class:`ScalarView` (``int``, ``float``, ``bool``, ``ps.i8`` ... ``ps.f64``,
   ctypes scalars): ``.value`` reads and writes the number in place through a
   cached ``memoryview.cast``, so an access is one property call and one
-  indexing, no lookups.
+  indexing, no lookups. (:class:`F32ScalarView` checks an ``f32`` write's
+  range first: the cast to C ``float`` would store inf for a too-large number.)
 * struct views (attrs classes): one property per field, generated once per
   class, each reading its own one-element ``memoryview.cast``.
 * :class:`NativeView` (ctypes ``Structure``, ``Union``, arrays, odd
@@ -17,6 +18,7 @@ of the memoryview, so the fast path carries no "is it closed?" test.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from typing import Any, ClassVar, NoReturn
 
@@ -24,25 +26,25 @@ from procshare.errors import SegmentClosed
 
 
 class _Closed:
-    """Stands in for a closed view's memory; every use raises SegmentClosed."""
+    """Stands in for a closed view's memory; every use raises SegmentClosed.
 
-    __slots__ = ("name",)
+    Reading, writing or deleting *any* attribute raises too, its own slot
+    included: a NativeView forwards every attribute name of the user's ctypes
+    type here, so nothing of this object may be reachable by name (a field
+    called ``name`` must not read the segment's name). Its own code reads the
+    slot with ``object.__getattribute__``.
+    """
+
+    __slots__ = ("_ps_name",)
 
     def __init__(self, name: str) -> None:
-        self.name = name
+        object.__setattr__(self, "_ps_name", name)
 
     def _raise(self, *args: object) -> NoReturn:
-        raise SegmentClosed(self.name)
+        raise SegmentClosed(object.__getattribute__(self, "_ps_name"))
 
     __getitem__ = __setitem__ = __len__ = __iter__ = _raise
-
-    def __getattr__(self, attr: str) -> NoReturn:
-        raise SegmentClosed(self.name)
-
-    def __setattr__(self, attr: str, value: object) -> None:
-        if attr != "name":
-            raise SegmentClosed(self.name)
-        object.__setattr__(self, attr, value)
+    __getattribute__ = __setattr__ = __delattr__ = _raise
 
 
 def _release(mv: Any) -> None:
@@ -54,11 +56,31 @@ def _release(mv: Any) -> None:
 
 
 def _value_error(name: str, kind: str, value: object, exc: Exception) -> Exception:
-    err = type(exc)(
+    # A value of the wrong type stays a TypeError; out of range (memoryview's
+    # ValueError, struct's OverflowError for f32) is a ValueError.
+    cls = TypeError if isinstance(exc, TypeError) else ValueError
+    return cls(
         f"shared segment {name!r} holds a {kind}, which cannot hold {value!r} ({exc}); "
         "store a value in the kind's range, or create the segment with a wider kind"
     )
-    return err
+
+
+_pack_f32 = struct.Struct("=f").pack
+
+
+def _check_f32(name: str, kind: str, value: object) -> None:
+    """Refuse a finite number too large for an f32 (``ValueError``).
+
+    A ``memoryview.cast("f")`` store turns it into inf without a word;
+    struct's packer refuses exactly those values (those the cast to C
+    ``float`` makes infinite) and lets inf and nan through.
+    """
+    try:
+        _pack_f32(value)
+    except OverflowError as exc:
+        raise _value_error(name, kind, value, exc) from None
+    except struct.error:
+        pass  # not a number: the store itself raises TypeError (or SegmentClosed)
 
 
 class ScalarView:
@@ -67,7 +89,8 @@ class ScalarView:
     ``view.value += 1`` is a read then a write, not an atomic increment: guard
     it with ``ps.interprocess_lock`` when several processes update it.
     Storing a value the kind cannot hold (``-1`` in a ``ps.u8``, ``2**64`` in
-    an ``int``) raises ``ValueError`` or ``TypeError``; nothing wraps around.
+    an ``int``, ``1e39`` in a ``ps.f32``) raises ``ValueError`` or ``TypeError``;
+    nothing wraps around or becomes inf.
     """
 
     __slots__ = ("__weakref__", "_kind", "_mv", "_name", "_segment")
@@ -87,6 +110,8 @@ class ScalarView:
     def value(self, value: Any) -> None:
         try:
             self._mv[0] = value
+        except SegmentClosed:
+            raise  # a ValueError too, but about the view, not the value
         except (ValueError, TypeError) as exc:
             raise _value_error(self._name, self._kind, value, exc) from None
 
@@ -98,6 +123,30 @@ class ScalarView:
         if isinstance(self._mv, _Closed):
             return f"<shared {self._kind} {self._name!r} (closed)>"
         return f"<shared {self._kind} {self._name!r} value={self._mv[0]!r}>"
+
+
+class F32ScalarView(ScalarView):
+    """A :class:`ScalarView` of an ``f32``: a write first checks the range.
+
+    A subclass, so that the check costs nothing to the other kinds' writes.
+    """
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> Any:
+        """The number, read from shared memory now."""
+        return self._mv[0]
+
+    @value.setter
+    def value(self, value: Any) -> None:
+        _check_f32(self._name, self._kind, value)
+        try:
+            self._mv[0] = value
+        except SegmentClosed:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise _value_error(self._name, self._kind, value, exc) from None
 
 
 class StructView:
@@ -130,13 +179,24 @@ def _field_property(index: int, field: str, kind: str) -> property:
     def get(self: StructView) -> Any:
         return self._ps_cells[index][0]
 
+    # Two setters rather than one testing the kind: only f32 fields pay for the check.
     def set(self: StructView, value: Any) -> None:
         try:
             self._ps_cells[index][0] = value
+        except SegmentClosed:
+            raise  # a ValueError too, but about the view, not the value
         except (ValueError, TypeError) as exc:
             raise _value_error(self._ps_name, f"{kind} field {field!r}", value, exc) from None
 
-    return property(get, set, doc=f"Field {field!r} ({kind}), read and written in place.")
+    def set_f32(self: StructView, value: Any) -> None:
+        _check_f32(self._ps_name, f"{kind} field {field!r}", value)
+        set(self, value)
+
+    return property(
+        get,
+        set_f32 if kind == "f32" else set,
+        doc=f"Field {field!r} ({kind}), read and written in place.",
+    )
 
 
 def struct_view_class(qualname: str, fields: tuple[tuple[str, str], ...]) -> type[StructView]:

@@ -18,6 +18,9 @@ different layout is caught on attach.
 from __future__ import annotations
 
 import ctypes
+import operator
+import reprlib
+import struct
 import sys
 from typing import Any, Literal
 
@@ -102,6 +105,100 @@ def _canonical(kind: type) -> str:
     raise TypeError(f"{kind!r} is not a ctypes type")
 
 
+_pack_f32 = struct.Struct("=f").pack
+
+
+def _int_range(bits: int, *, signed: bool) -> tuple[int, int]:
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def _scalar_misfit(kind: type, value: object) -> str | None:
+    """Why ctypes would store ``value`` as a ``kind`` changed; ``None`` if it would not.
+
+    ctypes wraps integers (300 in a ``c_uint8`` is 44) and makes a finite
+    number too large for a ``c_float`` inf, silently; the scalar kinds refuse
+    those values (``struct.pack``), so these must too. Values ctypes refuses
+    on its own (a float for an int) are left to it.
+    """
+    code = kind._type_  # type: ignore[attr-defined]
+    if code in _INTEGER_CODES:
+        try:
+            number = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+        low, high = _int_range(8 * ctypes.sizeof(kind), signed=not code.isupper())
+        if not low <= number <= high:
+            return f"{number} is beyond the range of {kind.__name__} ({low} to {high})"
+    elif code == "f":
+        try:
+            _pack_f32(value)
+        except OverflowError:
+            return f"{value!r} is beyond the range of {kind.__name__} (it would become inf)"
+        except struct.error:
+            return None
+    return None
+
+
+def _bits_misfit(kind: type, width: int, value: object) -> str | None:
+    """Why ``value`` does not fit a ``width``-bit field of ``kind`` (which ctypes cuts short)."""
+    code = kind._type_  # type: ignore[attr-defined]
+    if code not in _INTEGER_CODES:
+        return None
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    low, high = _int_range(width, signed=not code.isupper())
+    if not low <= number <= high:
+        return f"{number} is beyond the range of a {width}-bit field ({low} to {high})"
+    return None
+
+
+def _positional_fields(kind: type) -> list[tuple[Any, ...]]:
+    """The fields positional initialisers fill, in ctypes' order: base classes' first."""
+    fields: list[tuple[Any, ...]] = []
+    for cls in reversed(kind.__mro__):
+        fields.extend(vars(cls).get("_fields_", ()))
+    return fields
+
+
+def _misfit(kind: type, value: object) -> str | None:
+    """:func:`_scalar_misfit` for any ctypes kind (nested arrays and structures too)."""
+    if isinstance(value, _CData):
+        return None  # a ctypes object already: ctypes checks its type
+    if issubclass(kind, _SimpleCData):
+        return _scalar_misfit(kind, value)
+    if isinstance(value, tuple):  # ctypes unpacks a tuple into a nested array or structure
+        return _items_misfit(kind, value)
+    return None
+
+
+def _items_misfit(kind: type, items: tuple[object, ...]) -> str | None:
+    """Why ``kind(*items)`` would not hold ``items`` as given; ``None`` if it would."""
+    if issubclass(kind, ctypes.Array):
+        length: int = kind._length_  # type: ignore[assignment]
+        if len(items) > length:
+            return f"{len(items)} items, but {kind.__name__} holds {length}"
+        for index, item in enumerate(items):
+            why = _misfit(kind._type_, item)  # type: ignore[arg-type]
+            if why is not None:
+                return f"item {index}: {why}"
+    elif issubclass(kind, ctypes.Structure | ctypes.Union):
+        for spec, item in zip(_positional_fields(kind), items, strict=False):
+            why = _misfit(spec[1], item)
+            if why is None and len(spec) > 2:
+                why = _bits_misfit(spec[1], spec[2], item)
+            if why is not None:
+                return f"field {spec[0]!r}: {why}"
+    return None
+
+
+def _initial_error(kind: type, initial: object, why: str) -> TypeError:
+    shorten = reprlib.Repr()
+    shorten.maxother = 60  # an initial= may be a long list
+    return TypeError(f"initial={shorten.repr(initial)} cannot be stored as {kind.__name__}: {why}")
+
+
 class NativeKinds:
     """ctypes support for segment kinds (mixed into a backend)."""
 
@@ -137,20 +234,21 @@ class NativeKinds:
         return kind.from_buffer(buffer)  # type: ignore[attr-defined]
 
     def native_bytes(self, kind: object, initial: object) -> bytes:
-        """The bytes of ``initial`` as a ``kind``: an instance, a value, or a sequence."""
+        """The bytes of ``initial`` as a ``kind``: an instance, a value, or a sequence.
+
+        ``TypeError`` for a value the kind cannot hold as given: ctypes itself
+        wraps integers and makes too-large floats inf.
+        """
         assert isinstance(kind, type)
         if isinstance(initial, kind):
             return bytes(initial)  # type: ignore[call-overload, no-any-return]
+        aggregate = issubclass(kind, ctypes.Array | ctypes.Structure | ctypes.Union)
+        items = tuple(initial) if aggregate and isinstance(initial, list | tuple) else (initial,)
+        why = _items_misfit(kind, items) if aggregate else _scalar_misfit(kind, initial)
+        if why is not None:
+            raise _initial_error(kind, initial, f"{why}; pass values that fit it")
         try:
-            if issubclass(kind, ctypes.Array | ctypes.Structure | ctypes.Union) and isinstance(
-                initial, list | tuple
-            ):
-                obj = kind(*initial)
-            else:
-                obj = kind(initial)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(
-                f"initial={initial!r} cannot be stored as {kind.__name__}: {exc}; pass a "
-                f"{kind.__name__} instance, or what {kind.__name__}(...) accepts"
-            ) from None
-        return bytes(obj)
+            return bytes(kind(*items))
+        except (TypeError, ValueError, RuntimeError, OverflowError, IndexError) as exc:
+            advice = f"pass a {kind.__name__} instance, or what {kind.__name__}(...) accepts"
+            raise _initial_error(kind, initial, f"{exc}; {advice}") from None
