@@ -136,6 +136,25 @@ def test_objects_of_another_test_namespace_are_neither_blamed_nor_removed(
     get_backend().segment_unlink(os_name)
 
 
+# The unrelated program creates its object only once the inner test has
+# started (and so has recorded what existed before it): "go" file.
+_WAIT_FOR_GO = (
+    "deadline = time.monotonic() + 30\n"
+    "while not __import__('os').path.exists({go!r}) and time.monotonic() < deadline:\n"
+    "    time.sleep(0.01)\n"
+)
+_INNER = """
+import os, time
+
+def test_runs_while_another_program_creates_objects():
+    open({go!r}, "w").close()
+    deadline = time.monotonic() + 20
+    while not os.path.exists({ready!r}) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert os.path.exists({ready!r})
+"""
+
+
 def test_a_live_unrelated_programs_object_is_neither_blamed_nor_removed(
     pytester: pytest.Pytester,
 ) -> None:
@@ -145,11 +164,12 @@ def test_a_live_unrelated_programs_object_is_neither_blamed_nor_removed(
     import subprocess
     import sys
 
-    ready = pytester.path / "ready"
+    go, ready = pytester.path / "go", pytester.path / "ready"
     program = (
         "import json, sys, time\n"
         "from procshare._backends import get_backend\n"
         "from procshare._engine import names\n"
+        f"{_WAIT_FOR_GO.format(go=str(go))}"
         "with names.use_namespace('demo-unrelated'):\n"
         "    n = names.os_name(names.SEGMENT, 'live')\n"
         "h = get_backend().segment_create(n, meta=b'{}', data_size=1, mode=0o600, persist=False)\n"
@@ -157,14 +177,53 @@ def test_a_live_unrelated_programs_object_is_neither_blamed_nor_removed(
         "sys.stdin.read()\n"
         "get_backend().segment_close(h, keep=lambda h: False)\n"
     )
-    inner = f"""
-import os, time
+    inner = _INNER.format(go=str(go), ready=str(ready))
+    pytester.makepyfile(inner)
+    env_program = subprocess.Popen(
+        [sys.executable, "-c", program], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        result = pytester.runpytest_subprocess("-p", "procshare.testing", "-p", "no:cacheprovider")
+        assert ready.exists()
+        result.assert_outcomes(passed=1)
+    finally:
+        _, err = env_program.communicate("", timeout=20)
+        assert env_program.returncode == 0, err
 
-def test_runs_while_another_program_creates_objects():
-    deadline = time.monotonic() + 20
-    while not os.path.exists({str(ready)!r}) and time.monotonic() < deadline:
-        time.sleep(0.01)
-"""
+
+def test_an_object_held_by_a_live_unrelated_program_is_not_removed_after_its_creator_exits(
+    pytester: pytest.Pytester,
+) -> None:
+    # The unrelated program's child creates the object and exits once the
+    # program itself holds it: the creator is gone, a live stranger holds it.
+    import subprocess
+    import sys
+
+    go, ready = pytester.path / "go", pytester.path / "ready"
+    program = (
+        "import os, sys, time\n"
+        "from procshare._backends import get_backend\n"
+        "from procshare._engine import names\n"
+        f"{_WAIT_FOR_GO.format(go=str(go))}"
+        "b = get_backend()\n"
+        "with names.use_namespace('demo-unrelated'):\n"
+        "    n = names.os_name(names.SEGMENT, 'handed-over')\n"
+        "made_r, made_w = os.pipe()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    b.segment_create(n, meta=b'{}', data_size=1, mode=0o600, persist=False)\n"
+        "    os.write(made_w, b'x')\n"
+        "    time.sleep(0.5)\n"  # the program attaches meanwhile
+        "    os._exit(0)\n"
+        "os.read(made_r, 1)\n"
+        "h = b.segment_open(n, keep_orphan=lambda h: True)\n"
+        "assert h is not None\n"
+        "os.waitpid(pid, 0)\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        "sys.stdin.read()\n"
+        "b.segment_close(h, keep=lambda h: False)\n"
+    )
+    inner = _INNER.format(go=str(go), ready=str(ready))
     pytester.makepyfile(inner)
     env_program = subprocess.Popen(
         [sys.executable, "-c", program], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True

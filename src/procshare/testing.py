@@ -100,26 +100,31 @@ def _own(new_objects: frozenset[str], namespace: str) -> list[str]:
     Everything new counts (raw files, other namespaces a test chose with
     ``ps.namespace``), except procshare objects that are visibly another
     program's: recorded as belonging to *another* test's namespace, or
-    created by a process that is still alive and is neither this process nor
-    one of its descendants (a concurrently running demo or test session).
-    Removing those would break the program that owns them.
+    created or held open by a process that is still alive and is neither
+    this process nor one of its descendants (a concurrently running demo or
+    test session, whose creator may already have exited while another of its
+    processes holds the object). Removing those would break the program that
+    owns them.
     """
     if not new_objects:
         return []
     me = os.getpid()
+
+    def foreign(pid: int) -> bool:
+        if not pid or pid == me:
+            return False
+        lineage = _ancestors(pid)
+        return bool(lineage) and me not in lineage
+
     others = set()
     for info in get_backend().segment_list(names.PREFIX):
         if info.os_name not in new_objects:
             continue
         owner = decode_meta(info.meta).get("namespace")
-        if isinstance(owner, str) and owner.startswith("t-") and owner != namespace:
+        another_tests = isinstance(owner, str) and owner.startswith("t-") and owner != namespace
+        in_use_elsewhere = foreign(info.creator_pid) or any(map(foreign, info.holders))
+        if another_tests or in_use_elsewhere:
             others.add(info.os_name)
-            continue
-        creator = info.creator_pid
-        if creator and creator != me:
-            lineage = _ancestors(creator)
-            if lineage and me not in lineage:
-                others.add(info.os_name)
     return sorted(new_objects - others)
 
 
