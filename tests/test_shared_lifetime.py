@@ -106,6 +106,20 @@ def creation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
         _shmstep.link_mode(old)
 
 
+@pytest.mark.usefixtures("creation")
+@pytest.mark.parametrize("mode", [0o600, 0o640])
+def test_a_new_segment_gets_the_mode_asked_for_whatever_the_umask(mode: int) -> None:
+    # A umask that masks the owner's own bits (0o277) would otherwise leave the
+    # object read-only for the other processes of its own user.
+    old = os.umask(0o277)
+    try:
+        with ps.shared("m", int, initial=3, mode=mode):
+            (info,) = [i for i in ps.segments() if i.name == "m"]
+            assert stat.S_IMODE(os.stat("/dev/shm" + info.os_name).st_mode) == mode
+    finally:
+        os.umask(old)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.usefixtures("creation")
 def test_twenty_racing_creators_initialise_exactly_once() -> None:

@@ -421,8 +421,10 @@ shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
         rc = write_all(fd, buf, buf_len, 0);
     }
     PyMem_RawFree(buf);
-    if (rc == 0 && (mode & 077)) {
-        /* The umask may have narrowed what was asked. */
+    if (rc == 0) {
+        /* The umask narrows what open() was asked, owner bits included (a
+         * umask of 0277 would make the object read-only for its own user's
+         * attachers). Always set the mode asked for: one cheap call. */
         rc = fchmod(fd, (mode_t)mode);
     }
     if (rc != 0) {

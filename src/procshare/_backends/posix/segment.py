@@ -447,10 +447,8 @@ class PosixSegments(NativeKinds):
                 if exc.errno in (errno.ENOSPC, errno.EFBIG):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os_name) from None
                 raise
-            if mode & 0o077:
-                # The umask may have narrowed what was asked; it never touches
-                # the owner bits in practice, so owner-only modes skip this.
-                os.fchmod(fd, mode)
+            # The umask narrows what open() was asked, owner bits included.
+            os.fchmod(fd, mode)
             seg = _map(fd, os_name, size=total)
             if init is not None:
                 init(seg.data)
