@@ -32,6 +32,7 @@ SAMPLES: list[ps.ProcshareError] = [
     ps.SharedTypeError("sum", expected="u64", found="f64"),
     ps.SegmentClosed("sum"),
     ps.SharedMemoryFull("big", requested=1 << 40, available=1 << 30),
+    ps.SharedMemoryFull("big", requested=1 << 20, file_size_limit=4096),
     ps.InvalidName("bad/name", "the name contains '/'"),
     ps.LockTimeout("m", timeout=0.2),
     ps.OwnerDied("m", owner_pid=77, held=True),

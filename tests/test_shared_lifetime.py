@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import resource
 import select
 import stat
 import subprocess
@@ -373,6 +374,29 @@ def test_a_segment_bigger_than_free_shared_memory_raises_at_creation() -> None:
     assert err.available is not None
     assert err.available < too_big
     assert "does not fit" in str(err)
+    assert set(os.listdir("/dev/shm")) == before
+
+
+@ps.forked
+def _create_under_a_file_size_limit(size: int) -> tuple[str, int | None, int]:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+    try:
+        ps.shared("capped", bytes, size=size)
+    except ps.SharedMemoryFull as err:
+        return str(err), err.file_size_limit, err.errno
+    return "created", None, 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("size", [200_000, 8 << 20])  # one write / posix_fallocate
+def test_a_segment_above_the_file_size_limit_says_so(size: int) -> None:
+    # Free memory is plentiful: the advice must be about `ulimit -f`, not /dev/shm.
+    before = set(os.listdir("/dev/shm"))
+    message, limit, code = _create_under_a_file_size_limit(size).join()
+    assert limit == 100_000
+    assert code == 28  # still a SharedMemoryFull (ENOSPC) for those who catch that
+    assert "ulimit -f" in message
+    assert "enlarge /dev/shm" not in message
     assert set(os.listdir("/dev/shm")) == before
 
 

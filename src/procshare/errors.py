@@ -322,9 +322,19 @@ class SegmentClosed(_NamedError, ValueError):
 
 
 class SharedMemoryFull(_NamedError, OSError):
-    """Creating a segment that does not fit in free shared memory (``errno`` is ``ENOSPC``)."""
+    """Creating a segment that does not fit in free shared memory (``errno`` is ``ENOSPC``).
 
-    _fields: ClassVar[tuple[str, ...]] = ("name", "requested", "available", "detail")
+    ``file_size_limit`` is set instead of ``available`` when what it exceeds is
+    the process's limit on the size of a file it writes (``ulimit -f``).
+    """
+
+    _fields: ClassVar[tuple[str, ...]] = (
+        "name",
+        "requested",
+        "available",
+        "detail",
+        "file_size_limit",
+    )
 
     def __init__(
         self,
@@ -332,14 +342,23 @@ class SharedMemoryFull(_NamedError, OSError):
         requested: int | None = None,
         available: int | None = None,
         detail: str = "",
+        file_size_limit: int | None = None,
     ) -> None:
         self.requested = requested
         self.available = available
+        self.file_size_limit = file_size_limit
         super().__init__(name, detail)
         self.errno = _errno.ENOSPC
         self.strerror = self._message()
 
     def _message(self) -> str:
+        if self.file_size_limit is not None:
+            return (
+                f"shared segment {self.name!r} does not fit: {self.requested} bytes were "
+                "requested, more than this process may write to one file "
+                f"({self.file_size_limit} bytes: `ulimit -f`, RLIMIT_FSIZE){self._tail()}; "
+                "raise that limit or create a smaller segment"
+            )
         avail = "" if self.available is None else f", {self.available} bytes are free"
         return (
             f"shared segment {self.name!r} does not fit: {self.requested} bytes were "

@@ -103,8 +103,10 @@ class SegmentBackend(Protocol):
         Nobody can open ``os_name`` before ``init`` has returned, and a creator
         killed during ``init`` leaves nothing under ``os_name``. Returns
         ``None`` if ``os_name`` already exists. Raises ``OSError(ENOSPC)``
-        when the memory cannot be reserved (never a ``SIGBUS`` later) and
-        ``PermissionError`` when the namespace is not ours.
+        when the memory cannot be reserved (never a ``SIGBUS`` later),
+        ``OSError(EFBIG)`` when the object is larger than
+        ``segment_size_limit()``, and ``PermissionError`` when the namespace
+        is not ours.
         """
         ...
 
@@ -156,6 +158,14 @@ class SegmentBackend(Protocol):
 
     def segment_space(self) -> int | None:
         """Bytes free for new objects now, if the platform can tell (for messages)."""
+        ...
+
+    def segment_size_limit(self) -> int | None:
+        """The largest object this process may create, if limited (``ulimit -f``).
+
+        ``segment_create`` fails with ``OSError(EFBIG)`` for an object above it,
+        and with ``OSError(ENOSPC)`` for one that does not fit in free memory.
+        """
         ...
 
     def native_kind(self, kind: object) -> NativeKind | None:

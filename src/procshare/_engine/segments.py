@@ -224,6 +224,12 @@ class SegmentsPart:
                     raise SharedMemoryFull(
                         name, requested=layout.size, available=backend.segment_space()
                     ) from None
+                if exc.errno == errno.EFBIG:
+                    raise SharedMemoryFull(
+                        name,
+                        requested=layout.size,
+                        file_size_limit=backend.segment_size_limit(),
+                    ) from None
                 raise
             if handle is not None:
                 return self._register(name, namespace, handle, True, layout, meta)

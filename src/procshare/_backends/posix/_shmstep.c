@@ -430,10 +430,7 @@ shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
     if (rc != 0) {
         int saved = errno;
         close(fd);
-        if (saved == EFBIG) {
-            saved = ENOSPC;
-        }
-        errno = saved;
+        errno = saved; /* EFBIG (the file-size limit) stays EFBIG: segment.py says which */
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     PyObject *mm = mapping_new(fd, (Py_ssize_t)total);

@@ -54,6 +54,7 @@ import fcntl
 import mmap
 import os
 import re
+import resource
 import stat
 import struct
 import time
@@ -298,6 +299,27 @@ def _map(
 _tmpfile_ok: bool | None = None
 
 
+def _raise_no_room(exc: OSError, os_name: str, total: int) -> None:
+    """Re-raise a creation's out-of-room error as one of the backend API's two.
+
+    ``ENOSPC`` means no room left, and so does ``EFBIG`` for a size beyond
+    the largest file the filesystem can hold. ``EFBIG`` for an object above
+    the process's file-size limit (``ulimit -f``) is that limit, which more
+    free memory would not cure: it stays ``EFBIG`` so the engine can say so.
+    """
+    limit = segment_size_limit()
+    if exc.errno == errno.EFBIG and limit is not None and total > limit:
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), os_name) from None
+    if exc.errno in (errno.ENOSPC, errno.EFBIG):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os_name) from None
+
+
+def segment_size_limit() -> int | None:
+    """This process's limit on the size of a file it writes, or ``None``."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def _check_space(os_name: str, total: int) -> None:
     if total <= _PRECHECK_BYTES:
         return
@@ -344,6 +366,9 @@ def _try(fd: int, request: bytes) -> bool:
 class PosixSegments(NativeKinds):
     """The segment half of the POSIX backend."""
 
+    def segment_size_limit(self) -> int | None:
+        return segment_size_limit()
+
     def segment_space(self) -> int | None:
         try:
             vfs = os.statvfs(SHM_DIR)
@@ -386,8 +411,7 @@ class PosixSegments(NativeKinds):
                 _pid,
             )
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EFBIG):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os_name) from None
+            _raise_no_room(exc, os_name, total)
             raise
         if made is None:  # this kernel or filesystem has no O_TMPFILE: name a temporary
             _tmpfile_ok = False
@@ -444,8 +468,7 @@ class PosixSegments(NativeKinds):
                     os.posix_fallocate(fd, 0, total)
                     os.pwrite(fd, head, 0)
             except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EFBIG):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os_name) from None
+                _raise_no_room(exc, os_name, total)
                 raise
             # The umask narrows what open() was asked, owner bits included.
             os.fchmod(fd, mode)
