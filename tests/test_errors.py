@@ -120,6 +120,17 @@ def test_shared_memory_full_is_enospc() -> None:
     assert "5 bytes are free" in str(exc)
 
 
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [(ps.SegmentExists("sum"), errno.EEXIST), (ps.SegmentNotFound("sum"), errno.ENOENT)],
+)
+def test_exists_and_not_found_carry_the_errno_of_their_builtin(exc: OSError, code: int) -> None:
+    # Code written for the OS's own FileExistsError / FileNotFoundError may test errno.
+    assert exc.errno == code
+    assert pickle.loads(pickle.dumps(exc)).errno == code
+    assert "sum" in str(exc)
+
+
 def test_owner_died_says_what_to_do_in_both_states() -> None:
     held = str(ps.OwnerDied("m", owner_pid=3, held=True))
     released = str(ps.OwnerDied("m", owner_pid=3, held=False))

@@ -271,7 +271,12 @@ class _NamedError(ProcshareError):
 
 
 class SegmentExists(_NamedError, FileExistsError):
-    """``create=True`` but a live segment of that name exists."""
+    """``create=True`` but a live segment of that name exists (``errno`` is ``EEXIST``)."""
+
+    def __init__(self, name: str = "", detail: str = "") -> None:
+        super().__init__(name, detail)
+        self.errno = _errno.EEXIST  # as a FileExistsError from the OS would have
+        self.strerror = self._message()
 
     def _message(self) -> str:
         return (
@@ -281,7 +286,12 @@ class SegmentExists(_NamedError, FileExistsError):
 
 
 class SegmentNotFound(_NamedError, FileNotFoundError):
-    """``create=False`` but no live segment of that name exists."""
+    """``create=False`` but no live segment of that name exists (``errno`` is ``ENOENT``)."""
+
+    def __init__(self, name: str = "", detail: str = "") -> None:
+        super().__init__(name, detail)
+        self.errno = _errno.ENOENT  # as a FileNotFoundError from the OS would have
+        self.strerror = self._message()
 
     def _message(self) -> str:
         return (
