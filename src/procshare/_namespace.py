@@ -18,6 +18,12 @@ def namespace(name: str) -> Iterator[str]:
     ``"default"``. Names of every namespace are also per user: two users never
     see each other's objects.
 
+    The block's namespace is a context variable: it holds for the code the
+    block runs, in this thread (and in children forked from it), not for
+    threads the block starts, which begin in the default namespace like any
+    new thread. Start them with ``contextvars.copy_context().run``, or open
+    a ``namespace()`` block in the thread itself.
+
     >>> import procshare as ps
     >>> with ps.namespace("app"):
     ...     pass
