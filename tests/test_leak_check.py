@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -155,15 +156,30 @@ def test_runs_while_another_program_creates_objects():
 """
 
 
+def _run_beside(pytester: pytest.Pytester, program: str, go: Path, ready: Path) -> None:
+    """Run an inner test session while ``program`` runs beside it, unrelated."""
+    import subprocess
+    import sys
+
+    pytester.makepyfile(_INNER.format(go=str(go), ready=str(ready)))
+    env_program = subprocess.Popen(
+        [sys.executable, "-c", program], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        result = pytester.runpytest_subprocess("-p", "procshare.testing", "-p", "no:cacheprovider")
+        assert ready.exists()
+        result.assert_outcomes(passed=1)  # not blamed
+    finally:
+        _, err = env_program.communicate("", timeout=20)
+        assert env_program.returncode == 0, err  # and its object was not removed under it
+
+
 def test_a_live_unrelated_programs_object_is_neither_blamed_nor_removed(
     pytester: pytest.Pytester,
 ) -> None:
     # A program that is not a descendant of the inner pytest (here: started by
     # this outer test, so a sibling of the inner run) creates an object while
     # the inner test runs, as a concurrent demo would.
-    import subprocess
-    import sys
-
     go, ready = pytester.path / "go", pytester.path / "ready"
     program = (
         "import json, sys, time\n"
@@ -175,20 +191,10 @@ def test_a_live_unrelated_programs_object_is_neither_blamed_nor_removed(
         "h = get_backend().segment_create(n, meta=b'{}', data_size=1, mode=0o600, persist=False)\n"
         f"open({str(ready)!r}, 'w').close()\n"
         "sys.stdin.read()\n"
+        "assert __import__('os').path.exists('/dev/shm' + n), 'removed under it'\n"
         "get_backend().segment_close(h, keep=lambda h: False)\n"
     )
-    inner = _INNER.format(go=str(go), ready=str(ready))
-    pytester.makepyfile(inner)
-    env_program = subprocess.Popen(
-        [sys.executable, "-c", program], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        result = pytester.runpytest_subprocess("-p", "procshare.testing", "-p", "no:cacheprovider")
-        assert ready.exists()
-        result.assert_outcomes(passed=1)
-    finally:
-        _, err = env_program.communicate("", timeout=20)
-        assert env_program.returncode == 0, err
+    _run_beside(pytester, program, go, ready)
 
 
 def test_an_object_held_by_a_live_unrelated_program_is_not_removed_after_its_creator_exits(
@@ -196,9 +202,6 @@ def test_an_object_held_by_a_live_unrelated_program_is_not_removed_after_its_cre
 ) -> None:
     # The unrelated program's child creates the object and exits once the
     # program itself holds it: the creator is gone, a live stranger holds it.
-    import subprocess
-    import sys
-
     go, ready = pytester.path / "go", pytester.path / "ready"
     program = (
         "import os, sys, time\n"
@@ -221,17 +224,7 @@ def test_an_object_held_by_a_live_unrelated_program_is_not_removed_after_its_cre
         "os.waitpid(pid, 0)\n"
         f"open({str(ready)!r}, 'w').close()\n"
         "sys.stdin.read()\n"
+        "assert __import__('os').path.exists('/dev/shm' + n), 'removed under it'\n"
         "b.segment_close(h, keep=lambda h: False)\n"
     )
-    inner = _INNER.format(go=str(go), ready=str(ready))
-    pytester.makepyfile(inner)
-    env_program = subprocess.Popen(
-        [sys.executable, "-c", program], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        result = pytester.runpytest_subprocess("-p", "procshare.testing", "-p", "no:cacheprovider")
-        assert ready.exists()
-        result.assert_outcomes(passed=1)
-    finally:
-        _, err = env_program.communicate("", timeout=20)
-        assert env_program.returncode == 0, err
+    _run_beside(pytester, program, go, ready)
