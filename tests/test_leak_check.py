@@ -228,3 +228,76 @@ def test_an_object_held_by_a_live_unrelated_program_is_not_removed_after_its_cre
         "b.segment_close(h, keep=lambda h: False)\n"
     )
     _run_beside(pytester, program, go, ready)
+
+
+def test_a_raw_file_a_live_unrelated_program_maps_is_neither_blamed_nor_removed(
+    pytester: pytest.Pytester,
+) -> None:
+    # Not procshare's, and mapped with its descriptor already closed (as
+    # posix_ipc users do): only /proc/PID/maps shows who uses it.
+    go, ready = pytester.path / "go", pytester.path / "ready"
+    n = f"/procshare-leak-check-foreign-{os.getpid()}"
+    program = (
+        "import mmap, os, sys, time\n"
+        f"{_WAIT_FOR_GO.format(go=str(go))}"
+        f"n = {n!r}\n"
+        "fd = os.open('/dev/shm' + n, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)\n"
+        "os.ftruncate(fd, 4096)\n"
+        "m = mmap.mmap(fd, 4096)\n"
+        "os.close(fd)\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        "sys.stdin.read()\n"
+        "assert os.path.exists('/dev/shm' + n), 'removed under it'\n"
+        "m.close()\n"
+        "os.unlink('/dev/shm' + n)\n"
+    )
+    _run_beside(pytester, program, go, ready)
+
+
+PERSISTS_ELSEWHERE = """
+import subprocess, sys
+
+def test_a_child_leaves_persistent_data_in_another_namespace():
+    code = (
+        "import procshare as ps\\n"
+        "with ps.namespace('elsewhere'), ps.shared('kept', ps.u64, persist=True) as v:\\n"
+        "    v.value = 7\\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+"""
+
+
+def test_persistent_data_nothing_ties_to_the_test_is_reported_not_removed(
+    pytester: pytest.Pytester,
+) -> None:
+    # Its creator has exited and nobody holds it: it may be this test's leak
+    # or another program's data. The test is told, with the command to
+    # remove it; the data is not destroyed on a guess.
+    result = _run(pytester, PERSISTS_ELSEWHERE)
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*leaked*segment 'kept' of namespace 'elsewhere'*persistent: not removed*"
+            "python -m procshare rm kept --namespace elsewhere*"
+        ]
+    )
+    from procshare._engine import names
+
+    with names.use_namespace("elsewhere"):
+        os_name = names.os_name(names.SEGMENT, "kept")
+    assert os_name in get_backend().os_objects()
+    get_backend().segment_unlink(os_name)
+
+
+LEAKS_A_NAMED_SEGMENT = """
+import procshare as ps
+
+def test_leaks_a_segment_by_name():
+    ps.shared("leaky", ps.u64, persist=True).close()
+"""
+
+
+def test_the_report_names_what_was_left_behind(pytester: pytest.Pytester) -> None:
+    result = _run(pytester, LEAKS_A_NAMED_SEGMENT)
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*leaked*segment 'leaky' (/ps*They have been cleaned up*"])

@@ -12,10 +12,12 @@ it
 * records the backend's objects (``/dev/shm`` on Linux) and this process's
   children before the test, and after it fails the test (as an error in
   teardown) if a segment, a lock, a temporary, a live child or a zombie was
-  left behind. The leftovers are then removed and reaped, so one leaky test
-  does not make every later one fail too. Objects recorded as belonging to
-  another test's namespace are left alone: they are a concurrently running
-  session's, not this test's.
+  left behind, naming each. The leftovers are then removed and reaped, so
+  one leaky test does not make every later one fail too. Objects that are
+  visibly another program's (another test's namespace, or created, held or
+  mapped by a live process outside this one's family) are neither blamed
+  nor removed, and a persistent segment nothing ties to the test is
+  reported but kept, with the command that removes it.
 
 It is not auto-enabled on install: a library must not change the outcome
 of its users' tests unasked.
@@ -94,20 +96,57 @@ def _ancestors(pid: int) -> set[int]:
     return chain
 
 
-def _own(new_objects: frozenset[str], namespace: str) -> list[str]:
-    """The new objects this test is answerable for.
+def _mapped_or_open_by(names_: set[str]) -> dict[str, set[int]]:
+    """Pids that hold each ``/dev/shm`` name open or mapped (what /proc shows).
+
+    Matched by inode for descriptors and by path for mappings: a raw segment
+    is often mapped with its descriptor already closed (``posix_ipc``).
+    """
+    found: dict[str, set[int]] = {n: set() for n in names_}
+    by_inode: dict[tuple[int, int], str] = {}
+    for name in names_:
+        with contextlib.suppress(OSError):
+            st = os.stat("/dev/shm" + name)
+            by_inode[(st.st_dev, st.st_ino)] = name
+    paths = {"/dev/shm" + n: n for n in names_}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                with contextlib.suppress(OSError):
+                    st = os.stat(f"/proc/{entry}/fd/{fd}")
+                    hit = by_inode.get((st.st_dev, st.st_ino))
+                    if hit is not None:
+                        found[hit].add(int(entry))
+        with contextlib.suppress(OSError), open(f"/proc/{entry}/maps") as maps:
+            for line in maps:
+                hit = paths.get(line.rstrip("\n").split(" ", 5)[-1].strip())
+                if hit is not None:
+                    found[hit].add(int(entry))
+    return found
+
+
+def _judge(new_objects: frozenset[str], namespace: str) -> tuple[list[str], list[str]]:
+    """Which new ``/dev/shm`` objects this test left behind, described, and which
+    of those to remove.
 
     Everything new counts (raw files, other namespaces a test chose with
-    ``ps.namespace``), except procshare objects that are visibly another
-    program's: recorded as belonging to *another* test's namespace, or
-    created or held open by a process that is still alive and is neither
-    this process nor one of its descendants (a concurrently running demo or
-    test session, whose creator may already have exited while another of its
-    processes holds the object). Removing those would break the program that
-    owns them.
+    ``ps.namespace``) except what is visibly another program's: recorded as
+    belonging to *another* test's namespace, or created or held open or
+    mapped by a live process that is neither this process nor one of its
+    descendants (a concurrent demo, benchmark or test session, whose creator
+    may already have exited while another of its processes holds the object).
+    Blaming a test for those would be wrong, and removing them would break
+    the program that owns them.
+
+    Of the rest, everything is removed, except a ``persist=True`` segment of
+    another namespace that nothing ties to this test (its creator has exited
+    and nobody holds it): it may be another program's data, so it is only
+    reported, with the command that removes it.
     """
     if not new_objects:
-        return []
+        return [], []
     me = os.getpid()
 
     def foreign(pid: int) -> bool:
@@ -116,16 +155,44 @@ def _own(new_objects: frozenset[str], namespace: str) -> list[str]:
         lineage = _ancestors(pid)
         return bool(lineage) and me not in lineage
 
-    others = set()
-    for info in get_backend().segment_list(names.PREFIX):
-        if info.os_name not in new_objects:
+    def ours(pid: int) -> bool:
+        return pid == me or me in _ancestors(pid)
+
+    blamed: list[str] = []
+    removable: list[str] = []
+    prefix = names.namespace_prefix(namespace)
+    listed = {i.os_name: i for i in get_backend().segment_list(names.PREFIX)}
+    holders = _mapped_or_open_by(set(new_objects))
+    for os_name in sorted(new_objects):
+        held_by = holders.get(os_name, set())
+        if any(map(foreign, held_by)):
             continue
-        owner = decode_meta(info.meta).get("namespace")
-        another_tests = isinstance(owner, str) and owner.startswith("t-") and owner != namespace
-        in_use_elsewhere = foreign(info.creator_pid) or any(map(foreign, info.holders))
-        if another_tests or in_use_elsewhere:
-            others.add(info.os_name)
-    return sorted(new_objects - others)
+        info = listed.get(os_name)
+        if info is None:  # not procshare's: a raw file
+            blamed.append(f"a file {os_name} that is not procshare's")
+            removable.append(os_name)
+            continue
+        meta = decode_meta(info.meta)
+        owner = meta.get("namespace")
+        if isinstance(owner, str) and owner.startswith("t-") and owner != namespace:
+            continue
+        if foreign(info.creator_pid):
+            continue
+        kind = "lock" if meta.get("kind") == "lock" else "segment"
+        what = f"{kind} {meta['name']!r}" if isinstance(meta.get("name"), str) else os_name
+        if isinstance(owner, str) and owner != namespace:
+            what += f" of namespace {owner!r}"
+        tied = os_name.startswith(prefix) or ours(info.creator_pid) or any(map(ours, held_by))
+        if info.persist and not tied:
+            fix = f"python -m procshare rm {meta.get('name', '?')} --namespace {owner}"
+            blamed.append(
+                f"{what} ({os_name}, persistent: not removed, as it may be another "
+                f"program's data; remove it with `{fix}` if it is this test's)"
+            )
+            continue
+        blamed.append(f"{what} ({os_name})")
+        removable.append(os_name)
+    return blamed, removable
 
 
 @pytest.fixture(autouse=True)
@@ -147,13 +214,13 @@ def procshare_leak_check(request: pytest.FixtureRequest) -> Iterator[str]:
     # A call into procshare reaps children whose handles were dropped.
     get_engine().poll()
     leaked_children = _settle(children_before, seconds=0.5)
-    leaked_objects = _own(backend.os_objects() - objects_before, namespace)
+    leaked_objects, removable = _judge(backend.os_objects() - objects_before, namespace)
     if not (leaked_children or leaked_objects):
         return
     problems = []
     if leaked_objects:
         problems.append(f"shared-memory objects left behind: {', '.join(leaked_objects)}")
-        for name in leaked_objects:
+        for name in removable:
             backend.segment_unlink(name)
     if leaked_children:
         described = ", ".join(
@@ -162,7 +229,8 @@ def procshare_leak_check(request: pytest.FixtureRequest) -> Iterator[str]:
         )
         problems.append(f"child processes left behind: {described}")
         _reap(sorted(leaked_children))
+    cleaned = "They have been" if len(removable) == len(leaked_objects) else "The rest have been"
     pytest.fail(
-        f"{request.node.nodeid} leaked: " + "; ".join(problems) + ". (They have been cleaned up.)",
+        f"{request.node.nodeid} leaked: " + "; ".join(problems) + f". ({cleaned} cleaned up.)",
         pytrace=False,
     )
