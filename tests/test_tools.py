@@ -174,3 +174,54 @@ def test_gc_keeps_a_lock_whose_holder_died_until_gc_all() -> None:
     assert [i.name for i in ps.segments()] == ["m"]
     assert "1 object(s) removed" in _cli("gc", "--all").stdout
     assert ps.segments() == []
+
+
+@ps.forked
+def _open_a_lock_and_die(name: str) -> None:
+    ps.interprocess_lock(name)  # opened, never taken
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_listing_changes_nothing_it_lists() -> None:
+    # A lock object its only user left behind without ever taking it is an
+    # orphan: gc removes it, ls and ps.segments() only show it.
+    with pytest.raises(ps.ChildKilled):
+        _open_a_lock_and_die("idle").join()
+    for _ in range(2):
+        assert [(i.name, i.type, i.holders) for i in ps.segments()] == [("idle", "lock", ())]
+        assert "idle" in _cli("ls").stdout
+    assert ps.segments()[0].owner is None
+    out = _cli("gc")
+    assert out.returncode == 0
+    assert "1 object(s) removed" in out.stdout
+    assert ps.segments() == []
+
+
+def _junk(kind: str, name: str, data: bytes) -> str:
+    path = "/dev/shm" + names.os_name(kind, name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+@pytest.mark.parametrize("data", [b"", b"not a procshare object" * 10])
+def test_junk_under_a_name_is_listed_and_refused_with_the_command_that_removes_it(
+    data: bytes,
+) -> None:
+    _junk(names.LOCK, "m", data)
+    _junk(names.SEGMENT, "s", data)
+    # Listed with what can be known (no name, kind '?'), never trusted.
+    assert sorted((i.name, i.type, i.kind) for i in ps.segments()) == [
+        (None, "lock", "?"),
+        (None, "segment", "?"),
+    ]
+    assert _cli("ls").returncode == 0
+    with pytest.raises(ps.SharedTypeError, match=r"rm --lock m") as lock_err:
+        ps.interprocess_lock("m")
+    assert "lock 'm' holds something that is not a procshare object" in str(lock_err.value)
+    with pytest.raises(ps.SharedTypeError, match=r"procshare rm s`") as seg_err:
+        ps.shared("s", ps.u64)
+    assert "not a procshare object" in str(seg_err.value)
+    assert _cli("rm", "--lock", "m").returncode == 0
+    assert _cli("rm", "s").returncode == 0
+    assert ps.segments() == []

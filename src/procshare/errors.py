@@ -314,8 +314,9 @@ class SharedTypeError(_NamedError, TypeError):
         super().__init__(name, detail)
 
     def _message(self) -> str:
+        what = "lock" if self.expected == "a lock" else "shared segment"
         return (
-            f"shared segment {self.name!r} holds {self.found}, but it was opened as "
+            f"{what} {self.name!r} holds {self.found}, but it was opened as "
             f"{self.expected}{self._tail()}; open it with the kind it was created with, "
             "or use another name"
         )

@@ -140,6 +140,13 @@ class LockBackend(Protocol):
         holding it, or it was released unconfirmed), so a later opener is told."""
         ...
 
+    def lock_owner(self, os_name: str) -> int | None:
+        """The pid recorded as holding the lock object ``os_name`` (the last
+        holder's, if it died holding it); ``None`` if free, missing or not a
+        lock. Read-only: takes no hold and never reclaims an orphan (listing
+        must not change what it lists)."""
+        ...
+
     def lock_contended(self, mutex: LockHandle) -> bool:
         """Whether another thread or process is waiting for the lock now.
 

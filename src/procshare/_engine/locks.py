@@ -25,6 +25,7 @@ marks its holder dead, so the next acquirer is told (``OwnerDied``).
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from typing import TYPE_CHECKING
@@ -45,6 +46,7 @@ from procshare._backends.api_segment import SegmentHandle
 from procshare._engine import names
 from procshare._engine import segments as _segments
 from procshare._engine.core import get_engine
+from procshare.errors import SharedTypeError
 
 if TYPE_CHECKING:
     from procshare._engine.core import Engine
@@ -169,25 +171,27 @@ class LocksPart:
         os_name = _segments.os_name(names.LOCK, name, namespace)
         meta = _lock_meta(name, namespace)
         # Open, else create; a racing creator or closer can make both miss once.
-        while True:
-            handle = backend.segment_open(os_name, keep_orphan=backend.lock_keep, meta=meta)
-            if handle is None:
-                handle = backend.segment_create(
-                    os_name,
-                    meta=meta,
-                    data_size=backend.lock_data_size,
-                    mode=mode,
-                    persist=False,
-                    init=backend.lock_init,
-                )
-            if handle is not None:
-                break
+        try:
+            while True:
+                handle = backend.segment_open(os_name, keep_orphan=backend.lock_keep, meta=meta)
+                if handle is None:
+                    handle = backend.segment_create(
+                        os_name,
+                        meta=meta,
+                        data_size=backend.lock_data_size,
+                        mode=mode,
+                        persist=False,
+                        init=backend.lock_init,
+                    )
+                if handle is not None:
+                    break
+        except OSError as exc:
+            if exc.errno != errno.EBADMSG:
+                raise
+            raise _not_a_lock(name, "something that is not a procshare object") from None
         if handle.data_size < backend.lock_data_size:
             backend.segment_close(handle, keep=lambda _h: True)
-            raise RuntimeError(
-                f"procshare: the object behind lock {name!r} ({os_name}) is not a lock; "
-                f"remove it with `python -m procshare rm --lock {name}`"
-            )
+            raise _not_a_lock(name, "a procshare object too small to be a lock")
         return LockEntry(name, namespace, os_name, handle, backend.lock_attach(handle), self)
 
     def drop_user(self, entry: LockEntry, user: int, *, close: bool) -> None:
@@ -286,22 +290,17 @@ def wait_acquire(mutex: LockHandle, reentrant: bool, timeout: float | None) -> i
 # -- for listing (procshare._engine.inspect) ---------------------------------
 
 
+def _not_a_lock(name: str, found: str) -> SharedTypeError:
+    return SharedTypeError(
+        name,
+        expected="a lock",
+        found=found,
+        detail=f"remove it with `python -m procshare rm --lock {name}`",
+    )
+
+
 def owner_of(os_name: str) -> int | None:
-    """The pid recorded as holding the lock object ``os_name`` now, if any."""
-    backend = get_engine().backend
-    handle = backend.segment_open(os_name, keep_orphan=backend.lock_keep)
-    if handle is None:
-        return None
-    try:
-        if handle.data_size < backend.lock_data_size:
-            return None
-        mutex = backend.lock_attach(handle)
-        try:
-            state = mutex.state()
-        finally:
-            mutex.detach()
-        # Cleared on release; a holder that died leaves its pid (the lister
-        # shows who it was).
-        return state[2] or None
-    finally:
-        backend.segment_close(handle, keep=backend.lock_keep)
+    """The pid recorded as holding the lock object ``os_name`` now, if any
+    (cleared on release; a holder that died leaves its pid, so the lister
+    shows who it was). Only looks: listing never reclaims anything."""
+    return get_engine().backend.lock_owner(os_name)

@@ -197,51 +197,63 @@ class SegmentsPart:
         ``encode_meta()``), so that one that opens the same segment
         repeatedly works them out once.
         """
-        backend = self.engine.backend
-        # create=None usually looks before it creates. When this process created
-        # the name last time (a scratch segment opened and closed in a loop), it
-        # creates first: a failed create costs more than a failed look, but the
-        # look is wasted every time the guess is right.
-        skip_look = create is None and self._created_last.get(os_name, False)
-        while True:
-            if create is not True and not skip_look:
-                handle = backend.segment_open(os_name, keep_orphan=_keep_nothing, meta=meta)
+        # (A try costs nothing until something raises: this is a hot path.)
+        try:
+            backend = self.engine.backend
+            # create=None usually looks before it creates. When this process created
+            # the name last time (a scratch segment opened and closed in a loop), it
+            # creates first: a failed create costs more than a failed look, but the
+            # look is wasted every time the guess is right.
+            skip_look = create is None and self._created_last.get(os_name, False)
+            while True:
+                if create is not True and not skip_look:
+                    handle = backend.segment_open(os_name, keep_orphan=_keep_nothing, meta=meta)
+                    if handle is not None:
+                        return self._register(name, namespace, handle, False, layout, meta)
+                    if create is False:
+                        raise SegmentNotFound(name)
+                try:
+                    handle = backend.segment_create(
+                        os_name,
+                        meta=meta,
+                        data_size=layout.size,
+                        mode=mode,
+                        persist=persist,
+                        init=self._initialiser(name, initial),
+                    )
+                except OSError as exc:
+                    if exc.errno == errno.ENOSPC:
+                        raise SharedMemoryFull(
+                            name, requested=layout.size, available=backend.segment_space()
+                        ) from None
+                    if exc.errno == errno.EFBIG:
+                        raise SharedMemoryFull(
+                            name,
+                            requested=layout.size,
+                            file_size_limit=backend.segment_size_limit(),
+                        ) from None
+                    raise
                 if handle is not None:
-                    return self._register(name, namespace, handle, False, layout, meta)
-                if create is False:
-                    raise SegmentNotFound(name)
-            try:
-                handle = backend.segment_create(
-                    os_name,
-                    meta=meta,
-                    data_size=layout.size,
-                    mode=mode,
-                    persist=persist,
-                    init=self._initialiser(name, initial),
-                )
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise SharedMemoryFull(
-                        name, requested=layout.size, available=backend.segment_space()
-                    ) from None
-                if exc.errno == errno.EFBIG:
-                    raise SharedMemoryFull(
-                        name,
-                        requested=layout.size,
-                        file_size_limit=backend.segment_size_limit(),
-                    ) from None
+                    return self._register(name, namespace, handle, True, layout, meta)
+                skip_look = False
+                if create is True:
+                    # The name is taken; it is an error only if a living process
+                    # holds it (opening reclaims a stale one, then we retry).
+                    handle = backend.segment_open(os_name, keep_orphan=_keep_nothing)
+                    if handle is not None:
+                        backend.segment_close(handle, keep=None)
+                        raise SegmentExists(name)
+                # Lost a race with another creator (or a closer): look again.
+        except OSError as exc:
+            if exc.errno != errno.EBADMSG:
                 raise
-            if handle is not None:
-                return self._register(name, namespace, handle, True, layout, meta)
-            skip_look = False
-            if create is True:
-                # The name is taken; it is an error only if a living process
-                # holds it (opening reclaims a stale one, then we retry).
-                handle = backend.segment_open(os_name, keep_orphan=_keep_nothing)
-                if handle is not None:
-                    backend.segment_close(handle, keep=None)
-                    raise SegmentExists(name)
-            # Lost a race with another creator (or a closer): look again.
+            # Something that is not a procshare object sits under the name.
+            raise SharedTypeError(
+                name,
+                expected=describe(layout.kind, layout.layout),
+                found="something that is not a procshare object",
+                detail=f"remove it with `python -m procshare rm {name}`",
+            ) from None
 
     def _initialiser(self, name: str, initial: Initialiser) -> Callable[[memoryview], None] | None:
         if initial is None and self.init_hook is None:

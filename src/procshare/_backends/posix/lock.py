@@ -14,12 +14,13 @@ released silently.
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any
 
 from procshare._backends.api_lock import LockHandle
 from procshare._backends.api_segment import SegmentHandle
-from procshare._backends.posix.segment import PosixSegment
+from procshare._backends.posix.segment import _HEADER, _MAGIC, PosixSegment, _path
 
 try:
     from procshare._backends.posix._robustmutex import (
@@ -85,6 +86,28 @@ class PosixLocks:
     def lock_attach(self, handle: SegmentHandle) -> LockHandle:
         mutex: LockHandle = Mutex(handle.data)
         return mutex
+
+    def lock_owner(self, os_name: str) -> int | None:
+        # pread, not an open of the object: no hold is taken, no orphan
+        # reclaimed, and junk under the name is simply nobody's.
+        try:
+            fd = os.open(_path(os_name), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            head = os.pread(fd, _HEADER.size, 0)
+            if len(head) < _HEADER.size:
+                return None
+            magic, _flags, _metalen, dataoff, datalen, _created, _creator = _HEADER.unpack(head)
+            if magic != _MAGIC or datalen < DATA_SIZE:
+                return None
+            state = os.pread(fd, _STATE.size, dataoff + STATE_OFFSET)
+            if len(state) < _STATE.size:
+                return None
+            state_magic, _unconfirmed, owner_pid, *_ = _STATE.unpack(state)
+            return (owner_pid or None) if state_magic == STATE_MAGIC else None
+        finally:
+            os.close(fd)
 
     def lock_contended(self, mutex: LockHandle) -> bool:
         return bool(mutex.state()[0] & FUTEX_WAITERS)
