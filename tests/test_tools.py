@@ -225,3 +225,27 @@ def test_junk_under_a_name_is_listed_and_refused_with_the_command_that_removes_i
     assert _cli("rm", "--lock", "m").returncode == 0
     assert _cli("rm", "s").returncode == 0
     assert ps.segments() == []
+
+
+def _namespaces_sharing_a_prefix() -> tuple[str, str]:
+    seen: dict[str, str] = {}
+    for i in range(1_000_000):
+        ns = f"collide-{i}"
+        prefix = names.namespace_prefix(ns)
+        if prefix in seen:
+            return seen[prefix], ns
+        seen[prefix] = ns
+    raise AssertionError("no two namespaces share a prefix: is it still 28 bits?")
+
+
+def test_ls_and_gc_keep_to_their_namespace_when_another_shares_its_prefix() -> None:
+    mine, theirs = _namespaces_sharing_a_prefix()
+    with ps.namespace(theirs):
+        ps.shared("precious", ps.u64, initial=7, persist=True).close()
+    assert ps.segments(mine) == []
+    assert "nothing" in _cli("ls", "--namespace", mine).stdout
+    assert _cli("gc", "--all", "--namespace", mine).returncode == 0
+    with ps.namespace(theirs), ps.shared("precious", ps.u64, create=False) as kept:
+        assert kept.value == 7
+    with ps.namespace(theirs):
+        assert ps.unlink("precious")

@@ -53,6 +53,17 @@ def _namespace(namespace: str | None) -> str:
     return names.validate_name(namespace, "namespace")
 
 
+def _elsewhere(meta: dict[str, object], namespace: str) -> bool:
+    """Whether an object under ``namespace``'s prefix records another namespace.
+
+    The prefix is a 28-bit hash, so two namespaces can share it (rarely, but
+    a search finds a pair in a second); what an object records settles it.
+    Objects that record nothing (junk, a creation in progress) stay listed.
+    """
+    owner = meta.get("namespace")
+    return isinstance(owner, str) and owner != namespace
+
+
 def _type_of(os_name: str, temporary: bool) -> ObjectType:
     if temporary:
         return "temporary"
@@ -68,6 +79,8 @@ def list_objects(namespace: str | None = None) -> list[SegmentInfo]:
     out = []
     for info in engine.backend.segment_list(names.namespace_prefix(ns)):
         meta = decode_meta(info.meta)
+        if _elsewhere(meta, ns):
+            continue
         kind_type = _type_of(info.os_name, info.temporary)
         name = meta.get("name")
         out.append(
@@ -97,6 +110,8 @@ def collect(namespace: str | None = None, *, everything: bool = False) -> list[s
     ns = _namespace(namespace)
 
     def keep(handle: SegmentHandle) -> bool:
+        if _elsewhere(decode_meta(handle.meta), ns):
+            return True  # not this namespace's to judge
         if everything:
             return False
         if handle.persist:
