@@ -345,9 +345,18 @@ def test_a_child_cannot_join_or_signal_a_sibling_it_inherited() -> None:
 
         @ps.forked
         def meddles() -> str:
-            for action in (sibling.join, sibling.kill):
+            # The sibling's descriptors were closed in this child; reuse their
+            # numbers with pipes holding data that must not be read away.
+            reused = [os.pipe() for _ in range(8)]
+            for _, w in reused:
+                os.write(w, b"mine")
+            looks = (lambda: sibling.running, lambda: sibling.exitcode)
+            for action in (sibling.join, sibling.kill, sibling.wait, *looks):
                 with pytest.raises(RuntimeError, match="cannot wait for or signal"):
                     action()
+            for r, _ in reused:
+                os.set_blocking(r, False)
+                assert os.read(r, 16) == b"mine"
             return "refused"
 
         assert meddles().join() == "refused"

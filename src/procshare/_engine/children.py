@@ -399,6 +399,10 @@ class ChildrenPart:
         kill it if its timeout ran out. Returns whether it is done."""
         if rec.done:
             return True
+        if self.engine.pid != _core.current_pid():
+            # A handle inherited across a fork: its descriptors were the
+            # parent's, closed here, and their numbers may be reused by now.
+            self._foreign(rec)
         with self._lock:
             if rec.done:
                 return True
