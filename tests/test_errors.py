@@ -36,6 +36,7 @@ SAMPLES: list[ps.ProcshareError] = [
     ps.InvalidName("bad/name", "the name contains '/'"),
     ps.LockTimeout("m", timeout=0.2),
     ps.OwnerDied("m", owner_pid=77, held=True),
+    ps.UsageError("cannot release lock 'm': the calling thread does not hold it"),
 ]
 
 BUILTINS: dict[type[ps.ProcshareError], tuple[type[BaseException], ...]] = {
@@ -52,6 +53,7 @@ BUILTINS: dict[type[ps.ProcshareError], tuple[type[BaseException], ...]] = {
     ps.SharedMemoryFull: (OSError,),
     ps.InvalidName: (ValueError,),
     ps.LockTimeout: (TimeoutError,),
+    ps.UsageError: (RuntimeError,),
 }
 
 
@@ -142,3 +144,15 @@ def test_owner_died_says_what_to_do_in_both_states() -> None:
 def test_signal_name_helper() -> None:
     assert errors.signal_name(9) == "SIGKILL"
     assert errors.signal_name(None) == "no signal"
+
+
+def test_misuse_is_a_usage_error_which_is_a_runtime_error() -> None:
+    lock = ps.interprocess_lock("m")
+    with pytest.raises(ps.UsageError, match="does not hold it") as info:
+        lock.release()
+    assert isinstance(info.value, RuntimeError)
+    with lock, pytest.raises(ps.UsageError, match="reentrant=True"):
+        lock.acquire()
+    lock.close()
+    with pytest.raises(ps.UsageError, match=r"kids\.results"):
+        _ = ps.children().results

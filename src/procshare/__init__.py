@@ -58,6 +58,7 @@ from procshare.errors import SegmentExists as SegmentExists
 from procshare.errors import SegmentNotFound as SegmentNotFound
 from procshare.errors import SharedMemoryFull as SharedMemoryFull
 from procshare.errors import SharedTypeError as SharedTypeError
+from procshare.errors import UsageError as UsageError
 
 __version__ = "0.1.0.dev0"
 
@@ -83,6 +84,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "SegmentNotFound",
     "SharedMemoryFull",
     "SharedTypeError",
+    "UsageError",
     "children",
     "f32",
     "f64",

@@ -30,7 +30,7 @@ from procshare._engine.locks import (
     LockGuard,
 )
 from procshare._engine.names import use_namespace, validate_name
-from procshare.errors import LockTimeout, OwnerDied, ProcshareError
+from procshare.errors import LockTimeout, OwnerDied, ProcshareError, UsageError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -263,7 +263,7 @@ class InterprocessLock(LockGuard):
             # Only a second handle on the same lock can say so: one this
             # process inherited across a fork and one it opened itself (the
             # engine shares one per name otherwise), which count holds apart.
-            raise RuntimeError(
+            raise UsageError(
                 f"lock {self._name!r} is already held by this thread through another lock "
                 "object of that name, inherited across a fork; holds taken through an "
                 "inherited object and through one opened in this process are counted apart, "
@@ -271,22 +271,22 @@ class InterprocessLock(LockGuard):
                 "opened by name in this process"
             )
         if rc == SELF_HELD:
-            raise RuntimeError(
+            raise UsageError(
                 f"lock {self._name!r} is already held by this thread; taking a non-reentrant "
                 "lock again would deadlock. Release it first, or open it with "
                 f"ps.interprocess_lock({self._name!r}, reentrant=True) to nest"
             )
         if rc == NOT_RECOVERABLE:
-            raise RuntimeError(
+            raise UsageError(
                 f"lock {self._name!r} was made unrecoverable by code outside procshare "
                 "(a pthread unlock without pthread_mutex_consistent after a holder died); "
                 f"remove it with `python -m procshare rm --lock {self._name}` and repair "
                 "the data it protects"
             )
-        raise RuntimeError(f"lock {self._name!r}: unexpected result code {rc}")
+        raise UsageError(f"lock {self._name!r}: unexpected result code {rc}")
 
     def _not_owner(self, what: str) -> None:
-        raise RuntimeError(
+        raise UsageError(
             f"cannot {what} lock {self._name!r}: the calling thread does not hold it "
             "(a lock is owned by the thread that acquired it; a forked child does not "
             "own what its parent held)"

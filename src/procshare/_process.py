@@ -25,7 +25,7 @@ from procshare._engine.children import (
     ScopeState,
     current_children,
 )
-from procshare.errors import ChildError, ChildRaised, JoinTimeout
+from procshare.errors import ChildError, ChildRaised, JoinTimeout, UsageError
 
 __all__ = ["CANCEL_GRACE", "Child", "Children", "ExitStatus", "children", "forked"]
 
@@ -284,7 +284,7 @@ class Children:
     def results(self) -> list[Any]:
         """Return values of the children in fork order, after a clean exit of the block."""
         if self._results is None:
-            raise RuntimeError(
+            raise UsageError(
                 "kids.results is known only after the `with ps.children()` block has ended "
                 "without failures; inspect kids.children (each Child has wait()) otherwise"
             )
@@ -292,7 +292,7 @@ class Children:
 
     def __enter__(self) -> Children:
         if self._scope is not None:
-            raise RuntimeError("a ps.children() scope can be entered only once; make a new one")
+            raise UsageError("a ps.children() scope can be entered only once; make a new one")
         part = current_children()
         self._part = part
         self._scope = part.enter_scope(self._limit, self._cancel_on_error)

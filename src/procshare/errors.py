@@ -34,6 +34,7 @@ __all__ = [
     "SegmentNotFound",
     "SharedMemoryFull",
     "SharedTypeError",
+    "UsageError",
 ]
 
 
@@ -65,6 +66,18 @@ class ProcshareError(Exception):
         fields = {name: getattr(self, name) for name in self._fields}
         extra = {k: v for k, v in self.__dict__.items() if k not in fields}
         return (_rebuild, (type(self), fields), extra or None)
+
+
+class UsageError(ProcshareError, RuntimeError):
+    """procshare was asked for something that cannot work as asked.
+
+    Releasing a lock the calling thread does not hold, taking a non-reentrant
+    lock it already holds, using a lock made unrecoverable by code outside
+    procshare, a child's handle used in a process that did not fork it,
+    ``kids.results`` before the scope ended cleanly, a scope entered twice.
+    Also a ``RuntimeError``, which the SPEC names for these. The message
+    says what to do instead.
+    """
 
 
 # --------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from procshare.errors import (
     ChildKilled,
     ChildRaised,
     ChildTimeout,
+    UsageError,
 )
 
 if TYPE_CHECKING:
@@ -375,7 +376,7 @@ class ChildrenPart:
         self._live.pop(rec.pid, None)
 
     def _foreign(self, rec: Record) -> None:
-        raise RuntimeError(
+        raise UsageError(
             f"this handle of child {rec.name!r} (pid {rec.pid}) belongs to process "
             f"{self.engine.pid}, which forked it; process {os.getpid()} inherited it with a "
             "fork and cannot wait for or signal a child that is not its own"
