@@ -32,7 +32,7 @@ class SegmentInfo:
     #: ``"segment"``, ``"lock"``, ``"temporary"`` (a creation in progress or abandoned)
     #: or ``"unknown"``.
     type: ObjectType
-    #: What the object holds, as recorded at creation (e.g. ``"u64"``, ``"float64[1000]"``).
+    #: What the object holds, as recorded at creation (e.g. ``"u64"``, ``"numpy float64[1000]"``).
     kind: str
     #: Bytes of memory the object takes.
     size: int
