@@ -145,6 +145,14 @@ def test_rm_removes_one_object_and_reports_a_missing_one() -> None:
     assert "no segment named 'doomed'" in out.stderr
 
 
+def test_rm_of_the_wrong_type_says_which_command_would_do() -> None:
+    lock = ps.interprocess_lock("m")
+    out = _cli("rm", "m")
+    assert out.returncode == 1
+    assert "there is a lock of that name: `python -m procshare rm --lock m`" in out.stderr
+    lock.close()
+
+
 def test_cli_reports_an_invalid_name_clearly() -> None:
     out = _cli("rm", "bad name")
     assert out.returncode == 2

@@ -71,7 +71,14 @@ def cmd_rm(args: argparse.Namespace) -> int:
     if inspect.remove(args.name, lock=args.lock, namespace=args.namespace):
         print(f"removed {what} {args.name!r}")
         return 0
-    print(f"no {what} named {args.name!r} in this namespace", file=sys.stderr)
+    listed = inspect.list_objects(args.namespace)
+    namespace = args.namespace or names.current_namespace()
+    other = "segment" if args.lock else "lock"
+    hint = ""
+    if any(i.name == args.name and i.type == other for i in listed):
+        flag = "" if args.lock else "--lock "
+        hint = f" (there is a {other} of that name: `python -m procshare rm {flag}{args.name}`)"
+    print(f"no {what} named {args.name!r} in namespace {namespace!r}{hint}", file=sys.stderr)
     return 1
 
 
