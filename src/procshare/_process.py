@@ -16,6 +16,7 @@ from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 import attrs
 
+from procshare._engine import core as _core
 from procshare._engine import get_engine
 from procshare._engine.children import (
     CANCEL_GRACE,
@@ -74,6 +75,15 @@ def _positive_timeout(timeout: float | None, what: str) -> float | None:
     if math.isnan(timeout) or timeout < 0:
         raise ValueError(f"{what} must be a number of seconds >= 0 or None, not {timeout!r}")
     return float(timeout)
+
+
+def _poll_if_asked() -> None:
+    """``get_engine().poll()`` for the join path, with no call unless a part
+    asked for housekeeping (a dropped handle): this runs after every fork,
+    where each object touched costs a copy-on-write page fault."""
+    engine = _core._engine  # None in a fresh child until it uses procshare
+    if engine is not None and engine.pending:
+        get_engine().poll()
 
 
 class Child(Generic[R]):
@@ -152,7 +162,7 @@ class Child(Generic[R]):
             ChildTimeout: the ``timeout=`` given to :func:`forked` ran out.
         """
         timeout = _positive_timeout(timeout, "join(timeout=)")
-        get_engine().poll()
+        _poll_if_asked()
         if not self._part.wait(self._rec, timeout):
             raise JoinTimeout(pid=self.pid, name=self.name, timeout=timeout)
         ok, value = self._part.outcome(self._rec)
@@ -164,7 +174,7 @@ class Child(Generic[R]):
         """Wait for the child to end and describe how it ended; never raises a
         child's failure. Returns ``None`` if ``timeout`` seconds pass first."""
         timeout = _positive_timeout(timeout, "wait(timeout=)")
-        get_engine().poll()
+        _poll_if_asked()
         rec = self._rec
         if not self._part.wait(rec, timeout):
             return None
