@@ -301,3 +301,25 @@ def test_the_report_names_what_was_left_behind(pytester: pytest.Pytester) -> Non
     result = _run(pytester, LEAKS_A_NAMED_SEGMENT)
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(["*leaked*segment 'leaky' (/ps*They have been cleaned up*"])
+
+
+def test_what_vanished_or_is_another_users_is_neither_blamed_nor_removed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from procshare import testing
+
+    # Gone between the listing and the judging: a concurrent program's
+    # short-lived object (its name may even be reused by now).
+    assert testing._judge(frozenset({"/procshare-leak-check-gone"}), "t-x") == ([], {})
+    path = "/dev/shm/procshare-leak-check-theirs"
+    open(path, "w").close()
+    try:
+        blamed, removable = testing._judge(frozenset({path[8:]}), "t-x")
+        assert blamed == [f"a file {path[8:]} that is not procshare's"]
+        assert list(removable) == [path[8:]]
+        # The same file as seen by another user: not this test's business.
+        me = os.geteuid()
+        monkeypatch.setattr(os, "geteuid", lambda: me + 1)
+        assert testing._judge(frozenset({path[8:]}), "t-x") == ([], {})
+    finally:
+        os.unlink(path)

@@ -127,7 +127,9 @@ def _mapped_or_open_by(names_: set[str]) -> dict[str, set[int]]:
     return found
 
 
-def _judge(new_objects: frozenset[str], namespace: str) -> tuple[list[str], list[str]]:
+def _judge(
+    new_objects: frozenset[str], namespace: str
+) -> tuple[list[str], dict[str, tuple[int, int]]]:
     """Which new ``/dev/shm`` objects this test left behind, described, and which
     of those to remove.
 
@@ -146,7 +148,7 @@ def _judge(new_objects: frozenset[str], namespace: str) -> tuple[list[str], list
     reported, with the command that removes it.
     """
     if not new_objects:
-        return [], []
+        return [], {}
     me = os.getpid()
 
     def foreign(pid: int) -> bool:
@@ -159,18 +161,26 @@ def _judge(new_objects: frozenset[str], namespace: str) -> tuple[list[str], list
         return pid == me or me in _ancestors(pid)
 
     blamed: list[str] = []
-    removable: list[str] = []
+    removable: dict[str, tuple[int, int]] = {}  # OS name -> the (st_dev, st_ino) judged
     prefix = names.namespace_prefix(namespace)
     listed = {i.os_name: i for i in get_backend().segment_list(names.PREFIX)}
     holders = _mapped_or_open_by(set(new_objects))
+    uid = os.geteuid()
     for os_name in sorted(new_objects):
+        try:
+            st = os.lstat("/dev/shm" + os_name)
+        except OSError:
+            continue  # gone already: another program's short-lived object
+        if st.st_uid != uid:
+            continue  # another user's: neither ours to blame nor to remove
+        inode = (st.st_dev, st.st_ino)
         held_by = holders.get(os_name, set())
         if any(map(foreign, held_by)):
             continue
         info = listed.get(os_name)
         if info is None:  # not procshare's: a raw file
             blamed.append(f"a file {os_name} that is not procshare's")
-            removable.append(os_name)
+            removable[os_name] = inode
             continue
         meta = decode_meta(info.meta)
         owner = meta.get("namespace")
@@ -191,8 +201,18 @@ def _judge(new_objects: frozenset[str], namespace: str) -> tuple[list[str], list
             )
             continue
         blamed.append(f"{what} ({os_name})")
-        removable.append(os_name)
+        removable[os_name] = inode
     return blamed, removable
+
+
+def _remove(removable: dict[str, tuple[int, int]]) -> None:
+    """Unlink what was judged, if each name still is the object judged (a name a
+    concurrent program reused meanwhile is left alone)."""
+    for os_name, inode in removable.items():
+        with contextlib.suppress(OSError):
+            st = os.lstat("/dev/shm" + os_name)
+            if (st.st_dev, st.st_ino) == inode:
+                os.unlink("/dev/shm" + os_name)
 
 
 @pytest.fixture(autouse=True)
@@ -217,18 +237,17 @@ def procshare_leak_check(request: pytest.FixtureRequest) -> Iterator[str]:
     leaked_objects, removable = _judge(backend.os_objects() - objects_before, namespace)
     if not (leaked_children or leaked_objects):
         return
-    problems = []
-    if leaked_objects:
-        problems.append(f"shared-memory objects left behind: {', '.join(leaked_objects)}")
-        for name in removable:
-            backend.segment_unlink(name)
+    problems: list[str] = []
     if leaked_children:
         described = ", ".join(
             f"{pid} ({'zombie: never reaped' if st == 'Z' else 'still running'})"
             for pid, st in sorted(leaked_children.items())
         )
-        problems.append(f"child processes left behind: {described}")
+        problems.insert(0, f"child processes left behind: {described}")
         _reap(sorted(leaked_children))
+    if leaked_objects:
+        problems.insert(0, f"shared-memory objects left behind: {', '.join(leaked_objects)}")
+        _remove(removable)
     cleaned = "They have been" if len(removable) == len(leaked_objects) else "The rest have been"
     pytest.fail(
         f"{request.node.nodeid} leaked: " + "; ".join(problems) + f". ({cleaned} cleaned up.)",
