@@ -14,6 +14,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -896,3 +897,62 @@ def test_lock_metadata_is_the_json_it_always_was(name: str, namespace: str) -> N
     fields = {"name": name, "namespace": namespace, "kind": "lock"}
     assert meta == json.dumps(fields, sort_keys=True).encode()
     assert json.loads(meta) == fields
+
+
+class _Boom(Exception):
+    pass
+
+
+def test_refusing_to_nest_never_releases_the_enclosing_hold() -> None:
+    # Taking a non-reentrant lock again is refused in the slow path. Even if
+    # something raises in there (a trace function, an async exception), the
+    # enclosing block's hold must survive: only what the call took is let go.
+    lock = ps.interprocess_lock("m")
+
+    lines = 0
+
+    def tracer(frame: Any, event: str, arg: object) -> Any:
+        if frame.f_code.co_name != "_enter_slow":
+            return None
+
+        def raise_on_the_second_line(frame: Any, event: str, arg: object) -> Any:
+            nonlocal lines
+            if event == "line":
+                lines += 1
+                if lines == 2:  # past the first statement: inside any try there
+                    raise _Boom
+            return raise_on_the_second_line
+
+        return raise_on_the_second_line
+
+    with lock:
+        sys.settrace(tracer)
+        try:
+            with pytest.raises((_Boom, ps.UsageError)):
+                lock.__enter__()
+        finally:
+            sys.settrace(None)
+        assert lock.owned()
+    assert not lock.locked()
+    lock.close()
+
+
+def test_procshare_imports_without_a_usable_backend() -> None:
+    env = {**os.environ, "PROCSHARE_BACKEND": "nonesuch"}
+    code = (
+        "import procshare as ps\n"
+        "try:\n"
+        "    ps.interprocess_lock('m')\n"
+        "except RuntimeError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "unknown procshare backend 'nonesuch'" in out.stdout

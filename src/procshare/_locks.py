@@ -208,6 +208,11 @@ class InterprocessLock(LockGuard):
 
     def _enter_slow(self, rc: int) -> InterprocessLock:
         """``with``'s path for every outcome but an uncontended OK (LockGuard calls it)."""
+        if rc not in (BUSY, OWNER_DIED, UNCONFIRMED):
+            # Nothing was taken (SELF_HELD: this thread holds it already, maybe
+            # in an enclosing block): refuse before the try below, which
+            # releases what *this* call took.
+            self._fail(rc)
         try:
             if rc == BUSY and self._timeout != 0:
                 rc = _engine_locks.wait_acquire(self._m, self._reentrant, self._timeout)
@@ -220,9 +225,10 @@ class InterprocessLock(LockGuard):
             # The block will not run, so no __exit__ will release what this
             # call took (an interrupt that landed once the wait had the lock, a
             # warnings filter turning on_owner_death="warn" into an error).
-            # Entering the slow path this thread did not hold the lock (a
-            # nested reentrant acquire succeeds in LockGuard), so holding it now
-            # means this call took it: release it, unconfirmed if a holder died.
+            # Only BUSY, OWNER_DIED and UNCONFIRMED get here, and with them
+            # this thread did not hold the lock before (a nested reentrant
+            # acquire succeeds in LockGuard): holding it now means this call
+            # took it. Release it, unconfirmed if a holder died.
             if self._m.owned():
                 self._m.release()
             raise

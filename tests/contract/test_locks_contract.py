@@ -136,6 +136,25 @@ def _guard_class(base: type) -> type:
     return Guarded
 
 
+def test_the_guard_takes_no_stray_number_for_a_result_code(backend: Backend) -> None:
+    class Odd:
+        def acquire(self, reentrant: bool, timeout: float, /) -> int:
+            return 1 << 40  # would read as OK (0) truncated to a C int
+
+        def release(self) -> int:
+            return -1
+
+    guard = _guard_class(backend.lock_guard)()
+    guard.calls = []
+    guard._m = Odd()
+    guard._reentrant = False
+    with pytest.raises(SystemError, match="not a result code"):
+        guard.__enter__()
+    with pytest.raises(SystemError, match="not a result code"):
+        guard.__exit__(None, None, None)
+    assert guard.calls == []
+
+
 class _StandIn:
     """A closed lock's stand-in: any object whose acquire/release return codes."""
 

@@ -68,12 +68,28 @@ __all__ = [
     "wait_acquire",
 ]
 
+
+def _guard_base() -> type:
+    """The backend's guard class; the Python reference if no backend loads.
+
+    ``import procshare`` must work without a usable backend (``--help``,
+    docs, ``procshare.errors``); the engine then says what is wrong at the
+    first real use, and a lock object never exists to need the C guard.
+    """
+    try:
+        return get_backend().lock_guard
+    except (ImportError, RuntimeError):
+        from procshare._backends.api_lock import PyLockGuard
+
+        return PyLockGuard
+
+
 if TYPE_CHECKING:
     from procshare._backends.api_lock import PyLockGuard as LockGuard
 else:
     #: Base class of the front end's lock object: the backend's ``with``, in C
     #: (see ``PyLockGuard`` for the contract and why).
-    LockGuard = get_backend().lock_guard
+    LockGuard = _guard_base()
 
 #: Longest single blocking wait: between slices Python runs signal handlers,
 #: so Ctrl-C interrupts a wait within this many seconds.

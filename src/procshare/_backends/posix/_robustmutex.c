@@ -511,7 +511,9 @@ Guard_dealloc(GuardObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* A result code from a call that returned an int, or -1 with an exception set. */
+/* The result code a stand-in's acquire/release returned, or -1 with an
+ * exception set. Anything that is not one of the codes is an error, never
+ * taken for OK (2**40 truncated to an int would read as 0). */
 static int
 code_of(PyObject *result)
 {
@@ -523,7 +525,25 @@ code_of(PyObject *result)
     if (rc == -1 && PyErr_Occurred()) {
         return -1;
     }
+    if (rc < PSL_OK || rc > PSL_NOT_RECOVERABLE) {
+        PyErr_Format(PyExc_SystemError, "lock handle returned %ld, not a result code", rc);
+        return -1;
+    }
     return (int)rc;
+}
+
+/* acquire(reentrant, -1.0) or release() through a stand-in, held across the
+ * call (another thread may replace the object's _m meanwhile). */
+static int
+call_stand_in(PyObject *m, int acquire, int reentrant)
+{
+    PyObject *target = m != NULL ? m : Py_None;
+    Py_INCREF(target);
+    PyObject *r = acquire ? PyObject_CallMethod(target, "acquire", "Od",
+                                                reentrant ? Py_True : Py_False, -1.0)
+                          : PyObject_CallMethod(target, "release", NULL);
+    Py_DECREF(target);
+    return code_of(r);
 }
 
 static PyObject *
@@ -535,8 +555,7 @@ Guard_enter(GuardObject *self, PyObject *Py_UNUSED(ignored))
         rc = acquire_code((MutexObject *)m, self->reentrant, -1.0);
     }
     else {
-        rc = code_of(PyObject_CallMethod(m != NULL ? m : Py_None, "acquire", "Od",
-                                         self->reentrant ? Py_True : Py_False, -1.0));
+        rc = call_stand_in(m, 1, self->reentrant);
     }
     if (rc < 0) {
         return NULL;
@@ -556,7 +575,7 @@ Guard_exit(GuardObject *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UN
         rc = release_code((MutexObject *)m);
     }
     else {
-        rc = code_of(PyObject_CallMethod(m != NULL ? m : Py_None, "release", NULL));
+        rc = call_stand_in(m, 0, 0);
     }
     if (rc < 0) {
         return NULL;
