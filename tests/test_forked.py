@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -990,3 +991,29 @@ def test_everything_works_without_pidfds(monkeypatch: pytest.MonkeyPatch) -> Non
     status = sleeper.wait()
     assert status is not None
     assert status.signal == signal.SIGKILL
+
+
+@pytest.mark.timeout(60)
+def test_a_warning_raised_as_an_error_leaves_no_child_unreaped() -> None:
+    # Dropped failing children warn when reaped; under -W error the warning
+    # raises from whatever call reaped them. Their bookkeeping, and the join
+    # that call was making, must be done by then.
+    @ps.forked
+    def fails() -> None:
+        raise ValueError("nobody listens")
+
+    @ps.forked
+    def naps() -> int:
+        time.sleep(0.3)
+        return 7
+
+    kept = naps()  # first: a fork reaps dropped children itself
+    dropped = [fails().pid, fails().pid]
+    gc.collect()
+    assert wait_for(lambda: all(child_pids().get(p) == "Z" for p in dropped))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(RuntimeWarning, match="dropped without join"):
+            kept.join()
+    assert kept.join() == 7  # joined by the call that raised
+    assert not any(p in child_pids() for p in dropped)  # both reaped, not one

@@ -162,8 +162,11 @@ class Child(Generic[R]):
             ChildTimeout: the ``timeout=`` given to :func:`forked` ran out.
         """
         timeout = _positive_timeout(timeout, "join(timeout=)")
+        done = self._part.wait(self._rec, timeout)
+        # Housekeeping after this child's own wait: a warning about another
+        # child raised as an error (-W error) cannot leave this one unjoined.
         _poll_if_asked()
-        if not self._part.wait(self._rec, timeout):
+        if not done:
             raise JoinTimeout(pid=self.pid, name=self.name, timeout=timeout)
         ok, value = self._part.outcome(self._rec)
         if ok:
@@ -174,9 +177,10 @@ class Child(Generic[R]):
         """Wait for the child to end and describe how it ended; never raises a
         child's failure. Returns ``None`` if ``timeout`` seconds pass first."""
         timeout = _positive_timeout(timeout, "wait(timeout=)")
-        _poll_if_asked()
         rec = self._rec
-        if not self._part.wait(rec, timeout):
+        done = self._part.wait(rec, timeout)
+        _poll_if_asked()  # after: see join()
+        if not done:
             return None
         ok, error = self._part.outcome(rec)
         exit_ = rec.exit

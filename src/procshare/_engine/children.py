@@ -771,24 +771,33 @@ class ChildrenPart:
             return
         with self._lock:
             dropped, self._dropped = self._dropped, []
-        keep = []
-        for rec in dropped:
-            with self._lock:
-                if rec.done:
-                    continue
-                if rec.result_fd is not None:
-                    # Nobody will read the result: let a writing child fail fast.
-                    self.backend.process_close(rec.result_fd)
-                    rec.result_fd = None
-                    rec.eof = True
-            if self.advance(rec):
-                self._warn_dropped(rec)
-            else:
-                keep.append(rec)
-        if keep:
-            with self._lock:
-                self._dropped.extend(keep)
-            self.engine.pending = True  # look again at the next call
+        keep: list[Record] = []
+        reaped: list[Record] = []
+        try:
+            for rec in dropped:
+                with self._lock:
+                    if rec.done:
+                        continue
+                    if rec.result_fd is not None:
+                        # Nobody will read the result: let a writing child fail fast.
+                        self.backend.process_close(rec.result_fd)
+                        rec.result_fd = None
+                        rec.eof = True
+                if self.advance(rec):
+                    reaped.append(rec)
+                else:
+                    keep.append(rec)
+        finally:
+            # What was not looked at (an interrupt) is looked at next time.
+            keep += [r for r in dropped if not r.done and r not in keep]
+            if keep:
+                with self._lock:
+                    self._dropped.extend(keep)
+                self.engine.pending = True  # look again at the next call
+        # Warnings last: one raised as an error (-W error) must not stop the
+        # bookkeeping of the others.
+        for rec in reaped:
+            self._warn_dropped(rec)
 
     def _warn_dropped(self, rec: Record) -> None:
         exit_ = rec.exit
