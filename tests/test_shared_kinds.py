@@ -568,3 +568,16 @@ def test_numpy_arrays_and_memoryviews_keep_working_after_the_block() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "alive"
+
+
+def test_a_ctypes_view_refuses_to_be_copied_or_pickled() -> None:
+    import copy
+    import pickle
+
+    class Point(ctypes.Structure):
+        _fields_ = [("x", ctypes.c_int32), ("y", ctypes.c_int32)]
+
+    with ps.shared("pt", Point) as view:
+        for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="cannot be copied or pickled"):
+                attempt(view)

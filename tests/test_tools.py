@@ -257,3 +257,13 @@ def test_ls_and_gc_keep_to_their_namespace_when_another_shares_its_prefix() -> N
         assert kept.value == 7
     with ps.namespace(theirs):
         assert ps.unlink("precious")
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_under_a_name_does_not_hang_the_listing() -> None:
+    path = "/dev/shm" + names.os_name(names.LOCK, "fifo")
+    os.mkfifo(path, 0o600)
+    try:
+        assert [(i.type, i.owner) for i in ps.segments()] == [("lock", None)]
+    finally:
+        os.unlink(path)

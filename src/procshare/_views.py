@@ -48,7 +48,7 @@ class _Closed:
 
 
 def _release(mv: Any) -> None:
-    if isinstance(mv, memoryview):
+    if type(mv) is memoryview:  # (isinstance would ask a closed stand-in, which raises)
         try:  # noqa: SIM105 - every close: contextlib costs page faults in a forked child
             mv.release()
         except BufferError:
@@ -229,7 +229,15 @@ class NativeView:
         object.__setattr__(self, "_ps_obj", obj)
 
     def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_ps_"):  # a slot not set yet: never recurse
+            raise AttributeError(attr)
         return getattr(self._ps_obj, attr)
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        raise TypeError(
+            f"a view of shared segment {self._ps_name!r} cannot be copied or pickled "
+            "(it is the shared memory itself); copy the values out of it instead"
+        )
 
     def __setattr__(self, attr: str, value: Any) -> None:
         setattr(self._ps_obj, attr, value)

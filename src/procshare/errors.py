@@ -379,9 +379,9 @@ class SharedMemoryFull(_NamedError, OSError):
         if self.file_size_limit is not None:
             return (
                 f"shared segment {self.name!r} does not fit: {self.requested} bytes were "
-                "requested, more than this process may write to one file "
-                f"({self.file_size_limit} bytes: `ulimit -f`, RLIMIT_FSIZE){self._tail()}; "
-                "raise that limit or create a smaller segment"
+                "requested, and with procshare's header that is more than this process "
+                f"may write to one file ({self.file_size_limit} bytes: `ulimit -f`, "
+                f"RLIMIT_FSIZE){self._tail()}; raise that limit or create a smaller segment"
             )
         avail = "" if self.available is None else f", {self.available} bytes are free"
         return (

@@ -15,6 +15,7 @@ released silently.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from typing import Any
 
@@ -91,10 +92,13 @@ class PosixLocks:
         # pread, not an open of the object: no hold is taken, no orphan
         # reclaimed, and junk under the name is simply nobody's.
         try:
-            fd = os.open(_path(os_name), os.O_RDONLY | os.O_NOFOLLOW)
+            # O_NONBLOCK: a FIFO someone put under the name must not hang us.
+            fd = os.open(_path(os_name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
             head = os.pread(fd, _HEADER.size, 0)
             if len(head) < _HEADER.size:
                 return None

@@ -648,7 +648,8 @@ class PosixSegments(NativeKinds):
             path = _path(os_name)
             temporary = _is_temp(os_name)
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                # O_NONBLOCK: a FIFO someone put under our prefix must not hang ls.
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             except OSError:
                 continue
             try:
