@@ -400,7 +400,7 @@ class ChildrenPart:
         kill it if its timeout ran out. Returns whether it is done."""
         if rec.done:
             return True
-        if self.engine.pid != _core.current_pid():
+        if self.engine.pid != _core._pid:  # (current_pid() without the call)
             # A handle inherited across a fork: its descriptors were the
             # parent's, closed here, and their numbers may be reused by now.
             self._foreign(rec)
