@@ -956,3 +956,35 @@ def test_procshare_imports_without_a_usable_backend() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "unknown procshare backend 'nonesuch'" in out.stdout
+
+
+@pytest.mark.timeout(60)
+def test_a_lock_the_parent_closes_keeps_excluding_while_a_child_holds_it() -> None:
+    # The child holds the lock through the object it inherited. The parent's
+    # close must not remove the lock under it: a later opener by name must get
+    # the same lock (and wait), not a new one it can take at once.
+    lock = ps.interprocess_lock("m")
+    held_r, held_w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    @ps.forked
+    def takes_it_later() -> None:
+        os.read(go_r, 1)  # once the parent has closed its object
+        with lock:  # the object it inherited
+            os.write(held_w, b"h")
+            os.read(go_r, 1)
+
+    child = takes_it_later()
+    lock.close()  # nobody holds the lock now: nothing but the child keeps it
+    os.write(go_w, b"g")
+    assert read_byte(held_r) == b"h"
+    fresh = ps.interprocess_lock("m")
+    assert fresh.acquire(timeout=0.2) is False  # excluded: the child holds it
+    os.write(go_w, b"g")
+    child.join()
+    assert fresh.acquire(timeout=5)
+    fresh.release()
+    fresh.close()
+    assert lock_objects() == set()
+    for fd in (held_r, held_w, go_r, go_w):
+        os.close(fd)

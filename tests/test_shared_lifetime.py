@@ -765,3 +765,51 @@ def test_an_opener_waits_for_a_remover_deciding_and_follows_its_decision(
         assert isinstance(outcome[0], ps.SegmentNotFound)
     else:
         assert outcome == [42]
+
+
+# --------------------------------------------------------------------------
+# children that inherited a handle
+
+
+@pytest.mark.timeout(60)
+def test_a_segment_the_parent_closes_lives_on_for_children_that_inherited_it() -> None:
+    # A child forked while the segment was open holds it too: the parent's
+    # close must not let the name go while the child may still use it, or a
+    # later opener would make a second segment under the same name.
+    seg = ps.shared("s", ps.u64)
+    view = seg.view
+    go_r, go_w = os.pipe()
+
+    @ps.forked
+    def writes_later() -> int:
+        os.read(go_r, 1)  # once the parent has closed its handle
+        view.value = 42  # through the handle it inherited
+        with ps.shared("s", ps.u64, create=False) as by_name:
+            return int(by_name.value)
+
+    child = writes_later()
+    seg.close()
+    assert exists("s")
+    with ps.shared("s", ps.u64, create=False) as later:  # the same segment, not a new one
+        os.write(go_w, b"x")
+        assert child.join() == 42
+        assert later.value == 42
+    assert not exists("s")  # the child is reaped and the last handle closed
+    os.close(go_r)
+    os.close(go_w)
+
+
+@pytest.mark.timeout(60)
+def test_a_child_forked_before_the_open_does_not_keep_it() -> None:
+    @ps.forked
+    def naps() -> None:
+        time.sleep(30)
+
+    child = naps()
+    try:
+        with ps.shared("s", ps.u64):
+            pass
+        assert not exists("s")
+    finally:
+        child.kill()
+        child.wait()

@@ -111,6 +111,7 @@ class Record:
         "pid",
         "result_fd",
         "scope",
+        "seq",
         "timed_out",
         "timeout",
         "wait_fd",
@@ -125,6 +126,7 @@ class Record:
         self.deadline: float | None = None if timeout is None else time.monotonic() + timeout
         self.scope = scope
         self.pid = 0
+        self.seq = 0  # the engine's fork count with this fork
         self.result_fd: int | None = None
         self.wait_fd: int | None = None
         self.buf = bytearray()
@@ -280,6 +282,9 @@ class ChildrenPart:
                 "from a process that has none."
             )
         rec = Record(name, daemon, timeout, scope)
+        engine = self.engine
+        engine.forks += 1
+        rec.seq = engine.forks
         child = functools.partial(self._child_main, fn, args, kwargs)
         rec.pid, rec.result_fd, rec.wait_fd = self.backend.process_fork(child)
         self._live[rec.pid] = rec
@@ -374,6 +379,13 @@ class ChildrenPart:
         rec.result_fd = rec.wait_fd = None
         rec.done = True
         self._live.pop(rec.pid, None)
+        if self.engine.deferred:
+            self.engine.pending = True  # a release waiting for children may go now
+
+    def forked_since(self, forks: int) -> bool:
+        """Whether a child forked after the engine's fork count was ``forks`` is
+        still unreaped (it inherited what was open then, and may use it)."""
+        return any(r.seq > forks for r in list(self._live.values()))
 
     def _foreign(self, rec: Record) -> None:
         raise UsageError(

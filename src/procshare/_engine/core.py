@@ -48,7 +48,7 @@ class Engine:
     forked child that calls into procshare, where each separately compiled
     attrs method would cost copied pages)."""
 
-    __slots__ = ("_closed", "_parts", "backend", "lock", "pending", "pid")
+    __slots__ = ("_closed", "_parts", "backend", "deferred", "forks", "lock", "pending", "pid")
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
@@ -57,6 +57,11 @@ class Engine:
         self._parts: dict[str, EnginePart] = {}
         #: Set by a part that has housekeeping for the next call into procshare.
         self.pending = False
+        #: Children forked so far (``@forked``); a segment or lock records the
+        #: count when opened, so children forked later are known to hold it too.
+        self.forks = 0
+        #: Segments and locks closed here whose release waits for such children.
+        self.deferred = 0
         self._closed = False
 
     def __repr__(self) -> str:
@@ -72,6 +77,15 @@ class Engine:
                     found = factory(self)
                     self._parts[key] = found
         return found  # type: ignore[return-value]
+
+    def children_since(self, forks: int) -> bool:
+        """Whether a child forked after the fork count was ``forks`` is still
+        unreaped: it inherited what was open then, and may still use it."""
+        if self.forks <= forks:
+            return False
+        part = self._parts.get("children")
+        forked_since: Callable[[int], bool] | None = getattr(part, "forked_since", None)
+        return forked_since is not None and forked_since(forks)
 
     def existing_part(self, key: str) -> EnginePart | None:
         """The part stored under ``key`` if one was made (never makes one)."""

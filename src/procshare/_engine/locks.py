@@ -113,7 +113,18 @@ class LockEntry:
     that opens a lock, where each separately compiled method costs pages.
     """
 
-    __slots__ = ("closed", "handle", "mutex", "name", "namespace", "os_name", "part", "users")
+    __slots__ = (
+        "closed",
+        "deferred",
+        "forks",
+        "handle",
+        "mutex",
+        "name",
+        "namespace",
+        "os_name",
+        "part",
+        "users",
+    )
 
     def __init__(  # noqa: PLR0917 - positional: built on every open of a new name
         self,
@@ -133,6 +144,10 @@ class LockEntry:
         #: ``id()`` of the live lock objects using this entry (set operations are atomic).
         self.users: set[int] = set()
         self.closed = False
+        #: The engine's fork count when opened: children forked later hold it too.
+        self.forks = part.engine.forks
+        #: Unused, but kept open for such children (counted in engine.deferred).
+        self.deferred = False
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self.users)} user(s)"
@@ -231,6 +246,19 @@ class LocksPart:
                 if not entry.users:
                     self.note_idle()  # held: look again at the next poll
                 return False
+            if self.engine.children_since(entry.forks):
+                # Children forked while it was open share this process's hold
+                # and may be using it: releasing now would let the name go and
+                # a later opener make a second lock. Look again once one is reaped.
+                entry.closed = False
+                if not entry.deferred:
+                    entry.deferred = True
+                    self.engine.deferred += 1
+                self.maybe_idle = True
+                return False
+            if entry.deferred:
+                entry.deferred = False
+                self.engine.deferred -= 1
             key = (entry.namespace, entry.name)
             if self._entries.get(key) is entry:
                 del self._entries[key]

@@ -69,7 +69,7 @@ class OpenSegment:
     compiled attrs method run there costs copied pages.
     """
 
-    __slots__ = ("closed", "created", "handle", "layout", "name", "namespace", "view")
+    __slots__ = ("closed", "created", "forks", "handle", "layout", "name", "namespace", "view")
 
     def __init__(
         self, name: str, namespace: str, handle: SegmentHandle, created: bool, layout: Layout
@@ -83,6 +83,8 @@ class OpenSegment:
         #: struct views: they drop their memory then), if any.
         self.view: Callable[[], Any] | None = None
         self.closed = False
+        #: The engine's fork count when opened: children forked later hold it too.
+        self.forks = 0
 
 
 # (kind, name, namespace, euid) -> OS name, for every part of this process and
@@ -162,6 +164,8 @@ class SegmentsPart:
         #: forked child to pause (or die) there and prove nobody sees the half.
         self.init_hook: Callable[[str], None] | None = None
         self._open: dict[int, OpenSegment] = {}
+        #: Closed by the user, released once the children that share it are reaped.
+        self._deferred: list[OpenSegment] = []
         #: Whether this process's last open of each OS name created it (a hint).
         self._created_last: dict[str, bool] = {}
 
@@ -294,6 +298,7 @@ class SegmentsPart:
                     found=_describe_found(found, name),
                 )
         rec = OpenSegment(name, namespace, handle, created, layout)
+        rec.forks = self.engine.forks
         # (Single dict operations are atomic: no lock needed for these.)
         self._open[id(rec)] = rec
         if len(self._created_last) > 4096:
@@ -313,9 +318,25 @@ class SegmentsPart:
         view = None if ref is None else ref()
         if view is not None:
             view._ps_invalidate()  # later uses raise SegmentClosed
-        if self.engine.pid != current_pid():
+        engine = self.engine
+        if engine.pid != current_pid():
             return  # inherited: never close, unlink or release the parent's
-        self.engine.backend.segment_close(rec.handle, keep=None)
+        if engine.children_since(rec.forks):
+            # Children forked while it was open share this process's hold and
+            # may still use it: releasing now would let the name go (and a
+            # later opener make a second segment). Release once they are reaped.
+            self._deferred.append(rec)
+            engine.deferred += 1
+            return
+        engine.backend.segment_close(rec.handle, keep=None)
+
+    def _release_deferred(self, *, all_: bool = False) -> None:
+        engine = self.engine
+        for rec in list(self._deferred):
+            if all_ or not engine.children_since(rec.forks):
+                self._deferred.remove(rec)
+                engine.deferred -= 1
+                engine.backend.segment_close(rec.handle, keep=None)
 
     def unlink(self, name: str) -> bool:
         """Remove ``name`` now (mappings stay valid); whether it existed."""
@@ -330,9 +351,13 @@ class SegmentsPart:
     # -- EnginePart ---------------------------------------------------------
 
     def poll(self) -> None:
-        pass
+        if self._deferred:
+            self._release_deferred()
 
     def shutdown(self) -> None:
+        # Children are shut down (reaped) before segments: nothing waits now.
+        if self._deferred:
+            self._release_deferred(all_=True)
         if not self._open:
             return
         errors: list[BaseException] = []
