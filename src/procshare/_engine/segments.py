@@ -332,11 +332,13 @@ class SegmentsPart:
 
     def _release_deferred(self, *, all_: bool = False) -> None:
         engine = self.engine
-        for rec in list(self._deferred):
-            if all_ or not engine.children_since(rec.forks):
+        with engine.lock:  # two threads polling must not release one twice
+            ready = [r for r in self._deferred if all_ or not engine.children_since(r.forks)]
+            for rec in ready:
                 self._deferred.remove(rec)
                 engine.deferred -= 1
-                engine.backend.segment_close(rec.handle, keep=None)
+        for rec in ready:
+            engine.backend.segment_close(rec.handle, keep=None)
 
     def unlink(self, name: str) -> bool:
         """Remove ``name`` now (mappings stay valid); whether it existed."""
