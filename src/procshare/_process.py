@@ -16,6 +16,7 @@ from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 import attrs
 
+from procshare._engine import children as _children
 from procshare._engine import core as _core
 from procshare._engine import get_engine
 from procshare._engine.children import (
@@ -406,7 +407,11 @@ class _Forked(Generic[P, R]):
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Child[R]:
-        part = current_children()
+        # current_children() inlined: every Python call here runs again after
+        # each fork, where each object touched is a copied page.
+        part = _children._current
+        if part is None or part.engine is not _core._engine:
+            part = current_children()
         rec = part.start(self._fn, args, kwargs, self._name, self._timeout, self._daemon)
         return Child(part, rec)
 

@@ -270,7 +270,7 @@ class ChildrenPart:
             self.poll()
         stack = getattr(self._local, "stack", None)
         scope = stack[-1] if stack else None
-        if scope is not None:
+        if scope is not None and (scope.cancelling or scope.limit is not None):
             self._admit(scope)
         threads = self.backend.process_python_threads()
         if threads > 1:

@@ -60,20 +60,19 @@ _threads_limbo: dict[Any, Any] = threading._limbo  # type: ignore[attr-defined]
 _pidfd_open: Callable[[int], int] | None = getattr(os, "pidfd_open", None)
 
 
-def _flush_std_streams() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:
-            try:  # noqa: SIM105 - cheaper than suppress() on the fork path
-                stream.flush()
-            except Exception:
-                pass
-
-
 class PosixProcesses:
     """The process half of the POSIX backend."""
 
     def process_fork(self, child: Callable[[int], int], *, die_with_parent: bool = True) -> Forked:
-        _flush_std_streams()
+        # Flush what the parent buffered, or the child would print it again.
+        # (Inline: the parent runs this again after every fork, and each
+        # function it calls then is a copied page.)
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                try:  # noqa: SIM105 - cheaper than suppress() on the fork path
+                    stream.flush()
+                except Exception:
+                    pass
         # The C step blocks SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGALRM, SIGUSR1
         # and SIGUSR2 across the fork. The parent gets them back last, after
         # the pidfd is open, so a KeyboardInterrupt cannot separate the fork
@@ -81,7 +80,8 @@ class PosixProcesses:
         # few bytecodes of the caller storing them remain). The child gets
         # them back only inside the try below: a handler that raises must not
         # run before it, or the child would unwind into the caller's frames.
-        pid, fd, wait_fd = _fork_step(die_with_parent, _pidfd_open is not None)
+        forked = _fork_step(die_with_parent, _pidfd_open is not None)
+        pid, fd, _ = forked
         if pid == 0:
             status = 1
             try:
@@ -89,8 +89,8 @@ class PosixProcesses:
                 status = child(fd)
             finally:
                 self.process_exit(status)
-        forked: Forked = _new_tuple(Forked, (pid, fd, wait_fd))
-        return forked
+        made: Forked = _new_tuple(Forked, forked)
+        return made
 
     def process_write(self, fd: int, data: bytes) -> None:
         n = os.write(fd, data)
