@@ -988,3 +988,23 @@ def test_a_lock_the_parent_closes_keeps_excluding_while_a_child_holds_it() -> No
     assert lock_objects() == set()
     for fd in (held_r, held_w, go_r, go_w):
         os.close(fd)
+
+
+@ps.forked
+def _naps(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@pytest.mark.timeout(60)
+def test_only_children_forked_while_a_lock_was_in_use_keep_it() -> None:
+    lock = ps.interprocess_lock("m")
+    first = _naps(0.5)
+    lock.close()
+    later = _naps(30)
+    try:
+        assert len(lock_objects()) == 1  # kept for the first child
+        first.join()
+        assert lock_objects() == set()  # released with it, though a later child runs
+    finally:
+        later.kill()
+        later.wait()

@@ -813,3 +813,70 @@ def test_a_child_forked_before_the_open_does_not_keep_it() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+@ps.forked
+def _naps(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@pytest.mark.timeout(60)
+def test_only_children_forked_while_it_was_open_keep_it() -> None:
+    # A child forked after the close has no handle on the segment: a rolling
+    # pool must not keep every scratch segment until its last child ends.
+    a = ps.shared("A", ps.u64)
+    first = _naps(0.5)
+    a.close()
+    later = _naps(30)
+    try:
+        assert exists("A")  # kept for the first child
+        first.join()
+        assert not exists("A")  # released with it, though a later child runs
+    finally:
+        later.kill()
+        later.wait()
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_in_a_scope_releases_what_waited_for_its_children() -> None:
+    def interrupted_scope() -> None:
+        with ps.children():
+            with ps.shared("s", ps.u64):
+                _naps(30)
+            assert exists("s")  # the child still runs: kept for it
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupted_scope()
+    assert not exists("s")  # children terminated and reaped, and then released
+
+
+@pytest.mark.timeout(60)
+def test_a_deferred_release_that_fails_keeps_the_others_for_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from procshare._engine import get_engine
+
+    a, b = ps.shared("a", ps.u64), ps.shared("b", ps.u64)
+    child = _naps(0.2)
+    a.close()
+    b.close()
+    backend = type(get_engine().backend)
+    real = backend.segment_close
+    failures = [OSError("injected")]
+
+    def fails_once(self: object, handle: object, *, keep: object) -> bool:
+        if failures:
+            raise failures.pop()
+        return real(self, handle, keep=keep)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backend, "segment_close", fails_once)
+    with pytest.raises(OSError, match="injected"):
+        child.join()  # reaps, then releases: the first release fails
+    assert get_engine().deferred == 1  # the other one is still listed...
+    ps.segments()  # ...and the next call into procshare releases it
+    assert get_engine().deferred == 0
+    assert not exists("a") or not exists("b")
+    for name in ("a", "b"):  # the one whose release failed: clean up by hand
+        if exists(name):
+            ps.unlink(name)

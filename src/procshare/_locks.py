@@ -375,6 +375,7 @@ class InterprocessLock(LockGuard):
         if entry is not None:
             entry.users.discard(id(self))
             if not entry.users:
+                entry.closed_at = entry.part.engine.forks  # (see LocksPart.drop_user)
                 entry.part.note_idle()
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -6,6 +6,7 @@ reaping live in :mod:`procshare._engine.children`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import signal
@@ -76,6 +77,14 @@ def _positive_timeout(timeout: float | None, what: str) -> float | None:
     if math.isnan(timeout) or timeout < 0:
         raise ValueError(f"{what} must be a number of seconds >= 0 or None, not {timeout!r}")
     return float(timeout)
+
+
+def _release_what_waited() -> None:
+    """On the way out of an interruption that reaped children: release now the
+    segments and locks the parent closed while those children had them (SPEC 2:
+    Ctrl-C releases what the parent held), never masking the interruption."""
+    with contextlib.suppress(Exception):  # a warning raised as an error must not win
+        _poll_if_asked()
 
 
 def _poll_if_asked() -> None:
@@ -233,6 +242,7 @@ class Child(Generic[R]):
             # finish on its own could take forever. Stop and reap it, as a
             # children() scope does, and let the interruption propagate.
             self._part.terminate_all([self._rec], cancel=False, grace=CANCEL_GRACE)
+            _release_what_waited()
             return
         try:
             if exc is None:
@@ -244,6 +254,7 @@ class Child(Generic[R]):
         except BaseException as interrupted:
             if not isinstance(interrupted, Exception):  # Ctrl-C while joining
                 self._part.terminate_all([self._rec], cancel=False, grace=CANCEL_GRACE)
+                _release_what_waited()
             raise
         if status is not None and status.error is not None:
             exc.add_note(f"procshare: meanwhile {status.error}")
@@ -322,9 +333,14 @@ class Children:
         part, scope = self._part, self._scope
         assert part is not None
         assert scope is not None
-        part.exit_scope(scope, exc)
+        try:
+            part.exit_scope(scope, exc)
+        except BaseException:
+            _release_what_waited()  # Ctrl-C while waiting: children are reaped
+            raise
         handles = self.children
         if exc is not None and not isinstance(exc, Exception | Cancelled):
+            _release_what_waited()
             return False  # KeyboardInterrupt & co propagate as they are
         # A call into procshare reaps dropped children (SPEC 1); after the
         # scope's own are joined, so a warning raised as an error (-W error)

@@ -284,10 +284,14 @@ class ChildrenPart:
         rec = Record(name, daemon, timeout, scope)
         engine = self.engine
         engine.forks += 1
+        engine.forking += 1  # until the child is in _live (see Engine.children_between)
         rec.seq = engine.forks
         child = functools.partial(self._child_main, fn, args, kwargs)
-        rec.pid, rec.result_fd, rec.wait_fd = self.backend.process_fork(child)
-        self._live[rec.pid] = rec
+        try:
+            rec.pid, rec.result_fd, rec.wait_fd = self.backend.process_fork(child)
+            self._live[rec.pid] = rec
+        finally:
+            engine.forking -= 1
         if scope is not None:
             scope.records.append(rec)
             scope.running.append(rec)
@@ -382,10 +386,9 @@ class ChildrenPart:
         if self.engine.deferred:
             self.engine.pending = True  # a release waiting for children may go now
 
-    def forked_since(self, forks: int) -> bool:
-        """Whether a child forked after the engine's fork count was ``forks`` is
-        still unreaped (it inherited what was open then, and may use it)."""
-        return any(r.seq > forks for r in list(self._live.values()))
+    def forked_between(self, opened: int, closed: int) -> bool:
+        """Whether a child numbered above ``opened`` and at most ``closed`` is unreaped."""
+        return any(opened < r.seq <= closed for r in list(self._live.values()))
 
     def _foreign(self, rec: Record) -> None:
         raise UsageError(

@@ -48,7 +48,17 @@ class Engine:
     forked child that calls into procshare, where each separately compiled
     attrs method would cost copied pages)."""
 
-    __slots__ = ("_closed", "_parts", "backend", "deferred", "forks", "lock", "pending", "pid")
+    __slots__ = (
+        "_closed",
+        "_parts",
+        "backend",
+        "deferred",
+        "forking",
+        "forks",
+        "lock",
+        "pending",
+        "pid",
+    )
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
@@ -60,6 +70,8 @@ class Engine:
         #: Children forked so far (``@forked``); a segment or lock records the
         #: count when opened, so children forked later are known to hold it too.
         self.forks = 0
+        #: Forks under way (numbered, not yet recorded as live children).
+        self.forking = 0
         #: Segments and locks closed here whose release waits for such children.
         self.deferred = 0
         self._closed = False
@@ -78,14 +90,18 @@ class Engine:
                     self._parts[key] = found
         return found  # type: ignore[return-value]
 
-    def children_since(self, forks: int) -> bool:
-        """Whether a child forked after the fork count was ``forks`` is still
-        unreaped: it inherited what was open then, and may still use it."""
-        if self.forks <= forks:
+    def children_between(self, opened: int, closed: int) -> bool:
+        """Whether a child forked while something was open (fork count above
+        ``opened`` and at most ``closed``) is still unreaped: it inherited it
+        and may still use it. A fork under way counts (its child is not
+        recorded yet), so the answer errs on the side of waiting."""
+        if self.forking:
+            return True
+        if closed <= opened:
             return False
         part = self._parts.get("children")
-        forked_since: Callable[[int], bool] | None = getattr(part, "forked_since", None)
-        return forked_since is not None and forked_since(forks)
+        between: Callable[[int, int], bool] | None = getattr(part, "forked_between", None)
+        return between is not None and between(opened, closed)
 
     def existing_part(self, key: str) -> EnginePart | None:
         """The part stored under ``key`` if one was made (never makes one)."""

@@ -115,6 +115,7 @@ class LockEntry:
 
     __slots__ = (
         "closed",
+        "closed_at",
         "deferred",
         "forks",
         "handle",
@@ -144,8 +145,10 @@ class LockEntry:
         #: ``id()`` of the live lock objects using this entry (set operations are atomic).
         self.users: set[int] = set()
         self.closed = False
-        #: The engine's fork count when opened: children forked later hold it too.
+        #: The engine's fork counts when opened and when last left without a
+        #: user: children forked in between inherited it and may be using it.
         self.forks = part.engine.forks
+        self.closed_at = 0
         #: Unused, but kept open for such children (counted in engine.deferred).
         self.deferred = False
 
@@ -229,11 +232,13 @@ class LocksPart:
         """``user`` stops using ``entry``; with ``close``, close it now if it was the last."""
         entry.users.discard(user)
         if close and not entry.users:
+            entry.closed_at = self.engine.forks
             self._close_if_idle(entry)
 
     def close_if_unused(self, entry: LockEntry) -> None:
         """Close ``entry`` if no lock object uses it and no thread holds or waits for it."""
         if not entry.users and self.engine.pid == os.getpid():
+            entry.closed_at = self.engine.forks
             self._close_if_idle(entry)
 
     def _close_if_idle(self, entry: LockEntry) -> bool:
@@ -246,19 +251,25 @@ class LocksPart:
                 if not entry.users:
                     self.note_idle()  # held: look again at the next poll
                 return False
-            if self.engine.children_since(entry.forks):
-                # Children forked while it was open share this process's hold
-                # and may be using it: releasing now would let the name go and
-                # a later opener make a second lock. Look again once one is reaped.
-                entry.closed = False
+            engine = self.engine
+            if engine.forks > entry.forks or engine.forking:  # (else no child has it)
                 if not entry.deferred:
+                    # Counted first: a child reaped from now on wakes the
+                    # release (ChildrenPart._finish), so none slips in between.
                     entry.deferred = True
-                    self.engine.deferred += 1
-                self.maybe_idle = True
-                return False
+                    engine.deferred += 1
+                closed_at = max(entry.closed_at, entry.forks)
+                if engine.children_between(entry.forks, closed_at):
+                    # Children forked while it was in use share this process's
+                    # hold and may be using it: releasing now would let the name
+                    # go, and a later opener make a second lock. Look again
+                    # once one is reaped.
+                    entry.closed = False
+                    self.maybe_idle = True
+                    return False
             if entry.deferred:
                 entry.deferred = False
-                self.engine.deferred -= 1
+                engine.deferred -= 1
             key = (entry.namespace, entry.name)
             if self._entries.get(key) is entry:
                 del self._entries[key]

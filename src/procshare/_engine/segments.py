@@ -69,7 +69,17 @@ class OpenSegment:
     compiled attrs method run there costs copied pages.
     """
 
-    __slots__ = ("closed", "created", "forks", "handle", "layout", "name", "namespace", "view")
+    __slots__ = (
+        "closed",
+        "closed_at",
+        "created",
+        "forks",
+        "handle",
+        "layout",
+        "name",
+        "namespace",
+        "view",
+    )
 
     def __init__(
         self, name: str, namespace: str, handle: SegmentHandle, created: bool, layout: Layout
@@ -83,8 +93,10 @@ class OpenSegment:
         #: struct views: they drop their memory then), if any.
         self.view: Callable[[], Any] | None = None
         self.closed = False
-        #: The engine's fork count when opened: children forked later hold it too.
+        #: The engine's fork counts when opened and closed: children forked in
+        #: between inherited it and may use it after this process closed it.
         self.forks = 0
+        self.closed_at = 0
 
 
 # (kind, name, namespace, euid) -> OS name, for every part of this process and
@@ -321,24 +333,45 @@ class SegmentsPart:
         engine = self.engine
         if engine.pid != current_pid():
             return  # inherited: never close, unlink or release the parent's
-        if engine.children_since(rec.forks):
-            # Children forked while it was open share this process's hold and
-            # may still use it: releasing now would let the name go (and a
-            # later opener make a second segment). Release once they are reaped.
-            self._deferred.append(rec)
-            engine.deferred += 1
-            return
+        if engine.forks > rec.forks or engine.forking:  # (else no child has it)
+            with engine.lock:
+                # Counted first: a child reaped from now on wakes the release
+                # (ChildrenPart._finish), so none can slip in between.
+                engine.deferred += 1
+                rec.closed_at = engine.forks
+                if engine.children_between(rec.forks, rec.closed_at):
+                    # Children forked while it was open share this process's
+                    # hold and may still use it: releasing now would let the
+                    # name go (and a later opener make a second segment).
+                    self._deferred.append(rec)
+                    return
+                engine.deferred -= 1
         engine.backend.segment_close(rec.handle, keep=None)
 
-    def _release_deferred(self, *, all_: bool = False) -> None:
+    def _release_deferred(self, *, everything: bool = False) -> None:
+        """Release the deferred segments no child needs any more (all of them
+        at shutdown), one at a time: one that fails leaves the rest listed."""
         engine = self.engine
-        with engine.lock:  # two threads polling must not release one twice
-            ready = [r for r in self._deferred if all_ or not engine.children_since(r.forks)]
-            for rec in ready:
+        while True:
+            with engine.lock:  # two threads polling must not release one twice
+                rec = next(
+                    (
+                        r
+                        for r in self._deferred
+                        if everything or not engine.children_between(r.forks, r.closed_at)
+                    ),
+                    None,
+                )
+                if rec is None:
+                    return
                 self._deferred.remove(rec)
                 engine.deferred -= 1
-        for rec in ready:
-            engine.backend.segment_close(rec.handle, keep=None)
+            try:
+                engine.backend.segment_close(rec.handle, keep=None)
+            except BaseException:
+                if self._deferred:
+                    engine.pending = True  # the others at the next call
+                raise
 
     def unlink(self, name: str) -> bool:
         """Remove ``name`` now (mappings stay valid); whether it existed."""
@@ -357,9 +390,15 @@ class SegmentsPart:
             self._release_deferred()
 
     def shutdown(self) -> None:
-        # Children are shut down (reaped) before segments: nothing waits now.
-        if self._deferred:
-            self._release_deferred(all_=True)
+        try:
+            self._close_all()
+        finally:
+            # Last, after the closes above (which may defer too): children are
+            # shut down before segments, so nothing waits any more.
+            if self._deferred:
+                self._release_deferred(everything=True)
+
+    def _close_all(self) -> None:
         if not self._open:
             return
         errors: list[BaseException] = []
