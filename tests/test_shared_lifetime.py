@@ -880,3 +880,102 @@ def test_a_deferred_release_that_fails_keeps_the_others_for_later(
     for name in ("a", "b"):  # the one whose release failed: clean up by hand
         if exists(name):
             ps.unlink(name)
+
+
+def _run_script(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.timeout(90)
+def test_a_collection_in_an_early_fork_hook_cannot_deadlock_the_child() -> None:
+    # In the child, hooks registered before procshare's run first; a garbage
+    # collection there closes a dropped Segment while procshare still takes
+    # the process for the parent, whose engine lock another thread held at
+    # the fork. The child must not wait for that lock (it would forever).
+    out = _run_script(
+        """
+        import gc, os, threading, time, warnings
+        warnings.simplefilter("ignore")
+        os.register_at_fork(after_in_child=gc.collect)  # before procshare's hooks
+        import procshare as ps
+        from procshare._engine.core import get_engine
+
+        @ps.forked
+        def child():
+            return "ran"
+
+        child().join()
+        gc.disable()
+        cycle = [ps.shared("data", ps.u64)]
+        cycle.append(cycle)
+        del cycle
+        held = threading.Event()
+
+        def busy():
+            with get_engine().lock:
+                held.set()
+                time.sleep(2)
+
+        t = threading.Thread(target=busy)
+        t.start()
+        held.wait()
+        c = child()
+        t.join()
+        status = c.wait(timeout=20)
+        if status is None:
+            c.kill()
+            c.wait()
+        print("finished" if status is not None else "hung")
+        gc.enable()
+        gc.collect()
+        """
+    )
+    assert out.stdout.strip() == "finished", out.stdout + out.stderr
+
+
+@pytest.mark.timeout(90)
+def test_a_segment_opened_while_another_thread_forks_is_kept_for_that_child() -> None:
+    # The child inherits what another thread opens between the fork being
+    # numbered and the fork itself: its stamp must count that child.
+    out = _run_script(
+        """
+        import os, threading, time, warnings
+        warnings.simplefilter("ignore")
+        import procshare as ps
+
+        opened, go_on = threading.Event(), threading.Event()
+        box = []
+
+        def before():
+            if not go_on.is_set():
+                go_on.set()
+                opened.wait(10)  # the other thread opens meanwhile
+
+        os.register_at_fork(before=before)
+
+        def opener():
+            go_on.wait(10)
+            box.append(ps.shared("data", ps.u64, initial=7))
+            opened.set()
+
+        @ps.forked
+        def naps():
+            time.sleep(1.0)
+
+        t = threading.Thread(target=opener)
+        t.start()
+        child = naps()
+        t.join()
+        box[0].close()  # the child inherited it: kept until it is reaped
+        with ps.shared("data", ps.u64) as again:
+            print(again.value)  # 7: the same segment, not a fresh one
+        child.join()
+        """
+    )
+    assert out.stdout.strip() == "7", out.stdout + out.stderr

@@ -283,11 +283,11 @@ class ChildrenPart:
             )
         rec = Record(name, daemon, timeout, scope)
         engine = self.engine
-        engine.forks += 1
-        engine.forking += 1  # until the child is in _live (see Engine.children_between)
-        rec.seq = engine.forks
         child = functools.partial(self._child_main, fn, args, kwargs)
         try:
+            engine.forking += 1  # until the child is in _live (see Engine.children_between)
+            engine.forks += 1
+            rec.seq = engine.forks
             rec.pid, rec.result_fd, rec.wait_fd = self.backend.process_fork(child)
             self._live[rec.pid] = rec
         finally:

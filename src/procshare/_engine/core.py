@@ -95,7 +95,7 @@ class Engine:
         ``opened`` and at most ``closed``) is still unreaped: it inherited it
         and may still use it. A fork under way counts (its child is not
         recorded yet), so the answer errs on the side of waiting."""
-        if self.forking:
+        if self.forking > 0:
             return True
         if closed <= opened:
             return False
@@ -113,8 +113,14 @@ class Engine:
         if not self.pending:
             return
         self.pending = False
+        error: BaseException | None = None
         for part in list(self._parts.values()):
-            part.poll()
+            try:
+                part.poll()
+            except BaseException as exc:  # the others' housekeeping still runs
+                error = error or exc
+        if error is not None:
+            raise error
 
     def shutdown(self) -> None:
         """Release everything, in order. Errors of one part do not stop the others."""
@@ -124,6 +130,9 @@ class Engine:
         if self._closed or self.pid != os.getpid():
             return
         self._closed = True
+        # Exiting: no fork is under way any more (one interrupted half-way must
+        # not make every release wait for a child that never was).
+        self.forking = 0
         errors: list[BaseException] = []
         for part in sorted(self._parts.values(), key=_order):
             try:

@@ -145,9 +145,10 @@ class LockEntry:
         #: ``id()`` of the live lock objects using this entry (set operations are atomic).
         self.users: set[int] = set()
         self.closed = False
-        #: The engine's fork counts when opened and when last left without a
-        #: user: children forked in between inherited it and may be using it.
-        self.forks = part.engine.forks
+        #: The engine's fork counts when opened (below any fork under way in
+        #: another thread) and when last left without a user: children forked
+        #: in between inherited it and may be using it.
+        self.forks = part.engine.forks - part.engine.forking
         self.closed_at = 0
         #: Unused, but kept open for such children (counted in engine.deferred).
         self.deferred = False
@@ -252,7 +253,7 @@ class LocksPart:
                     self.note_idle()  # held: look again at the next poll
                 return False
             engine = self.engine
-            if engine.forks > entry.forks or engine.forking:  # (else no child has it)
+            if engine.forks > entry.forks or engine.forking > 0:  # (else no child has it)
                 if not entry.deferred:
                     # Counted first: a child reaped from now on wakes the
                     # release (ChildrenPart._finish), so none slips in between.
@@ -265,7 +266,7 @@ class LocksPart:
                     # go, and a later opener make a second lock. Look again
                     # once one is reaped.
                     entry.closed = False
-                    self.maybe_idle = True
+                    self.note_idle()  # and a reap meanwhile may have found nothing
                     return False
             if entry.deferred:
                 entry.deferred = False

@@ -310,7 +310,8 @@ class SegmentsPart:
                     found=_describe_found(found, name),
                 )
         rec = OpenSegment(name, namespace, handle, created, layout)
-        rec.forks = self.engine.forks
+        # Below any fork under way in another thread: its child inherits this.
+        rec.forks = self.engine.forks - self.engine.forking
         # (Single dict operations are atomic: no lock needed for these.)
         self._open[id(rec)] = rec
         if len(self._created_last) > 4096:
@@ -333,7 +334,12 @@ class SegmentsPart:
         engine = self.engine
         if engine.pid != current_pid():
             return  # inherited: never close, unlink or release the parent's
-        if engine.forks > rec.forks or engine.forking:  # (else no child has it)
+        if engine.forks > rec.forks or engine.forking > 0:  # (else no child has it)
+            if engine.pid != os.getpid():
+                # A forked child before procshare's own after-fork hook ran (a
+                # collection in an earlier hook): the engine is the parent's,
+                # and its lock may be held by a thread that does not exist here.
+                return
             with engine.lock:
                 # Counted first: a child reaped from now on wakes the release
                 # (ChildrenPart._finish), so none can slip in between.
@@ -344,6 +350,7 @@ class SegmentsPart:
                     # hold and may still use it: releasing now would let the
                     # name go (and a later opener make a second segment).
                     self._deferred.append(rec)
+                    engine.pending = True  # a reap meanwhile found nothing listed yet
                     return
                 engine.deferred -= 1
         engine.backend.segment_close(rec.handle, keep=None)
@@ -352,6 +359,7 @@ class SegmentsPart:
         """Release the deferred segments no child needs any more (all of them
         at shutdown), one at a time: one that fails leaves the rest listed."""
         engine = self.engine
+        failed: BaseException | None = None
         while True:
             with engine.lock:  # two threads polling must not release one twice
                 rec = next(
@@ -363,12 +371,17 @@ class SegmentsPart:
                     None,
                 )
                 if rec is None:
+                    if failed is not None:
+                        raise failed
                     return
                 self._deferred.remove(rec)
                 engine.deferred -= 1
             try:
                 engine.backend.segment_close(rec.handle, keep=None)
-            except BaseException:
+            except BaseException as exc:
+                if everything:  # at exit: release the rest anyway, then report
+                    failed = failed or exc
+                    continue
                 if self._deferred:
                     engine.pending = True  # the others at the next call
                 raise
