@@ -445,3 +445,41 @@ def test_a_plain_os_fork_child_keeps_the_descriptor_numbers_it_reused(tmp_path: 
         sibling.kill()
         with pytest.raises(ps.ChildKilled):
             sibling.join()
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_during_the_fork_still_stops_and_reaps_the_child() -> None:
+    # A SIGINT that arrives while the fork step has signals blocked is handled
+    # the moment the step returns, before the caller could store the child's
+    # numbers. The child exists anyway: the scope must still stop and reap it.
+    code = textwrap.dedent(
+        """
+        import os, signal, time
+        import procshare as ps
+        from procshare.testing import child_pids
+
+        armed = [False]
+
+        def interrupt_the_parent():
+            if armed[0]:
+                armed[0] = False
+                os.kill(os.getpid(), signal.SIGINT)  # pending until the step unblocks
+
+        os.register_at_fork(after_in_parent=interrupt_the_parent)
+
+        @ps.forked
+        def sleeper():
+            time.sleep(30)
+
+        armed[0] = True
+        try:
+            with ps.children():
+                sleeper()
+        except KeyboardInterrupt:
+            print("interrupted", len(child_pids()))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.stdout.strip() == "interrupted 0", out.stdout + out.stderr

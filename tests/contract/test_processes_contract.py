@@ -260,3 +260,12 @@ def test_a_grown_pipe_buffers_a_large_result_without_a_reader(backend: ProcessBa
     backend.process_grow_pipe(forked.result_fd, 1 << 20)
     assert len(_read_all(backend, forked.result_fd)) == size
     assert _finish(backend, forked) == Exit(0, None)
+
+
+def test_the_last_fork_can_be_claimed_by_its_token_once(backend: ProcessBackend) -> None:
+    # What a caller lost to an exception raised just after the fork returned.
+    forked = backend.process_fork(lambda fd: 0, token=42)
+    assert backend.process_unclaimed(41) is None  # another call's token: not this fork
+    assert backend.process_unclaimed(42) == forked
+    assert backend.process_unclaimed(42) is None  # handed over once
+    assert _finish(backend, forked).status == 0

@@ -47,7 +47,9 @@ class Exit(NamedTuple):
 class ProcessBackend(Protocol):
     """Fork, wait and signal primitives."""
 
-    def process_fork(self, child: Callable[[int], int], *, die_with_parent: bool = True) -> Forked:
+    def process_fork(
+        self, child: Callable[[int], int], *, die_with_parent: bool = True, token: int = 0
+    ) -> Forked:
         """Fork now, with a fresh result pipe (both ends close-on-exec).
 
         Returns only in the parent (see :class:`Forked`); the parent's copy of
@@ -65,7 +67,17 @@ class ProcessBackend(Protocol):
         ``process_fork`` of its parent returned and :meth:`process_close` has
         not closed yet (its siblings' pipes and wait descriptors), and the
         parent's own result pipe if the parent is itself a forked child.
+
+        ``token`` numbers the fork for :meth:`process_unclaimed`.
         """
+        ...
+
+    def process_unclaimed(self, token: int) -> Forked | None:
+        """What :meth:`process_fork` with ``token`` returned, if it forked and was
+        the last fork, else ``None``. A signal that arrives during the fork is
+        handled just after it returns, and its exception (``KeyboardInterrupt``)
+        can separate the result from the caller: this hands it over so the
+        child is still recorded, and reaped."""
         ...
 
     def process_write(self, fd: int, data: bytes) -> None:

@@ -288,7 +288,23 @@ class ChildrenPart:
             engine.forking += 1  # until the child is in _live (see Engine.children_between)
             engine.forks += 1
             rec.seq = engine.forks
-            rec.pid, rec.result_fd, rec.wait_fd = self.backend.process_fork(child)
+            try:
+                rec.pid, rec.result_fd, rec.wait_fd = self.backend.process_fork(
+                    child, token=rec.seq
+                )
+            except BaseException:
+                # A Ctrl-C that arrived during the fork runs its handler just
+                # after it: the child exists, only its numbers were lost. Record
+                # it (the scope's interruption handling then stops and reaps it).
+                lost = self.backend.process_unclaimed(rec.seq)
+                if lost is None:
+                    raise
+                rec.pid, rec.result_fd, rec.wait_fd = lost
+                self._live[rec.pid] = rec
+                if scope is not None:
+                    scope.records.append(rec)
+                    scope.running.append(rec)
+                raise
             self._live[rec.pid] = rec
         finally:
             engine.forking -= 1

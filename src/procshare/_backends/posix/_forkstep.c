@@ -47,6 +47,15 @@
  * GIL just before fork(), so the child's copy is the one its own fork saved. */
 static sigset_t saved_mask;
 
+/* The parent's result of the last fork, until the caller has recorded it
+ * (claim()). A signal that arrived while the fork had signals blocked makes
+ * its Python handler run right after fork() returns, before the caller can
+ * store the result: unclaimed() hands it over then, so the engine still
+ * knows (and reaps) the child. A reference, or NULL; only touched under the
+ * GIL. */
+static PyObject *last_fork;
+static long last_token; /* the caller's number for that fork */
+
 /* The parent-private descriptors (see above); only touched with the GIL held. */
 static int *private_fds;
 static Py_ssize_t n_private, cap_private;
@@ -103,11 +112,18 @@ static PyObject *
 forkstep_fork(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
     int die_with_parent, want_pidfd, fds[2], flags, saved_errno, pidfd = -1;
+    long token = 0;
     pid_t parent, pid;
 
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "fork() takes die_with_parent and want_pidfd");
+    if (nargs != 2 && nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "fork() takes die_with_parent, want_pidfd[, token]");
         return NULL;
+    }
+    if (nargs == 3) {
+        token = PyLong_AsLong(args[2]);
+        if (token == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
     }
     die_with_parent = PyObject_IsTrue(args[0]);
     if (die_with_parent < 0) {
@@ -149,6 +165,7 @@ forkstep_fork(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
     saved_errno = errno;
     if (pid == 0) {
         PyOS_AfterFork_Child();
+        Py_CLEAR(last_fork); /* the parent's, not ours */
         close(fds[0]);
         for (Py_ssize_t i = 0; i < n_private; i++) {
             close(private_fds[i]);
@@ -192,9 +209,27 @@ forkstep_fork(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
     else {
         result = Py_BuildValue("(iiO)", (int)pid, fds[0], Py_None);
     }
+    Py_XSETREF(last_fork, Py_XNewRef(result));
+    last_token = token;
     /* Restored last: a KeyboardInterrupt cannot separate the fork from the
-     * descriptors that let the engine reap the child. */
+     * descriptors that let the engine reap the child (and if it lands just
+     * after this call returns, unclaimed() still has them). */
     pthread_sigmask(SIG_SETMASK, &saved_mask, NULL);
+    return result;
+}
+
+static PyObject *
+forkstep_unclaimed(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    long token = PyLong_AsLong(arg);
+    if (token == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (last_fork == NULL || token != last_token) {
+        Py_RETURN_NONE; /* that call never forked (or another fork came since) */
+    }
+    PyObject *result = last_fork;
+    last_fork = NULL;
     return result;
 }
 
@@ -275,12 +310,15 @@ static PyMethodDef forkstep_methods[] = {
     {"exit", forkstep_exit, METH_O,
      "exit(status): flush sys.stdout and sys.stderr (ignoring errors), then _exit(status)."},
     {"fork", (PyCFunction)(void (*)(void))forkstep_fork, METH_FASTCALL,
-     "fork(die_with_parent, want_pidfd) -> (pid, fd, pidfd or None): in the child "
+     "fork(die_with_parent, want_pidfd[, token]) -> (pid, fd, pidfd or None): in the child "
      "(0, write end, None) "
      "with the fork-blocked signals still blocked (call unblock()); in the parent (pid, "
      "read end, pidfd)."},
     {"unblock", forkstep_unblock, METH_NOARGS,
      "In the child: restore the signal mask fork() saved."},
+    {"unclaimed", forkstep_unclaimed, METH_O,
+     "unclaimed(token) -> the (pid, fd, pidfd) of the last fork if it was made with "
+     "this token (its caller may have lost it to an exception), else None."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -63,7 +63,9 @@ _pidfd_open: Callable[[int], int] | None = getattr(os, "pidfd_open", None)
 class PosixProcesses:
     """The process half of the POSIX backend."""
 
-    def process_fork(self, child: Callable[[int], int], *, die_with_parent: bool = True) -> Forked:
+    def process_fork(
+        self, child: Callable[[int], int], *, die_with_parent: bool = True, token: int = 0
+    ) -> Forked:
         # Flush what the parent buffered, or the child would print it again.
         # (Inline: the parent runs this again after every fork, and each
         # function it calls then is a copied page.)
@@ -80,7 +82,7 @@ class PosixProcesses:
         # few bytecodes of the caller storing them remain). The child gets
         # them back only inside the try below: a handler that raises must not
         # run before it, or the child would unwind into the caller's frames.
-        forked = _fork_step(die_with_parent, _pidfd_open is not None)
+        forked = _fork_step(die_with_parent, _pidfd_open is not None, token)
         pid, fd, _ = forked
         if pid == 0:
             status = 1
@@ -91,6 +93,13 @@ class PosixProcesses:
                 self.process_exit(status)
         made: Forked = _new_tuple(Forked, forked)
         return made
+
+    def process_unclaimed(self, token: int) -> Forked | None:
+        lost = _forkstep.unclaimed(token)
+        if lost is None:
+            return None
+        forked: Forked = _new_tuple(Forked, lost)
+        return forked
 
     def process_write(self, fd: int, data: bytes) -> None:
         n = os.write(fd, data)
