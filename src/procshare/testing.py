@@ -96,37 +96,6 @@ def _ancestors(pid: int) -> set[int]:
     return chain
 
 
-def _mapped_or_open_by(names_: set[str]) -> dict[str, set[int]]:
-    """Pids that hold each ``/dev/shm`` name open or mapped (what /proc shows).
-
-    Matched by inode for descriptors and by path for mappings: a raw segment
-    is often mapped with its descriptor already closed (``posix_ipc``).
-    """
-    found: dict[str, set[int]] = {n: set() for n in names_}
-    by_inode: dict[tuple[int, int], str] = {}
-    for name in names_:
-        with contextlib.suppress(OSError):
-            st = os.stat("/dev/shm" + name)
-            by_inode[(st.st_dev, st.st_ino)] = name
-    paths = {"/dev/shm" + n: n for n in names_}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{entry}/fd"):
-                with contextlib.suppress(OSError):
-                    st = os.stat(f"/proc/{entry}/fd/{fd}")
-                    hit = by_inode.get((st.st_dev, st.st_ino))
-                    if hit is not None:
-                        found[hit].add(int(entry))
-        with contextlib.suppress(OSError), open(f"/proc/{entry}/maps") as maps:
-            for line in maps:
-                hit = paths.get(line.rstrip("\n").split(" ", 5)[-1].strip())
-                if hit is not None:
-                    found[hit].add(int(entry))
-    return found
-
-
 def _judge(
     new_objects: frozenset[str], namespace: str
 ) -> tuple[list[str], dict[str, tuple[int, int]]]:
@@ -164,7 +133,7 @@ def _judge(
     removable: dict[str, tuple[int, int]] = {}  # OS name -> the (st_dev, st_ino) judged
     prefix = names.namespace_prefix(namespace)
     listed = {i.os_name: i for i in get_backend().segment_list(names.PREFIX)}
-    holders = _mapped_or_open_by(set(new_objects))
+    holders = get_backend().segment_holders(set(new_objects), mapped=True)
     uid = os.geteuid()
     for os_name in sorted(new_objects):
         try:
@@ -174,7 +143,7 @@ def _judge(
         if st.st_uid != uid:
             continue  # another user's: neither ours to blame nor to remove
         inode = (st.st_dev, st.st_ino)
-        held_by = holders.get(os_name, set())
+        held_by = holders.get(os_name, [])
         if any(map(foreign, held_by)):
             continue
         info = listed.get(os_name)

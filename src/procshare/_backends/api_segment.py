@@ -138,6 +138,12 @@ class SegmentBackend(Protocol):
         """Remove the name now, whoever holds it (mappings stay valid)."""
         ...
 
+    def segment_holders(self, names: set[str], *, mapped: bool = False) -> dict[str, list[int]]:
+        """Pids that hold each OS name open (any object, procshare's or not), as
+        far as the platform lets us see; with ``mapped``, also those that only
+        map it. For listings and leak checks, never for lifetime decisions."""
+        ...
+
     def segment_list(self, prefix: str) -> list[SegmentInfo]:
         """Every object (and leftover temporary) whose OS name starts with ``prefix``."""
         ...

@@ -606,13 +606,17 @@ class PosixSegments(NativeKinds):
             return False
         return True
 
-    def _holders(self, names: set[str]) -> dict[str, list[int]]:
-        """Pids with a descriptor open on each name (what /proc lets us see).
+    def segment_holders(self, names: set[str], *, mapped: bool = False) -> dict[str, list[int]]:
+        """Pids with a descriptor open on each name (what /proc lets us see),
+        and with ``mapped`` those that only map it too.
 
-        Matched by inode, not by link text: a creator's descriptor still
-        shows the temporary name it was opened under.
+        Descriptors are matched by inode, not by link text: a creator's
+        descriptor still shows the temporary name it was opened under.
+        Mappings are matched by path: a raw segment is often mapped with its
+        descriptor already closed (``posix_ipc``).
         """
         found: dict[str, list[int]] = {n: [] for n in names}
+        paths = {SHM_DIR + n: n for n in names} if mapped else {}
         by_inode: dict[tuple[int, int], str] = {}
         for name in names:
             try:
@@ -638,11 +642,21 @@ class PosixSegments(NativeKinds):
                 if hit is not None and hit not in seen:
                     seen.add(hit)
                     found[hit].append(int(entry))
+            if paths:
+                try:
+                    with open(f"/proc/{entry}/maps") as maps:
+                        for line in maps:
+                            hit = paths.get(line.rstrip("\n").split(" ", 5)[-1].strip())
+                            if hit is not None and hit not in seen:
+                                seen.add(hit)
+                                found[hit].append(int(entry))
+                except OSError:
+                    pass
         return found
 
     def segment_list(self, prefix: str) -> list[SegmentInfo]:
         entries = self._entries(prefix)
-        holders = self._holders(set(entries))
+        holders = self.segment_holders(set(entries))
         infos = []
         for os_name in sorted(entries):
             path = _path(os_name)
