@@ -270,14 +270,24 @@ class JoinTimeout(ProcshareError, TimeoutError):
 # Shared data (SPEC section 3)
 
 
+def _os_fields(exc: OSError, code: int, message: str) -> None:
+    """``errno`` and ``strerror`` as the OS's own error of that kind carries them."""
+    exc.errno = code
+    exc.strerror = message
+
+
 class _NamedError(ProcshareError):
     """An error about one named segment or lock."""
 
     _fields: ClassVar[tuple[str, ...]] = ("name", "detail")
+    #: For the OSError ones: the errno the OS's own error would carry.
+    _os_errno: ClassVar[int | None] = None
 
     def __init__(self, name: str = "", detail: str = "") -> None:
         self.name = name
         super().__init__(detail)
+        if self._os_errno is not None and isinstance(self, OSError):
+            _os_fields(self, self._os_errno, self._message())
 
     def _tail(self) -> str:
         return f" ({self.detail})" if self.detail else ""
@@ -286,10 +296,7 @@ class _NamedError(ProcshareError):
 class SegmentExists(_NamedError, FileExistsError):
     """``create=True`` but a live segment of that name exists (``errno`` is ``EEXIST``)."""
 
-    def __init__(self, name: str = "", detail: str = "") -> None:
-        super().__init__(name, detail)
-        self.errno = _errno.EEXIST  # as a FileExistsError from the OS would have
-        self.strerror = self._message()
+    _os_errno = _errno.EEXIST
 
     def _message(self) -> str:
         return (
@@ -301,10 +308,7 @@ class SegmentExists(_NamedError, FileExistsError):
 class SegmentNotFound(_NamedError, FileNotFoundError):
     """``create=False`` but no live segment of that name exists (``errno`` is ``ENOENT``)."""
 
-    def __init__(self, name: str = "", detail: str = "") -> None:
-        super().__init__(name, detail)
-        self.errno = _errno.ENOENT  # as a FileNotFoundError from the OS would have
-        self.strerror = self._message()
+    _os_errno = _errno.ENOENT
 
     def _message(self) -> str:
         return (
@@ -359,6 +363,7 @@ class SharedMemoryFull(_NamedError, OSError):
         "detail",
         "file_size_limit",
     )
+    _os_errno = _errno.ENOSPC
 
     def __init__(
         self,
@@ -372,8 +377,6 @@ class SharedMemoryFull(_NamedError, OSError):
         self.available = available
         self.file_size_limit = file_size_limit
         super().__init__(name, detail)
-        self.errno = _errno.ENOSPC
-        self.strerror = self._message()
 
     def _message(self) -> str:
         if self.file_size_limit is not None:
