@@ -21,7 +21,7 @@ from typing import Any
 
 from procshare._backends.api_lock import LockHandle
 from procshare._backends.api_segment import SegmentHandle
-from procshare._backends.posix.segment import _HEADER, _MAGIC, PosixSegment, _path
+from procshare._backends.posix.segment import _HEADER, PosixSegment, _path, _read_header
 
 try:
     from procshare._backends.posix._robustmutex import (
@@ -100,10 +100,11 @@ class PosixLocks:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return None
             head = os.pread(fd, _HEADER.size, 0)
-            if len(head) < _HEADER.size:
+            try:
+                _flags, _meta, dataoff, datalen, _created, _creator = _read_header(head, os_name)
+            except (OSError, struct.error):  # too short, or not a procshare object
                 return None
-            magic, _flags, _metalen, dataoff, datalen, _created, _creator = _HEADER.unpack(head)
-            if magic != _MAGIC or datalen < DATA_SIZE:
+            if datalen < DATA_SIZE:
                 return None
             state = os.pread(fd, _STATE.size, dataoff + STATE_OFFSET)
             if len(state) < _STATE.size:

@@ -254,7 +254,7 @@ class PosixSegment:
             pass
 
 
-def _read_header(mm: mmap.mmap, os_name: str) -> tuple[int, bytes, int, int, int, int]:
+def _read_header(mm: mmap.mmap | bytes, os_name: str) -> tuple[int, bytes, int, int, int, int]:
     magic, flags, metalen, dataoff, datalen, created, creator = _HEADER.unpack_from(mm, 0)
     if magic != _MAGIC:
         raise OSError(errno.EBADMSG, f"{os_name} is not a procshare object (bad magic)")
