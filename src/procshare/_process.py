@@ -88,9 +88,10 @@ def _release_what_waited() -> None:
 
 
 def _poll_if_asked() -> None:
-    """``get_engine().poll()`` for the join path, with no call unless a part
-    asked for housekeeping (a dropped handle): this runs after every fork,
-    where each object touched costs a copy-on-write page fault."""
+    """``get_engine().poll()``, with no call unless a part asked for
+    housekeeping (a dropped handle, a release that waited for children):
+    join runs this after every fork, where each object touched costs a
+    copy-on-write page fault."""
     engine = _core._engine  # None in a fresh child until it uses procshare
     if engine is not None and engine.pending:
         get_engine().poll()
@@ -136,20 +137,22 @@ class Child(Generic[R]):
         return self._rec.daemon
 
     # Every method that looks at the child is a call into procshare: each
-    # first reaps (and enforces the timeout of) children whose handles were
-    # dropped (SPEC 1). get_engine(), not self._part.engine: a handle
-    # inherited by a fork must not run its parent's housekeeping here.
+    # also runs the housekeeping parts asked for (reaping children whose
+    # handles were dropped, SPEC 1; releases that waited for children), join
+    # and wait after their own wait. This process's engine, not
+    # self._part.engine: a handle inherited by a fork must not run its
+    # parent's housekeeping here.
 
     @property
     def running(self) -> bool:
         """Whether the child has not ended yet (reaps it if it has)."""
-        get_engine().poll()
+        _poll_if_asked()
         return not self._part.advance(self._rec)
 
     @property
     def exitcode(self) -> int | None:
         """``None`` while running; then the exit status, or minus the signal number."""
-        get_engine().poll()
+        _poll_if_asked()
         rec = self._rec
         if not self._part.advance(rec) or rec.exit is None:
             return None
@@ -220,12 +223,12 @@ class Child(Generic[R]):
 
     def terminate(self) -> None:
         """Send ``SIGTERM`` (a no-op once the child has ended and been reaped)."""
-        get_engine().poll()
+        _poll_if_asked()
         self._part.signal(self._rec, signal.SIGTERM)
 
     def kill(self) -> None:
         """Send ``SIGKILL`` (a no-op once the child has ended and been reaped)."""
-        get_engine().poll()
+        _poll_if_asked()
         self._part.signal(self._rec, signal.SIGKILL)
 
     def __enter__(self) -> Child[R]:
@@ -345,7 +348,7 @@ class Children:
         # A call into procshare reaps dropped children (SPEC 1); after the
         # scope's own are joined, so a warning raised as an error (-W error)
         # cannot leave those behind.
-        get_engine().poll()
+        _poll_if_asked()
         failed = set(scope.failures)
         errors: list[Exception] = []
         if isinstance(exc, Exception):
