@@ -189,7 +189,18 @@ def shared(
         # that inherited its parent's plans): skip validating, resolving and
         # naming, which in a fresh child would touch dozens of pages.
         namespace = names.current_namespace()
-        key = (name, id(kind), shape, size, create, persist, mode, namespace, _geteuid())
+        key = (
+            name,
+            id(kind),
+            shape,
+            size,
+            create,
+            persist,
+            mode,
+            namespace,
+            _geteuid(),
+            names.env_raw(),  # the metadata records it (its origin) when it differs
+        )
         plan = _plans.get(key)
         if plan is not None and plan[0] is kind:
             part = segments_part()
@@ -224,7 +235,7 @@ def shared(
     init = resolved.initial(initial)
     namespace = names.current_namespace()
     os_name = _segments.os_name(names.SEGMENT, name, namespace)
-    meta = _segments.encode_meta(name, namespace, resolved.layout)
+    meta = _segments.encode_meta(name, namespace, resolved.layout, names.env_namespace())
     rec = part.open(
         name,
         namespace,
@@ -245,7 +256,7 @@ def shared(
 
 _geteuid = os.geteuid
 
-# (name, id(kind), shape, size, create, persist, mode, namespace, euid) ->
+# (name, id(kind), shape, size, create, persist, mode, namespace, euid, env) ->
 # (kind, resolved, os_name, meta) for every call that succeeded without
 # initial=. Module-level, so a forked child inherits its parent's plans; the
 # kind is kept so its id cannot be reused by another object while planned.

@@ -134,8 +134,17 @@ class SegmentBackend(Protocol):
         """
         ...
 
-    def segment_unlink(self, os_name: str) -> bool:
-        """Remove the name now, whoever holds it (mappings stay valid)."""
+    def segment_unlink(
+        self, os_name: str, *, identity: tuple[int, int, int] | None = None
+    ) -> bool:
+        """Remove the name now, whoever holds it (mappings stay valid). With
+        ``identity`` (from :meth:`object_identity`), only if the name still is
+        that object: one a concurrent program made since is left alone."""
+        ...
+
+    def object_identity(self, os_name: str) -> tuple[int, int, int] | None:
+        """``(owner uid, device, inode)`` of whatever is under ``os_name`` (a
+        procshare object or not), or ``None`` if nothing is: for leak checks."""
         ...
 
     def segment_holders(self, names: set[str], *, mapped: bool = False) -> dict[str, list[int]]:

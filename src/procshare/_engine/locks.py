@@ -98,12 +98,17 @@ SLICE = 0.1
 KEY = "locks"
 
 
-def _lock_meta(name: str, namespace: str) -> bytes:
+def _lock_meta(name: str, namespace: str, origin: str | None = None) -> bytes:
     """The metadata of a new lock object: the JSON ``json.dumps(..., sort_keys=True)``
     writes, formatted directly. Names and namespaces are validated to
     ``A-Z a-z 0-9 . _ -``, which JSON never escapes, and the json module is
-    a lot of code to run for the first time in a forked child."""
-    return f'{{"kind": "lock", "name": "{name}", "namespace": "{namespace}"}}'.encode()
+    a lot of code to run for the first time in a forked child. ``origin`` is
+    recorded as for segments (``segments.encode_meta``)."""
+    if origin is None or origin == namespace:
+        return f'{{"kind": "lock", "name": "{name}", "namespace": "{namespace}"}}'.encode()
+    return (
+        f'{{"kind": "lock", "name": "{name}", "namespace": "{namespace}", "origin": "{origin}"}}'
+    ).encode()
 
 
 class LockEntry:
@@ -204,7 +209,7 @@ class LocksPart:
         # (segments.os_name() remembers names per user, and a forked child
         # inherits what its parent worked out.)
         os_name = _segments.os_name(names.LOCK, name, namespace)
-        meta = _lock_meta(name, namespace)
+        meta = _lock_meta(name, namespace, names.env_namespace())
         # Open, else create; a racing creator or closer can make both miss once.
         try:
             while True:

@@ -142,17 +142,21 @@ def _keep_nothing(handle: SegmentHandle) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def encode_meta(name: str, namespace: str, layout: Layout) -> bytes:
-    return json.dumps(
-        {
-            "name": name,
-            "namespace": namespace,
-            "kind": layout.kind,
-            "layout": layout.layout,
-            "size": layout.size,
-        },
-        separators=(",", ":"),
-    ).encode()
+def encode_meta(name: str, namespace: str, layout: Layout, origin: str | None = None) -> bytes:
+    """The metadata of a new segment. ``origin`` (the creator's
+    ``$PROCSHARE_NAMESPACE``, :func:`names.env_namespace`) is recorded only
+    when it differs from ``namespace``: it tells the pytest plugin that a
+    test's processes made it (see ``procshare.testing``)."""
+    fields: dict[str, object] = {
+        "name": name,
+        "namespace": namespace,
+        "kind": layout.kind,
+        "layout": layout.layout,
+        "size": layout.size,
+    }
+    if origin is not None and origin != namespace:
+        fields["origin"] = origin
+    return json.dumps(fields, separators=(",", ":")).encode()
 
 
 def decode_meta(meta: bytes) -> dict[str, Any]:

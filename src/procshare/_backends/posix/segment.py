@@ -599,12 +599,23 @@ class PosixSegments(NativeKinds):
             os.close(fd)
         return removed
 
-    def segment_unlink(self, os_name: str) -> bool:
+    def segment_unlink(
+        self, os_name: str, *, identity: tuple[int, int, int] | None = None
+    ) -> bool:
+        if identity is not None and self.object_identity(os_name) != identity:
+            return False  # (a narrow race remains: unlink has no "if still this inode")
         try:
             os.unlink(_path(os_name))
         except FileNotFoundError:
             return False
         return True
+
+    def object_identity(self, os_name: str) -> tuple[int, int, int] | None:
+        try:
+            st = os.lstat(_path(os_name))
+        except (OSError, ValueError):
+            return None
+        return (st.st_uid, st.st_dev, st.st_ino)
 
     def segment_holders(self, names: set[str], *, mapped: bool = False) -> dict[str, list[int]]:
         """Pids with a descriptor open on each name (what /proc lets us see),
