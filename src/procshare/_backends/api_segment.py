@@ -163,16 +163,27 @@ class SegmentBackend(Protocol):
         """
         ...
 
-    def segment_collect(self, prefix: str, *, keep: KeepOrphan) -> list[str]:
+    def segment_collect(self, prefix: str, *, keep: KeepOrphan, junk: bool = True) -> list[str]:
         """Remove every object under ``prefix`` that no living process holds and
         ``keep`` does not keep (``keep`` sees ``persist`` objects too and
-        decides about them), and every abandoned temporary. Returns the OS
-        names removed.
+        decides about them), and every abandoned temporary; with ``junk``, also
+        what nobody holds and is not a readable procshare object. Returns the
+        OS names removed.
         """
         ...
 
     def segment_space(self) -> int | None:
         """Bytes free for new objects now, if the platform can tell (for messages)."""
+        ...
+
+    def segment_store_problem(self) -> str | None:
+        """Why this process cannot keep named objects at all (``"/dev/shm is
+        mounted read-only"``), or ``None`` if nothing is visibly wrong: asked
+        after a creation or open failed, for the message."""
+        ...
+
+    def descriptor_limit(self) -> int | None:
+        """How many descriptors this process may have open (``ulimit -n``), if limited."""
         ...
 
     def segment_size_limit(self) -> int | None:

@@ -13,11 +13,10 @@ from typing import Any, Literal
 
 import attrs
 
-from procshare._backends.api_segment import SegmentHandle
 from procshare._engine import locks as _locks
 from procshare._engine import names
 from procshare._engine.core import get_engine
-from procshare._engine.segments import decode_meta
+from procshare._engine.segments import decode_meta, orphan_keeper
 
 ObjectType = Literal["segment", "lock", "temporary", "unknown"]
 
@@ -108,17 +107,7 @@ def collect(namespace: str | None = None, *, everything: bool = False) -> list[s
     """
     engine = get_engine()
     ns = _namespace(namespace)
-
-    def keep(handle: SegmentHandle) -> bool:
-        if _elsewhere(decode_meta(handle.meta), ns):
-            return True  # not this namespace's to judge
-        if everything:
-            return False
-        if handle.persist:
-            return True
-        # A lock whose holder died unconfirmed is kept so its next user is told.
-        return _type_of(handle.os_name, False) == "lock" and engine.backend.lock_keep(handle)
-
+    keep = orphan_keeper(ns, engine.backend, everything=everything)
     return engine.backend.segment_collect(names.namespace_prefix(ns), keep=keep)
 
 

@@ -206,6 +206,8 @@ class LocksPart:
 
     def _open_new(self, namespace: str, name: str, mode: int) -> LockEntry:
         backend = self.backend
+        if namespace not in _segments.swept_namespaces:
+            _segments.reclaim_orphans(namespace, self.engine)
         # (segments.os_name() remembers names per user, and a forked child
         # inherits what its parent worked out.)
         os_name = _segments.os_name(names.LOCK, name, namespace)
@@ -227,6 +229,11 @@ class LocksPart:
                     break
         except OSError as exc:
             if exc.errno != errno.EBADMSG:
+                error = _segments.storage_error(
+                    exc, name, backend, requested=backend.lock_data_size, what="lock"
+                )
+                if error is not None:
+                    raise error from None
                 raise
             raise _not_a_lock(name, "something that is not a procshare object") from None
         if handle.data_size < backend.lock_data_size:

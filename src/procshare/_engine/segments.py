@@ -34,13 +34,16 @@ from typing import Any
 
 import attrs
 
-from procshare._backends.api_segment import NativeKind, SegmentHandle
+from procshare._backends.api_segment import KeepOrphan, NativeKind, SegmentHandle
 from procshare._engine import names
 from procshare._engine.core import Engine, current_pid, get_engine
 from procshare.errors import (
+    DescriptorLimit,
+    ProcshareError,
     SegmentExists,
     SegmentNotFound,
     SharedMemoryFull,
+    SharedMemoryUnavailable,
     SharedTypeError,
 )
 
@@ -135,6 +138,77 @@ def validate_name(name: object) -> str:
     return name
 
 
+# -- reclaiming orphans ------------------------------------------------------
+
+#: Namespaces whose orphans this process, or the parent it was forked from,
+#: has reclaimed already (see :func:`reclaim_orphans`).
+swept_namespaces: set[str] = set()
+
+
+def orphan_keeper(namespace: str, backend: Any, *, everything: bool = False) -> KeepOrphan:
+    """What to keep of ``namespace``'s objects that no living process holds.
+
+    Always kept: an object recording another namespace (two namespaces whose
+    OS-name prefixes collide). Unless ``everything``: ``persist=True``
+    segments (meant to outlive their users) and locks whose holder died
+    unconfirmed (kept so the next opener is told ``OwnerDied``). The rest is
+    an orphan: its memory is reclaimed.
+    """
+    lock_at = len(names.PREFIX) + 7
+
+    def keep(handle: SegmentHandle) -> bool:
+        owner = decode_meta(handle.meta).get("namespace")
+        if isinstance(owner, str) and owner != namespace:
+            return True  # not this namespace's to judge
+        if everything:
+            return False
+        if handle.persist:
+            return True
+        if handle.os_name[lock_at : lock_at + 1] != names.LOCK:
+            return False
+        try:
+            return bool(backend.lock_keep(handle))
+        except Exception:  # too small or garbled to read: keep rather than guess
+            return True
+
+    return keep
+
+
+def reclaim_orphans(namespace: str, engine: Engine | None = None) -> list[str]:
+    """Remove every object of ``namespace`` that no living process holds (see
+    :func:`orphan_keeper` for what is kept); return the OS names removed.
+
+    Run by the first open of a segment or lock of each namespace in a
+    process (forked children inherit that it ran), and by a ``children()``
+    scope that saw a child die by a signal: so the memory of a segment whose
+    every holder was killed does not wait for ``gc``. Housekeeping only: an
+    ``OSError`` here never fails the caller's open.
+    """
+    engine = engine or get_engine()
+    swept_namespaces.add(namespace)
+    backend = engine.backend
+    try:
+        # Junk under a name is left alone: opening it says what it is and
+        # how to remove it; `gc` removes it.
+        return backend.segment_collect(
+            names.namespace_prefix(namespace),
+            keep=orphan_keeper(namespace, backend),
+            junk=False,
+        )
+    except OSError:
+        return []
+
+
+def reclaim_after_kills(records: Any) -> None:
+    """Reclaim orphans of every namespace this process used (and the current
+    one) if one of ``records`` (children of a scope) was ended by a signal:
+    whatever it held alone is an orphan now."""
+    if not any(r.exit is not None and r.exit.signal is not None for r in records):
+        return
+    for namespace in {*swept_namespaces, names.current_namespace()}:
+        reclaim_orphans(namespace)
+
+
 def _keep_nothing(handle: SegmentHandle) -> bool:
     # A segment nobody living holds is stale: reclaim it. (The backend itself
     # keeps persist=True segments.)
@@ -217,6 +291,8 @@ class SegmentsPart:
         ``encode_meta()``), so that one that opens the same segment
         repeatedly works them out once.
         """
+        if namespace not in swept_namespaces:
+            reclaim_orphans(namespace, self.engine)
         # (A try costs nothing until something raises: this is a hot path.)
         try:
             backend = self.engine.backend
@@ -242,16 +318,9 @@ class SegmentsPart:
                         init=self._initialiser(name, initial),
                     )
                 except OSError as exc:
-                    if exc.errno == errno.ENOSPC:
-                        raise SharedMemoryFull(
-                            name, requested=layout.size, available=backend.segment_space()
-                        ) from None
-                    if exc.errno == errno.EFBIG:
-                        raise SharedMemoryFull(
-                            name,
-                            requested=layout.size,
-                            file_size_limit=backend.segment_size_limit(),
-                        ) from None
+                    error = storage_error(exc, name, backend, requested=layout.size)
+                    if error is not None:
+                        raise error from None
                     raise
                 if handle is not None:
                     return self._register(name, namespace, handle, True, layout, meta)
@@ -265,7 +334,12 @@ class SegmentsPart:
                         raise SegmentExists(name)
                 # Lost a race with another creator (or a closer): look again.
         except OSError as exc:
+            if isinstance(exc, ProcshareError):
+                raise
             if exc.errno != errno.EBADMSG:
+                error = storage_error(exc, name, self.engine.backend)
+                if error is not None:
+                    raise error from None
                 raise
             # Something that is not a procshare object sits under the name.
             raise SharedTypeError(
@@ -426,6 +500,50 @@ class SegmentsPart:
                 errors.append(exc)
         if errors:
             raise ExceptionGroup("closing shared segments failed", errors)  # type: ignore[type-var]
+
+
+#: What a refused creation or open can say more about than the OS's errno.
+_STORE_ERRNOS = frozenset({errno.EROFS, errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR})
+
+
+def storage_error(
+    exc: OSError,
+    name: str,
+    backend: Any,
+    *,
+    requested: int | None = None,
+    what: str = "shared segment",
+) -> ProcshareError | None:
+    """The procshare error (also an ``OSError``) for an ``OSError`` from creating
+    or opening ``name``, saying what to do; ``None`` to let ``exc`` through.
+
+    ``ENOSPC`` / ``EFBIG``: :class:`SharedMemoryFull`; ``EMFILE`` / ``ENFILE``:
+    :class:`DescriptorLimit` (``ulimit -n``); a missing, read-only or
+    unwritable ``/dev/shm``: :class:`SharedMemoryUnavailable`.
+    """
+    code = exc.errno
+    if code == errno.ENOSPC or (code == errno.EFBIG and requested is not None):
+        if code == errno.EFBIG:
+            return SharedMemoryFull(
+                name,
+                requested=requested,
+                file_size_limit=backend.segment_size_limit(),
+                what=what,
+            )
+        return SharedMemoryFull(
+            name, requested=requested, available=backend.segment_space(), what=what
+        )
+    if code in (errno.EMFILE, errno.ENFILE):
+        return DescriptorLimit(
+            name, limit=backend.descriptor_limit(), system=code == errno.ENFILE, what=what
+        )
+    if code in _STORE_ERRNOS:
+        problem = backend.segment_store_problem()
+        if problem is None and code == errno.EROFS:
+            problem = "the shared-memory filesystem refused to write (read-only)"
+        if problem is not None:
+            return SharedMemoryUnavailable(name, reason=problem, code=code, what=what)
+    return None
 
 
 def describe(kind: str, layout: str) -> str:
