@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 from weakref import ref as _weakref
 
 from procshare import _kinds
 from procshare._engine import names
 from procshare._engine import segments as _segments
 from procshare._engine.segments import OpenSegment, SegmentsPart, segments_part
+from procshare._views import not_picklable
 from procshare.errors import SegmentClosed
 
 
@@ -115,6 +116,19 @@ class Segment:
     def __repr__(self) -> str:
         state = "closed" if self._rec.closed else "open"
         return f"<procshare.Segment {self.name!r} {self.kind} ({state})>"
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        raise not_picklable("the Segment handle", self._rec.name)
+
+    def __getattr__(self, attr: str) -> NoReturn:
+        # Only for attributes a Segment lacks: `segment.value` where the view was meant.
+        if attr.startswith("__") or attr in Segment.__slots__:
+            raise AttributeError(attr)
+        raise AttributeError(
+            f"'Segment' object has no attribute {attr!r}: ps.shared() returns the Segment "
+            f"handle; use the view from `with ps.shared(...) as view:` (view.{attr}), or "
+            f"segment.view.{attr} when you keep the handle"
+        )
 
 
 def shared(
@@ -222,13 +236,7 @@ def shared(
     _segments.validate_name(name)
     if create is not None and not isinstance(create, bool):
         raise TypeError(f"create= must be None, True or False, not {create!r}")
-    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
-        raise ValueError(f"mode= must be permission bits such as 0o600, not {mode!r}")
-    if mode & 0o600 != 0o600:
-        raise ValueError(
-            f"mode={mode:#o} lacks owner read and write (0o600); the owner's own processes "
-            "could not attach. Use 0o600 (default) or add group/other bits to it"
-        )
+    _segments.check_mode(mode)
     part = segments_part()
     part.engine.poll()  # every call into procshare reaps dropped children (SPEC 1)
     resolved = _kinds.resolve_cached(name, kind, shape, size, part)

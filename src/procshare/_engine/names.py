@@ -48,6 +48,13 @@ _namespace: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 def validate_name(name: object, what: str = "name") -> str:
     """Return ``name`` if it is a valid procshare name, else raise :class:`InvalidName`."""
     if not isinstance(name, str):
+        if callable(name) and what == "lock name":
+            raise InvalidName(
+                repr(name),
+                "@ps.interprocess_lock was used without a name: write "
+                '@ps.interprocess_lock("name") with the name of the lock to hold around '
+                "each call",
+            )
         raise InvalidName(repr(name), f"a {what} must be a str, not {type(name).__name__}")
     if not _NAME_RE.fullmatch(name):
         if not name:

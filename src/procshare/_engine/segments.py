@@ -546,6 +546,19 @@ def storage_error(
     return None
 
 
+def check_mode(mode: object) -> int:
+    """``mode`` if it is valid permission bits for a new segment or lock, else
+    ``ValueError`` saying why (``ps.shared`` and ``ps.interprocess_lock`` agree)."""
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        raise ValueError(f"mode= must be permission bits such as 0o600, not {mode!r}")
+    if mode & 0o600 != 0o600:
+        raise ValueError(
+            f"mode={mode:#o} lacks owner read and write (0o600); the owner's own processes "
+            "could not attach. Use 0o600 (default) or add group/other bits to it"
+        )
+    return mode
+
+
 def describe(kind: str, layout: str) -> str:
     return kind if kind == layout else f"{kind} (layout {layout})"
 
