@@ -166,9 +166,10 @@ class SegmentBackend(Protocol):
     def segment_collect(self, prefix: str, *, keep: KeepOrphan, junk: bool = True) -> list[str]:
         """Remove every object under ``prefix`` that no living process holds and
         ``keep`` does not keep (``keep`` sees ``persist`` objects too and
-        decides about them), and every abandoned temporary; with ``junk``, also
-        what nobody holds and is not a readable procshare object. Returns the
-        OS names removed.
+        decides about them); with ``junk``, also every temporary nobody holds
+        (abandoned, or one a creator has made but not yet held: only for a
+        command a person runs) and what is not a readable procshare object.
+        Returns the OS names removed.
         """
         ...
 

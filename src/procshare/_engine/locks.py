@@ -121,7 +121,6 @@ class LockEntry:
     __slots__ = (
         "closed",
         "closed_at",
-        "deferred",
         "forks",
         "handle",
         "mutex",
@@ -155,8 +154,6 @@ class LockEntry:
         #: in between inherited it and may be using it.
         self.forks = part.engine.forks - part.engine.forking
         self.closed_at = 0
-        #: Unused, but kept open for such children (counted in engine.deferred).
-        self.deferred = False
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self.users)} user(s)"
@@ -264,29 +261,22 @@ class LocksPart:
                 if not entry.users:
                     self.note_idle()  # held: look again at the next poll
                 return False
-            engine = self.engine
-            if engine.forks > entry.forks or engine.forking > 0:  # (else no child has it)
-                if not entry.deferred:
-                    # Counted first: a child reaped from now on wakes the
-                    # release (ChildrenPart._finish), so none slips in between.
-                    entry.deferred = True
-                    engine.deferred += 1
-                closed_at = max(entry.closed_at, entry.forks)
-                if engine.children_between(entry.forks, closed_at):
-                    # Children forked while it was in use share this process's
-                    # hold and may be using it: releasing now would let the name
-                    # go, and a later opener make a second lock. Look again
-                    # once one is reaped.
-                    entry.closed = False
-                    self.note_idle()  # and a reap meanwhile may have found nothing
-                    return False
-            if entry.deferred:
-                entry.deferred = False
-                engine.deferred -= 1
             key = (entry.namespace, entry.name)
             if self._entries.get(key) is entry:
                 del self._entries[key]
             entry.mutex.detach()
+            engine = self.engine
+            if engine.forks > entry.forks or engine.forking > 0:  # (else no child has it)
+                # Children forked while it was in use share this process's hold
+                # and may be using it: released once they are reaped (the one
+                # mechanism segments use too).
+                backend, handle = self.backend, entry.handle
+                engine.release_after_children(
+                    entry.forks,
+                    lambda: backend.segment_close(handle, keep=backend.lock_keep),
+                    closed=max(entry.closed_at, entry.forks),
+                )
+                return True
             self.backend.segment_close(entry.handle, keep=self.backend.lock_keep)
             return True
 

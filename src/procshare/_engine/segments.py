@@ -74,7 +74,6 @@ class OpenSegment:
 
     __slots__ = (
         "closed",
-        "closed_at",
         "created",
         "forks",
         "handle",
@@ -96,10 +95,9 @@ class OpenSegment:
         #: struct views: they drop their memory then), if any.
         self.view: Callable[[], Any] | None = None
         self.closed = False
-        #: The engine's fork counts when opened and closed: children forked in
-        #: between inherited it and may use it after this process closed it.
+        #: The engine's fork count when opened: children forked since inherited
+        #: it and may use it after this process closed it.
         self.forks = 0
-        self.closed_at = 0
 
 
 # (kind, name, namespace, euid) -> OS name, for every part of this process and
@@ -188,8 +186,9 @@ def reclaim_orphans(namespace: str, engine: Engine | None = None) -> list[str]:
     swept_namespaces.add(namespace)
     backend = engine.backend
     try:
-        # Junk under a name is left alone: opening it says what it is and
-        # how to remove it; `gc` removes it.
+        # Junk under a name is left alone (opening it says what it is and how
+        # to remove it), and so are temporaries (one may be a creation a
+        # moment before its creator holds it): `gc` removes them.
         return backend.segment_collect(
             names.namespace_prefix(namespace),
             keep=orphan_keeper(namespace, backend),
@@ -254,8 +253,6 @@ class SegmentsPart:
         #: forked child to pause (or die) there and prove nobody sees the half.
         self.init_hook: Callable[[str], None] | None = None
         self._open: dict[int, OpenSegment] = {}
-        #: Closed by the user, released once the children that share it are reaped.
-        self._deferred: list[OpenSegment] = []
         #: Whether this process's last open of each OS name created it (a hint).
         self._created_last: dict[str, bool] = {}
 
@@ -413,56 +410,14 @@ class SegmentsPart:
         if engine.pid != current_pid():
             return  # inherited: never close, unlink or release the parent's
         if engine.forks > rec.forks or engine.forking > 0:  # (else no child has it)
-            if engine.pid != os.getpid():
-                # A forked child before procshare's own after-fork hook ran (a
-                # collection in an earlier hook): the engine is the parent's,
-                # and its lock may be held by a thread that does not exist here.
-                return
-            with engine.lock:
-                # Counted first: a child reaped from now on wakes the release
-                # (ChildrenPart._finish), so none can slip in between.
-                engine.deferred += 1
-                rec.closed_at = engine.forks
-                if engine.children_between(rec.forks, rec.closed_at):
-                    # Children forked while it was open share this process's
-                    # hold and may still use it: releasing now would let the
-                    # name go (and a later opener make a second segment).
-                    self._deferred.append(rec)
-                    engine.pending = True  # a reap meanwhile found nothing listed yet
-                    return
-                engine.deferred -= 1
+            # Children forked while it was open share this process's hold and
+            # may still use it: released once they are reaped.
+            backend, handle = engine.backend, rec.handle
+            engine.release_after_children(
+                rec.forks, lambda: backend.segment_close(handle, keep=None)
+            )
+            return
         engine.backend.segment_close(rec.handle, keep=None)
-
-    def _release_deferred(self, *, everything: bool = False) -> None:
-        """Release the deferred segments no child needs any more (all of them
-        at shutdown), one at a time: one that fails leaves the rest listed."""
-        engine = self.engine
-        failed: BaseException | None = None
-        while True:
-            with engine.lock:  # two threads polling must not release one twice
-                rec = next(
-                    (
-                        r
-                        for r in self._deferred
-                        if everything or not engine.children_between(r.forks, r.closed_at)
-                    ),
-                    None,
-                )
-                if rec is None:
-                    if failed is not None:
-                        raise failed
-                    return
-                self._deferred.remove(rec)
-                engine.deferred -= 1
-            try:
-                engine.backend.segment_close(rec.handle, keep=None)
-            except BaseException as exc:
-                if everything:  # at exit: release the rest anyway, then report
-                    failed = failed or exc
-                    continue
-                if self._deferred:
-                    engine.pending = True  # the others at the next call
-                raise
 
     def unlink(self, name: str) -> bool:
         """Remove ``name`` now (mappings stay valid); whether it existed."""
@@ -477,17 +432,10 @@ class SegmentsPart:
     # -- EnginePart ---------------------------------------------------------
 
     def poll(self) -> None:
-        if self._deferred:
-            self._release_deferred()
+        """Nothing: deferred releases are the engine's (``release_after_children``)."""
 
     def shutdown(self) -> None:
-        try:
-            self._close_all()
-        finally:
-            # Last, after the closes above (which may defer too): children are
-            # shut down before segments, so nothing waits any more.
-            if self._deferred:
-                self._release_deferred(everything=True)
+        self._close_all()
 
     def _close_all(self) -> None:
         if not self._open:

@@ -762,7 +762,10 @@ class PosixSegments(NativeKinds):
                 if not _try(fd, _WRLCK_HOLD):
                     continue  # somebody living holds it (or is deciding about it)
                 if _is_temp(os_name):
-                    doomed = True  # its creator died before publishing it
+                    # Its creator died before publishing it, or (a moment after
+                    # its creation, before its READ hold) is still making it:
+                    # only `gc`, asked by a person, takes that chance.
+                    doomed = junk
                 else:
                     try:
                         seg = _map(fd, os_name)
