@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -443,3 +444,30 @@ def test_a_test_session_beside_a_live_program_never_touches_its_objects(
             ps.unlink("app-data")
         ps_inspect.collect(app_ns, everything=True)
     assert app.returncode == 0, err
+
+
+def test_a_reused_creator_pid_does_not_make_an_object_ours(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import json
+
+    from procshare import testing
+    from procshare._engine import names
+
+    backend = get_backend()
+    with names.use_namespace("app-reused-pid"):
+        os_name = names.os_name(names.SEGMENT, "theirs")
+    meta = json.dumps({"name": "theirs", "namespace": "app-reused-pid", "kind": "u8"}).encode()
+    handle = backend.segment_create(os_name, meta=meta, data_size=1, mode=0o600, persist=False)
+    assert handle is not None
+    backend.segment_close(handle, keep=lambda _h: True)  # kept, held by nobody
+    try:
+        # Recorded as created by this process: this test's.
+        blamed, _ = testing._judge(frozenset({os_name}), "t-x")
+        assert blamed == [f"segment 'theirs' of namespace 'app-reused-pid' ({os_name})"]
+        # ... unless this process started after it was made: then the pid
+        # was reused, and the object is another program's.
+        monkeypatch.setattr(testing, "_started_ns", lambda _pid: time.time_ns() + 10**10)
+        assert testing._judge(frozenset({os_name}), "t-x") == ([], [])
+    finally:
+        backend.segment_unlink(os_name)

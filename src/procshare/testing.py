@@ -93,6 +93,19 @@ def _settle(before: dict[int, str], seconds: float) -> dict[int, str]:
         time.sleep(0.02)
 
 
+def _started_ns(pid: int) -> int | None:
+    """When ``pid`` started (``time.time_ns()`` scale, to about a second), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().decode(errors="replace").rsplit(")", 1)[-1].split()
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        ticks = int(fields[19])  # field 22 of stat: starttime, in clock ticks after boot
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+    return int((btime + ticks / os.sysconf("SC_CLK_TCK")) * 1e9)
+
+
 def _ancestors(pid: int) -> set[int]:
     """``pid`` and its ancestors up to init, from /proc (empty if ``pid`` is gone)."""
     chain: set[int] = set()
@@ -125,6 +138,16 @@ def _judge(new_objects: frozenset[str], namespace: str) -> tuple[list[str], list
     def family(pid: int) -> bool:
         return pid == me or (pid > 0 and me in _ancestors(pid))
 
+    def created_by_family(rec: ObjectRecord) -> bool:
+        # The pid recorded as creator, if it is still (or again) one of ours;
+        # a process that started after the object was made is not its
+        # creator but a reuse of its pid (2 s: /proc/stat's boot time is whole
+        # seconds).
+        if not family(rec.creator_pid):
+            return False
+        started = _started_ns(rec.creator_pid)
+        return started is None or not rec.created_ns or started <= rec.created_ns + 2 * 10**9
+
     def foreign(pid: int) -> bool:
         if not pid or pid == me:
             return False
@@ -143,7 +166,7 @@ def _judge(new_objects: frozenset[str], namespace: str) -> tuple[list[str], list
             owner == namespace
             or rec.meta.get("origin") == namespace
             or (owner is None and rec.os_name.startswith(prefix))
-            or family(rec.creator_pid)
+            or created_by_family(rec)
             or any(map(family, rec.holders))
         )
         if not ours:

@@ -149,6 +149,8 @@ class ObjectRecord:
     persist: bool
     #: The pid recorded as its creator (0 if unknown).
     creator_pid: int
+    #: When it was created (``time.time_ns()``; 0 if unknown).
+    created_ns: int
     #: Pids that have it open or mapped (those this user may see).
     holders: tuple[int, ...]
 
@@ -181,6 +183,7 @@ def describe_objects(os_names: frozenset[str]) -> list[ObjectRecord]:
                 meta=meta,
                 persist=info is not None and info.persist,
                 creator_pid=info.creator_pid if info is not None else 0,
+                created_ns=info.created_ns if info is not None else 0,
                 holders=tuple(sorted(holders.get(os_name, []))),
             )
         )
