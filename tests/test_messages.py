@@ -51,6 +51,8 @@ def test_a_segment_used_where_its_view_was_meant_says_so() -> None:
         with pytest.raises(AttributeError, match=r"with ps.shared\(\.\.\.\) as view") as info:
             seg.value += 1  # type: ignore[attr-defined]
         assert "segment.view.value" in str(info.value)
+        with pytest.raises(AttributeError, match=r"as view"):
+            seg.value = 3  # type: ignore[misc]
         assert not hasattr(seg, "value")
         assert getattr(seg, "value", None) is None
         seg.view.value += 1

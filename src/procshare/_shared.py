@@ -120,15 +120,24 @@ class Segment:
     def __reduce_ex__(self, protocol: object) -> NoReturn:
         raise not_picklable("the Segment handle", self._rec.name)
 
-    def __getattr__(self, attr: str) -> NoReturn:
-        # Only for attributes a Segment lacks: `segment.value` where the view was meant.
-        if attr.startswith("__") or attr in Segment.__slots__:
-            raise AttributeError(attr)
-        raise AttributeError(
-            f"'Segment' object has no attribute {attr!r}: ps.shared() returns the Segment "
-            f"handle; use the view from `with ps.shared(...) as view:` (view.{attr}), or "
-            f"segment.view.{attr} when you keep the handle"
-        )
+    # Not a __getattr__ (it would slow every attribute read of every handle):
+    # the one name people reach for when they hold the handle instead of the view.
+    @property
+    def value(self) -> NoReturn:
+        """Not here: ``.value`` belongs to the view (``segment.view.value``)."""
+        raise _not_the_view("value")
+
+    @value.setter
+    def value(self, _value: object) -> NoReturn:
+        raise _not_the_view("value")
+
+
+def _not_the_view(attr: str) -> AttributeError:
+    return AttributeError(
+        f"'Segment' object has no attribute {attr!r}: ps.shared() returns the Segment "
+        f"handle; use the view from `with ps.shared(...) as view:` (view.{attr}), or "
+        f"segment.view.{attr} when you keep the handle"
+    )
 
 
 def shared(
