@@ -1008,3 +1008,17 @@ def test_only_children_forked_while_a_lock_was_in_use_keep_it() -> None:
     finally:
         later.kill()
         later.wait()
+
+
+def test_lock_metadata_records_the_origin_namespace_when_it_differs() -> None:
+    # A lock made inside ps.namespace("app") by a process started in another
+    # namespace records where it came from (the pytest plugin reads it).
+    from procshare._engine.locks import _lock_meta
+
+    assert json.loads(_lock_meta("m", "app", "t-1")) == {
+        "kind": "lock",
+        "name": "m",
+        "namespace": "app",
+        "origin": "t-1",
+    }
+    assert _lock_meta("m", "app", "app") == _lock_meta("m", "app")

@@ -48,6 +48,9 @@ from procshare.errors import ChildExited as ChildExited
 from procshare.errors import ChildKilled as ChildKilled
 from procshare.errors import ChildRaised as ChildRaised
 from procshare.errors import ChildTimeout as ChildTimeout
+
+# Errors where the system refuses (SPEC 3, 5)
+from procshare.errors import DescriptorLimit as DescriptorLimit
 from procshare.errors import InvalidName as InvalidName
 from procshare.errors import JoinTimeout as JoinTimeout
 from procshare.errors import LockTimeout as LockTimeout
@@ -57,6 +60,7 @@ from procshare.errors import SegmentClosed as SegmentClosed
 from procshare.errors import SegmentExists as SegmentExists
 from procshare.errors import SegmentNotFound as SegmentNotFound
 from procshare.errors import SharedMemoryFull as SharedMemoryFull
+from procshare.errors import SharedMemoryUnavailable as SharedMemoryUnavailable
 from procshare.errors import SharedTypeError as SharedTypeError
 from procshare.errors import UsageError as UsageError
 
@@ -70,6 +74,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "ChildRaised",
     "ChildTimeout",
     "Children",
+    "DescriptorLimit",
     "ExitStatus",
     "InterprocessLock",
     "InvalidName",
@@ -83,6 +88,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "SegmentInfo",
     "SegmentNotFound",
     "SharedMemoryFull",
+    "SharedMemoryUnavailable",
     "SharedTypeError",
     "UsageError",
     "children",

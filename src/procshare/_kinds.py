@@ -417,15 +417,33 @@ def _resolve_attrs(name: str, cls: type, part: SegmentsPart) -> StructKind:
     )
 
 
-def _numpy_dtype(kind: object) -> Any:
-    """``numpy.dtype(kind)`` if ``kind`` is a numpy dtype or scalar type, else ``None``."""
-    np = sys.modules.get("numpy")
+def _numpy_dtype(kind: object, shape: object = None) -> Any:
+    """``numpy.dtype(kind)`` if ``kind`` is a numpy dtype or scalar type, or
+    (with ``shape=``) anything else ``numpy.dtype()`` accepts (``"f8"``,
+    ``"<i4"``, a list of fields); else ``None``."""
+    np: Any = sys.modules.get("numpy")
+    spelled = shape is not None and isinstance(kind, str | list)
     if np is None:
-        return None  # a numpy kind implies numpy was imported by the caller
+        if not spelled:
+            return None  # a numpy kind implies numpy was imported by the caller
+        try:
+            import numpy
+
+            np = numpy
+        except ImportError:
+            raise TypeError(
+                f"a dtype given as {kind!r} with shape= needs numpy, which is not "
+                "installed: pip install numpy (or procshare[numpy])"
+            ) from None
     if isinstance(kind, np.dtype):
         return kind
     if isinstance(kind, type) and issubclass(kind, np.generic):
         return np.dtype(kind)
+    if spelled:
+        try:
+            return np.dtype(kind)
+        except (TypeError, ValueError):
+            return None  # not a dtype either: the caller says what is supported
     return None
 
 
@@ -490,7 +508,7 @@ def resolve_cached(
 
 def resolve(name: str, kind: object, shape: object, size: object, part: SegmentsPart) -> Resolved:
     """Resolve ``kind`` (with ``shape=`` / ``size=``) or raise ``TypeError``."""
-    dtype = _numpy_dtype(kind)
+    dtype = _numpy_dtype(kind, shape)
     if shape is not None and dtype is None:
         raise TypeError(
             f"shape= goes with a numpy dtype (ps.shared({name!r}, numpy.float64, shape=...)), "
@@ -505,9 +523,14 @@ def resolve(name: str, kind: object, shape: object, size: object, part: Segments
     if dtype is not None:
         return _resolve_numpy(name, dtype, shape)
     if kind is bytes:
-        if size is None or isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        if size is None or isinstance(size, bool) or not isinstance(size, int):
             raise TypeError(
                 f"kind bytes needs size=, a positive int (the number of bytes), got {size!r}"
+            )
+        if size <= 0:
+            raise ValueError(
+                f"size= of shared segment {name!r} must be at least 1 (the number of bytes), "
+                f"got {size}"
             )
         return BytesKind(name, Layout(f"bytes[{size}]", f"bytes[{size}]", size))
     scalar = kind if isinstance(kind, Scalar) else _BUILTINS.get(kind)

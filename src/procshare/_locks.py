@@ -17,6 +17,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 
 from procshare._engine import get_engine, userwarn
 from procshare._engine import locks as _engine_locks
+from procshare._engine import segments as _segments
 from procshare._engine.locks import (
     BUSY,
     NOT_OWNER,
@@ -169,8 +170,8 @@ class InterprocessLock(LockGuard):
                 f"repair(lock) that repairs the protected data; got {on_owner_death!r}"
             )
         self._on_owner_death = on_owner_death
-        if type(mode) is not int or not 0 <= mode <= 0o777:
-            raise ValueError(f"mode must be permission bits such as 0o600, got {mode!r}")
+        if type(mode) is not int or mode != 0o600:
+            _segments.check_mode(mode)  # as ps.shared() checks it
         self._entry: LockEntry | None = None
         self._m = None
         engine = get_engine()

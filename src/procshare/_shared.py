@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 from weakref import ref as _weakref
 
 from procshare import _kinds
 from procshare._engine import names
 from procshare._engine import segments as _segments
 from procshare._engine.segments import OpenSegment, SegmentsPart, segments_part
+from procshare._views import not_picklable
 from procshare.errors import SegmentClosed
 
 
@@ -116,6 +117,28 @@ class Segment:
         state = "closed" if self._rec.closed else "open"
         return f"<procshare.Segment {self.name!r} {self.kind} ({state})>"
 
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        raise not_picklable("the Segment handle", self._rec.name)
+
+    # Not a __getattr__ (it would slow every attribute read of every handle):
+    # the one name people reach for when they hold the handle instead of the view.
+    @property
+    def value(self) -> NoReturn:
+        """Not here: ``.value`` belongs to the view (``segment.view.value``)."""
+        raise _not_the_view("value")
+
+    @value.setter
+    def value(self, _value: object) -> NoReturn:
+        raise _not_the_view("value")
+
+
+def _not_the_view(attr: str) -> AttributeError:
+    return AttributeError(
+        f"'Segment' object has no attribute {attr!r}: ps.shared() returns the Segment "
+        f"handle; use the view from `with ps.shared(...) as view:` (view.{attr}), or "
+        f"segment.view.{attr} when you keep the handle"
+    )
+
 
 def shared(
     name: str,
@@ -189,7 +212,18 @@ def shared(
         # that inherited its parent's plans): skip validating, resolving and
         # naming, which in a fresh child would touch dozens of pages.
         namespace = names.current_namespace()
-        key = (name, id(kind), shape, size, create, persist, mode, namespace, _geteuid())
+        key = (
+            name,
+            id(kind),
+            shape,
+            size,
+            create,
+            persist,
+            mode,
+            namespace,
+            _geteuid(),
+            names.env_raw(),  # the metadata records it (its origin) when it differs
+        )
         plan = _plans.get(key)
         if plan is not None and plan[0] is kind:
             part = segments_part()
@@ -211,20 +245,14 @@ def shared(
     _segments.validate_name(name)
     if create is not None and not isinstance(create, bool):
         raise TypeError(f"create= must be None, True or False, not {create!r}")
-    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
-        raise ValueError(f"mode= must be permission bits such as 0o600, not {mode!r}")
-    if mode & 0o600 != 0o600:
-        raise ValueError(
-            f"mode={mode:#o} lacks owner read and write (0o600); the owner's own processes "
-            "could not attach. Use 0o600 (default) or add group/other bits to it"
-        )
+    _segments.check_mode(mode)
     part = segments_part()
     part.engine.poll()  # every call into procshare reaps dropped children (SPEC 1)
     resolved = _kinds.resolve_cached(name, kind, shape, size, part)
     init = resolved.initial(initial)
     namespace = names.current_namespace()
     os_name = _segments.os_name(names.SEGMENT, name, namespace)
-    meta = _segments.encode_meta(name, namespace, resolved.layout)
+    meta = _segments.encode_meta(name, namespace, resolved.layout, names.env_namespace())
     rec = part.open(
         name,
         namespace,
@@ -245,7 +273,7 @@ def shared(
 
 _geteuid = os.geteuid
 
-# (name, id(kind), shape, size, create, persist, mode, namespace, euid) ->
+# (name, id(kind), shape, size, create, persist, mode, namespace, euid, env) ->
 # (kind, resolved, os_name, meta) for every call that succeeded without
 # initial=. Module-level, so a forked child inherits its parent's plans; the
 # kind is kept so its id cannot be reused by another object while planned.

@@ -25,6 +25,17 @@ from typing import Any, ClassVar, NoReturn
 from procshare.errors import SegmentClosed
 
 
+def not_picklable(what: str, name: str) -> TypeError:
+    """The error for pickling (or copying) a view or a segment handle."""
+    return TypeError(
+        f"{what} of shared segment {name!r} cannot be copied or pickled: it is this "
+        "process's mapping of the shared memory, and a copy would no longer be shared. "
+        f"Pass the name instead (the receiver opens it with ps.shared({name!r}, kind)), "
+        "open it before forking (@ps.forked children inherit open views), or send a copy "
+        "of the values (view.value)"
+    )
+
+
 class _Closed:
     """Stands in for a closed view's memory; every use raises SegmentClosed.
 
@@ -119,6 +130,9 @@ class ScalarView:
         mv, self._mv = self._mv, _Closed(self._name)
         _release(mv)
 
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        raise not_picklable("a view", self._name)
+
     def __repr__(self) -> str:
         if isinstance(self._mv, _Closed):
             return f"<shared {self._kind} {self._name!r} (closed)>"
@@ -165,6 +179,9 @@ class StructView:
         cells, self._ps_cells = self._ps_cells, _Closed(self._ps_name)
         for mv in cells:
             _release(mv)
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        raise not_picklable("a view", self._ps_name)
 
     def __repr__(self) -> str:
         if isinstance(self._ps_cells, _Closed):
@@ -234,10 +251,7 @@ class NativeView:
         return getattr(self._ps_obj, attr)
 
     def __reduce_ex__(self, protocol: object) -> NoReturn:
-        raise TypeError(
-            f"a view of shared segment {self._ps_name!r} cannot be copied or pickled "
-            "(it is the shared memory itself); copy the values out of it instead"
-        )
+        raise not_picklable("a view", self._ps_name)
 
     def __setattr__(self, attr: str, value: Any) -> None:
         setattr(self._ps_obj, attr, value)

@@ -362,6 +362,7 @@ class SharedMemoryFull(_NamedError, OSError):
         "available",
         "detail",
         "file_size_limit",
+        "what",
     )
     _os_errno = _errno.ENOSPC
 
@@ -372,23 +373,27 @@ class SharedMemoryFull(_NamedError, OSError):
         available: int | None = None,
         detail: str = "",
         file_size_limit: int | None = None,
+        *,
+        what: str = "shared segment",
     ) -> None:
         self.requested = requested
         self.available = available
         self.file_size_limit = file_size_limit
+        #: ``"shared segment"`` or ``"lock"``.
+        self.what = what
         super().__init__(name, detail)
 
     def _message(self) -> str:
         if self.file_size_limit is not None:
             return (
-                f"shared segment {self.name!r} does not fit: {self.requested} bytes were "
+                f"{self.what} {self.name!r} does not fit: {self.requested} bytes were "
                 "requested, and with procshare's header that is more than this process "
                 f"may write to one file ({self.file_size_limit} bytes: `ulimit -f`, "
                 f"RLIMIT_FSIZE){self._tail()}; raise that limit or create a smaller segment"
             )
         avail = "" if self.available is None else f", {self.available} bytes are free"
         return (
-            f"shared segment {self.name!r} does not fit: {self.requested} bytes were "
+            f"{self.what} {self.name!r} does not fit: {self.requested} bytes were "
             f"requested{avail}{self._tail()}; free shared memory (`python -m procshare gc`, "
             "close other segments) or enlarge /dev/shm (Docker: --shm-size)"
         )
@@ -460,4 +465,78 @@ class OwnerDied(_NamedError):
         return (
             f"lock {self.name!r}: {who} died while holding it, so the data it protects may "
             f"be half-updated{self._tail()}; {todo}"
+        )
+
+
+# --------------------------------------------------------------------------
+# Where the system refuses named shared memory (SPEC 3, 5: no bare OSError)
+
+
+class SharedMemoryUnavailable(_NamedError, OSError):
+    """The system keeps no named shared memory for this process: ``/dev/shm``
+    is missing, read-only or not writable. ``errno`` is the OS's (``ENOENT``,
+    ``EROFS``, ``EACCES``); ``reason`` says which it is.
+    """
+
+    _fields: ClassVar[tuple[str, ...]] = ("name", "reason", "code", "what", "detail")
+
+    def __init__(
+        self,
+        name: str = "",
+        reason: str = "",
+        code: int = _errno.EROFS,
+        what: str = "shared segment",
+        detail: str = "",
+    ) -> None:
+        self.reason = reason
+        self.code = code
+        self.what = what
+        super().__init__(name, detail)
+        _os_fields(self, code, self._message())
+
+    def _message(self) -> str:
+        return (
+            f"cannot create or open {self.what} {self.name!r}: {self.reason}{self._tail()}; "
+            "procshare keeps named shared memory in /dev/shm, which must be a writable "
+            "tmpfs: mount one (`mount -t tmpfs -o mode=1777 tmpfs /dev/shm`), or in a "
+            "container leave /dev/shm writable (Docker: --shm-size; Kubernetes: an "
+            "emptyDir volume with medium: Memory on /dev/shm)"
+        )
+
+
+class DescriptorLimit(_NamedError, OSError):
+    """Opening a segment or lock needs a file descriptor and none is left
+    (``errno`` is ``EMFILE``, or ``ENFILE`` when the whole system ran out).
+    ``limit`` is this process's ``ulimit -n`` when known.
+    """
+
+    _fields: ClassVar[tuple[str, ...]] = ("name", "limit", "system", "what", "detail")
+
+    def __init__(
+        self,
+        name: str = "",
+        limit: int | None = None,
+        system: bool = False,
+        what: str = "shared segment",
+        detail: str = "",
+    ) -> None:
+        self.limit = limit
+        self.system = system
+        self.what = what
+        super().__init__(name, detail)
+        _os_fields(self, _errno.ENFILE if system else _errno.EMFILE, self._message())
+
+    def _message(self) -> str:
+        head = f"cannot open {self.what} {self.name!r}{self._tail()}: "
+        if self.system:
+            return head + (
+                "the whole system has as many files open as it may (`sysctl fs.file-max`); "
+                "close segments and files you no longer use, or raise fs.file-max"
+            )
+        limit = "" if self.limit is None else f" = {self.limit}"
+        return head + (
+            "this process has as many files open as it may (`ulimit -n`, "
+            f"RLIMIT_NOFILE{limit}), and each open segment or lock keeps one; raise the limit "
+            "(`ulimit -n 65536` in the shell, or resource.setrlimit(resource.RLIMIT_NOFILE, "
+            "(hard, hard)) in the program), or close segments you no longer use"
         )

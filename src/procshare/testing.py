@@ -13,11 +13,17 @@ it
   children before the test, and after it fails the test (as an error in
   teardown) if a segment, a lock, a temporary, a live child or a zombie was
   left behind, naming each. The leftovers are then removed and reaped, so
-  one leaky test does not make every later one fail too. Objects that are
-  visibly another program's (another test's namespace, or created, held or
-  mapped by a live process outside this one's family) are neither blamed
-  nor removed, and a persistent segment nothing ties to the test is
-  reported but kept, with the command that removes it.
+  one leaky test does not make every later one fail too.
+
+It blames and removes only what the test's own processes made: objects of
+the test's namespace, objects that record the test's namespace as their
+origin (made in another namespace by a process that inherited the test's
+``PROCSHARE_NAMESPACE``), and objects created or held by a live process of
+this process's family. Everything else, such as a program running beside
+the tests in its own namespace (its lock whose holder died, its persistent
+segment) or a raw file that is not procshare's, is neither blamed nor
+removed (see ``_judge``). The plugin reaches the backend only through the
+engine (``procshare._engine.inspect``).
 
 It is not auto-enabled on install: a library must not change the outcome
 of its users' tests unasked.
@@ -34,9 +40,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from procshare._backends import get_backend
 from procshare._engine import get_engine, names
-from procshare._engine.segments import decode_meta
+from procshare._engine import inspect as _inspect
+from procshare._engine.inspect import ObjectRecord
 
 
 def _stat(pid: int | str) -> tuple[str, int] | None:
@@ -87,6 +93,19 @@ def _settle(before: dict[int, str], seconds: float) -> dict[int, str]:
         time.sleep(0.02)
 
 
+def _started_ns(pid: int) -> int | None:
+    """When ``pid`` started (``time.time_ns()`` scale, to about a second), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().decode(errors="replace").rsplit(")", 1)[-1].split()
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        ticks = int(fields[19])  # field 22 of stat: starttime, in clock ticks after boot
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+    return int((btime + ticks / os.sysconf("SC_CLK_TCK")) * 1e9)
+
+
 def _ancestors(pid: int) -> set[int]:
     """``pid`` and its ancestors up to init, from /proc (empty if ``pid`` is gone)."""
     chain: set[int] = set()
@@ -96,29 +115,38 @@ def _ancestors(pid: int) -> set[int]:
     return chain
 
 
-def _judge(
-    new_objects: frozenset[str], namespace: str
-) -> tuple[list[str], dict[str, tuple[int, int]]]:
-    """Which new ``/dev/shm`` objects this test left behind, described, and which
-    of those to remove.
+def _judge(new_objects: frozenset[str], namespace: str) -> tuple[list[str], list[ObjectRecord]]:
+    """Which new objects this test left behind, described, and which to remove.
 
-    Everything new counts (raw files, other namespaces a test chose with
-    ``ps.namespace``) except what is visibly another program's: recorded as
-    belonging to *another* test's namespace, or created or held open or
-    mapped by a live process that is neither this process nor one of its
-    descendants (a concurrent demo, benchmark or test session, whose creator
-    may already have exited while another of its processes holds the object).
-    Blaming a test for those would be wrong, and removing them would break
-    the program that owns them.
+    A positive rule: an object is the test's when it is of the test's
+    namespace (recorded there, or under its OS-name prefix), or records the
+    test's namespace as its *origin* (made by a process that inherited the
+    test's ``PROCSHARE_NAMESPACE``: the test's own process family, inside a
+    ``ps.namespace()`` block), or was created or is held by a live process
+    of this process's family. Those are blamed and removed, persistent
+    segments and locks whose holder died included.
 
-    Of the rest, everything is removed, except a ``persist=True`` segment of
-    another namespace that nothing ties to this test (its creator has exited
-    and nobody holds it): it may be another program's data, so it is only
-    reported, with the command that removes it.
+    Everything else is another program's and is neither blamed nor removed: a
+    raw file that is not procshare's, an object of another namespace (a lock
+    whose holder died, a persistent segment), and anything a live process
+    outside this family holds or maps, even if it otherwise looks like ours.
     """
     if not new_objects:
-        return [], {}
+        return [], []
     me = os.getpid()
+
+    def family(pid: int) -> bool:
+        return pid == me or (pid > 0 and me in _ancestors(pid))
+
+    def created_by_family(rec: ObjectRecord) -> bool:
+        # The pid recorded as creator, if it is still (or again) one of ours;
+        # a process that started after the object was made is not its
+        # creator but a reuse of its pid (2 s: /proc/stat's boot time is whole
+        # seconds).
+        if not family(rec.creator_pid):
+            return False
+        started = _started_ns(rec.creator_pid)
+        return started is None or not rec.created_ns or started <= rec.created_ns + 2 * 10**9
 
     def foreign(pid: int) -> bool:
         if not pid or pid == me:
@@ -126,62 +154,35 @@ def _judge(
         lineage = _ancestors(pid)
         return bool(lineage) and me not in lineage
 
-    def ours(pid: int) -> bool:
-        return pid == me or me in _ancestors(pid)
-
     blamed: list[str] = []
-    removable: dict[str, tuple[int, int]] = {}  # OS name -> the (st_dev, st_ino) judged
+    removable: list[ObjectRecord] = []
     prefix = names.namespace_prefix(namespace)
-    listed = {i.os_name: i for i in get_backend().segment_list(names.PREFIX)}
-    holders = get_backend().segment_holders(set(new_objects), mapped=True)
     uid = os.geteuid()
-    for os_name in sorted(new_objects):
-        try:
-            st = os.lstat("/dev/shm" + os_name)
-        except OSError:
-            continue  # gone already: another program's short-lived object
-        if st.st_uid != uid:
-            continue  # another user's: neither ours to blame nor to remove
-        inode = (st.st_dev, st.st_ino)
-        held_by = holders.get(os_name, [])
-        if any(map(foreign, held_by)):
+    for rec in _inspect.describe_objects(new_objects):
+        if rec.identity[0] != uid or any(map(foreign, rec.holders)):
+            continue  # another user's, or in use by another program
+        owner = rec.meta.get("namespace")
+        ours = (
+            owner == namespace
+            or rec.meta.get("origin") == namespace
+            or (owner is None and rec.os_name.startswith(prefix))
+            or created_by_family(rec)
+            or any(map(family, rec.holders))
+        )
+        if not ours:
             continue
-        info = listed.get(os_name)
-        if info is None:  # not procshare's: a raw file
-            blamed.append(f"a file {os_name} that is not procshare's")
-            removable[os_name] = inode
-            continue
-        meta = decode_meta(info.meta)
-        owner = meta.get("namespace")
-        if isinstance(owner, str) and owner.startswith("t-") and owner != namespace:
-            continue
-        if foreign(info.creator_pid):
-            continue
-        kind = "lock" if meta.get("kind") == "lock" else "segment"
-        what = f"{kind} {meta['name']!r}" if isinstance(meta.get("name"), str) else os_name
-        if isinstance(owner, str) and owner != namespace:
-            what += f" of namespace {owner!r}"
-        tied = os_name.startswith(prefix) or ours(info.creator_pid) or any(map(ours, held_by))
-        if info.persist and not tied:
-            fix = f"python -m procshare rm {meta.get('name', '?')} --namespace {owner}"
-            blamed.append(
-                f"{what} ({os_name}, persistent: not removed, as it may be another "
-                f"program's data; remove it with `{fix}` if it is this test's)"
-            )
-            continue
-        blamed.append(f"{what} ({os_name})")
-        removable[os_name] = inode
+        if not rec.procshare:
+            what = f"a file {rec.os_name} that is not procshare's"
+        else:
+            kind = "lock" if rec.meta.get("kind") == "lock" else "segment"
+            name = rec.meta.get("name")
+            what = f"{kind} {name!r}" if isinstance(name, str) else rec.os_name
+            if isinstance(owner, str) and owner != namespace:
+                what += f" of namespace {owner!r}"
+            what += f" ({rec.os_name}{', persistent' if rec.persist else ''})"
+        blamed.append(what)
+        removable.append(rec)
     return blamed, removable
-
-
-def _remove(removable: dict[str, tuple[int, int]]) -> None:
-    """Unlink what was judged, if each name still is the object judged (a name a
-    concurrent program reused meanwhile is left alone)."""
-    for os_name, inode in removable.items():
-        with contextlib.suppress(OSError):
-            st = os.lstat("/dev/shm" + os_name)
-            if (st.st_dev, st.st_ino) == inode:
-                os.unlink("/dev/shm" + os_name)
 
 
 @pytest.fixture(autouse=True)
@@ -190,8 +191,7 @@ def procshare_leak_check(request: pytest.FixtureRequest) -> Iterator[str]:
     namespace = f"t-{uuid.uuid4().hex[:12]}"
     saved = os.environ.get("PROCSHARE_NAMESPACE")
     os.environ["PROCSHARE_NAMESPACE"] = namespace
-    backend = get_backend()
-    objects_before = backend.os_objects()
+    objects_before = _inspect.every_object()
     children_before = child_pids()
     try:
         yield namespace
@@ -203,7 +203,7 @@ def procshare_leak_check(request: pytest.FixtureRequest) -> Iterator[str]:
     # A call into procshare reaps children whose handles were dropped.
     get_engine().poll()
     leaked_children = _settle(children_before, seconds=0.5)
-    leaked_objects, removable = _judge(backend.os_objects() - objects_before, namespace)
+    leaked_objects, removable = _judge(_inspect.every_object() - objects_before, namespace)
     if not (leaked_children or leaked_objects):
         return
     problems: list[str] = []
@@ -216,9 +216,8 @@ def procshare_leak_check(request: pytest.FixtureRequest) -> Iterator[str]:
         _reap(sorted(leaked_children))
     if leaked_objects:
         problems.insert(0, f"shared-memory objects left behind: {', '.join(leaked_objects)}")
-        _remove(removable)
-    cleaned = "They have been" if len(removable) == len(leaked_objects) else "The rest have been"
+        _inspect.remove_objects(removable)
     pytest.fail(
-        f"{request.node.nodeid} leaked: " + "; ".join(problems) + f". ({cleaned} cleaned up.)",
+        f"{request.node.nodeid} leaked: " + "; ".join(problems) + ". (They have been cleaned up.)",
         pytrace=False,
     )

@@ -134,8 +134,17 @@ class SegmentBackend(Protocol):
         """
         ...
 
-    def segment_unlink(self, os_name: str) -> bool:
-        """Remove the name now, whoever holds it (mappings stay valid)."""
+    def segment_unlink(
+        self, os_name: str, *, identity: tuple[int, int, int] | None = None
+    ) -> bool:
+        """Remove the name now, whoever holds it (mappings stay valid). With
+        ``identity`` (from :meth:`object_identity`), only if the name still is
+        that object: one a concurrent program made since is left alone."""
+        ...
+
+    def object_identity(self, os_name: str) -> tuple[int, int, int] | None:
+        """``(owner uid, device, inode)`` of whatever is under ``os_name`` (a
+        procshare object or not), or ``None`` if nothing is: for leak checks."""
         ...
 
     def segment_holders(self, names: set[str], *, mapped: bool = False) -> dict[str, list[int]]:
@@ -154,16 +163,28 @@ class SegmentBackend(Protocol):
         """
         ...
 
-    def segment_collect(self, prefix: str, *, keep: KeepOrphan) -> list[str]:
+    def segment_collect(self, prefix: str, *, keep: KeepOrphan, junk: bool = True) -> list[str]:
         """Remove every object under ``prefix`` that no living process holds and
         ``keep`` does not keep (``keep`` sees ``persist`` objects too and
-        decides about them), and every abandoned temporary. Returns the OS
-        names removed.
+        decides about them); with ``junk``, also every temporary nobody holds
+        (abandoned, or one a creator has made but not yet held: only for a
+        command a person runs) and what is not a readable procshare object.
+        Returns the OS names removed.
         """
         ...
 
     def segment_space(self) -> int | None:
         """Bytes free for new objects now, if the platform can tell (for messages)."""
+        ...
+
+    def segment_store_problem(self) -> str | None:
+        """Why this process cannot keep named objects at all (``"/dev/shm is
+        mounted read-only"``), or ``None`` if nothing is visibly wrong: asked
+        after a creation or open failed, for the message."""
+        ...
+
+    def descriptor_limit(self) -> int | None:
+        """How many descriptors this process may have open (``ulimit -n``), if limited."""
         ...
 
     def segment_size_limit(self) -> int | None:

@@ -39,6 +39,7 @@ import attrs
 from procshare._backends.api_process import Exit
 from procshare._engine import core as _core
 from procshare._engine import locks as _locks
+from procshare._engine import segments as _segments
 from procshare._engine import userwarn
 from procshare.errors import (
     ChildError,
@@ -785,6 +786,7 @@ class ChildrenPart:
             stack = self.scope_stack()
             if scope in stack:
                 stack.remove(scope)
+            _segments.reclaim_after_kills(scope.records)  # SPEC 3: a killed child's orphans
 
     # ------------------------------------------------------- engine hooks
 

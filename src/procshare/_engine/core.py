@@ -40,6 +40,19 @@ class EnginePart(Protocol):
 
 
 P = TypeVar("P", bound=EnginePart)
+
+
+class _Deferred:
+    """A release waiting for children: see :meth:`Engine.release_after_children`."""
+
+    __slots__ = ("closed", "opened", "release")
+
+    def __init__(self, opened: int, closed: int, release: Callable[[], object]) -> None:
+        self.opened = opened
+        self.closed = closed
+        self.release = release
+
+
 _order = operator.attrgetter("order")
 
 
@@ -50,6 +63,7 @@ class Engine:
 
     __slots__ = (
         "_closed",
+        "_deferred",
         "_parts",
         "backend",
         "deferred",
@@ -72,8 +86,10 @@ class Engine:
         self.forks = 0
         #: Forks under way (numbered, not yet recorded as live children).
         self.forking = 0
-        #: Segments and locks closed here whose release waits for such children.
+        #: Segments and locks closed here whose release waits for such children
+        #: (the length of ``_deferred``; read without the lock by ChildrenPart).
         self.deferred = 0
+        self._deferred: list[_Deferred] = []
         self._closed = False
 
     def __repr__(self) -> str:
@@ -103,6 +119,75 @@ class Engine:
         between: Callable[[int, int], bool] | None = getattr(part, "forked_between", None)
         return between is not None and between(opened, closed)
 
+    def release_after_children(
+        self, opened: int, release: Callable[[], object], closed: int | None = None
+    ) -> bool:
+        """Run ``release`` now, or once the children forked while the object was
+        open are reaped; return whether it ran now.
+
+        ``opened`` is the fork count when the object was opened (below any fork
+        under way then), ``closed`` when it was last used (default: now).
+        Children numbered in between inherited it: they share this process's
+        hold (the same open file description), so releasing it now would let
+        the name go, and a later opener make a second object, while they still
+        use it. A waiting release runs at the first call into procshare after
+        such a child is reaped (:meth:`poll`), or at shutdown. One mechanism
+        for segments and locks alike.
+        """
+        if self.forks <= opened and self.forking <= 0:
+            release()  # (no child forked since it was opened)
+            return True
+        if self.pid != os.getpid():
+            # A forked child before procshare's own after-fork hook ran (a
+            # collection in an earlier hook): the engine is the parent's, and
+            # its lock may be held by a thread that does not exist here.
+            return False
+        with self.lock:
+            # Counted first: a child reaped from now on wakes the release
+            # (ChildrenPart._finish sets ``pending``), so none slips in between.
+            self.deferred += 1
+            if self.children_between(opened, self.forks if closed is None else closed):
+                self._deferred.append(
+                    _Deferred(opened, self.forks if closed is None else closed, release)
+                )
+                self.pending = True  # a reap meanwhile found nothing listed yet
+                return False
+            self.deferred -= 1
+        release()
+        return True
+
+    def release_deferred(self, *, everything: bool = False) -> None:
+        """Run the waiting releases no child needs any more (all of them with
+        ``everything``, at shutdown), one at a time: one that fails leaves the
+        rest listed for the next call (or, at shutdown, runs the rest, then
+        raises)."""
+        failed: BaseException | None = None
+        while True:
+            with self.lock:  # two threads polling must not release one twice
+                item = next(
+                    (
+                        d
+                        for d in self._deferred
+                        if everything or not self.children_between(d.opened, d.closed)
+                    ),
+                    None,
+                )
+                if item is None:
+                    if failed is not None:
+                        raise failed
+                    return
+                self._deferred.remove(item)
+                self.deferred -= 1
+            try:
+                item.release()
+            except BaseException as exc:
+                if everything:
+                    failed = failed or exc
+                    continue
+                if self._deferred:
+                    self.pending = True  # the others at the next call
+                raise
+
     def existing_part(self, key: str) -> EnginePart | None:
         """The part stored under ``key`` if one was made (never makes one)."""
         return self._parts.get(key)
@@ -118,6 +203,11 @@ class Engine:
             try:
                 part.poll()
             except BaseException as exc:  # the others' housekeeping still runs
+                error = error or exc
+        if self._deferred:
+            try:
+                self.release_deferred()
+            except BaseException as exc:
                 error = error or exc
         if error is not None:
             raise error
@@ -137,6 +227,13 @@ class Engine:
         for part in sorted(self._parts.values(), key=_order):
             try:
                 part.shutdown()
+            except BaseException as exc:
+                errors.append(exc)
+        # Last, after the parts' closes (which may defer too): children are
+        # shut down first, so nothing waits any more.
+        if self._deferred:
+            try:
+                self.release_deferred(everything=True)
             except BaseException as exc:
                 errors.append(exc)
         if errors:

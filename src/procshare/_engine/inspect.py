@@ -9,15 +9,14 @@ listed with what can be known and never trusted as data.
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 
-from procshare._backends.api_segment import SegmentHandle
 from procshare._engine import locks as _locks
 from procshare._engine import names
 from procshare._engine.core import get_engine
-from procshare._engine.segments import decode_meta
+from procshare._engine.segments import decode_meta, orphan_keeper
 
 ObjectType = Literal["segment", "lock", "temporary", "unknown"]
 
@@ -108,17 +107,7 @@ def collect(namespace: str | None = None, *, everything: bool = False) -> list[s
     """
     engine = get_engine()
     ns = _namespace(namespace)
-
-    def keep(handle: SegmentHandle) -> bool:
-        if _elsewhere(decode_meta(handle.meta), ns):
-            return True  # not this namespace's to judge
-        if everything:
-            return False
-        if handle.persist:
-            return True
-        # A lock whose holder died unconfirmed is kept so its next user is told.
-        return _type_of(handle.os_name, False) == "lock" and engine.backend.lock_keep(handle)
-
+    keep = orphan_keeper(ns, engine.backend, everything=everything)
     return engine.backend.segment_collect(names.namespace_prefix(ns), keep=keep)
 
 
@@ -140,3 +129,70 @@ def namespace_objects(namespace: str | None = None) -> frozenset[str]:
     """
     prefix = names.namespace_prefix(namespace)
     return frozenset(n for n in get_engine().backend.os_objects() if n.startswith(prefix))
+
+
+# -- for the pytest plugin (procshare.testing) --------------------------------
+
+
+@attrs.frozen
+class ObjectRecord:
+    """What a leak check knows about one object of the backend (any namespace,
+    procshare's or not), read without taking a hold or reclaiming anything."""
+
+    os_name: str
+    #: ``(owner uid, device, inode)``: whose it is, and which object exactly.
+    identity: tuple[int, int, int]
+    #: Whether it is a procshare object (its frame is readable); else a raw file.
+    procshare: bool
+    #: The decoded metadata (``name``, ``namespace``, ``kind``, ``origin`` ...).
+    meta: dict[str, Any]
+    persist: bool
+    #: The pid recorded as its creator (0 if unknown).
+    creator_pid: int
+    #: When it was created (``time.time_ns()``; 0 if unknown).
+    created_ns: int
+    #: Pids that have it open or mapped (those this user may see).
+    holders: tuple[int, ...]
+
+
+def every_object() -> frozenset[str]:
+    """The OS names of every object the backend keeps, of every namespace and user."""
+    return get_engine().backend.os_objects()
+
+
+def describe_objects(os_names: frozenset[str]) -> list[ObjectRecord]:
+    """A record for each of ``os_names`` still there, sorted by OS name."""
+    if not os_names:
+        return []
+    backend = get_engine().backend
+    ours = {n for n in os_names if n.startswith(names.PREFIX)}
+    listed = {i.os_name: i for i in backend.segment_list(names.PREFIX) if i.os_name in ours}
+    holders = backend.segment_holders(set(os_names), mapped=True)
+    out = []
+    for os_name in sorted(os_names):
+        identity = backend.object_identity(os_name)
+        if identity is None:
+            continue  # gone already
+        info = listed.get(os_name)
+        meta = decode_meta(info.meta) if info is not None else {}
+        out.append(
+            ObjectRecord(
+                os_name=os_name,
+                identity=identity,
+                procshare=info is not None and (bool(info.meta) or info.temporary),
+                meta=meta,
+                persist=info is not None and info.persist,
+                creator_pid=info.creator_pid if info is not None else 0,
+                created_ns=info.created_ns if info is not None else 0,
+                holders=tuple(sorted(holders.get(os_name, []))),
+            )
+        )
+    return out
+
+
+def remove_objects(records: list[ObjectRecord]) -> None:
+    """Remove each object, if its name still is the object described (a name a
+    concurrent program reused meanwhile is left alone)."""
+    backend = get_engine().backend
+    for rec in records:
+        backend.segment_unlink(rec.os_name, identity=rec.identity)

@@ -98,12 +98,17 @@ SLICE = 0.1
 KEY = "locks"
 
 
-def _lock_meta(name: str, namespace: str) -> bytes:
+def _lock_meta(name: str, namespace: str, origin: str | None = None) -> bytes:
     """The metadata of a new lock object: the JSON ``json.dumps(..., sort_keys=True)``
     writes, formatted directly. Names and namespaces are validated to
     ``A-Z a-z 0-9 . _ -``, which JSON never escapes, and the json module is
-    a lot of code to run for the first time in a forked child."""
-    return f'{{"kind": "lock", "name": "{name}", "namespace": "{namespace}"}}'.encode()
+    a lot of code to run for the first time in a forked child. ``origin`` is
+    recorded as for segments (``segments.encode_meta``)."""
+    if origin is None or origin == namespace:
+        return f'{{"kind": "lock", "name": "{name}", "namespace": "{namespace}"}}'.encode()
+    return (
+        f'{{"kind": "lock", "name": "{name}", "namespace": "{namespace}", "origin": "{origin}"}}'
+    ).encode()
 
 
 class LockEntry:
@@ -116,7 +121,6 @@ class LockEntry:
     __slots__ = (
         "closed",
         "closed_at",
-        "deferred",
         "forks",
         "handle",
         "mutex",
@@ -150,8 +154,6 @@ class LockEntry:
         #: in between inherited it and may be using it.
         self.forks = part.engine.forks - part.engine.forking
         self.closed_at = 0
-        #: Unused, but kept open for such children (counted in engine.deferred).
-        self.deferred = False
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self.users)} user(s)"
@@ -201,10 +203,12 @@ class LocksPart:
 
     def _open_new(self, namespace: str, name: str, mode: int) -> LockEntry:
         backend = self.backend
+        if namespace not in _segments.swept_namespaces:
+            _segments.reclaim_orphans(namespace, self.engine)
         # (segments.os_name() remembers names per user, and a forked child
         # inherits what its parent worked out.)
         os_name = _segments.os_name(names.LOCK, name, namespace)
-        meta = _lock_meta(name, namespace)
+        meta = _lock_meta(name, namespace, names.env_namespace())
         # Open, else create; a racing creator or closer can make both miss once.
         try:
             while True:
@@ -222,6 +226,11 @@ class LocksPart:
                     break
         except OSError as exc:
             if exc.errno != errno.EBADMSG:
+                error = _segments.storage_error(
+                    exc, name, backend, requested=backend.lock_data_size, what="lock"
+                )
+                if error is not None:
+                    raise error from None
                 raise
             raise _not_a_lock(name, "something that is not a procshare object") from None
         if handle.data_size < backend.lock_data_size:
@@ -252,29 +261,22 @@ class LocksPart:
                 if not entry.users:
                     self.note_idle()  # held: look again at the next poll
                 return False
-            engine = self.engine
-            if engine.forks > entry.forks or engine.forking > 0:  # (else no child has it)
-                if not entry.deferred:
-                    # Counted first: a child reaped from now on wakes the
-                    # release (ChildrenPart._finish), so none slips in between.
-                    entry.deferred = True
-                    engine.deferred += 1
-                closed_at = max(entry.closed_at, entry.forks)
-                if engine.children_between(entry.forks, closed_at):
-                    # Children forked while it was in use share this process's
-                    # hold and may be using it: releasing now would let the name
-                    # go, and a later opener make a second lock. Look again
-                    # once one is reaped.
-                    entry.closed = False
-                    self.note_idle()  # and a reap meanwhile may have found nothing
-                    return False
-            if entry.deferred:
-                entry.deferred = False
-                engine.deferred -= 1
             key = (entry.namespace, entry.name)
             if self._entries.get(key) is entry:
                 del self._entries[key]
             entry.mutex.detach()
+            engine = self.engine
+            if engine.forks > entry.forks or engine.forking > 0:  # (else no child has it)
+                # Children forked while it was in use share this process's hold
+                # and may be using it: released once they are reaped (the one
+                # mechanism segments use too).
+                backend, handle = self.backend, entry.handle
+                engine.release_after_children(
+                    entry.forks,
+                    lambda: backend.segment_close(handle, keep=backend.lock_keep),
+                    closed=max(entry.closed_at, entry.forks),
+                )
+                return True
             self.backend.segment_close(entry.handle, keep=self.backend.lock_keep)
             return True
 

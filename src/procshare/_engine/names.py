@@ -48,6 +48,13 @@ _namespace: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 def validate_name(name: object, what: str = "name") -> str:
     """Return ``name`` if it is a valid procshare name, else raise :class:`InvalidName`."""
     if not isinstance(name, str):
+        if callable(name) and what == "lock name":
+            raise InvalidName(
+                repr(name),
+                "@ps.interprocess_lock was used without a name: write "
+                '@ps.interprocess_lock("name") with the name of the lock to hold around '
+                "each call",
+            )
         raise InvalidName(repr(name), f"a {what} must be a str, not {type(name).__name__}")
     if not _NAME_RE.fullmatch(name):
         if not name:
@@ -80,6 +87,32 @@ def current_namespace() -> str:
     validate_name(env, "namespace (from PROCSHARE_NAMESPACE)")
     _env_last[:] = (raw, env)
     return env
+
+
+def env_namespace() -> str:
+    """The namespace of ``$PROCSHARE_NAMESPACE`` (else ``default``), ignoring any
+    ``ps.namespace()`` block: what the process and its descendants inherited.
+
+    New objects record it as their *origin* when it differs from their own
+    namespace, which is how the pytest plugin tells an object a test's
+    processes made in another namespace from another program's.
+    """
+    raw = _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get(_ENV_NAME)
+    if not raw:
+        return _DEFAULT_NAMESPACE
+    last = _env_last
+    if raw == last[0]:
+        found: str = last[1]
+        return found
+    env = os.fsdecode(raw) if isinstance(raw, bytes) else str(raw)
+    validate_name(env, "namespace (from PROCSHARE_NAMESPACE)")
+    _env_last[:] = (raw, env)
+    return env
+
+
+def env_raw() -> object:
+    """The raw value of ``$PROCSHARE_NAMESPACE`` (one dict lookup; for cache keys)."""
+    return _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get(_ENV_NAME)
 
 
 _ENV_NAME = "PROCSHARE_NAMESPACE"

@@ -34,13 +34,16 @@ from typing import Any
 
 import attrs
 
-from procshare._backends.api_segment import NativeKind, SegmentHandle
+from procshare._backends.api_segment import KeepOrphan, NativeKind, SegmentHandle
 from procshare._engine import names
 from procshare._engine.core import Engine, current_pid, get_engine
 from procshare.errors import (
+    DescriptorLimit,
+    ProcshareError,
     SegmentExists,
     SegmentNotFound,
     SharedMemoryFull,
+    SharedMemoryUnavailable,
     SharedTypeError,
 )
 
@@ -71,7 +74,6 @@ class OpenSegment:
 
     __slots__ = (
         "closed",
-        "closed_at",
         "created",
         "forks",
         "handle",
@@ -93,10 +95,9 @@ class OpenSegment:
         #: struct views: they drop their memory then), if any.
         self.view: Callable[[], Any] | None = None
         self.closed = False
-        #: The engine's fork counts when opened and closed: children forked in
-        #: between inherited it and may use it after this process closed it.
+        #: The engine's fork count when opened: children forked since inherited
+        #: it and may use it after this process closed it.
         self.forks = 0
-        self.closed_at = 0
 
 
 # (kind, name, namespace, euid) -> OS name, for every part of this process and
@@ -135,6 +136,78 @@ def validate_name(name: object) -> str:
     return name
 
 
+# -- reclaiming orphans ------------------------------------------------------
+
+#: Namespaces whose orphans this process, or the parent it was forked from,
+#: has reclaimed already (see :func:`reclaim_orphans`).
+swept_namespaces: set[str] = set()
+
+
+def orphan_keeper(namespace: str, backend: Any, *, everything: bool = False) -> KeepOrphan:
+    """What to keep of ``namespace``'s objects that no living process holds.
+
+    Always kept: an object recording another namespace (two namespaces whose
+    OS-name prefixes collide). Unless ``everything``: ``persist=True``
+    segments (meant to outlive their users) and locks whose holder died
+    unconfirmed (kept so the next opener is told ``OwnerDied``). The rest is
+    an orphan: its memory is reclaimed.
+    """
+    lock_at = len(names.PREFIX) + 7
+
+    def keep(handle: SegmentHandle) -> bool:
+        owner = decode_meta(handle.meta).get("namespace")
+        if isinstance(owner, str) and owner != namespace:
+            return True  # not this namespace's to judge
+        if everything:
+            return False
+        if handle.persist:
+            return True
+        if handle.os_name[lock_at : lock_at + 1] != names.LOCK:
+            return False
+        try:
+            return bool(backend.lock_keep(handle))
+        except Exception:  # too small or garbled to read: keep rather than guess
+            return True
+
+    return keep
+
+
+def reclaim_orphans(namespace: str, engine: Engine | None = None) -> list[str]:
+    """Remove every object of ``namespace`` that no living process holds (see
+    :func:`orphan_keeper` for what is kept); return the OS names removed.
+
+    Run by the first open of a segment or lock of each namespace in a
+    process (forked children inherit that it ran), and by a ``children()``
+    scope that saw a child die by a signal: so the memory of a segment whose
+    every holder was killed does not wait for ``gc``. Housekeeping only: an
+    ``OSError`` here never fails the caller's open.
+    """
+    engine = engine or get_engine()
+    swept_namespaces.add(namespace)
+    backend = engine.backend
+    try:
+        # Junk under a name is left alone (opening it says what it is and how
+        # to remove it), and so are temporaries (one may be a creation a
+        # moment before its creator holds it): `gc` removes them.
+        return backend.segment_collect(
+            names.namespace_prefix(namespace),
+            keep=orphan_keeper(namespace, backend),
+            junk=False,
+        )
+    except OSError:
+        return []
+
+
+def reclaim_after_kills(records: Any) -> None:
+    """Reclaim orphans of every namespace this process used (and the current
+    one) if one of ``records`` (children of a scope) was ended by a signal:
+    whatever it held alone is an orphan now."""
+    if not any(r.exit is not None and r.exit.signal is not None for r in records):
+        return
+    for namespace in {*swept_namespaces, names.current_namespace()}:
+        reclaim_orphans(namespace)
+
+
 def _keep_nothing(handle: SegmentHandle) -> bool:
     # A segment nobody living holds is stale: reclaim it. (The backend itself
     # keeps persist=True segments.)
@@ -142,17 +215,21 @@ def _keep_nothing(handle: SegmentHandle) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def encode_meta(name: str, namespace: str, layout: Layout) -> bytes:
-    return json.dumps(
-        {
-            "name": name,
-            "namespace": namespace,
-            "kind": layout.kind,
-            "layout": layout.layout,
-            "size": layout.size,
-        },
-        separators=(",", ":"),
-    ).encode()
+def encode_meta(name: str, namespace: str, layout: Layout, origin: str | None = None) -> bytes:
+    """The metadata of a new segment. ``origin`` (the creator's
+    ``$PROCSHARE_NAMESPACE``, :func:`names.env_namespace`) is recorded only
+    when it differs from ``namespace``: it tells the pytest plugin that a
+    test's processes made it (see ``procshare.testing``)."""
+    fields: dict[str, object] = {
+        "name": name,
+        "namespace": namespace,
+        "kind": layout.kind,
+        "layout": layout.layout,
+        "size": layout.size,
+    }
+    if origin is not None and origin != namespace:
+        fields["origin"] = origin
+    return json.dumps(fields, separators=(",", ":")).encode()
 
 
 def decode_meta(meta: bytes) -> dict[str, Any]:
@@ -176,8 +253,6 @@ class SegmentsPart:
         #: forked child to pause (or die) there and prove nobody sees the half.
         self.init_hook: Callable[[str], None] | None = None
         self._open: dict[int, OpenSegment] = {}
-        #: Closed by the user, released once the children that share it are reaped.
-        self._deferred: list[OpenSegment] = []
         #: Whether this process's last open of each OS name created it (a hint).
         self._created_last: dict[str, bool] = {}
 
@@ -213,6 +288,8 @@ class SegmentsPart:
         ``encode_meta()``), so that one that opens the same segment
         repeatedly works them out once.
         """
+        if namespace not in swept_namespaces:
+            reclaim_orphans(namespace, self.engine)
         # (A try costs nothing until something raises: this is a hot path.)
         try:
             backend = self.engine.backend
@@ -238,16 +315,9 @@ class SegmentsPart:
                         init=self._initialiser(name, initial),
                     )
                 except OSError as exc:
-                    if exc.errno == errno.ENOSPC:
-                        raise SharedMemoryFull(
-                            name, requested=layout.size, available=backend.segment_space()
-                        ) from None
-                    if exc.errno == errno.EFBIG:
-                        raise SharedMemoryFull(
-                            name,
-                            requested=layout.size,
-                            file_size_limit=backend.segment_size_limit(),
-                        ) from None
+                    error = storage_error(exc, name, backend, requested=layout.size)
+                    if error is not None:
+                        raise error from None
                     raise
                 if handle is not None:
                     return self._register(name, namespace, handle, True, layout, meta)
@@ -261,7 +331,12 @@ class SegmentsPart:
                         raise SegmentExists(name)
                 # Lost a race with another creator (or a closer): look again.
         except OSError as exc:
+            if isinstance(exc, ProcshareError):
+                raise
             if exc.errno != errno.EBADMSG:
+                error = storage_error(exc, name, self.engine.backend)
+                if error is not None:
+                    raise error from None
                 raise
             # Something that is not a procshare object sits under the name.
             raise SharedTypeError(
@@ -335,56 +410,14 @@ class SegmentsPart:
         if engine.pid != current_pid():
             return  # inherited: never close, unlink or release the parent's
         if engine.forks > rec.forks or engine.forking > 0:  # (else no child has it)
-            if engine.pid != os.getpid():
-                # A forked child before procshare's own after-fork hook ran (a
-                # collection in an earlier hook): the engine is the parent's,
-                # and its lock may be held by a thread that does not exist here.
-                return
-            with engine.lock:
-                # Counted first: a child reaped from now on wakes the release
-                # (ChildrenPart._finish), so none can slip in between.
-                engine.deferred += 1
-                rec.closed_at = engine.forks
-                if engine.children_between(rec.forks, rec.closed_at):
-                    # Children forked while it was open share this process's
-                    # hold and may still use it: releasing now would let the
-                    # name go (and a later opener make a second segment).
-                    self._deferred.append(rec)
-                    engine.pending = True  # a reap meanwhile found nothing listed yet
-                    return
-                engine.deferred -= 1
+            # Children forked while it was open share this process's hold and
+            # may still use it: released once they are reaped.
+            backend, handle = engine.backend, rec.handle
+            engine.release_after_children(
+                rec.forks, lambda: backend.segment_close(handle, keep=None)
+            )
+            return
         engine.backend.segment_close(rec.handle, keep=None)
-
-    def _release_deferred(self, *, everything: bool = False) -> None:
-        """Release the deferred segments no child needs any more (all of them
-        at shutdown), one at a time: one that fails leaves the rest listed."""
-        engine = self.engine
-        failed: BaseException | None = None
-        while True:
-            with engine.lock:  # two threads polling must not release one twice
-                rec = next(
-                    (
-                        r
-                        for r in self._deferred
-                        if everything or not engine.children_between(r.forks, r.closed_at)
-                    ),
-                    None,
-                )
-                if rec is None:
-                    if failed is not None:
-                        raise failed
-                    return
-                self._deferred.remove(rec)
-                engine.deferred -= 1
-            try:
-                engine.backend.segment_close(rec.handle, keep=None)
-            except BaseException as exc:
-                if everything:  # at exit: release the rest anyway, then report
-                    failed = failed or exc
-                    continue
-                if self._deferred:
-                    engine.pending = True  # the others at the next call
-                raise
 
     def unlink(self, name: str) -> bool:
         """Remove ``name`` now (mappings stay valid); whether it existed."""
@@ -399,17 +432,10 @@ class SegmentsPart:
     # -- EnginePart ---------------------------------------------------------
 
     def poll(self) -> None:
-        if self._deferred:
-            self._release_deferred()
+        """Nothing: deferred releases are the engine's (``release_after_children``)."""
 
     def shutdown(self) -> None:
-        try:
-            self._close_all()
-        finally:
-            # Last, after the closes above (which may defer too): children are
-            # shut down before segments, so nothing waits any more.
-            if self._deferred:
-                self._release_deferred(everything=True)
+        self._close_all()
 
     def _close_all(self) -> None:
         if not self._open:
@@ -422,6 +448,63 @@ class SegmentsPart:
                 errors.append(exc)
         if errors:
             raise ExceptionGroup("closing shared segments failed", errors)  # type: ignore[type-var]
+
+
+#: What a refused creation or open can say more about than the OS's errno.
+_STORE_ERRNOS = frozenset({errno.EROFS, errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR})
+
+
+def storage_error(
+    exc: OSError,
+    name: str,
+    backend: Any,
+    *,
+    requested: int | None = None,
+    what: str = "shared segment",
+) -> ProcshareError | None:
+    """The procshare error (also an ``OSError``) for an ``OSError`` from creating
+    or opening ``name``, saying what to do; ``None`` to let ``exc`` through.
+
+    ``ENOSPC`` / ``EFBIG``: :class:`SharedMemoryFull`; ``EMFILE`` / ``ENFILE``:
+    :class:`DescriptorLimit` (``ulimit -n``); a missing, read-only or
+    unwritable ``/dev/shm``: :class:`SharedMemoryUnavailable`.
+    """
+    code = exc.errno
+    if code == errno.ENOSPC or (code == errno.EFBIG and requested is not None):
+        if code == errno.EFBIG:
+            return SharedMemoryFull(
+                name,
+                requested=requested,
+                file_size_limit=backend.segment_size_limit(),
+                what=what,
+            )
+        return SharedMemoryFull(
+            name, requested=requested, available=backend.segment_space(), what=what
+        )
+    if code in (errno.EMFILE, errno.ENFILE):
+        return DescriptorLimit(
+            name, limit=backend.descriptor_limit(), system=code == errno.ENFILE, what=what
+        )
+    if code in _STORE_ERRNOS:
+        problem = backend.segment_store_problem()
+        if problem is None and code == errno.EROFS:
+            problem = "the shared-memory filesystem refused to write (read-only)"
+        if problem is not None:
+            return SharedMemoryUnavailable(name, reason=problem, code=code, what=what)
+    return None
+
+
+def check_mode(mode: object) -> int:
+    """``mode`` if it is valid permission bits for a new segment or lock, else
+    ``ValueError`` saying why (``ps.shared`` and ``ps.interprocess_lock`` agree)."""
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        raise ValueError(f"mode= must be permission bits such as 0o600, not {mode!r}")
+    if mode & 0o600 != 0o600:
+        raise ValueError(
+            f"mode={mode:#o} lacks owner read and write (0o600); the owner's own processes "
+            "could not attach. Use 0o600 (default) or add group/other bits to it"
+        )
+    return mode
 
 
 def describe(kind: str, layout: str) -> str:

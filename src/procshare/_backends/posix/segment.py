@@ -326,7 +326,9 @@ def _check_space(os_name: str, total: int) -> None:
     try:
         vfs = os.statvfs(SHM_DIR)
     except OSError:
-        return
+        return  # missing: creating says so
+    if vfs.f_flag & os.ST_RDONLY or not vfs.f_blocks:
+        return  # read-only, or not a filesystem with space (creating says why): not "full"
     if total > vfs.f_bavail * vfs.f_frsize:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os_name)
 
@@ -368,6 +370,30 @@ class PosixSegments(NativeKinds):
 
     def segment_size_limit(self) -> int | None:
         return segment_size_limit()
+
+    def segment_store_problem(self) -> str | None:
+        where = SHM_DIR
+        try:
+            st = os.stat(where)
+        except FileNotFoundError:
+            return f"{where} does not exist"
+        except OSError as exc:
+            return f"{where} cannot be reached ({os.strerror(exc.errno or 0)})"
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{where} is not a directory"
+        try:
+            vfs = os.statvfs(where)
+        except OSError:
+            vfs = None
+        if vfs is not None and vfs.f_flag & os.ST_RDONLY:
+            return f"{where} is mounted read-only"
+        if not os.access(where, os.W_OK | os.X_OK):
+            return f"{where} is not writable by this user (uid {os.geteuid()})"
+        return None
+
+    def descriptor_limit(self) -> int | None:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return None if soft == resource.RLIM_INFINITY else soft
 
     def segment_space(self) -> int | None:
         try:
@@ -414,6 +440,10 @@ class PosixSegments(NativeKinds):
             _raise_no_room(exc, os_name, total)
             raise
         if made is None:  # this kernel or filesystem has no O_TMPFILE: name a temporary
+            if not os.path.isdir(SHM_DIR):
+                # ENOENT from a missing directory, not from a kernel without
+                # O_TMPFILE: do not give up O_TMPFILE for good over it.
+                raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), SHM_DIR)
             _tmpfile_ok = False
             return self._create_named(
                 os_name, meta, data_size, mode, persist, init, dataoff, total
@@ -599,12 +629,23 @@ class PosixSegments(NativeKinds):
             os.close(fd)
         return removed
 
-    def segment_unlink(self, os_name: str) -> bool:
+    def segment_unlink(
+        self, os_name: str, *, identity: tuple[int, int, int] | None = None
+    ) -> bool:
+        if identity is not None and self.object_identity(os_name) != identity:
+            return False  # (a narrow race remains: unlink has no "if still this inode")
         try:
             os.unlink(_path(os_name))
         except FileNotFoundError:
             return False
         return True
+
+    def object_identity(self, os_name: str) -> tuple[int, int, int] | None:
+        try:
+            st = os.lstat(_path(os_name))
+        except (OSError, ValueError):
+            return None
+        return (st.st_uid, st.st_dev, st.st_ino)
 
     def segment_holders(self, names: set[str], *, mapped: bool = False) -> dict[str, list[int]]:
         """Pids with a descriptor open on each name (what /proc lets us see),
@@ -707,7 +748,7 @@ class PosixSegments(NativeKinds):
         except FileNotFoundError:
             return frozenset()
 
-    def segment_collect(self, prefix: str, *, keep: KeepOrphan) -> list[str]:
+    def segment_collect(self, prefix: str, *, keep: KeepOrphan, junk: bool = True) -> list[str]:
         removed = []
         for os_name in self._entries(prefix):
             path = _path(os_name)
@@ -721,12 +762,15 @@ class PosixSegments(NativeKinds):
                 if not _try(fd, _WRLCK_HOLD):
                     continue  # somebody living holds it (or is deciding about it)
                 if _is_temp(os_name):
-                    doomed = True  # its creator died before publishing it
+                    # Its creator died before publishing it, or (a moment after
+                    # its creation, before its READ hold) is still making it:
+                    # only `gc`, asked by a person, takes that chance.
+                    doomed = junk
                 else:
                     try:
                         seg = _map(fd, os_name)
                     except (OSError, ValueError):
-                        doomed = True  # not a procshare object we can read: junk
+                        doomed = junk  # not a procshare object we can read: junk
                     else:
                         doomed = not keep(seg)  # keep decides about persist too
                         seg.release_mapping()

@@ -1,0 +1,131 @@
+"""No bare OSError: where the system refuses shared memory, the error says why
+and what to do, and is a ``ps.ProcshareError`` as well as an ``OSError``.
+
+A missing ``/dev/shm`` and running out of descriptors are real here; a
+read-only ``/dev/shm`` and a full one (for a lock) are simulated at the OS
+call that would fail, since a test cannot remount ``/dev/shm``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import resource
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import procshare as ps
+from procshare._backends.posix import segment as posix_segment
+
+pytestmark = pytest.mark.timeout(60)
+
+OPENERS: dict[str, Callable[[], Any]] = {
+    "segment": lambda: ps.shared("x", ps.u64),
+    "numpy": lambda: ps.shared("arr", np.float64, shape=1 << 20),  # 8 MiB: checks space
+    "bytes": lambda: ps.shared("raw", bytes, size=64),
+    "lock": lambda: ps.interprocess_lock("m").acquire(),
+}
+
+
+def _move_shm(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    monkeypatch.setattr(posix_segment, "SHM_DIR", where)
+    monkeypatch.setattr(posix_segment, "_SHM_DIR_BYTES", where.encode())
+    monkeypatch.setattr(posix_segment, "_path_bytes", {})
+    monkeypatch.setattr(posix_segment, "_tmpfile_ok", posix_segment._tmpfile_ok)
+
+
+@pytest.mark.parametrize("what", list(OPENERS))
+def test_a_missing_dev_shm_says_so_and_how_to_fix_it(
+    what: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    missing = str(tmp_path / "no-shm-here")
+    _move_shm(monkeypatch, missing)
+    with pytest.raises(ps.SharedMemoryUnavailable) as info:
+        OPENERS[what]()
+    err = info.value
+    assert isinstance(err, OSError)
+    assert err.errno == errno.ENOENT
+    assert f"{missing} does not exist" in str(err)
+    assert "mount -t tmpfs" in str(err)
+    assert ("lock 'm'" if what == "lock" else "shared segment") in str(err)
+    assert str(pickle.loads(pickle.dumps(err))) == str(err)
+    assert posix_segment._tmpfile_ok is not False  # O_TMPFILE is not given up over it
+
+
+def _read_only_statvfs(real: Callable[[str], os.statvfs_result]) -> Callable[[str], Any]:
+    def fake(path: str) -> os.statvfs_result:
+        v = real(path)
+        return os.statvfs_result(
+            (*tuple(v)[:8], v.f_flag | os.ST_RDONLY, v.f_namemax)  # type: ignore[arg-type]
+        )
+
+    return fake
+
+
+@pytest.mark.parametrize("what", list(OPENERS))
+def test_a_read_only_dev_shm_says_so_never_full(
+    what: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*_a: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(posix_segment, "_create", refuse)
+    monkeypatch.setattr(os, "statvfs", _read_only_statvfs(os.statvfs))
+    with pytest.raises(ps.SharedMemoryUnavailable) as info:
+        OPENERS[what]()
+    err = info.value
+    assert not isinstance(err, ps.SharedMemoryFull)  # the numpy case said "full"
+    assert err.errno == errno.EROFS
+    assert "/dev/shm is mounted read-only" in str(err)
+
+
+def test_a_lock_on_a_full_dev_shm_is_shared_memory_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def full(*_a: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/ps0000000l0000")
+
+    monkeypatch.setattr(posix_segment, "_create", full)
+    with pytest.raises(ps.SharedMemoryFull) as info:
+        ps.interprocess_lock("m").acquire()
+    err = info.value
+    assert err.errno == errno.ENOSPC
+    assert str(err).startswith("lock 'm' does not fit")
+    assert "/ps0000000l0000" not in str(err)  # never the hashed path
+    assert "enlarge /dev/shm" in str(err)
+
+
+@ps.forked
+def _open_until_the_limit(kind: str) -> tuple[str, str, int, int | None]:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    held: list[Any] = []
+    try:
+        for i in range(100):
+            if kind == "segment":
+                held.append(ps.shared(f"s{i}", ps.u64))
+            else:
+                lock = ps.interprocess_lock(f"l{i}")
+                lock.acquire()
+                lock.release()
+                held.append(lock)
+    except ps.ProcshareError as err:
+        code = err.errno if isinstance(err, OSError) else -1
+        return type(err).__name__, str(err), code or 0, getattr(err, "limit", None)
+    finally:
+        for h in held:
+            h.close()
+    return "nothing raised", "", 0, None
+
+
+@pytest.mark.parametrize("kind", ["segment", "lock"])
+def test_running_out_of_descriptors_names_ulimit_n(kind: str) -> None:
+    name, message, code, limit = _open_until_the_limit(kind).join()
+    assert name == "DescriptorLimit"
+    assert code == errno.EMFILE
+    assert limit == 48
+    assert "ulimit -n" in message
+    assert "RLIMIT_NOFILE = 48" in message
