@@ -30,5 +30,10 @@ setup(
             sources=["src/procshare/_backends/posix/_shmstep.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),
+        Extension(
+            "procshare._backends.posix._futex",
+            sources=["src/procshare/_backends/posix/_futex.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
+        ),
     ]
 )

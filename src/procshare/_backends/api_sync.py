@@ -1,0 +1,99 @@
+"""What the engine needs from a backend for the coordination families.
+
+Semaphores, events, conditions, barriers, rwlocks and queues are written
+once, in Python (``procshare._sync``, ``procshare._queue``), on three
+backend primitives living in a sync object's data area (a segment object,
+see :mod:`.api_segment`):
+
+* :class:`Words`: 32-bit words with atomic operations and a kernel wait/wake
+  on them (a futex on Linux). A wait sleeps only while the word still holds
+  the value the caller saw, so no wake is lost between looking and sleeping;
+  a waiter that dies simply stops waiting. Waiting blocks in the kernel, and
+  a signal handler that raises (Ctrl-C) interrupts it at once.
+* a robust mutex (the lock backend's :class:`~.api_lock.LockHandle`), which
+  guards a family's bookkeeping: a process killed half-way through an update
+  makes the next locker see ``OWNER_DIED`` and repair it.
+* process tokens: ``(pid, start)`` pairs that tell a dead process (or a
+  reused pid) from a living one, for the per-holder records that let units
+  held by a dead process come back.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from procshare._backends.api_lock import LockHandle
+
+
+class Words(Protocol):
+    """32-bit words at 4-byte aligned byte offsets of a shared buffer."""
+
+    def load(self, offset: int, /) -> int: ...
+    def store(self, offset: int, value: int, /) -> None: ...
+    def cas(self, offset: int, expected: int, new: int, /) -> bool:
+        """Store ``new`` if the word holds ``expected``; whether it did."""
+        ...
+
+    def add(self, offset: int, delta: int, /) -> int:
+        """Add ``delta`` (wrapping at 32 bits); the value before."""
+        ...
+
+    def wait(self, offset: int, expected: int, timeout: float | None, /) -> bool:
+        """Sleep while the word holds ``expected``, up to ``timeout`` seconds
+        (``None``: forever), with the GIL released. ``True`` when woken or
+        when the word did not hold ``expected`` (maybe spuriously: look
+        again); ``False`` when the time ran out. A signal runs Python's
+        handlers; one that raises ends the wait with its exception."""
+        ...
+
+    def wake(self, offset: int, n: int, /) -> int:
+        """Wake up to ``n`` sleepers on the word (``n < 0``: all); how many woke."""
+        ...
+
+    def in_use(self) -> bool:
+        """Whether a thread of this process waits on these words now."""
+        ...
+
+    def detach(self) -> None:
+        """Let go of the memory (deferred until the last waiter of this process
+        has returned). Later calls raise ``ValueError``."""
+        ...
+
+
+#: (pid, start): a process, told apart from a later process with the same pid.
+ProcessToken = tuple[int, int]
+
+
+class SyncBackend(Protocol):
+    """Primitives the coordination families are built on."""
+
+    #: bytes of a sync object's data a robust mutex takes (64-byte multiple)
+    sync_mutex_size: int
+
+    def sync_words(self, data: memoryview) -> Words:
+        """Wrap ``data`` (4-byte aligned) as futex words."""
+        ...
+
+    def sync_mutex_init(self, data: memoryview) -> None:
+        """Initialise a robust mutex in the first ``sync_mutex_size`` bytes of
+        ``data`` (at creation, before the object is published)."""
+        ...
+
+    def sync_mutex(self, data: memoryview) -> LockHandle:
+        """The robust mutex in the first ``sync_mutex_size`` bytes of ``data``."""
+        ...
+
+    def process_token(self) -> ProcessToken:
+        """This process's token (recomputed after a fork)."""
+        ...
+
+    def process_alive(self, token: ProcessToken) -> bool:
+        """Whether the process of ``token`` is still running. A zombie counts as
+        dead; a pid reused by another process is not ``token``'s process."""
+        ...
+
+    def sync_peek(self, os_name: str, size: int) -> bytes | None:
+        """The first ``size`` bytes of the data of object ``os_name``, read
+        without taking a hold (for listings); ``None`` if it is missing or
+        not a procshare object."""
+        ...
