@@ -1,0 +1,543 @@
+"""The coordination families (SPEC 4b): event, semaphore, condition, barrier, rwlock.
+
+Each family: behaviour within one process and across processes, timeouts,
+pickling, listing, and what a participant killed with SIGKILL does to it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+import time
+
+import pytest
+
+import procshare as ps
+from shared_support import wait_for
+
+
+def _killed(status: ps.ExitStatus | None) -> None:
+    assert status is not None
+    assert status.outcome == "killed"
+
+
+# -- event ---------------------------------------------------------------------
+
+
+def test_event_set_clear_wait() -> None:
+    ev = ps.interprocess_event("ev")
+    assert not ev.is_set()
+    assert ev.wait(0) is False
+    assert ev.wait(0.05) is False
+    ev.set()
+    assert ev.is_set()
+    assert ev.wait() is True
+    ev.clear()
+    assert not ev.is_set()
+    ev.close()
+
+
+@pytest.mark.timeout(60)
+def test_event_wakes_a_waiter_in_another_process() -> None:
+    ev = ps.interprocess_event("go")
+    ready = ps.interprocess_event("ready")
+
+    @ps.forked
+    def waiter() -> bool:
+        ready.set()
+        return ps.interprocess_event("go").wait(30)
+
+    with ps.children():
+        child = waiter()
+        assert ready.wait(30)
+        time.sleep(0.05)
+        ev.set()
+        assert child.join() is True
+    ev.close()
+    ready.close()
+
+
+@pytest.mark.timeout(60)
+def test_event_wait_is_woken_by_set_even_if_cleared_at_once() -> None:
+    ev = ps.interprocess_event("flash")
+    woke: list[bool] = []
+    t = threading.Thread(target=lambda: woke.append(ev.wait(30)))
+    t.start()
+    assert wait_for(lambda: "waiters=1" in repr(ev))
+    ev.set()
+    ev.clear()
+    t.join(30)
+    assert woke == [True]
+    ev.close()
+
+
+@pytest.mark.timeout(30)
+def test_ctrl_c_interrupts_a_wait() -> None:
+    ev = ps.interprocess_event("never")
+    timer = threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        ev.wait(20)
+    assert time.monotonic() - start < 15
+    timer.join()
+    ev.close()
+
+
+# -- semaphore -------------------------------------------------------------------
+
+
+def test_semaphore_counts() -> None:
+    sem = ps.interprocess_semaphore("s", 2)
+    assert sem.value == 2
+    assert sem.acquire(timeout=0)
+    assert sem.acquire(timeout=0)
+    assert sem.value == 0
+    assert sem.acquire(timeout=0) is False
+    assert sem.acquire(timeout=0.05) is False
+    sem.release()
+    with sem:
+        assert sem.value == 0
+    assert sem.value == 1
+    sem.release()
+    assert sem.value == 2
+    sem.release()  # a release beyond the initial value grows it, as threading's does
+    assert sem.value == 3
+    sem.close()
+
+
+def test_semaphore_with_times_out() -> None:
+    sem = ps.interprocess_semaphore("t", 0, timeout=0.05)
+    with pytest.raises(ps.WaitTimeout) as info, sem:
+        pass
+    assert isinstance(info.value, TimeoutError)
+    assert "'t'" in str(info.value)
+    sem.close()
+
+
+def test_semaphore_as_decorator() -> None:
+    sem = ps.interprocess_semaphore("d", 1)
+
+    @sem
+    def inside() -> int:
+        return sem.value
+
+    assert inside() == 0
+    assert sem.value == 1
+    sem.close()
+
+
+def test_semaphore_parameters_must_agree() -> None:
+    sem = ps.interprocess_semaphore("v", 2)
+    with pytest.raises(ps.SharedTypeError):
+        ps.interprocess_semaphore("v", 3)
+    sem.close()
+
+
+@pytest.mark.timeout(60)
+def test_semaphore_limits_processes() -> None:
+    sem = ps.interprocess_semaphore("limit", 2)
+    with ps.shared("inside", ps.i64) as inside, ps.shared("most", ps.i64) as most:
+
+        @ps.forked
+        def work() -> None:
+            with ps.interprocess_semaphore("limit", 2):
+                with ps.interprocess_lock("count"):
+                    inside.value += 1
+                    most.value = max(most.value, inside.value)
+                time.sleep(0.02)
+                with ps.interprocess_lock("count"):
+                    inside.value -= 1
+
+        with ps.children():
+            for _ in range(6):
+                work()
+        assert most.value == 2
+    assert sem.value == 2
+    sem.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_unit_held_by_a_dead_process_comes_back_and_is_told() -> None:
+    sem = ps.interprocess_semaphore("robust", 1)
+
+    @ps.forked
+    def take_and_die() -> None:
+        ps.interprocess_semaphore("robust", 1).acquire()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    status = take_and_die().wait()
+    _killed(status)
+    assert status is not None
+    assert sem.value == 0  # not back until someone needs it
+    with pytest.raises(ps.HolderDied) as info:
+        sem.acquire(timeout=10)
+    assert isinstance(info.value, ps.OwnerDied)
+    assert info.value.held is True
+    assert info.value.owner_pid == status.pid
+    assert "semaphore 'robust'" in str(info.value)
+    assert sem.value == 0
+    sem.release()
+    # told once: the next acquirer is not told again
+    assert sem.acquire(timeout=0)
+    sem.release()
+    again = pickle.loads(pickle.dumps(info.value))
+    assert again.owner_pid == status.pid
+    sem.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_waiter_gets_the_unit_of_a_holder_killed_while_it_waits() -> None:
+    sem = ps.interprocess_semaphore("waited", 1)
+    held = ps.interprocess_event("held")
+
+    @ps.forked
+    def hold_forever() -> None:
+        ps.interprocess_semaphore("waited", 1).acquire()
+        ps.interprocess_event("held").set()
+        time.sleep(60)
+
+    child = hold_forever()
+    assert held.wait(30)
+    threading.Timer(0.3, child.kill).start()
+    with pytest.raises(ps.HolderDied) as info, sem:
+        pass
+    assert info.value.held is False
+    _killed(child.wait())
+    assert sem.acquire(timeout=5)
+    sem.release()
+    sem.close()
+    held.close()
+
+
+def test_semaphore_pickles_by_name() -> None:
+    sem = ps.interprocess_semaphore("p", 3, timeout=1.5)
+    copy = pickle.loads(pickle.dumps(sem))
+    assert copy.name == "p"
+    assert copy.acquire(0)
+    assert sem.value == 2
+    copy.release()
+    copy.close()
+    sem.close()
+
+
+# -- condition -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_condition_notify_between_processes() -> None:
+    cond = ps.interprocess_condition("c")
+    with ps.shared("box", ps.i64) as box:
+
+        @ps.forked
+        def consumer() -> int:
+            c = ps.interprocess_condition("c")
+            with c:
+                assert c.wait_for(lambda: box.value != 0, timeout=30)
+                return box.value
+
+        with ps.children():
+            child = consumer()
+            time.sleep(0.1)
+            with cond:
+                box.value = 42
+                cond.notify_all()
+            assert child.join() == 42
+    cond.close()
+    cond.lock.close()
+
+
+def test_condition_wait_times_out_and_keeps_the_lock() -> None:
+    cond = ps.interprocess_condition("c2")
+    with cond:
+        assert cond.wait(0.05) is False
+        assert cond.lock.owned()
+    assert not cond.lock.owned()
+    assert cond.wait_for(lambda: 0, timeout=0) == 0
+    cond.close()
+    cond.lock.close()
+
+
+def test_condition_needs_its_lock() -> None:
+    cond = ps.interprocess_condition("c3", lock="other")
+    assert cond.lock.name == "other"
+    with pytest.raises(RuntimeError, match="does not hold"):
+        cond.notify()
+    with pytest.raises(RuntimeError, match="does not hold"):
+        cond.wait(0)
+    cond.close()
+    cond.lock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_waiter_does_not_swallow_a_notify() -> None:
+    # glibc's process-shared condvar loses a signal to a waiter that died;
+    # a futex waiter that dies leaves the kernel's queue.
+    cond = ps.interprocess_condition("c4")
+    waiting = ps.interprocess_event("waiting")
+
+    @ps.forked
+    def die_waiting() -> None:
+        c = ps.interprocess_condition("c4")
+        with c:
+            ps.interprocess_event("waiting").set()
+            c.wait(60)
+
+    child = die_waiting()
+    assert waiting.wait(30)
+    time.sleep(0.1)
+    child.kill()
+    _killed(child.wait())
+    woke: list[bool] = []
+
+    def live_waiter() -> None:
+        with cond:
+            woke.append(cond.wait(30))
+
+    t = threading.Thread(target=live_waiter)
+    t.start()
+    time.sleep(0.2)
+    with cond:
+        cond.notify(1)
+    t.join(30)
+    assert woke == [True]
+    cond.close()
+    cond.lock.close()
+    waiting.close()
+
+
+# -- barrier ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_barrier_between_processes() -> None:
+    barrier = ps.interprocess_barrier("b", 3)
+
+    @ps.forked
+    def party() -> int:
+        return ps.interprocess_barrier("b", 3).wait(30)
+
+    with ps.children():
+        children = [party(), party()]
+        mine = barrier.wait(30)
+        indices = sorted([mine, *(c.join() for c in children)])
+    assert indices == [0, 1, 2]
+    assert barrier.n_waiting == 0
+    assert not barrier.broken
+    barrier.close()
+
+
+@pytest.mark.timeout(60)
+def test_barrier_timeout_breaks_it_for_all() -> None:
+    barrier = ps.interprocess_barrier("bt", 3)
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            barrier.wait(30)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert wait_for(lambda: barrier.n_waiting == 1)
+    with pytest.raises(ps.BrokenBarrier) as info:
+        barrier.wait(0.1)
+    t.join(30)
+    assert isinstance(info.value, threading.BrokenBarrierError)
+    assert "timed out" in str(info.value)
+    assert len(errors) == 1
+    assert isinstance(errors[0], threading.BrokenBarrierError)
+    assert barrier.broken
+    with pytest.raises(threading.BrokenBarrierError):
+        barrier.wait(1)
+    barrier.reset()
+    assert not barrier.broken
+    barrier.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_party_breaks_the_barrier_instead_of_hanging() -> None:
+    barrier = ps.interprocess_barrier("bd", 2)
+    first = ps.interprocess_event("first")
+
+    @ps.forked
+    def party_that_dies() -> None:
+        b = ps.interprocess_barrier("bd", 2)
+        b.wait(30)  # round one
+        ps.interprocess_event("first").set()
+        os.kill(os.getpid(), signal.SIGKILL)  # never comes to round two
+
+    status = party_that_dies()
+    assert barrier.wait(30) in (0, 1)
+    assert first.wait(30)
+    _killed(status.wait())
+    with pytest.raises(ps.BrokenBarrier, match="a party died"):
+        barrier.wait()  # no timeout: would hang without the liveness check
+    barrier.reset()
+    barrier.close()
+    first.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_party_that_exits_normally_does_not_break_it() -> None:
+    barrier = ps.interprocess_barrier("bn", 2)
+
+    @ps.forked
+    def party() -> int:
+        return ps.interprocess_barrier("bn", 2).wait(30)
+
+    with ps.children():
+        child = party()
+        barrier.wait(30)
+        child.join()
+    # the child left its slot at exit; a new party takes its place
+    with ps.children():
+        child = party()
+        barrier.wait(30)
+        child.join()
+    assert not barrier.broken
+    barrier.close()
+
+
+def test_barrier_abort_and_reset() -> None:
+    barrier = ps.interprocess_barrier("ba", 2)
+    barrier.abort()
+    with pytest.raises(ps.BrokenBarrier, match="abort"):
+        barrier.wait(1)
+    barrier.reset()
+    assert barrier.parties == 2
+    barrier.close()
+
+
+# -- rwlock ----------------------------------------------------------------------
+
+
+def test_rwlock_readers_share_writers_exclude() -> None:
+    rw = ps.interprocess_rwlock("rw")
+    with rw.read:
+        assert rw.read.acquire(timeout=0)  # readers share (and nest)
+        assert rw.readers == 2
+        assert rw.write.acquire(timeout=0) is False
+        rw.read.release()
+    with rw.write:
+        assert rw.write_locked
+        assert rw.read.acquire(timeout=0) is False
+    assert not rw.write_locked
+    with pytest.raises(RuntimeError, match="no read hold"):
+        rw.read.release()
+    rw.close()
+
+
+def test_rwlock_with_times_out() -> None:
+    rw = ps.interprocess_rwlock("rwt", timeout=0.05)
+    rw.write.acquire()
+    blocked: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            with rw.read:
+                pass
+        except BaseException as exc:
+            blocked.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    t.join(30)
+    assert len(blocked) == 1
+    assert isinstance(blocked[0], ps.WaitTimeout)
+    rw.write.release()
+    rw.close()
+
+
+@pytest.mark.timeout(60)
+def test_rwlock_writers_are_not_starved() -> None:
+    rw = ps.interprocess_rwlock("rws")
+    rw.read.acquire()
+
+    @ps.forked
+    def writer() -> bool:
+        with ps.interprocess_rwlock("rws").write:
+            return True
+
+    @ps.forked
+    def new_reader() -> bool:
+        # another process: a waiting writer keeps new readers out
+        return ps.interprocess_rwlock("rws").read.acquire(timeout=0.2)
+
+    with ps.children():
+        w = writer()
+        assert wait_for(lambda: "writers_waiting=1" in repr(rw))
+        assert new_reader().join() is False
+        rw.read.release()
+        assert w.join() is True
+    rw.close()
+
+
+@pytest.mark.timeout(60)
+def test_rwlock_a_dead_writer_is_told_and_dead_readers_come_back() -> None:
+    rw = ps.interprocess_rwlock("rwd")
+
+    @ps.forked
+    def write_and_die() -> None:
+        ps.interprocess_rwlock("rwd").write.acquire()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    @ps.forked
+    def read_and_die() -> None:
+        ps.interprocess_rwlock("rwd").read.acquire()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    status = write_and_die().wait()
+    _killed(status)
+    assert status is not None
+    with pytest.raises(ps.HolderDied) as info:
+        rw.write.acquire(timeout=10)
+    assert info.value.held is True
+    assert info.value.owner_pid == status.pid
+    rw.write.release()
+    _killed(read_and_die().wait())
+    assert rw.write.acquire(timeout=10)  # the dead reader's hold came back
+    rw.write.release()
+    rw.close()
+
+
+# -- all families ----------------------------------------------------------------
+
+
+def test_listed_with_their_state() -> None:
+    sem = ps.interprocess_semaphore("ls-sem", 2)
+    ev = ps.interprocess_event("ls-ev")
+    ev.set()
+    found = {i.name: i for i in ps.segments()}
+    assert found["ls-sem"].type == "semaphore"
+    assert found["ls-sem"].state == "value=2 waiters=0"
+    assert found["ls-ev"].type == "event"
+    assert found["ls-ev"].state is not None
+    assert found["ls-ev"].state.startswith("set")
+    assert os.getpid() in found["ls-sem"].holders
+    sem.close()
+    ev.close()
+    assert not ps.segments()
+
+
+def test_closed_handles_refuse_use() -> None:
+    ev = ps.interprocess_event("closed")
+    ev.close()
+    ev.close()  # twice is fine
+    assert ev.closed
+    with pytest.raises(ps.UsageError, match="after close"):
+        ev.set()
+    with pytest.raises(ps.UsageError):
+        pickle.dumps(ev)
+
+
+def test_names_are_checked() -> None:
+    with pytest.raises(ps.InvalidName):
+        ps.interprocess_event("no spaces")
+    with pytest.raises(ValueError, match="parties"):
+        ps.interprocess_barrier("b", 0)
+    with pytest.raises(ValueError, match="value"):
+        ps.interprocess_semaphore("s", -1)
