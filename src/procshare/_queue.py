@@ -63,10 +63,13 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _encode(obj: object) -> list[Any]:
+_BYTES_TAG = _BYTES_HEAD.pack(_TAG_BYTES)
+
+
+def _encode(obj: object) -> tuple[Any, ...]:
     """The parts of a record: header, then payload buffers."""
     if type(obj) is bytes:
-        return [_BYTES_HEAD.pack(_TAG_BYTES), obj]
+        return (_BYTES_TAG, obj)
     buffers: list[memoryview] = []
 
     def out_of_band(buf: pickle.PickleBuffer) -> bool:
@@ -79,7 +82,7 @@ def _encode(obj: object) -> list[Any]:
 
     data = pickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
     head = _PICKLE_HEAD.pack(_TAG_PICKLE, len(buffers), len(data))
-    return [head, *(_U64.pack(b.nbytes) for b in buffers), data, *buffers]
+    return (head, *(_U64.pack(b.nbytes) for b in buffers), data, *buffers)
 
 
 def _decode(view: memoryview) -> object:
@@ -124,6 +127,9 @@ class InterprocessQueue(_Handle):
         self._words = obj.words
         self._data = obj.data
         self._base = _sync.TABLES
+        # The C fast path (put and get that need not wait); this module does
+        # the rest and is its reference.
+        self._words.ring_setup(self._base, self._base + self._ring, nslots, cap, maxsize)
 
     def _args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (self._maxsize,), {"capacity": self._requested}
@@ -255,8 +261,13 @@ class InterprocessQueue(_Handle):
     def put(self, obj: object, block: bool = True, timeout: float | None = None) -> None:
         """Put ``obj`` at the end, waiting for room (``timeout`` seconds at most,
         then :class:`~procshare.QueueFull`, a ``queue.Full``)."""
-        wait = _check_timeout(timeout) if block else 0.0
         parts = _encode(obj)
+        if self._obj.closed:
+            self._live()
+        pid, start = self._me()
+        if self._words.ring_put(parts, pid, start):
+            return
+        wait = _check_timeout(timeout) if block else 0.0
         size = sum(memoryview(p).nbytes for p in parts)
         if size > self._cap:
             raise ValueError(
@@ -287,25 +298,28 @@ class InterprocessQueue(_Handle):
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Take the oldest item, waiting for one (``timeout`` seconds at most, then
         :class:`~procshare.QueueEmpty`, a ``queue.Empty``)."""
-        wait = _check_timeout(timeout) if block else 0.0
         sync = self._live()
         words = self._words
-        d = self._wait_for(sync, _NOT_EMPTY, _GETTERS, wait, lambda: self._claim(sync))
-        if d < 0:
-            raise QueueEmpty(sync.name)
-        try:
+        pid, start = self._me()
+        found = words.ring_get(pid, start)
+        if found is not None:
+            d, at, size = found
+        else:
+            wait = _check_timeout(timeout) if block else 0.0
+            d = self._wait_for(sync, _NOT_EMPTY, _GETTERS, wait, lambda: self._claim(sync))
+            if d < 0:
+                raise QueueEmpty(sync.name)
             at = self._base + self._ring + (words.load(d + _POS) & (self._cap - 1))
-            item = _decode(self._data[at : at + words.load(d + _LEN)])
+            size = words.load(d + _LEN)
+        try:
+            item = _decode(self._data[at : at + size])
         except BaseException:
             words.store(d + _STATE, READY)  # not delivered: back for the next one
             words.add(_ITEMS, 1)
             words.add(_NOT_EMPTY, 1)
             words.wake(_NOT_EMPTY, 1)
             raise
-        words.store(d + _STATE, FREE)
-        words.add(_NOT_FULL, 1)
-        if words.load(_PUTTERS):
-            words.wake(_NOT_FULL, -1)
+        words.ring_free(d)
         return item
 
     def _wait_for(

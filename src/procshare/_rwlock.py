@@ -22,9 +22,20 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, Self, TypeVar
 
 from procshare._engine import sync as _sync
-from procshare._engine.sync import A, B, SyncObject, w
+from procshare._engine.sync import A, B, HoldGuard, SyncObject, w
 from procshare._locks import _check_timeout
-from procshare._sync import SLOTS, _Handle, _Holding, _no_init, _slice
+from procshare._sync import (
+    READ_GIVE,
+    READ_TAKE,
+    SLOTS,
+    WRITE_GIVE,
+    WRITE_TAKE,
+    _arm,
+    _Handle,
+    _Holding,
+    _no_init,
+    _slice,
+)
 from procshare.errors import HolderDied, UsageError, WaitTimeout
 
 P = ParamSpec("P")
@@ -52,6 +63,11 @@ class InterprocessRWLock(_Handle):
         self.read = _Side(self, write=False)
         #: ``with rw.write:`` - the exclusive hold
         self.write = _Side(self, write=True)
+
+    def close(self) -> None:
+        """Stop using the rwlock. The last user of the last process removes it."""
+        self.read._hw = self.write._hw = None
+        super().close()
 
     def _args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (), {"timeout": self._timeout}
@@ -123,9 +139,16 @@ class InterprocessRWLock(_Handle):
         obj.words.add(_WWAIT, -1)
 
     def _acquire(self, write: bool, timeout: float | None) -> bool:
-        wait = self._timeout if timeout is None else _check_timeout(timeout)
         obj = self._live()
         words = obj.words
+        pid, start = self._me()
+        holding = self._holding
+        rc = words.hold(WRITE_TAKE if write else READ_TAKE, pid, start, holding.index, SLOTS)
+        if rc != -1:
+            if rc >= 0:
+                holding.index, holding.pid = rc, pid
+            return True
+        wait = self._timeout if timeout is None else _check_timeout(timeout)
         deadline = None if wait is None else time.monotonic() + wait
         queued = False
         while True:
@@ -176,6 +199,10 @@ class InterprocessRWLock(_Handle):
     def _release(self, write: bool) -> None:
         obj = self._live()
         words = obj.words
+        pid, start = self._me()
+        op = WRITE_GIVE if write else READ_GIVE
+        if words.hold(op, pid, start, self._holding.index, SLOTS) != -1:
+            return
         obj.lock()
         try:
             if write:
@@ -212,14 +239,26 @@ class InterprocessRWLock(_Handle):
         return bool(self._live().words.load(_WPID))
 
 
-class _Side:
-    """``rw.read`` or ``rw.write``: ``with``, decorator, ``acquire``/``release``."""
+class _Side(HoldGuard):
+    """``rw.read`` or ``rw.write``: ``with``, decorator, ``acquire``/``release``.
+
+    ``with`` is the backend's hold guard (C): one call when the hold can be
+    had at once; anything else goes through :meth:`_enter_slow`.
+    """
 
     __slots__ = ("_rw", "_write")
 
     def __init__(self, rw: InterprocessRWLock, *, write: bool) -> None:
         self._rw = rw
         self._write = write
+        self._arm()
+
+    def _arm(self) -> None:
+        if write := self._write:
+            _arm(self, self._rw._live(), WRITE_TAKE, WRITE_GIVE)
+        else:
+            _arm(self, self._rw._live(), READ_TAKE, READ_GIVE)
+        del write
 
     def acquire(self, timeout: float | None = None) -> bool:
         """Take the hold; whether it was taken within ``timeout`` seconds (``0``
@@ -232,8 +271,10 @@ class _Side:
         """Give the hold back (``RuntimeError`` if this process has none)."""
         self._rw._release(self._write)
 
-    def __enter__(self) -> Self:
+    def _enter_slow(self) -> Self:
+        """``with``'s path when the guard's single call could not take the hold."""
         rw = self._rw
+        self._arm()
         try:
             taken = rw._acquire(self._write, None)
         except HolderDied as exc:
@@ -244,7 +285,7 @@ class _Side:
             raise WaitTimeout(rw.name, what, rw.timeout)
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def _exit_slow(self) -> None:
         self._rw._release(self._write)
 
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]:

@@ -15,8 +15,9 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, Self, TypeVar
 
 from procshare._engine import sync as _sync
+from procshare._engine.core import current_pid
 from procshare._engine.names import use_namespace, validate_name
-from procshare._engine.sync import A, SyncObject, w
+from procshare._engine.sync import A, HoldGuard, SyncObject, w
 from procshare._locks import InterprocessLock, _check_timeout, interprocess_lock
 from procshare.errors import HolderDied, UsageError, WaitTimeout
 
@@ -24,6 +25,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _MASK = 0xFFFFFFFF
+# Operations of the backend's uncontended fast path (Words.hold).
+SEM_TAKE, SEM_GIVE, READ_TAKE, READ_GIVE, WRITE_TAKE, WRITE_GIVE = range(1, 7)
 #: Holder slots of a semaphore / rwlock: processes holding it at once.
 SLOTS = 128
 
@@ -53,6 +56,16 @@ class _Handle:
 
     def _repair(self) -> None:
         """Make the bookkeeping add up again after a process died changing it."""
+
+    _token_pid = -1
+    _token: tuple[int, int] = (0, 0)
+
+    def _me(self) -> tuple[int, int]:
+        """This process's token (cached per process)."""
+        if self._token_pid != current_pid():
+            self._token = self._obj.token()
+            self._token_pid = current_pid()
+        return self._token
 
     @property
     def name(self) -> str:
@@ -218,9 +231,13 @@ class _Holding:
         return i
 
 
-class InterprocessSemaphore(_Handle):
+class InterprocessSemaphore(HoldGuard, _Handle):
     """A named counting semaphore shared between processes (see
-    :func:`interprocess_semaphore`)."""
+    :func:`interprocess_semaphore`).
+
+    ``with sem:`` is the backend's hold guard (C): one call takes a unit
+    when one is free; anything else goes through :meth:`_enter_slow`.
+    """
 
     _family = "semaphore"
 
@@ -240,6 +257,7 @@ class InterprocessSemaphore(_Handle):
 
         self._open(name, f"semaphore value={value}", SLOTS * _sync.SLOT_SIZE, init, mode)
         self._slots = _sync.Slots(self._obj.words, _sync.TABLES, SLOTS)
+        _arm(self, self._obj, SEM_TAKE, SEM_GIVE)
 
     def _args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (self._value,), {"timeout": self._timeout}
@@ -275,9 +293,15 @@ class InterprocessSemaphore(_Handle):
         (an :class:`~procshare.OwnerDied`) *with the unit held* when the unit
         came back from a process that died holding it.
         """
-        wait = self._timeout if timeout is None else _check_timeout(timeout)
         obj = self._live()
         words = obj.words
+        pid, start = self._me()
+        holding = self._holding
+        rc = words.hold(SEM_TAKE, pid, start, holding.index, SLOTS)
+        if rc >= 0:
+            holding.index, holding.pid = rc, pid
+            return True
+        wait = self._timeout if timeout is None else _check_timeout(timeout)
         deadline = None
         swept = False
         while True:
@@ -320,10 +344,14 @@ class InterprocessSemaphore(_Handle):
     def release(self, n: int = 1) -> None:
         """Give back ``n`` units (units this process holds first; beyond those,
         the semaphore grows, as :class:`threading.Semaphore` does)."""
-        if type(n) is not int or n < 1:
-            raise ValueError(f"n must be an int >= 1, got {n!r}")
         obj = self._live()
         words = obj.words
+        if n == 1:
+            pid, start = self._me()
+            if words.hold(SEM_GIVE, pid, start, self._holding.index, SLOTS) != -1:
+                return
+        elif type(n) is not int or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
         obj.lock()
         try:
             i = self._holding.find(obj, self._slots, False)
@@ -340,7 +368,14 @@ class InterprocessSemaphore(_Handle):
         finally:
             obj.unlock()
 
-    def __enter__(self) -> Self:
+    def close(self) -> None:
+        """Stop using the semaphore. The last user of the last process removes it."""
+        self._hw = None
+        super().close()
+
+    def _enter_slow(self) -> Self:
+        """``with``'s path when the guard's single call could not take a unit."""
+        _arm(self, self._live(), SEM_TAKE, SEM_GIVE)
         try:
             taken = self.acquire()
         except HolderDied as exc:
@@ -350,7 +385,7 @@ class InterprocessSemaphore(_Handle):
             raise WaitTimeout(self.name, "semaphore", self._timeout)
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def _exit_slow(self) -> None:
         self.release()
 
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
@@ -362,6 +397,16 @@ class InterprocessSemaphore(_Handle):
                 return func(*args, **kwargs)
 
         return limited
+
+
+def _arm(guard: HoldGuard, obj: SyncObject, take: int, give: int) -> None:
+    """Set up ``guard``'s fast ``with`` for this process (again after a fork)."""
+    guard._hw = obj.words
+    guard._htake = take
+    guard._hgive = give
+    guard._hslots = SLOTS
+    guard._hhint = -1
+    guard._hpid, guard._hstart = obj.token()
 
 
 def _slice(deadline: float | None) -> float:

@@ -20,7 +20,8 @@ see :mod:`.api_segment`):
 
 from __future__ import annotations
 
-from typing import Protocol
+import os
+from typing import Any, Protocol, Self
 
 from procshare._backends.api_lock import LockHandle
 
@@ -50,6 +51,36 @@ class Words(Protocol):
         """Wake up to ``n`` sleepers on the word (``n < 0``: all); how many woke."""
         ...
 
+    # The queue's fast path: a put or get that need not wait, in one call. A
+    # backend may always answer "go slow" (False / None): the front end's
+    # Python path (procshare._queue) does the same work, and every unusual case.
+
+    def ring_setup(self, desc: int, data: int, slots: int, cap: int, maxsize: int, /) -> None:
+        """Describe the queue in these words (see ``procshare._queue``)."""
+        ...
+
+    def ring_put(self, parts: tuple[Any, ...], pid: int, start: int, /) -> bool:
+        """Reserve, copy ``parts`` (buffers) in as one record, commit; ``False``:
+        go slow (no room, a repair pending, ...)."""
+        ...
+
+    def ring_get(self, pid: int, start: int, /) -> tuple[int, int, int] | None:
+        """Claim the oldest ready record: (descriptor, offset, length); ``None``:
+        go slow. Free it with :meth:`ring_free` once read."""
+        ...
+
+    def ring_free(self, desc: int, /) -> None:
+        """The record of ``desc`` was read: its space may be reused."""
+        ...
+
+    def hold(self, op: int, pid: int, start: int, hint: int, nslots: int, /) -> int:
+        """The uncontended path of a semaphore's or rwlock's acquire or release
+        (``op``: see ``procshare._sync``), under the words' mutex, for process
+        ``(pid, start)`` whose holder slot was last ``hint``. Returns the slot
+        used (``>= 0``) or ``-2`` when done; ``-1`` when nothing was done and the
+        front end's Python path must decide (a backend may always answer -1)."""
+        ...
+
     def in_use(self) -> bool:
         """Whether a thread of this process waits on these words now."""
         ...
@@ -64,11 +95,59 @@ class Words(Protocol):
 ProcessToken = tuple[int, int]
 
 
+class PyHoldGuard:
+    """The contract of ``SyncBackend.sync_hold_guard``, written in Python.
+
+    The front end's semaphore and rwlock sides derive from the backend's
+    hold guard and set ``_hw`` (their :class:`Words`, or ``None`` once
+    closed), ``_htake`` / ``_hgive`` (the :meth:`Words.hold` operations of
+    ``__enter__`` / ``__exit__``), ``_hslots``, ``_hhint`` and their process
+    token ``_hpid`` / ``_hstart``. ``with`` then runs ``hold`` once, and
+    calls the front end's ``_enter_slow()`` / ``_exit_slow()`` when it
+    answers "go slow" or when this process is not ``_hpid`` (a forked
+    child). A backend should implement it in C, like the lock's guard (see
+    :class:`~procshare._backends.api_lock.PyLockGuard` for why); this is
+    that implementation without the guarantee, for reference.
+    """
+
+    __slots__ = ("_hgive", "_hhint", "_hpid", "_hslots", "_hstart", "_htake", "_hw")
+
+    _hw: Words | None
+    _htake: int
+    _hgive: int
+    _hslots: int
+    _hhint: int
+    _hpid: int
+    _hstart: int
+
+    def _fast(self, op: int) -> bool:
+        w: Words | None = getattr(self, "_hw", None)
+        if w is None or self._hpid != os.getpid():
+            return False
+        rc = w.hold(op, self._hpid, self._hstart, self._hhint, self._hslots)
+        if rc >= 0:
+            self._hhint = rc
+        return rc != -1
+
+    def __enter__(self) -> Self:
+        if self._fast(self._htake):
+            return self
+        return self._enter_slow()  # type: ignore[attr-defined,no-any-return]
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._fast(self._hgive):
+            self._exit_slow()  # type: ignore[attr-defined]
+
+
 class SyncBackend(Protocol):
     """Primitives the coordination families are built on."""
 
     #: bytes of a sync object's data a robust mutex takes (64-byte multiple)
     sync_mutex_size: int
+
+    #: Base class of the semaphore and the rwlock's sides: ``with`` through
+    #: :meth:`Words.hold` (see :class:`PyHoldGuard`).
+    sync_hold_guard: type
 
     def sync_words(self, data: memoryview) -> Words:
         """Wrap ``data`` (4-byte aligned) as futex words."""

@@ -35,6 +35,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from procshare._backends import get_backend
 from procshare._backends.api_lock import LockHandle
 from procshare._backends.api_sync import ProcessToken, Words
 from procshare._engine import names
@@ -53,6 +54,26 @@ TABLES = 192
 #: Seconds between liveness checks of a waiter that is not woken.
 LIVENESS = 0.2
 
+
+def _hold_guard_base() -> type:
+    """The backend's hold guard; the Python reference if no backend loads
+    (``import procshare`` must work without one: see ``locks._guard_base``)."""
+    try:
+        return get_backend().sync_hold_guard
+    except (ImportError, RuntimeError):
+        from procshare._backends.api_sync import PyHoldGuard
+
+        return PyHoldGuard
+
+
+if TYPE_CHECKING:
+    from procshare._backends.api_sync import PyHoldGuard
+
+    HoldGuard = PyHoldGuard
+else:
+    #: Base class of the semaphore and the rwlock's sides: their ``with``, in C.
+    HoldGuard = _hold_guard_base()
+
 FAMILIES = ("semaphore", "event", "condition", "barrier", "rwlock", "queue")
 
 
@@ -60,6 +81,10 @@ def w(i: int) -> int:
     """Byte offset of the family's word ``i``."""
     return WORDS + 4 * i
 
+
+#: Set (to 1) by a C fast path that took the mutex from a dead holder and
+#: left the repair to :meth:`SyncObject.lock`.
+REPAIR = w(15)
 
 SLOT_SIZE = 32
 # Slot fields (byte offsets inside a slot)
@@ -104,22 +129,29 @@ class Slots:
         return self.words.load(self._at(i) + _PID)
 
     def claim(self, token: ProcessToken) -> int:
-        """The slot of ``token``, claiming a free one if it has none (-1: full)."""
+        """The slot of ``token``, claiming one if it has none (-1: full).
+
+        A free slot, else one whose process holds nothing now (the C fast
+        paths in the backend choose the same way)."""
         i = self.find(token)
         if i >= 0:
             return i
         words = self.words
         pid, start = token
-        for i in range(self.count):
-            at = self._at(i)
-            if words.load(at + _PID) == 0:
-                words.store(at + _A, 0)
-                words.store(at + _B, 0)
-                words.store(at + _START_LO, start & 0xFFFFFFFF)
-                words.store(at + _START_HI, start >> 32)
-                words.store(at + _PID, pid)  # last: the slot is now this process's
-                return i
-        return -1
+        chosen = next((i for i in range(self.count) if words.load(self._at(i) + _PID) == 0), -1)
+        if chosen < 0:  # a slot whose process holds nothing now (it finds itself another)
+            chosen = next(
+                (i for i in range(self.count) if not self.get(i, _A) and not self.get(i, _B)), -1
+            )
+        if chosen < 0:
+            return -1
+        at = self._at(chosen)
+        words.store(at + _A, 0)
+        words.store(at + _B, 0)
+        words.store(at + _START_LO, start & 0xFFFFFFFF)
+        words.store(at + _START_HI, start >> 32)
+        words.store(at + _PID, pid)  # last: the slot is now this process's
+        return chosen
 
     def get(self, i: int, field: int) -> int:
         value = self.words.load(self._at(i) + field)
@@ -196,17 +228,20 @@ class SyncObject:
     def lock(self) -> None:
         """Take the bookkeeping mutex (repairing after a dead holder)."""
         rc = self.mutex.acquire(False, -1.0)
-        if rc == OK:
-            return
         if rc == BUSY:
             rc = wait_acquire(self.mutex, False, None)
-        if rc in (OWNER_DIED, UNCONFIRMED):
+        if rc == OK and not self.words.load(REPAIR):
+            return
+        if rc in (OK, OWNER_DIED, UNCONFIRMED):
             try:
                 self.repair()
+                # (A C fast path that met a dead holder flags REPAIR instead.)
+                self.words.store(REPAIR, 0)
             except BaseException:
                 self.mutex.release()
                 raise
-            self.mutex.mark_consistent()
+            if rc != OK:
+                self.mutex.mark_consistent()
             return
         if rc != OK:
             raise UsageError(

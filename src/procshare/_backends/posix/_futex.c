@@ -21,9 +21,12 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
 #include <linux/futex.h>
+#include <pthread.h>
+#include <string.h>
 #include <math.h>
 #include <stdint.h>
 #include <sys/syscall.h>
@@ -35,7 +38,13 @@ typedef struct {
     Py_buffer view;
     int has_view;
     int detaching;  /* detach() asked while threads waited: the last one releases */
-    long busy;      /* threads of this process blocked in wait() on this object */
+    long busy;      /* threads of this process blocked in wait() or a ring copy */
+    /* ring_setup(): a queue's geometry (see the ring section below) */
+    Py_ssize_t ring_desc;  /* offset of the descriptors */
+    Py_ssize_t ring_data;  /* offset of the ring's bytes */
+    uint32_t ring_slots;   /* descriptors (a power of two) */
+    uint32_t ring_cap;     /* ring bytes (a power of two) */
+    uint32_t ring_max;     /* maxsize (0: none) */
 } WordsObject;
 
 static int
@@ -314,6 +323,10 @@ Words_wake(WordsObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromLong(rc);
 }
 
+
+#include "_futex_ring.h"
+#include "_futex_holds.h"
+
 /* in_use() -> whether a thread of this process waits on these words now. */
 static PyObject *
 Words_in_use(WordsObject *self, PyObject *Py_UNUSED(ignored))
@@ -355,6 +368,15 @@ static PyMethodDef Words_methods[] = {
     {"wake", (PyCFunction)(void (*)(void))Words_wake, METH_FASTCALL,
      "wake(offset, n) -> sleepers woken (n < 0: all)"},
     {"in_use", (PyCFunction)Words_in_use, METH_NOARGS, "whether a thread waits on it now"},
+    {"ring_setup", (PyCFunction)Words_ring_setup, METH_VARARGS,
+     "ring_setup(desc, data, slots, cap, maxsize): a queue's geometry"},
+    {"ring_put", (PyCFunction)(void (*)(void))Words_ring_put, METH_FASTCALL,
+     "ring_put(parts, pid, start) -> False to go the slow way"},
+    {"ring_get", (PyCFunction)(void (*)(void))Words_ring_get, METH_FASTCALL,
+     "ring_get(pid, start) -> (descriptor, offset, length) or None to go the slow way"},
+    {"ring_free", (PyCFunction)Words_ring_free, METH_O, "ring_free(descriptor)"},
+    {"hold", (PyCFunction)(void (*)(void))Words_hold, METH_FASTCALL,
+     "hold(op, pid, start, hint, nslots) -> slot, or -1 to go slow"},
     {"detach", (PyCFunction)Words_detach, METH_NOARGS, "let go of the memory"},
     {NULL, NULL, 0, NULL},
 };
@@ -387,9 +409,11 @@ static struct PyModuleDef futex_module = {
 PyMODINIT_FUNC
 PyInit__futex(void)
 {
-    if (PyType_Ready(&WordsType) < 0) {
+    if (PyType_Ready(&WordsType) < 0 || PyType_Ready(&HoldGuardType) < 0) {
         return NULL;
     }
+    holds_pid = getpid();
+    pthread_atfork(NULL, NULL, holds_after_fork);
     PyObject *m = PyModule_Create(&futex_module);
     if (m == NULL) {
         return NULL;
@@ -397,6 +421,12 @@ PyInit__futex(void)
     Py_INCREF(&WordsType);
     if (PyModule_AddObject(m, "Words", (PyObject *)&WordsType) < 0) {
         Py_DECREF(&WordsType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&HoldGuardType);
+    if (PyModule_AddObject(m, "HoldGuard", (PyObject *)&HoldGuardType) < 0) {
+        Py_DECREF(&HoldGuardType);
         Py_DECREF(m);
         return NULL;
     }

@@ -23,6 +23,7 @@ from procshare._backends.posix._robustmutex import DATA_SIZE, Mutex
 from procshare._backends.posix.segment import _HEADER, _path, _read_header
 
 try:
+    from procshare._backends.posix._futex import HoldGuard
     from procshare._backends.posix._futex import Words as _Words
 except ImportError as exc:  # pragma: no cover - only without a build
     raise ImportError(
@@ -62,6 +63,7 @@ class PosixSync:
     """The sync half of the POSIX backend."""
 
     sync_mutex_size = DATA_SIZE
+    sync_hold_guard: type = HoldGuard
 
     def sync_words(self, data: memoryview) -> Words:
         words: Words = _Words(data)
