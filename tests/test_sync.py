@@ -638,3 +638,52 @@ def test_ls_shows_the_state_and_rm_sync_removes() -> None:
     assert _cli("rm", "--sync", "cli-q").returncode == 0
     assert ps.segments() == []
     q.close()  # its memory stayed valid until now
+
+
+LEAKY_SEMAPHORE = """
+import procshare as ps
+
+kept = []
+
+def test_leaks_a_semaphore():
+    kept.append(ps.interprocess_semaphore("leaky", 2))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_leak_check_names_a_leaked_semaphore(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(LEAKY_SEMAPHORE)
+    result = pytester.runpytest_subprocess("-p", "procshare.testing", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*leaked*semaphore 'leaky'*"])
+
+
+@pytest.mark.timeout(60)
+def test_an_interrupted_barrier_wait_breaks_it() -> None:
+    barrier = ps.interprocess_barrier("interrupted", 2)
+    timer = threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        barrier.wait(20)
+    timer.join()
+    assert barrier.broken
+    with pytest.raises(ps.BrokenBarrier, match="interrupted"):
+        barrier.wait(1)
+    barrier.reset()
+    barrier.close()
+
+
+@pytest.mark.timeout(60)
+def test_gc_removes_a_sync_object_nobody_holds() -> None:
+    @ps.forked
+    def open_and_die() -> None:
+        ps.interprocess_queue("orphan").put(b"lost with its last holder")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    _killed(open_and_die().wait())
+    (info,) = ps.segments()
+    assert (info.name, info.type, info.holders) == ("orphan", "queue", ())
+    out = _cli("gc")
+    assert out.returncode == 0, out.stderr
+    assert "1 object(s) removed" in out.stdout
+    assert ps.segments() == []

@@ -30,6 +30,7 @@ _WHY = {
     2: "a party died",
     3: "reset() was called",
     4: "abort() was called",
+    5: "a waiting party was interrupted",
 }
 
 
@@ -140,23 +141,39 @@ class InterprocessBarrier(_Handle):
         deadline = _deadline(wait)
         words.add(_B_WAITERS, 1)
         try:
-            while words.load(_B_GEN) == gen:
-                if not words.wait(_B_GEN, gen, _slice(deadline)):
-                    obj.lock()
-                    try:
-                        if words.load(_B_GEN) != gen:
-                            break
-                        if deadline is not None and time.monotonic() >= deadline:
-                            self._break(1)
-                        else:
-                            self._check_parties(obj)
-                    finally:
-                        obj.unlock()
+            self._sleep(obj, gen, deadline)
+        except BaseException:
+            # Interrupted (Ctrl-C): this party counted as arrived and now
+            # leaves, so the others could never pass: break it, as
+            # threading.Barrier does.
+            obj.lock()
+            try:
+                if words.load(_B_GEN) == gen:
+                    self._break(5)
+            finally:
+                obj.unlock()
+            raise
         finally:
             words.add(_B_WAITERS, -1)
         if words.load(_B_BGEN) == (gen + 1) & _MASK:
             raise self._broken_error()
         return index
+
+    def _sleep(self, obj: SyncObject, gen: int, deadline: float | None) -> None:
+        """Sleep until the generation ``gen`` is over (passed or broken)."""
+        words = obj.words
+        while words.load(_B_GEN) == gen:
+            if not words.wait(_B_GEN, gen, _slice(deadline)):
+                obj.lock()
+                try:
+                    if words.load(_B_GEN) != gen:
+                        break
+                    if deadline is not None and time.monotonic() >= deadline:
+                        self._break(1)
+                    else:
+                        self._check_parties(obj)
+                finally:
+                    obj.unlock()
 
     def reset(self) -> None:
         """Return the barrier to its empty, unbroken state; parties waiting now
