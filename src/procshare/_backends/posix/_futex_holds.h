@@ -193,15 +193,18 @@ Words_hold(WordsObject *self, PyObject *const *args, Py_ssize_t nargs)
     long op, hint, nslots;
     uint32_t pid;
     uint64_t start;
+    self->busy++; /* (see Words_ring_put) */
     int rc = hold_begin(self, args, nargs, &op, &pid, &start, &hint, &nslots);
+    long result = -1;
+    if (rc > 0) {
+        result = hold_op(self, op, pid, start, hint, nslots);
+        ring_unlock(self);
+    }
+    self->busy--;
+    settle(self);
     if (rc < 0) {
         return NULL;
     }
-    if (rc == 0) {
-        return PyLong_FromLong(-1);
-    }
-    long result = hold_op(self, op, pid, start, hint, nslots);
-    ring_unlock(self);
     return PyLong_FromLong(result);
 }
 #undef SLOT
@@ -272,6 +275,7 @@ guard_op(HoldGuardObject *self, int op)
         return -1;
     }
     Py_INCREF(w);
+    words->busy++; /* (see Words_ring_put) */
     long rc = -1;
     if (ring_lock(words)) {
         if (!ld(words, R_REPAIR)) {
@@ -279,6 +283,8 @@ guard_op(HoldGuardObject *self, int op)
         }
         ring_unlock(words);
     }
+    words->busy--;
+    settle(words);
     Py_DECREF(w);
     if (rc >= 0) {
         self->hint = (int)rc;

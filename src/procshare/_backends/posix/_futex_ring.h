@@ -65,9 +65,13 @@ ring_lock(WordsObject *self)
     pthread_mutex_t *m = (pthread_mutex_t *)self->view.buf;
     int rc = pthread_mutex_trylock(m);
     if (rc == EBUSY) {
+        /* Counted as busy: detach() from another thread meanwhile must not
+         * let go of the memory this thread sleeps on. */
+        self->busy++;
         Py_BEGIN_ALLOW_THREADS
         rc = pthread_mutex_lock(m);
         Py_END_ALLOW_THREADS
+        self->busy--;
     }
     if (rc == 0) {
         return 1;
@@ -78,6 +82,17 @@ ring_lock(WordsObject *self)
         pthread_mutex_unlock(m);
     }
     return 0;
+}
+
+/* After a stretch with the GIL released: a detach() asked meanwhile by
+ * another thread lets go of the memory now, once nobody uses it. */
+static void
+settle(WordsObject *self)
+{
+    if (self->busy == 0 && self->detaching && self->has_view) {
+        PyBuffer_Release(&self->view);
+        self->has_view = 0;
+    }
 }
 
 static void
@@ -157,7 +172,7 @@ Words_ring_setup(WordsObject *self, PyObject *args)
 /* ring_put(parts, pid, start) -> True, or False: go the slow way (full, a
  * repair pending). Copies the parts (buffers) into one record. */
 static PyObject *
-Words_ring_put(WordsObject *self, PyObject *const *args, Py_ssize_t nargs)
+impl_ring_put(WordsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3 || !PyTuple_Check(args[0])) {
         PyErr_SetString(PyExc_TypeError, "ring_put(parts: tuple, pid, start)");
@@ -253,7 +268,7 @@ done:
  * record, now READING by this process; None: go the slow way (empty, a
  * repair pending). Release it with ring_free(descriptor). */
 static PyObject *
-Words_ring_get(WordsObject *self, PyObject *const *args, Py_ssize_t nargs)
+impl_ring_get(WordsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "ring_get(pid, start)");
@@ -309,3 +324,27 @@ Words_ring_free(WordsObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+
+/* ring_put, counted busy throughout: a detach() from another thread while
+ * this one has the GIL released (waiting for the mutex, copying) waits. */
+static PyObject *
+Words_ring_put(WordsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    self->busy++;
+    PyObject *result = impl_ring_put(self, args, nargs);
+    self->busy--;
+    settle(self);
+    return result;
+}
+
+/* ring_get, counted busy throughout: a detach() from another thread while
+ * this one has the GIL released (waiting for the mutex, copying) waits. */
+static PyObject *
+Words_ring_get(WordsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    self->busy++;
+    PyObject *result = impl_ring_get(self, args, nargs);
+    self->busy--;
+    settle(self);
+    return result;
+}
