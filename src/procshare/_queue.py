@@ -136,7 +136,7 @@ class InterprocessQueue(_Handle):
 
     @property
     def maxsize(self) -> int:
-        """Most items it holds (0: no limit but its ``capacity`` of bytes)."""
+        """Most items it holds (0: up to 4096, and its ``capacity`` of bytes)."""
         return self._maxsize
 
     @property
@@ -396,8 +396,8 @@ def interprocess_queue(
 
     Args:
         name: 1 to 128 characters of ``A-Z a-z 0-9 . _ -``, in the current namespace.
-        maxsize: most items it holds (``0``: no limit on the count; ``put``
-            still waits while ``capacity`` bytes are taken).
+        maxsize: most items it holds (``0``: up to 4096, the queue's own
+            limit; ``put`` also waits while ``capacity`` bytes are taken).
         capacity: bytes of shared memory for the items in it (rounded up to
             a power of two, reserved at creation). An item larger than that
             raises ``ValueError``.
