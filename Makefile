@@ -8,7 +8,10 @@ PY     := $(VENV)/bin/python
 SRC    := $(wildcard src tests benchmarks examples)
 # Changing any of these reinstalls, which rebuilds the C helpers.
 BUILD_INPUTS := pyproject.toml setup.py src/procshare/_backends/posix/_robustmutex.c \
-                src/procshare/_backends/posix/_forkstep.c src/procshare/_backends/posix/_shmstep.c
+                src/procshare/_backends/posix/_forkstep.c src/procshare/_backends/posix/_shmstep.c \
+                src/procshare/_backends/posix/_futex.c \
+                src/procshare/_backends/posix/_futex_ring.h \
+                src/procshare/_backends/posix/_futex_holds.h
 
 .PHONY: test lint typecheck docs docs-serve demo bench bench-smoke clean
 

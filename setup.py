@@ -30,5 +30,14 @@ setup(
             sources=["src/procshare/_backends/posix/_shmstep.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),
+        Extension(
+            "procshare._backends.posix._futex",
+            sources=["src/procshare/_backends/posix/_futex.c"],
+            depends=[
+                "src/procshare/_backends/posix/_futex_ring.h",
+                "src/procshare/_backends/posix/_futex_holds.h",
+            ],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
+        ),
     ]
 )

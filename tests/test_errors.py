@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import pickle
+import queue
 import signal
+import threading
 
 import pytest
 
@@ -41,6 +43,12 @@ SAMPLES: list[ps.ProcshareError] = [
     ps.LockTimeout("m", timeout=0.2),
     ps.OwnerDied("m", owner_pid=77, held=True),
     ps.UsageError("cannot release lock 'm': the calling thread does not hold it"),
+    # the coordination families (issue 15)
+    ps.HolderDied("s", owner_pid=77, held=True, what="semaphore"),
+    ps.WaitTimeout("s", what="semaphore", timeout=0.2),
+    ps.BrokenBarrier("b", reason="a party died"),
+    ps.QueueEmpty("q"),
+    ps.QueueFull("q"),
 ]
 
 BUILTINS: dict[type[ps.ProcshareError], tuple[type[BaseException], ...]] = {
@@ -60,6 +68,11 @@ BUILTINS: dict[type[ps.ProcshareError], tuple[type[BaseException], ...]] = {
     ps.InvalidName: (ValueError,),
     ps.LockTimeout: (TimeoutError,),
     ps.UsageError: (RuntimeError,),
+    ps.HolderDied: (ps.OwnerDied,),
+    ps.WaitTimeout: (TimeoutError,),
+    ps.BrokenBarrier: (threading.BrokenBarrierError, RuntimeError),
+    ps.QueueEmpty: (queue.Empty,),
+    ps.QueueFull: (queue.Full,),
 }
 
 

@@ -7,6 +7,10 @@ matches the API reference in ``docs/api.md``.
 
 from __future__ import annotations
 
+# Coordination: semaphore, event, condition, barrier, rwlock, queue (issue 15)
+from procshare._barrier import InterprocessBarrier as InterprocessBarrier
+from procshare._barrier import interprocess_barrier as interprocess_barrier
+
 # Shared data: number kinds (issue 4)
 from procshare._kinds import f32 as f32
 from procshare._kinds import f64 as f64
@@ -33,16 +37,31 @@ from procshare._process import ExitStatus as ExitStatus
 from procshare._process import children as children
 from procshare._process import forked as forked
 
+# Coordination (issue 15)
+from procshare._queue import InterprocessQueue as InterprocessQueue
+from procshare._queue import interprocess_queue as interprocess_queue
+from procshare._rwlock import InterprocessRWLock as InterprocessRWLock
+from procshare._rwlock import interprocess_rwlock as interprocess_rwlock
+
 # Shared data (issue 4)
 from procshare._shared import Segment as Segment
 from procshare._shared import shared as shared
 from procshare._shared import unlink as unlink
+
+# Coordination (issue 15)
+from procshare._sync import InterprocessCondition as InterprocessCondition
+from procshare._sync import InterprocessEvent as InterprocessEvent
+from procshare._sync import InterprocessSemaphore as InterprocessSemaphore
+from procshare._sync import interprocess_condition as interprocess_condition
+from procshare._sync import interprocess_event as interprocess_event
+from procshare._sync import interprocess_semaphore as interprocess_semaphore
 
 # Tools
 from procshare._tools import SegmentInfo as SegmentInfo
 from procshare._tools import segments as segments
 
 # Errors
+from procshare.errors import BrokenBarrier as BrokenBarrier
 from procshare.errors import ChildError as ChildError
 from procshare.errors import ChildExited as ChildExited
 from procshare.errors import ChildKilled as ChildKilled
@@ -51,11 +70,14 @@ from procshare.errors import ChildTimeout as ChildTimeout
 
 # Errors where the system refuses (SPEC 3, 5)
 from procshare.errors import DescriptorLimit as DescriptorLimit
+from procshare.errors import HolderDied as HolderDied
 from procshare.errors import InvalidName as InvalidName
 from procshare.errors import JoinTimeout as JoinTimeout
 from procshare.errors import LockTimeout as LockTimeout
 from procshare.errors import OwnerDied as OwnerDied
 from procshare.errors import ProcshareError as ProcshareError
+from procshare.errors import QueueEmpty as QueueEmpty
+from procshare.errors import QueueFull as QueueFull
 from procshare.errors import SegmentClosed as SegmentClosed
 from procshare.errors import SegmentExists as SegmentExists
 from procshare.errors import SegmentNotFound as SegmentNotFound
@@ -63,10 +85,12 @@ from procshare.errors import SharedMemoryFull as SharedMemoryFull
 from procshare.errors import SharedMemoryUnavailable as SharedMemoryUnavailable
 from procshare.errors import SharedTypeError as SharedTypeError
 from procshare.errors import UsageError as UsageError
+from procshare.errors import WaitTimeout as WaitTimeout
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
+    "BrokenBarrier",
     "Child",
     "ChildError",
     "ChildExited",
@@ -76,12 +100,21 @@ __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "Children",
     "DescriptorLimit",
     "ExitStatus",
+    "HolderDied",
+    "InterprocessBarrier",
+    "InterprocessCondition",
+    "InterprocessEvent",
     "InterprocessLock",
+    "InterprocessQueue",
+    "InterprocessRWLock",
+    "InterprocessSemaphore",
     "InvalidName",
     "JoinTimeout",
     "LockTimeout",
     "OwnerDied",
     "ProcshareError",
+    "QueueEmpty",
+    "QueueFull",
     "Segment",
     "SegmentClosed",
     "SegmentExists",
@@ -91,6 +124,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "SharedMemoryUnavailable",
     "SharedTypeError",
     "UsageError",
+    "WaitTimeout",
     "children",
     "f32",
     "f64",
@@ -99,7 +133,13 @@ __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "i32",
     "i64",
     "i8",
+    "interprocess_barrier",
+    "interprocess_condition",
+    "interprocess_event",
     "interprocess_lock",
+    "interprocess_queue",
+    "interprocess_rwlock",
+    "interprocess_semaphore",
     "namespace",
     "segments",
     "shared",

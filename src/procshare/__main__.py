@@ -4,7 +4,7 @@
 
     python -m procshare ls [--namespace NS]
     python -m procshare gc [--namespace NS] [--all]
-    python -m procshare rm NAME [--lock] [--namespace NS]
+    python -m procshare rm NAME [--lock | --sync] [--namespace NS]
     python -m procshare demo [--processes N] [--repeat K] [--sleep]
 """
 
@@ -38,7 +38,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not objects:
         print(f"nothing in namespace {args.namespace or names.current_namespace()!r}")
         return 0
-    header = ("NAME", "TYPE", "KIND", "SIZE", "HOLDERS", "OWNER", "AGE", "FLAGS")
+    header = ("NAME", "TYPE", "KIND", "SIZE", "HOLDERS", "OWNER", "AGE", "FLAGS", "STATE")
     rows = [
         (
             o.name or o.os_name,
@@ -49,6 +49,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             "-" if o.owner is None else str(o.owner),
             _fmt_age(o.age),
             "persist" if o.persist else "",
+            o.state or "",
         )
         for o in objects
     ]
@@ -67,8 +68,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    what = "lock" if args.lock else "segment"
-    if inspect.remove(args.name, lock=args.lock, namespace=args.namespace):
+    what = "sync object" if args.sync else "lock" if args.lock else "segment"
+    if inspect.remove(args.name, lock=args.lock, namespace=args.namespace, sync=args.sync):
         print(f"removed {what} {args.name!r}")
         return 0
     listed = inspect.list_objects(args.namespace)
@@ -78,6 +79,11 @@ def cmd_rm(args: argparse.Namespace) -> int:
     if any(i.name == args.name and i.type == other for i in listed):
         flag = "" if args.lock else "--lock "
         hint = f" (there is a {other} of that name: `python -m procshare rm {flag}{args.name}`)"
+    found = [i.type for i in listed if i.name == args.name and i.state is not None]
+    if found and not args.sync:
+        hint = (
+            f" (there is a {found[0]} of that name: `python -m procshare rm --sync {args.name}`)"
+        )
     print(f"no {what} named {args.name!r} in namespace {namespace!r}{hint}", file=sys.stderr)
     return 1
 
@@ -105,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     p_rm = sub.add_parser("rm", help="remove one segment (or lock) now")
     p_rm.add_argument("name")
     p_rm.add_argument("--lock", action="store_true", help="NAME is a lock, not a segment")
+    p_rm.add_argument(
+        "--sync",
+        action="store_true",
+        help="NAME is a semaphore, event, condition, barrier, rwlock or queue",
+    )
     p_rm.add_argument("--namespace", help=ns_help)
     p_rm.set_defaults(func=cmd_rm)
     sub.add_parser("demo", help="run the seed scenario (see --help of 'demo')")

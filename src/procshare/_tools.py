@@ -7,11 +7,14 @@ from procshare._engine.inspect import SegmentInfo, list_objects
 
 
 def segments(namespace: str | None = None) -> list[SegmentInfo]:
-    """Every live segment and lock of ``namespace`` (default: the current namespace).
+    """Every live segment, lock and coordination object (semaphore, event,
+    condition, barrier, rwlock, queue) of ``namespace`` (default: the current
+    namespace).
 
-    Each :class:`SegmentInfo` gives the name, whether it is a segment or a
-    lock, what it holds, its size, the pids holding it open, the pid holding
-    the lock (for locks), and its age. ``python -m procshare ls`` prints the
+    Each :class:`SegmentInfo` gives the name, its type (``"segment"``,
+    ``"lock"`` or the family), what it holds, its size, the pids holding it
+    open, the pid holding the lock (for locks), its age, and the state of a
+    coordination object (``state``). ``python -m procshare ls`` prints the
     same list.
 
     An object listed as ``"temporary"`` is a creation in progress, or one

@@ -15,26 +15,33 @@ disagree.
 from __future__ import annotations
 
 import errno as _errno
+import queue as _queue
 import signal as _signal
+import threading as _threading
 from typing import Any, ClassVar
 
 __all__ = [
+    "BrokenBarrier",
     "ChildError",
     "ChildExited",
     "ChildKilled",
     "ChildRaised",
     "ChildTimeout",
+    "HolderDied",
     "InvalidName",
     "JoinTimeout",
     "LockTimeout",
     "OwnerDied",
     "ProcshareError",
+    "QueueEmpty",
+    "QueueFull",
     "SegmentClosed",
     "SegmentExists",
     "SegmentNotFound",
     "SharedMemoryFull",
     "SharedTypeError",
     "UsageError",
+    "WaitTimeout",
 ]
 
 
@@ -539,4 +546,104 @@ class DescriptorLimit(_NamedError, OSError):
             f"RLIMIT_NOFILE{limit}), and each open segment or lock keeps one; raise the limit "
             "(`ulimit -n 65536` in the shell, or resource.setrlimit(resource.RLIMIT_NOFILE, "
             "(hard, hard)) in the program), or close segments you no longer use"
+        )
+
+
+# --------------------------------------------------------------------------
+# The coordination families (SPEC section 4b)
+
+
+class HolderDied(OwnerDied):
+    """A process died holding part of a semaphore or rwlock; what it held came back.
+
+    ``what`` is ``"semaphore"`` or ``"rwlock"``. Raised, like
+    :class:`OwnerDied` for locks, to the next acquirer that gets what came
+    back: by ``acquire()`` with it held (``held=True``), by ``with`` after
+    giving it back (``held=False``). Only that acquirer is told.
+    """
+
+    _fields: ClassVar[tuple[str, ...]] = ("name", "owner_pid", "held", "what", "detail")
+
+    def __init__(
+        self,
+        name: str = "",
+        owner_pid: int | None = None,
+        held: bool = False,
+        what: str = "semaphore",
+        detail: str = "",
+    ) -> None:
+        self.what = what
+        super().__init__(name, owner_pid, held, detail)
+
+    def _message(self) -> str:
+        who = "a process" if self.owner_pid is None else f"pid {self.owner_pid}"
+        part = "a unit of it" if self.what == "semaphore" else "it for writing"
+        if self.held:
+            todo = "you hold it now: check the data it protects, then release()"
+        else:
+            todo = "it was given back: take it again with acquire() to check the data"
+        return (
+            f"{self.what} {self.name!r}: {who} died holding {part}, so the data it "
+            f"protects may be half-updated{self._tail()}; {todo}"
+        )
+
+
+class WaitTimeout(_NamedError, TimeoutError):
+    """A ``with`` block on a semaphore or rwlock could not start within ``timeout`` seconds."""
+
+    _fields: ClassVar[tuple[str, ...]] = ("name", "what", "timeout", "detail")
+
+    def __init__(
+        self,
+        name: str = "",
+        what: str = "semaphore",
+        timeout: float | None = None,
+        detail: str = "",
+    ) -> None:
+        self.what = what
+        self.timeout = timeout
+        super().__init__(name, detail)
+
+    def _message(self) -> str:
+        return (
+            f"could not take {self.what} {self.name!r} within {self.timeout} s{self._tail()}; "
+            "its holders keep it (see `python -m procshare ls`), or raise the timeout"
+        )
+
+
+class BrokenBarrier(_NamedError, _threading.BrokenBarrierError):
+    """The barrier is broken: a wait timed out, a party died, or ``reset()`` ran
+    while this party waited. ``threading.BrokenBarrierError`` too."""
+
+    _fields: ClassVar[tuple[str, ...]] = ("name", "reason", "detail")
+
+    def __init__(self, name: str = "", reason: str = "", detail: str = "") -> None:
+        self.reason = reason
+        super().__init__(name, detail)
+
+    def _message(self) -> str:
+        why = f" ({self.reason})" if self.reason else ""
+        return (
+            f"barrier {self.name!r} is broken{why}{self._tail()}; every party waiting was "
+            "told; call reset() once all parties agree to start again"
+        )
+
+
+class QueueEmpty(_NamedError, _queue.Empty):
+    """``get`` found no item (within ``timeout``). Also ``queue.Empty``."""
+
+    def _message(self) -> str:
+        return (
+            f"queue {self.name!r} is empty{self._tail()}: no item was ready in time "
+            "(get() waits for one; get_nowait() does not)"
+        )
+
+
+class QueueFull(_NamedError, _queue.Full):
+    """``put`` found no room (within ``timeout``). Also ``queue.Full``."""
+
+    def _message(self) -> str:
+        return (
+            f"queue {self.name!r} is full{self._tail()}: no room came free in time "
+            "(put() waits for room; a larger maxsize= or capacity= makes more)"
         )

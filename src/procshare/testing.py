@@ -115,6 +115,10 @@ def _ancestors(pid: int) -> set[int]:
     return chain
 
 
+# Objects named by their recorded kind in a leak report; anything else is a segment.
+_SAID_BY_KIND = ("lock", "semaphore", "event", "condition", "barrier", "rwlock", "queue")
+
+
 def _judge(new_objects: frozenset[str], namespace: str) -> tuple[list[str], list[ObjectRecord]]:
     """Which new objects this test left behind, described, and which to remove.
 
@@ -174,7 +178,7 @@ def _judge(new_objects: frozenset[str], namespace: str) -> tuple[list[str], list
         if not rec.procshare:
             what = f"a file {rec.os_name} that is not procshare's"
         else:
-            kind = "lock" if rec.meta.get("kind") == "lock" else "segment"
+            kind = rec.meta["kind"] if rec.meta.get("kind") in _SAID_BY_KIND else "segment"
             name = rec.meta.get("name")
             what = f"{kind} {name!r}" if isinstance(name, str) else rec.os_name
             if isinstance(owner, str) and owner != namespace:

@@ -12,10 +12,11 @@ from typing import Protocol
 from procshare._backends.api_lock import LockBackend
 from procshare._backends.api_process import ProcessBackend
 from procshare._backends.api_segment import SegmentBackend
+from procshare._backends.api_sync import SyncBackend
 
 
-class Backend(ProcessBackend, SegmentBackend, LockBackend, Protocol):
-    """Processes, segments and locks of one platform."""
+class Backend(ProcessBackend, SegmentBackend, LockBackend, SyncBackend, Protocol):
+    """Processes, segments, locks and the coordination primitives of one platform."""
 
     @property
     def name(self) -> str:

@@ -15,10 +15,23 @@ import attrs
 
 from procshare._engine import locks as _locks
 from procshare._engine import names
+from procshare._engine import sync as _sync
 from procshare._engine.core import get_engine
 from procshare._engine.segments import decode_meta, orphan_keeper
 
-ObjectType = Literal["segment", "lock", "temporary", "unknown"]
+ObjectType = Literal[
+    "segment",
+    "lock",
+    "temporary",
+    "unknown",
+    # the coordination families (issue 15)
+    "semaphore",
+    "event",
+    "condition",
+    "barrier",
+    "rwlock",
+    "queue",
+]
 
 
 @attrs.frozen
@@ -28,8 +41,9 @@ class SegmentInfo:
     #: The name given to ``ps.shared`` / ``ps.interprocess_lock`` (``None`` if unreadable).
     name: str | None
     namespace: str | None
-    #: ``"segment"``, ``"lock"``, ``"temporary"`` (a creation in progress or abandoned)
-    #: or ``"unknown"``.
+    #: ``"segment"``, ``"lock"``, ``"temporary"`` (a creation in progress or abandoned),
+    #: a coordination family (``"semaphore"``, ``"event"``, ``"condition"``,
+    #: ``"barrier"``, ``"rwlock"``, ``"queue"``) or ``"unknown"``.
     type: ObjectType
     #: What the object holds, as recorded at creation (e.g. ``"u64"``, ``"numpy float64[1000]"``).
     kind: str
@@ -43,6 +57,9 @@ class SegmentInfo:
     #: Seconds since creation.
     age: float
     os_name: str
+    #: For a semaphore, event, condition, barrier, rwlock or queue: its state
+    #: now (``"value=2 waiters=0"``, ``"set"``, ``"items=3"`` ...); else ``None``.
+    state: str | None = None
 
 
 def _namespace(namespace: str | None) -> str:
@@ -63,10 +80,13 @@ def _elsewhere(meta: dict[str, object], namespace: str) -> bool:
     return isinstance(owner, str) and owner != namespace
 
 
-def _type_of(os_name: str, temporary: bool) -> ObjectType:
+def _type_of(os_name: str, temporary: bool, meta: dict[str, object] | None = None) -> ObjectType:
     if temporary:
         return "temporary"
     kind_char = os_name[len(names.PREFIX) + 7 : len(names.PREFIX) + 8]
+    if kind_char == names.SYNC:
+        family = (meta or {}).get("kind")
+        return family if family in _sync.FAMILIES else "unknown"  # type: ignore[return-value]
     return {names.SEGMENT: "segment", names.LOCK: "lock"}.get(kind_char, "unknown")  # type: ignore[return-value]
 
 
@@ -80,7 +100,7 @@ def list_objects(namespace: str | None = None) -> list[SegmentInfo]:
         meta = decode_meta(info.meta)
         if _elsewhere(meta, ns):
             continue
-        kind_type = _type_of(info.os_name, info.temporary)
+        kind_type = _type_of(info.os_name, info.temporary, meta)
         name = meta.get("name")
         out.append(
             SegmentInfo(
@@ -94,6 +114,9 @@ def list_objects(namespace: str | None = None) -> list[SegmentInfo]:
                 persist=info.persist,
                 age=max(0.0, (now - info.created_ns) / 1e9) if info.created_ns else 0.0,
                 os_name=info.os_name,
+                state=_sync.state_of(info.os_name, kind_type)
+                if kind_type in _sync.FAMILIES
+                else None,
             )
         )
     return sorted(out, key=lambda i: (i.type, i.name or "", i.os_name))
@@ -111,12 +134,15 @@ def collect(namespace: str | None = None, *, everything: bool = False) -> list[s
     return engine.backend.segment_collect(names.namespace_prefix(ns), keep=keep)
 
 
-def remove(name: str, *, lock: bool = False, namespace: str | None = None) -> bool:
-    """Remove the segment (or lock) ``name`` now, whoever holds it."""
+def remove(
+    name: str, *, lock: bool = False, namespace: str | None = None, sync: bool = False
+) -> bool:
+    """Remove the segment (or lock, or with ``sync`` the semaphore, event,
+    condition, barrier, rwlock or queue) ``name`` now, whoever holds it."""
     engine = get_engine()
     names.validate_name(name)
     ns = _namespace(namespace)
-    kind = names.LOCK if lock else names.SEGMENT
+    kind = names.SYNC if sync else names.LOCK if lock else names.SEGMENT
     return engine.backend.segment_unlink(names.os_name(kind, name, ns))
 
 

@@ -38,6 +38,8 @@ _DEFAULT_NAMESPACE = "default"
 # Object kinds, one character each in the OS name.
 SEGMENT = "s"
 LOCK = "l"
+#: semaphores, events, conditions, barriers, rwlocks, queues ("kind" in the metadata)
+SYNC = "y"
 TEMP = "t"
 
 _namespace: contextvars.ContextVar[str | None] = contextvars.ContextVar(

@@ -1,0 +1,409 @@
+"""Front end for ``ps.interprocess_queue()``: a crash-safe multi-producer,
+multi-consumer FIFO in shared memory.
+
+Layout (after the sync object's robust mutex and words)::
+
+    descriptors   nslots x 32 bytes: state, owner (pid, start time), start,
+                  pos, len, end of one record
+    ring          ``capacity`` bytes of records (a power of two)
+
+Each record goes FREE -> WRITING(owner) -> READY -> READING(owner) -> FREE.
+The mutex guards only the bookkeeping: a producer reserves a descriptor and
+ring space under it, copies its record *outside* it, then commits with one
+word store (READY); a consumer claims the oldest READY record under it,
+copies it out outside it, then frees it with one word store. So a process
+killed at any instant leaves at most one descriptor in WRITING or READING
+with a dead owner, and a waiter that finds no progress checks the owners
+once per liveness slice: a dead producer's record becomes padding (it was
+never delivered), a dead consumer's record goes back to READY (the next
+consumer gets it, once). No other process's item is lost or duplicated.
+A process killed holding the mutex makes the next locker recompute the ring
+positions from the descriptors (:meth:`InterprocessQueue._repair`).
+
+Records: ``bytes`` go as they are; anything else is pickled with protocol 5,
+its large buffers (numpy arrays) out of band, copied straight into the ring
+and out of it: no extra pickle copy.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from procshare._engine import sync as _sync
+from procshare._engine.sync import SyncObject, w
+from procshare._locks import _check_timeout
+from procshare._sync import _Handle
+from procshare.errors import QueueEmpty, QueueFull
+
+_MASK = 0xFFFFFFFF
+# words
+_HEAD, _TAIL, _DHEAD, _DTAIL, _NOT_EMPTY, _NOT_FULL, _GETTERS, _PUTTERS = (w(i) for i in range(8))
+_ITEMS = w(11)
+# descriptor fields and states
+_DESC = 32
+_STATE, _PID, _SLO, _SHI, _START, _POS, _LEN, _END = range(0, 32, 4)
+FREE, WRITING, READY, READING = 0, 1, 2, 3
+# record headers
+_BYTES_HEAD = struct.Struct("@B7x")
+_PICKLE_HEAD = struct.Struct("@B3xIQ")  # tag, buffer count, pickle length
+_U64 = struct.Struct("@Q")
+_TAG_BYTES, _TAG_PICKLE = 1, 2
+
+#: Descriptors of a queue without ``maxsize``.
+DEFAULT_SLOTS = 4096
+#: Ring bytes of a queue opened without ``capacity=``.
+DEFAULT_CAPACITY = 1 << 20
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+_BYTES_TAG = _BYTES_HEAD.pack(_TAG_BYTES)
+
+
+def _encode(obj: object) -> tuple[Any, ...]:
+    """The parts of a record: header, then payload buffers."""
+    if type(obj) is bytes:
+        return (_BYTES_TAG, obj)
+    buffers: list[memoryview] = []
+
+    def out_of_band(buf: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buf.raw()
+        except BufferError:
+            return True  # not contiguous: pickled in band
+        buffers.append(raw)
+        return False
+
+    data = pickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
+    head = _PICKLE_HEAD.pack(_TAG_PICKLE, len(buffers), len(data))
+    return (head, *(_U64.pack(b.nbytes) for b in buffers), data, *buffers)
+
+
+def _decode(view: memoryview) -> object:
+    tag = view[0]
+    if tag == _TAG_BYTES:
+        return bytes(view[_BYTES_HEAD.size :])
+    _tag, nbufs, size = _PICKLE_HEAD.unpack_from(view)
+    at = _PICKLE_HEAD.size
+    lengths = [_U64.unpack_from(view, at + 8 * i)[0] for i in range(nbufs)]
+    at += 8 * nbufs
+    data = view[at : at + size]
+    at += size
+    buffers = []
+    for length in lengths:
+        buffers.append(bytearray(view[at : at + length]))  # the one copy out of the ring
+        at += length
+    return pickle.loads(data, buffers=buffers)
+
+
+class InterprocessQueue(_Handle):
+    """A named FIFO of picklable objects shared between processes (see
+    :func:`interprocess_queue`)."""
+
+    _family = "queue"
+
+    def __init__(
+        self, name: str, maxsize: int = 0, *, capacity: int = DEFAULT_CAPACITY, mode: int = 0o600
+    ) -> None:
+        if type(maxsize) is not int or maxsize < 0:
+            raise ValueError(f"maxsize must be an int >= 0 (0: no limit), got {maxsize!r}")
+        if type(capacity) is not int or not 4096 <= capacity <= 1 << 30:
+            raise ValueError(f"capacity must be an int of 4096 to 2**30 bytes, got {capacity!r}")
+        self._maxsize = maxsize
+        self._requested = capacity
+        self._cap = cap = _pow2(capacity)
+        self._nslots = nslots = _pow2(maxsize) if maxsize else DEFAULT_SLOTS
+        self._ring = (nslots * _DESC + 63) // 64 * 64
+        self._last_sweep = 0.0
+        layout = f"queue maxsize={maxsize} capacity={cap}"
+        self._open(name, layout, self._ring + cap, _init_queue, mode)
+        obj = self._obj
+        self._words = obj.words
+        self._data = obj.data
+        self._base = _sync.TABLES
+        # The C fast path (put and get that need not wait); this module does
+        # the rest and is its reference.
+        self._words.ring_setup(self._base, self._base + self._ring, nslots, cap, maxsize)
+
+    def _args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (self._maxsize,), {"capacity": self._requested}
+
+    @property
+    def maxsize(self) -> int:
+        """Most items it holds (0: up to 4096, and its ``capacity`` of bytes)."""
+        return self._maxsize
+
+    @property
+    def capacity(self) -> int:
+        """Bytes of records it holds at most (rounded up to a power of two)."""
+        return self._cap
+
+    # -- bookkeeping (mutex held) -------------------------------------------
+
+    def _desc(self, seq: int) -> int:
+        return self._base + (seq & (self._nslots - 1)) * _DESC
+
+    def _advance(self) -> int:
+        """Move the head over freed records; the head."""
+        words = self._words
+        head = words.load(_HEAD)
+        tail = words.load(_TAIL)
+        moved = False
+        while head != tail:
+            d = self._desc(head)
+            if words.load(d + _STATE) != FREE:
+                break
+            words.store(_DHEAD, words.load(d + _END))
+            head = (head + 1) & _MASK
+            moved = True
+        if moved:
+            words.store(_HEAD, head)
+        return head
+
+    def _repair(self) -> None:
+        words = self._words
+        head, tail = words.load(_HEAD), words.load(_TAIL)
+        ready = 0
+        seq = head
+        while seq != tail:
+            ready += words.load(self._desc(seq) + _STATE) == READY
+            seq = (seq + 1) & _MASK
+        words.store(_ITEMS, ready)
+        if head == tail:
+            words.store(_DTAIL, words.load(_DHEAD))
+        else:
+            words.store(_DHEAD, words.load(self._desc(head) + _START))
+            words.store(_DTAIL, words.load(self._desc((tail - 1) & _MASK) + _END))
+
+    def _sweep(self, obj: SyncObject) -> None:
+        """Repair the records of dead producers and consumers."""
+        self._last_sweep = time.monotonic()
+        words = self._words
+        head, tail = words.load(_HEAD), words.load(_TAIL)
+        changed = False
+        seq = head
+        while seq != tail:
+            d = self._desc(seq)
+            state = words.load(d + _STATE)
+            if state in (WRITING, READING):
+                token = (words.load(d + _PID), words.load(d + _SLO) | words.load(d + _SHI) << 32)
+                if not obj.alive(token):
+                    if state == WRITING:
+                        words.store(d + _STATE, FREE)  # never delivered: padding
+                    else:
+                        words.store(d + _STATE, READY)  # delivered to nobody: again
+                        words.add(_ITEMS, 1)
+                    changed = True
+            seq = (seq + 1) & _MASK
+        if changed:
+            self._advance()
+            for word in (_NOT_EMPTY, _NOT_FULL):
+                words.add(word, 1)
+                words.wake(word, -1)
+
+    def _own(self, obj: SyncObject, d: int, state: int) -> None:
+        words = self._words
+        pid, start = obj.token()
+        words.store(d + _PID, pid)
+        words.store(d + _SLO, start & _MASK)
+        words.store(d + _SHI, start >> 32)
+        words.store(d + _STATE, state)
+
+    def _reserve(self, obj: SyncObject, size: int) -> int:
+        """A descriptor in WRITING with ``size`` bytes of ring for this process, or -1."""
+        words = self._words
+        head = self._advance()
+        tail = words.load(_TAIL)
+        used = (tail - head) & _MASK
+        if used >= self._nslots or (self._maxsize and used >= self._maxsize):
+            return -1
+        cap = self._cap
+        start = words.load(_DTAIL)
+        pos = start
+        off = pos & (cap - 1)
+        if off + size > cap:
+            pos = (pos + cap - off) & _MASK  # skip the ring's end: padding
+        end = (pos + size) & _MASK
+        if (end - words.load(_DHEAD)) & _MASK > cap:
+            return -1
+        d = self._desc(tail)
+        words.store(d + _START, start)
+        words.store(d + _POS, pos)
+        words.store(d + _LEN, size)
+        words.store(d + _END, end)
+        self._own(obj, d, WRITING)
+        words.store(_DTAIL, end)
+        words.store(_TAIL, (tail + 1) & _MASK)
+        return d
+
+    def _claim(self, obj: SyncObject) -> int:
+        """The oldest READY descriptor, now READING by this process, or -1."""
+        words = self._words
+        seq = self._advance()
+        tail = words.load(_TAIL)
+        while seq != tail:
+            d = self._desc(seq)
+            if words.load(d + _STATE) == READY:
+                self._own(obj, d, READING)
+                words.add(_ITEMS, -1)
+                return d
+            seq = (seq + 1) & _MASK
+        return -1
+
+    # -- put / get ---------------------------------------------------------------
+
+    def put(self, obj: object, block: bool = True, timeout: float | None = None) -> None:
+        """Put ``obj`` at the end, waiting for room (``timeout`` seconds at most,
+        then :class:`~procshare.QueueFull`, a ``queue.Full``)."""
+        parts = _encode(obj)
+        if self._obj.closed:
+            self._live()
+        pid, start = self._me()
+        if self._words.ring_put(parts, pid, start):
+            return
+        wait = _check_timeout(timeout) if block else 0.0
+        size = sum(memoryview(p).nbytes for p in parts)
+        if size > self._cap:
+            raise ValueError(
+                f"an item of {size} bytes does not fit in queue {self.name!r} of "
+                f"{self._cap} bytes; open it with a larger capacity="
+            )
+        sync = self._live()
+        words = self._words
+        d = self._wait_for(sync, _NOT_FULL, _PUTTERS, wait, lambda: self._reserve(sync, size))
+        if d < 0:
+            raise QueueFull(sync.name)
+        data = self._data
+        at = self._base + self._ring + (words.load(d + _POS) & (self._cap - 1))
+        try:
+            for part in parts:
+                view = memoryview(part).cast("B")
+                data[at : at + view.nbytes] = view
+                at += view.nbytes
+        except BaseException:
+            words.store(d + _STATE, FREE)  # interrupted: padding, never delivered
+            raise
+        words.store(d + _STATE, READY)  # the commit
+        words.add(_ITEMS, 1)
+        words.add(_NOT_EMPTY, 1)
+        if words.load(_GETTERS):
+            words.wake(_NOT_EMPTY, 1)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Take the oldest item, waiting for one (``timeout`` seconds at most, then
+        :class:`~procshare.QueueEmpty`, a ``queue.Empty``)."""
+        sync = self._live()
+        words = self._words
+        pid, start = self._me()
+        found = words.ring_get(pid, start)
+        if found is not None:
+            d, at, size = found
+        else:
+            wait = _check_timeout(timeout) if block else 0.0
+            d = self._wait_for(sync, _NOT_EMPTY, _GETTERS, wait, lambda: self._claim(sync))
+            if d < 0:
+                raise QueueEmpty(sync.name)
+            at = self._base + self._ring + (words.load(d + _POS) & (self._cap - 1))
+            size = words.load(d + _LEN)
+        try:
+            item = _decode(self._data[at : at + size])
+        except BaseException:
+            words.store(d + _STATE, READY)  # not delivered: back for the next one
+            words.add(_ITEMS, 1)
+            words.add(_NOT_EMPTY, 1)
+            words.wake(_NOT_EMPTY, 1)
+            raise
+        words.ring_free(d)
+        return item
+
+    def _wait_for(
+        self, obj: SyncObject, seq_word: int, count_word: int, wait: float | None, attempt: Any
+    ) -> int:
+        words = self._words
+        deadline = None
+        while True:
+            # The sequence is read before looking: a change after the look
+            # makes the wait below return at once, so no wake is lost.
+            seq = words.load(seq_word)
+            obj.lock()
+            try:
+                d: int = attempt()
+                if d < 0 and time.monotonic() - self._last_sweep > _sync.LIVENESS:
+                    self._sweep(obj)
+                    seq = words.load(seq_word)
+                    d = attempt()
+            finally:
+                obj.unlock()
+            if d >= 0 or wait == 0:
+                return d
+            now = time.monotonic()
+            if deadline is None and wait is not None:
+                deadline = now + wait
+            if deadline is not None and now >= deadline:
+                return -1
+            words.add(count_word, 1)
+            try:
+                left = _sync.LIVENESS if deadline is None else min(_sync.LIVENESS, deadline - now)
+                words.wait(seq_word, seq, left)
+            finally:
+                words.add(count_word, -1)
+
+    def put_nowait(self, obj: object) -> None:
+        """``put(obj, block=False)``: :class:`~procshare.QueueFull` if there is no room."""
+        self.put(obj, block=False)
+
+    def get_nowait(self) -> Any:
+        """``get(block=False)``: :class:`~procshare.QueueEmpty` if there is no item."""
+        return self.get(block=False)
+
+    def qsize(self) -> int:
+        """Items ready to be taken now (a snapshot)."""
+        n = self._live().words.load(_ITEMS)
+        return 0 if n >= 1 << 31 else n
+
+    def empty(self) -> bool:
+        """Whether no item is ready now (a snapshot)."""
+        return self.qsize() == 0
+
+    def full(self) -> bool:
+        """Whether ``maxsize`` items are in it now (a snapshot; never for ``maxsize=0``)."""
+        return bool(self._maxsize) and self.qsize() >= self._maxsize
+
+    def __iter__(self) -> Iterator[Any]:
+        """The items ready now, taken one by one; ends when none is left (it does
+        not wait for more)."""
+        while True:
+            try:
+                yield self.get_nowait()
+            except QueueEmpty:
+                return
+
+
+def _init_queue(data: memoryview, words: Any) -> None:
+    pass  # a new object is zeroed: empty, every descriptor FREE
+
+
+def interprocess_queue(
+    name: str, maxsize: int = 0, *, capacity: int = DEFAULT_CAPACITY, mode: int = 0o600
+) -> InterprocessQueue:
+    """Open the named queue ``name``, creating it if needed.
+
+    Args:
+        name: 1 to 128 characters of ``A-Z a-z 0-9 . _ -``, in the current namespace.
+        maxsize: most items it holds (``0``: up to 4096, the queue's own
+            limit; ``put`` also waits while ``capacity`` bytes are taken).
+        capacity: bytes of shared memory for the items in it (rounded up to
+            a power of two, reserved at creation). An item larger than that
+            raises ``ValueError``.
+        mode: permission bits of the object if this call creates it.
+
+    Every process opening the name must give the same ``maxsize`` and
+    ``capacity`` (else :class:`~procshare.SharedTypeError`).
+    """
+    return InterprocessQueue(name, maxsize, capacity=capacity, mode=mode)

@@ -1,0 +1,305 @@
+"""ps.interprocess_queue (SPEC 4b): FIFO semantics, limits, data kinds, and
+producers and consumers killed at any instant."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import random
+import signal
+import time
+
+import pytest
+
+import procshare as ps
+from procshare._queue import READING, WRITING
+
+numpy = pytest.importorskip("numpy")
+
+
+def test_fifo_of_objects() -> None:
+    q = ps.interprocess_queue("q")
+    assert q.empty()
+    items = [b"raw bytes", "text", 42, {"a": [1, 2]}, None, (1.5, b"x")]
+    for item in items:
+        q.put(item)
+    assert q.qsize() == len(items)
+    assert not q.empty()
+    assert [q.get() for _ in items] == items
+    assert q.empty()
+    q.close()
+
+
+def test_empty_and_full_are_the_standard_librarys() -> None:
+    q = ps.interprocess_queue("bounded", maxsize=2)
+    q.put_nowait(1)
+    q.put(2)
+    assert q.full()
+    with pytest.raises(queue.Full):
+        q.put_nowait(3)
+    with pytest.raises(ps.QueueFull):
+        q.put(3, timeout=0.05)
+    assert q.get_nowait() == 1
+    assert q.get(timeout=1) == 2
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    with pytest.raises(ps.QueueEmpty) as info:
+        q.get(timeout=0.05)
+    assert isinstance(info.value, ps.ProcshareError)
+    assert "'bounded'" in str(info.value)
+    assert isinstance(pickle.loads(pickle.dumps(info.value)), queue.Empty)
+    q.close()
+
+
+def test_numpy_arrays_round_trip() -> None:
+    q = ps.interprocess_queue("np", capacity=8 << 20)
+    big = numpy.arange(1 << 17, dtype=numpy.float64)  # 1 MiB
+    q.put(big)
+    q.put(numpy.arange(12).reshape(3, 4)[:, ::2])  # not contiguous: pickled in band
+    got = q.get()
+    assert isinstance(got, numpy.ndarray)
+    assert numpy.array_equal(got, big)
+    got[0] = 7  # a private, writable copy
+    assert numpy.array_equal(q.get(), numpy.arange(12).reshape(3, 4)[:, ::2])
+    q.close()
+
+
+def test_an_item_larger_than_the_queue_is_refused() -> None:
+    q = ps.interprocess_queue("small", capacity=4096)
+    with pytest.raises(ValueError, match="capacity="):
+        q.put(b"x" * 5000)
+    q.close()
+
+
+def test_the_ring_wraps_around() -> None:
+    q = ps.interprocess_queue("wrap", capacity=4096)
+    expected: list[bytes] = []
+    for i in range(2000):
+        item = bytes([i % 256]) * (i % 700)
+        q.put(item)
+        expected.append(item)
+        if i % 3 == 2:
+            for _ in range(3):
+                assert q.get() == expected.pop(0)
+    assert list(q) == expected
+    q.close()
+
+
+def test_a_full_ring_blocks_an_unbounded_queue() -> None:
+    q = ps.interprocess_queue("ringfull", capacity=4096)
+    q.put(b"x" * 3000)
+    with pytest.raises(queue.Full):
+        q.put_nowait(b"y" * 3000)
+    assert q.get() == b"x" * 3000
+    q.put_nowait(b"y" * 3000)
+    assert list(q) == [b"y" * 3000]
+    q.close()
+
+
+def test_iteration_drains_what_is_there() -> None:
+    q = ps.interprocess_queue("it")
+    for i in range(5):
+        q.put(i)
+    assert list(q) == [0, 1, 2, 3, 4]
+    assert list(q) == []
+    q.close()
+
+
+def test_parameters_must_agree_and_pickle() -> None:
+    q = ps.interprocess_queue("params", maxsize=3)
+    with pytest.raises(ps.SharedTypeError):
+        ps.interprocess_queue("params", maxsize=4)
+    other = pickle.loads(pickle.dumps(q))
+    other.put("hello")
+    assert q.get() == "hello"
+    other.close()
+    q.close()
+    listed = ps.interprocess_queue("listed")
+    listed.put(1)
+    (info,) = ps.segments()
+    assert info.type == "queue"
+    assert info.state is not None
+    assert info.state.startswith("items=1")
+    listed.close()
+
+
+@pytest.mark.timeout(120)
+def test_many_producers_many_consumers() -> None:
+    producers, consumers, per = 3, 2, 300
+    q = ps.interprocess_queue("mpmc", maxsize=50)
+
+    @ps.forked
+    def produce(p: int) -> None:
+        out = ps.interprocess_queue("mpmc", maxsize=50)
+        for i in range(per):
+            out.put((p, i))
+
+    @ps.forked
+    def consume() -> list[tuple[int, int]]:
+        got = []
+        src = ps.interprocess_queue("mpmc", maxsize=50)
+        while (item := src.get(timeout=60)) is not None:
+            got.append(item)
+        return got
+
+    with ps.children():
+        readers = [consume() for _ in range(consumers)]
+        writers = [produce(p) for p in range(producers)]
+        for w in writers:
+            w.join()
+        for _ in range(consumers):
+            q.put(None)
+        results = [r.join() for r in readers]
+    everything = sorted(item for got in results for item in got)
+    assert everything == sorted((p, i) for p in range(producers) for i in range(per))
+    for got in results:  # FIFO per producer, as each consumer saw it
+        for p in range(producers):
+            mine = [i for (pp, i) in got if pp == p]
+            assert mine == sorted(mine)
+    q.close()
+
+
+# -- killed at any instant -----------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_producer_killed_while_writing_leaves_padding() -> None:
+    q = ps.interprocess_queue("dead-producer")
+    q.put("before")
+
+    @ps.forked
+    def reserve_and_die() -> None:
+        mine = ps.interprocess_queue("dead-producer")
+        obj = mine._obj
+        obj.lock()
+        d = mine._reserve(obj, 64)
+        obj.unlock()
+        assert d >= 0
+        assert obj.words.load(d) == WRITING
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    status = reserve_and_die().wait()
+    assert status is not None
+    assert status.outcome == "killed"
+    q.put("after")
+    assert q.get(timeout=5) == "before"
+    assert q.get(timeout=5) == "after"  # past the dead producer's record
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.5)  # the half-written record never comes out
+    # and the space it took comes back
+    for i in range(100):
+        q.put(i)
+        assert q.get(timeout=5) == i
+    q.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_consumer_killed_while_reading_gives_the_item_back() -> None:
+    q = ps.interprocess_queue("dead-consumer")
+    q.put("first")
+    q.put("second")
+
+    @ps.forked
+    def claim_and_die() -> None:
+        mine = ps.interprocess_queue("dead-consumer")
+        obj = mine._obj
+        obj.lock()
+        d = mine._claim(obj)
+        obj.unlock()
+        assert obj.words.load(d) == READING
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    status = claim_and_die().wait()
+    assert status is not None
+    assert status.outcome == "killed"
+    assert q.get(timeout=5) == "second"
+    assert q.get(timeout=5) == "first"  # back, once the waiter saw its reader dead
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.5)
+    q.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_process_killed_holding_the_queue_lock_is_repaired() -> None:
+    q = ps.interprocess_queue("dead-locker", capacity=4096)
+    q.put(b"kept")
+
+    @ps.forked
+    def scribble_and_die() -> None:
+        mine = ps.interprocess_queue("dead-locker", capacity=4096)
+        obj = mine._obj
+        obj.lock()
+        from procshare._queue import _DTAIL
+
+        obj.words.add(_DTAIL, 1000)  # half of a reservation: the tail never moved
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    status = scribble_and_die().wait()
+    assert status is not None
+    assert status.outcome == "killed"
+    assert q.get(timeout=5) == b"kept"
+    for _ in range(50):  # the lost bytes came back: 3 KiB items still fit
+        q.put(b"z" * 3000, timeout=5)
+        assert q.get(timeout=5) == b"z" * 3000
+    q.close()
+
+
+@pytest.mark.timeout(180)
+def test_producers_and_consumers_killed_at_random_instants() -> None:
+    # Victims put or get in a loop and are SIGKILLed at random moments (in a
+    # put, in a get, holding the queue's lock or not). Afterwards the queue
+    # must work, the main process's items must all arrive exactly once and in
+    # order, and no victim's item may come out twice.
+    rng = random.Random(222)
+    q = ps.interprocess_queue("chaos", maxsize=64, capacity=1 << 16)
+
+    @ps.forked
+    def producer(tag: int) -> None:
+        mine = ps.interprocess_queue("chaos", maxsize=64, capacity=1 << 16)
+        i = 0
+        while True:
+            mine.put(("victim", tag, i, b"v" * (i % 300)))
+            i += 1
+
+    @ps.forked
+    def consumer() -> None:
+        mine = ps.interprocess_queue("chaos", maxsize=64, capacity=1 << 16)
+        while True:
+            mine.get()
+
+    seen_victim_items: set[tuple[int, int]] = set()
+    for round_ in range(8):
+        victims = [producer(round_ * 10), producer(round_ * 10 + 1), consumer()]
+        time.sleep(rng.uniform(0.02, 0.2))
+        for v in victims:
+            v.kill()
+        for v in victims:
+            status = v.wait()
+            assert status is not None
+            assert status.outcome == "killed"
+        mine = [("main", round_, i, b"m" * (i % 500)) for i in range(40)]
+        got: list[object] = []
+
+        def sort(found: tuple[object, ...], got: list[object] = got) -> None:
+            if found[0] == "main":
+                got.append(found)
+            else:
+                key = (found[1], found[2])
+                assert key not in seen_victim_items  # never twice
+                seen_victim_items.add(key)
+
+        for item in [*mine, None]:
+            while True:  # the victims may have left it full: drain as we go
+                try:
+                    q.put(item, timeout=0)
+                    break
+                except queue.Full:
+                    pass
+                sort(q.get(timeout=5))
+        while (found := q.get(timeout=5)) is not None:  # 5 s: dead records are repaired
+            sort(found)
+        assert got == mine  # all, once, in order
+    q.put("still works")
+    assert list(q) == ["still works"]
+    q.close()
