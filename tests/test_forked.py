@@ -19,6 +19,7 @@ import pytest
 
 import procshare as ps
 from procshare._engine import get_engine
+from procshare._process import CANCEL_GRACE
 from procshare.testing import child_pids
 from shared_support import alive, wait_for
 
@@ -399,10 +400,15 @@ def test_killed_by_a_signal_names_it_and_its_likely_cause(signum: int, cause: st
 
 
 @pytest.mark.timeout(60)
-def test_timeout_kills_and_reaps_the_child() -> None:
+def test_timeout_cancels_the_child_which_unwinds_and_is_reaped(tmp_path: Path) -> None:
+    unwound = tmp_path / "unwound"
+
     @ps.forked(timeout=0.3)
     def too_slow() -> None:
-        time.sleep(30)
+        try:
+            time.sleep(30)
+        finally:  # the cancel is an exception in the child: this runs
+            unwound.write_text("yes")
 
     child = too_slow()
     t0 = time.monotonic()
@@ -411,13 +417,31 @@ def test_timeout_kills_and_reaps_the_child() -> None:
     assert time.monotonic() - t0 < 10
     assert isinstance(info.value, TimeoutError)
     assert info.value.timeout == 0.3
-    assert info.value.signal == signal.SIGKILL
-    assert "killed and reaped" in str(info.value)
+    assert info.value.signal == signal.SIGTERM  # ended by the cancel, not SIGKILL
+    assert unwound.read_text() == "yes"
+    assert "cancelled" in str(info.value)
     assert not alive(child.pid)
     assert child.pid not in child_pids()  # reaped, not a zombie
     status = child.wait()
     assert status is not None
     assert status.outcome == "timed out"
+
+
+@pytest.mark.timeout(60)
+def test_timeout_kills_a_child_that_does_not_unwind_after_the_grace_period() -> None:
+    @ps.forked(timeout=0.2)
+    def stubborn() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(30)
+
+    child = stubborn()
+    t0 = time.monotonic()
+    with pytest.raises(ps.ChildTimeout) as info:
+        child.join()
+    assert 0.2 + CANCEL_GRACE <= time.monotonic() - t0 < 15
+    assert info.value.signal == signal.SIGKILL
+    assert "killed" in str(info.value)
+    assert child.pid not in child_pids()
 
 
 def test_timeout_is_not_applied_to_a_fast_child() -> None:
@@ -653,7 +677,7 @@ def test_dropped_handle_is_reaped_at_the_next_call_into_procshare() -> None:
 )
 def test_every_public_entry_point_reaps_dropped_children(call: str) -> None:
     # A dropped child that has exited is reaped; one whose timeout= ran out is
-    # killed and reaped (with a warning), by any call into procshare.
+    # cancelled, then reaped (with a warning), by any calls into procshare.
     @ps.forked
     def quick() -> None:
         return None
@@ -679,9 +703,10 @@ def test_every_public_entry_point_reaps_dropped_children(call: str) -> None:
 
     def scope_exit() -> None:
         with ps.children():
-            dropped.clear()  # after the scope's entry, which polls too
-            gc.collect()
-            assert all(p in child_pids() for p in pids)
+            if dropped:  # the first time
+                dropped.clear()  # after the scope's entry, which polls too
+                gc.collect()
+                assert all(p in child_pids() for p in pids)
 
     calls: dict[str, Callable[[], object]] = {
         "shared": shared,
@@ -698,6 +723,10 @@ def test_every_public_entry_point_reaps_dropped_children(call: str) -> None:
     if call != "scope exit":
         dropped.clear()
         gc.collect()
+    # The first call cancels the overdue child (SIGTERM): it unwinds and ends,
+    # and the next call reaps it, saying so.
+    calls[call]()
+    assert wait_for(lambda: child_pids().get(pids[1]) in ("Z", None))
     with pytest.warns(RuntimeWarning, match="after its timeout"):
         calls[call]()
     mine = child_pids()

@@ -22,9 +22,9 @@ from procshare._engine import core as _core
 from procshare._engine import get_engine
 from procshare._engine.children import (
     CANCEL_GRACE,
-    Cancelled,
     ChildrenPart,
     Record,
+    ScopeCancelled,
     ScopeState,
     current_children,
 )
@@ -162,7 +162,7 @@ class Child(Generic[R]):
     def cancelled(self) -> bool:
         """Whether its ``children()`` scope stopped it after another child failed."""
         rec = self._rec
-        return rec.cancelled and rec.done and not self._part.outcome(rec)[0]
+        return bool(rec.cancelled) and rec.done and not self._part.outcome(rec)[0]
 
     def join(self, timeout: float | None = None) -> R:
         """Wait for the child and return its function's return value.
@@ -244,7 +244,7 @@ class Child(Generic[R]):
             # Ctrl-C (or SystemExit & co) in the block: waiting for the child to
             # finish on its own could take forever. Stop and reap it, as a
             # children() scope does, and let the interruption propagate.
-            self._part.terminate_all([self._rec], cancel=False, grace=CANCEL_GRACE)
+            self._part.terminate_all([self._rec], reason="", grace=CANCEL_GRACE)
             _release_what_waited()
             return
         try:
@@ -256,7 +256,7 @@ class Child(Generic[R]):
             status = self.wait()
         except BaseException as interrupted:
             if not isinstance(interrupted, Exception):  # Ctrl-C while joining
-                self._part.terminate_all([self._rec], cancel=False, grace=CANCEL_GRACE)
+                self._part.terminate_all([self._rec], reason="", grace=CANCEL_GRACE)
                 _release_what_waited()
             raise
         if status is not None and status.error is not None:
@@ -342,7 +342,7 @@ class Children:
             _release_what_waited()  # Ctrl-C while waiting: children are reaped
             raise
         handles = self.children
-        if exc is not None and not isinstance(exc, Exception | Cancelled):
+        if exc is not None and not isinstance(exc, Exception | ScopeCancelled):
             _release_what_waited()
             return False  # KeyboardInterrupt & co propagate as they are
         # A call into procshare reaps dropped children (SPEC 1); after the
@@ -359,7 +359,7 @@ class Children:
                 errors.append(error)
         if not errors:
             self._results = [part.outcome(h._rec)[1] for h in handles]
-            return isinstance(exc, Cancelled) and exc.scope is scope
+            return isinstance(exc, ScopeCancelled) and exc.scope is scope
         n = len(failed)
         what = [f"{n} of {len(scope.records)} children failed"] if n else []
         if isinstance(exc, Exception):

@@ -28,9 +28,11 @@ import contextlib
 import fcntl
 import os
 import select
+import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import FrameType
 from typing import Any, NoReturn
 
 from procshare._backends.api_process import Exit, Forked
@@ -52,6 +54,8 @@ _fork_step = _forkstep.fork
 _unblock = _forkstep.unblock
 _exit = _forkstep.exit
 _close = _forkstep.close
+_set_handler = signal.signal
+Handler = Callable[[int, FrameType | None], Any]
 
 _threads_active: dict[int, Any] = threading._active  # type: ignore[attr-defined]
 _threads_limbo: dict[Any, Any] = threading._limbo  # type: ignore[attr-defined]
@@ -64,7 +68,12 @@ class PosixProcesses:
     """The process half of the POSIX backend."""
 
     def process_fork(
-        self, child: Callable[[int], int], *, die_with_parent: bool = True, token: int = 0
+        self,
+        child: Callable[[int], int],
+        *,
+        die_with_parent: bool = True,
+        token: int = 0,
+        handlers: Mapping[int, Handler] | None = None,
     ) -> Forked:
         # Flush what the parent buffered, or the child would print it again.
         # (Inline: the parent runs this again after every fork, and each
@@ -87,6 +96,11 @@ class PosixProcesses:
         if pid == 0:
             status = 1
             try:
+                if handlers:
+                    # Still blocked: a signal sent during the fork (a cancel)
+                    # is delivered to these, once the child is in this try.
+                    for signum, handler in handlers.items():
+                        _set_handler(signum, handler)
                 _unblock()
                 status = child(fd)
             finally:
@@ -155,7 +169,7 @@ class PosixProcesses:
         _close(fd)  # also stops children from closing it (see _forkstep.c)
 
     def process_exit(self, status: int) -> NoReturn:
-        _exit(status)  # flushes stdout and stderr first, in C
+        _exit(status)  # flushes stdout and stderr first, in C; status < 0: by signal -status
 
     def process_python_threads(self) -> int:
         # threading.active_count() without its lock: this runs on every fork.
