@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -484,3 +485,34 @@ def test_ctrl_c_during_the_fork_still_stops_and_reaps_the_child() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert out.stdout.strip() == "interrupted 0", out.stdout + out.stderr
+
+
+@pytest.mark.timeout(120)
+def test_running_out_of_descriptors_is_a_fork_error_naming_the_limit_and_the_fix() -> None:
+    # In a child, so the low descriptor limit is nobody else's: fork without
+    # limit= until the pipes and pidfds of running children use them all up.
+    @ps.forked
+    def fork_until_it_fails() -> tuple[str, int | None, bool, str]:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 12, hard))
+        caught: list[BaseException] = []
+        try:
+            with ps.children():
+                for _ in range(100):
+                    sleep_then(30, None)  # cancelled (they unwind) once the fork fails
+        except* ps.ForkError as group:
+            caught.extend(group.exceptions)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        (err,) = caught
+        assert isinstance(err, ps.ForkError)
+        return type(err).__name__, err.errno, isinstance(err, OSError), str(err)
+
+    name, code, is_os_error, message = fork_until_it_fails().join(timeout=100)
+    assert name == "ForkError"
+    assert is_os_error
+    assert code == errno.EMFILE
+    assert "ulimit -n" in message
+    assert "ps.children(limit=" in message

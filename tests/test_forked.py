@@ -309,6 +309,40 @@ def test_child_raised_carries_the_traceback_and_the_original_as_cause() -> None:
     assert pickle.loads(pickle.dumps(err)).child_traceback == err.child_traceback
 
 
+@pytest.mark.timeout(60)
+def test_a_childs_key_error_is_caught_by_except_key_error_in_the_parent() -> None:
+    @ps.forked
+    def lookup(key: str) -> int:
+        return {"a": 1}[key]
+
+    with pytest.raises(KeyError) as info:
+        lookup("b").join()
+    assert isinstance(info.value, ps.ChildRaised)
+    assert isinstance(info.value.__cause__, KeyError)
+    caught: list[BaseException] = []
+    try:
+        with ps.children():
+            lookup("a")
+            lookup("c")
+    except* KeyError as group:
+        caught.extend(group.exceptions)
+    assert len(caught) == 1
+    assert isinstance(caught[0], ps.ChildRaised)
+    assert "'c'" in str(caught[0])
+
+    # Across two process boundaries, and through pickling, it stays a KeyError.
+    @ps.forked
+    def middle() -> int:
+        return lookup("d").join()
+
+    with pytest.raises(KeyError) as outer:
+        middle().join()
+    again = pickle.loads(pickle.dumps(outer.value))
+    assert isinstance(again, KeyError)
+    assert isinstance(again, ps.ChildRaised)
+    assert isinstance(again.__cause__, KeyError)
+
+
 def test_unpicklable_exception_still_reports_type_and_message() -> None:
     @ps.forked
     def fails() -> None:
@@ -611,6 +645,28 @@ def test_child_skips_parent_atexit_and_flushes_its_stdio(tmp_path: Path) -> None
     assert "child-err" in out.stderr
     # The parent's atexit ran once, in the parent only.
     assert (tmp_path / "atexit").read_text() == "ran\n"
+
+
+@pytest.mark.timeout(60)
+def test_a_child_waits_for_the_non_daemon_threads_it_started(tmp_path: Path) -> None:
+    # As multiprocessing (and interpreter exit) do; daemon threads are not waited for.
+    done, daemon_done = tmp_path / "done", tmp_path / "daemon"
+
+    def later(path: Path, seconds: float) -> None:
+        time.sleep(seconds)
+        path.write_text("written")
+
+    @ps.forked
+    def starts_threads() -> str:
+        threading.Thread(target=later, args=(done, 0.3)).start()
+        threading.Thread(target=later, args=(daemon_done, 30), daemon=True).start()
+        return "returned"
+
+    t0 = time.monotonic()
+    assert starts_threads().join(timeout=30) == "returned"
+    assert done.read_text() == "written"  # the child waited for it before exiting
+    assert not daemon_done.exists()
+    assert time.monotonic() - t0 < 20
 
 
 def test_child_gets_a_fresh_engine() -> None:

@@ -149,7 +149,10 @@ class ChildError(ProcshareError, ChildProcessError):
         self.name = name
         self.exitcode = exitcode
         self.signal = signal
-        super().__init__(detail)
+        # Not super(): in a ChildRaised.matching() class the next class in the
+        # MRO may be the child's own exception type, whose __init__ (a
+        # ProcshareError's too) must not run with these arguments.
+        ProcshareError.__init__(self, detail)
 
     def _who(self) -> str:
         return f"child {self.name!r} (pid {self.pid})"
@@ -219,11 +222,18 @@ class ChildRaised(ChildError):
         ``ValueError``, most user classes), so ``except KeyError:`` and
         ``except* KeyError:`` in the parent match a child's ``KeyError``;
         otherwise ``ChildRaised`` itself. One class per type, made once.
+        Its own fields and message are the ``ChildRaised``'s; any other
+        attribute is read from the original exception (``__cause__``).
         """
         made = _matching.get(original)
         if made is not None:
             return made
-        made = ChildRaised
+        # A child that let a ChildRaised for a KeyError (its own child's) through:
+        # match what that one matched.
+        original = getattr(original, "_original", original)
+        made = _matching.get(original, ChildRaised)
+        if made is not ChildRaised:
+            return made
         if (
             isinstance(original, type)
             and issubclass(original, Exception)
@@ -233,7 +243,12 @@ class ChildRaised(ChildError):
                 made = type(
                     f"ChildRaised[{original.__qualname__}]",
                     (ChildRaised, original),
-                    {"__module__": __name__, "__slots__": (), "_original": original},
+                    {
+                        "__module__": __name__,
+                        "__slots__": (),
+                        "_original": original,
+                        "__getattr__": _from_cause,
+                    },
                 )
                 # The MRO puts ChildRaised's __init__, __str__ and __reduce__
                 # first; check once that the pair can really be built.
@@ -246,6 +261,16 @@ class ChildRaised(ChildError):
 
 
 _matching: dict[type[BaseException], type[ChildRaised]] = {}
+
+
+def _from_cause(self: ChildRaised, attr: str) -> Any:
+    """A matching class's fallback: what the ``ChildRaised`` has not itself (a
+    user exception's fields, an ``OwnerDied``'s ``owner_pid``) comes from the
+    original exception, its ``__cause__``, when that crossed the boundary."""
+    cause = self.__cause__
+    if attr.startswith("__") or cause is None:
+        raise AttributeError(attr)
+    return getattr(cause, attr)
 
 
 def _pickles(obj: object) -> bool:
@@ -627,16 +652,18 @@ class OwnerDied(_NamedError):
         self.thread_ended = thread_ended
         super().__init__(name, detail)
 
-    def _message(self) -> str:
+    def _who(self) -> str:
         if self.owner_pid is None:
-            who = "its previous holder died"
-        elif self.thread_ended:
-            who = (
+            return "its previous holder died"
+        if self.thread_ended:
+            return (
                 f"a thread of pid {self.owner_pid} ended (pid {self.owner_pid} itself is "
                 "still running)"
             )
-        else:
-            who = f"pid {self.owner_pid} died"
+        return f"pid {self.owner_pid} died"
+
+    def _message(self) -> str:
+        who = self._who()
         if self.held:
             todo = (
                 "you hold the lock now: repair the data it protects, call "

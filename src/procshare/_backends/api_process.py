@@ -138,6 +138,11 @@ class ProcessBackend(Protocol):
         reports it, as a process that handled ``SIGINT`` re-raises it)."""
         ...
 
+    def process_running(self, pid: int) -> bool:
+        """Whether a process ``pid`` exists and has not ended (a zombie has ended).
+        Any process, not only a child; a hint, since pids are reused."""
+        ...
+
     def process_python_threads(self) -> int:
         """How many Python threads this process runs (1 when single-threaded)."""
         ...

@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -79,7 +80,10 @@ DEADLOCK_WATCH = 5.0
 _LIMITS = {errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM}
 # The child's own handlers, installed before it unblocks signals: SIGTERM (a
 # cancel) becomes Cancelled; the terminal's SIGINT is left to the parent.
-_CHILD_HANDLERS = {signal.SIGTERM: transport.on_cancel, signal.SIGINT: transport.on_interrupt}
+_CHILD_HANDLERS: dict[int, Callable[[int, FrameType | None], Any]] = {
+    signal.SIGTERM: transport.on_cancel,
+    signal.SIGINT: transport.on_interrupt,
+}
 
 
 class ScopeCancelled(Cancelled):
@@ -642,6 +646,14 @@ class ChildrenPart:
                 "take it will be told ps.OwnerDied. Release every lock before the "
                 "child's function returns: use `with lock:` rather than acquire()."
             )
+
+
+def still_running(pid: int) -> bool:
+    """Whether process ``pid`` is this one, or another that has not ended (a
+    lock holder recorded as ``pid`` that died was then only one of its threads)."""
+    if pid == _core._pid:
+        return True
+    return _core.get_engine().backend.process_running(pid)
 
 
 def _interrupted(exc: BaseException) -> str:

@@ -329,7 +329,7 @@ def drain(backend: Backend, rec: Record) -> None:
 def _held_end(buf: bytearray) -> int:
     """Where the result message starts: after the ``H`` message, if any."""
     if len(buf) > LEN.size and buf[LEN.size] == _HELD_TAG:
-        (n,) = LEN.unpack_from(buf)
+        n: int = LEN.unpack_from(buf)[0]
         return LEN.size + n
     return 0
 

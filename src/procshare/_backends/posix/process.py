@@ -171,6 +171,24 @@ class PosixProcesses:
     def process_exit(self, status: int) -> NoReturn:
         _exit(status)  # flushes stdout and stderr first, in C; status < 0: by signal -status
 
+    def process_running(self, pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except FileNotFoundError:
+            return False
+        except OSError:  # no /proc: existence only (a zombie counts as running)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+            return True
+        # "pid (comm) state ...": comm may hold spaces and parentheses.
+        fields = stat.rsplit(b")", 1)[-1].split()
+        return bool(fields) and fields[0] not in (b"Z", b"X")
+
     def process_python_threads(self) -> int:
         # threading.active_count() without its lock: this runs on every fork.
         return len(_threads_active) + len(_threads_limbo)
