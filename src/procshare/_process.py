@@ -20,14 +20,9 @@ import attrs
 from procshare._engine import children as _children
 from procshare._engine import core as _core
 from procshare._engine import get_engine
-from procshare._engine.children import (
-    CANCEL_GRACE,
-    ChildrenPart,
-    Record,
-    ScopeCancelled,
-    ScopeState,
-    current_children,
-)
+from procshare._engine import scopes as _scopes
+from procshare._engine.children import ChildrenPart, Record, current_children
+from procshare._engine.scopes import CANCEL_GRACE, ScopeCancelled, ScopeState
 from procshare.errors import ChildError, ChildRaised, JoinTimeout, UsageError
 
 __all__ = ["CANCEL_GRACE", "Child", "Children", "ExitStatus", "children", "forked"]
@@ -324,7 +319,7 @@ class Children:
             raise UsageError("a ps.children() scope can be entered only once; make a new one")
         part = current_children()
         self._part = part
-        self._scope = part.enter_scope(self._limit, self._cancel_on_error)
+        self._scope = _scopes.enter(part, self._limit, self._cancel_on_error)
         return self
 
     def __exit__(
@@ -337,7 +332,7 @@ class Children:
         assert part is not None
         assert scope is not None
         try:
-            part.exit_scope(scope, exc)
+            _scopes.leave(part, scope, exc)
         except BaseException:
             _release_what_waited()  # Ctrl-C while waiting: children are reaped
             raise

@@ -39,15 +39,13 @@ from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-import attrs
-
 from procshare._backends.api_process import Exit
 from procshare._engine import core as _core
 from procshare._engine import locks as _locks
-from procshare._engine import segments as _segments
-from procshare._engine import transport, userwarn
+from procshare._engine import scopes, transport, userwarn
+from procshare._engine.scopes import CANCEL_GRACE, ScopeCancelled, ScopeState
 from procshare._engine.transport import Record
-from procshare.errors import Cancelled, ForkError, UsageError
+from procshare.errors import ForkError, UsageError
 
 if TYPE_CHECKING:
     from procshare._engine.core import Engine
@@ -63,9 +61,6 @@ __all__ = [
     "get_children",
 ]
 
-#: Seconds a cancelled child gets to unwind between ``SIGTERM`` and ``SIGKILL``;
-#: the period starts again each time one of the children cancelled together ends.
-CANCEL_GRACE = 1.0
 
 # Without a pidfd (not Linux) the engine cannot wait on "the child exited"
 # directly, so it polls the exit status at this interval while waiting.
@@ -84,34 +79,6 @@ _CHILD_HANDLERS: dict[int, Callable[[int, FrameType | None], Any]] = {
     signal.SIGTERM: transport.on_cancel,
     signal.SIGINT: transport.on_interrupt,
 }
-
-
-class ScopeCancelled(Cancelled):
-    """Raised from a ``@forked`` call inside a scope that is being cancelled.
-
-    A ``BaseException`` (like ``KeyboardInterrupt``) so that an
-    ``except Exception:`` in the block does not swallow it; the scope that
-    raised it catches it at its exit and does not count it as a failure.
-    """
-
-    def __init__(self, scope: ScopeState) -> None:
-        super().__init__(
-            "this ps.children() scope is cancelling its children after a failure; "
-            "no new child is started"
-        )
-        self.scope = scope
-
-
-@attrs.define(eq=False)
-class ScopeState:
-    """The engine's side of one ``ps.children()`` block."""
-
-    limit: int | None
-    cancel_on_error: bool
-    records: list[Record] = attrs.field(factory=list)
-    running: list[Record] = attrs.field(factory=list)
-    failures: list[Record] = attrs.field(factory=list)
-    cancelling: bool = False
 
 
 class ChildrenPart:
@@ -156,7 +123,7 @@ class ChildrenPart:
         stack = getattr(self._local, "stack", None)
         scope = stack[-1] if stack else None
         if scope is not None and (scope.cancelling or scope.limit is not None):
-            self._admit(scope)
+            scopes.admit(self, scope)
         threads = self.backend.process_python_threads()
         if threads > 1:
             userwarn.warn(
@@ -455,81 +422,6 @@ class ChildrenPart:
             return True, data
         return False, data()
 
-    # --------------------------------------------------------------- scopes
-
-    def _refresh(self, scope: ScopeState) -> None:
-        """Advance the scope's running children; note failures among the ones
-        that ended (in fork order); cancel the rest if the scope says so."""
-        # wait_any() and terminate_all() advance the children; here we only
-        # look (no system calls per child on every fork under a limit).
-        ended = [r for r in scope.running if r.done]
-        if not ended:
-            return
-        scope.running = [r for r in scope.running if not r.done]
-        for r in ended:
-            if not (r.cancelled or self.outcome(r)[0]):
-                scope.failures.append(r)
-        if scope.failures and scope.cancel_on_error and not scope.cancelling:
-            self.cancel(scope, "by its ps.children() scope after another child failed")
-
-    def cancel(self, scope: ScopeState, reason: str) -> None:
-        scope.cancelling = True
-        self.terminate_all(scope.running, reason=reason, grace=CANCEL_GRACE)
-        self._refresh(scope)
-
-    def _admit(self, scope: ScopeState) -> None:
-        """Before forking into ``scope``: wait for a free slot under its limit."""
-        if scope.cancelling:
-            raise ScopeCancelled(scope)
-        if scope.limit is None:
-            return
-        while True:
-            self._refresh(scope)
-            if scope.cancelling:
-                raise ScopeCancelled(scope)
-            if len(scope.running) < scope.limit:
-                return
-            self.wait_any(scope.running, None)
-
-    def enter_scope(self, limit: int | None, cancel_on_error: bool) -> ScopeState:
-        self.poll()
-        scope = ScopeState(limit=limit, cancel_on_error=cancel_on_error)
-        self.scope_stack().append(scope)
-        return scope
-
-    def exit_scope(self, scope: ScopeState, exc: BaseException | None) -> None:
-        """Join (or cancel) every child of ``scope``; take it off the stack.
-
-        A ``KeyboardInterrupt`` (or any other non-``Exception``), from the
-        block or while waiting, terminates and reaps every child; the caller
-        then lets it propagate.
-        """
-        try:
-            if exc is not None and not isinstance(exc, Exception | ScopeCancelled):
-                scope.cancelling = True
-                self.terminate_all(scope.running, reason=_interrupted(exc), grace=CANCEL_GRACE)
-                return
-            if exc is not None and not isinstance(exc, ScopeCancelled) and scope.cancel_on_error:
-                self.cancel(
-                    scope,
-                    f"by its ps.children() scope after the block raised {type(exc).__name__}",
-                )
-            while True:
-                self._refresh(scope)
-                if not scope.running:
-                    return
-                self.wait_any(scope.running, None)
-        except BaseException as interrupted:
-            # Interrupted while joining: nothing may be left behind.
-            scope.cancelling = True
-            self.terminate_all(scope.running, reason=_interrupted(interrupted), grace=CANCEL_GRACE)
-            raise
-        finally:
-            stack = self.scope_stack()
-            if scope in stack:
-                stack.remove(scope)
-            _segments.reclaim_after_kills(scope.records)  # SPEC 3: a killed child's orphans
-
     # ------------------------------------------------------- engine hooks
 
     def drop(self, rec: Record) -> None:
@@ -620,7 +512,9 @@ class ChildrenPart:
                         break
                     self.wait_any(waiting, None)
             except BaseException as interrupted:  # Ctrl-C while waiting: cancel the rest
-                self.terminate_all(recs, reason=_interrupted(interrupted), grace=CANCEL_GRACE)
+                self.terminate_all(
+                    recs, reason=scopes.interrupted(interrupted), grace=CANCEL_GRACE
+                )
                 raise
         finally:
             self.terminate_all(recs, reason="", grace=0.0)
@@ -654,12 +548,6 @@ def still_running(pid: int) -> bool:
     if pid == _core._pid:
         return True
     return _core.get_engine().backend.process_running(pid)
-
-
-def _interrupted(exc: BaseException) -> str:
-    """Why a scope or the exit cancels children when ``exc`` interrupts it."""
-    what = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__
-    return f"by its parent, interrupted by {what}"
 
 
 def get_children(engine: Engine) -> ChildrenPart:

@@ -46,7 +46,7 @@ from procshare.errors import (
 
 if TYPE_CHECKING:
     from procshare._backends import Backend
-    from procshare._engine.children import ScopeState
+    from procshare._engine.scopes import ScopeState
 
 LEN = struct.Struct("<Q")
 RETURNED = b"R"
