@@ -76,8 +76,8 @@ _LIMITS = {errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM}
 # The child's own handlers, installed before it unblocks signals: SIGTERM (a
 # cancel) becomes Cancelled; the terminal's SIGINT is left to the parent.
 _CHILD_HANDLERS: dict[int, Callable[[int, FrameType | None], Any]] = {
-    signal.SIGTERM: transport.on_cancel,
-    signal.SIGINT: transport.on_interrupt,
+    int(signal.SIGTERM): transport.on_cancel,
+    int(signal.SIGINT): transport.on_interrupt,
 }
 
 

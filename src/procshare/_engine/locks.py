@@ -321,14 +321,18 @@ class LocksPart:
 
 def held_here() -> list[str]:
     """Names of the locks a thread of this process holds now, through lock
-    objects it opened or inherited across a fork (for the warnings at exit)."""
-    names_: list[str] = []
-    engines = [*_core._inherited, _core._engine]
-    for engine in engines:
+    objects it opened or inherited across a fork (for the warnings at exit).
+
+    Runs at the end of every forked child: a plain loop that builds nothing
+    while nothing is held (each object made there is a copied page)."""
+    held: list[str] = []
+    for engine in (*_core._inherited, _core._engine):
         part = None if engine is None else engine.existing_part(KEY)
         if isinstance(part, LocksPart):
-            names_.extend(e.name for e in part.entries() if not e.closed and e.mutex.held_here())
-    return sorted(set(names_))
+            for entry in part._entries.values():
+                if entry.mutex.held_here() and not entry.closed and entry.name not in held:
+                    held.append(entry.name)
+    return held
 
 
 def _warn_held_at_exit() -> None:

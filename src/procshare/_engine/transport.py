@@ -207,14 +207,6 @@ def on_interrupt(signum: int, frame: FrameType | None) -> None:
     ``SIG_IGN``, which a program the child runs would inherit.)"""
 
 
-def _arm() -> None:
-    global _armed, _raised
-    _armed = True
-    if _pending and not _raised:
-        _raised = True
-        raise Cancelled
-
-
 def _join_threads() -> None:
     """Wait for the non-daemon threads the child's function started, as
     ``multiprocessing`` and interpreter exit do (new ones they start too)."""
@@ -237,12 +229,15 @@ def child_main(  # noqa: PLR0917 - a functools.partial built on every fork
 ) -> int:
     """Runs in the child; the backend ends the process with the status returned
     (a negative one: by that signal, after the child unwound from a cancel)."""
-    global _armed
+    global _armed, _raised
     # The fork step already closed our siblings' descriptors and our own
     # parent's pipe (see the backend): nothing of the parent's to drop here.
     payload: bytes | None
     try:
-        _arm()  # (raises Cancelled at once if a cancel came before the start)
+        _armed = True
+        if _pending and not _raised:  # a cancel came before the start (at the fork)
+            _raised = True
+            raise Cancelled
         value = fn(*args, **kwargs)
         if backend.process_python_threads() > 1:
             _join_threads()

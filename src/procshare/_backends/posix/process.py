@@ -24,11 +24,11 @@
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # CPython's C half of signal
 import contextlib
 import fcntl
 import os
 import select
-import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -54,7 +54,9 @@ _fork_step = _forkstep.fork
 _unblock = _forkstep.unblock
 _exit = _forkstep.exit
 _close = _forkstep.close
-_set_handler = signal.signal
+# The C function, not signal.signal: that wrapper converts the old handler to
+# an enum, and the Python it runs for it touched ~20 pages in each child.
+_set_handler = _signal.signal
 Handler = Callable[[int, FrameType | None], Any]
 
 _threads_active: dict[int, Any] = threading._active  # type: ignore[attr-defined]
