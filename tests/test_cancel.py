@@ -215,3 +215,35 @@ def test_cancelled_is_a_base_exception_that_pickles() -> None:
     assert "cancelled" in str(exc)
     assert str(pickle.loads(pickle.dumps(exc))) == str(exc)
     assert child_pids() == {}
+
+
+@pytest.mark.timeout(60)
+def test_a_child_forked_while_its_parent_unwinds_starts_uncancelled(tmp_path: Path) -> None:
+    # The cancel state is per process: a grandchild forked from a child that is
+    # unwinding from its own cancel can be cancelled (and unwinds) in turn.
+    unwound = tmp_path / "grandchild unwound"
+
+    @ps.forked
+    def grandchild() -> None:
+        try:
+            time.sleep(60)
+        finally:
+            unwound.write_text("yes")
+
+    @ps.forked
+    def middle() -> int | None:
+        try:
+            time.sleep(60)
+        except ps.Cancelled:
+            g = grandchild()
+            time.sleep(0.2)
+            g.terminate()
+            status = g.wait(timeout=20)
+            return None if status is None else status.signal
+        return None
+
+    child = middle()
+    time.sleep(0.3)
+    child.terminate()
+    assert child.join(timeout=30) == signal.SIGTERM
+    assert unwound.read_text() == "yes"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import pickle
 import signal
 import struct
@@ -188,6 +189,17 @@ def returned_payload(value: object) -> tuple[int, bytes]:
 _armed = False
 _pending = False
 _raised = False
+
+
+def _fresh_state() -> None:
+    """A new child starts uncancelled, whatever its parent (a child being
+    cancelled, perhaps) was doing: runs right after every fork, in the child,
+    before its handlers are installed and its signals unblocked."""
+    global _armed, _pending, _raised
+    _armed = _pending = _raised = False
+
+
+os.register_at_fork(after_in_child=_fresh_state)
 
 
 def on_cancel(signum: int, frame: FrameType | None) -> None:
