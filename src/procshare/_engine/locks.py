@@ -20,7 +20,9 @@ user is closed
 An entry that a thread of this process holds is never closed: the kernel
 walks a held robust mutex when the thread exits, so its memory must stay
 mapped. At exit such a lock is left to the kernel, which releases it and
-marks its holder dead, so the next acquirer is told (``OwnerDied``).
+marks its holder dead, so the next acquirer is told (``OwnerDied``); the
+exiting process is warned, naming it (:func:`held_here`; a forked child
+reports it to its parent instead, see ``transport.child_main``).
 """
 
 from __future__ import annotations
