@@ -245,7 +245,7 @@ class Child(Generic[R]):
             # Ctrl-C (or SystemExit & co) in the block: waiting for the child to
             # finish on its own could take forever. Stop and reap it, as a
             # children() scope does, and let the interruption propagate.
-            self._part.terminate_all([self._rec], reason="", grace=CANCEL_GRACE)
+            self._part.terminate_all([self._rec], cancel=False, grace=CANCEL_GRACE)
             _release_what_waited()
             return
         try:
@@ -257,7 +257,7 @@ class Child(Generic[R]):
             status = self.wait()
         except BaseException as interrupted:
             if not isinstance(interrupted, Exception):  # Ctrl-C while joining
-                self._part.terminate_all([self._rec], reason="", grace=CANCEL_GRACE)
+                self._part.terminate_all([self._rec], cancel=False, grace=CANCEL_GRACE)
                 _release_what_waited()
             raise
         if status is not None and status.error is not None:

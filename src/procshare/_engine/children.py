@@ -375,16 +375,18 @@ class ChildrenPart:
                 self._foreign(rec)
             return self.backend.process_signal(rec.pid, signum)
 
-    def terminate_all(self, recs: Iterable[Record], *, reason: str, grace: float) -> None:
-        """Cancel every running one of ``recs`` (``SIGTERM``: each unwinds), kill
+    def terminate_all(self, recs: Iterable[Record], *, cancel: bool | str, grace: float) -> None:
+        """Stop every running one of ``recs`` (``SIGTERM``: each unwinds), kill
         (``SIGKILL``) those still running once ``grace`` seconds pass without any
         of them ending, and reap them all, even when interrupted (``Ctrl-C``
-        again: then the kill comes at once). ``reason``: why the parent cancels
-        them (their handles then say "cancelled"), or ``""`` for a plain stop."""
+        again: then the kill comes at once). ``cancel``: why the parent cancels
+        them (their handles then say "cancelled"; ``True``: no reason given),
+        or ``False`` for a plain stop."""
         running = [r for r in recs if not self.advance(r)]
         if not running:
             return
         try:
+            reason = "by its parent" if cancel is True else cancel or ""
             for r in running:
                 if reason:
                     r.cancelled = reason
@@ -504,7 +506,7 @@ class ChildrenPart:
         stop = recs if isinstance(last, KeyboardInterrupt) else [r for r in recs if r.daemon]
         try:
             try:
-                self.terminate_all(stop, reason="", grace=CANCEL_GRACE)
+                self.terminate_all(stop, cancel=False, grace=CANCEL_GRACE)
                 waiting = [r for r in recs if not r.done]
                 while True:
                     waiting = [r for r in waiting if not self.advance(r)]
@@ -513,11 +515,11 @@ class ChildrenPart:
                     self.wait_any(waiting, None)
             except BaseException as interrupted:  # Ctrl-C while waiting: cancel the rest
                 self.terminate_all(
-                    recs, reason=scopes.interrupted(interrupted), grace=CANCEL_GRACE
+                    recs, cancel=scopes.interrupted(interrupted), grace=CANCEL_GRACE
                 )
                 raise
         finally:
-            self.terminate_all(recs, reason="", grace=0.0)
+            self.terminate_all(recs, cancel=False, grace=0.0)
             for rec in recs:
                 if rec.dropped and rec.done and not rec.daemon:
                     with contextlib.suppress(Exception):

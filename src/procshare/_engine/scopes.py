@@ -84,7 +84,7 @@ def refresh(part: ChildrenPart, scope: ScopeState) -> None:
 
 def cancel(part: ChildrenPart, scope: ScopeState, reason: str) -> None:
     scope.cancelling = True
-    part.terminate_all(scope.running, reason=reason, grace=CANCEL_GRACE)
+    part.terminate_all(scope.running, cancel=reason, grace=CANCEL_GRACE)
     refresh(part, scope)
 
 
@@ -120,7 +120,7 @@ def leave(part: ChildrenPart, scope: ScopeState, exc: BaseException | None) -> N
     try:
         if exc is not None and not isinstance(exc, Exception | ScopeCancelled):
             scope.cancelling = True
-            part.terminate_all(scope.running, reason=interrupted(exc), grace=CANCEL_GRACE)
+            part.terminate_all(scope.running, cancel=interrupted(exc), grace=CANCEL_GRACE)
             return
         if exc is not None and not isinstance(exc, ScopeCancelled) and scope.cancel_on_error:
             cancel(
@@ -136,7 +136,7 @@ def leave(part: ChildrenPart, scope: ScopeState, exc: BaseException | None) -> N
     except BaseException as stopped:
         # Interrupted while joining: nothing may be left behind.
         scope.cancelling = True
-        part.terminate_all(scope.running, reason=interrupted(stopped), grace=CANCEL_GRACE)
+        part.terminate_all(scope.running, cancel=interrupted(stopped), grace=CANCEL_GRACE)
         raise
     finally:
         stack = part.scope_stack()
