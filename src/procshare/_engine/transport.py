@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import pickle
 import signal
 import struct
@@ -186,30 +185,22 @@ def returned_payload(value: object) -> tuple[int, bytes]:
 # second SIGTERM must not interrupt the unwinding (a `finally`, an __exit__)
 # the first one started. Before the function starts, a cancel is remembered
 # and raised as the function starts; after it, the child is finishing anyway.
-_armed = False
-_pending = False
-_raised = False
-
-
-def _fresh_state() -> None:
-    """A new child starts uncancelled, whatever its parent (a child being
-    cancelled, perhaps) was doing: runs right after every fork, in the child,
-    before its handlers are installed and its signals unblocked."""
-    global _armed, _pending, _raised
-    _armed = _pending = _raised = False
-
-
-os.register_at_fork(after_in_child=_fresh_state)
+# Each flag holds the pid it is true for (0: none): a child forked from one
+# that was being cancelled inherits its flags, and they are simply not its own.
+_armed = 0
+_pending = 0
+_raised = 0
 
 
 def on_cancel(signum: int, frame: FrameType | None) -> None:
     """The child's ``SIGTERM`` handler (installed by the backend before the
     child unblocks signals)."""
     global _pending, _raised
-    if _armed and not _raised:
-        _raised = True
+    me = _core._pid
+    if _armed == me and _raised != me:
+        _raised = me
         raise Cancelled
-    _pending = True
+    _pending = me
 
 
 def on_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -246,16 +237,16 @@ def child_main(  # noqa: PLR0917 - a functools.partial built on every fork
     # parent's pipe (see the backend): nothing of the parent's to drop here.
     payload: bytes | None
     try:
-        _armed = True
-        if _pending and not _raised:  # a cancel came before the start (at the fork)
-            _raised = True
+        me = _armed = _core._pid
+        if _pending == me and _raised != me:  # a cancel came before the start (at the fork)
+            _raised = me
             raise Cancelled
         value = fn(*args, **kwargs)
         if backend.process_python_threads() > 1:
             _join_threads()
     except Cancelled as exc:
-        _armed = False
-        if _raised:  # unwound from the cancel: end as the signal would have
+        _armed = 0
+        if _raised == _core._pid:  # unwound from the cancel: end as the signal would have
             status, payload = -signal.SIGTERM, None
         else:  # the function raised one of its own: report it as such
             status, payload = 1, raised_payload(exc, skip=1)
@@ -266,7 +257,7 @@ def child_main(  # noqa: PLR0917 - a functools.partial built on every fork
     else:
         status, payload = (0, None) if value is None else returned_payload(value)
         del value
-    _armed = False  # finishing: a late cancel changes nothing any more
+    _armed = 0  # finishing: a late cancel changes nothing any more
     held = held_locks()
     try:
         # Release what the child itself opened (never what it inherited:
