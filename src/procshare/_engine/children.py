@@ -502,8 +502,10 @@ class ChildrenPart:
         # An uncaught KeyboardInterrupt ends the main program: this is its exit.
         # The children ignore the terminal's SIGINT (the parent cancels them),
         # so waiting for them would wait out whatever they were doing.
+        # (Not in a forked child, which may have inherited an old sys.last_value.)
         last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
-        stop = recs if isinstance(last, KeyboardInterrupt) else [r for r in recs if r.daemon]
+        on_ctrl_c = isinstance(last, KeyboardInterrupt) and not _core._inherited
+        stop = recs if on_ctrl_c else [r for r in recs if r.daemon]
         try:
             try:
                 self.terminate_all(stop, cancel=False, grace=CANCEL_GRACE)
