@@ -247,3 +247,27 @@ def test_a_child_forked_while_its_parent_unwinds_starts_uncancelled(tmp_path: Pa
     child.terminate()
     assert child.join(timeout=30) == signal.SIGTERM
     assert unwound.read_text() == "yes"
+
+
+@pytest.mark.timeout(60)
+def test_a_cancel_ends_the_wait_for_the_childs_threads(tmp_path: Path) -> None:
+    import threading
+
+    returned = tmp_path / "returned"
+
+    @ps.forked
+    def leaves_a_thread() -> str:
+        threading.Thread(target=time.sleep, args=(60,)).start()
+        returned.write_text("")
+        return "done"  # then waits for the thread, as multiprocessing does
+
+    child = leaves_a_thread()
+    assert wait_for(returned.exists, timeout=30)
+    time.sleep(0.2)
+    assert child.running  # still waiting for its thread
+    t0 = time.monotonic()
+    child.terminate()
+    status = child.wait(timeout=30)
+    assert status is not None
+    assert status.signal == signal.SIGTERM
+    assert time.monotonic() - t0 < 20

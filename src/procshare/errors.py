@@ -354,7 +354,7 @@ class ForkError(ProcshareError, OSError):
     limit and the fix (``ulimit -n``, ``ps.children(limit=...)``).
     """
 
-    _fields: ClassVar[tuple[str, ...]] = ("name", "errno_code", "limit", "running", "detail")
+    _fields: ClassVar[tuple[str, ...]] = ("name", "errno_code", "running", "detail")
 
     def __init__(
         self,
@@ -362,15 +362,12 @@ class ForkError(ProcshareError, OSError):
         *,
         name: str | None = None,
         errno_code: int | None = None,
-        limit: int | None = None,
         running: int | None = None,
     ) -> None:
         self.name = name
         #: The errno of the failed call (also ``.errno``, as for any OSError).
         self.errno_code = errno_code
-        #: The limit that was reached (``ulimit -n`` or ``ulimit -u``), if known.
-        self.limit = limit
-        #: How many children of this process were running then.
+        #: How many children of this process were running (not yet reaped) then.
         self.running = running
         super().__init__(detail)
         if errno_code is not None:
@@ -380,12 +377,11 @@ class ForkError(ProcshareError, OSError):
         code = self.errno_code
         running = "" if self.running is None else f" with {self.running} children running"
         head = f"could not fork child {self.name!r}{running}: "
-        limit = "" if self.limit is None else f", {self.limit} here"
         if code == _errno.EMFILE:
             why = (
                 "this process ran out of file descriptors (EMFILE): each running child "
                 "holds two until it is joined or reaped (its result pipe and its pidfd). "
-                f"Raise the limit (`ulimit -n`{limit}), or let fewer children run at once: "
+                "Raise the limit (`ulimit -n`), or let fewer children run at once: "
                 "`with ps.children(limit=N):` waits for a free slot before each fork"
             )
         elif code == _errno.ENFILE:
@@ -396,9 +392,9 @@ class ForkError(ProcshareError, OSError):
             )
         elif code == _errno.EAGAIN:
             why = (
-                "the limit on processes was reached (EAGAIN: `ulimit -u`"
-                f"{limit}, or the system's pid or thread limit). Let fewer children run at "
-                "once (`with ps.children(limit=N):`) or raise the limit"
+                "the limit on processes was reached (EAGAIN: `ulimit -u`, or the system's "
+                "pid or thread limit). Let fewer children run at once "
+                "(`with ps.children(limit=N):`) or raise the limit"
             )
         elif code == _errno.ENOMEM:
             why = (
