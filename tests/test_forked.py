@@ -565,11 +565,12 @@ def test_context_manager_interrupted_terminates_and_reaps_the_child(
 
     with pytest.raises(interruption), sleeper() as child:
         raise interruption
-    assert child.pid not in child_pids()  # not waited for: terminated and reaped
+    assert child.pid not in child_pids()  # not waited for: cancelled and reaped
     status = child.wait()
     assert status is not None
     assert status.signal == signal.SIGTERM
-    assert status.outcome == "killed"
+    assert status.outcome == "cancelled"
+    assert child.cancelled
 
 
 @pytest.mark.timeout(60)

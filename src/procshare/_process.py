@@ -244,8 +244,10 @@ class Child(Generic[R]):
         if exc is not None and not isinstance(exc, Exception):
             # Ctrl-C (or SystemExit & co) in the block: waiting for the child to
             # finish on its own could take forever. Stop and reap it, as a
-            # children() scope does, and let the interruption propagate.
-            self._part.terminate_all([self._rec], cancel=False, grace=CANCEL_GRACE)
+            # children() scope does (it is cancelled: it unwinds), and let the
+            # interruption propagate.
+            reason = _scopes.interrupted(exc)
+            self._part.terminate_all([self._rec], cancel=reason, grace=CANCEL_GRACE)
             _release_what_waited()
             return
         try:
@@ -257,7 +259,8 @@ class Child(Generic[R]):
             status = self.wait()
         except BaseException as interrupted:
             if not isinstance(interrupted, Exception):  # Ctrl-C while joining
-                self._part.terminate_all([self._rec], cancel=False, grace=CANCEL_GRACE)
+                reason = _scopes.interrupted(interrupted)
+                self._part.terminate_all([self._rec], cancel=reason, grace=CANCEL_GRACE)
                 _release_what_waited()
             raise
         if status is not None and status.error is not None:
