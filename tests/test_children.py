@@ -19,7 +19,7 @@ import pytest
 import procshare as ps
 from procshare._process import CANCEL_GRACE
 from procshare.testing import child_pids
-from shared_support import alive
+from shared_support import alive, wait_for
 
 
 @ps.forked
@@ -132,16 +132,23 @@ def test_cancel_on_error_terminates_the_others_which_are_not_failures() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_cancellation_escalates_to_sigkill_after_the_grace_period() -> None:
+def test_cancellation_escalates_to_sigkill_after_the_grace_period(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+
     @ps.forked
     def stubborn() -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        time.sleep(30)
+        while True:
+            try:
+                ready.write_text("")
+                time.sleep(30)
+            except ps.Cancelled:
+                pass  # swallowed: it does not end
 
     t0 = time.monotonic()
     with pytest.raises(ExceptionGroup), ps.children() as kids:
         stubborn()
-        time.sleep(0.2)  # let it install its handler
+        assert wait_for(ready.exists, timeout=30)
+        t0 = time.monotonic()
         fail("go")
     elapsed = time.monotonic() - t0
     assert CANCEL_GRACE <= elapsed < CANCEL_GRACE + 15
