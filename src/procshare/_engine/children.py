@@ -548,10 +548,19 @@ class ChildrenPart:
 
 def still_running(pid: int) -> bool:
     """Whether process ``pid`` is this one, or another that has not ended (a
-    lock holder recorded as ``pid`` that died was then only one of its threads)."""
+    lock holder recorded as ``pid`` that died was then only one of its threads).
+
+    A dying process releases its robust locks (waking the next holder) a
+    moment before it shows as ended, so "still running" is confirmed twice
+    more within 50 ms: only a process whose thread ended stays running."""
     if pid == _core._pid:
         return True
-    return _core.get_engine().backend.process_running(pid)
+    backend = _core.get_engine().backend
+    for pause in (0.0, 0.01, 0.04):
+        time.sleep(pause)
+        if not backend.process_running(pid):
+            return False
+    return True
 
 
 def get_children(engine: Engine) -> ChildrenPart:

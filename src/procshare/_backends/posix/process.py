@@ -58,6 +58,7 @@ _close = _forkstep.close
 # an enum, and the Python it runs for it touched ~20 pages in each child.
 _set_handler = _signal.signal
 Handler = Callable[[int, FrameType | None], Any]
+_PF_EXITING = 0x4  # linux/sched.h: the task is in do_exit()
 
 _threads_active: dict[int, Any] = threading._active  # type: ignore[attr-defined]
 _threads_limbo: dict[Any, Any] = threading._limbo  # type: ignore[attr-defined]
@@ -187,9 +188,14 @@ class PosixProcesses:
             except PermissionError:
                 return True
             return True
-        # "pid (comm) state ...": comm may hold spaces and parentheses.
+        # "pid (comm) state ppid pgrp session tty tpgid flags ...": comm may hold
+        # spaces and parentheses. A process on its way out (PF_EXITING in its
+        # main thread's flags) has ended too: its robust locks are being
+        # released before it becomes a zombie.
         fields = stat.rsplit(b")", 1)[-1].split()
-        return bool(fields) and fields[0] not in (b"Z", b"X")
+        if len(fields) < 7 or fields[0] in (b"Z", b"X"):
+            return False
+        return not int(fields[6]) & _PF_EXITING
 
     def process_python_threads(self) -> int:
         # threading.active_count() without its lock: this runs on every fork.
