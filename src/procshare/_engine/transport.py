@@ -244,20 +244,18 @@ def child_main(  # noqa: PLR0917 - a functools.partial built on every fork
         value = fn(*args, **kwargs)
         if backend.process_python_threads() > 1:
             _join_threads()
-    except Cancelled as exc:
-        _armed = 0
-        if _raised == _core._pid:  # unwound from the cancel: end as the signal would have
-            status, payload = -signal.SIGTERM, None
-        else:  # the function raised one of its own: report it as such
-            status, payload = 1, raised_payload(exc, skip=1)
-    except SystemExit as exc:
-        status, payload = exit_status(exc), None
     except BaseException as exc:
-        status, payload = 1, raised_payload(exc, skip=1)
+        _armed = 0  # first: a late cancel must not interrupt the report
+        if isinstance(exc, Cancelled) and _raised == _core._pid:
+            status, payload = -signal.SIGTERM, None  # unwound: end as the signal would have
+        elif isinstance(exc, SystemExit):
+            status, payload = exit_status(exc), None
+        else:  # (a Cancelled of its own making too: reported as raised)
+            status, payload = 1, raised_payload(exc, skip=1)
     else:
+        _armed = 0  # finishing: a late cancel changes nothing any more
         status, payload = (0, None) if value is None else returned_payload(value)
         del value
-    _armed = 0  # finishing: a late cancel changes nothing any more
     held = held_locks()
     try:
         # Release what the child itself opened (never what it inherited:
