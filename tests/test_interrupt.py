@@ -85,7 +85,8 @@ def test_ctrl_c_at_random_moments_then_the_same_program_runs_right() -> None:
             outcomes.append("done")  # interrupted (if at all) after its result
         else:
             assert code != 0, report
-            assert "KeyboardInterrupt" in report, f"after {delay:.3f} s:\n{report}"
+            # (Silent: killed by SIGINT before Python installed its own handler.)
+            assert "KeyboardInterrupt" in report or report == "", f"after {delay:.3f} s:\n{report}"
             outcomes.append("interrupted")
         took = 0.8 * took + 0.2 * clean_run()  # the rerun: must be right, nobody told OwnerDied
     # The moments must mostly hit a running program, or this tests nothing.
