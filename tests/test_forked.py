@@ -462,7 +462,7 @@ def test_timeout_cancels_the_child_which_unwinds_and_is_reaped(tmp_path: Path) -
     assert status.outcome == "timed out"
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_timeout_kills_a_child_that_does_not_unwind_after_the_grace_period() -> None:
     @ps.forked(timeout=1.0)  # (time enough to be in the loop on a loaded machine)
     def stubborn() -> None:
@@ -474,7 +474,7 @@ def test_timeout_kills_a_child_that_does_not_unwind_after_the_grace_period() -> 
     child = stubborn()
     with pytest.raises(ps.ChildTimeout) as info:
         child.join()
-    assert 1.0 + CANCEL_GRACE <= time.monotonic() - t0 < 20
+    assert 1.0 + CANCEL_GRACE <= time.monotonic() - t0 < 150
     assert info.value.signal == signal.SIGKILL
     assert "killed" in str(info.value)
     assert child.pid not in child_pids()
