@@ -77,10 +77,15 @@ def test_ctrl_c_at_random_moments_then_the_same_program_runs_right() -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGINT)
         code, report = finish(proc, timeout=120)
+        assert "OwnerDied" not in report, f"after {delay:.3f} s:\n{report}"
+        if code == 1 and "Fatal Python error: init" in report:
+            # CPython's own start-up, interrupted before it can handle Ctrl-C.
+            outcomes.append("interpreter start-up")
+            took = 0.8 * took + 0.2 * clean_run()
+            continue
         # Interrupted: KeyboardInterrupt, which CPython reports by dying of
         # SIGINT; or it had already printed its (right) result.
         assert code in (0, -signal.SIGINT), f"after {delay:.3f} s:\n{report}"
-        assert "OwnerDied" not in report, f"after {delay:.3f} s:\n{report}"
         if EXPECTED in report:
             outcomes.append("done")  # interrupted (if at all) after its result
         else:
