@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 import procshare as ps
 from procshare._process import CANCEL_GRACE
 from procshare.testing import child_pids
-from shared_support import alive
+from shared_support import alive, wait_for
 
 
 @ps.forked
@@ -91,7 +92,8 @@ def test_the_blocks_own_exception_is_in_the_group() -> None:
         fail("child side")
         raise KeyError("block side")
     errors = info.value.exceptions
-    assert [type(e) for e in errors] == [KeyError, ps.ChildRaised]
+    assert type(errors[0]) is KeyError
+    assert isinstance(errors[1], ps.ChildRaised)
     assert "the block raised KeyError" in str(info.value)
 
 
@@ -130,16 +132,23 @@ def test_cancel_on_error_terminates_the_others_which_are_not_failures() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_cancellation_escalates_to_sigkill_after_the_grace_period() -> None:
+def test_cancellation_escalates_to_sigkill_after_the_grace_period(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+
     @ps.forked
     def stubborn() -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        time.sleep(30)
+        while True:
+            try:
+                ready.write_text("")
+                time.sleep(30)
+            except ps.Cancelled:
+                pass  # swallowed: it does not end
 
     t0 = time.monotonic()
     with pytest.raises(ExceptionGroup), ps.children() as kids:
         stubborn()
-        time.sleep(0.2)  # let it install its handler
+        assert wait_for(ready.exists, timeout=30)
+        t0 = time.monotonic()
         fail("go")
     elapsed = time.monotonic() - t0
     assert CANCEL_GRACE <= elapsed < CANCEL_GRACE + 15
@@ -483,3 +492,34 @@ def test_ctrl_c_during_the_fork_still_stops_and_reaps_the_child() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert out.stdout.strip() == "interrupted 0", out.stdout + out.stderr
+
+
+@pytest.mark.timeout(120)
+def test_running_out_of_descriptors_is_a_fork_error_naming_the_limit_and_the_fix() -> None:
+    # In a child, so the low descriptor limit is nobody else's: fork without
+    # limit= until the pipes and pidfds of running children use them all up.
+    @ps.forked
+    def fork_until_it_fails() -> tuple[str, int | None, bool, str]:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 12, hard))
+        caught: list[BaseException] = []
+        try:
+            with ps.children():
+                for _ in range(100):
+                    sleep_then(30, None)  # cancelled (they unwind) once the fork fails
+        except* ps.ForkError as group:
+            caught.extend(group.exceptions)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        (err,) = caught
+        assert isinstance(err, ps.ForkError)
+        return type(err).__name__, err.errno, isinstance(err, OSError), str(err)
+
+    name, code, is_os_error, message = fork_until_it_fails().join(timeout=100)
+    assert name == "ForkError"
+    assert is_os_error
+    assert code == errno.EMFILE
+    assert "ulimit -n" in message
+    assert "ps.children(limit=" in message

@@ -49,6 +49,7 @@ SAMPLES: list[ps.ProcshareError] = [
     ps.BrokenBarrier("b", reason="a party died"),
     ps.QueueEmpty("q"),
     ps.QueueFull("q"),
+    ps.ForkError(name="job", errno_code=errno.EMFILE, running=1021),
 ]
 
 BUILTINS: dict[type[ps.ProcshareError], tuple[type[BaseException], ...]] = {
@@ -73,6 +74,7 @@ BUILTINS: dict[type[ps.ProcshareError], tuple[type[BaseException], ...]] = {
     ps.BrokenBarrier: (threading.BrokenBarrierError, RuntimeError),
     ps.QueueEmpty: (queue.Empty,),
     ps.QueueFull: (queue.Full,),
+    ps.ForkError: (OSError,),
 }
 
 
@@ -82,7 +84,8 @@ def test_every_public_error_has_a_sample() -> None:
         for n in ps.__all__
         if isinstance(getattr(ps, n), type) and issubclass(getattr(ps, n), BaseException)
     }
-    assert public == {type(e) for e in SAMPLES}
+    # ps.Cancelled is no error: a BaseException, tested in tests/test_cancel.py.
+    assert public - {ps.Cancelled} == {type(e) for e in SAMPLES}
 
 
 @pytest.mark.parametrize("exc", SAMPLES, ids=lambda e: type(e).__name__)
@@ -175,3 +178,71 @@ def test_misuse_is_a_usage_error_which_is_a_runtime_error() -> None:
     lock.close()
     with pytest.raises(ps.UsageError, match=r"kids\.results"):
         _ = ps.children().results
+
+
+# -- a ChildRaised is also an instance of the child's exception type ----------
+
+
+class _Coded(Exception):
+    """A user exception with a field of its own (module level: it pickles)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _raised(original: BaseException) -> ps.ChildRaised:
+    err = ps.ChildRaised.matching(type(original))(
+        exc_type=type(original).__name__, exc_message=str(original), pid=7, name="job"
+    )
+    err.__cause__ = original
+    return err
+
+
+def test_a_child_raised_for_a_key_error_is_a_key_error_too() -> None:
+    err = _raised(KeyError("k"))
+    assert isinstance(err, ps.ChildRaised)
+    assert isinstance(err, KeyError)
+    assert isinstance(err, ChildProcessError)
+    assert type(err) is ps.ChildRaised.matching(KeyError)  # one class per type
+    assert type(err).__name__ == "ChildRaised[KeyError]"
+    assert str(err).startswith("child 'job' (pid 7) raised KeyError: 'k'")
+    with pytest.raises(KeyError):
+        raise err
+    caught: list[BaseException] = []
+    try:
+        raise ExceptionGroup("scope", [err])
+    except* KeyError as group:
+        caught.extend(group.exceptions)
+    assert caught == [err]
+
+
+def test_matching_pickles_keeps_its_type_fields_and_cause() -> None:
+    err = _raised(_Coded(42))
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is type(err)
+    assert isinstance(copy, _Coded)
+    assert str(copy) == str(err)
+    assert copy.pid == 7
+    assert isinstance(copy.__cause__, _Coded)
+    assert copy.code == 42  # what the ChildRaised has not itself comes from the cause
+    plain = pickle.loads(pickle.dumps(ps.ChildRaised(exc_type="X", pid=1, name="j")))
+    assert type(plain) is ps.ChildRaised
+
+
+def test_a_ChildRaised_of_a_ChildRaised_matches_the_original_type() -> None:
+    inner = _raised(KeyError("k"))
+    outer = _raised(inner)
+    assert isinstance(outer, KeyError)
+    assert type(outer) is type(inner)
+
+
+@pytest.mark.parametrize(
+    "original",
+    [UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"), StopIteration(3), KeyboardInterrupt()],
+    ids=lambda e: type(e).__name__,
+)
+def test_types_that_cannot_be_matched_give_a_plain_child_raised(original: BaseException) -> None:
+    # A layout that cannot be combined, and anything that is not an Exception
+    # (a parent's `except KeyboardInterrupt` must not catch a child's failure).
+    assert type(_raised(original)) is ps.ChildRaised

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import pickle
@@ -19,6 +20,7 @@ import pytest
 
 import procshare as ps
 from procshare._engine import get_engine
+from procshare._process import CANCEL_GRACE
 from procshare.testing import child_pids
 from shared_support import alive, wait_for
 
@@ -308,6 +310,40 @@ def test_child_raised_carries_the_traceback_and_the_original_as_cause() -> None:
     assert pickle.loads(pickle.dumps(err)).child_traceback == err.child_traceback
 
 
+@pytest.mark.timeout(60)
+def test_a_childs_key_error_is_caught_by_except_key_error_in_the_parent() -> None:
+    @ps.forked
+    def lookup(key: str) -> int:
+        return {"a": 1}[key]
+
+    with pytest.raises(KeyError) as info:
+        lookup("b").join()
+    assert isinstance(info.value, ps.ChildRaised)
+    assert isinstance(info.value.__cause__, KeyError)
+    caught: list[BaseException] = []
+    try:
+        with ps.children():
+            lookup("a")
+            lookup("c")
+    except* KeyError as group:
+        caught.extend(group.exceptions)
+    assert len(caught) == 1
+    assert isinstance(caught[0], ps.ChildRaised)
+    assert "'c'" in str(caught[0])
+
+    # Across two process boundaries, and through pickling, it stays a KeyError.
+    @ps.forked
+    def middle() -> int:
+        return lookup("d").join()
+
+    with pytest.raises(KeyError) as outer:
+        middle().join()
+    again = pickle.loads(pickle.dumps(outer.value))
+    assert isinstance(again, KeyError)
+    assert isinstance(again, ps.ChildRaised)
+    assert isinstance(again.__cause__, KeyError)
+
+
 def test_unpicklable_exception_still_reports_type_and_message() -> None:
     @ps.forked
     def fails() -> None:
@@ -399,10 +435,15 @@ def test_killed_by_a_signal_names_it_and_its_likely_cause(signum: int, cause: st
 
 
 @pytest.mark.timeout(60)
-def test_timeout_kills_and_reaps_the_child() -> None:
+def test_timeout_cancels_the_child_which_unwinds_and_is_reaped(tmp_path: Path) -> None:
+    unwound = tmp_path / "unwound"
+
     @ps.forked(timeout=0.3)
     def too_slow() -> None:
-        time.sleep(30)
+        try:
+            time.sleep(30)
+        finally:  # the cancel is an exception in the child: this runs
+            unwound.write_text("yes")
 
     child = too_slow()
     t0 = time.monotonic()
@@ -411,13 +452,32 @@ def test_timeout_kills_and_reaps_the_child() -> None:
     assert time.monotonic() - t0 < 10
     assert isinstance(info.value, TimeoutError)
     assert info.value.timeout == 0.3
-    assert info.value.signal == signal.SIGKILL
-    assert "killed and reaped" in str(info.value)
+    assert info.value.signal == signal.SIGTERM  # ended by the cancel, not SIGKILL
+    assert unwound.read_text() == "yes"
+    assert "cancelled" in str(info.value)
     assert not alive(child.pid)
     assert child.pid not in child_pids()  # reaped, not a zombie
     status = child.wait()
     assert status is not None
     assert status.outcome == "timed out"
+
+
+@pytest.mark.timeout(180)
+def test_timeout_kills_a_child_that_does_not_unwind_after_the_grace_period() -> None:
+    @ps.forked(timeout=1.0)  # (time enough to be in the loop on a loaded machine)
+    def stubborn() -> None:
+        while True:
+            with contextlib.suppress(ps.Cancelled):  # swallowed: it does not end
+                time.sleep(30)
+
+    t0 = time.monotonic()
+    child = stubborn()
+    with pytest.raises(ps.ChildTimeout) as info:
+        child.join()
+    assert 1.0 + CANCEL_GRACE <= time.monotonic() - t0 < 150
+    assert info.value.signal == signal.SIGKILL
+    assert "killed" in str(info.value)
+    assert child.pid not in child_pids()
 
 
 def test_timeout_is_not_applied_to_a_fast_child() -> None:
@@ -507,11 +567,12 @@ def test_context_manager_interrupted_terminates_and_reaps_the_child(
 
     with pytest.raises(interruption), sleeper() as child:
         raise interruption
-    assert child.pid not in child_pids()  # not waited for: terminated and reaped
+    assert child.pid not in child_pids()  # not waited for: cancelled and reaped
     status = child.wait()
     assert status is not None
     assert status.signal == signal.SIGTERM
-    assert status.outcome == "killed"
+    assert status.outcome == "cancelled"
+    assert child.cancelled
 
 
 @pytest.mark.timeout(60)
@@ -589,6 +650,28 @@ def test_child_skips_parent_atexit_and_flushes_its_stdio(tmp_path: Path) -> None
     assert (tmp_path / "atexit").read_text() == "ran\n"
 
 
+@pytest.mark.timeout(60)
+def test_a_child_waits_for_the_non_daemon_threads_it_started(tmp_path: Path) -> None:
+    # As multiprocessing (and interpreter exit) do; daemon threads are not waited for.
+    done, daemon_done = tmp_path / "done", tmp_path / "daemon"
+
+    def later(path: Path, seconds: float) -> None:
+        time.sleep(seconds)
+        path.write_text("written")
+
+    @ps.forked
+    def starts_threads() -> str:
+        threading.Thread(target=later, args=(done, 0.3)).start()
+        threading.Thread(target=later, args=(daemon_done, 30), daemon=True).start()
+        return "returned"
+
+    t0 = time.monotonic()
+    assert starts_threads().join(timeout=30) == "returned"
+    assert done.read_text() == "written"  # the child waited for it before exiting
+    assert not daemon_done.exists()
+    assert time.monotonic() - t0 < 20
+
+
 def test_child_gets_a_fresh_engine() -> None:
     parent_engine = get_engine()
 
@@ -653,7 +736,7 @@ def test_dropped_handle_is_reaped_at_the_next_call_into_procshare() -> None:
 )
 def test_every_public_entry_point_reaps_dropped_children(call: str) -> None:
     # A dropped child that has exited is reaped; one whose timeout= ran out is
-    # killed and reaped (with a warning), by any call into procshare.
+    # cancelled, then reaped (with a warning), by any calls into procshare.
     @ps.forked
     def quick() -> None:
         return None
@@ -679,9 +762,10 @@ def test_every_public_entry_point_reaps_dropped_children(call: str) -> None:
 
     def scope_exit() -> None:
         with ps.children():
-            dropped.clear()  # after the scope's entry, which polls too
-            gc.collect()
-            assert all(p in child_pids() for p in pids)
+            if dropped:  # the first time
+                dropped.clear()  # after the scope's entry, which polls too
+                gc.collect()
+                assert all(p in child_pids() for p in pids)
 
     calls: dict[str, Callable[[], object]] = {
         "shared": shared,
@@ -698,6 +782,10 @@ def test_every_public_entry_point_reaps_dropped_children(call: str) -> None:
     if call != "scope exit":
         dropped.clear()
         gc.collect()
+    # The first call cancels the overdue child (SIGTERM): it unwinds and ends,
+    # and the next call reaps it, saying so.
+    calls[call]()
+    assert wait_for(lambda: child_pids().get(pids[1]) in ("Z", None))
     with pytest.warns(RuntimeWarning, match="after its timeout"):
         calls[call]()
     mine = child_pids()

@@ -545,16 +545,33 @@ def test_reentrant_lock_nests_within_a_thread() -> None:
 def test_a_non_reentrant_lock_taken_twice_by_one_thread_raises() -> None:
     lock = ps.interprocess_lock("m")
     with lock:
-        with pytest.raises(RuntimeError, match="reentrant=True"):
+        with pytest.raises(ps.UsageError, match="reentrant=True"):
             lock.acquire()
         with pytest.raises(RuntimeError, match="already held by this thread"), lock:
             pass
         # through a second object of the same name, too
         other = ps.interprocess_lock("m")
         with pytest.raises(RuntimeError, match="already held"):
-            other.acquire(timeout=1)
+            other.acquire()
         other.close()
         assert lock.owned()
+    lock.close()
+
+
+def test_a_timed_or_non_blocking_acquire_of_a_lock_the_thread_holds_is_false() -> None:
+    # As threading.Lock: only a wait that could never end is refused. Nothing
+    # can free it meanwhile (only its holder may release it), so no wait.
+    lock = ps.interprocess_lock("m")
+    timed = ps.interprocess_lock("m", timeout=5)
+    with lock:
+        t0 = time.monotonic()
+        assert lock.acquire(timeout=0) is False
+        assert lock.acquire(timeout=5) is False
+        assert timed.acquire() is False  # its own timeout= makes it a timed acquire
+        assert time.monotonic() - t0 < 4
+        assert lock.owned()
+    assert not lock.locked()
+    timed.close()
     lock.close()
 
 

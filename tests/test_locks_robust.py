@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +25,7 @@ from lockhelpers import (
     wait_ok,
 )
 from procshare._engine import locks as engine_locks
+from shared_support import wait_for
 
 
 def _confirm(lock: ps.InterprocessLock) -> None:
@@ -403,8 +408,40 @@ def test_a_thread_that_ends_holding_the_lock_counts_as_dead() -> None:
     with pytest.raises(ps.OwnerDied) as info:
         lock.acquire(timeout=5)
     assert info.value.owner_pid == os.getpid()
+    # The message says what happened: a thread ended, the process did not die.
+    assert info.value.thread_ended
+    assert f"a thread of pid {os.getpid()} ended" in str(info.value)
+    assert f"pid {os.getpid()} died" not in str(info.value)
     lock.mark_consistent()
     lock.release()
+    lock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_thread_of_another_living_process_is_named_as_a_thread(tmp_path: Path) -> None:
+    lock = ps.interprocess_lock("m")
+    ready, done = tmp_path / "ready", tmp_path / "done"
+
+    @ps.forked
+    def leaves_a_thread_holding_it() -> None:
+        t = threading.Thread(target=lock.acquire)
+        t.start()
+        t.join()  # it ended holding the lock; this process lives on until told
+        ready.write_text("")
+        assert wait_for(done.exists, timeout=30)
+
+    child = leaves_a_thread_holding_it()
+    try:
+        assert wait_for(ready.exists, timeout=30)
+        with pytest.raises(ps.OwnerDied) as info:
+            lock.acquire(timeout=10)
+        assert info.value.owner_pid == child.pid
+        assert f"a thread of pid {child.pid} ended" in str(info.value)
+        lock.mark_consistent()
+        lock.release()
+    finally:
+        done.write_text("")
+        child.join(timeout=30)
     lock.close()
 
 
@@ -439,3 +476,86 @@ def test_a_lock_poisoned_by_foreign_code_says_how_to_get_rid_of_it() -> None:
     from procshare._engine import inspect
 
     assert inspect.remove("m", lock=True)
+
+
+# -- a process that ends holding a lock is warned (SPEC 2, last bullet) -------
+
+
+@pytest.mark.timeout(60)
+def test_exiting_while_holding_a_lock_warns_naming_it() -> None:
+    program = textwrap.dedent(
+        """
+        import procshare as ps
+        lock = ps.interprocess_lock("exit-held")
+        lock.acquire()
+        print("exiting")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=50, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "RuntimeWarning" in done.stderr
+    assert "is exiting while holding interprocess lock 'exit-held'" in done.stderr
+    assert "ps.OwnerDied" in done.stderr
+    # ... and that is what the next acquirer is told.
+    lock = ps.interprocess_lock("exit-held")
+    with pytest.raises(ps.OwnerDied):
+        lock.acquire(timeout=10)
+    lock.mark_consistent()
+    lock.release()
+    lock.close()
+
+
+def test_no_exit_warning_when_every_lock_was_released() -> None:
+    program = "import procshare as ps\nwith ps.interprocess_lock('exit-free'):\n    pass\n"
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", program],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+
+
+@pytest.mark.timeout(60)
+def test_the_parent_is_warned_when_a_child_ends_holding_a_lock() -> None:
+    @ps.forked
+    def forgets(name: str, value: object) -> object:
+        ps.interprocess_lock(name).acquire()  # opened here, never released
+        return value
+
+    with pytest.warns(RuntimeWarning, match="ended while holding interprocess lock 'held-1'"):
+        assert forgets("held-1", ["the", "result"]).join(timeout=30) == ["the", "result"]
+    with pytest.warns(RuntimeWarning, match="'held-2'") as caught:
+        assert forgets("held-2", None).join(timeout=30) is None
+    assert "ps.OwnerDied" in str(caught[0].message)
+    with pytest.warns(RuntimeWarning, match="'held-3'"), ps.children() as kids:
+        forgets("held-3", 3)
+    assert kids.results == [3]
+    for name in ("held-1", "held-2", "held-3"):
+        lock = ps.interprocess_lock(name)
+        with pytest.raises(ps.OwnerDied):
+            lock.acquire(timeout=10)
+        lock.mark_consistent()
+        lock.release()
+        lock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_child_holding_an_inherited_lock_is_reported_too() -> None:
+    lock = ps.interprocess_lock("inherited-held")
+
+    @ps.forked
+    def takes_it() -> None:
+        lock.acquire()
+
+    with pytest.warns(RuntimeWarning, match="'inherited-held'"):
+        takes_it().join(timeout=30)
+    with pytest.raises(ps.OwnerDied):
+        lock.acquire(timeout=10)
+    lock.mark_consistent()
+    lock.release()
+    lock.close()

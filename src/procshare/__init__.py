@@ -60,8 +60,9 @@ from procshare._sync import interprocess_semaphore as interprocess_semaphore
 from procshare._tools import SegmentInfo as SegmentInfo
 from procshare._tools import segments as segments
 
-# Errors
+# Errors (and Cancelled, which is not one: a BaseException)
 from procshare.errors import BrokenBarrier as BrokenBarrier
+from procshare.errors import Cancelled as Cancelled
 from procshare.errors import ChildError as ChildError
 from procshare.errors import ChildExited as ChildExited
 from procshare.errors import ChildKilled as ChildKilled
@@ -70,6 +71,7 @@ from procshare.errors import ChildTimeout as ChildTimeout
 
 # Errors where the system refuses (SPEC 3, 5)
 from procshare.errors import DescriptorLimit as DescriptorLimit
+from procshare.errors import ForkError as ForkError
 from procshare.errors import HolderDied as HolderDied
 from procshare.errors import InvalidName as InvalidName
 from procshare.errors import JoinTimeout as JoinTimeout
@@ -91,6 +93,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "BrokenBarrier",
+    "Cancelled",
     "Child",
     "ChildError",
     "ChildExited",
@@ -100,6 +103,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "Children",
     "DescriptorLimit",
     "ExitStatus",
+    "ForkError",
     "HolderDied",
     "InterprocessBarrier",
     "InterprocessCondition",

@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal, ParamSpec, TypeVar
 
+from procshare._engine import children as _children
 from procshare._engine import get_engine, userwarn
 from procshare._engine import locks as _engine_locks
 from procshare._engine import segments as _segments
@@ -236,18 +237,25 @@ class InterprocessLock(LockGuard):
         self._fail(rc)
         raise AssertionError("unreachable")
 
-    def _owner_died_in_with(self) -> None:
+    def _owner_died(self, *, held: bool) -> OwnerDied:
         dead = self._dead_pid()
+        # A holder that was a thread of a process still running (this one, or
+        # another) ended without releasing; a process that died is another story.
+        thread = dead is not None and _children.still_running(dead)
+        return OwnerDied(self._name, owner_pid=dead, held=held, thread_ended=thread)
+
+    def _owner_died_in_with(self) -> None:
         policy = self._on_owner_death
         if policy is None:
             # A block that never ran has no exit to release the lock: release
             # it here, unconfirmed, so the next acquirer is told too.
+            told = self._owner_died(held=False)
             self._m.release()
-            raise OwnerDied(self._name, owner_pid=dead, held=False)
+            raise told
         if policy == "warn":
-            who = "its previous holder" if dead is None else f"pid {dead}"
+            who = self._owner_died(held=False)._who()
             userwarn.warn(
-                f"lock {self._name!r}: {who} died while holding it, so the data it protects "
+                f"lock {self._name!r}: {who} while holding it, so the data it protects "
                 "may be half-updated; on_owner_death='warn' marked it consistent and went on"
             )
         else:
@@ -304,7 +312,10 @@ class InterprocessLock(LockGuard):
 
         ``timeout``: seconds to wait; ``0`` tries once; ``None`` uses the
         lock's own ``timeout=`` (and waits forever if that is ``None`` too).
-        Returns ``False`` when the time runs out.
+        Returns ``False`` when the time runs out, and at once when the calling
+        thread already holds this non-reentrant lock (as ``threading.Lock``
+        does); only a wait without a timeout raises
+        :class:`~procshare.UsageError` then, since it would never end.
 
         Raises :class:`~procshare.OwnerDied` *with the lock held* when a
         previous holder died holding it (or its death was never confirmed):
@@ -320,8 +331,12 @@ class InterprocessLock(LockGuard):
             return True
         if rc in (BUSY, TIMEDOUT):
             return False
+        if rc == SELF_HELD and wait is not None and not self._reentrant:
+            # As threading.Lock: a try or a timed wait just fails. Only its
+            # holder, this thread, could free it, so there is nothing to wait for.
+            return False
         if rc in (OWNER_DIED, UNCONFIRMED):
-            raise OwnerDied(self._name, owner_pid=self._dead_pid(), held=True)
+            raise self._owner_died(held=True)
         self._fail(rc)
         raise AssertionError("unreachable")
 

@@ -20,14 +20,9 @@ import attrs
 from procshare._engine import children as _children
 from procshare._engine import core as _core
 from procshare._engine import get_engine
-from procshare._engine.children import (
-    CANCEL_GRACE,
-    Cancelled,
-    ChildrenPart,
-    Record,
-    ScopeState,
-    current_children,
-)
+from procshare._engine import scopes as _scopes
+from procshare._engine.children import ChildrenPart, Record, current_children
+from procshare._engine.scopes import CANCEL_GRACE, ScopeCancelled, ScopeState
 from procshare.errors import ChildError, ChildRaised, JoinTimeout, UsageError
 
 __all__ = ["CANCEL_GRACE", "Child", "Children", "ExitStatus", "children", "forked"]
@@ -50,7 +45,8 @@ class ExitStatus:
             if the status was lost because something else reaped the child.
         signal: The number of the signal that ended the child, or ``None``.
         outcome: ``"returned"``, ``"raised"``, ``"exited"`` (non-zero status),
-            ``"killed"``, ``"timed out"``, ``"cancelled"`` (by its scope) or
+            ``"killed"``, ``"timed out"``, ``"cancelled"`` (by its scope, or
+            its parent's Ctrl-C) or
             ``"lost"``.
         error: The exception :meth:`Child.join` would raise, or ``None`` when
             the child returned normally.
@@ -110,9 +106,10 @@ class Child(Generic[R]):
     interpreter exit.
 
     Leaving a ``with`` block by ``KeyboardInterrupt`` (or another exception
-    that is not an :class:`Exception`) terminates the child (``SIGTERM``,
-    then ``SIGKILL`` after ``CANCEL_GRACE``), reaps it and lets the
-    interruption propagate, as a :func:`children` scope does.
+    that is not an :class:`Exception`) stops the child (``SIGTERM``, which it
+    turns into :class:`~procshare.Cancelled` and unwinds; ``SIGKILL`` if it is
+    still running after ``CANCEL_GRACE``), reaps it and lets the interruption
+    propagate, as a :func:`children` scope does.
     """
 
     __slots__ = ("__weakref__", "_part", "_rec")
@@ -162,7 +159,7 @@ class Child(Generic[R]):
     def cancelled(self) -> bool:
         """Whether its ``children()`` scope stopped it after another child failed."""
         rec = self._rec
-        return rec.cancelled and rec.done and not self._part.outcome(rec)[0]
+        return bool(rec.cancelled) and rec.done and not self._part.outcome(rec)[0]
 
     def join(self, timeout: float | None = None) -> R:
         """Wait for the child and return its function's return value.
@@ -222,7 +219,11 @@ class Child(Generic[R]):
         )
 
     def terminate(self) -> None:
-        """Send ``SIGTERM`` (a no-op once the child has ended and been reaped)."""
+        """Send ``SIGTERM`` (a no-op once the child has ended and been reaped).
+
+        The child turns it into :class:`~procshare.Cancelled` at its next
+        bytecode and unwinds (its ``with`` blocks exit, its locks are
+        released); unless it catches that, it then ends by ``SIGTERM``."""
         _poll_if_asked()
         self._part.signal(self._rec, signal.SIGTERM)
 
@@ -243,8 +244,10 @@ class Child(Generic[R]):
         if exc is not None and not isinstance(exc, Exception):
             # Ctrl-C (or SystemExit & co) in the block: waiting for the child to
             # finish on its own could take forever. Stop and reap it, as a
-            # children() scope does, and let the interruption propagate.
-            self._part.terminate_all([self._rec], cancel=False, grace=CANCEL_GRACE)
+            # children() scope does (it is cancelled: it unwinds), and let the
+            # interruption propagate.
+            reason = _scopes.interrupted(exc)
+            self._part.terminate_all([self._rec], cancel=reason, grace=CANCEL_GRACE)
             _release_what_waited()
             return
         try:
@@ -256,7 +259,8 @@ class Child(Generic[R]):
             status = self.wait()
         except BaseException as interrupted:
             if not isinstance(interrupted, Exception):  # Ctrl-C while joining
-                self._part.terminate_all([self._rec], cancel=False, grace=CANCEL_GRACE)
+                reason = _scopes.interrupted(interrupted)
+                self._part.terminate_all([self._rec], cancel=reason, grace=CANCEL_GRACE)
                 _release_what_waited()
             raise
         if status is not None and status.error is not None:
@@ -324,7 +328,7 @@ class Children:
             raise UsageError("a ps.children() scope can be entered only once; make a new one")
         part = current_children()
         self._part = part
-        self._scope = part.enter_scope(self._limit, self._cancel_on_error)
+        self._scope = _scopes.enter(part, self._limit, self._cancel_on_error)
         return self
 
     def __exit__(
@@ -337,12 +341,12 @@ class Children:
         assert part is not None
         assert scope is not None
         try:
-            part.exit_scope(scope, exc)
+            _scopes.leave(part, scope, exc)
         except BaseException:
             _release_what_waited()  # Ctrl-C while waiting: children are reaped
             raise
         handles = self.children
-        if exc is not None and not isinstance(exc, Exception | Cancelled):
+        if exc is not None and not isinstance(exc, Exception | ScopeCancelled):
             _release_what_waited()
             return False  # KeyboardInterrupt & co propagate as they are
         # A call into procshare reaps dropped children (SPEC 1); after the
@@ -359,7 +363,7 @@ class Children:
                 errors.append(error)
         if not errors:
             self._results = [part.outcome(h._rec)[1] for h in handles]
-            return isinstance(exc, Cancelled) and exc.scope is scope
+            return isinstance(exc, ScopeCancelled) and exc.scope is scope
         n = len(failed)
         what = [f"{n} of {len(scope.records)} children failed"] if n else []
         if isinstance(exc, Exception):
@@ -391,15 +395,19 @@ def children(*, limit: int | None = None, cancel_on_error: bool = True) -> Child
         limit: At most this many children of the scope run at once; a
             further ``@forked`` call waits for one to end. ``None``: no limit.
         cancel_on_error: On the first failure (a child's, or the block's own
-            exception), send the other children ``SIGTERM``, then ``SIGKILL``
-            after a grace period of ``CANCEL_GRACE`` (1 s). A child stopped
-            this way is *cancelled*, not a failure: it is left out of the
-            group and its handle's ``cancelled`` is true. A ``@forked`` call
-            made in the block after that raises an internal cancellation
-            that the scope absorbs. ``False``: let every child finish.
+            exception), cancel the other children: each gets ``SIGTERM``,
+            which it turns into :class:`~procshare.Cancelled` and unwinds
+            (its locks are released cleanly); one still running after a
+            grace period of ``CANCEL_GRACE`` (1 s, counted again each time one
+            of them ends) is killed. A child stopped this way is *cancelled*,
+            not a failure: it is left out of the group and its handle's
+            ``cancelled`` is true. A ``@forked`` call made in the block after
+            that raises :class:`~procshare.Cancelled`, which the scope
+            absorbs. ``False``: let every child finish.
 
     ``KeyboardInterrupt`` (Ctrl-C) from the block or while the scope waits
-    terminates and reaps every child, then propagates as itself.
+    cancels and reaps every child, then propagates as itself. (The children
+    leave the terminal's own ``SIGINT`` to the parent.)
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
         raise TypeError(f"children(limit=) must be a positive int or None, not {limit!r}")
@@ -464,8 +472,9 @@ def forked(
     The function runs in the child on a copy of the parent's memory, so it
     need not be picklable (closures work); only its return value (or
     exception) is pickled back. The child always ends with ``os._exit``
-    after flushing stdio and releasing what it opened itself: it never runs
-    the parent's ``atexit`` handlers and never returns into the caller.
+    after waiting for the non-daemon threads it started, flushing stdio and
+    releasing what it opened itself: it never runs the parent's ``atexit``
+    handlers and never returns into the caller.
 
     Outside any :func:`children` scope the caller owns the :class:`Child`:
     join it, or drop it and it is reaped once it ends (see :class:`Child`).
@@ -474,13 +483,15 @@ def forked(
         name: The child's name in handles and errors (default: the
             function's qualified name).
         timeout: Seconds the child may run. When they run out the child is
-            killed and reaped and ``join()`` raises
-            :class:`~procshare.ChildTimeout`. The parent enforces it whenever
+            cancelled (:class:`~procshare.Cancelled` is raised in it), killed
+            if still running after ``CANCEL_GRACE``, and reaped, and
+            ``join()`` raises :class:`~procshare.ChildTimeout`. The parent enforces it whenever
             it looks at the child (``join``, ``wait``, ``running``, a scope,
             any call into procshare for a dropped handle).
         daemon: At interpreter exit, still-running daemon children are
-            terminated (``SIGTERM``, then ``SIGKILL`` after 1 s); non-daemon
-            children (the default) are waited for. Both are reaped.
+            cancelled (``SIGTERM``: they unwind; ``SIGKILL`` after 1 s);
+            non-daemon children (the default) are waited for, unless the
+            program is ending on an uncaught Ctrl-C. Both are reaped.
     """
     if name is not None and not isinstance(name, str):
         raise TypeError(f"forked(name=) must be a str or None, not {name!r}")

@@ -269,3 +269,46 @@ def test_the_last_fork_can_be_claimed_by_its_token_once(backend: ProcessBackend)
     assert backend.process_unclaimed(42) == forked
     assert backend.process_unclaimed(42) is None  # handed over once
     assert _finish(backend, forked).status == 0
+
+
+def test_handlers_are_installed_before_a_signal_sent_at_the_fork_is_delivered(
+    backend: ProcessBackend,
+) -> None:
+    # A SIGTERM that reaches the child before its function runs must find the
+    # handlers given to process_fork, not the inherited disposition (death).
+    got: list[int] = []
+
+    def record(signum: int, frame: object) -> None:
+        got.append(signum)
+
+    def child(fd: int) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)  # as if sent during the fork: already handled
+        time.sleep(0.05)
+        backend.process_write(fd, repr(got).encode())
+        return 0
+
+    forked = backend.process_fork(child, handlers={signal.SIGTERM: record})
+    assert _read_all(backend, forked.result_fd) == repr([int(signal.SIGTERM)]).encode()
+    assert _finish(backend, forked) == Exit(0, None)
+    assert signal.getsignal(signal.SIGTERM) is not record  # the parent's are its own
+
+
+def test_a_negative_status_ends_the_child_by_that_signal(backend: ProcessBackend) -> None:
+    def child(fd: int) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: None)  # even with a handler installed
+        return -signal.SIGTERM
+
+    forked = backend.process_fork(child)
+    assert _finish(backend, forked) == Exit(None, signal.SIGTERM)
+
+
+def test_process_running_tells_a_live_process_from_an_ended_one(backend: ProcessBackend) -> None:
+    assert backend.process_running(os.getpid())
+    forked = backend.process_fork(lambda fd: 0)
+    if forked.wait_fd is not None:
+        backend.process_poll([forked.wait_fd], 30)
+    else:
+        time.sleep(0.5)
+    assert not backend.process_running(forked.pid)  # a zombie has ended
+    _finish(backend, forked)
+    assert not backend.process_running(forked.pid)

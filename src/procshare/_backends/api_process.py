@@ -12,8 +12,9 @@ every promise made here; a new backend passes them before it is used.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import NamedTuple, NoReturn, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from types import FrameType
+from typing import Any, NamedTuple, NoReturn, Protocol
 
 
 class Forked(NamedTuple):
@@ -48,7 +49,12 @@ class ProcessBackend(Protocol):
     """Fork, wait and signal primitives."""
 
     def process_fork(
-        self, child: Callable[[int], int], *, die_with_parent: bool = True, token: int = 0
+        self,
+        child: Callable[[int], int],
+        *,
+        die_with_parent: bool = True,
+        token: int = 0,
+        handlers: Mapping[int, Callable[[int, FrameType | None], Any]] | None = None,
     ) -> Forked:
         """Fork now, with a fresh result pipe (both ends close-on-exec).
 
@@ -69,6 +75,11 @@ class ProcessBackend(Protocol):
         parent's own result pipe if the parent is itself a forked child.
 
         ``token`` numbers the fork for :meth:`process_unclaimed`.
+
+        ``handlers`` maps signal numbers to Python signal handlers that the
+        child installs before it unblocks signals, so a signal sent to the
+        child at any moment after the fork (a cancel) reaches them, and not
+        a handler it inherited.
         """
         ...
 
@@ -120,7 +131,16 @@ class ProcessBackend(Protocol):
 
     def process_exit(self, status: int) -> NoReturn:
         """End this process at once with ``status``: no atexit handlers, no
-        finalizers, no return into the caller. Flush Python's streams first."""
+        finalizers, no return into the caller. Flush Python's streams first.
+
+        A negative ``status`` ends it by signal ``-status`` instead, with that
+        signal's default action (how a child that unwound from a cancel
+        reports it, as a process that handled ``SIGINT`` re-raises it)."""
+        ...
+
+    def process_running(self, pid: int) -> bool:
+        """Whether a process ``pid`` exists and has not ended (a zombie has ended).
+        Any process, not only a child; a hint, since pids are reused."""
         ...
 
     def process_python_threads(self) -> int:

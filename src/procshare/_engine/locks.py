@@ -20,14 +20,18 @@ user is closed
 An entry that a thread of this process holds is never closed: the kernel
 walks a held robust mutex when the thread exits, so its memory must stay
 mapped. At exit such a lock is left to the kernel, which releases it and
-marks its holder dead, so the next acquirer is told (``OwnerDied``).
+marks its holder dead, so the next acquirer is told (``OwnerDied``); the
+exiting process is warned, naming it (:func:`held_here`; a forked child
+reports it to its parent instead, see ``transport.child_main``).
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import time
+import warnings
 from typing import TYPE_CHECKING
 
 from procshare._backends import get_backend
@@ -43,6 +47,7 @@ from procshare._backends.api_lock import (
     LockHandle,
 )
 from procshare._backends.api_segment import SegmentHandle
+from procshare._engine import core as _core
 from procshare._engine import names
 from procshare._engine import segments as _segments
 from procshare._engine.core import get_engine
@@ -314,6 +319,42 @@ class LocksPart:
         for entry in list(self._entries.values()):
             entry.users.clear()
             self._close_if_idle(entry)
+
+
+def held_here() -> list[str]:
+    """Names of the locks a thread of this process holds now, through lock
+    objects it opened or inherited across a fork (for the warnings at exit).
+
+    Runs at the end of every forked child: a plain loop that builds nothing
+    while nothing is held (each object made there is a copied page)."""
+    held: list[str] = []
+    for engine in (*_core._inherited, _core._engine):
+        part = None if engine is None else engine.existing_part(KEY)
+        if isinstance(part, LocksPart):
+            for entry in part._entries.values():
+                if entry.mutex.held_here() and not entry.closed and entry.name not in held:
+                    held.append(entry.name)
+    return held
+
+
+def _warn_held_at_exit() -> None:
+    """At interpreter exit: a lock still held is released by the kernel as its
+    holder ends, and the next acquirer is told OwnerDied. Say so now, by name."""
+    held = held_here()
+    if held:
+        warnings.warn(
+            f"procshare: process {os.getpid()} is exiting while holding interprocess lock "
+            f"{', '.join(map(repr, held))}; the next process to take it will be told "
+            "ps.OwnerDied. Release every lock before exiting: use `with lock:` rather "
+            "than acquire(), or release() in a `finally:`.",
+            RuntimeWarning,
+            stacklevel=1,
+        )
+
+
+# Registered after the engine's shutdown (core imports first), so it runs
+# before it: atexit runs handlers last in, first out.
+atexit.register(_warn_held_at_exit)
 
 
 def locks_part(engine: Engine | None = None) -> LocksPart:

@@ -298,6 +298,19 @@ forkstep_exit(PyObject *Py_UNUSED(module), PyObject *arg)
     }
     flush_stream("stdout");
     flush_stream("stderr");
+    if (status < 0 && status > -NSIG) {
+        /* End by the signal, with its default action, as the parent expects of
+         * a child that unwound from a cancel (and as CPython ends itself after
+         * an unhandled KeyboardInterrupt). */
+        int signum = (int)-status;
+        sigset_t only;
+        signal(signum, SIG_DFL);
+        sigemptyset(&only);
+        sigaddset(&only, signum);
+        pthread_sigmask(SIG_UNBLOCK, &only, NULL);
+        kill(getpid(), signum);
+        _exit(128 + signum); /* a signal whose default is to be ignored */
+    }
     _exit((int)status);
 }
 
@@ -308,7 +321,8 @@ static PyMethodDef forkstep_methods[] = {
     {"private", forkstep_private, METH_NOARGS,
      "The descriptors a child made now would close first thing (for tests)."},
     {"exit", forkstep_exit, METH_O,
-     "exit(status): flush sys.stdout and sys.stderr (ignoring errors), then _exit(status)."},
+     "exit(status): flush sys.stdout and sys.stderr (ignoring errors), then _exit(status); "
+     "a negative status ends the process by signal -status (its default action)."},
     {"fork", (PyCFunction)(void (*)(void))forkstep_fork, METH_FASTCALL,
      "fork(die_with_parent, want_pidfd[, token]) -> (pid, fd, pidfd or None): in the child "
      "(0, write end, None) "

@@ -24,13 +24,15 @@
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # CPython's C half of signal
 import contextlib
 import fcntl
 import os
 import select
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import FrameType
 from typing import Any, NoReturn
 
 from procshare._backends.api_process import Exit, Forked
@@ -52,6 +54,11 @@ _fork_step = _forkstep.fork
 _unblock = _forkstep.unblock
 _exit = _forkstep.exit
 _close = _forkstep.close
+# The C function, not signal.signal: that wrapper converts the old handler to
+# an enum, and the Python it runs for it touched ~20 pages in each child.
+_set_handler = _signal.signal
+Handler = Callable[[int, FrameType | None], Any]
+_PF_EXITING = 0x4  # linux/sched.h: the task is in do_exit()
 
 _threads_active: dict[int, Any] = threading._active  # type: ignore[attr-defined]
 _threads_limbo: dict[Any, Any] = threading._limbo  # type: ignore[attr-defined]
@@ -64,7 +71,12 @@ class PosixProcesses:
     """The process half of the POSIX backend."""
 
     def process_fork(
-        self, child: Callable[[int], int], *, die_with_parent: bool = True, token: int = 0
+        self,
+        child: Callable[[int], int],
+        *,
+        die_with_parent: bool = True,
+        token: int = 0,
+        handlers: Mapping[int, Handler] | None = None,
     ) -> Forked:
         # Flush what the parent buffered, or the child would print it again.
         # (Inline: the parent runs this again after every fork, and each
@@ -87,6 +99,11 @@ class PosixProcesses:
         if pid == 0:
             status = 1
             try:
+                if handlers:
+                    # Still blocked: a signal sent during the fork (a cancel)
+                    # is delivered to these, once the child is in this try.
+                    for signum, handler in handlers.items():
+                        _set_handler(signum, handler)
                 _unblock()
                 status = child(fd)
             finally:
@@ -155,7 +172,30 @@ class PosixProcesses:
         _close(fd)  # also stops children from closing it (see _forkstep.c)
 
     def process_exit(self, status: int) -> NoReturn:
-        _exit(status)  # flushes stdout and stderr first, in C
+        _exit(status)  # flushes stdout and stderr first, in C; status < 0: by signal -status
+
+    def process_running(self, pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except FileNotFoundError:
+            return False
+        except OSError:  # no /proc: existence only (a zombie counts as running)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+            return True
+        # "pid (comm) state ppid pgrp session tty tpgid flags ...": comm may hold
+        # spaces and parentheses. A process on its way out (PF_EXITING in its
+        # main thread's flags) has ended too: its robust locks are being
+        # released before it becomes a zombie.
+        fields = stat.rsplit(b")", 1)[-1].split()
+        if len(fields) < 7 or fields[0] in (b"Z", b"X"):
+            return False
+        return not int(fields[6]) & _PF_EXITING
 
     def process_python_threads(self) -> int:
         # threading.active_count() without its lock: this runs on every fork.
