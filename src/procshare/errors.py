@@ -589,7 +589,7 @@ class SharedMemoryFull(_NamedError, OSError):
         avail = "" if self.available is None else f", {self.available} bytes are free"
         if self.name == "(anonymous)":  # memory with no name: RAM, not /dev/shm
             return (
-                f"anonymous shared segment does not fit: {self.requested} bytes were "
+                f"shared segment {self.name} does not fit: {self.requested} bytes were "
                 f"requested{avail}{self._tail()}; anonymous segments take RAM and swap, not "
                 "/dev/shm: free memory (close other segments) or create a smaller segment"
             )
