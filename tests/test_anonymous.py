@@ -536,3 +536,53 @@ def test_forked_children_inherit_the_private_namespace() -> None:
             return names.current_namespace()
 
         assert where().join() == private
+
+
+_USER_PROGRAM = """
+from contextlib import closing
+
+import procshare as ps
+
+
+@ps.forked
+def job(i: int, lock: ps.InterprocessLock, seg: ps.Segment) -> None:
+    with lock:
+        seg.view.value += i
+
+
+def main() -> int:
+    with ps.shared(ps.u64) as total, closing(ps.interprocess_lock()) as lock:
+        seg = ps.shared(ps.u64, initial=3)
+        array = ps.shared(float, shape=None)
+        with ps.children():
+            for i in range(3):
+                job(i, lock, seg)
+        seg.close()
+        array.close()
+        with ps.shared(bytes, size=16) as blob:
+            blob[0] = 1
+        with ps.namespace() as private:
+            print(private.upper())
+        anonymous: bool = lock.anonymous and seg.anonymous
+        value: int = total.value + anonymous
+        return value
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_nameless_forms_type_check_in_a_user_program(tmp_path: object) -> None:
+    """``mypy --strict`` on a program that uses every nameless form (the
+    name-or-kind first argument of ``ps.shared``, no-argument lock and namespace)."""
+    from pathlib import Path
+
+    assert isinstance(tmp_path, Path)
+    program = tmp_path / "user_program.py"
+    program.write_text(_USER_PROGRAM)
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(program)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
