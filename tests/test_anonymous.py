@@ -586,3 +586,29 @@ def test_the_nameless_forms_type_check_in_a_user_program(tmp_path: object) -> No
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_an_anonymous_lock_used_after_close_says_it_cannot_be_reopened() -> None:
+    lock = ps.interprocess_lock()
+    lock.close()
+    with pytest.raises(ValueError, match="cannot be opened again"):
+        lock.acquire()
+
+
+@pytest.mark.timeout(60)
+def test_a_child_forked_by_hand_that_leaves_the_block_leaves_the_namespace_alone() -> None:
+    pid = -1
+    still = False
+    try:
+        with ps.namespace() as private:
+            seg = ps.shared("kept-for-the-run", ps.u64)
+            pid = os.fork()
+            if pid != 0:  # the child skips this and leaves the block at once
+                os.waitpid(pid, 0)
+                prefix = names.namespace_prefix(private)
+                still = any(n.startswith(prefix) for n in get_backend().os_objects())
+                seg.close()
+    finally:
+        if pid == 0:  # pragma: no cover - the child, after its exit from the block
+            os._exit(0)
+    assert still

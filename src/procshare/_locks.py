@@ -66,6 +66,11 @@ class _Closed:
         self.entry = entry
 
     def _fail(self) -> Any:
+        if self.name.startswith(_anonymous.LABEL[:-1]):
+            raise _LockClosedError(
+                f"lock {self.name!r} was used after close(); an anonymous lock cannot be "
+                "opened again: keep it open while the processes that share it use it"
+            )
         raise _LockClosedError(
             f"lock {self.name!r} was used after close(); open it again with "
             f"ps.interprocess_lock({self.name!r})"

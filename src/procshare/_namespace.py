@@ -45,6 +45,7 @@ def namespace(name: str | None = None) -> Iterator[str]:
             yield ns
         return
     private = _anonymous.fresh_namespace()
+    owner = os.getpid()
     saved = os.environ.get(_ENV)
     os.environ[_ENV] = private
     try:
@@ -57,7 +58,11 @@ def namespace(name: str | None = None) -> Iterator[str]:
                 del os.environ[_ENV]
             else:
                 os.environ[_ENV] = saved
-        _anonymous.remove_namespace(private)
+        # Only the process that opened the block empties the namespace: a child
+        # forked inside it (by hand, with os.fork) that leaves the block too
+        # must not remove what the run still uses.
+        if os.getpid() == owner:
+            _anonymous.remove_namespace(private)
 
 
 _ENV = "PROCSHARE_NAMESPACE"
