@@ -354,10 +354,8 @@ def _nameless(  # noqa: PLR0917
             raise TypeError(
                 f"ps.shared(kind, name): the name goes first: ps.shared({second!r}, kind)"
             )
-        raise TypeError(
-            f"ps.shared() got two kinds ({kind!r} and {second!r}); pass one kind, with a "
-            "name first for a named segment: ps.shared('NAME', kind)"
-        )
+        _segments.validate_name(kind)  # not a name: InvalidName says what a name is
+        raise AssertionError("unreachable: a valid name is a str")
     if create is False:
         raise TypeError(
             "ps.shared(kind, create=False) asks to attach, but an anonymous segment has no "
