@@ -96,12 +96,16 @@ def test_an_anonymous_value_is_shared_with_forked_children_and_named_nowhere(
 
 @pytest.mark.timeout(120)
 def test_the_seed_scenario_with_an_anonymous_value_and_lock() -> None:
-    """Critical sections long enough to overlap on 2 cores; a negative control
-    without the lock shows the test can fail."""
+    """All children start together (released by one pipe) and their critical
+    sections are long enough to overlap on 2 cores; a negative control without
+    the lock shows the test can fail."""
 
     def run(locked: bool) -> int:
+        r, w = os.pipe()
+
         @ps.forked
         def job(i: int) -> None:
+            os.read(r, 1)  # wait until every child is forked
             for _ in range(3):
                 if locked:
                     with lock:
@@ -113,11 +117,16 @@ def test_the_seed_scenario_with_an_anonymous_value_and_lock() -> None:
                     time.sleep(0.01)
                     total.value = v + i
 
-        with ps.shared(ps.u64) as total, closing(ps.interprocess_lock()) as lock:
-            with ps.children():
-                for i in range(1, 13):
-                    job(i)
-            return int(total.value)
+        try:
+            with ps.shared(ps.u64) as total, closing(ps.interprocess_lock()) as lock:
+                with ps.children():
+                    for i in range(1, 13):
+                        job(i)
+                    os.write(w, b"g" * 12)
+                return int(total.value)
+        finally:
+            os.close(r)
+            os.close(w)
 
     assert run(locked=True) == 3 * sum(range(1, 13))
     assert run(locked=False) < 3 * sum(range(1, 13))  # lost updates without the lock
