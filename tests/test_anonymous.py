@@ -655,3 +655,35 @@ def test_a_child_forked_by_hand_that_leaves_the_block_leaves_the_namespace_alone
         if pid == 0:  # pragma: no cover - the child, after its exit from the block
             os._exit(0)
     assert still
+
+
+@pytest.mark.timeout(60)
+def test_waiting_for_children_while_holding_an_anonymous_lock_they_wait_for_warns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`with ps.interprocess_lock() as lock:` around the children that use it is
+    the classic deadlock; the engine's warning names anonymous locks too. (The
+    child gives up after 3 s, so this ends.)"""
+    from procshare._engine import anonymous
+    from procshare._engine import children as children_engine
+
+    monkeypatch.setattr(children_engine, "DEADLOCK_WATCH", 0.3)
+    lock = ps.interprocess_lock()
+
+    @ps.forked
+    def try_the_lock() -> bool:
+        return lock.acquire(timeout=3)
+
+    def hold_while_waiting() -> list[object]:
+        with lock, ps.children() as kids:
+            try_the_lock()
+            # Wait for children only once the child sleeps on the lock.
+            assert wait_for(lambda: anonymous.locks_part().held_and_awaited() != [], 30)
+        return kids.results
+
+    try:
+        with pytest.warns(RuntimeWarning, match=r"holds interprocess lock '\(anonymous #"):
+            results = hold_while_waiting()
+        assert results == [False]
+    finally:
+        lock.close()
