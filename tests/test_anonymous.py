@@ -687,3 +687,19 @@ def test_waiting_for_children_while_holding_an_anonymous_lock_they_wait_for_warn
         assert results == [False]
     finally:
         lock.close()
+
+
+def test_anonymous_segments_keep_no_descriptor_open() -> None:
+    """Each is one mapping and no descriptor: far more than `ulimit -n` fit."""
+
+    def child() -> int:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        segs = [ps.shared(ps.u64, initial=i) for i in range(300)]
+        total = sum(int(s.view.value) for s in segs)
+        for s in segs:
+            s.close()
+        return total
+
+    assert run_in_child(child) == sum(range(300))
