@@ -703,3 +703,23 @@ def test_anonymous_segments_keep_no_descriptor_open() -> None:
         return total
 
     assert run_in_child(child) == sum(range(300))
+
+
+@pytest.mark.timeout(60)
+def test_the_parent_is_warned_when_a_child_ends_holding_an_anonymous_lock() -> None:
+    lock = ps.interprocess_lock()
+    try:
+
+        @ps.forked
+        def forgets() -> int:
+            lock.acquire()  # inherited, never released
+            return 7
+
+        with pytest.warns(RuntimeWarning, match=r"ended while holding interprocess lock '\(anon"):
+            assert forgets().join(timeout=30) == 7
+        with pytest.raises(ps.OwnerDied):  # ... and that is what the next acquirer is told
+            lock.acquire(timeout=10)
+        lock.mark_consistent()
+        lock.release()
+    finally:
+        lock.close()
