@@ -19,6 +19,9 @@ costs on top of the bare kernel primitives.
   lock once and the children use the handles they inherit, as the raw and
   ``multiprocessing`` versions use theirs (docs/tutorial/seed.md, "Making it
   fast"). Issue 6's two targets are on this program.
+* ``procshare, anonymous value and lock``: the same, with ``ps.shared(ps.u64)``
+  and ``ps.interprocess_lock()`` without names (issue 19): what a parent and
+  its children need, nothing in /dev/shm. Issue 19's two targets are on it.
 * ``procshare, children open by name``: the example at the top of SPEC.md,
   verbatim: each child opens the value and the lock by name. Its ratios are
   reported beside the targets, against raw both ways and against
@@ -113,6 +116,21 @@ def procshare_inherited_scenario(n: int) -> float:
                         _ps_inherited_job(i, total, lock)
                 _check("procshare, opened in the parent", total.value)
         return time.perf_counter() - started
+
+
+# -- procshare, anonymous value and lock: no names at all (issue 19) ----------------------
+
+
+def procshare_anonymous_scenario(n: int) -> float:
+    started = time.perf_counter()
+    for _ in range(n):
+        # No namespace needed: nothing here has a name another program could meet.
+        with closing(ps.interprocess_lock()) as lock, ps.shared(ps.u64) as total:
+            with ps.children():
+                for i in range(PROCESSES):
+                    _ps_inherited_job(i, total, lock)
+            _check("procshare, anonymous value and lock", total.value)
+    return time.perf_counter() - started
 
 
 # -- multiprocessing: Process + Value + Lock -----------------------------------------------
@@ -226,6 +244,7 @@ def run(bench: Bench) -> None:
     )
     g.add("procshare, children open by name", procshare_scenario)
     g.add("procshare, opened in the parent", procshare_inherited_scenario)
+    g.add("procshare, anonymous value and lock", procshare_anonymous_scenario)
     g.add("raw fork + mmap + posix_ipc", raw_scenario)
     g.add("raw, children reopen both by name", raw_by_name_scenario)
     g.add("multiprocessing", multiprocessing_scenario)
@@ -243,6 +262,20 @@ def run(bench: Bench) -> None:
         "multiprocessing",
         max_ratio=1.0,
         text="seed scenario faster than multiprocessing Process + Value + Lock (issue 6)",
+    )
+    # Issue 19's targets: the program a parent and its children need, with no
+    # names at all, against the same two peers.
+    g.target(
+        "procshare, anonymous value and lock",
+        "raw fork + mmap + posix_ipc",
+        max_ratio=1.05,
+        text="seed scenario, anonymous value and lock, within 1.05x of raw (issue 19)",
+    )
+    g.target(
+        "procshare, anonymous value and lock",
+        "multiprocessing",
+        max_ratio=1.0,
+        text="seed scenario, anonymous value and lock, faster than multiprocessing (issue 19)",
     )
     # The SPEC example verbatim, for reading beside them: what opening both
     # objects by name in every child costs on top.

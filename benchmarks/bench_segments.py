@@ -1,5 +1,7 @@
 """Shared segments: procshare against multiprocessing.shared_memory and posix_ipc.
 
+* create + close of an anonymous 4 KiB segment (``ps.shared(bytes, size=4096)``)
+  against the named one and a bare ``mmap.mmap(-1, 4096)`` (issue 19);
 * create + close of a 4 KiB segment: ``with ps.shared(name, bytes, size=4096):``
   (create-or-attach, which finds no segment, creates it atomically with its
   metadata, takes the kernel-counted hold, and as last holder unlinks it at
@@ -39,6 +41,22 @@ def ps_create_close(n: int) -> float:
     for _ in range(n):
         with ps.shared("bench-cc", bytes, size=SIZE):
             pass
+    return time.perf_counter() - t0
+
+
+def ps_anonymous_create_close(n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        with ps.shared(bytes, size=SIZE):
+            pass
+    return time.perf_counter() - t0
+
+
+def mmap_anonymous_create_close(n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        mm = mmap.mmap(-1, SIZE)
+        mm.close()
     return time.perf_counter() - t0
 
 
@@ -210,6 +228,21 @@ def run(bench: Bench) -> None:
         "procshare: with ps.shared(name, bytes, size=4096, create=False) (layout checked)",
         (ps_attach, mp_attach, posix_ipc_attach),
         "attach no slower than SharedMemory attach (issue 4)",
+    )
+    g = bench.group(
+        "segments: create + close an anonymous 4 KiB segment",
+        note="procshare: with ps.shared(bytes, size=4096) (no name: one shared mapping "
+        "a forked child inherits), against the named form and a bare mmap.mmap(-1, 4096)",
+    )
+    g.add("procshare anonymous", ps_anonymous_create_close)
+    g.add("procshare named", ps_create_close)
+    g.add("mmap.mmap(-1) + close", mmap_anonymous_create_close)
+    g.measure(n=2000)
+    g.target(
+        "procshare anonymous",
+        "procshare named",
+        max_ratio=1.0,
+        text="anonymous 4 KiB create + close at most the cost of a named one (issue 19)",
     )
     _copy_contenders(bench)
     _scalar_contenders(bench)

@@ -50,6 +50,8 @@ SAMPLES: list[ps.ProcshareError] = [
     ps.QueueEmpty("q"),
     ps.QueueFull("q"),
     ps.ForkError(name="job", errno_code=errno.EMFILE, running=1021),
+    ps.AnonymousError("an anonymous lock", "pickled", named="ps.interprocess_lock('NAME')"),
+    ps.SharedMemoryFull("(anonymous)", requested=1 << 40, available=1 << 30),
 ]
 
 BUILTINS: dict[type[ps.ProcshareError], tuple[type[BaseException], ...]] = {
@@ -75,6 +77,7 @@ BUILTINS: dict[type[ps.ProcshareError], tuple[type[BaseException], ...]] = {
     ps.QueueEmpty: (queue.Empty,),
     ps.QueueFull: (queue.Full,),
     ps.ForkError: (OSError,),
+    ps.AnonymousError: (TypeError,),
 }
 
 

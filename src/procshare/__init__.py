@@ -61,6 +61,7 @@ from procshare._tools import SegmentInfo as SegmentInfo
 from procshare._tools import segments as segments
 
 # Errors (and Cancelled, which is not one: a BaseException)
+from procshare.errors import AnonymousError as AnonymousError
 from procshare.errors import BrokenBarrier as BrokenBarrier
 from procshare.errors import Cancelled as Cancelled
 from procshare.errors import ChildError as ChildError
@@ -92,6 +93,7 @@ from procshare.errors import WaitTimeout as WaitTimeout
 __version__ = "0.1.0.dev0"
 
 __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
+    "AnonymousError",
     "BrokenBarrier",
     "Cancelled",
     "Child",

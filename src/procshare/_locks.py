@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal, ParamSpec, TypeVar
 
+from procshare._engine import anonymous as _anonymous
 from procshare._engine import children as _children
 from procshare._engine import get_engine, userwarn
 from procshare._engine import locks as _engine_locks
@@ -32,7 +33,8 @@ from procshare._engine.locks import (
     LockGuard,
 )
 from procshare._engine.names import use_namespace, validate_name
-from procshare.errors import LockTimeout, OwnerDied, ProcshareError, UsageError
+from procshare._shared import _refuse_anonymous_as_name
+from procshare.errors import AnonymousError, LockTimeout, OwnerDied, ProcshareError, UsageError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -64,6 +66,11 @@ class _Closed:
         self.entry = entry
 
     def _fail(self) -> Any:
+        if self.name.startswith(_anonymous.LABEL[:-1]):
+            raise _LockClosedError(
+                f"lock {self.name!r} was used after close(); an anonymous lock cannot be "
+                "opened again: keep it open while the processes that share it use it"
+            )
         raise _LockClosedError(
             f"lock {self.name!r} was used after close(); open it again with "
             f"ps.interprocess_lock({self.name!r})"
@@ -146,14 +153,23 @@ class InterprocessLock(LockGuard):
 
     def __init__(
         self,
-        name: str,
+        name: str | None = None,
         *,
         timeout: float | None = None,
         reentrant: bool = False,
         on_owner_death: OnOwnerDeath = None,
         mode: int = 0o600,
     ) -> None:
-        if name not in _valid_names:
+        anonymous = name is None
+        if name is None:
+            name = _anonymous.LABEL  # until the engine numbers it
+            if mode != 0o600:
+                raise TypeError(
+                    f"ps.interprocess_lock(mode={mode!r}): an anonymous lock has no name for "
+                    "other users to open it by, so it has no permission bits; name it to set them"
+                )
+        elif name not in _valid_names:
+            _refuse_anonymous_as_name(name, "ps.interprocess_lock('NAME')")
             validate_name(name, "lock name")
             if len(_valid_names) < 4096:
                 _valid_names.add(name)
@@ -177,7 +193,11 @@ class InterprocessLock(LockGuard):
         self._m = None
         engine = get_engine()
         try:
-            entry = _engine_locks.locks_part(engine).open(name, id(self), mode)
+            if anonymous:
+                entry = _anonymous.open_lock(id(self))
+                self._name = entry.name  # "(anonymous #3)": for messages and repr
+            else:
+                entry = _engine_locks.locks_part(engine).open(name, id(self), mode)
         except BaseException:
             self._m = _Closed(name)  # a failed open leaves the object unusable
             raise
@@ -192,6 +212,13 @@ class InterprocessLock(LockGuard):
     def name(self) -> str:
         """The lock's name."""
         return self._name
+
+    @property
+    def anonymous(self) -> bool:
+        """Whether the lock has no name (``ps.interprocess_lock()``): shared only
+        with the children forked while it is open. Its :attr:`name` is then a
+        label such as ``"(anonymous #1)"``, which nothing can open."""
+        return self._name.startswith(_anonymous.LABEL[:-1])
 
     @property
     def timeout(self) -> float | None:
@@ -398,6 +425,12 @@ class InterprocessLock(LockGuard):
         # Pickling sends the name, not the memory: the receiving process opens
         # the same lock (same namespace) itself.
         entry = self._entry
+        if self.anonymous:
+            raise AnonymousError(
+                "an anonymous lock",
+                "pickled",
+                named="ps.interprocess_lock('NAME'), opened by that name in the other process",
+            )
         if entry is None:
             raise _LockClosedError(f"lock {self._name!r} was closed; a closed lock cannot be sent")
         options = (self._timeout, self._reentrant, self._on_owner_death)
@@ -433,18 +466,22 @@ def _reopen(
 
 
 def interprocess_lock(
-    name: str,
+    name: str | None = None,
     *,
     timeout: float | None = None,
     reentrant: bool = False,
     on_owner_death: OnOwnerDeath = None,
     mode: int = 0o600,
 ) -> InterprocessLock:
-    """Open the named robust lock ``name``, creating it if needed.
+    """Open the named robust lock ``name``, creating it if needed; without a
+    name, create an anonymous one.
 
     Args:
         name: 1 to 128 characters of ``A-Z a-z 0-9 . _ -``; the lock lives in
             the current namespace (``ps.namespace()`` / ``PROCSHARE_NAMESPACE``).
+            Leave it out for an anonymous lock: as robust, shared with every
+            child forked while it is open and with nobody else, freed by the
+            kernel with its last holder; it cannot be pickled or opened by name.
         timeout: seconds ``with`` and the decorator wait before raising
             :class:`~procshare.LockTimeout` (``None``: forever). Also the
             default of :meth:`InterprocessLock.acquire`.

@@ -9,11 +9,12 @@ from typing import Any, NoReturn
 from weakref import ref as _weakref
 
 from procshare import _kinds
+from procshare._engine import anonymous as _anonymous
 from procshare._engine import names
 from procshare._engine import segments as _segments
 from procshare._engine.segments import OpenSegment, SegmentsPart, segments_part
 from procshare._views import not_picklable
-from procshare.errors import SegmentClosed
+from procshare.errors import AnonymousError, SegmentClosed
 
 
 class Segment:
@@ -28,7 +29,12 @@ class Segment:
 
     __slots__ = ("__weakref__", "_part", "_rec", "_view")
 
-    def __init__(self, part: SegmentsPart, rec: OpenSegment, resolved: _kinds.Resolved) -> None:
+    def __init__(
+        self,
+        part: SegmentsPart | _anonymous.AnonymousPart,
+        rec: OpenSegment,
+        resolved: _kinds.Resolved,
+    ) -> None:
         self._part = part
         self._rec = rec
         self._view: Any = None
@@ -45,13 +51,20 @@ class Segment:
 
     @property
     def name(self) -> str:
-        """The name given to :func:`shared`."""
+        """The name given to :func:`shared`; ``"(anonymous)"`` for an anonymous
+        segment (not a valid name: nothing can open it by name)."""
         return self._rec.name
 
     @property
     def namespace(self) -> str:
-        """The namespace the name lives in."""
+        """The namespace the name lives in (``""`` for an anonymous segment)."""
         return self._rec.namespace
+
+    @property
+    def anonymous(self) -> bool:
+        """Whether the segment has no name (``ps.shared(kind)``): shared only with
+        the children forked while it is open."""
+        return self._rec.name is _anonymous.LABEL
 
     @property
     def created(self) -> bool:
@@ -115,9 +128,20 @@ class Segment:
 
     def __repr__(self) -> str:
         state = "closed" if self._rec.closed else "open"
-        return f"<procshare.Segment {self.name!r} {self.kind} ({state})>"
+        shown = "anonymous" if self.anonymous else repr(self.name)
+        return f"<procshare.Segment {shown} {self.kind} ({state})>"
+
+    def _ps_refuse_pickle(self) -> None:
+        """Raise :class:`AnonymousError` if anonymous (its views ask this too)."""
+        if self.anonymous:
+            raise AnonymousError(
+                f"an anonymous shared segment ({self.kind})",
+                "pickled",
+                named="ps.shared('NAME', kind), opened by that name in the other process",
+            )
 
     def __reduce_ex__(self, protocol: object) -> NoReturn:
+        self._ps_refuse_pickle()
         raise not_picklable("the Segment handle", self._rec.name)
 
     # Not a __getattr__ (it would slow every attribute read of every handle):
@@ -140,9 +164,19 @@ def _not_the_view(attr: str) -> AttributeError:
     )
 
 
+class _NoKind:
+    """``kind`` not given: ``ps.shared(kind)`` (anonymous), or a forgotten kind."""
+
+    def __repr__(self) -> str:
+        return "<no kind>"
+
+
+_NO_KIND: Any = _NoKind()
+
+
 def shared(
-    name: str,
-    kind: Any,
+    name: str | Any,
+    kind: Any = _NO_KIND,
     *,
     shape: int | tuple[int, ...] | None = None,
     size: int | None = None,
@@ -151,17 +185,27 @@ def shared(
     persist: bool = False,
     mode: int = 0o600,
 ) -> Segment:
-    """Create or attach the named shared segment ``name`` holding ``kind``.
+    """Create or attach the named shared segment ``name`` holding ``kind``;
+    without a name, create an anonymous one.
 
     ```text
-    with ps.shared("sum", ps.u64) as total:
+    with ps.shared("sum", ps.u64) as total:    # named: any process can open "sum"
+        total.value += 1
+    with ps.shared(ps.u64) as total:           # anonymous: this process and its children
         total.value += 1
     ```
+
+    An anonymous segment (``ps.shared(kind, shape=..., size=..., initial=...)``)
+    is shared with every child forked while it is open and with nobody else:
+    it has no name in ``/dev/shm`` or anywhere, and the kernel frees it when
+    the last process that has it exits, however it ended. It cannot be
+    pickled or opened by name (:class:`~procshare.AnonymousError`).
 
     Args:
         name: 1-128 characters of ``A-Z a-z 0-9 . _ -``, in the current
             namespace (:func:`procshare.namespace`, ``PROCSHARE_NAMESPACE``)
-            of the current user.
+            of the current user. Leave it out (pass the kind first) for an
+            anonymous segment.
         kind: ``int`` (signed 64-bit), ``float`` (64-bit), ``bool``,
             ``ps.i8`` ... ``ps.i64``, ``ps.u8`` ... ``ps.u64``, ``ps.f32``,
             ``ps.f64`` or a ctypes scalar (view with ``.value``); a ctypes
@@ -187,6 +231,7 @@ def shared(
 
     Raises:
         InvalidName: ``name`` is not a valid name.
+        AnonymousError: ``name`` is an anonymous segment, view or lock.
         TypeError: ``kind`` is not supported (the message lists what is), or
             ``initial`` does not fit it.
         SharedTypeError: the segment exists and holds another kind, shape,
@@ -242,6 +287,10 @@ def shared(
                     mode=mode,
                 )
                 return Segment(part, rec, resolved)
+    if type(name) is not str or kind is _NO_KIND:
+        return _nameless(name, kind, shape, size, initial, create, persist, mode)
+    if name not in _segments._valid_names:
+        _refuse_anonymous_as_name(name, "ps.shared('NAME', kind)")
     _segments.validate_name(name)
     if create is not None and not isinstance(create, bool):
         raise TypeError(f"create= must be None, True or False, not {create!r}")
@@ -271,6 +320,87 @@ def shared(
     return Segment(part, rec, resolved)
 
 
+def _nameless(  # noqa: PLR0917
+    kind: Any,
+    second: Any,
+    shape: int | tuple[int, ...] | None,
+    size: int | None,
+    initial: Any,
+    create: bool | None,
+    persist: bool,
+    mode: int,
+) -> Segment:
+    """``shared()`` whose first argument is not a name: an anonymous segment,
+    or a mistake explained."""
+    if isinstance(kind, str):  # a name without a kind (only str subclasses get here too)
+        if second is _NO_KIND:
+            raise TypeError(
+                f"ps.shared({kind!r}) needs a kind: ps.shared({kind!r}, ps.u64) for a named "
+                "segment (or ps.shared(ps.u64) for an anonymous one)"
+            )
+        return shared(
+            str(kind),
+            second,
+            shape=shape,
+            size=size,
+            initial=initial,
+            create=create,
+            persist=persist,
+            mode=mode,
+        )
+    _refuse_anonymous_as_name(kind, "ps.shared('NAME', kind)")
+    if second is not _NO_KIND:
+        if isinstance(second, str):
+            raise TypeError(
+                f"ps.shared(kind, name): the name goes first: ps.shared({second!r}, kind)"
+            )
+        _segments.validate_name(kind)  # not a name: InvalidName says what a name is
+        raise AssertionError("unreachable: a valid name is a str")
+    if create is False:
+        raise TypeError(
+            "ps.shared(kind, create=False) asks to attach, but an anonymous segment has no "
+            "name to attach by: a child forked while it is open already has it (use the "
+            "view it inherited); for a segment other processes open, give it a name"
+        )
+    if persist is not False:
+        raise TypeError(
+            "ps.shared(kind, persist=True): an anonymous segment cannot outlive its last "
+            "holder (nothing could ever open it again); give it a name to keep it"
+        )
+    if mode != 0o600:
+        raise TypeError(
+            f"ps.shared(kind, mode={mode!r}): an anonymous segment has no name for other "
+            "users to open it by, so it has no permission bits; give it a name to set them"
+        )
+    part = _anonymous.segments_part()
+    part.engine.poll()  # every call into procshare reaps dropped children (SPEC 1)
+    resolved = _kinds.resolve_cached(_anonymous.LABEL, kind, shape, size, segments_part())
+    rec = part.open(resolved.layout, resolved.initial(initial))
+    return Segment(part, rec, resolved)
+
+
+def _refuse_anonymous_as_name(obj: object, named: str) -> None:
+    """Raise :class:`AnonymousError` if ``obj`` is an anonymous object (or the
+    label an anonymous object has for a name) given as a name."""
+    if isinstance(obj, str):
+        if obj.startswith(_anonymous.LABEL[:-1]):
+            raise AnonymousError(
+                f"{obj!r}, what an anonymous object has for a name,",
+                "used as a name",
+                named=named,
+            )
+        return
+    segment = getattr(obj, "_segment", None) or getattr(obj, "_ps_segment", None)
+    if isinstance(obj, Segment):
+        segment = obj
+    if isinstance(segment, Segment) and segment.anonymous:
+        raise AnonymousError(
+            f"an anonymous shared segment ({segment.kind})", "used as a name", named=named
+        )
+    if getattr(obj, "anonymous", False) is True and hasattr(obj, "acquire"):
+        raise AnonymousError("an anonymous lock", "used as a name", named=named)
+
+
 _geteuid = os.geteuid
 
 # (name, id(kind), shape, size, create, persist, mode, namespace, euid, env) ->
@@ -290,5 +420,11 @@ def unlink(name: str) -> bool:
     keep their memory, but the name is free at once: the next
     :func:`shared` of that name creates a new segment.
     """
+    if name not in _segments._valid_names:
+        _refuse_anonymous_as_name(
+            name,
+            "ps.unlink removes named segments; an anonymous one "
+            "goes when its last holder closes it or exits",
+        )
     names.validate_name(name)
     return segments_part().unlink(name)

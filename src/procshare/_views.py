@@ -94,6 +94,18 @@ def _check_f32(name: str, kind: str, value: object) -> None:
         pass  # not a number: the store itself raises TypeError (or SegmentClosed)
 
 
+def _refuse_pickle(segment: object, name: str) -> NoReturn:
+    """A view is the shared memory itself: it cannot be copied or pickled.
+
+    The segment says why first when it is anonymous (it has no name another
+    process could open).
+    """
+    refuse = getattr(segment, "_ps_refuse_pickle", None)
+    if refuse is not None:
+        refuse()
+    raise not_picklable("a view", name)
+
+
 class ScalarView:
     """A number in shared memory: read and write it as ``.value``.
 
@@ -131,7 +143,7 @@ class ScalarView:
         _release(mv)
 
     def __reduce_ex__(self, protocol: object) -> NoReturn:
-        raise not_picklable("a view", self._name)
+        _refuse_pickle(self._segment, self._name)
 
     def __repr__(self) -> str:
         if isinstance(self._mv, _Closed):
@@ -181,7 +193,7 @@ class StructView:
             _release(mv)
 
     def __reduce_ex__(self, protocol: object) -> NoReturn:
-        raise not_picklable("a view", self._ps_name)
+        _refuse_pickle(self._ps_segment, self._ps_name)
 
     def __repr__(self) -> str:
         if isinstance(self._ps_cells, _Closed):
@@ -251,7 +263,7 @@ class NativeView:
         return getattr(self._ps_obj, attr)
 
     def __reduce_ex__(self, protocol: object) -> NoReturn:
-        raise not_picklable("a view", self._ps_name)
+        _refuse_pickle(self._ps_segment, self._ps_name)
 
     def __setattr__(self, attr: str, value: Any) -> None:
         setattr(self._ps_obj, attr, value)

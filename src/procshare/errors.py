@@ -21,6 +21,7 @@ import threading as _threading
 from typing import Any, ClassVar
 
 __all__ = [
+    "AnonymousError",
     "BrokenBarrier",
     "Cancelled",
     "ChildError",
@@ -586,6 +587,12 @@ class SharedMemoryFull(_NamedError, OSError):
                 f"RLIMIT_FSIZE){self._tail()}; raise that limit or create a smaller segment"
             )
         avail = "" if self.available is None else f", {self.available} bytes are free"
+        if self.name == "(anonymous)":  # memory with no name: RAM, not /dev/shm
+            return (
+                f"shared segment {self.name} does not fit: {self.requested} bytes were "
+                f"requested{avail}{self._tail()}; anonymous segments take RAM and swap, not "
+                "/dev/shm: free memory (close other segments) or create a smaller segment"
+            )
         return (
             f"{self.what} {self.name!r} does not fit: {self.requested} bytes were "
             f"requested{avail}{self._tail()}; free shared memory (`python -m procshare gc`, "
@@ -847,4 +854,41 @@ class QueueFull(_NamedError, _queue.Full):
         return (
             f"queue {self.name!r} is full{self._tail()}: no room came free in time "
             "(put() waits for room; a larger maxsize= or capacity= makes more)"
+        )
+
+
+# --------------------------------------------------------------------------
+# Anonymous objects (SPEC section 3, "Without a name")
+
+
+class AnonymousError(ProcshareError, TypeError):
+    """An anonymous segment, view or lock was used where only a named one works.
+
+    Raised when one is pickled (sent to a pool item, a queue, an unrelated
+    process) or passed where a name is expected. It has no name: it exists
+    only in the process that made it and the children forked while it was
+    open. The message says how to share it instead.
+    """
+
+    _fields: ClassVar[tuple[str, ...]] = ("what", "action", "named", "detail")
+
+    def __init__(
+        self, what: str = "", action: str = "", named: str = "", detail: str = ""
+    ) -> None:
+        #: What was misused: ``"an anonymous shared segment (u64)"``.
+        self.what = what
+        #: What was tried: ``"pickled"``, ``"used as a name"``.
+        self.action = action
+        #: The call that makes a named one instead: ``"ps.shared('NAME', ps.u64)"``.
+        self.named = named
+        super().__init__(detail)
+
+    def _message(self) -> str:
+        tail = f" ({self.detail})" if self.detail else ""
+        return (
+            f"{self.what} cannot be {self.action}{tail}: it has no name, so it exists only "
+            "in the process that made it and in the children forked while it is open. Use "
+            "it there (capture it in the @ps.forked function, or in the function given to "
+            "ps.map, and fork while it is open), or give it a name so that other processes "
+            f"can open it: {self.named}"
         )

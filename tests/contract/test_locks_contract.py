@@ -325,3 +325,45 @@ def test_a_mutex_poisoned_by_foreign_code_is_reported_not_crashed_on(
     assert mutex.acquire(False, 0.1) == api.NOT_RECOVERABLE
     assert mutex.state()[0] == word_before
     assert not mutex.owned()
+
+
+# -- a lock in anonymous memory (ps.interprocess_lock() without a name) --------
+
+
+@pytest.fixture
+def anonymous_mutex(backend: Backend) -> Iterator[LockHandle]:
+    handle = backend.segment_create_anonymous(
+        data_size=backend.lock_data_size, init=backend.lock_init
+    )
+    m = backend.lock_attach(handle)
+    yield m
+    while m.owned():
+        m.release()
+    m.detach()
+    backend.segment_close(handle, keep=None)
+
+
+@pytest.mark.timeout(30)
+def test_a_lock_in_anonymous_memory_excludes_and_tells_a_death(
+    anonymous_mutex: LockHandle,
+) -> None:
+    m = anonymous_mutex
+    assert not m.locked()
+    assert m.acquire(False, -1.0) == api.OK
+    assert in_thread(lambda: m.acquire(False, -1.0)) == api.BUSY
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: the inherited mapping is the same lock
+        try:
+            os._exit(0 if m.acquire(False, 0.05) == api.TIMEDOUT else 2)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert m.release() == api.OK
+    dead = _die_holding(m)  # a child forked now takes it and is SIGKILLed
+    assert m.acquire(False, -1.0) == api.OWNER_DIED
+    assert m.state()[4] == dead
+    assert m.mark_consistent() == api.OK
+    assert m.release() == api.OK
+    assert m.acquire(False, -1.0) == api.OK
+    assert m.release() == api.OK

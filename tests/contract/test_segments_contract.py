@@ -317,3 +317,104 @@ def test_native_kinds(backend: SegmentBackend, os_name: str) -> None:
         del obj
     finally:
         backend.segment_close(h, keep=CLOSE_KEEP)
+
+
+# -- anonymous objects: segment_create_anonymous -------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 4096, (1 << 20) + 1], ids=["1B", "4KiB", "over-1MiB"])
+def test_an_anonymous_object_is_zeroed_initialised_and_named_nowhere(
+    backend: SegmentBackend, size: int
+) -> None:
+    before = backend.os_objects()
+    seen: list[int] = []
+
+    def init(data: memoryview) -> None:
+        seen.append(sum(data[:64]))  # zeroed before init runs
+        data[:2] = b"hi"[: len(data)]
+
+    handle = backend.segment_create_anonymous(data_size=size, init=init)
+    try:
+        assert seen == [0]
+        assert handle.data_size == size
+        assert len(handle.data) == size
+        assert bytes(handle.data[:2]) == b"hi"[:size]
+        assert handle.os_name == ""
+        assert handle.meta == b""
+        assert not handle.persist
+        assert handle.address != 0
+        # No name anywhere: nothing new that this process holds or maps (other
+        # programs may create objects meanwhile: they are not ours to judge).
+        new = set(backend.os_objects() - before)
+        held = backend.segment_holders(new, mapped=True)
+        assert [n for n, pids in held.items() if os.getpid() in pids] == []
+    finally:
+        assert backend.segment_close(handle, keep=CLOSE_KEEP) is True
+    assert handle.closed
+    assert backend.segment_close(handle, keep=CLOSE_KEEP) is False  # idempotent
+
+
+def test_an_anonymous_object_is_shared_with_children_forked_while_open(
+    backend: SegmentBackend,
+) -> None:
+    handle = backend.segment_create_anonymous(data_size=64)
+    try:
+
+        def child() -> bool:
+            handle.data[0:5] = b"child"
+            # Closing an inherited handle never takes the parent's memory away.
+            return backend.segment_close(handle, keep=CLOSE_KEEP)
+
+        assert run_in_child(child) is False
+        assert bytes(handle.data[:5]) == b"child"
+        assert not handle.closed
+    finally:
+        backend.segment_close(handle, keep=CLOSE_KEEP)
+
+
+def test_an_anonymous_object_stays_mapped_while_a_buffer_of_it_lives(
+    backend: SegmentBackend,
+) -> None:
+    handle = backend.segment_create_anonymous(data_size=8 * 16)
+    array = np.frombuffer(handle.data, dtype=np.int64)
+    array[:] = 7
+    backend.segment_close(handle, keep=CLOSE_KEEP)
+    assert int(array.sum()) == 7 * 16  # still mapped: no crash
+    del array
+
+
+def test_an_anonymous_init_that_raises_frees_the_object(backend: SegmentBackend) -> None:
+    def init(data: memoryview) -> None:
+        raise ValueError("bad initial")
+
+    with pytest.raises(ValueError, match="bad initial"):
+        backend.segment_create_anonymous(data_size=64, init=init)
+
+
+def test_an_anonymous_object_that_cannot_fit_is_enospc_at_creation(
+    backend: SegmentBackend,
+) -> None:
+    space = backend.anonymous_space()
+    assert space is not None
+    assert space > 0
+    with pytest.raises(OSError) as info:
+        backend.segment_create_anonymous(data_size=space + (1 << 30))
+    assert info.value.errno == errno.ENOSPC
+
+
+def test_a_large_anonymous_object_is_reserved_at_creation(backend: SegmentBackend) -> None:
+    """Above 1 MiB the pages are allocated at creation: under a file-size limit
+    smaller than the object the POSIX backend's memfd says EFBIG right away
+    (what the engine reports as SharedMemoryFull naming `ulimit -f`)."""
+
+    def child() -> int | None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+        try:
+            backend.segment_create_anonymous(data_size=4 << 20)
+        except OSError as exc:
+            return exc.errno
+        return None
+
+    assert run_in_child(child) == errno.EFBIG

@@ -134,6 +134,31 @@ class SegmentBackend(Protocol):
         """
         ...
 
+    def segment_create_anonymous(
+        self, *, data_size: int, init: Callable[[memoryview], None] | None = None
+    ) -> SegmentHandle:
+        """Create an *anonymous* object: shared memory with no name anywhere.
+
+        It is shared with every child forked while this process has it open
+        (the mapping is inherited), invisible to every other process, and
+        freed by the kernel when the last process that has it mapped lets go
+        or exits, however it ended: nothing is ever left to reclaim. Its
+        handle has no name (``os_name`` is ``""``, ``meta`` is empty, never
+        ``persist``), is closed with :meth:`segment_close` like any other
+        (``keep`` is ignored: nobody can open it again), and in a forked
+        child closing an inherited handle only marks it closed. ``init``
+        fills the zeroed data before anyone else can see it. Raises
+        ``OSError(ENOSPC)`` when the memory cannot be had (checked at
+        creation for large objects, never a ``SIGBUS`` later), and
+        ``OSError(EFBIG)`` above ``segment_size_limit()`` where the
+        platform counts it.
+        """
+        ...
+
+    def anonymous_space(self) -> int | None:
+        """Bytes anonymous objects may still take now, if the platform can tell."""
+        ...
+
     def segment_unlink(
         self, os_name: str, *, identity: tuple[int, int, int] | None = None
     ) -> bool:

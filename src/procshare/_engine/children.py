@@ -351,10 +351,11 @@ class ChildrenPart:
     def _warn_held_locks(self) -> None:
         """A wait for children has lasted DEADLOCK_WATCH seconds: warn if the
         waiting thread holds a lock somebody is waiting for."""
-        part = self.engine.existing_part(_locks.KEY)
-        if not isinstance(part, _locks.LocksPart):
-            return
-        held = part.held_and_awaited()
+        held: list[str] = []
+        for key in (_locks.KEY, "anonymous-locks"):  # named, then anonymous (.anonymous)
+            part = self.engine.existing_part(key)
+            if isinstance(part, _locks.LocksPart):
+                held += part.held_and_awaited()
         if held:
             userwarn.warn(
                 f"procshare: this thread has waited {DEADLOCK_WATCH:g} s for child processes "

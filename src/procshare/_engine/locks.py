@@ -329,11 +329,12 @@ def held_here() -> list[str]:
     while nothing is held (each object made there is a copied page)."""
     held: list[str] = []
     for engine in (*_core._inherited, _core._engine):
-        part = None if engine is None else engine.existing_part(KEY)
-        if isinstance(part, LocksPart):
-            for entry in part._entries.values():
-                if entry.mutex.held_here() and not entry.closed and entry.name not in held:
-                    held.append(entry.name)
+        for key in (KEY, "anonymous-locks"):  # named, then anonymous (_engine/anonymous.py)
+            part = None if engine is None else engine.existing_part(key)
+            if isinstance(part, LocksPart):
+                for entry in part._entries.values():
+                    if entry.mutex.held_here() and not entry.closed and entry.name not in held:
+                        held.append(entry.name)
     return held
 
 

@@ -62,6 +62,8 @@ typedef struct {
 
 static PyTypeObject Mapping_Type;
 
+static PyObject *mapping_wrap(void *data, Py_ssize_t size);
+
 static PyObject *
 mapping_new(int fd, Py_ssize_t size)
 {
@@ -69,6 +71,13 @@ mapping_new(int fd, Py_ssize_t size)
     if (data == MAP_FAILED) {
         return PyErr_SetFromErrno(PyExc_OSError);
     }
+    return mapping_wrap(data, size);
+}
+
+/* A Mapping object owning `data` (unmapped on failure). */
+static PyObject *
+mapping_wrap(void *data, Py_ssize_t size)
+{
     MappingObject *self = PyObject_New(MappingObject, &Mapping_Type);
     if (self == NULL) {
         munmap(data, (size_t)size);
@@ -553,6 +562,67 @@ shmstep_release(PyObject *Py_UNUSED(module), PyObject *args)
     return PyLong_FromLong(2);
 }
 
+
+/* anonymous(size, reserve) -> Mapping: shared memory with no name anywhere.
+ *
+ * Inherited by fork like any MAP_SHARED mapping and freed by the kernel with
+ * its last mapping, whatever ended the processes that had it. Without
+ * `reserve`, one mmap(MAP_SHARED | MAP_ANONYMOUS): its pages come from the
+ * kernel's internal shmem mount, which has no size limit, so touching one can
+ * never raise SIGBUS (only memory pressure can fail it, as for any private
+ * memory). With `reserve` (large segments) the pages are allocated now, so a
+ * segment that does not fit fails here with ENOSPC/ENOMEM instead of later:
+ * an unnamed memfd, fallocate'd (on shmem it really allocates), mapped, and
+ * its descriptor closed at once (the mapping keeps the file alive). */
+static PyObject *
+shmstep_anonymous(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    Py_ssize_t size;
+    int reserve;
+    if (!PyArg_ParseTuple(args, "np", &size, &reserve)) {
+        return NULL;
+    }
+    if (size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "anonymous(): size must be > 0");
+        return NULL;
+    }
+    void *data = MAP_FAILED;
+    int saved = 0;
+    if (!reserve) {
+        data = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        saved = errno;
+    }
+    else {
+#ifdef MFD_CLOEXEC
+        int fd;
+        int rc = -1;
+        Py_BEGIN_ALLOW_THREADS
+        fd = memfd_create("procshare-anonymous", MFD_CLOEXEC);
+        if (fd >= 0) {
+            do {
+                rc = fallocate(fd, 0, 0, (off_t)size);
+            } while (rc != 0 && errno == EINTR);
+            if (rc == 0) {
+                data = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+            }
+            saved = errno;
+            close(fd);
+        }
+        else {
+            saved = errno;
+        }
+        Py_END_ALLOW_THREADS
+#else
+        saved = ENOSYS;
+#endif
+    }
+    if (data == MAP_FAILED) {
+        errno = saved;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return mapping_wrap(data, size);
+}
+
 static PyMethodDef shmstep_methods[] = {
     {"attach", (PyCFunction)(void (*)(void))shmstep_attach, METH_FASTCALL,
      "attach(path, meta, spares) -> None (no such object) | SLOW (use the full protocol) | "
@@ -567,6 +637,9 @@ static PyMethodDef shmstep_methods[] = {
     {"link_mode", shmstep_link_mode, METH_VARARGS,
      "link_mode([mode]) -> previous mode: how publish() links (1 AT_EMPTY_PATH, 0 "
      "/proc/self/fd, -1 undecided)."},
+    {"anonymous", shmstep_anonymous, METH_VARARGS,
+     "anonymous(size, reserve) -> Mapping: MAP_SHARED memory with no name, inherited by "
+     "fork; with reserve its pages are allocated now (ENOSPC/ENOMEM if they do not fit)."},
     {"release", shmstep_release, METH_VARARGS,
      "release(fd, path) -> 0 (others hold it) | 1 (last holder, WRITE held; removal is "
      "the caller's call when path is None) | 2 (last holder, path unlinked)."},
