@@ -75,20 +75,7 @@ def current_namespace() -> str:
     ns = _namespace.get()
     if ns is not None:
         return ns
-    # The variable is read on every call (it may change, e.g. per test) but
-    # decoded and validated only when it does: by-name opens sit in hot loops,
-    # and in a freshly forked child every Python frame run costs page faults.
-    raw = _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get(_ENV_NAME)
-    if not raw:
-        return _DEFAULT_NAMESPACE
-    last = _env_last
-    if raw == last[0]:
-        found: str = last[1]
-        return found
-    env = os.fsdecode(raw) if isinstance(raw, bytes) else str(raw)
-    validate_name(env, "namespace (from PROCSHARE_NAMESPACE)")
-    _env_last[:] = (raw, env)
-    return env
+    return env_namespace()
 
 
 def env_namespace() -> str:
@@ -99,6 +86,9 @@ def env_namespace() -> str:
     namespace, which is how the pytest plugin tells an object a test's
     processes made in another namespace from another program's.
     """
+    # The variable is read on every call (it may change, e.g. per test) but
+    # decoded and validated only when it does: by-name opens sit in hot loops,
+    # and in a freshly forked child every Python frame run costs page faults.
     raw = _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get(_ENV_NAME)
     if not raw:
         return _DEFAULT_NAMESPACE

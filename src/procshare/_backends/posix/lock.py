@@ -14,14 +14,12 @@ released silently.
 
 from __future__ import annotations
 
-import os
-import stat
 import struct
 from typing import Any
 
 from procshare._backends.api_lock import LockHandle
 from procshare._backends.api_segment import SegmentHandle
-from procshare._backends.posix.segment import _HEADER, PosixSegment, _path, _read_header
+from procshare._backends.posix.segment import PosixSegment, peek_data
 
 try:
     from procshare._backends.posix._robustmutex import (
@@ -91,28 +89,11 @@ class PosixLocks:
     def lock_owner(self, os_name: str) -> int | None:
         # pread, not an open of the object: no hold is taken, no orphan
         # reclaimed, and junk under the name is simply nobody's.
-        try:
-            # O_NONBLOCK: a FIFO someone put under the name must not hang us.
-            fd = os.open(_path(os_name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
+        data = peek_data(os_name, DATA_SIZE)
+        if data is None or len(data) < DATA_SIZE:
             return None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            head = os.pread(fd, _HEADER.size, 0)
-            try:
-                _flags, _meta, dataoff, datalen, _created, _creator = _read_header(head, os_name)
-            except (OSError, struct.error):  # too short, or not a procshare object
-                return None
-            if datalen < DATA_SIZE:
-                return None
-            state = os.pread(fd, _STATE.size, dataoff + STATE_OFFSET)
-            if len(state) < _STATE.size:
-                return None
-            state_magic, _unconfirmed, owner_pid, *_ = _STATE.unpack(state)
-            return (owner_pid or None) if state_magic == STATE_MAGIC else None
-        finally:
-            os.close(fd)
+        state_magic, _unconfirmed, owner_pid, *_ = _STATE.unpack_from(data, STATE_OFFSET)
+        return (owner_pid or None) if state_magic == STATE_MAGIC else None
 
     def lock_contended(self, mutex: LockHandle) -> bool:
         return bool(mutex.state()[0] & FUTEX_WAITERS)

@@ -349,6 +349,31 @@ def anonymous_space() -> int | None:
     return space
 
 
+def peek_data(os_name: str, size: int) -> bytes | None:
+    """Up to ``size`` bytes of the data of the object ``os_name``, read with
+    ``pread`` and no hold taken (so nothing is reclaimed and no lifetime
+    changes); ``None`` if it is gone or is not a procshare object. What the
+    lister and the state peeks of locks and sync objects read."""
+    try:
+        # O_NONBLOCK: a FIFO someone put under the name must not hang us.
+        fd = os.open(_path(os_name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        head = os.pread(fd, _HEADER.size, 0)
+        try:
+            _flags, _meta, dataoff, datalen, _created, _creator = _read_header(head, os_name)
+        except (OSError, struct.error):  # too short, or not a procshare object
+            return None
+        want = min(size, datalen)
+        data = os.pread(fd, want, dataoff)
+        return data if len(data) == want else None
+    finally:
+        os.close(fd)
+
+
 def _read_header(mm: mmap.mmap | bytes, os_name: str) -> tuple[int, bytes, int, int, int, int]:
     magic, flags, metalen, dataoff, datalen, created, creator = _HEADER.unpack_from(mm, 0)
     if magic != _MAGIC:

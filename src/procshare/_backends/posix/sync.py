@@ -14,13 +14,11 @@ field of ``/proc/PID/stat`` says ``Z`` for one, and a zombie holds nothing.
 from __future__ import annotations
 
 import os
-import stat
-import struct
 
 from procshare._backends.api_lock import LockHandle
 from procshare._backends.api_sync import ProcessToken, Words
 from procshare._backends.posix._robustmutex import DATA_SIZE, Mutex
-from procshare._backends.posix.segment import _HEADER, _path, _read_header
+from procshare._backends.posix.segment import peek_data
 
 try:
     from procshare._backends.posix._futex import HoldGuard
@@ -98,20 +96,4 @@ class PosixSync:
         return state not in ("Z", "X", "x") and started == start
 
     def sync_peek(self, os_name: str, size: int) -> bytes | None:
-        try:
-            # O_NONBLOCK: a FIFO someone put under the name must not hang us.
-            fd = os.open(_path(os_name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            return None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            head = os.pread(fd, _HEADER.size, 0)
-            try:
-                _flags, _meta, dataoff, datalen, _created, _creator = _read_header(head, os_name)
-            except (OSError, struct.error):
-                return None
-            data = os.pread(fd, min(size, datalen), dataoff)
-            return data if len(data) == min(size, datalen) else None
-        finally:
-            os.close(fd)
+        return peek_data(os_name, size)
