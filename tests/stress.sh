@@ -23,6 +23,15 @@ mkdir -p "$LOGS"
 rm -f "$LOGS"/*.log "$LOGS"/stop
 TOTAL=$((RUNS + LOADED))
 STOP="$LOGS/stop"
+# Run "$@" with SIGINT at its default even if this script was started with it
+# ignored (nohup, `&`): the demo must stop cleanly on the Ctrl-C sent to it,
+# and the suite's Ctrl-C tests run as they would from a terminal.
+with_sigint() {
+    "$PY" -c 'import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+os.execvp(sys.argv[1], sys.argv[1:])' "$@"
+}
+
 demo_pid=""
 hog_pids=()
 
@@ -54,7 +63,7 @@ start_load() {
     rm -f "$STOP"
     (
         while [ ! -e "$STOP" ]; do
-            PROCSHARE_NAMESPACE="beside-$$" "$PY" -m procshare demo --repeat 5
+            PROCSHARE_NAMESPACE="beside-$$" with_sigint "$PY" -m procshare demo --repeat 5
             echo "demo exit $?"
         done
     ) >"$LOGS/demo-beside.log" 2>&1 &
@@ -71,7 +80,7 @@ run_suite() { # $1: run number, $2: "quiet" or "loaded"
     local log start took rc summary
     log=$(printf '%s/run-%02d-%s.log' "$LOGS" "$1" "$2")
     start=$(date +%s)
-    "$PY" -m pytest -q -p no:cacheprovider "${@:3}" >"$log" 2>&1
+    with_sigint "$PY" -m pytest -q -p no:cacheprovider "${@:3}" >"$log" 2>&1
     rc=$?
     took=$(($(date +%s) - start))
     summary=$(grep -E '^=* ?[0-9]+ (passed|failed)|^[0-9]+ (passed|failed)|(passed|failed|error).* in [0-9.]+s' "$log" | tail -1)
