@@ -48,7 +48,7 @@ def another_namespace(base: str) -> str:
     return f"{base}-{names.current_namespace().removeprefix('t-')}"
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> bool:
     """Whether ``predicate()`` became true within ``timeout`` seconds (polled every 10 ms)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
