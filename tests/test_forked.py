@@ -1082,8 +1082,14 @@ def test_a_warning_raised_as_an_error_leaves_no_child_unreaped() -> None:
     # Dropped failing children warn when reaped; under -W error the warning
     # raises from whatever call reaped them. Their bookkeeping, and the join
     # that call was making, must be done by then.
+    gate_r, gate_w = os.pipe()
+
     @ps.forked
     def fails() -> None:
+        # Not before both are forked: a fork reaps a dropped child that has
+        # already ended, which would leave one fewer to reap below.
+        os.close(gate_w)
+        os.read(gate_r, 1)
         raise ValueError("nobody listens")
 
     @ps.forked
@@ -1092,7 +1098,11 @@ def test_a_warning_raised_as_an_error_leaves_no_child_unreaped() -> None:
         return 7
 
     kept = naps()  # first: a fork reaps dropped children itself
-    dropped = [fails().pid, fails().pid]
+    try:
+        dropped = [fails().pid, fails().pid]
+    finally:
+        os.close(gate_w)  # the gate opens: both fail now
+        os.close(gate_r)
     gc.collect()
     assert wait_for(lambda: all(child_pids().get(p) == "Z" for p in dropped))
     with warnings.catch_warnings():
