@@ -46,6 +46,14 @@ docs: $(VENV)/.dev
 test: lint typecheck docs
 	$(PY) -m pytest
 
+# Not part of `make test`: the whole suite STRESS_RUNS times in a row, then
+# STRESS_LOADED times beside the demo and a CPU hog per core (tests/stress.sh).
+STRESS_RUNS   ?= 10
+STRESS_LOADED ?= 3
+.PHONY: stress-test
+stress-test: $(VENV)/.dev
+	PY=$(PY) STRESS_RUNS=$(STRESS_RUNS) STRESS_LOADED=$(STRESS_LOADED) tests/stress.sh
+
 demo: $(VENV)/.base
 	$(PY) -m procshare demo
 

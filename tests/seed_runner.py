@@ -122,6 +122,11 @@ def run_all(args: argparse.Namespace) -> int:
                 total = seed_scenario(args.processes)
         except Exception as exc:
             print(f"run {run}: raised {type(exc).__name__}: {exc}", flush=True)
+            # What the children raised, not just how many: the first few, by type.
+            leaves = exc.exceptions[:3] if isinstance(exc, ExceptionGroup) else ()
+            for leaf in leaves:
+                first = (str(leaf).splitlines() or [""])[0]
+                print(f"  {type(leaf).__name__}: {first[:300]}", flush=True)
             total = None
         if total == expected:
             right += 1

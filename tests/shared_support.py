@@ -36,7 +36,19 @@ def alive(pid: int) -> bool:
     return found is not None and found[0] != "Z"
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
+def another_namespace(base: str) -> str:
+    """A namespace called ``base`` that belongs to this test alone.
+
+    The leak check gives each test a fresh namespace; a test that needs a
+    second one derives it from that, so a copy of the suite running at the
+    same time (another checkout, another CI job) never shares its objects.
+    """
+    from procshare._engine import names
+
+    return f"{base}-{names.current_namespace().removeprefix('t-')}"
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> bool:
     """Whether ``predicate()`` became true within ``timeout`` seconds (polled every 10 ms)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

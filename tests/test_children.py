@@ -113,8 +113,9 @@ def test_cancel_on_error_terminates_the_others_which_are_not_failures() -> None:
     with pytest.raises(ExceptionGroup) as info, ps.children() as kids:
         sleep_then(30, "slow")
         sleep_then(30, "slow")
-        sleep_then(0.0, "quick")
-        fail_after(0.5, "first failure")  # "quick" has finished by then
+        # "quick" has finished before anything fails (waited for, not slept for).
+        assert sleep_then(0.0, "quick").wait(timeout=30) is not None
+        fail_after(0.5, "first failure")
     assert time.monotonic() - t0 < 20
     errors = info.value.exceptions
     assert len(errors) == 1
@@ -185,11 +186,13 @@ def test_forks_after_a_failure_are_not_started() -> None:
 
 @pytest.mark.timeout(120)
 def test_limit_bounds_how_many_run_at_once(tmp_path: Path) -> None:
-    log = tmp_path / "log"
+    log, go = tmp_path / "log", tmp_path / "go"
 
     @ps.forked
-    def stamped(i: int) -> None:
+    def stamped(i: int, gated: bool) -> None:
         start = time.monotonic()
+        if gated:  # held until every child is forked, however slow forking is
+            assert wait_for(go.exists, 60)
         time.sleep(0.15)
         end = time.monotonic()
         fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
@@ -200,9 +203,11 @@ def test_limit_bounds_how_many_run_at_once(tmp_path: Path) -> None:
 
     def max_overlap(limit: int | None) -> int:
         log.unlink(missing_ok=True)
+        go.unlink(missing_ok=True)
         with ps.children(limit=limit):
             for i in range(8):
-                stamped(i)
+                stamped(i, gated=limit is None)
+            go.touch()
         events = []
         for line in log.read_text().splitlines():
             start, end = map(float, line.split())
@@ -215,7 +220,8 @@ def test_limit_bounds_how_many_run_at_once(tmp_path: Path) -> None:
 
     assert max_overlap(2) <= 2
     assert max_overlap(1) == 1
-    # Negative control: without a limit the same children do overlap.
+    # Negative control: without a limit the same children do overlap (all of
+    # them, as the gate holds each until the last is forked).
     assert max_overlap(None) > 2
 
 

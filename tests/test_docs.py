@@ -59,3 +59,41 @@ def test_page_examples_run(page: Path, tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, f"{page.name} examples failed:\n{done.stdout}\n{done.stderr}"
+
+
+def test_the_api_page_turns_sphinx_roles_into_links_or_code() -> None:
+    # mkdocstrings prints a docstring's `:class:`Child`` as it is; the Griffe
+    # extension that mkdocs.yml loads rewrites every role of a public object.
+    import griffe  # installed with mkdocstrings[python], a dev dependency
+
+    import procshare
+
+    assert "- docs/_hooks/sphinx_roles.py:SphinxRoles" in (ROOT / "mkdocs.yml").read_text()
+    ext = griffe.load_extensions(f"{ROOT}/docs/_hooks/sphinx_roles.py:SphinxRoles")
+    pkg = griffe.load("procshare", search_paths=[str(ROOT / "src")], extensions=ext)
+    lock_doc = pkg["InterprocessLock"].docstring.value
+    assert "[`acquire`][procshare.InterprocessLock.acquire]" in lock_doc
+    assert "[`interprocess_lock`][procshare.interprocess_lock]" in lock_doc
+    left = []
+    for name in procshare.__all__:
+        obj = pkg[name]
+        members = [m for n, m in obj.members.items() if not n.startswith("_")]
+        for each in [obj, *(members if obj.is_class else [])]:
+            if each.docstring is not None and re.search(r":\w+:`", each.docstring.value):
+                left.append(each.path)
+    assert left == []
+
+
+def test_the_pytest_plugin_howto_example_gives_the_outcome_it_shows(
+    pytester: pytest.Pytester,
+) -> None:
+    page = (ROOT / "docs" / "howto" / "testing.md").read_text()
+    files = re.findall(r'^```python title="([^"]+)"\n(.*?)^```', page, re.DOTALL | re.MULTILINE)
+    assert [name for name, _ in files] == ["conftest.py", "test_counter.py"]
+    for name, body in files:
+        (pytester.path / name).write_text(body)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=1)
+    # The leak line the page shows, but for the OS name, which varies.
+    (shown,) = (line for line in page.splitlines() if " leaked: " in line)
+    result.stdout.fnmatch_lines([re.sub(r"\(/ps\w+", "(/ps*", shown)])

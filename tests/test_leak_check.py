@@ -38,7 +38,7 @@ def test_leaves_a_zombie():
     pid = os.fork()
     if pid == 0:
         os._exit(0)
-    time.sleep(0.2)  # exited, never waited for: a zombie
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # exited, never reaped: a zombie
 """
 
 LEAKY_RUNNER = """

@@ -117,7 +117,7 @@ def test_the_next_waiter_gets_the_lock_at_once_when_the_holder_is_killed(
     assert len(outcome) == 2
     assert isinstance(outcome[1], ps.OwnerDied)
     assert outcome[1].owner_pid == holder
-    assert outcome[0] - killed < 5.0  # far below the 30 s slice
+    assert outcome[0] - killed < 15  # far below the 30 s slice, generous under load
     lock.close()
 
 

@@ -17,8 +17,9 @@ import pytest
 
 import procshare as ps
 from procshare._engine import names
+from procshare._engine.inspect import namespace_objects  # never all of /dev/shm: others use it
 from procshare._engine.segments import segments_part
-from shared_support import ChildFailed, Helper, run_in_child
+from shared_support import ChildFailed, Helper, another_namespace, run_in_child
 
 
 def shm_path(name: str, namespace: str | None = None) -> str:
@@ -182,7 +183,7 @@ def test_a_creator_killed_mid_initialisation_leaves_nothing_half_done() -> None:
         segments_part().init_hook = pause
         ps.shared("half", bytes, size=len(blob), initial=blob)
 
-    before = set(os.listdir("/dev/shm"))
+    before = namespace_objects()
     helper = Helper(creator)
     try:
         helper.wait_ready()
@@ -192,7 +193,7 @@ def test_a_creator_killed_mid_initialisation_leaves_nothing_half_done() -> None:
     finally:
         helper.kill()
     # ... and once it is dead there is nothing left behind, not even a temporary.
-    assert set(os.listdir("/dev/shm")) == before
+    assert namespace_objects() == before
     with ps.shared("half", bytes, size=len(blob), initial=b"\x01" * 8192) as fresh:
         assert bytes(fresh) == b"\x01" * 8192
 
@@ -364,7 +365,7 @@ def test_interpreter_exit_closes_what_is_left_open() -> None:
 def test_a_segment_bigger_than_free_shared_memory_raises_at_creation() -> None:
     vfs = os.statvfs("/dev/shm")
     too_big = vfs.f_blocks * vfs.f_frsize + (1 << 30)
-    before = set(os.listdir("/dev/shm"))
+    before = namespace_objects()
     with pytest.raises(ps.SharedMemoryFull) as info:
         ps.shared("huge", bytes, size=too_big)
     err = info.value
@@ -374,7 +375,7 @@ def test_a_segment_bigger_than_free_shared_memory_raises_at_creation() -> None:
     assert err.available is not None
     assert err.available < too_big
     assert "does not fit" in str(err)
-    assert set(os.listdir("/dev/shm")) == before
+    assert namespace_objects() == before
 
 
 @ps.forked
@@ -391,13 +392,13 @@ def _create_under_a_file_size_limit(size: int) -> tuple[str, int | None, int]:
 @pytest.mark.parametrize("size", [200_000, 8 << 20])  # one write / posix_fallocate
 def test_a_segment_above_the_file_size_limit_says_so(size: int) -> None:
     # Free memory is plentiful: the advice must be about `ulimit -f`, not /dev/shm.
-    before = set(os.listdir("/dev/shm"))
+    before = namespace_objects()
     message, limit, code = _create_under_a_file_size_limit(size).join()
     assert limit == 100_000
     assert code == 28  # still a SharedMemoryFull (ENOSPC) for those who catch that
     assert "ulimit -f" in message
     assert "enlarge /dev/shm" not in message
-    assert set(os.listdir("/dev/shm")) == before
+    assert namespace_objects() == before
 
 
 @pytest.mark.parametrize("size", [4096, 8 << 20])  # one write / posix_fallocate
@@ -428,22 +429,24 @@ def test_long_names_map_to_short_os_names() -> None:
 
 
 def test_namespaces_separate_applications() -> None:
-    with ps.namespace("app1"), ps.shared("x", int, initial=1) as one:
-        with ps.namespace("app2"), ps.shared("x", int, initial=2) as two:
+    app1, app2 = another_namespace("app1"), another_namespace("app2")
+    with ps.namespace(app1), ps.shared("x", int, initial=1) as one:
+        with ps.namespace(app2), ps.shared("x", int, initial=2) as two:
             assert (one.value, two.value) == (1, 2)
-            assert os.path.exists(shm_path("x", "app2"))
-        assert os.path.exists(shm_path("x", "app1"))
+            assert os.path.exists(shm_path("x", app2))
+        assert os.path.exists(shm_path("x", app1))
 
 
 def test_the_environment_variable_sets_the_namespace() -> None:
     code = 'import procshare as ps\nprint(ps.shared("e", int, create=False).view.value)'
-    with ps.namespace("envapp"), ps.shared("e", int, initial=77):
-        env = dict(os.environ, PROCSHARE_NAMESPACE="envapp")
+    envapp = another_namespace("envapp")
+    with ps.namespace(envapp), ps.shared("e", int, initial=77):
+        env = dict(os.environ, PROCSHARE_NAMESPACE=envapp)
         out = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
         )
         assert out.stdout.strip() == "77", out.stderr
-        env["PROCSHARE_NAMESPACE"] = "otherapp"
+        env["PROCSHARE_NAMESPACE"] = another_namespace("otherapp")
         out = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
         )
@@ -964,9 +967,12 @@ def test_a_segment_opened_while_another_thread_forks_is_kept_for_that_child() ->
             box.append(ps.shared("data", ps.u64, initial=7))
             opened.set()
 
+        gate_r, gate_w = os.pipe()
+
         @ps.forked
         def naps():
-            time.sleep(1.0)
+            os.close(gate_w)
+            os.read(gate_r, 1)  # alive until the parent has looked, however slow
 
         t = threading.Thread(target=opener)
         t.start()
@@ -975,6 +981,7 @@ def test_a_segment_opened_while_another_thread_forks_is_kept_for_that_child() ->
         box[0].close()  # the child inherited it: kept until it is reaped
         with ps.shared("data", ps.u64) as again:
             print(again.value)  # 7: the same segment, not a fresh one
+        os.close(gate_w)
         child.join()
         """
     )

@@ -12,6 +12,7 @@ import pytest
 
 import procshare as ps
 from procshare import _shared
+from shared_support import another_namespace
 
 
 def _planned(name: str) -> list[tuple[object, ...]]:
@@ -63,7 +64,7 @@ def test_a_numpy_shape_of_floats_is_refused_after_the_same_shape_in_ints() -> No
 
 def test_a_plan_is_per_namespace() -> None:
     with ps.shared("ns-rep", ps.u8, initial=1) as outer:
-        with ps.namespace("other-rep"), ps.shared("ns-rep", ps.u8) as inner:
+        with ps.namespace(another_namespace("other-rep")), ps.shared("ns-rep", ps.u8) as inner:
             assert inner.value == 0  # another namespace: another segment
             inner.value = 2
         with ps.shared("ns-rep", ps.u8) as again:
@@ -84,7 +85,9 @@ def test_a_planned_call_still_refuses_a_segment_of_another_kind() -> None:
 def test_a_forked_child_uses_its_parents_plan() -> None:
     @ps.forked
     def add(n: int) -> int:
-        with ps.shared("child-rep", ps.u64) as total:
+        # Three children add at once: a read-modify-write of shared data holds
+        # the lock, as the docs tell users (without it an update can be lost).
+        with ps.shared("child-rep", ps.u64) as total, ps.interprocess_lock("child-rep"):
             total.value += n
             return int(total.value)
 

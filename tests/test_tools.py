@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import procshare as ps
 from lockhelpers import killed_holder
 from procshare._backends import get_backend
 from procshare._engine import names
+from shared_support import another_namespace
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,11 +66,12 @@ def test_segments_lists_name_kind_holders_and_age() -> None:
 
 
 def test_segments_of_another_namespace_are_not_listed() -> None:
-    with ps.namespace("elsewhere"):
+    elsewhere = another_namespace("elsewhere")
+    with ps.namespace(elsewhere):
         handle = _make("hidden")
     try:
         assert ps.segments() == []
-        assert [i.name for i in ps.segments("elsewhere")] == ["hidden"]
+        assert [i.name for i in ps.segments(elsewhere)] == ["hidden"]
     finally:
         _close(handle)
 
@@ -267,3 +270,13 @@ def test_a_fifo_under_a_name_does_not_hang_the_listing() -> None:
         assert [(i.type, i.owner) for i in ps.segments()] == [("lock", None)]
     finally:
         os.unlink(path)
+
+
+def test_the_cli_help_is_readable_and_lists_every_command() -> None:
+    out = _cli("--help")
+    assert out.returncode == 0, out.stderr
+    for command in ("ls", "gc", "rm", "demo"):  # one line each, in the command list
+        assert re.search(rf"^    {command} +\w", out.stdout, re.M), out.stdout
+        assert _cli(command, "--help").returncode == 0
+    assert "examples:" in out.stdout
+    assert "::" not in out.stdout  # no reStructuredText from the module docstring

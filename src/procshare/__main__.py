@@ -88,37 +88,73 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 1
 
 
+_EPILOG = """\
+examples:
+  python -m procshare ls                      the current namespace's objects
+  python -m procshare gc --namespace myapp    clean up after a killed program
+  python -m procshare rm results --namespace myapp
+  python -m procshare demo --processes 100 --repeat 10
+
+'python -m procshare COMMAND --help' describes a command's options."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:
         from procshare._demo import main as demo_main
 
         return demo_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m procshare", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="python -m procshare",
+        description="List, collect and remove procshare's shared-memory objects; run the demo.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     ns_help = "namespace (default: $PROCSHARE_NAMESPACE or 'default')"
-    p_ls = sub.add_parser("ls", help="list live segments and locks")
-    p_ls.add_argument("--namespace", help=ns_help)
+    p_ls = sub.add_parser(
+        "ls",
+        help="list a namespace's segments, locks and sync objects",
+        description="List the segments, locks and coordination objects of a namespace: name, "
+        "type, kind, size, "
+        "holders, owner, age, and whether it persists.",
+    )
+    p_ls.add_argument("--namespace", metavar="NS", help=ns_help)
     p_ls.set_defaults(func=cmd_ls)
-    p_gc = sub.add_parser("gc", help="remove what no living process holds")
-    p_gc.add_argument("--namespace", help=ns_help)
+    p_gc = sub.add_parser(
+        "gc",
+        help="remove what no living process holds",
+        description="Remove the objects of a namespace that no living process holds (left "
+        "by processes that were killed). persist=True segments and locks whose holder died "
+        "are kept, unless --all.",
+    )
+    p_gc.add_argument("--namespace", metavar="NS", help=ns_help)
     p_gc.add_argument(
         "--all",
         action="store_true",
         help="also remove persist=True segments and locks whose holder died",
     )
     p_gc.set_defaults(func=cmd_gc)
-    p_rm = sub.add_parser("rm", help="remove one segment (or lock) now")
-    p_rm.add_argument("name")
+    p_rm = sub.add_parser(
+        "rm",
+        help="remove one segment, lock (--lock) or sync object (--sync) now",
+        description="Remove one segment (or, with --lock or --sync, one lock or "
+        "coordination object) by name now, whoever "
+        "holds it: processes that have it mapped keep their memory until they close it, "
+        "and the next open by name creates a new one.",
+    )
+    p_rm.add_argument(
+        "name", metavar="NAME", help="the name given to ps.shared or ps.interprocess_lock"
+    )
     p_rm.add_argument("--lock", action="store_true", help="NAME is a lock, not a segment")
     p_rm.add_argument(
         "--sync",
         action="store_true",
         help="NAME is a semaphore, event, condition, barrier, rwlock or queue",
     )
-    p_rm.add_argument("--namespace", help=ns_help)
+    p_rm.add_argument("--namespace", metavar="NS", help=ns_help)
     p_rm.set_defaults(func=cmd_rm)
-    sub.add_parser("demo", help="run the seed scenario (see --help of 'demo')")
+    sub.add_parser("demo", help="run the seed scenario and check it (demo --help for options)")
     args = parser.parse_args(argv)
     try:
         result = int(args.func(args))

@@ -143,14 +143,21 @@ def test_the_pipe_is_close_on_exec_and_read_while_the_child_writes(
 
 
 def test_the_wait_descriptor_becomes_ready_at_exit(backend: ProcessBackend) -> None:
+    gate_r, gate_w = os.pipe()
+
     def child(fd: int) -> int:
-        time.sleep(0.3)
+        os.close(gate_w)
+        os.read(gate_r, 1)  # runs until the parent has looked: an event, not a sleep
         return 0
 
-    forked = backend.process_fork(child)
-    if forked.wait_fd is None:
-        pytest.fail("the POSIX backend on Linux must provide a pidfd")
-    assert backend.process_poll([forked.wait_fd], 0.05) == []
+    try:
+        forked = backend.process_fork(child)
+        if forked.wait_fd is None:
+            pytest.fail("the POSIX backend on Linux must provide a pidfd")
+        assert backend.process_poll([forked.wait_fd], 0.05) == []
+    finally:
+        os.close(gate_w)  # the child may end now
+        os.close(gate_r)
     assert backend.process_poll([forked.wait_fd], 30) == [forked.wait_fd]
     assert _finish(backend, forked) == Exit(0, None)
 
