@@ -1,0 +1,799 @@
+"""Pool workers: their channels, their loop, and the parent's scheduler.
+
+A worker is a child of :class:`~procshare._engine.children.ChildrenPart`
+like any ``@forked`` call (so its death is reported, and it is cancelled and
+reaped, exactly as ``children()`` does), running :func:`worker_main`: it
+reads *tasks* from its own channel (a socket pair, see
+``_backends/api_channel.py``) and writes one *result frame per item*. There
+is no lock shared between workers, so a worker killed at any instant strands
+nobody (``multiprocessing.Pool`` hangs for good there, CPython gh-96062).
+
+The parent keeps at most two tasks (chunks of items) in flight per worker,
+and knows which items of them have come back: when a worker dies, the first
+item without a result is the one it was running and fails with the worker's
+outcome (``ChildKilled``, ...); the rest of its chunks go back to the queue
+and a fresh worker is forked. The parent waits on every channel and every
+worker's pidfd in one poll.
+
+Frames, parent to worker: a 4-byte length, then a pickled tuple
+``(RUN, task id, function key, star, sequence key, start, count, items)``
+(``items`` is ``None`` when the worker inherited the sequence: it indexes its
+own copy, nothing is pickled) or ``(FUNCTION, key, pickled function)``.
+End of file tells the worker to exit. Worker to parent: ``_RESULT`` (body
+length, task id, offset in the task, tag) then the body (a pickled value, or
+a raised exception as ``children`` encodes it).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import pickle
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from procshare._engine import children as _children
+from procshare._engine.children import CANCEL_GRACE, ChildrenPart, Record
+from procshare.errors import ChildError, ChildTimeout
+
+_HEAD = struct.Struct("<I")
+_RESULT = struct.Struct("<IIIB")
+_RUN, _FUNCTION = 0, 1
+_VALUE, _NONE, _RAISED, _READY = 0, 1, 2, 3
+_READ = 1 << 16
+#: Tasks a worker may have queued: one running, one waiting, so it never idles
+#: for a round trip.
+IN_FLIGHT = 2
+# Without a chunksize and without a length: aim for chunks of about this many
+# seconds of work, once the first results tell how long an item takes.
+_CHUNK_SECONDS = 0.005
+_NO_PIDFD_SLICE = 0.005
+_HIGHEST = pickle.HIGHEST_PROTOCOL
+
+ErrorFactory = Callable[[], ChildError]
+
+
+# --------------------------------------------------------------- the worker
+
+
+def worker_main(  # noqa: PLR0917 - built once per worker with functools.partial
+    backend: Any,
+    fd: int,
+    functions: dict[int, Callable[..., Any]],
+    sequences: dict[int, Sequence[Any]],
+    initializer: Callable[..., Any] | None,
+    initargs: tuple[Any, ...],
+) -> None:
+    """The worker's whole life (runs in the child; returns when the parent lets go)."""
+    backend.channel_keep_private(fd)  # the children ``fn`` forks must not hold it
+    write = backend.process_write
+    read = backend.channel_read
+    if initializer is not None:
+        initializer(*initargs)
+        write(fd, _RESULT.pack(0, 0, 0, _READY))
+    buf = b""
+    while True:
+        while len(buf) < _HEAD.size:
+            data = read(fd, _READ)
+            if not data:
+                return
+            buf += data
+        (n,) = _HEAD.unpack_from(buf)
+        while len(buf) < _HEAD.size + n:
+            data = read(fd, max(_READ, _HEAD.size + n - len(buf)))
+            if not data:
+                return
+            buf += data
+        msg = pickle.loads(memoryview(buf)[_HEAD.size : _HEAD.size + n])
+        buf = buf[_HEAD.size + n :]
+        if msg[0] == _FUNCTION:
+            functions[msg[1]] = pickle.loads(msg[2])
+            continue
+        _, tid, fkey, star, skey, start, count, items = msg
+        fn = functions[fkey]
+        seq = sequences[skey] if items is None else items
+        base = start if items is None else 0
+        for off in range(count):
+            item = seq[base + off]
+            try:
+                value = fn(*item) if star else fn(item)
+            except Exception as exc:
+                tag, body = _RAISED, _children._raised_payload(exc, skip=1)
+            else:
+                if value is None:
+                    tag, body = _NONE, b""
+                else:
+                    tag, body = _VALUE, _pickle_result(value)
+                    if body[:1] == b"E":
+                        tag = _RAISED
+                del value
+            head = _RESULT.pack(len(body), tid, off, tag)
+            if len(body) < 65536:
+                write(fd, head + body)
+            else:
+                write(fd, head)
+                write(fd, body)
+            del item, body
+
+
+def _pickle_result(value: object) -> bytes:
+    try:
+        return b"R" + pickle.dumps(value, protocol=_HIGHEST)
+    except Exception as exc:
+        detail = (
+            f"its result, a {type(value).__qualname__}, could not be pickled to send it to "
+            "the parent; return something picklable (plain data), or put the result in "
+            "shared memory"
+        )
+        return _children._raised_payload(exc, detail)
+
+
+# --------------------------------------------------------------- the parent
+
+
+class Task:
+    """A chunk of one job's items, sent to one worker."""
+
+    __slots__ = ("count", "done", "items", "job", "start", "tid")
+
+    def __init__(self, job: Job, tid: int, start: int, count: int, items: list[Any] | None):
+        self.job = job
+        self.tid = tid
+        self.start = start  # index of the first item in the job
+        self.count = count
+        self.done = 0  # results received (in order: a worker runs its items in order)
+        self.items = items  # None: the worker indexes the sequence it inherited
+
+
+class Worker:
+    """The parent's side of one worker."""
+
+    __slots__ = ("buf", "fd", "functions", "inflight", "out", "ready", "rec", "sequences")
+
+    def __init__(self, rec: Record, fd: int, functions: set[int], sequences: set[int]):
+        self.rec = rec
+        self.fd: int | None = fd
+        self.functions = functions  # keys it knows: inherited, or sent pickled
+        self.sequences = sequences
+        self.inflight: deque[Task] = deque()
+        self.out = bytearray()
+        self.buf = bytearray()
+        self.ready = False
+
+
+class Job:
+    """One ``map`` / ``imap`` / ``submit``: its items, results and failures."""
+
+    def __init__(
+        self,
+        core: Core,
+        fkey: int,
+        name: str,
+        items: Iterable[Any],
+        *,
+        star: bool,
+        chunksize: int | None,
+        ordered: bool,
+        timeout: float | None,
+        on_item: Callable[[bool], None] | None,
+    ) -> None:
+        self.core = core
+        self.fkey = fkey
+        self.name = name
+        self.star = star
+        self.chunksize = chunksize
+        self.ordered = ordered
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.on_item = on_item
+        self.started = time.monotonic()
+        self.skey: int | None = None
+        self.seq: Sequence[Any] | None = None
+        self.source: Iterator[Any] | None = None
+        self.total: int | None = None
+        if _is_sequence(items):
+            self.seq = items  # type: ignore[assignment]
+            self.total = len(self.seq)  # type: ignore[arg-type]
+            self.skey = core.register_sequence(self.seq)  # type: ignore[arg-type]
+        else:
+            self.source = iter(items)
+            length = getattr(items, "__len__", None)
+            if callable(length):
+                try:
+                    self.total = int(length())
+                except Exception:
+                    self.total = None
+        self.next_index = 0  # the next item not yet taken from the source
+        self.exhausted = False
+        self.requeued: deque[Task] = deque()
+        self.outstanding = 0  # tasks sent and not finished
+        self.results: dict[int, Any] = {}
+        self.arrived: deque[tuple[int, Any]] = deque()
+        self.errors: list[tuple[int, ErrorFactory]] = []
+        self.n_done = 0
+        self.n_failed = 0
+        self.not_run = 0  # items dropped by a timeout or a cancel
+        self.timed_out = False
+        self.cancelled = False
+
+    @property
+    def finished(self) -> bool:
+        return self.exhausted and not self.requeued and self.outstanding == 0
+
+    def item_name(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+    def has_work(self) -> bool:
+        return bool(self.requeued) or not self.exhausted
+
+    def next_task(self, worker: Worker, n_workers: int) -> Task | None:
+        task = self.requeued.popleft() if self.requeued else self._new_task(n_workers)
+        if task is None:
+            return None
+        if task.items is None and (self.skey is None or self.skey not in worker.sequences):
+            seq = self.seq
+            assert seq is not None
+            task.items = [seq[i] for i in range(task.start, task.start + task.count)]
+        return task
+
+    def _chunk(self, n_workers: int) -> int:
+        if self.chunksize is not None:
+            return self.chunksize
+        if self.total is not None:
+            # Guided: a quarter of a fair share of what is left, so chunks shrink
+            # towards the end and every worker finishes at about the same time.
+            left = self.total - self.next_index
+            return max(1, math.ceil(left / (4 * n_workers)))
+        done = self.n_done + self.n_failed
+        if not done:
+            return 1
+        per_item = (time.monotonic() - self.started) * n_workers / done
+        return max(1, min(1024, int(_CHUNK_SECONDS / max(per_item, 1e-7))))
+
+    def _new_task(self, n_workers: int) -> Task | None:
+        if self.exhausted:
+            return None
+        size = self._chunk(n_workers)
+        start = self.next_index
+        items: list[Any] | None = None
+        if self.seq is not None:
+            count = min(size, self.total - start)  # type: ignore[operator]
+        else:
+            assert self.source is not None
+            items = list(itertools.islice(self.source, size))
+            count = len(items)
+        if count <= 0:
+            self.exhausted = True
+            return None
+        self.next_index = start + count
+        if self.seq is not None and self.next_index >= self.total:  # type: ignore[operator]
+            self.exhausted = True
+        return Task(self, self.core.new_tid(), start, count, items)
+
+    def record(self, index: int, ok: bool, value: Any) -> None:
+        if ok:
+            self.n_done += 1
+            if self.ordered:
+                self.results[index] = value
+            else:
+                self.arrived.append((index, value))
+        else:
+            self.n_failed += 1
+            self.errors.append((index, value))
+        if self.on_item is not None:
+            self.on_item(ok)
+
+    def drop_rest(self) -> None:
+        """Nothing more of this job will run (a timeout or a cancel)."""
+        dropped = sum(t.count - t.done for t in self.requeued)
+        self.requeued.clear()
+        if not self.exhausted:
+            if self.total is not None:
+                dropped += self.total - self.next_index
+            self.exhausted = True
+        self.not_run += dropped
+
+
+def _is_sequence(items: object) -> bool:
+    if isinstance(items, Sequence):
+        return True
+    # numpy arrays are indexable and sized but not registered as Sequence.
+    return hasattr(items, "__array_interface__") and hasattr(items, "__len__")
+
+
+class Core:
+    """The parent's scheduler: workers, their channels, and the jobs they run."""
+
+    def __init__(
+        self,
+        part: ChildrenPart,
+        *,
+        workers: int,
+        name: str,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+    ) -> None:
+        self.part = part
+        self.backend = part.backend
+        self.n_workers = workers
+        self.name = name
+        self.initializer = initializer
+        self.initargs = initargs
+        self.workers: list[Worker] = []
+        self.retiring: list[Worker] = []  # closed, not reaped yet
+        self.jobs: list[Job] = []
+        self.functions: dict[int, Callable[..., Any]] = {}
+        self.by_id: dict[int, tuple[int, bytes | None]] = {}  # id(fn) -> key, pickle
+        self.sequences: dict[int, Sequence[Any]] = {}
+        self._keys = itertools.count(1)
+        self._tids = itertools.count(1)
+        self.forked = 0
+        self.broken: ErrorFactory | None = None
+        self.closed = False
+
+    # ---------------------------------------------------------- functions
+
+    def new_tid(self) -> int:
+        return next(self._tids) & 0xFFFFFFFF
+
+    def register_function(self, fn: Callable[..., Any]) -> int:
+        """A key the workers can run ``fn`` by. Workers forked after this call
+        inherit it; running ones get it pickled (a module-level function
+        pickles as its name), or, when it does not pickle (a lambda, a
+        closure), are replaced by fresh forks once idle."""
+        known = self.by_id.get(id(fn))
+        if known is not None and self.functions.get(known[0]) is fn:
+            return known[0]
+        key = next(self._keys)
+        self.functions[key] = fn
+        data: bytes | None = None
+        if self.workers:
+            try:
+                data = pickle.dumps(fn, protocol=_HIGHEST)
+            except Exception:
+                data = None
+        self.by_id[id(fn)] = (key, data)
+        return key
+
+    def register_sequence(self, seq: Sequence[Any]) -> int:
+        key = next(self._keys)
+        self.sequences[key] = seq
+        return key
+
+    # --------------------------------------------------------------- jobs
+
+    def add(self, job: Job) -> Job:
+        if self.closed:
+            raise RuntimeError("this pool is closed")
+        self.jobs.append(job)
+        return job
+
+    def finish(self, job: Job) -> None:
+        """The job is done with: forget its sequence (workers forked later need not
+        inherit it)."""
+        if job in self.jobs:
+            self.jobs.remove(job)
+        if job.skey is not None:
+            self.sequences.pop(job.skey, None)
+
+    # ------------------------------------------------------------ workers
+
+    def _fork(self) -> Worker:
+        near, far = self.backend.channel_pair()
+        self.forked += 1
+        main = functools.partial(
+            worker_main,
+            self.backend,
+            far,
+            dict(self.functions),
+            dict(self.sequences),
+            self.initializer,
+            self.initargs,
+        )
+        # A worker belongs to no user scope (a map inside `with ps.children()`
+        # does not add its workers to that block), and is a daemon: a pool
+        # left open is terminated at interpreter exit rather than waited for.
+        stack = self.part.scope_stack()
+        saved = stack[:]
+        stack.clear()
+        try:
+            rec = self.part.start(main, (), {}, f"{self.name} worker {self.forked}", None, True)
+        except BaseException:
+            self.backend.process_close(near)
+            raise
+        finally:
+            stack[:] = saved
+            self.backend.process_close(far)
+        w = Worker(rec, near, set(self.functions), set(self.sequences))
+        w.ready = self.initializer is None
+        self.workers.append(w)
+        return w
+
+    def _can_run(self, w: Worker, job: Job) -> bool:
+        """Whether ``w`` knows ``job``'s function or can be sent it (pickled)."""
+        if job.fkey in w.functions:
+            return True
+        data = self.by_id.get(id(self.functions[job.fkey]), (0, None))[1]
+        if data is None:
+            return False
+        self._send(w, pickle.dumps((_FUNCTION, job.fkey, data), protocol=_HIGHEST))
+        w.functions.add(job.fkey)
+        return True
+
+    def _send(self, w: Worker, body: bytes) -> None:
+        w.out += _HEAD.pack(len(body))
+        w.out += body
+        self._flush(w)
+
+    def _flush(self, w: Worker) -> None:
+        if w.fd is None or not w.out:
+            return
+        try:
+            n = self.backend.channel_send(w.fd, memoryview(w.out))
+        except (BrokenPipeError, ConnectionResetError):
+            n = len(w.out)  # it is dying: its pidfd will tell
+        del w.out[:n]
+
+    def _dispatch(self, w: Worker, task: Task) -> None:
+        job = task.job
+        items = task.items
+        if items is not None and not isinstance(items, list):
+            items = list(items)
+        try:
+            body = pickle.dumps(
+                (_RUN, task.tid, job.fkey, job.star, job.skey, task.start, task.count, items),
+                protocol=_HIGHEST,
+            )
+        except Exception:
+            task = self._unpicklable(task)
+            if task.count == 0:
+                job.outstanding += 1
+                self._task_done(task)
+                return
+            body = pickle.dumps(
+                (_RUN, task.tid, job.fkey, job.star, None, 0, task.count, task.items),
+                protocol=_HIGHEST,
+            )
+        job.outstanding += 1
+        w.inflight.append(task)
+        self._send(w, body)
+
+    def _unpicklable(self, task: Task) -> Task:
+        """Fail the items of ``task`` that do not pickle; a task of the others."""
+        job = task.job
+        keep: list[Any] = []
+        indices: list[int] = []
+        assert task.items is not None
+        for off, item in enumerate(task.items):
+            try:
+                pickle.dumps(item, protocol=_HIGHEST)
+            except Exception as exc:
+                detail = (
+                    f"item {task.start + off}, a {type(item).__qualname__}, could not be "
+                    "pickled to send it to a worker; pass picklable items, or a sequence "
+                    "(list, tuple, range, array) the workers inherit when they are forked"
+                )
+                payload = _children._raised_payload(exc, detail)
+                common = {"pid": None, "name": job.item_name(task.start + off)}
+                common |= {"exitcode": None, "signal": None}
+                job.record(task.start + off, False, _children.raised_error(payload[1:], common))
+            else:
+                keep.append(item)
+                indices.append(task.start + off)
+        if not keep:
+            return Task(job, task.tid, task.start, 0, [])
+        # Requeue the picklable ones one by one (their indices are not contiguous).
+        for i, item in zip(indices[1:], keep[1:], strict=True):
+            job.requeued.appendleft(Task(job, self.new_tid(), i, 1, [item]))
+        return Task(job, task.tid, indices[0], 1, [keep[0]])
+
+    def fill(self) -> None:
+        """Give workers work, up to IN_FLIGHT tasks each; fork workers (lazily,
+        so they inherit what exists at their first use) and replacements."""
+        if self.broken is not None:
+            return
+        for job in self.jobs:
+            if not job.has_work():
+                continue
+            for w in list(self.workers):
+                if not self._can_run(w, job):
+                    # Forked before a function that does not pickle: replace it
+                    # with a fork that inherits it, once it is idle.
+                    if not w.inflight:
+                        self._retire(w)
+                    continue
+                while len(w.inflight) < IN_FLIGHT and self._fill_one(w, job):
+                    pass
+            while len(self.workers) < self.n_workers and job.has_work():
+                w = self._fork()
+                while len(w.inflight) < IN_FLIGHT and self._fill_one(w, job):
+                    pass
+
+    def _fill_one(self, w: Worker, job: Job) -> bool:
+        task = job.next_task(w, self.n_workers)
+        if task is None:
+            return False
+        self._dispatch(w, task)
+        return True
+
+    def _retire(self, w: Worker) -> None:
+        """Let go of an idle worker: closing its channel makes it exit."""
+        self.workers.remove(w)
+        if w.fd is not None:
+            self.backend.process_close(w.fd)
+            w.fd = None
+        self.retiring.append(w)
+
+    # ------------------------------------------------------------- events
+
+    def step(self, deadline: float | None) -> None:
+        """Wait once for results, deaths or room to send (at most until
+        ``deadline``), then handle what happened and refill the workers."""
+        self.fill()
+        self._reap_retired()
+        now = time.monotonic()
+        for job in list(self.jobs):
+            if job.deadline is not None and job.deadline <= now and not job.finished:
+                self.expire(job)
+        readable: list[int] = []
+        writable: list[int] = []
+        by_fd: dict[int, Worker] = {}
+        deaths: dict[int, Worker] = {}
+        blind = False
+        for w in self.workers:
+            if w.fd is not None:
+                readable.append(w.fd)
+                by_fd[w.fd] = w
+                if w.out:
+                    writable.append(w.fd)
+            if w.rec.wait_fd is not None:
+                readable.append(w.rec.wait_fd)
+                deaths[w.rec.wait_fd] = w
+            else:
+                blind = True
+        limit = deadline
+        for job in self.jobs:
+            if job.deadline is not None and (limit is None or job.deadline < limit):
+                limit = job.deadline
+        wait = None if limit is None else max(0.0, limit - now)
+        if blind or self.retiring:
+            wait = _NO_PIDFD_SLICE if wait is None else min(wait, _NO_PIDFD_SLICE)
+        if not readable:
+            if wait:
+                time.sleep(wait)
+            return
+        ins, outs = self.backend.channel_wait(readable, writable, wait)
+        for fd in outs:
+            self._flush(by_fd[fd])
+        dead: list[Worker] = []
+        for fd in ins:
+            if fd in by_fd:
+                self._receive(by_fd[fd])
+            else:
+                dead.append(deaths[fd])
+        if blind:
+            dead += [w for w in self.workers if w.rec.wait_fd is None and w not in dead]
+        for w in dead:
+            if self.part.advance(w.rec):
+                self._died(w)
+        self.fill()
+
+    def _receive(self, w: Worker) -> None:
+        """Read what ``w`` sent so far and handle every complete frame."""
+        if w.fd is None:
+            return
+        data = self.backend.channel_recv(w.fd)
+        if data:  # None: nothing yet; b"": end of file (its pidfd tells when it is gone)
+            w.buf += data
+            self._parse(w)
+
+    def _result(self, w: Worker, tid: int, off: int, tag: int, body: memoryview) -> None:
+        task = w.inflight[0]
+        assert task.tid == tid, (task.tid, tid)
+        assert task.done == off, (task.done, off)
+        job = task.job
+        index = task.start + off
+        if tag == _NONE:
+            job.record(index, True, None)
+        elif tag == _VALUE:
+            try:
+                job.record(index, True, pickle.loads(body[1:]))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                common = self._common(w, job.item_name(index))
+                job.record(index, False, _children._not_unpickled("its result", exc, common))
+        else:
+            job.record(index, False, self._raised(w, job, index, body))
+        task.done += 1
+        if task.done == task.count:
+            w.inflight.popleft()
+            self._task_done(task)
+
+    def _raised(self, w: Worker, job: Job, index: int, body: memoryview) -> ErrorFactory:
+        return _children.raised_error(bytes(body[1:]), self._common(w, job.item_name(index)))
+
+    @staticmethod
+    def _common(w: Worker, name: str) -> dict[str, Any]:
+        exit_ = w.rec.exit
+        return {
+            "pid": w.rec.pid,
+            "name": name,
+            "exitcode": None if exit_ is None else exit_.exitcode,
+            "signal": None if exit_ is None else exit_.signal,
+        }
+
+    def _task_done(self, task: Task) -> None:
+        job = task.job
+        job.outstanding -= 1
+
+    def _died(self, w: Worker) -> None:
+        """A worker ended: what it sent is in; its current item fails with its
+        outcome, the rest of its tasks go back to their jobs."""
+        self._receive_all(w)
+        if w in self.workers:
+            self.workers.remove(w)
+        if w.fd is not None:
+            self.backend.process_close(w.fd)
+            w.fd = None
+        inflight = list(w.inflight)
+        w.inflight.clear()
+        if not w.ready:
+            # The initializer failed (or the worker died in it): every worker
+            # would do the same. The pool is broken; its jobs end with this error.
+            self._break(w)
+            for t in inflight:
+                t.job.outstanding -= 1
+            return
+        for n, task in enumerate(inflight):
+            job = task.job
+            job.outstanding -= 1
+            if n == 0 and not job.timed_out and not job.cancelled:
+                index = task.start + task.done
+                w.rec.name = job.item_name(index)  # read by its error, decoded once
+                if self.part.outcome(w.rec)[
+                    0
+                ]:  # exited 0 without a result: not the parent's doing
+                    job.record(index, False, self._exited_silently(w, job, index))
+                else:
+                    rec = w.rec
+                    job.record(index, False, lambda rec=rec: self.part.outcome(rec)[1])
+                task.done += 1
+            rest = task.count - task.done
+            if rest <= 0 or job.timed_out or job.cancelled:
+                job.not_run += max(0, rest)
+                continue
+            items = None if task.items is None else task.items[task.done :]
+            job.requeued.appendleft(Task(job, self.new_tid(), task.start + task.done, rest, items))
+
+    def _exited_silently(self, w: Worker, job: Job, index: int) -> ErrorFactory:
+        common = self._common(w, job.item_name(index))
+        return lambda: ChildError(
+            "its worker exited (status 0) while running it, without a result", **common
+        )
+
+    def _break(self, w: Worker) -> None:
+        rec = w.rec
+        if self.part.outcome(rec)[0]:
+            common = self._common(w, w.rec.name)
+
+            def factory() -> ChildError:
+                return ChildError("the pool's worker exited during its initializer", **common)
+        else:
+
+            def factory() -> ChildError:
+                err = self.part.outcome(rec)[1]
+                assert isinstance(err, ChildError)
+                return err
+
+        self.broken = factory
+        for job in self.jobs:
+            job.drop_rest()
+            job.outstanding = 0
+        self.shutdown(cancel=True)
+
+    def _receive_all(self, w: Worker) -> None:
+        """Everything ``w`` wrote before it ended (it is in the socket by now)."""
+        while w.fd is not None:
+            data = self.backend.channel_recv(w.fd)
+            if not data:
+                return
+            w.buf += data
+            self._parse(w)
+
+    def _parse(self, w: Worker) -> None:
+        buf = w.buf
+        pos = 0
+        size = _RESULT.size
+        end = len(buf)
+        view = memoryview(buf)
+        try:
+            while end - pos >= size:
+                n, tid, off, tag = _RESULT.unpack_from(buf, pos)
+                if end - pos < size + n:
+                    break
+                start = pos + size
+                pos = start + n
+                if tag == _READY:
+                    w.ready = True
+                    continue
+                with view[start:pos] as body:
+                    self._result(w, tid, off, tag, body)
+        finally:
+            view.release()
+            del buf[:pos]
+
+    def _reap_retired(self) -> None:
+        if self.retiring:
+            self.retiring = [w for w in self.retiring if not self.part.advance(w.rec)]
+
+    # ------------------------------------------------- timeouts, cancelling
+
+    def expire(self, job: Job) -> None:
+        """``job``'s timeout ran out: its running items fail with ``ChildTimeout``,
+        their workers are cancelled (the engine's terminate path) and replaced;
+        its other items are not run."""
+        job.timed_out = True
+        job.drop_rest()
+        self._stop_running(job, timed_out=True)
+
+    def cancel(self, job: Job) -> None:
+        """Nobody wants ``job``'s results any more (an ``imap`` left early)."""
+        job.cancelled = True
+        job.drop_rest()
+        self._stop_running(job, timed_out=False)
+
+    def _stop_running(self, job: Job, *, timed_out: bool) -> None:
+        busy = [w for w in self.workers if any(t.job is job for t in w.inflight)]
+        if not busy:
+            return
+        for w in busy:
+            self._receive_all(w)
+        busy = [w for w in busy if any(t.job is job for t in w.inflight)]
+        self.part.terminate_all([w.rec for w in busy], cancel=True, grace=CANCEL_GRACE)
+        for w in busy:
+            first = w.inflight[0] if w.inflight else None
+            self._died(w)
+            if timed_out and first is not None and first.job is job:
+                index = first.start + first.done
+                common = self._common(w, job.item_name(index))
+                job.record(
+                    index,
+                    False,
+                    lambda common=common: ChildTimeout(
+                        "the timeout= of the whole map ran out while it ran; the items "
+                        "not started were not run",
+                        timeout=job.timeout,
+                        **common,
+                    ),
+                )
+                job.not_run = max(0, job.not_run - 1)
+
+    def shutdown(self, *, cancel: bool) -> None:
+        """Let every worker go and reap it. ``cancel``: terminate those still
+        running (the engine's terminate path), else let them finish what they
+        run and exit when their channel closes."""
+        self.closed = True
+        workers, self.workers = self.workers, []
+        for w in workers:
+            if w.fd is not None:
+                self.backend.process_close(w.fd)
+                w.fd = None
+        recs = [w.rec for w in workers + self.retiring]
+        self.retiring = []
+        try:
+            if cancel:
+                self.part.terminate_all(recs, cancel=True, grace=CANCEL_GRACE)
+                return
+            while True:
+                recs = [r for r in recs if not self.part.advance(r)]
+                if not recs:
+                    return
+                self.part.wait_any(recs, None)
+        except BaseException:
+            self.part.terminate_all(recs, cancel=True, grace=CANCEL_GRACE)
+            raise
