@@ -106,7 +106,7 @@ def _results(job: Job, what: str, bar: Bar | None) -> Iterator[Any]:
                     yield job.arrived.popleft()[1]
             if job.finished or core.broken is not None:
                 break
-            core.step(None)
+            core.step(None, job)
         # Whatever is left (items not run leave gaps), in order.
         for index in sorted(job.results):
             yield job.results.pop(index)
@@ -305,7 +305,7 @@ class Submitted(Generic[R]):
                 )
             if core.closed:
                 break
-            core.step(deadline)
+            core.step(deadline, job)
         self.joined = True
         core.finish(job)
         if job.errors:

@@ -22,7 +22,13 @@ class Bar:
             raise MissingDependency(
                 module="tqdm", extra="progress", feature="progress=True"
             ) from None
-        self._bar: Any = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=True)
+
+        class _Quiet(tqdm):  # type: ignore[misc]
+            # No monitor thread: a thread running at a fork is what procshare
+            # warns about (and it would be copied half-way into every worker).
+            monitor_interval = 0
+
+        self._bar: Any = _Quiet(total=total, desc=desc, unit=unit, file=sys.stderr, leave=True)
         self.done = 0
         self.failed = 0
 

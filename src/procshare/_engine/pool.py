@@ -240,6 +240,14 @@ class Job:
             task.items = [seq[i] for i in range(task.start, task.start + task.count)]
         return task
 
+    def prefetch(self, n_workers: int) -> bool:
+        """Whether there is work, taking the next chunk from the source to know."""
+        if not self.requeued and not self.exhausted:
+            task = self._new_task(n_workers)
+            if task is not None:
+                self.requeued.append(task)
+        return self.has_work()
+
     def _chunk(self, n_workers: int) -> int:
         if self.chunksize is not None:
             return self.chunksize
@@ -508,7 +516,8 @@ class Core:
                     continue
                 while len(w.inflight) < IN_FLIGHT and self._fill_one(w, job):
                     pass
-            while len(self.workers) < self.n_workers and job.has_work():
+            # Fork only for work that exists (an iterator may be empty).
+            while len(self.workers) < self.n_workers and job.prefetch(self.n_workers):
                 w = self._fork()
                 while len(w.inflight) < IN_FLIGHT and self._fill_one(w, job):
                     pass
@@ -530,10 +539,14 @@ class Core:
 
     # ------------------------------------------------------------- events
 
-    def step(self, deadline: float | None) -> None:
+    def step(self, deadline: float | None, until: Job | None = None) -> None:
         """Wait once for results, deaths or room to send (at most until
-        ``deadline``), then handle what happened and refill the workers."""
+        ``deadline``), then handle what happened and refill the workers.
+        Returns at once if ``until`` is finished (filling may finish a job
+        whose source turned out empty)."""
         self.fill()
+        if until is not None and until.finished:
+            return
         self._reap_retired()
         now = time.monotonic()
         for job in list(self.jobs):
