@@ -189,8 +189,8 @@ def _own_pool(  # noqa: PLR0917 - private, called once
         try:
             core.shutdown(cancel=not clean)
         finally:
-            if not clean:
-                _release_what_waited()
+            # A call into procshare: releases that waited for these workers go now.
+            _release_what_waited()
 
 
 def map(
@@ -488,6 +488,7 @@ class Pool:
             _release_what_waited()
             raise
         core.shutdown(cancel=False)
+        _release_what_waited()
         errors: list[Exception] = []
         for h in self._submitted:
             if not h.joined:

@@ -30,6 +30,13 @@ class ChannelBackend(Protocol):
         """
         ...
 
+    def channel_board(self, slots: int) -> memoryview:
+        """``slots`` signed 64-bit integers in memory shared with every child forked
+        after this call (anonymous, freed with the last mapping): a worker
+        publishes there which item it is running, so the parent knows it
+        even when the worker is killed before it could say anything."""
+        ...
+
     def channel_keep_private(self, fd: int) -> None:
         """Make ``fd`` private to this process: children forked from now on close
         it first thing. A worker calls it on its own end, so the children its

@@ -31,6 +31,7 @@ import itertools
 import math
 import pickle
 import struct
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -41,9 +42,11 @@ from procshare._engine.children import CANCEL_GRACE, ChildrenPart, Record
 from procshare.errors import ChildError, ChildTimeout
 
 _HEAD = struct.Struct("<I")
-_RESULT = struct.Struct("<IIIB")
+_RESULT = struct.Struct("<IIII")
 _RUN, _FUNCTION = 0, 1
-_VALUE, _NONE, _RAISED, _READY = 0, 1, 2, 3
+# A worker sends its results when this much time or memory has piled up.
+_BATCH_SECONDS = 0.0005
+_BATCH_BYTES = 1 << 18
 _READ = 1 << 16
 #: Tasks a worker may have queued: one running, one waiting, so it never idles
 #: for a round trip.
@@ -63,6 +66,7 @@ ErrorFactory = Callable[[], ChildError]
 def worker_main(  # noqa: PLR0917 - built once per worker with functools.partial
     backend: Any,
     fd: int,
+    board: memoryview,
     functions: dict[int, Callable[..., Any]],
     sequences: dict[int, Sequence[Any]],
     initializer: Callable[..., Any] | None,
@@ -74,7 +78,8 @@ def worker_main(  # noqa: PLR0917 - built once per worker with functools.partial
     read = backend.channel_read
     if initializer is not None:
         initializer(*initargs)
-        write(fd, _RESULT.pack(0, 0, 0, _READY))
+        write(fd, _RESULT.pack(0, 0, 0, 0))  # ready: task id 0
+    clock = time.perf_counter
     buf = b""
     while True:
         while len(buf) < _HEAD.size:
@@ -97,39 +102,74 @@ def worker_main(  # noqa: PLR0917 - built once per worker with functools.partial
         fn = functions[fkey]
         seq = sequences[skey] if items is None else items
         base = start if items is None else 0
-        for off in range(count):
-            item = seq[base + off]
-            try:
-                value = fn(*item) if star else fn(item)
-            except Exception as exc:
-                tag, body = _RAISED, _children._raised_payload(exc, skip=1)
-            else:
-                if value is None:
-                    tag, body = _NONE, b""
-                else:
-                    tag, body = _VALUE, _pickle_result(value)
-                    if body[:1] == b"E":
-                        tag = _RAISED
-                del value
-            head = _RESULT.pack(len(body), tid, off, tag)
-            if len(body) < 65536:
-                write(fd, head + body)
-            else:
-                write(fd, head)
-                write(fd, body)
-            del item, body
+        values: list[Any] = []
+        errors: dict[int, bytes] = {}
+        first = 0
+        since = 0.0
+        size = 0
+        try:
+            for off in range(count):
+                item = seq[base + off]
+                # Published before the item runs: if the worker is killed now,
+                # the parent fails exactly this item.
+                board[0] = tid
+                board[1] = off
+                try:
+                    value = fn(*item) if star else fn(item)
+                except Exception as exc:
+                    value = None
+                    errors[off - first] = _children._raised_payload(exc, skip=1)
+                board[0] = 0
+                if not values:
+                    since = clock()
+                values.append(value)
+                size += sys.getsizeof(value)
+                del value, item
+                # Results travel in batches of at most _BATCH_SECONDS of work:
+                # one write and one wake-up of the parent for many tiny items,
+                # one per item for slow ones.
+                if size >= _BATCH_BYTES or clock() - since >= _BATCH_SECONDS:
+                    _send_batch(write, fd, tid, first, values, errors)
+                    first = off + 1
+                    values, errors, size = [], {}, 0
+        finally:
+            # Also on the way out of a SystemExit or a cancellation: what ran
+            # is reported, so only the item that ended the worker fails.
+            if values:
+                _send_batch(write, fd, tid, first, values, errors)
 
 
-def _pickle_result(value: object) -> bytes:
+def _send_batch(  # noqa: PLR0917
+    write: Callable[[int, bytes], None],
+    fd: int,
+    tid: int,
+    first: int,
+    values: list[Any],
+    errors: dict[int, bytes],
+) -> None:
     try:
-        return b"R" + pickle.dumps(value, protocol=_HIGHEST)
-    except Exception as exc:
-        detail = (
-            f"its result, a {type(value).__qualname__}, could not be pickled to send it to "
-            "the parent; return something picklable (plain data), or put the result in "
-            "shared memory"
-        )
-        return _children._raised_payload(exc, detail)
+        body = pickle.dumps((values, errors), protocol=_HIGHEST)
+    except Exception:
+        for i, value in enumerate(values):
+            if i in errors:
+                continue
+            try:
+                pickle.dumps(value, protocol=_HIGHEST)
+            except Exception as exc:
+                detail = (
+                    f"its result, a {type(value).__qualname__}, could not be pickled to send "
+                    "it to the parent; return something picklable (plain data), or put the "
+                    "result in shared memory"
+                )
+                values[i] = None
+                errors[i] = _children._raised_payload(exc, detail)
+        body = pickle.dumps((values, errors), protocol=_HIGHEST)
+    head = _RESULT.pack(len(body), tid, first, len(values))
+    if len(body) < 65536:
+        write(fd, head + body)
+    else:
+        write(fd, head)
+        write(fd, body)
 
 
 # --------------------------------------------------------------- the parent
@@ -152,10 +192,23 @@ class Task:
 class Worker:
     """The parent's side of one worker."""
 
-    __slots__ = ("buf", "fd", "functions", "inflight", "out", "ready", "rec", "sequences")
+    __slots__ = (
+        "board",
+        "buf",
+        "fd",
+        "functions",
+        "inflight",
+        "out",
+        "ready",
+        "rec",
+        "sequences",
+    )
 
-    def __init__(self, rec: Record, fd: int, functions: set[int], sequences: set[int]):
+    def __init__(
+        self, rec: Record, fd: int, board: memoryview, functions: set[int], sequences: set[int]
+    ):
         self.rec = rec
+        self.board = board  # [task id, offset] of the item it runs (task id 0: none)
         self.fd: int | None = fd
         self.functions = functions  # keys it knows: inherited, or sent pickled
         self.sequences = sequences
@@ -392,11 +445,13 @@ class Core:
 
     def _fork(self) -> Worker:
         near, far = self.backend.channel_pair()
+        board = self.backend.channel_board(2)
         self.forked += 1
         main = functools.partial(
             worker_main,
             self.backend,
             far,
+            board,
             dict(self.functions),
             dict(self.sequences),
             self.initializer,
@@ -416,7 +471,7 @@ class Core:
         finally:
             stack[:] = saved
             self.backend.process_close(far)
-        w = Worker(rec, near, set(self.functions), set(self.sequences))
+        w = Worker(rec, near, board, set(self.functions), set(self.sequences))
         w.ready = self.initializer is None
         self.workers.append(w)
         return w
@@ -459,8 +514,6 @@ class Core:
         except Exception:
             task = self._unpicklable(task)
             if task.count == 0:
-                job.outstanding += 1
-                self._task_done(task)
                 return
             body = pickle.dumps(
                 (_RUN, task.tid, job.fkey, job.star, None, 0, task.count, task.items),
@@ -604,31 +657,32 @@ class Core:
             w.buf += data
             self._parse(w)
 
-    def _result(self, w: Worker, tid: int, off: int, tag: int, body: memoryview) -> None:
+    def _batch(self, w: Worker, tid: int, first: int, count: int, body: memoryview) -> None:
+        """Results of ``count`` items of task ``tid`` from offset ``first`` on."""
         task = w.inflight[0]
         assert task.tid == tid, (task.tid, tid)
-        assert task.done == off, (task.done, off)
+        assert task.done == first, (task.done, first)
         job = task.job
-        index = task.start + off
-        if tag == _NONE:
-            job.record(index, True, None)
-        elif tag == _VALUE:
-            try:
-                job.record(index, True, pickle.loads(body[1:]))
-            except KeyboardInterrupt:
-                raise
-            except BaseException as exc:
-                common = self._common(w, job.item_name(index))
-                job.record(index, False, _children._not_unpickled("its result", exc, common))
+        start = task.start + first
+        try:
+            values, errors = pickle.loads(body)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            for i in range(count):
+                common = self._common(w, job.item_name(start + i))
+                job.record(start + i, False, _children._not_unpickled("its result", exc, common))
         else:
-            job.record(index, False, self._raised(w, job, index, body))
-        task.done += 1
+            for i, value in enumerate(values):
+                if errors and i in errors:
+                    common = self._common(w, job.item_name(start + i))
+                    job.record(start + i, False, _children.raised_error(errors[i][1:], common))
+                else:
+                    job.record(start + i, True, value)
+        task.done += count
         if task.done == task.count:
             w.inflight.popleft()
-            self._task_done(task)
-
-    def _raised(self, w: Worker, job: Job, index: int, body: memoryview) -> ErrorFactory:
-        return _children.raised_error(bytes(body[1:]), self._common(w, job.item_name(index)))
+            task.job.outstanding -= 1
 
     @staticmethod
     def _common(w: Worker, name: str) -> dict[str, Any]:
@@ -640,13 +694,9 @@ class Core:
             "signal": None if exit_ is None else exit_.signal,
         }
 
-    def _task_done(self, task: Task) -> None:
-        job = task.job
-        job.outstanding -= 1
-
     def _died(self, w: Worker) -> None:
-        """A worker ended: what it sent is in; its current item fails with its
-        outcome, the rest of its tasks go back to their jobs."""
+        """A worker ended: what it sent is in; the item it was running fails with
+        its outcome, the rest of its tasks go back to their jobs."""
         self._receive_all(w)
         if w in self.workers:
             self.workers.remove(w)
@@ -659,29 +709,46 @@ class Core:
             # The initializer failed (or the worker died in it): every worker
             # would do the same. The pool is broken; its jobs end with this error.
             self._break(w)
-            for t in inflight:
-                t.job.outstanding -= 1
             return
-        for n, task in enumerate(inflight):
+        running_tid, running_off = w.board[0], w.board[1]
+        blamed = False
+        for task in inflight:
             job = task.job
             job.outstanding -= 1
-            if n == 0 and not job.timed_out and not job.cancelled:
-                index = task.start + task.done
-                w.rec.name = job.item_name(index)  # read by its error, decoded once
-                if self.part.outcome(w.rec)[
-                    0
-                ]:  # exited 0 without a result: not the parent's doing
-                    job.record(index, False, self._exited_silently(w, job, index))
+            stopped = job.timed_out or job.cancelled
+            # The item it was running (published on the board); if it was
+            # between items, the first one it had not reported: something
+            # must fail, or a worker dying the same way would loop forever.
+            culprit: int | None = None
+            if not blamed:
+                if task.tid == running_tid and task.done <= running_off < task.count:
+                    culprit = running_off
+                elif running_tid == 0 and task.done < task.count:
+                    culprit = task.done
+            pieces = [(task.done, task.count)]
+            if culprit is not None:
+                blamed = True
+                pieces = [(task.done, culprit), (culprit + 1, task.count)]
+                if not stopped:
+                    index = task.start + culprit
+                    w.rec.name = job.item_name(index)  # read by its error, decoded once
+                    if self.part.outcome(w.rec)[0]:  # exited 0 without a result
+                        job.record(index, False, self._exited_silently(w, job, index))
+                    else:
+                        rec = w.rec
+                        job.record(index, False, lambda rec=rec: self.part.outcome(rec)[1])
                 else:
-                    rec = w.rec
-                    job.record(index, False, lambda rec=rec: self.part.outcome(rec)[1])
-                task.done += 1
-            rest = task.count - task.done
-            if rest <= 0 or job.timed_out or job.cancelled:
-                job.not_run += max(0, rest)
-                continue
-            items = None if task.items is None else task.items[task.done :]
-            job.requeued.appendleft(Task(job, self.new_tid(), task.start + task.done, rest, items))
+                    job.not_run += 1
+            # Items it finished but could not report yet run again (at most
+            # _BATCH_SECONDS of them); the ones it had not reached run later.
+            for lo, hi in reversed(pieces):
+                if hi <= lo:
+                    continue
+                if stopped:
+                    job.not_run += hi - lo
+                    continue
+                items = None if task.items is None else task.items[lo:hi]
+                job.requeued.appendleft(Task(job, self.new_tid(), task.start + lo, hi - lo, items))
 
     def _exited_silently(self, w: Worker, job: Job, index: int) -> ErrorFactory:
         common = self._common(w, job.item_name(index))
@@ -726,16 +793,16 @@ class Core:
         view = memoryview(buf)
         try:
             while end - pos >= size:
-                n, tid, off, tag = _RESULT.unpack_from(buf, pos)
+                n, tid, first, count = _RESULT.unpack_from(buf, pos)
                 if end - pos < size + n:
                     break
                 start = pos + size
                 pos = start + n
-                if tag == _READY:
-                    w.ready = True
+                if tid == 0:
+                    w.ready = True  # its initializer returned
                     continue
                 with view[start:pos] as body:
-                    self._result(w, tid, off, tag, body)
+                    self._batch(w, tid, first, count, body)
         finally:
             view.release()
             del buf[:pos]
@@ -769,10 +836,10 @@ class Core:
         busy = [w for w in busy if any(t.job is job for t in w.inflight)]
         self.part.terminate_all([w.rec for w in busy], cancel=True, grace=CANCEL_GRACE)
         for w in busy:
-            first = w.inflight[0] if w.inflight else None
+            running = self._running(w)
             self._died(w)
-            if timed_out and first is not None and first.job is job:
-                index = first.start + first.done
+            if timed_out and running is not None and running[0] is job:
+                index = running[1]
                 common = self._common(w, job.item_name(index))
                 job.record(
                     index,
@@ -785,6 +852,18 @@ class Core:
                     ),
                 )
                 job.not_run = max(0, job.not_run - 1)
+
+    @staticmethod
+    def _running(w: Worker) -> tuple[Job, int] | None:
+        """The job and index of the item ``w`` runs (or would run next)."""
+        tid, off = w.board[0], w.board[1]
+        for task in w.inflight:
+            if task.tid == tid and task.done <= off < task.count:
+                return task.job, task.start + off
+        if tid == 0 and w.inflight:
+            task = w.inflight[0]
+            return task.job, task.start + task.done
+        return None
 
     def shutdown(self, *, cancel: bool) -> None:
         """Let every worker go and reap it. ``cancel``: terminate those still

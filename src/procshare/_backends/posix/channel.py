@@ -9,6 +9,7 @@ up to ``net.core.wmem_max``) so a large result crosses in fewer wake-ups.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import select
 import socket
@@ -34,6 +35,11 @@ class PosixChannels:
         os.set_blocking(near, False)
         _forkstep.adopt(near)
         return near, far
+
+    def channel_board(self, slots: int) -> memoryview:
+        # mmap(-1, ...) is MAP_SHARED | MAP_ANONYMOUS: a fork shares it, nobody
+        # else can see it, and it is gone with the last process that maps it.
+        return memoryview(mmap.mmap(-1, max(8 * slots, mmap.PAGESIZE))).cast("q")
 
     def channel_keep_private(self, fd: int) -> None:
         _forkstep.adopt(fd)
