@@ -1,17 +1,20 @@
 """Pools: ``ps.map`` against ``multiprocessing.Pool``, ``ProcessPoolExecutor``, joblib, mpire.
 
 Every contender does the whole job in one op: start its workers (fork), map,
-and stop and reap them, with 2 workers. Where a peer keeps its workers warm
-between calls on its own (joblib's loky executor is reused across calls),
-that is its advantage, and the note says so.
+and stop and reap them, with 2 workers.
 
 * ``procshare ps.map``: ``ps.map(fn, items, workers=2)``; the items are a list,
   so the workers index their inherited copy (nothing is sent but ranges).
 * ``multiprocessing.Pool.map (fork)``: ``with ctx.Pool(2) as p: p.map(fn, items)``.
 * ``ProcessPoolExecutor.map (fork)``: with ``chunksize`` as ``Pool.map`` picks it
   (len / (4 x workers)); without one it sends every item on its own.
-* ``joblib`` (loky backend), ``mpire`` (``WorkerPool(start_method="fork")``):
-  optional peers from the ``bench`` extra, skipped with a note when absent.
+* ``joblib`` with its ``multiprocessing`` backend (a fork pool per call).
+  Its default, loky, cannot run side by side with the forking contenders in
+  one process: once another contender has forked, loky's next worker start
+  fails (its workers cannot reopen its semaphores, TerminatedWorkerError),
+  and it keeps two threads running between calls. ``mpire``
+  (``WorkerPool(start_method="fork")``): optional peers from the ``bench``
+  extra, skipped with a note when absent.
 * ``raw fork + pipe``: two ``os.fork`` children, each computes its half and
   writes one pickle of its results to a pipe: no chunking, no per-item
   results, no crash handling. The floor a pool could reach.
@@ -76,11 +79,12 @@ def _executor(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
 def _joblib(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
     import joblib
 
-    return list(joblib.Parallel(n_jobs=WORKERS)(joblib.delayed(fn)(x) for x in items))
+    calls = (joblib.delayed(fn)(x) for x in items)
+    return list(joblib.Parallel(n_jobs=WORKERS, backend="multiprocessing")(calls))
 
 
 def _mpire(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
-    from mpire import WorkerPool
+    from mpire.pool import WorkerPool
 
     with WorkerPool(n_jobs=WORKERS, start_method="fork") as pool:
         return list(pool.map(fn, items))
@@ -136,12 +140,18 @@ def _peers(g: Group, fn: Callable[[Any], Any], items: list[Any], *, all_peers: b
 
 
 def run(bench: Bench) -> None:
+    try:  # mpire draws with tqdm, whose monitor thread would outlive its pools
+        import tqdm
+
+        tqdm.tqdm.monitor_interval = 0
+    except ImportError:
+        pass
     trivial = list(range(TRIVIAL_ITEMS))
     g = bench.group(
         f"pool: {TRIVIAL_ITEMS:,} trivial items, {WORKERS} workers, pool start included",
         note=(
             "one op = start the workers, map x*x over a list, stop and reap them; "
-            "joblib's loky executor stays warm between calls (its start is not repeated)"
+            "joblib runs with its multiprocessing backend (loky breaks once others fork)"
         ),
         unit="per map",
     )

@@ -110,7 +110,8 @@ def test_raising_items_fail_alone_and_together_in_one_group() -> None:
         ps.map(fn, range(40), workers=2)
     group = info.value
     assert "4 of 40 items failed" in str(group)
-    assert [e.name for e in group.exceptions] == ["test_raising_items_fail_alone_and_together_in_one_group.<locals>.fn[3]", *[f"test_raising_items_fail_alone_and_together_in_one_group.<locals>.fn[{i}]" for i in (13, 23, 33)]]  # noqa: E501
+    names = [e.name for e in group.exceptions]
+    assert [n.rsplit(".", 1)[1] for n in names] == ["fn[3]", "fn[13]", "fn[23]", "fn[33]"]
     for err in group.exceptions:
         assert isinstance(err, ps.ChildRaised)
         assert err.exc_type == "KeyError"
@@ -406,3 +407,36 @@ def test_ctrl_c_cancels_the_workers_and_reraises() -> None:
         parent.wait()
     assert out.strip() == "KeyboardInterrupt []", err
     assert not any(alive(p) for p in pids)
+
+
+@pytest.mark.timeout(60)
+def test_children_progress_bar_counts_the_scope(capfd: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
+
+    @ps.forked
+    def job(i: int) -> int:
+        if i == 2:
+            raise ValueError(i)
+        return i
+
+    with pytest.raises(ExceptionGroup):
+        with ps.children(progress=True, cancel_on_error=False):
+            for i in range(5):
+                job(i)
+    err = capfd.readouterr().err
+    assert "5/5" in err
+    assert "failed=1" in err
+    with ps.children(progress=True) as kids:
+        for i in (0, 1, 3):
+            job(i)
+    assert kids.results == [0, 1, 3]
+    assert "3/3" in capfd.readouterr().err
+
+
+def test_children_progress_without_tqdm_forks_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    scope = ps.children(progress=True)
+    with pytest.raises(ps.MissingDependency, match="procshare\\[progress\\]"):
+        scope.__enter__()
+    with pytest.raises(TypeError, match="progress"):
+        ps.children(progress=1)  # type: ignore[arg-type]
