@@ -440,3 +440,21 @@ def test_children_progress_without_tqdm_forks_nothing(monkeypatch: pytest.Monkey
         scope.__enter__()
     with pytest.raises(TypeError, match="progress"):
         ps.children(progress=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_block_left_with_an_unfinished_imap_or_an_error() -> None:
+    started = time.monotonic()
+    with ps.pool(workers=2) as pool:
+        slow = pool.imap(time.sleep, [0.01, 30, 30, 30], chunksize=1)
+        next(slow)
+    assert time.monotonic() - started < 20  # the sleeps were cancelled, not waited for
+    assert child_pids() == {}
+    with pytest.raises(ZeroDivisionError):
+        with ps.pool(workers=2) as pool:
+            handle = pool.submit(time.sleep, 30)
+            time.sleep(0.05)
+            1 / 0  # noqa: B018 - the block fails while the call runs
+    with pytest.raises(ps.UsageError, match="never ran"):
+        handle.join()
+    assert child_pids() == {}

@@ -310,9 +310,14 @@ class Submitted(Generic[R]):
         core.finish(job)
         if job.errors:
             raise job.errors[0][1]()
-        if core.broken is not None and 0 not in job.results:
+        if 0 in job.results:
+            return job.results[0]  # type: ignore[no-any-return]
+        if core.broken is not None:
             raise core.broken()
-        return job.results[0]  # type: ignore[no-any-return]
+        raise UsageError(
+            f"{job.item_name(0)} never ran: its pool was closed (its block ended by an "
+            "exception) before a worker took it; join() before the block ends"
+        )
 
     def __repr__(self) -> str:
         return f"<Submitted {self._job.item_name(0)} done={self.done}>"
@@ -487,7 +492,8 @@ class Pool:
             core.shutdown(cancel=True)
             _release_what_waited()
             raise
-        core.shutdown(cancel=False)
+        # An imap left unfinished in the block: nobody will read the rest.
+        core.shutdown(cancel=any(not j.finished for j in core.jobs))
         _release_what_waited()
         errors: list[Exception] = []
         for h in self._submitted:

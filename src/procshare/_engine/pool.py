@@ -399,7 +399,8 @@ class Core:
     # ---------------------------------------------------------- functions
 
     def new_tid(self) -> int:
-        return next(self._tids) & 0xFFFFFFFF
+        """A task id: 32 bits on the wire, never 0 (0 marks a worker's "ready")."""
+        return next(self._tids) & 0xFFFFFFFF or next(self._tids) & 0xFFFFFFFF
 
     def register_function(self, fn: Callable[..., Any]) -> int:
         """A key the workers can run ``fn`` by. Workers forked after this call
@@ -705,7 +706,7 @@ class Core:
             w.fd = None
         inflight = list(w.inflight)
         w.inflight.clear()
-        if not w.ready:
+        if not w.ready and not any(t.job.timed_out or t.job.cancelled for t in inflight):
             # The initializer failed (or the worker died in it): every worker
             # would do the same. The pool is broken; its jobs end with this error.
             self._break(w)
