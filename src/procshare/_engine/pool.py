@@ -54,6 +54,8 @@ IN_FLIGHT = 2
 # Without a chunksize and without a length: aim for chunks of about this many
 # seconds of work, once the first results tell how long an item takes.
 _CHUNK_SECONDS = 0.005
+# Items slower than this (seconds, on average) get one task in flight per worker.
+_SLOW_ITEM = 0.001
 _NO_PIDFD_SLICE = 0.005
 _HIGHEST = pickle.HIGHEST_PROTOCOL
 
@@ -292,6 +294,17 @@ class Job:
             assert seq is not None
             task.items = [seq[i] for i in range(task.start, task.start + task.count)]
         return task
+
+    def in_flight(self, n_workers: int) -> int:
+        """Tasks a worker may hold for this job: two while items are quick (a
+        worker never waits for a round trip), one once they are slow (a round
+        trip is nothing next to an item, and a second queued chunk could keep
+        a worker busy while another one is idle at the end)."""
+        done = self.n_done + self.n_failed
+        if done < n_workers:
+            return IN_FLIGHT
+        per_item = (time.monotonic() - self.started) * n_workers / done
+        return 1 if per_item > _SLOW_ITEM else IN_FLIGHT
 
     def prefetch(self, n_workers: int) -> bool:
         """Whether there is work, taking the next chunk from the source to know."""
@@ -568,7 +581,7 @@ class Core:
                     if not w.inflight:
                         self._retire(w)
                     continue
-                while len(w.inflight) < IN_FLIGHT and self._fill_one(w, job):
+                while len(w.inflight) < job.in_flight(self.n_workers) and self._fill_one(w, job):
                     pass
             # Fork only for work that exists (an iterator may be empty).
             while len(self.workers) < self.n_workers and job.prefetch(self.n_workers):
