@@ -687,6 +687,13 @@ class Core:
                 common = self._common(w, job.item_name(start + i))
                 job.record(start + i, False, _children._not_unpickled("its result", exc, common))
         else:
+            if not errors and job.on_item is None:  # the common case, in bulk
+                if job.ordered:
+                    job.results.update(zip(range(start, start + count), values, strict=True))
+                else:
+                    job.arrived.extend(zip(range(start, start + count), values, strict=True))
+                job.n_done += count
+                values = ()
             for i, value in enumerate(values):
                 if errors and i in errors:
                     common = self._common(w, job.item_name(start + i))
