@@ -231,16 +231,7 @@ def map(
             on), :class:`~procshare.ChildTimeout` for ``timeout``.
     """
     return builtins.list(
-        imap(
-            fn,
-            iterable,
-            workers=workers,
-            chunksize=chunksize,
-            ordered=ordered,
-            timeout=timeout,
-            progress=progress,
-            _what="ps.map",
-        )
+        _start(fn, iterable, workers, chunksize, ordered, timeout, progress, "ps.map")
     )
 
 
@@ -253,7 +244,6 @@ def imap(
     ordered: bool = True,
     timeout: float | None = None,
     progress: bool = False,
-    _what: str = "ps.imap",
 ) -> Iterator[R]:
     """The lazy form of :func:`map`: an iterator of the results as they are ready.
 
@@ -264,13 +254,26 @@ def imap(
     ends. Leaving it early (``break``, ``close()``, or dropping it) cancels
     what still runs and reaps the workers.
     """
+    return _start(fn, iterable, workers, chunksize, ordered, timeout, progress, "ps.imap")
+
+
+def _start(  # noqa: PLR0917 - private: the checked arguments of map() and imap()
+    fn: Callable[[T], R],
+    iterable: Iterable[T],
+    workers: int | None,
+    chunksize: int | None,
+    ordered: bool,
+    timeout: float | None,
+    progress: bool,
+    what: str,
+) -> Iterator[R]:
     if not callable(fn):
-        raise TypeError(f"{_what}() needs a callable first, not {fn!r}")
-    n = _check_workers(workers, _what)
-    size = _check_chunksize(chunksize, _what)
-    limit = _positive_timeout(timeout, f"{_what}(timeout=)")
-    show = check_progress(progress, _what)
-    return _own_pool(fn, iterable, n, size, bool(ordered), limit, show, _what)
+        raise TypeError(f"{what}() needs a callable first, not {fn!r}")
+    n = _check_workers(workers, what)
+    size = _check_chunksize(chunksize, what)
+    limit = _positive_timeout(timeout, f"{what}(timeout=)")
+    show = check_progress(progress, what)
+    return _own_pool(fn, iterable, n, size, bool(ordered), limit, show, what)
 
 
 class Submitted(Generic[R]):
@@ -375,15 +378,7 @@ class Pool:
     ) -> list[R]:
         """:func:`procshare.map` on this pool's workers."""
         return builtins.list(
-            self.imap(
-                fn,
-                iterable,
-                chunksize=chunksize,
-                ordered=ordered,
-                timeout=timeout,
-                progress=progress,
-                _what="pool.map",
-            )
+            self._start(fn, iterable, chunksize, ordered, timeout, progress, "pool.map")
         )
 
     def imap(
@@ -395,7 +390,6 @@ class Pool:
         ordered: bool = True,
         timeout: float | None = None,
         progress: bool = False,
-        _what: str = "pool.imap",
     ) -> Iterator[R]:
         """:func:`procshare.imap` on this pool's workers.
 
@@ -405,12 +399,24 @@ class Pool:
         replace its workers with fresh forks, which run ``initializer`` again.
         A sequence is sent pickled, unless the workers are forked after it.
         """
-        core = self._live(what=_what.split(".")[1])
+        return self._start(fn, iterable, chunksize, ordered, timeout, progress, "pool.imap")
+
+    def _start(  # noqa: PLR0917 - private: the arguments of map() and imap()
+        self,
+        fn: Callable[[T], R],
+        iterable: Iterable[T],
+        chunksize: int | None,
+        ordered: bool,
+        timeout: float | None,
+        progress: bool,
+        what: str,
+    ) -> Iterator[R]:
+        core = self._live(what.split(".")[1])
         if not callable(fn):
-            raise TypeError(f"{_what}() needs a callable first, not {fn!r}")
-        size = _check_chunksize(chunksize, _what)
-        limit = _positive_timeout(timeout, f"{_what}(timeout=)")
-        show = check_progress(progress, _what)
+            raise TypeError(f"{what}() needs a callable first, not {fn!r}")
+        size = _check_chunksize(chunksize, what)
+        limit = _positive_timeout(timeout, f"{what}(timeout=)")
+        show = check_progress(progress, what)
         job, bar = _job(
             core,
             fn,
@@ -420,9 +426,9 @@ class Pool:
             ordered=bool(ordered),
             timeout=limit,
             progress=show,
-            what=_what,
+            what=what,
         )
-        return self._iterate(job, _what, bar)
+        return self._iterate(job, what, bar)
 
     def _iterate(self, job: Job, what: str, bar: Bar | None) -> Iterator[Any]:
         done = False
