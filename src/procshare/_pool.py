@@ -165,7 +165,7 @@ def _own_pool(  # noqa: PLR0917 - private, called once
 ) -> Iterator[Any]:
     """The generator behind ``ps.map`` and ``ps.imap``: a pool for this call only."""
     core = Core(current_children(), workers=workers, name=f"{what}({_fn_name(fn)})")
-    clean = False
+    job: Job | None = None
     try:
         job, bar = _job(
             core,
@@ -182,12 +182,11 @@ def _own_pool(  # noqa: PLR0917 - private, called once
             # No more workers than items: each fork costs a millisecond or more.
             core.n_workers = max(1, min(workers, job.total))
         yield from _results(job, what, bar)
-        clean = True
     finally:
-        # Left early (an imap not read to its end), by an error or by Ctrl-C:
-        # cancel what still runs (the engine's terminate path), reap everyone.
+        # Left early (an imap not read to its end), or by Ctrl-C: cancel what
+        # still runs (the engine's terminate path). Either way, reap everyone.
         try:
-            core.shutdown(cancel=not clean)
+            core.shutdown(cancel=job is None or not job.finished)
         finally:
             # A call into procshare: releases that waited for these workers go now.
             _release_what_waited()
