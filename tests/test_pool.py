@@ -458,3 +458,22 @@ def test_a_pool_block_left_with_an_unfinished_imap_or_an_error() -> None:
     with pytest.raises(ps.UsageError, match="never ran"):
         handle.join()
     assert child_pids() == {}
+
+
+@pytest.mark.timeout(60)
+def test_an_iterable_that_raises_in_the_parent_propagates_and_leaves_nothing() -> None:
+    def items() -> Any:
+        yield from range(5)
+        raise LookupError("the source broke")
+
+    with pytest.raises(LookupError, match="the source broke"):
+        ps.map(double, items(), workers=2, chunksize=1)
+    assert child_pids() == {}
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_can_run_its_own_map() -> None:
+    def inner(n: int) -> int:
+        return sum(ps.map(double, range(n), workers=1))
+
+    assert ps.map(inner, [3, 4], workers=2) == [6, 12]

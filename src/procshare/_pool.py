@@ -332,7 +332,11 @@ def _now() -> float:
 
 
 class Pool:
-    """Forked workers kept for many calls: returned by :func:`pool`."""
+    """Forked workers kept for many calls: returned by :func:`pool`.
+
+    A pool belongs to the process, and is meant for the thread, that made it:
+    its calls are not thread-safe (use one pool per thread).
+    """
 
     def __init__(
         self,
