@@ -36,6 +36,10 @@ def double(x: int) -> int:
     return 2 * x
 
 
+def len_first(b: bytes) -> tuple[int, int]:
+    return len(b), b[0]
+
+
 def getpid(_: object = None) -> int:
     return os.getpid()
 
@@ -477,3 +481,12 @@ def test_a_worker_can_run_its_own_map() -> None:
         return sum(ps.map(double, range(n), workers=1))
 
     assert ps.map(inner, [3, 4], workers=2) == [6, 12]
+
+
+@pytest.mark.timeout(60)
+def test_big_items_are_sent_in_small_tasks() -> None:
+    big = [bytes([i]) * (3 << 20) for i in range(6)]  # 3 MiB each: one per task
+    with ps.pool(workers=2) as pool:
+        pool.map(double, [0])  # the workers exist before `big`: it must be sent
+        assert pool.map(len_first, big) == [(3 << 20, i) for i in range(6)]
+        assert list(ps.imap(len, iter(big), workers=2)) == [3 << 20] * 6

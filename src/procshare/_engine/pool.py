@@ -54,6 +54,8 @@ IN_FLIGHT = 2
 # Without a chunksize and without a length: aim for chunks of about this many
 # seconds of work, once the first results tell how long an item takes.
 _CHUNK_SECONDS = 0.005
+# A task whose items are pickled carries about this many bytes at most.
+_TASK_BYTES = 1 << 22
 # Items slower than this (seconds, on average) get one task in flight per worker.
 _SLOW_ITEM = 0.001
 _NO_PIDFD_SLICE = 0.005
@@ -292,7 +294,18 @@ class Job:
         if task.items is None and (self.skey is None or self.skey not in worker.sequences):
             seq = self.seq
             assert seq is not None
-            task.items = [seq[i] for i in range(task.start, task.start + task.count)]
+            items, size = [], 0
+            for i in range(task.start, task.start + task.count):
+                items.append(seq[i])
+                size += sys.getsizeof(items[-1])
+                if size >= _TASK_BYTES:
+                    break
+            if len(items) < task.count:  # big items: the rest is another task
+                rest = Task(self, self.core.new_tid(), task.start + len(items), 0, None)
+                rest.count = task.count - len(items)
+                self.requeued.appendleft(rest)
+                task.count = len(items)
+            task.items = items
         return task
 
     def in_flight(self, n_workers: int) -> int:
@@ -338,7 +351,14 @@ class Job:
             count = min(size, self.total - start)  # type: ignore[operator]
         else:
             assert self.source is not None
-            items = list(itertools.islice(self.source, size))
+            # Pickled and sent: at most _TASK_BYTES of items (roughly), however
+            # many the chunk size allows.
+            items, nbytes = [], 0
+            for item in itertools.islice(self.source, size):
+                items.append(item)
+                nbytes += sys.getsizeof(item)
+                if nbytes >= _TASK_BYTES:
+                    break
             count = len(items)
         if count <= 0:
             self.exhausted = True
