@@ -490,3 +490,14 @@ def test_big_items_are_sent_in_small_tasks() -> None:
         pool.map(double, [0])  # the workers exist before `big`: it must be sent
         assert pool.map(len_first, big) == [(3 << 20, i) for i in range(6)]
         assert list(ps.imap(len, iter(big), workers=2)) == [3 << 20] * 6
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_killed_while_idle_is_replaced_without_failing_anything() -> None:
+    with ps.pool(workers=2) as pool:
+        pids = set(pool.map(getpid, range(40), chunksize=1))
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)  # both wait for their next task
+        assert wait_for(lambda: not any(alive(p) for p in pids))
+        assert pool.map(double, range(30)) == [2 * x for x in range(30)]
+        assert not set(pool.map(getpid, range(10), chunksize=1)) & pids

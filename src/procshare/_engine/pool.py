@@ -54,6 +54,9 @@ IN_FLIGHT = 2
 # Without a chunksize and without a length: aim for chunks of about this many
 # seconds of work, once the first results tell how long an item takes.
 _CHUNK_SECONDS = 0.005
+# Workers in a row that may die between items, by a signal, before the next
+# death fails the item it would have run (see Core._died).
+_SILENT_DEATHS = 3
 # A task whose items are pickled carries about this many bytes at most.
 _TASK_BYTES = 1 << 22
 # Items slower than this (seconds, on average) get one task in flight per worker.
@@ -428,6 +431,7 @@ class Core:
         self.forked = 0
         self.broken: ErrorFactory | None = None
         self.closed = False
+        self.silent_deaths = 0  # workers in a row that died between items
 
     # ---------------------------------------------------------- functions
 
@@ -693,6 +697,7 @@ class Core:
 
     def _batch(self, w: Worker, tid: int, first: int, count: int, body: memoryview) -> None:
         """Results of ``count`` items of task ``tid`` from offset ``first`` on."""
+        self.silent_deaths = 0  # results: workers are not dying in a loop
         task = w.inflight[0]
         assert task.tid == tid, (task.tid, tid)
         assert task.done == first, (task.done, first)
@@ -752,19 +757,25 @@ class Core:
             self._break(w)
             return
         running_tid, running_off = w.board[0], w.board[1]
+        # Between items: a worker killed by a signal (waiting for its next
+        # task, say) fails nothing, its tasks just move. One that ended on its
+        # own (it could not unpickle a function it was sent), or a run of
+        # such deaths, fails the first item it had not reported: something
+        # must fail, or workers dying the same way would be replaced forever.
+        exit_ = w.rec.exit
+        killed = exit_ is not None and exit_.signal is not None
+        self.silent_deaths = self.silent_deaths + 1 if running_tid == 0 and inflight else 0
+        blame_next = running_tid == 0 and (not killed or self.silent_deaths > _SILENT_DEATHS)
         blamed = False
         for task in inflight:
             job = task.job
             job.outstanding -= 1
             stopped = job.timed_out or job.cancelled
-            # The item it was running (published on the board); if it was
-            # between items, the first one it had not reported: something
-            # must fail, or a worker dying the same way would loop forever.
             culprit: int | None = None
             if not blamed:
                 if task.tid == running_tid and task.done <= running_off < task.count:
-                    culprit = running_off
-                elif running_tid == 0 and task.done < task.count:
+                    culprit = running_off  # the item it was running, as it published
+                elif blame_next and task.done < task.count:
                     culprit = task.done
             pieces = [(task.done, task.count)]
             if culprit is not None:
