@@ -35,10 +35,10 @@ class Bar:
     def item(self, ok: bool) -> None:
         """One item ended; a failure shows on the bar at once."""
         self.done += 1
+        self._bar.update(1)
         if not ok:
             self.failed += 1
-            self._bar.set_postfix_str(f"failed={self.failed}", refresh=False)
-        self._bar.update(1)
+            self._bar.set_postfix_str(f"failed={self.failed}", refresh=True)  # drawn now
 
     def total(self, total: int) -> None:
         """The number of items became known (or grew)."""
