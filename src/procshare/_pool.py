@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import builtins
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from procshare._engine import core as _core
 from procshare._engine.children import current_children
-from procshare._engine.pool import Core, Job
+from procshare._engine.jobs import Job
+from procshare._engine.pool import Core
 from procshare._process import _positive_timeout, _release_what_waited
 from procshare._progress import Bar, check_progress
 from procshare.errors import ChildError, ChildTimeout, JoinTimeout, UsageError
@@ -297,9 +299,9 @@ class Submitted(Generic[R]):
         limit = _positive_timeout(timeout, "join(timeout=)")
         job = self._job
         core = job.core
-        deadline = None if limit is None else _now() + limit
+        deadline = None if limit is None else time.monotonic() + limit
         while not job.finished and core.broken is None:
-            if deadline is not None and _now() >= deadline:
+            if deadline is not None and time.monotonic() >= deadline:
                 raise JoinTimeout(
                     "a call submitted to a ps.pool; join() again to keep waiting",
                     name=job.item_name(0),
@@ -323,12 +325,6 @@ class Submitted(Generic[R]):
 
     def __repr__(self) -> str:
         return f"<Submitted {self._job.item_name(0)} done={self.done}>"
-
-
-def _now() -> float:
-    import time
-
-    return time.monotonic()
 
 
 class Pool:

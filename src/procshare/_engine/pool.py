@@ -4,196 +4,39 @@ A worker is a child of :class:`~procshare._engine.children.ChildrenPart`
 like any ``@forked`` call (so its death is reported, and it is cancelled and
 reaped, exactly as ``children()`` does), running :func:`worker_main`: it
 reads *tasks* from its own channel (a socket pair, see
-``_backends/api_channel.py``) and writes one *result frame per item*. There
-is no lock shared between workers, so a worker killed at any instant strands
-nobody (``multiprocessing.Pool`` hangs for good there, CPython gh-96062).
+``_backends/api_channel.py``) and writes its results back in batches
+(``_engine/workers.py``). There is no lock shared between workers, so a
+worker killed at any instant strands nobody (``multiprocessing.Pool`` hangs
+for good there, CPython gh-96062).
 
 The parent keeps at most two tasks (chunks of items) in flight per worker,
-and knows which items of them have come back: when a worker dies, the first
-item without a result is the one it was running and fails with the worker's
-outcome (``ChildKilled``, ...); the rest of its chunks go back to the queue
-and a fresh worker is forked. The parent waits on every channel and every
-worker's pidfd in one poll.
-
-Frames, parent to worker: a 4-byte length, then a pickled tuple
-``(RUN, task id, function key, star, sequence key, start, count, items)``
-(``items`` is ``None`` when the worker inherited the sequence: it indexes its
-own copy, nothing is pickled) or ``(FUNCTION, key, pickled function)``.
-End of file tells the worker to exit. Worker to parent: ``_RESULT`` (body
-length, task id, offset in the task, tag) then the body (a pickled value, or
-a raised exception as ``children`` encodes it).
+and knows which items of them have come back: when a worker dies, the item
+it was running (published on its board) fails with the worker's outcome
+(``ChildKilled``, ...); the rest of its chunks go back to their jobs
+(``_engine/jobs.py``) and a fresh worker is forked. The parent waits on every
+channel and every worker's pidfd in one poll.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import math
 import pickle
-import struct
-import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from procshare._engine import children as _children
 from procshare._engine.children import CANCEL_GRACE, ChildrenPart, Record
+from procshare._engine.jobs import ErrorFactory, Job, Task
+from procshare._engine.workers import FUNCTION, HEAD, HIGHEST, RESULT, RUN, worker_main
 from procshare.errors import ChildError, ChildTimeout
 
-_HEAD = struct.Struct("<I")
-_RESULT = struct.Struct("<IIII")
-_RUN, _FUNCTION = 0, 1
-# A worker sends its results when this much time or memory has piled up.
-_BATCH_SECONDS = 0.0005
-_BATCH_BYTES = 1 << 18
-_READ = 1 << 16
-#: Tasks a worker may have queued: one running, one waiting, so it never idles
-#: for a round trip.
-IN_FLIGHT = 2
-# Without a chunksize and without a length: aim for chunks of about this many
-# seconds of work, once the first results tell how long an item takes.
-_CHUNK_SECONDS = 0.005
 # Workers in a row that may die between items, by a signal, before the next
 # death fails the item it would have run (see Core._died).
 _SILENT_DEATHS = 3
-# A task whose items are pickled carries about this many bytes at most.
-_TASK_BYTES = 1 << 22
-# Items slower than this (seconds, on average) get one task in flight per worker.
-_SLOW_ITEM = 0.001
 _NO_PIDFD_SLICE = 0.005
-_HIGHEST = pickle.HIGHEST_PROTOCOL
-
-ErrorFactory = Callable[[], ChildError]
-
-
-# --------------------------------------------------------------- the worker
-
-
-def worker_main(  # noqa: PLR0917 - built once per worker with functools.partial
-    backend: Any,
-    fd: int,
-    board: memoryview,
-    functions: dict[int, Callable[..., Any]],
-    sequences: dict[int, Sequence[Any]],
-    initializer: Callable[..., Any] | None,
-    initargs: tuple[Any, ...],
-) -> None:
-    """The worker's whole life (runs in the child; returns when the parent lets go)."""
-    backend.channel_keep_private(fd)  # the children ``fn`` forks must not hold it
-    write = backend.process_write
-    read = backend.channel_read
-    if initializer is not None:
-        initializer(*initargs)
-        write(fd, _RESULT.pack(0, 0, 0, 0))  # ready: task id 0
-    clock = time.perf_counter
-    buf = b""
-    while True:
-        while len(buf) < _HEAD.size:
-            data = read(fd, _READ)
-            if not data:
-                return
-            buf += data
-        (n,) = _HEAD.unpack_from(buf)
-        while len(buf) < _HEAD.size + n:
-            data = read(fd, max(_READ, _HEAD.size + n - len(buf)))
-            if not data:
-                return
-            buf += data
-        msg = pickle.loads(memoryview(buf)[_HEAD.size : _HEAD.size + n])
-        buf = buf[_HEAD.size + n :]
-        if msg[0] == _FUNCTION:
-            functions[msg[1]] = pickle.loads(msg[2])
-            continue
-        _, tid, fkey, star, skey, start, count, items = msg
-        fn = functions[fkey]
-        seq = sequences[skey] if items is None else items
-        base = start if items is None else 0
-        values: list[Any] = []
-        errors: dict[int, bytes] = {}
-        first = 0
-        since = 0.0
-        size = 0
-        try:
-            for off in range(count):
-                item = seq[base + off]
-                # Published before the item runs: if the worker is killed now,
-                # the parent fails exactly this item.
-                board[0] = tid
-                board[1] = off
-                try:
-                    value = fn(*item) if star else fn(item)
-                except Exception as exc:
-                    value = None
-                    errors[off - first] = _children._raised_payload(exc, skip=1)
-                board[0] = 0
-                if not values:
-                    since = clock()
-                values.append(value)
-                size += sys.getsizeof(value)
-                del value, item
-                # Results travel in batches of at most _BATCH_SECONDS of work:
-                # one write and one wake-up of the parent for many tiny items,
-                # one per item for slow ones.
-                if size >= _BATCH_BYTES or clock() - since >= _BATCH_SECONDS:
-                    _send_batch(write, fd, tid, first, values, errors)
-                    first = off + 1
-                    values, errors, size = [], {}, 0
-        finally:
-            # Also on the way out of a SystemExit or a cancellation: what ran
-            # is reported, so only the item that ended the worker fails.
-            if values:
-                _send_batch(write, fd, tid, first, values, errors)
-
-
-def _send_batch(  # noqa: PLR0917
-    write: Callable[[int, bytes], None],
-    fd: int,
-    tid: int,
-    first: int,
-    values: list[Any],
-    errors: dict[int, bytes],
-) -> None:
-    try:
-        body = pickle.dumps((values, errors), protocol=_HIGHEST)
-    except Exception:
-        for i, value in enumerate(values):
-            if i in errors:
-                continue
-            try:
-                pickle.dumps(value, protocol=_HIGHEST)
-            except Exception as exc:
-                detail = (
-                    f"its result, a {type(value).__qualname__}, could not be pickled to send "
-                    "it to the parent; return something picklable (plain data), or put the "
-                    "result in shared memory"
-                )
-                values[i] = None
-                errors[i] = _children._raised_payload(exc, detail)
-        body = pickle.dumps((values, errors), protocol=_HIGHEST)
-    head = _RESULT.pack(len(body), tid, first, len(values))
-    if len(body) < 65536:
-        write(fd, head + body)
-    else:
-        write(fd, head)
-        write(fd, body)
-
-
-# --------------------------------------------------------------- the parent
-
-
-class Task:
-    """A chunk of one job's items, sent to one worker."""
-
-    __slots__ = ("count", "done", "items", "job", "start", "tid")
-
-    def __init__(self, job: Job, tid: int, start: int, count: int, items: list[Any] | None):
-        self.job = job
-        self.tid = tid
-        self.start = start  # index of the first item in the job
-        self.count = count
-        self.done = 0  # results received (in order: a worker runs its items in order)
-        self.items = items  # None: the worker indexes the sequence it inherited
 
 
 class Worker:
@@ -223,183 +66,6 @@ class Worker:
         self.out = bytearray()
         self.buf = bytearray()
         self.ready = False
-
-
-class Job:
-    """One ``map`` / ``imap`` / ``submit``: its items, results and failures."""
-
-    def __init__(
-        self,
-        core: Core,
-        fkey: int,
-        name: str,
-        items: Iterable[Any],
-        *,
-        star: bool,
-        chunksize: int | None,
-        ordered: bool,
-        timeout: float | None,
-        on_item: Callable[[bool], None] | None,
-    ) -> None:
-        self.core = core
-        self.fkey = fkey
-        self.name = name
-        self.star = star
-        self.chunksize = chunksize
-        self.ordered = ordered
-        self.timeout = timeout
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.on_item = on_item
-        self.started = time.monotonic()
-        self.skey: int | None = None
-        self.seq: Sequence[Any] | None = None
-        self.source: Iterator[Any] | None = None
-        self.total: int | None = None
-        if _is_sequence(items):
-            self.seq = items  # type: ignore[assignment]
-            self.total = len(self.seq)  # type: ignore[arg-type]
-            self.skey = core.register_sequence(self.seq)  # type: ignore[arg-type]
-        else:
-            self.source = iter(items)
-            length = getattr(items, "__len__", None)
-            if callable(length):
-                try:
-                    self.total = int(length())
-                except Exception:
-                    self.total = None
-        self.next_index = 0  # the next item not yet taken from the source
-        self.exhausted = False
-        self.requeued: deque[Task] = deque()
-        self.outstanding = 0  # tasks sent and not finished
-        self.results: dict[int, Any] = {}
-        self.arrived: deque[tuple[int, Any]] = deque()
-        self.errors: list[tuple[int, ErrorFactory]] = []
-        self.n_done = 0
-        self.n_failed = 0
-        self.not_run = 0  # items dropped by a timeout or a cancel
-        self.timed_out = False
-        self.cancelled = False
-
-    @property
-    def finished(self) -> bool:
-        return self.exhausted and not self.requeued and self.outstanding == 0
-
-    def item_name(self, index: int) -> str:
-        return f"{self.name}[{index}]"
-
-    def has_work(self) -> bool:
-        return bool(self.requeued) or not self.exhausted
-
-    def next_task(self, worker: Worker, n_workers: int) -> Task | None:
-        task = self.requeued.popleft() if self.requeued else self._new_task(n_workers)
-        if task is None:
-            return None
-        if task.items is None and (self.skey is None or self.skey not in worker.sequences):
-            seq = self.seq
-            assert seq is not None
-            items, size = [], 0
-            for i in range(task.start, task.start + task.count):
-                items.append(seq[i])
-                size += sys.getsizeof(items[-1])
-                if size >= _TASK_BYTES:
-                    break
-            if len(items) < task.count:  # big items: the rest is another task
-                rest = Task(self, self.core.new_tid(), task.start + len(items), 0, None)
-                rest.count = task.count - len(items)
-                self.requeued.appendleft(rest)
-                task.count = len(items)
-            task.items = items
-        return task
-
-    def in_flight(self, n_workers: int) -> int:
-        """Tasks a worker may hold for this job: two while items are quick (a
-        worker never waits for a round trip), one once they are slow (a round
-        trip is nothing next to an item, and a second queued chunk could keep
-        a worker busy while another one is idle at the end)."""
-        done = self.n_done + self.n_failed
-        if done < n_workers:
-            return IN_FLIGHT
-        per_item = (time.monotonic() - self.started) * n_workers / done
-        return 1 if per_item > _SLOW_ITEM else IN_FLIGHT
-
-    def prefetch(self, n_workers: int) -> bool:
-        """Whether there is work, taking the next chunk from the source to know."""
-        if not self.requeued and not self.exhausted:
-            task = self._new_task(n_workers)
-            if task is not None:
-                self.requeued.append(task)
-        return self.has_work()
-
-    def _chunk(self, n_workers: int) -> int:
-        if self.chunksize is not None:
-            return self.chunksize
-        if self.total is not None:
-            # Guided: a quarter of a fair share of what is left, so chunks shrink
-            # towards the end and every worker finishes at about the same time.
-            left = self.total - self.next_index
-            return max(1, math.ceil(left / (4 * n_workers)))
-        done = self.n_done + self.n_failed
-        if not done:
-            return 1
-        per_item = (time.monotonic() - self.started) * n_workers / done
-        return max(1, min(1024, int(_CHUNK_SECONDS / max(per_item, 1e-7))))
-
-    def _new_task(self, n_workers: int) -> Task | None:
-        if self.exhausted:
-            return None
-        size = self._chunk(n_workers)
-        start = self.next_index
-        items: list[Any] | None = None
-        if self.seq is not None:
-            count = min(size, self.total - start)  # type: ignore[operator]
-        else:
-            assert self.source is not None
-            # Pickled and sent: at most _TASK_BYTES of items (roughly), however
-            # many the chunk size allows.
-            items, nbytes = [], 0
-            for item in itertools.islice(self.source, size):
-                items.append(item)
-                nbytes += sys.getsizeof(item)
-                if nbytes >= _TASK_BYTES:
-                    break
-            count = len(items)
-        if count <= 0:
-            self.exhausted = True
-            return None
-        self.next_index = start + count
-        if self.seq is not None and self.next_index >= self.total:  # type: ignore[operator]
-            self.exhausted = True
-        return Task(self, self.core.new_tid(), start, count, items)
-
-    def record(self, index: int, ok: bool, value: Any) -> None:
-        if ok:
-            self.n_done += 1
-            if self.ordered:
-                self.results[index] = value
-            else:
-                self.arrived.append((index, value))
-        else:
-            self.n_failed += 1
-            self.errors.append((index, value))
-        if self.on_item is not None:
-            self.on_item(ok)
-
-    def drop_rest(self) -> None:
-        """Nothing more of this job will run (a timeout or a cancel)."""
-        dropped = sum(t.count - t.done for t in self.requeued)
-        self.requeued.clear()
-        if not self.exhausted:
-            if self.total is not None:
-                dropped += self.total - self.next_index
-            self.exhausted = True
-        self.not_run += dropped
-
-
-def _is_sequence(items: object) -> bool:
-    if isinstance(items, Sequence):
-        return True
-    # numpy arrays are indexable and sized but not registered as Sequence.
-    return hasattr(items, "__array_interface__") and hasattr(items, "__len__")
 
 
 class Core:
@@ -452,7 +118,7 @@ class Core:
         data: bytes | None = None
         if self.workers:
             try:
-                data = pickle.dumps(fn, protocol=_HIGHEST)
+                data = pickle.dumps(fn, protocol=HIGHEST)
             except Exception:
                 data = None
         self.by_id[id(fn)] = (key, data)
@@ -521,12 +187,12 @@ class Core:
         data = self.by_id.get(id(self.functions[job.fkey]), (0, None))[1]
         if data is None:
             return False
-        self._send(w, pickle.dumps((_FUNCTION, job.fkey, data), protocol=_HIGHEST))
+        self._send(w, pickle.dumps((FUNCTION, job.fkey, data), protocol=HIGHEST))
         w.functions.add(job.fkey)
         return True
 
     def _send(self, w: Worker, body: bytes) -> None:
-        w.out += _HEAD.pack(len(body))
+        w.out += HEAD.pack(len(body))
         w.out += body
         self._flush(w)
 
@@ -546,16 +212,16 @@ class Core:
             items = list(items)
         try:
             body = pickle.dumps(
-                (_RUN, task.tid, job.fkey, job.star, job.skey, task.start, task.count, items),
-                protocol=_HIGHEST,
+                (RUN, task.tid, job.fkey, job.star, job.skey, task.start, task.count, items),
+                protocol=HIGHEST,
             )
         except Exception:
             task = self._unpicklable(task)
             if task.count == 0:
                 return
             body = pickle.dumps(
-                (_RUN, task.tid, job.fkey, job.star, None, 0, task.count, task.items),
-                protocol=_HIGHEST,
+                (RUN, task.tid, job.fkey, job.star, None, 0, task.count, task.items),
+                protocol=HIGHEST,
             )
         job.outstanding += 1
         w.inflight.append(task)
@@ -569,7 +235,7 @@ class Core:
         assert task.items is not None
         for off, item in enumerate(task.items):
             try:
-                pickle.dumps(item, protocol=_HIGHEST)
+                pickle.dumps(item, protocol=HIGHEST)
             except Exception as exc:
                 detail = (
                     f"item {task.start + off}, a {type(item).__qualname__}, could not be "
@@ -591,7 +257,7 @@ class Core:
         return Task(job, task.tid, indices[0], 1, [keep[0]])
 
     def fill(self) -> None:
-        """Give workers work, up to IN_FLIGHT tasks each; fork workers (lazily,
+        """Give workers work, up to ``Job.in_flight`` tasks each; fork workers (lazily,
         so they inherit what exists at their first use) and replacements."""
         if self.broken is not None:
             return
@@ -610,7 +276,7 @@ class Core:
             # Fork only for work that exists (an iterator may be empty).
             while len(self.workers) < self.n_workers and job.prefetch(self.n_workers):
                 w = self._fork()
-                while len(w.inflight) < IN_FLIGHT and self._fill_one(w, job):
+                while len(w.inflight) < job.in_flight(self.n_workers) and self._fill_one(w, job):
                     pass
 
     def _fill_one(self, w: Worker, job: Job) -> bool:
@@ -840,12 +506,12 @@ class Core:
     def _parse(self, w: Worker) -> None:
         buf = w.buf
         pos = 0
-        size = _RESULT.size
+        size = RESULT.size
         end = len(buf)
         view = memoryview(buf)
         try:
             while end - pos >= size:
-                n, tid, first, count = _RESULT.unpack_from(buf, pos)
+                n, tid, first, count = RESULT.unpack_from(buf, pos)
                 if end - pos < size + n:
                     break
                 start = pos + size
