@@ -187,7 +187,7 @@ def test_an_unpicklable_result_fails_that_item_clearly() -> None:
 def test_ordered_and_unordered_imap() -> None:
     def slow_first(x: int) -> int:
         if x == 0:
-            time.sleep(0.5)
+            time.sleep(1.0)  # long enough for the other worker, even on a loaded machine
         return x
 
     ordered = list(ps.imap(slow_first, range(6), workers=2, chunksize=1))
