@@ -253,7 +253,9 @@ def imap(
     results come in completion order. Items that failed are left out; their
     failures are raised together as one ``ExceptionGroup`` when the iterator
     ends. Leaving it early (``break``, ``close()``, or dropping it) cancels
-    what still runs and reaps the workers.
+    what still runs and reaps the workers. A sequence is read as it was when
+    the workers were forked (at the first ``next()``): changing it while the
+    iterator runs changes nothing in the workers.
     """
     return _start(fn, iterable, workers, chunksize, ordered, timeout, progress, "ps.imap")
 
