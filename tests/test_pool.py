@@ -501,3 +501,13 @@ def test_a_worker_killed_while_idle_is_replaced_without_failing_anything() -> No
         assert wait_for(lambda: not any(alive(p) for p in pids))
         assert pool.map(double, range(30)) == [2 * x for x in range(30)]
         assert not set(pool.map(getpid, range(10), chunksize=1)) & pids
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_goes_on_after_a_timeout() -> None:
+    with ps.pool(workers=2) as pool:
+        with pytest.raises(ExceptionGroup) as info:
+            pool.map(time.sleep, [30, 30, 0.01], chunksize=1, timeout=0.3)
+        assert all(isinstance(e, ps.ChildTimeout) for e in info.value.exceptions)
+        assert pool.map(double, range(10)) == [2 * x for x in range(10)]
+    assert child_pids() == {}
