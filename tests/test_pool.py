@@ -511,3 +511,19 @@ def test_a_pool_goes_on_after_a_timeout() -> None:
         assert all(isinstance(e, ps.ChildTimeout) for e in info.value.exceptions)
         assert pool.map(double, range(10)) == [2 * x for x in range(10)]
     assert child_pids() == {}
+
+
+@pytest.mark.timeout(60)
+def test_an_item_that_ends_its_worker_with_status_0_still_fails() -> None:
+    def fn(x: int) -> int:
+        if x == 1:
+            os._exit(0)
+        return x
+
+    got: list[int] = []
+    with pytest.raises(ExceptionGroup) as info:
+        got.extend(ps.imap(fn, range(4), workers=2, chunksize=4))
+    assert got == [0, 2, 3]
+    (err,) = info.value.exceptions
+    assert type(err) is ps.ChildError
+    assert "exited (status 0) while running it" in str(err)
