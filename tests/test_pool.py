@@ -527,3 +527,33 @@ def test_an_item_that_ends_its_worker_with_status_0_still_fails() -> None:
     (err,) = info.value.exceptions
     assert type(err) is ps.ChildError
     assert "exited (status 0) while running it" in str(err)
+
+
+@pytest.mark.timeout(60)
+def test_except_star_catches_the_items_exception_type() -> None:
+    caught: list[BaseException] = []
+    try:
+        ps.map(lambda x: {}[x], range(3), workers=2)
+    except* KeyError as group:
+        caught.extend(group.exceptions)
+    assert len(caught) == 3
+    assert all(isinstance(e, ps.ChildRaised) for e in caught)
+
+
+@pytest.mark.timeout(60)
+def test_a_timed_out_worker_unwinds_its_with_lock() -> None:
+    lock = ps.interprocess_lock("pool-unwind")
+    try:
+
+        def hold(_: int) -> None:
+            with lock:
+                time.sleep(30)
+
+        with pytest.raises(ExceptionGroup) as info:
+            ps.map(hold, [0], workers=1, timeout=0.5)
+        assert isinstance(info.value.exceptions[0], ps.ChildTimeout)
+        # The worker left its block: the next holder is not told OwnerDied.
+        with lock:
+            pass
+    finally:
+        lock.close()

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from procshare._engine import children as _children
+from procshare._engine import transport
 from procshare._engine.children import CANCEL_GRACE, ChildrenPart, Record
 from procshare._engine.jobs import ErrorFactory, Job, Task
 from procshare._engine.workers import FUNCTION, HEAD, HIGHEST, RESULT, RUN, worker_main
@@ -242,10 +242,10 @@ class Core:
                     "pickled to send it to a worker; pass picklable items, or a sequence "
                     "(list, tuple, range, array) the workers inherit when they are forked"
                 )
-                payload = _children._raised_payload(exc, detail)
+                payload = transport.raised_payload(exc, detail)
                 common = {"pid": None, "name": job.item_name(task.start + off)}
                 common |= {"exitcode": None, "signal": None}
-                job.record(task.start + off, False, _children.raised_error(payload[1:], common))
+                job.record(task.start + off, False, transport.raised_error(payload[1:], common))
             else:
                 keep.append(item)
                 indices.append(task.start + off)
@@ -376,7 +376,7 @@ class Core:
         except BaseException as exc:
             for i in range(count):
                 common = self._common(w, job.item_name(start + i))
-                job.record(start + i, False, _children._not_unpickled("its result", exc, common))
+                job.record(start + i, False, transport.not_unpickled("its result", exc, common))
         else:
             if not errors and job.on_item is None:  # the common case, in bulk
                 if job.ordered:
@@ -388,7 +388,7 @@ class Core:
             for i, value in enumerate(values):
                 if errors and i in errors:
                     common = self._common(w, job.item_name(start + i))
-                    job.record(start + i, False, _children.raised_error(errors[i][1:], common))
+                    job.record(start + i, False, transport.raised_error(errors[i][1:], common))
                 else:
                     job.record(start + i, True, value)
         task.done += count
@@ -552,7 +552,8 @@ class Core:
         for w in busy:
             self._receive_all(w)
         busy = [w for w in busy if any(t.job is job for t in w.inflight)]
-        self.part.terminate_all([w.rec for w in busy], cancel=True, grace=CANCEL_GRACE)
+        reason = "the map's timeout ran out" if timed_out else "its imap was left early"
+        self.part.terminate_all([w.rec for w in busy], cancel=reason, grace=CANCEL_GRACE)
         for w in busy:
             running = self._running(w)
             self._died(w)
@@ -597,7 +598,7 @@ class Core:
         self.retiring = []
         try:
             if cancel:
-                self.part.terminate_all(recs, cancel=True, grace=CANCEL_GRACE)
+                self.part.terminate_all(recs, cancel="its pool was left early", grace=CANCEL_GRACE)
                 return
             while True:
                 recs = [r for r in recs if not self.part.advance(r)]
@@ -605,5 +606,5 @@ class Core:
                     return
                 self.part.wait_any(recs, None)
         except BaseException:
-            self.part.terminate_all(recs, cancel=True, grace=CANCEL_GRACE)
+            self.part.terminate_all(recs, cancel="its pool was left early", grace=CANCEL_GRACE)
             raise

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from procshare._engine import children as _children
+from procshare._engine import transport
 
 HEAD = struct.Struct("<I")
 RESULT = struct.Struct("<IIII")
@@ -92,7 +92,7 @@ def worker_main(  # noqa: PLR0917 - built once per worker with functools.partial
                     value = fn(*item) if star else fn(item)
                 except Exception as exc:
                     value = None
-                    errors[off - first] = _children._raised_payload(exc, skip=1)
+                    errors[off - first] = transport.raised_payload(exc, skip=1)
                 board[0] = 0
                 if not values:
                     since = clock()
@@ -136,7 +136,7 @@ def _send_batch(  # noqa: PLR0917
                     "result in shared memory"
                 )
                 values[i] = None
-                errors[i] = _children._raised_payload(exc, detail)
+                errors[i] = transport.raised_payload(exc, detail)
         body = pickle.dumps((values, errors), protocol=HIGHEST)
     head = RESULT.pack(len(body), tid, first, len(values))
     if len(body) < 65536:
