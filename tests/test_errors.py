@@ -52,6 +52,7 @@ SAMPLES: list[ps.ProcshareError] = [
     ps.ForkError(name="job", errno_code=errno.EMFILE, running=1021),
     ps.AnonymousError("an anonymous lock", "pickled", named="ps.interprocess_lock('NAME')"),
     ps.SharedMemoryFull("(anonymous)", requested=1 << 40, available=1 << 30),
+    ps.MissingDependency(module="tqdm", extra="progress", feature="progress=True"),
 ]
 
 BUILTINS: dict[type[ps.ProcshareError], tuple[type[BaseException], ...]] = {
@@ -78,6 +79,7 @@ BUILTINS: dict[type[ps.ProcshareError], tuple[type[BaseException], ...]] = {
     ps.QueueFull: (queue.Full,),
     ps.ForkError: (OSError,),
     ps.AnonymousError: (TypeError,),
+    ps.MissingDependency: (ModuleNotFoundError, ImportError),
 }
 
 

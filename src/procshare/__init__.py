@@ -30,6 +30,13 @@ from procshare._locks import interprocess_lock as interprocess_lock
 # Namespaces
 from procshare._namespace import namespace as namespace
 
+# Pools (issue 14)
+from procshare._pool import Pool as Pool
+from procshare._pool import Submitted as Submitted
+from procshare._pool import imap as imap
+from procshare._pool import map as map
+from procshare._pool import pool as pool
+
 # Processes (issue 3)
 from procshare._process import Child as Child
 from procshare._process import Children as Children
@@ -77,6 +84,7 @@ from procshare.errors import HolderDied as HolderDied
 from procshare.errors import InvalidName as InvalidName
 from procshare.errors import JoinTimeout as JoinTimeout
 from procshare.errors import LockTimeout as LockTimeout
+from procshare.errors import MissingDependency as MissingDependency
 from procshare.errors import OwnerDied as OwnerDied
 from procshare.errors import ProcshareError as ProcshareError
 from procshare.errors import QueueEmpty as QueueEmpty
@@ -117,7 +125,9 @@ __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "InvalidName",
     "JoinTimeout",
     "LockTimeout",
+    "MissingDependency",
     "OwnerDied",
+    "Pool",
     "ProcshareError",
     "QueueEmpty",
     "QueueFull",
@@ -129,6 +139,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "SharedMemoryFull",
     "SharedMemoryUnavailable",
     "SharedTypeError",
+    "Submitted",
     "UsageError",
     "WaitTimeout",
     "children",
@@ -139,6 +150,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "i32",
     "i64",
     "i8",
+    "imap",
     "interprocess_barrier",
     "interprocess_condition",
     "interprocess_event",
@@ -146,7 +158,9 @@ __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "interprocess_queue",
     "interprocess_rwlock",
     "interprocess_semaphore",
+    "map",
     "namespace",
+    "pool",
     "segments",
     "shared",
     "u16",

@@ -285,9 +285,14 @@ class Child(Generic[R]):
 class Children:
     """The scope returned by :func:`children`: owns every child forked in its block."""
 
-    def __init__(self, *, limit: int | None, cancel_on_error: bool) -> None:
+    def __init__(
+        self, *, limit: int | None, cancel_on_error: bool, progress: bool = False
+    ) -> None:
         self._limit = limit
         self._cancel_on_error = cancel_on_error
+        self._progress = progress
+        self._bar: Any = None  # a procshare._progress.Bar while the scope shows one
+        self._counted: set[Record] = set()  # children already shown as ended
         self._part: ChildrenPart | None = None
         self._scope: ScopeState | None = None
         self._handles: list[Child[Any]] = []
@@ -326,6 +331,10 @@ class Children:
     def __enter__(self) -> Children:
         if self._scope is not None:
             raise UsageError("a ps.children() scope can be entered only once; make a new one")
+        if self._progress:  # before any fork: a missing tqdm fails here, not at the exit
+            from procshare._progress import Bar
+
+            self._bar = Bar(0, "ps.children()", unit="child")
         part = current_children()
         self._part = part
         self._scope = _scopes.enter(part, self._limit, self._cancel_on_error)
@@ -341,10 +350,20 @@ class Children:
         assert part is not None
         assert scope is not None
         try:
+            if self._bar is not None and exc is None:
+                try:
+                    self._watch(part, scope)
+                except BaseException as interrupted:
+                    _scopes.leave(part, scope, interrupted)  # stops and reaps them all
+                    raise
             _scopes.leave(part, scope, exc)
         except BaseException:
             _release_what_waited()  # Ctrl-C while waiting: children are reaped
             raise
+        finally:
+            if self._bar is not None:
+                self._count(part, scope)
+                self._bar.close()
         handles = self.children
         if exc is not None and not isinstance(exc, Exception | ScopeCancelled):
             _release_what_waited()
@@ -376,12 +395,41 @@ class Children:
         # group's context too it would be printed twice.
         raise ExceptionGroup("ps.children(): " + ", ".join(what), errors) from None
 
+    def _count(self, part: ChildrenPart, scope: ScopeState) -> bool:
+        """Move the bar to the children that ended; whether one of them failed."""
+        bar = self._bar
+        counted = self._counted
+        failed = False
+        bar.total(len(scope.records))
+        for r in scope.records:
+            if r.done and r not in counted:
+                counted.add(r)
+                ok = r.cancelled or part.outcome(r)[0]
+                failed = failed or not ok
+                bar.item(ok)
+        return failed or bar.failed > 0
+
+    def _watch(self, part: ChildrenPart, scope: ScopeState) -> None:
+        """Wait for the scope's children, showing each as it ends; stop at the
+        first failure if the scope cancels the rest (leaving the scope does that)."""
+        while True:
+            if self._count(part, scope) and self._cancel_on_error:
+                return
+            running = [r for r in scope.records if not r.done]
+            if not running:
+                return
+            part.wait_any(running, None)
+            for r in running:
+                part.advance(r)
+
     def __repr__(self) -> str:
         n = 0 if self._scope is None else len(self._scope.records)
         return f"<Children limit={self._limit} cancel_on_error={self._cancel_on_error} forked={n}>"
 
 
-def children(*, limit: int | None = None, cancel_on_error: bool = True) -> Children:
+def children(
+    *, limit: int | None = None, cancel_on_error: bool = True, progress: bool = False
+) -> Children:
     """A scope that owns, joins and cancels every child forked inside it.
 
     Every :func:`forked` call made in the block, in the same thread, belongs
@@ -405,6 +453,10 @@ def children(*, limit: int | None = None, cancel_on_error: bool = True) -> Child
             that raises :class:`~procshare.Cancelled`, which the scope
             absorbs. ``False``: let every child finish.
 
+        progress: While the block's exit waits, show a progress bar on stderr
+            counting the children that ended, with the failed ones (needs
+            ``pip install 'procshare[progress]'``).
+
     ``KeyboardInterrupt`` (Ctrl-C) from the block or while the scope waits
     cancels and reaps every child, then propagates as itself. (The children
     leave the terminal's own ``SIGINT`` to the parent.)
@@ -415,7 +467,13 @@ def children(*, limit: int | None = None, cancel_on_error: bool = True) -> Child
         raise ValueError(
             f"children(limit=) must be at least 1 (or None for no limit), not {limit}"
         )
-    return Children(limit=limit, cancel_on_error=bool(cancel_on_error))
+    from procshare._progress import check_progress
+
+    return Children(
+        limit=limit,
+        cancel_on_error=bool(cancel_on_error),
+        progress=check_progress(progress, "ps.children"),
+    )
 
 
 class _Forked(Generic[P, R]):

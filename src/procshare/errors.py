@@ -34,6 +34,7 @@ __all__ = [
     "InvalidName",
     "JoinTimeout",
     "LockTimeout",
+    "MissingDependency",
     "OwnerDied",
     "ProcshareError",
     "QueueEmpty",
@@ -891,4 +892,34 @@ class AnonymousError(ProcshareError, TypeError):
             "it there (capture it in the @ps.forked function, or in the function given to "
             "ps.map, and fork while it is open), or give it a name so that other processes "
             f"can open it: {self.named}"
+        )
+
+
+# --------------------------------------------------------------------------
+# Optional extras (SPEC section 7: progress bars)
+
+
+class MissingDependency(ProcshareError, ModuleNotFoundError):
+    """A feature needs an optional package that is not installed.
+
+    Also a ``ModuleNotFoundError`` (so an ``ImportError``); ``module`` is the
+    missing package, ``extra`` the procshare extra that installs it.
+    """
+
+    _fields: ClassVar[tuple[str, ...]] = ("module", "extra", "feature", "detail")
+
+    def __init__(
+        self, detail: str = "", *, module: str = "", extra: str = "", feature: str = ""
+    ) -> None:
+        self.module = module
+        self.extra = extra
+        self.feature = feature
+        super().__init__(detail)
+        self.name = module  # ImportError's own field: the module that is missing
+
+    def _message(self) -> str:
+        return (
+            f"{self.feature} needs {self.module!r}, which is not installed: install it with "
+            f"`pip install 'procshare[{self.extra}]'` (or `pip install {self.module}`)"
+            + (f" ({self.detail})" if self.detail else "")
         )

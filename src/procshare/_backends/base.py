@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from procshare._backends.api_channel import ChannelBackend
 from procshare._backends.api_lock import LockBackend
 from procshare._backends.api_process import ProcessBackend
 from procshare._backends.api_segment import SegmentBackend
 from procshare._backends.api_sync import SyncBackend
 
 
-class Backend(ProcessBackend, SegmentBackend, LockBackend, SyncBackend, Protocol):
-    """Processes, segments, locks and the coordination primitives of one platform."""
+class Backend(ProcessBackend, SegmentBackend, LockBackend, SyncBackend, ChannelBackend, Protocol):
+    """Processes, segments, locks, the coordination primitives and worker
+    channels of one platform."""
 
     @property
     def name(self) -> str:

@@ -259,6 +259,34 @@ forkstep_close(PyObject *Py_UNUSED(module), PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* adopt(fd): record a descriptor this process made itself (a pool's end of a
+ * worker's socket) as private, so every child forked later closes it first
+ * thing, as it closes result pipes: a worker must not keep its siblings'
+ * channels open, or a sibling would never see the parent let go of them. */
+static PyObject *
+forkstep_adopt(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    long value = PyLong_AsLong(arg);
+    if (value == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (value < 0 || value > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "not a file descriptor: %ld", value);
+        return NULL;
+    }
+    pid_t self = getpid();
+    if (private_owner != self) {
+        n_private = 0; /* inherited through a fork that was not ours: forget it */
+        private_owner = self;
+    }
+    if (reserve_private() < 0) {
+        return NULL;
+    }
+    forget_private((int)value);
+    private_fds[n_private++] = (int)value;
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 forkstep_private(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
 {
@@ -315,6 +343,8 @@ forkstep_exit(PyObject *Py_UNUSED(module), PyObject *arg)
 }
 
 static PyMethodDef forkstep_methods[] = {
+    {"adopt", forkstep_adopt, METH_O,
+     "adopt(fd): children forked from now on close fd first thing (until close(fd))."},
     {"close", forkstep_close, METH_O,
      "close(fd): close a descriptor fork() returned (EBADF ignored); children stop "
      "closing it."},

@@ -1,0 +1,559 @@
+"""``ps.map``, ``ps.imap`` and ``ps.pool``: results, failures, crashes, timeouts, leaks."""
+# ruff: noqa: PT012 - the block under pytest.raises is the pool or the map under test
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import procshare as ps
+from procshare._process import CANCEL_GRACE
+from procshare.testing import child_pids
+from shared_support import alive, wait_for
+
+
+class Unpicklable:
+    """An item that refuses to be pickled: it can only reach a worker by inheritance."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __reduce__(self) -> Any:
+        raise TypeError("Unpicklable refuses to be pickled")
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+def len_first(b: bytes) -> tuple[int, int]:
+    return len(b), b[0]
+
+
+def getpid(_: object = None) -> int:
+    return os.getpid()
+
+
+def suicide_at(n: int) -> Any:
+    def fn(x: int) -> int:
+        if x == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return x
+
+    return fn
+
+
+@pytest.mark.timeout(60)
+def test_map_gives_results_in_order_for_any_iterable() -> None:
+    square = lambda x: x * x  # noqa: E731 - a lambda on purpose: it is never pickled
+    assert ps.map(square, range(50), workers=2) == [x * x for x in range(50)]
+    assert ps.map(square, [3, 1, 2], workers=2) == [9, 1, 4]
+    assert ps.map(square, (x for x in range(7)), workers=2) == [x * x for x in range(7)]
+    assert ps.map(square, [], workers=2) == []
+    assert ps.map(lambda x: None, range(5), workers=2) == [None] * 5
+    assert child_pids() == {}
+
+
+@pytest.mark.timeout(60)
+def test_closures_locks_and_views_need_no_pickling() -> None:
+    offset = 1000
+    # Opened, not held (no `with`): the workers take it item by item.
+    lock = ps.interprocess_lock("pool-lock")
+    try:
+        with ps.shared("pool-sum", ps.u64) as total:
+
+            def add(x: int) -> int:
+                with lock:
+                    total.value += x
+                return x + offset
+
+            assert ps.map(add, range(100), workers=2) == [x + offset for x in range(100)]
+            assert total.value == sum(range(100))
+    finally:
+        lock.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_inherited_sequence_is_not_pickled() -> None:
+    items = [Unpicklable(i) for i in range(40)]
+    assert ps.map(lambda u: u.value, items, workers=2) == list(range(40))
+    # Negative control: the same items from a generator must be pickled, and fail.
+    with pytest.raises(ExceptionGroup) as info:
+        ps.map(lambda u: u.value, (u for u in items[:3]), workers=2)
+    assert len(info.value.exceptions) == 3
+    for err in info.value.exceptions:
+        assert isinstance(err, ps.ChildRaised)
+        assert "could not be pickled to send it to a worker" in str(err)
+
+
+@pytest.mark.timeout(60)
+def test_a_numpy_array_is_indexed_by_the_workers() -> None:
+    np = pytest.importorskip("numpy")
+    data = np.arange(1000, dtype=np.int64)
+    assert ps.map(lambda v: int(v) * 3, data, workers=2) == [3 * i for i in range(1000)]
+
+
+@pytest.mark.timeout(60)
+def test_raising_items_fail_alone_and_together_in_one_group() -> None:
+    def fn(x: int) -> int:
+        if x % 10 == 3:
+            raise KeyError(x)
+        return x
+
+    with pytest.raises(ExceptionGroup) as info:
+        ps.map(fn, range(40), workers=2)
+    group = info.value
+    assert "4 of 40 items failed" in str(group)
+    names = [e.name for e in group.exceptions]
+    assert [n.rsplit(".", 1)[1] for n in names] == ["fn[3]", "fn[13]", "fn[23]", "fn[33]"]
+    for err in group.exceptions:
+        assert isinstance(err, ps.ChildRaised)
+        assert err.exc_type == "KeyError"
+        assert isinstance(err.__cause__, KeyError)
+        assert "raise KeyError(x)" in err.child_traceback
+    # The others ran: imap yields them, then raises the same group.
+    got: list[int] = []
+    with pytest.raises(ExceptionGroup):
+        for value in ps.imap(fn, range(40), workers=2):
+            got.append(value)
+    assert got == [x for x in range(40) if x % 10 != 3]
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_killed_mid_item_fails_only_that_item() -> None:
+    got: list[int] = []
+    with pytest.raises(ExceptionGroup) as info:
+        # One chunk of 10 per worker: the kill happens with 6 more items of
+        # its chunk (and maybe a whole second chunk) still to run.
+        for value in ps.imap(suicide_at(3), range(40), workers=2, chunksize=10):
+            got.append(value)
+    assert got == [x for x in range(40) if x != 3]
+    (err,) = info.value.exceptions
+    assert isinstance(err, ps.ChildKilled)
+    assert err.signal == signal.SIGKILL
+    assert err.name is not None
+    assert err.name.endswith("[3]")
+    assert "SIGKILL" in str(err)
+    assert child_pids() == {}
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_replaces_a_killed_worker_and_goes_on() -> None:
+    with ps.pool(workers=2) as pool:
+        with pytest.raises(ExceptionGroup) as info:
+            pool.map(suicide_at(5), range(20))
+        assert isinstance(info.value.exceptions[0], ps.ChildKilled)
+        # The pool still has two workers, and they work.
+        assert pool.map(double, range(20)) == [2 * x for x in range(20)]
+        assert len(set(pool.map(getpid, range(40), chunksize=1))) <= 2
+
+
+@pytest.mark.timeout(60)
+def test_an_item_that_exits_gives_child_exited() -> None:
+    def fn(x: int) -> int:
+        if x == 2:
+            sys.exit(7)
+        return x
+
+    with pytest.raises(ExceptionGroup) as info:
+        ps.map(fn, range(6), workers=2)
+    (err,) = info.value.exceptions
+    assert isinstance(err, ps.ChildExited)
+    assert err.exitcode == 7
+
+
+@pytest.mark.timeout(60)
+def test_an_unpicklable_result_fails_that_item_clearly() -> None:
+    with pytest.raises(ExceptionGroup) as info:
+        ps.map(lambda x: threading.Lock() if x == 1 else x, range(3), workers=2)
+    (err,) = info.value.exceptions
+    assert isinstance(err, ps.ChildRaised)
+    assert "could not be pickled" in str(err)
+    assert err.name is not None
+    assert err.name.endswith("[1]")
+
+
+@pytest.mark.timeout(60)
+def test_ordered_and_unordered_imap() -> None:
+    def slow_first(x: int) -> int:
+        if x == 0:
+            time.sleep(1.0)  # long enough for the other worker, even on a loaded machine
+        return x
+
+    ordered = list(ps.imap(slow_first, range(6), workers=2, chunksize=1))
+    assert ordered == list(range(6))
+    unordered = list(ps.imap(slow_first, range(6), workers=2, chunksize=1, ordered=False))
+    assert sorted(unordered) == list(range(6))
+    assert unordered.index(0) >= 2  # the slow one did not hold the others back
+    unordered_map = ps.map(slow_first, range(6), workers=2, chunksize=1, ordered=False)
+    assert unordered_map.index(0) >= 2
+
+
+@pytest.mark.timeout(60)
+def test_imap_is_lazy_and_leaving_it_early_reaps_the_workers() -> None:
+    taken = []
+    endless = itertools.count()
+    it = ps.imap(double, endless, workers=2)
+    for value in it:
+        taken.append(value)
+        if len(taken) == 25:
+            break
+    it.close()  # type: ignore[attr-defined]
+    assert taken == [2 * x for x in range(25)]
+    assert child_pids() == {}
+    # A slow imap dropped mid-way: its running items are cancelled, no one waits.
+    started = time.monotonic()
+    slow = ps.imap(time.sleep, [0.01, 30, 30, 30], workers=2, chunksize=1)
+    next(slow)
+    slow.close()  # type: ignore[attr-defined]
+    assert time.monotonic() - started < 20
+    assert child_pids() == {}
+
+
+@pytest.mark.timeout(60)
+def test_initializer_runs_in_each_worker() -> None:
+    state: dict[str, int] = {}
+
+    def init(value: int) -> None:
+        state["value"] = value
+        state["pid"] = os.getpid()
+
+    with ps.pool(workers=2, initializer=init, initargs=(42,)) as pool:
+        got = pool.map(lambda _: (state["value"], state["pid"]), range(20), chunksize=1)
+    assert {v for v, _ in got} == {42}
+    assert all(pid != os.getpid() for _, pid in got)
+    assert "value" not in state  # ran in the workers, not here
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_initializer_fails_the_pool_without_a_hang() -> None:
+    def init() -> None:
+        raise RuntimeError("no database")
+
+    with pytest.raises(ExceptionGroup) as info:
+        with ps.pool(workers=2, initializer=init) as pool:
+            pool.map(double, range(10))
+    errors = info.value.exceptions
+    inner = errors[0]
+    while isinstance(inner, ExceptionGroup):
+        inner = inner.exceptions[0]
+    assert isinstance(inner, ps.ChildRaised)
+    assert "no database" in str(inner)
+    assert child_pids() == {}
+
+
+@pytest.mark.timeout(60)
+def test_submit_and_join() -> None:
+    with ps.pool(workers=2) as pool:
+        handles = [pool.submit(pow, 2, i) for i in range(10)]
+        assert [h.join() for h in handles] == [2**i for i in range(10)]
+        bad = pool.submit(lambda: {}["missing"])
+        with pytest.raises(ps.ChildRaised) as info:
+            bad.join()
+        assert isinstance(info.value.__cause__, KeyError)
+        slow = pool.submit(time.sleep, 0.5)
+        with pytest.raises(ps.JoinTimeout):
+            slow.join(timeout=0.01)
+        assert slow.join() is None
+        assert slow.done
+
+
+@pytest.mark.timeout(60)
+def test_failures_of_unjoined_submits_are_raised_at_the_pool_exit() -> None:
+    with pytest.raises(ExceptionGroup) as info:
+        with ps.pool(workers=2) as pool:
+            pool.submit(lambda: 1 / 0)
+            ok = pool.submit(double, 4)
+    (err,) = info.value.exceptions
+    assert isinstance(err, ps.ChildRaised)
+    assert isinstance(err.__cause__, ZeroDivisionError)
+    assert ok.done
+
+
+@pytest.mark.timeout(60)
+def test_timeout_cancels_what_is_left_and_reaps() -> None:
+    started = time.monotonic()
+    with pytest.raises(ExceptionGroup) as info:
+        ps.map(time.sleep, [0.01] * 4 + [30] * 6, workers=2, chunksize=1, timeout=0.5)
+    elapsed = time.monotonic() - started
+    assert elapsed < 0.5 + CANCEL_GRACE + 10  # generous: a loaded 2-core machine
+    group = info.value
+    assert "timeout of 0.5 s ran out" in str(group)
+    assert group.exceptions
+    assert all(isinstance(e, ps.ChildTimeout) for e in group.exceptions)
+    assert all(isinstance(e, TimeoutError) for e in group.exceptions)
+    assert child_pids() == {}
+
+
+@pytest.mark.timeout(60)
+def test_pool_function_defined_later_or_pickled() -> None:
+    with ps.pool(workers=2) as pool:
+        first = set(pool.map(getpid, range(20), chunksize=1))
+        # A module-level function pickles by name: the same workers run it.
+        assert set(pool.map(getpid, range(20), chunksize=1)) <= first
+        assert pool.map(double, range(5)) == [0, 2, 4, 6, 8]
+        # A closure made now cannot be pickled: fresh workers inherit it.
+        k = 7
+        assert pool.map(lambda x: x + k, range(5)) == [7, 8, 9, 10, 11]
+        assert pool.map(double, range(3)) == [0, 2, 4]
+    assert child_pids() == {}
+
+
+@pytest.mark.timeout(60)
+def test_workers_do_not_join_the_callers_children_scope() -> None:
+    with ps.children() as kids:
+        assert ps.map(double, range(10), workers=2) == [2 * x for x in range(10)]
+    assert kids.children == []
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_is_used_inside_its_block_and_by_its_process_only() -> None:
+    pool = ps.pool(workers=1)
+    with pytest.raises(ps.UsageError, match="outside its"):
+        pool.map(double, [1])
+    with pool:
+        assert pool.map(double, [1]) == [2]
+    with pytest.raises(ps.UsageError, match="outside its"):
+        pool.submit(double, 1)
+    with pytest.raises(ps.UsageError, match="only once"):
+        pool.__enter__()
+
+
+def test_arguments_are_checked() -> None:
+    with pytest.raises(TypeError, match="callable"):
+        ps.map(3, [1])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least 1"):
+        ps.map(double, [1], workers=0)
+    with pytest.raises(TypeError, match="workers"):
+        ps.map(double, [1], workers=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="chunksize"):
+        ps.imap(double, [1], chunksize=0)
+    with pytest.raises(ValueError, match="timeout"):
+        ps.map(double, [1], timeout=-1)
+    with pytest.raises(TypeError, match="progress"):
+        ps.map(double, [1], progress="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="initializer"):
+        ps.pool(initializer=3)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(60)
+def test_progress_bar_shows_done_and_failed(capfd: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
+
+    def fn(x: int) -> int:
+        if x == 4:
+            raise ValueError(x)
+        return x
+
+    with pytest.raises(ExceptionGroup):
+        ps.map(fn, range(10), workers=2, progress=True)
+    err = capfd.readouterr().err
+    assert "10/10" in err
+    assert "failed=1" in err
+
+
+def test_progress_without_tqdm_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises
+    with pytest.raises(ps.MissingDependency) as info:
+        ps.map(double, [1, 2], workers=1, progress=True)
+    err = info.value
+    assert isinstance(err, ModuleNotFoundError)
+    assert isinstance(err, ps.ProcshareError)
+    assert err.name == "tqdm"
+    assert "procshare[progress]" in str(err)
+    again = pickle.loads(pickle.dumps(err))
+    assert str(again) == str(err)
+    assert again.name == "tqdm"
+    assert child_pids() == {}
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_cancels_the_workers_and_reraises() -> None:
+    script = textwrap.dedent(
+        """
+        import time
+        import procshare as ps
+        from procshare.testing import child_pids
+
+        def slow(x):
+            if x == 0:
+                print("running", flush=True)
+            time.sleep(60)
+
+        try:
+            ps.map(slow, range(4), workers=2, chunksize=1)
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt", sorted(child_pids()), flush=True)
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        assert parent.stdout.readline().strip() == "running"
+        assert wait_for(lambda: len(child_pids(parent.pid)) == 2)
+        pids = list(child_pids(parent.pid))
+        parent.send_signal(signal.SIGINT)
+        out, err = parent.communicate(timeout=30)
+    finally:
+        parent.kill()
+        parent.wait()
+    assert out.strip() == "KeyboardInterrupt []", err
+    assert not any(alive(p) for p in pids)
+
+
+@pytest.mark.timeout(60)
+def test_children_progress_bar_counts_the_scope(capfd: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
+
+    @ps.forked
+    def job(i: int) -> int:
+        if i == 2:
+            raise ValueError(i)
+        return i
+
+    with pytest.raises(ExceptionGroup):
+        with ps.children(progress=True, cancel_on_error=False):
+            for i in range(5):
+                job(i)
+    err = capfd.readouterr().err
+    assert "5/5" in err
+    assert "failed=1" in err
+    with ps.children(progress=True) as kids:
+        for i in (0, 1, 3):
+            job(i)
+    assert kids.results == [0, 1, 3]
+    assert "3/3" in capfd.readouterr().err
+
+
+def test_children_progress_without_tqdm_forks_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    scope = ps.children(progress=True)
+    with pytest.raises(ps.MissingDependency, match="procshare\\[progress\\]"):
+        scope.__enter__()
+    with pytest.raises(TypeError, match="progress"):
+        ps.children(progress=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_block_left_with_an_unfinished_imap_or_an_error() -> None:
+    started = time.monotonic()
+    with ps.pool(workers=2) as pool:
+        slow = pool.imap(time.sleep, [0.01, 30, 30, 30], chunksize=1)
+        next(slow)
+    assert time.monotonic() - started < 20  # the sleeps were cancelled, not waited for
+    assert child_pids() == {}
+    with pytest.raises(ZeroDivisionError):
+        with ps.pool(workers=2) as pool:
+            handle = pool.submit(time.sleep, 30)
+            time.sleep(0.05)
+            1 / 0  # noqa: B018 - the block fails while the call runs
+    with pytest.raises(ps.UsageError, match="never ran"):
+        handle.join()
+    assert child_pids() == {}
+
+
+@pytest.mark.timeout(60)
+def test_an_iterable_that_raises_in_the_parent_propagates_and_leaves_nothing() -> None:
+    def items() -> Any:
+        yield from range(5)
+        raise LookupError("the source broke")
+
+    with pytest.raises(LookupError, match="the source broke"):
+        ps.map(double, items(), workers=2, chunksize=1)
+    assert child_pids() == {}
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_can_run_its_own_map() -> None:
+    def inner(n: int) -> int:
+        return sum(ps.map(double, range(n), workers=1))
+
+    assert ps.map(inner, [3, 4], workers=2) == [6, 12]
+
+
+@pytest.mark.timeout(60)
+def test_big_items_are_sent_in_small_tasks() -> None:
+    big = [bytes([i]) * (3 << 20) for i in range(6)]  # 3 MiB each: one per task
+    with ps.pool(workers=2) as pool:
+        pool.map(double, [0])  # the workers exist before `big`: it must be sent
+        assert pool.map(len_first, big) == [(3 << 20, i) for i in range(6)]
+        assert list(ps.imap(len, iter(big), workers=2)) == [3 << 20] * 6
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_killed_while_idle_is_replaced_without_failing_anything() -> None:
+    with ps.pool(workers=2) as pool:
+        pids = set(pool.map(getpid, range(40), chunksize=1))
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)  # both wait for their next task
+        assert wait_for(lambda: not any(alive(p) for p in pids))
+        assert pool.map(double, range(30)) == [2 * x for x in range(30)]
+        assert not set(pool.map(getpid, range(10), chunksize=1)) & pids
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_goes_on_after_a_timeout() -> None:
+    with ps.pool(workers=2) as pool:
+        with pytest.raises(ExceptionGroup) as info:
+            pool.map(time.sleep, [30, 30, 0.01], chunksize=1, timeout=0.3)
+        assert all(isinstance(e, ps.ChildTimeout) for e in info.value.exceptions)
+        assert pool.map(double, range(10)) == [2 * x for x in range(10)]
+    assert child_pids() == {}
+
+
+@pytest.mark.timeout(60)
+def test_an_item_that_ends_its_worker_with_status_0_still_fails() -> None:
+    def fn(x: int) -> int:
+        if x == 1:
+            os._exit(0)
+        return x
+
+    got: list[int] = []
+    with pytest.raises(ExceptionGroup) as info:
+        got.extend(ps.imap(fn, range(4), workers=2, chunksize=4))
+    assert got == [0, 2, 3]
+    (err,) = info.value.exceptions
+    assert type(err) is ps.ChildError
+    assert "exited (status 0) while running it" in str(err)
+
+
+@pytest.mark.timeout(60)
+def test_except_star_catches_the_items_exception_type() -> None:
+    caught: list[BaseException] = []
+    try:
+        ps.map(lambda x: {}[x], range(3), workers=2)
+    except* KeyError as group:
+        caught.extend(group.exceptions)
+    assert len(caught) == 3
+    assert all(isinstance(e, ps.ChildRaised) for e in caught)
+
+
+@pytest.mark.timeout(60)
+def test_a_timed_out_worker_unwinds_its_with_lock() -> None:
+    lock = ps.interprocess_lock("pool-unwind")
+    try:
+
+        def hold(_: int) -> None:
+            with lock:
+                time.sleep(30)
+
+        with pytest.raises(ExceptionGroup) as info:
+            ps.map(hold, [0], workers=1, timeout=0.5)
+        assert isinstance(info.value.exceptions[0], ps.ChildTimeout)
+        # The worker left its block: the next holder is not told OwnerDied.
+        with lock:
+            pass
+    finally:
+        lock.close()
