@@ -167,17 +167,29 @@ class Core:
         stack = self.part.scope_stack()
         saved = stack[:]
         stack.clear()
+        rec = None
+        w = None
         try:
-            rec = self.part.start(main, (), {}, f"{self.name} worker {self.forked}", None, True)
+            try:
+                name = f"{self.name} worker {self.forked}"
+                rec = self.part.start(main, (), {}, name, None, True)
+            finally:
+                stack[:] = saved
+                self.backend.process_close(far)
+            w = Worker(rec, near, board, set(self.functions), set(self.sequences))
+            w.ready = self.initializer is None
+            self.workers.append(w)
         except BaseException:
-            self.backend.process_close(near)
+            # Ctrl-C can land after the fork and before the worker is listed
+            # (the child already shows in /proc): stop that child here, since
+            # shutdown() only knows the listed workers.
+            if w is None or w not in self.workers:
+                self.backend.process_close(near)
+                if rec is not None:
+                    self.part.terminate_all(
+                        [rec], cancel="its pool was left early", grace=CANCEL_GRACE
+                    )
             raise
-        finally:
-            stack[:] = saved
-            self.backend.process_close(far)
-        w = Worker(rec, near, board, set(self.functions), set(self.sequences))
-        w.ready = self.initializer is None
-        self.workers.append(w)
         return w
 
     def _can_run(self, w: Worker, job: Job) -> bool:
