@@ -29,7 +29,7 @@ from procshare._backends.api_segment import SegmentHandle
 from procshare._engine import names
 from procshare._engine.core import Engine, current_pid, get_engine
 from procshare._engine.locks import LockEntry, LocksPart
-from procshare._engine.segments import Initialiser, Layout, OpenSegment
+from procshare._engine.segments import Initialiser, Layout, OpenSegment, close_newest_first
 from procshare.errors import SharedMemoryFull
 
 #: What anonymous objects are called in messages. Not a valid name (names are
@@ -98,14 +98,7 @@ class AnonymousPart:
         pass  # nothing waits: closing is immediate
 
     def shutdown(self) -> None:
-        errors: list[BaseException] = []
-        for rec in reversed(self.held()):
-            try:
-                self.close(rec)
-            except Exception as exc:  # close the rest, then report
-                errors.append(exc)
-        if errors:
-            raise ExceptionGroup("closing anonymous segments failed", errors)  # type: ignore[type-var]
+        close_newest_first(self.held(), self.close, "anonymous segments")
 
 
 def _initialiser(initial: Initialiser) -> Callable[[memoryview], None] | None:

@@ -438,16 +438,23 @@ class SegmentsPart:
         self._close_all()
 
     def _close_all(self) -> None:
-        if not self._open:
-            return
-        errors: list[BaseException] = []
-        for rec in reversed(self.held()):
-            try:
-                self.close(rec)
-            except Exception as exc:  # close the rest, then report
-                errors.append(exc)
-        if errors:
-            raise ExceptionGroup("closing shared segments failed", errors)  # type: ignore[type-var]
+        if self._open:
+            close_newest_first(self.held(), self.close, "shared segments")
+
+
+def close_newest_first(
+    recs: list[OpenSegment], close: Callable[[OpenSegment], None], what: str
+) -> None:
+    """``close`` every one of ``recs`` (oldest first), newest first; one that
+    fails does not stop the rest, and the failures are raised together."""
+    errors: list[BaseException] = []
+    for rec in reversed(recs):
+        try:
+            close(rec)
+        except Exception as exc:  # close the rest, then report
+            errors.append(exc)
+    if errors:
+        raise ExceptionGroup(f"closing {what} failed", errors)  # type: ignore[type-var]
 
 
 #: What a refused creation or open can say more about than the OS's errno.
