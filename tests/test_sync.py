@@ -378,6 +378,22 @@ def test_inherited_handles_work_in_a_forked_child() -> None:
     rw.close()
 
 
+@pytest.mark.timeout(60)
+def test_closing_an_inherited_handle_in_a_child_closes_it_there_only() -> None:
+    sem = ps.interprocess_semaphore("child-closes", 1)
+
+    @ps.forked
+    def close_it() -> bool:
+        sem.close()
+        return sem.closed
+
+    assert close_it().join() is True  # closed in the child (it said open before)
+    assert not sem.closed
+    assert sem.acquire(timeout=0)
+    sem.release()
+    sem.close()
+
+
 def test_with_after_close_says_closed() -> None:
     sem = ps.interprocess_semaphore("closed-sem", 1)
     rw = ps.interprocess_rwlock("closed-rw")
