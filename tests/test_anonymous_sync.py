@@ -24,7 +24,7 @@ import pytest
 import procshare as ps
 from procshare._backends import get_backend
 from procshare._engine import names
-from procshare._queue import READING
+from procshare._queue import READING, WRITING
 from shared_support import wait_for
 
 
@@ -448,6 +448,62 @@ def test_an_anonymous_queue_consumer_killed_while_reading_gives_the_item_back() 
     with pytest.raises(queue.Empty):
         q.get(timeout=0.5)
     q.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_anonymous_queue_producer_killed_while_writing_leaves_padding() -> None:
+    q = ps.interprocess_queue()
+    q.put("before")
+
+    @ps.forked
+    def reserve_and_die() -> None:
+        obj = q._obj
+        obj.lock()
+        d = q._reserve(obj, 64)
+        obj.unlock()
+        assert obj.words.load(d) == WRITING
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    _killed(reserve_and_die().wait())
+    q.put("after")
+    assert q.get(timeout=5) == "before"
+    assert q.get(timeout=5) == "after"  # past the dead producer's record
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.5)
+    q.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_anonymous_condition_waiter_killed_does_not_swallow_a_notify() -> None:
+    cond = ps.interprocess_condition()
+    waiting = ps.interprocess_event()
+
+    @ps.forked
+    def die_waiting() -> None:
+        with cond:
+            waiting.set()
+            cond.wait(60)
+
+    child = die_waiting()
+    assert waiting.wait(30)
+    assert wait_for(lambda: "waiters=1" in repr(cond))
+    child.kill()
+    _killed(child.wait())
+    woke: list[bool] = []
+
+    def live_waiter() -> None:
+        with cond:
+            woke.append(cond.wait(30))
+
+    t = threading.Thread(target=live_waiter)
+    t.start()
+    assert wait_for(lambda: "waiters=2" in repr(cond))  # the dead one still counted
+    with cond:
+        cond.notify(1)
+    t.join(30)
+    assert woke == [True]
+    cond.close()
+    waiting.close()
 
 
 # -- lifetime in this process and its children --------------------------------------
