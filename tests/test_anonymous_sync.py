@@ -13,10 +13,12 @@ import os
 import pickle
 import queue
 import signal
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -670,3 +672,42 @@ def test_a_child_forked_later_has_its_own_objects_not_its_parents() -> None:
     assert name != mine.name
     assert mine.value == 1
     mine.close()
+
+
+# -- types ---------------------------------------------------------------------------
+
+_TYPED = """
+import procshare as ps
+from typing import assert_type
+
+assert_type(ps.interprocess_semaphore(3), ps.InterprocessSemaphore)
+assert_type(ps.interprocess_semaphore(value=2, timeout=1.0), ps.InterprocessSemaphore)
+assert_type(ps.interprocess_semaphore("s", 2, timeout=1, mode=0o600), ps.InterprocessSemaphore)
+assert_type(ps.interprocess_event(), ps.InterprocessEvent)
+assert_type(ps.interprocess_condition(), ps.InterprocessCondition)
+assert_type(ps.interprocess_condition(ps.interprocess_lock()), ps.InterprocessCondition)
+assert_type(ps.interprocess_barrier(3), ps.InterprocessBarrier)
+assert_type(ps.interprocess_barrier(3, timeout=2), ps.InterprocessBarrier)
+assert_type(ps.interprocess_barrier(parties=3), ps.InterprocessBarrier)
+assert_type(ps.interprocess_barrier("b", 3, 5.0), ps.InterprocessBarrier)
+assert_type(ps.interprocess_rwlock(), ps.InterprocessRWLock)
+assert_type(ps.interprocess_queue(10), ps.InterprocessQueue)
+assert_type(ps.interprocess_queue("q", 3, capacity=8192), ps.InterprocessQueue)
+ps.interprocess_barrier(3, 4)  # line 17: two party counts
+ps.interprocess_barrier()  # line 18: no parties
+ps.interprocess_semaphore(3, mode=0o644)  # line 19: an anonymous one has no mode
+"""
+
+
+@pytest.mark.timeout(300)
+def test_the_anonymous_forms_type_check(tmp_path: Path) -> None:
+    from mypy import api
+
+    script = tmp_path / "typed.py"
+    script.write_text(textwrap.dedent(_TYPED).lstrip())
+    root = Path(__file__).resolve().parents[1]
+    out, err, _status = api.run(
+        [str(script), "--strict", "--cache-dir", str(root / "build" / "mypy-typing-cache")]
+    )
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    assert [int(line.split(":")[1]) for line in errors] == [17, 18, 19], out + err

@@ -670,8 +670,17 @@ def interprocess_semaphore(
     return InterprocessSemaphore(name, value, timeout=timeout, mode=mode)  # type: ignore[arg-type]
 
 
+@overload
 def interprocess_condition(
     name: str | None = None, lock: InterprocessLock | str | None = None, *, mode: int = 0o600
+) -> InterprocessCondition: ...
+@overload
+def interprocess_condition(lock: InterprocessLock, /) -> InterprocessCondition: ...
+def interprocess_condition(
+    name: str | InterprocessLock | None = None,
+    lock: InterprocessLock | str | None = None,
+    *,
+    mode: int = 0o600,
 ) -> InterprocessCondition:
     """Open the named condition variable ``name``, creating it if needed; without
     a name, create an anonymous one.
@@ -685,4 +694,4 @@ def interprocess_condition(
     lock (:class:`~procshare.AnonymousError`): the other processes that open
     it by name could not reach that lock.
     """
-    return InterprocessCondition(name, lock, mode=mode)
+    return InterprocessCondition(name, lock, mode=mode)  # type: ignore[arg-type]
