@@ -9,6 +9,7 @@ where a name or a pickle is needed.
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import queue
@@ -552,6 +553,31 @@ def test_a_running_child_keeps_one_its_parent_closed() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_dropped_one_is_unmapped_at_once() -> None:
+    from procshare._engine import anonymous
+
+    part = anonymous.segments_part()
+    before = len(part.held())
+    gc.disable()
+    try:
+        for open_ in _every_family_but_the_rwlock:
+            obj = open_()
+            assert len(part.held()) == before + 1
+            del obj
+            assert len(part.held()) == before
+    finally:
+        gc.enable()
+
+
+_every_family_but_the_rwlock = (
+    ps.interprocess_semaphore,
+    ps.interprocess_event,
+    ps.interprocess_condition,
+    lambda: ps.interprocess_barrier(2),
+    ps.interprocess_queue,
+)
 
 
 def test_used_after_close_says_it_cannot_be_opened_again(family_objects: list[Any]) -> None:

@@ -6,6 +6,7 @@ pickling, listing, and what a participant killed with SIGKILL does to it.
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import signal
@@ -392,6 +393,24 @@ def test_closing_an_inherited_handle_in_a_child_closes_it_there_only() -> None:
     assert sem.acquire(timeout=0)
     sem.release()
     sem.close()
+
+
+def test_a_dropped_handle_is_closed_at_once_not_by_the_cycle_collector() -> None:
+    gc.disable()
+    try:
+        for open_ in (
+            lambda: ps.interprocess_semaphore("dropped", 2),
+            lambda: ps.interprocess_event("dropped"),
+            lambda: ps.interprocess_condition("dropped"),
+            lambda: ps.interprocess_barrier("dropped", 2),
+            lambda: ps.interprocess_queue("dropped", capacity=4096),
+        ):
+            obj = open_()
+            assert [i.name for i in ps.segments()] != []
+            del obj
+            assert [i.name for i in ps.segments()] == []
+    finally:
+        gc.enable()
 
 
 def test_with_after_close_says_closed() -> None:

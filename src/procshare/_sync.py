@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, ParamSpec, Self, TypeVar, overload
 
@@ -68,6 +69,19 @@ def _number_first(
     return name, number  # type: ignore[return-value]  # (checked by _Handle._open)
 
 
+def _repairer(handle: weakref.ref[_Handle]) -> Callable[[], None]:
+    """The object's repair hook, holding its handle weakly: a bound method
+    would make a cycle (handle -> object -> hook -> handle), and a dropped
+    handle would keep its object open until the cycle collector ran."""
+
+    def repair() -> None:
+        live = handle()
+        if live is not None:
+            live._repair()
+
+    return repair
+
+
 class _Handle:
     """What every family's object shares: name, close, pickling, repr; named or
     anonymous (``name=None``)."""
@@ -84,7 +98,7 @@ class _Handle:
             validate_name(name, f"{family} name")
             _check_mode(mode)
         self._obj = _sync.open_sync(family, name, layout=layout, size=size, init=init, mode=mode)
-        self._obj.repair = self._repair
+        self._obj.repair = _repairer(weakref.ref(self))
 
     def _repair(self) -> None:
         """Make the bookkeeping add up again after a process died changing it."""
