@@ -501,7 +501,8 @@ def test_the_leak_check_names_a_leaked_semaphore(pytester: pytest.Pytester) -> N
 def test_gc_removes_a_sync_object_nobody_holds() -> None:
     @ps.forked
     def open_and_die() -> None:
-        ps.interprocess_queue("orphan").put(b"lost with its last holder")
+        q = ps.interprocess_queue("orphan")  # held (a dropped handle closes at once)
+        q.put(b"lost with its last holder")
         os.kill(os.getpid(), signal.SIGKILL)
 
     _killed(open_and_die().wait())
