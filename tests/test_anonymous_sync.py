@@ -28,7 +28,8 @@ import procshare as ps
 from procshare._backends import get_backend
 from procshare._engine import names
 from procshare._queue import READING, WRITING
-from shared_support import wait_for
+from shared_support import Helper, alive, wait_for
+from test_anonymous import _anonymous_inodes, _pids
 
 
 def _killed(status: ps.ExitStatus | None) -> int:
@@ -510,6 +511,47 @@ def test_an_anonymous_condition_waiter_killed_does_not_swallow_a_notify() -> Non
 
 
 # -- lifetime in this process and its children --------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_everyone_killed_and_the_kernel_frees_an_anonymous_queue() -> None:
+    """A child makes an anonymous queue (over 1 MiB: a memfd), forks a
+    grandchild that inherits it, and both are SIGKILLed: nothing is in
+    /dev/shm and no process maps that memory any more."""
+    r, w = os.pipe()
+
+    def setup(helper: Helper) -> None:
+        q = ps.interprocess_queue()
+        q.put("inherited")
+        pid = os.fork()
+        if pid == 0:
+            try:
+                assert q.get(timeout=10) == "inherited"
+                os.write(w, b"got\n")
+                time.sleep(60)
+            finally:
+                os._exit(0)
+        os.write(w, f"{pid}\n".encode())
+        helper.ready()
+        helper.wait_release()
+
+    helper = Helper(setup)
+    helper.wait_ready()
+    lines = b""
+    while lines.count(b"\n") < 2:
+        lines += os.read(r, 64)
+    grandchild = int(next(x for x in lines.split() if x != b"got"))
+    os.close(r)
+    os.close(w)
+    try:
+        inodes = _anonymous_inodes(helper.pid)
+        assert len(inodes) == 1
+        assert inodes <= _anonymous_inodes(grandchild)
+    finally:
+        os.kill(grandchild, signal.SIGKILL)
+        helper.kill()
+    assert wait_for(lambda: not alive(grandchild))
+    assert wait_for(lambda: all(not inodes & _anonymous_inodes(p) for p in _pids()))
 
 
 @pytest.mark.timeout(60)
