@@ -6,6 +6,7 @@ pickling, listing, and what a participant killed with SIGKILL does to it.
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import signal
@@ -378,6 +379,40 @@ def test_inherited_handles_work_in_a_forked_child() -> None:
     rw.close()
 
 
+@pytest.mark.timeout(60)
+def test_closing_an_inherited_handle_in_a_child_closes_it_there_only() -> None:
+    sem = ps.interprocess_semaphore("child-closes", 1)
+
+    @ps.forked
+    def close_it() -> bool:
+        sem.close()
+        return sem.closed
+
+    assert close_it().join() is True  # closed in the child (it said open before)
+    assert not sem.closed
+    assert sem.acquire(timeout=0)
+    sem.release()
+    sem.close()
+
+
+def test_a_dropped_handle_is_closed_at_once_not_by_the_cycle_collector() -> None:
+    gc.disable()
+    try:
+        for open_ in (
+            lambda: ps.interprocess_semaphore("dropped", 2),
+            lambda: ps.interprocess_event("dropped"),
+            lambda: ps.interprocess_condition("dropped"),
+            lambda: ps.interprocess_barrier("dropped", 2),
+            lambda: ps.interprocess_queue("dropped", capacity=4096),
+        ):
+            obj = open_()
+            assert [i.name for i in ps.segments()] != []
+            del obj
+            assert [i.name for i in ps.segments()] == []
+    finally:
+        gc.enable()
+
+
 def test_with_after_close_says_closed() -> None:
     sem = ps.interprocess_semaphore("closed-sem", 1)
     rw = ps.interprocess_rwlock("closed-rw")
@@ -466,7 +501,8 @@ def test_the_leak_check_names_a_leaked_semaphore(pytester: pytest.Pytester) -> N
 def test_gc_removes_a_sync_object_nobody_holds() -> None:
     @ps.forked
     def open_and_die() -> None:
-        ps.interprocess_queue("orphan").put(b"lost with its last holder")
+        q = ps.interprocess_queue("orphan")  # held (a dropped handle closes at once)
+        q.put(b"lost with its last holder")
         os.kill(os.getpid(), signal.SIGKILL)
 
     _killed(open_and_die().wait())

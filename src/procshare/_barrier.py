@@ -11,12 +11,12 @@ them wait for a party that will never come.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, overload
 
 from procshare._engine import sync as _sync
 from procshare._engine.sync import A, SyncObject, w
 from procshare._locks import _check_timeout
-from procshare._sync import _MASK, _deadline, _Handle, _Holding, _slice
+from procshare._sync import _MASK, _deadline, _Handle, _Holding, _number_first, _slice
 from procshare.errors import BrokenBarrier
 
 # -- barrier -------------------------------------------------------------------
@@ -35,13 +35,24 @@ _WHY = {
 
 
 class InterprocessBarrier(_Handle):
-    """A named barrier shared between processes (see :func:`interprocess_barrier`)."""
+    """A barrier shared between processes (see :func:`interprocess_barrier`)."""
 
     _family = "barrier"
 
     def __init__(
-        self, name: str, parties: int, timeout: float | None = None, *, mode: int = 0o600
+        self,
+        name: str | None = None,
+        parties: int | None = None,
+        timeout: float | None = None,
+        *,
+        mode: int = 0o600,
     ) -> None:
+        name, parties = _number_first("barrier", name, parties, None, "parties")
+        if parties is None:
+            raise TypeError(
+                "a barrier needs its number of parties: ps.interprocess_barrier('NAME', 3) "
+                "for a named one, ps.interprocess_barrier(3) for an anonymous one"
+            )
         if type(parties) is not int or parties < 1:
             raise ValueError(f"parties must be an int >= 1, got {parties!r}")
         self._parties = parties
@@ -200,16 +211,33 @@ class InterprocessBarrier(_Handle):
             obj.unlock()
 
 
+@overload
 def interprocess_barrier(
-    name: str, parties: int, timeout: float | None = None, *, mode: int = 0o600
+    name: str | None, parties: int, timeout: float | None = None, *, mode: int = 0o600
+) -> InterprocessBarrier: ...
+@overload
+def interprocess_barrier(
+    parties: int, /, *, timeout: float | None = None
+) -> InterprocessBarrier: ...
+@overload
+def interprocess_barrier(*, parties: int, timeout: float | None = None) -> InterprocessBarrier: ...
+def interprocess_barrier(
+    name: str | int | None = None,
+    parties: int | None = None,
+    timeout: float | None = None,
+    *,
+    mode: int = 0o600,
 ) -> InterprocessBarrier:
-    """Open the named barrier ``name`` for ``parties`` parties, creating it if needed.
+    """Open the named barrier ``name`` for ``parties`` parties, creating it if
+    needed; without a name (``ps.interprocess_barrier(3)``), create an
+    anonymous one, shared with the children forked while it is open.
 
     ``wait()`` returns each party's index, as :class:`threading.Barrier`
     does. A wait that times out (``timeout``: the default of ``wait``), a
     party that dies, :meth:`InterprocessBarrier.reset` and
     :meth:`InterprocessBarrier.abort` break it for all
     (:class:`~procshare.BrokenBarrier`, a ``threading.BrokenBarrierError``).
-    Every process must give the same ``parties``.
+    Every process must give the same ``parties``. A party of an anonymous
+    barrier that dies breaks it just the same.
     """
-    return InterprocessBarrier(name, parties, timeout, mode=mode)
+    return InterprocessBarrier(name, parties, timeout, mode=mode)  # type: ignore[arg-type]

@@ -31,12 +31,12 @@ import pickle
 import struct
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, overload
 
 from procshare._engine import sync as _sync
 from procshare._engine.sync import SyncObject, w
 from procshare._locks import _check_timeout
-from procshare._sync import _Handle
+from procshare._sync import _Handle, _number_first
 from procshare.errors import QueueEmpty, QueueFull
 
 _MASK = 0xFFFFFFFF
@@ -103,14 +103,20 @@ def _decode(view: memoryview) -> object:
 
 
 class InterprocessQueue(_Handle):
-    """A named FIFO of picklable objects shared between processes (see
+    """A FIFO of picklable objects shared between processes (see
     :func:`interprocess_queue`)."""
 
     _family = "queue"
 
     def __init__(
-        self, name: str, maxsize: int = 0, *, capacity: int = DEFAULT_CAPACITY, mode: int = 0o600
+        self,
+        name: str | None = None,
+        maxsize: int = 0,
+        *,
+        capacity: int = DEFAULT_CAPACITY,
+        mode: int = 0o600,
     ) -> None:
+        name, maxsize = _number_first("queue", name, maxsize, 0, "maxsize")
         if type(maxsize) is not int or maxsize < 0:
             raise ValueError(f"maxsize must be an int >= 0 (0: no limit), got {maxsize!r}")
         if type(capacity) is not int or not 4096 <= capacity <= 1 << 30:
@@ -389,13 +395,35 @@ def _init_queue(data: memoryview, words: Any) -> None:
     pass  # a new object is zeroed: empty, every descriptor FREE
 
 
+@overload
 def interprocess_queue(
-    name: str, maxsize: int = 0, *, capacity: int = DEFAULT_CAPACITY, mode: int = 0o600
+    name: str | None = None,
+    maxsize: int = 0,
+    *,
+    capacity: int = DEFAULT_CAPACITY,
+    mode: int = 0o600,
+) -> InterprocessQueue: ...
+@overload
+def interprocess_queue(
+    maxsize: int, /, *, capacity: int = DEFAULT_CAPACITY
+) -> InterprocessQueue: ...
+def interprocess_queue(
+    name: str | int | None = None,
+    maxsize: int = 0,
+    *,
+    capacity: int = DEFAULT_CAPACITY,
+    mode: int = 0o600,
 ) -> InterprocessQueue:
-    """Open the named queue ``name``, creating it if needed.
+    """Open the named queue ``name``, creating it if needed; without a name,
+    create an anonymous one.
 
     Args:
-        name: 1 to 128 characters of ``A-Z a-z 0-9 . _ -``, in the current namespace.
+        name: 1 to 128 characters of ``A-Z a-z 0-9 . _ -``, in the current
+            namespace. Leave it out for an anonymous queue
+            (``ps.interprocess_queue()``, ``ps.interprocess_queue(10)``):
+            shared with every child forked while it is open (``ps.map``
+            workers too) and with nobody else, freed by the kernel with the
+            last process that has it.
         maxsize: most items it holds (``0``: up to 4096, the queue's own
             limit; ``put`` also waits while ``capacity`` bytes are taken).
         capacity: bytes of shared memory for the items in it (rounded up to
@@ -406,4 +434,4 @@ def interprocess_queue(
     Every process opening the name must give the same ``maxsize`` and
     ``capacity`` (else :class:`~procshare.SharedTypeError`).
     """
-    return InterprocessQueue(name, maxsize, capacity=capacity, mode=mode)
+    return InterprocessQueue(name, maxsize, capacity=capacity, mode=mode)  # type: ignore[arg-type]

@@ -48,12 +48,14 @@ _READERS, _WPID, _WLO, _WHI, _WWAIT, _SEQ, _WAITERS, _DIED, _DEAD = (w(i) for i 
 
 
 class InterprocessRWLock(_Handle):
-    """A named reader-writer lock shared between processes (see
+    """A reader-writer lock shared between processes (see
     :func:`interprocess_rwlock`)."""
 
     _family = "rwlock"
 
-    def __init__(self, name: str, *, timeout: float | None = None, mode: int = 0o600) -> None:
+    def __init__(
+        self, name: str | None = None, *, timeout: float | None = None, mode: int = 0o600
+    ) -> None:
         self._timeout = _check_timeout(timeout)
         self._holding = _Holding()
         self._last_sweep = 0.0
@@ -303,9 +305,11 @@ class _Side(HoldGuard):
 
 
 def interprocess_rwlock(
-    name: str, *, timeout: float | None = None, mode: int = 0o600
+    name: str | None = None, *, timeout: float | None = None, mode: int = 0o600
 ) -> InterprocessRWLock:
-    """Open the named reader-writer lock ``name``, creating it if needed.
+    """Open the named reader-writer lock ``name``, creating it if needed; without
+    a name, create an anonymous one, shared with the children forked while it
+    is open.
 
     ``with rw.read:`` takes a shared hold, ``with rw.write:`` the exclusive
     one; once a writer waits, new readers wait behind it. ``timeout``:

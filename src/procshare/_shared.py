@@ -398,7 +398,11 @@ def _refuse_anonymous_as_name(obj: object, named: str) -> None:
             f"an anonymous shared segment ({segment.kind})", "used as a name", named=named
         )
     if getattr(obj, "anonymous", False) is True and hasattr(obj, "acquire"):
-        raise AnonymousError("an anonymous lock", "used as a name", named=named)
+        what = getattr(obj, "_ps_anonymous_what", None) or "an anonymous lock"
+        raise AnonymousError(what, "used as a name", named=named)
+    what = getattr(obj, "_ps_anonymous_what", None)  # the other anonymous primitives
+    if isinstance(what, str):
+        raise AnonymousError(what, "used as a name", named=named)
 
 
 _geteuid = os.geteuid

@@ -1,9 +1,11 @@
 """Front end for the coordination families: semaphore, event, condition, barrier, rwlock.
 
-Each is a named sync object (:mod:`procshare._engine.sync`): a robust mutex
+Each is a sync object (:mod:`procshare._engine.sync`): a robust mutex
 guarding a few words and a table of per-process holder records, with waits
 on a futex word. Written once here, on the engine's primitives; the queue is
-in :mod:`procshare._queue`.
+in :mod:`procshare._queue`. Every family is named (``name`` given) or
+anonymous (``name`` left out): :class:`_Handle` is the one place that tells
+them apart.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import weakref
 from collections.abc import Callable
-from typing import Any, ParamSpec, Self, TypeVar
+from typing import Any, ParamSpec, Self, TypeVar, overload
 
 from procshare._engine import sync as _sync
 from procshare._engine.core import current_pid
 from procshare._engine.names import use_namespace, validate_name
 from procshare._engine.sync import A, HoldGuard, SyncObject, w
 from procshare._locks import InterprocessLock, _check_timeout, interprocess_lock
-from procshare.errors import HolderDied, UsageError, WaitTimeout
+from procshare._shared import _refuse_anonymous_as_name
+from procshare.errors import AnonymousError, HolderDied, UsageError, WaitTimeout
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -41,18 +45,60 @@ def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
+def _check_anonymous_mode(family: str, mode: object) -> None:
+    if mode != 0o600:
+        raise TypeError(
+            f"ps.interprocess_{family}(mode={mode!r}): an anonymous {family} has no name "
+            "for other users to open it by, so it has no permission bits; name it to set them"
+        )
+
+
+def _number_first(
+    family: str, name: object, number: Any, default: Any, param: str
+) -> tuple[str | None, Any]:
+    """``(name, number)`` of a call whose first argument may be the number of an
+    anonymous object (``ps.interprocess_semaphore(3)``, as ``threading.Semaphore(3)``)."""
+    if isinstance(name, int) and not isinstance(name, bool):
+        if number is not default:
+            raise TypeError(
+                f"ps.interprocess_{family}({name!r}, {number!r}): a name goes first; "
+                f"ps.interprocess_{family}('NAME', {number!r}) for a named {family}, "
+                f"ps.interprocess_{family}({param}={number!r}) for an anonymous one"
+            )
+        return None, name
+    return name, number  # type: ignore[return-value]  # (checked by _Handle._open)
+
+
+def _repairer(handle: weakref.ref[_Handle]) -> Callable[[], None]:
+    """The object's repair hook, holding its handle weakly: a bound method
+    would make a cycle (handle -> object -> hook -> handle), and a dropped
+    handle would keep its object open until the cycle collector ran."""
+
+    def repair() -> None:
+        live = handle()
+        if live is not None:
+            live._repair()
+
+    return repair
+
+
 class _Handle:
-    """What every family's object shares: name, close, pickling, repr."""
+    """What every family's object shares: name, close, pickling, repr; named or
+    anonymous (``name=None``)."""
 
     _family = ""
     _obj: SyncObject
 
-    def _open(self, name: str, layout: str, size: int, init: Any, mode: int) -> None:
-        validate_name(name, f"{self._family} name")
-        self._obj = _sync.open_sync(
-            self._family, name, layout=layout, size=size, init=init, mode=_check_mode(mode)
-        )
-        self._obj.repair = self._repair
+    def _open(self, name: str | None, layout: str, size: int, init: Any, mode: int) -> None:
+        family = self._family
+        if name is None:
+            _check_anonymous_mode(family, mode)
+        else:
+            _refuse_anonymous_as_name(name, f"ps.interprocess_{family}('NAME', ...)")
+            validate_name(name, f"{family} name")
+            _check_mode(mode)
+        self._obj = _sync.open_sync(family, name, layout=layout, size=size, init=init, mode=mode)
+        self._obj.repair = _repairer(weakref.ref(self))
 
     def _repair(self) -> None:
         """Make the bookkeeping add up again after a process died changing it."""
@@ -69,8 +115,20 @@ class _Handle:
 
     @property
     def name(self) -> str:
-        """The object's name."""
+        """The object's name; for an anonymous one a label such as
+        ``"(anonymous #2)"``, for messages only (nothing can open it)."""
         return self._obj.name
+
+    @property
+    def anonymous(self) -> bool:
+        """Whether it has no name: shared only with the children forked while it
+        is open, and freed by the kernel with the last process that has it."""
+        return self._obj.anonymous
+
+    @property
+    def _ps_anonymous_what(self) -> str | None:
+        """What an anonymous object is called when it is misused as a name."""
+        return f"an anonymous {self._family}" if self._obj.anonymous else None
 
     @property
     def closed(self) -> bool:
@@ -84,6 +142,12 @@ class _Handle:
     def _live(self) -> SyncObject:
         obj = self._obj
         if obj.closed:
+            if obj.anonymous:
+                raise UsageError(
+                    f"{self._family} {obj.name!r} was used after close(); an anonymous "
+                    f"{self._family} cannot be opened again: keep it open while the "
+                    "processes that share it use it"
+                )
             raise UsageError(
                 f"{self._family} {obj.name!r} was used after close(); open it again by name"
             )
@@ -94,6 +158,15 @@ class _Handle:
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickling sends the name and parameters: the receiver opens it itself.
+        # An anonymous object has nothing to send: its memory reaches only the
+        # children forked while it is open.
+        if self._obj.anonymous:
+            raise AnonymousError(
+                f"an anonymous {self._family}",
+                "pickled",
+                named=f"ps.interprocess_{self._family}('NAME', ...), opened by that name "
+                "in the other process",
+            )
         obj = self._live()
         return (_reopen, (type(self), obj.namespace, obj.name, *self._args()))
 
@@ -105,8 +178,7 @@ class _Handle:
 
     def __repr__(self) -> str:
         obj = self._obj
-        state = "closed" if obj.closed else _sync.state_of(obj.os_name, self._family)
-        return f"<Interprocess{self._family.capitalize()} {obj.name!r} {state}>"
+        return f"<Interprocess{self._family.capitalize()} {obj.name!r} {obj.state()}>"
 
 
 def _reopen(
@@ -123,7 +195,8 @@ _E_FLAG, _E_WAITERS = w(0), w(1)
 
 
 class InterprocessEvent(_Handle):
-    """A named event (as :class:`threading.Event`), shared between processes.
+    """An event (as :class:`threading.Event`), shared between processes (see
+    :func:`interprocess_event`).
 
     One futex word, woken all at once: nothing a dead process did can leave
     it inconsistent, and a waiter that dies just stops waiting.
@@ -131,7 +204,7 @@ class InterprocessEvent(_Handle):
 
     _family = "event"
 
-    def __init__(self, name: str, *, mode: int = 0o600) -> None:
+    def __init__(self, name: str | None = None, *, mode: int = 0o600) -> None:
         self._open(name, "event", 0, _no_init, mode)
 
     def is_set(self) -> bool:
@@ -232,7 +305,7 @@ class _Holding:
 
 
 class InterprocessSemaphore(HoldGuard, _Handle):
-    """A named counting semaphore shared between processes (see
+    """A counting semaphore shared between processes (see
     :func:`interprocess_semaphore`).
 
     ``with sem:`` is the backend's hold guard (C): one call takes a unit
@@ -242,8 +315,14 @@ class InterprocessSemaphore(HoldGuard, _Handle):
     _family = "semaphore"
 
     def __init__(
-        self, name: str, value: int = 1, *, timeout: float | None = None, mode: int = 0o600
+        self,
+        name: str | None = None,
+        value: int = 1,
+        *,
+        timeout: float | None = None,
+        mode: int = 0o600,
     ) -> None:
+        name, value = _number_first("semaphore", name, value, 1, "value")
         if type(value) is not int or value < 0:
             raise ValueError(f"a semaphore's value must be an int >= 0, got {value!r}")
         self._value = value
@@ -422,25 +501,60 @@ _C_SEQ, _C_WAITERS = w(0), w(1)
 
 
 class InterprocessCondition(_Handle):
-    """A named condition variable shared between processes (see
+    """A condition variable shared between processes (see
     :func:`interprocess_condition`)."""
 
     _family = "condition"
 
     def __init__(
-        self, name: str, lock: InterprocessLock | str | None = None, *, mode: int = 0o600
+        self,
+        name: str | None = None,
+        lock: InterprocessLock | str | None = None,
+        *,
+        mode: int = 0o600,
     ) -> None:
+        if isinstance(name, InterprocessLock) and lock is None:
+            name, lock = None, name  # ps.interprocess_condition(lock), as threading's
+        if name is None:
+            _check_anonymous_mode("condition", mode)
+        else:
+            _refuse_anonymous_as_name(name, "ps.interprocess_condition('NAME', ...)")
+        #: The lock this condition opened itself (closed with it), if any.
+        self._own_lock: InterprocessLock | None = None
         if lock is None:
-            lock = interprocess_lock(name, mode=mode)
+            # Named: the lock named like the condition, so every process that
+            # opens the condition by name gets the same lock. Anonymous: a new
+            # anonymous lock, shared with the same children as the condition.
+            lock = self._own_lock = interprocess_lock(name, mode=mode)
         elif isinstance(lock, str):
-            lock = interprocess_lock(lock, mode=mode)
+            lock = self._own_lock = interprocess_lock(lock, mode=mode)
         elif not isinstance(lock, InterprocessLock):
             raise TypeError(
                 "lock must be a ps.interprocess_lock(), a lock name or None (the lock "
                 f"named like the condition), not {type(lock).__name__}"
             )
+        elif name is not None and lock.anonymous:
+            raise AnonymousError(
+                "an anonymous lock",
+                f"the lock of the named condition {name!r}",
+                named="ps.interprocess_lock('NAME'); or make the condition anonymous "
+                "too: ps.interprocess_condition(lock=lock)",
+                detail="other processes open the condition by its name, and could not "
+                "reach the lock",
+            )
         self._lock = lock
-        self._open(name, "condition", 0, _no_init, mode)
+        try:
+            self._open(name, "condition", 0, _no_init, mode)
+        except BaseException:
+            if self._own_lock is not None:
+                self._own_lock.close()
+            raise
+
+    def close(self) -> None:
+        """Stop using the condition (and the lock it opened itself, if it did)."""
+        super().close()
+        if self._own_lock is not None:
+            self._own_lock.close()
 
     def _args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (self._lock,), {}
@@ -523,40 +637,75 @@ class InterprocessCondition(_Handle):
         self.notify(-1)
 
 
-def interprocess_event(name: str, *, mode: int = 0o600) -> InterprocessEvent:
+def interprocess_event(name: str | None = None, *, mode: int = 0o600) -> InterprocessEvent:
     """Open the named event ``name`` (a :class:`threading.Event` for processes),
-    creating it (clear) if needed. ``mode``: permission bits if this call creates it."""
+    creating it (clear) if needed; without a name, create an anonymous one.
+    ``mode``: permission bits if this call creates a named one."""
     return InterprocessEvent(name, mode=mode)
 
 
+@overload
 def interprocess_semaphore(
-    name: str, value: int = 1, *, timeout: float | None = None, mode: int = 0o600
+    name: str | None = None, value: int = 1, *, timeout: float | None = None, mode: int = 0o600
+) -> InterprocessSemaphore: ...
+@overload
+def interprocess_semaphore(
+    value: int, /, *, timeout: float | None = None
+) -> InterprocessSemaphore: ...
+def interprocess_semaphore(
+    name: str | int | None = None,
+    value: int = 1,
+    *,
+    timeout: float | None = None,
+    mode: int = 0o600,
 ) -> InterprocessSemaphore:
-    """Open the named counting semaphore ``name``, creating it with ``value`` units if needed.
+    """Open the named counting semaphore ``name``, creating it with ``value`` units
+    if needed; without a name, create an anonymous one.
 
     Args:
-        name: 1 to 128 characters of ``A-Z a-z 0-9 . _ -``, in the current namespace.
+        name: 1 to 128 characters of ``A-Z a-z 0-9 . _ -``, in the current
+            namespace. Leave it out for an anonymous semaphore
+            (``ps.interprocess_semaphore(3)`` or ``value=3``): as robust,
+            shared with every child forked while it is open and with nobody
+            else, freed by the kernel with the last process that has it; it
+            cannot be pickled or opened by name
+            (:class:`~procshare.AnonymousError`).
         value: units at creation; every process must give the same value
             (else :class:`~procshare.SharedTypeError`).
         timeout: seconds ``with`` and the decorator wait before raising
             :class:`~procshare.WaitTimeout` (``None``: forever); also the
             default of :meth:`InterprocessSemaphore.acquire`.
-        mode: permission bits if this call creates it.
+        mode: permission bits if this call creates a named one.
 
     Units are recorded per holding process: units held by a process that
     dies come back, and the acquirer that gets one is told
     (:class:`~procshare.HolderDied`, an :class:`~procshare.OwnerDied`).
     """
-    return InterprocessSemaphore(name, value, timeout=timeout, mode=mode)
+    return InterprocessSemaphore(name, value, timeout=timeout, mode=mode)  # type: ignore[arg-type]
 
 
+@overload
 def interprocess_condition(
-    name: str, lock: InterprocessLock | str | None = None, *, mode: int = 0o600
+    name: str | None = None, lock: InterprocessLock | str | None = None, *, mode: int = 0o600
+) -> InterprocessCondition: ...
+@overload
+def interprocess_condition(lock: InterprocessLock, /) -> InterprocessCondition: ...
+def interprocess_condition(
+    name: str | InterprocessLock | None = None,
+    lock: InterprocessLock | str | None = None,
+    *,
+    mode: int = 0o600,
 ) -> InterprocessCondition:
-    """Open the named condition variable ``name``, creating it if needed.
+    """Open the named condition variable ``name``, creating it if needed; without
+    a name, create an anonymous one.
 
     ``lock``: the robust lock it is used with: a ``ps.interprocess_lock()``,
     a lock name, or ``None`` for the lock named like the condition (so
-    ``ps.interprocess_lock(name)`` is its lock in every process).
+    ``ps.interprocess_lock(name)`` is its lock in every process). An
+    anonymous condition (``ps.interprocess_condition()``, or
+    ``ps.interprocess_condition(lock)``) takes any lock, and a new anonymous
+    one when ``lock`` is ``None``; a named condition refuses an anonymous
+    lock (:class:`~procshare.AnonymousError`): the other processes that open
+    it by name could not reach that lock.
     """
-    return InterprocessCondition(name, lock, mode=mode)
+    return InterprocessCondition(name, lock, mode=mode)  # type: ignore[arg-type]

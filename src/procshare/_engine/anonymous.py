@@ -11,7 +11,12 @@ here counts holders, defers a release for children, or reclaims orphans:
   them or exit;
 * a lock is an ordinary robust-mutex lock entry (:mod:`.locks`) whose memory
   is an anonymous segment; it lives in a locks part of its own, never in the
-  by-name cache, so nothing can open it by name.
+  by-name cache, so nothing can open it by name;
+* a semaphore, event, condition, barrier, rwlock or queue is a sync object
+  (:mod:`.sync`) whose data area is an anonymous segment of this part.
+
+Each anonymous lock and sync object gets a label for messages,
+``"(anonymous #N)"`` (:func:`new_label`), which is not a valid name.
 
 Private namespaces (``with ps.namespace():``) are fresh random names; when
 their block ends every object left in them is removed by name
@@ -37,6 +42,15 @@ from procshare.errors import SharedMemoryFull
 LABEL = "(anonymous)"
 #: The namespace recorded for anonymous objects: none (not a valid namespace).
 NO_NAMESPACE = ""
+
+# Module-level, so a forked child goes on counting where its parent was when
+# it forked: its own objects never share a label with one it inherited.
+_numbers = itertools.count(1)
+
+
+def new_label() -> str:
+    """A label for a new anonymous lock or sync object: ``"(anonymous #N)"``."""
+    return f"{LABEL[:-1]} #{next(_numbers)})"
 
 
 class AnonymousPart:
@@ -125,10 +139,6 @@ class AnonymousLocksPart(LocksPart):
     procshare once garbage collected, left to the kernel at exit if held), over
     anonymous memory, and never in the by-name cache."""
 
-    def __init__(self, engine: Engine) -> None:
-        super().__init__(engine)
-        self._numbers = itertools.count(1)
-
     def open(self, name: str, user: int, mode: int) -> LockEntry:
         """A new anonymous lock entry with ``user`` registered (``name`` and
         ``mode`` are ignored: it has neither)."""
@@ -141,7 +151,7 @@ class AnonymousLocksPart(LocksPart):
         )
         # Numbered, in a namespace no name can have: poll() and shutdown() find
         # it, and closing forgets it, as any entry; no by-name open ever does.
-        label = f"(anonymous #{next(self._numbers)})"
+        label = new_label()
         try:
             entry = LockEntry(label, NO_NAMESPACE, "", handle, backend.lock_attach(handle), self)
         except BaseException:

@@ -19,6 +19,15 @@ list only protects one-owner lock words, so a count shared by many holders
 needs such records plus a liveness test (``backend.process_alive``), run by
 a waiter that cannot go on (never on the fast path).
 
+An *anonymous* sync object (``ps.interprocess_semaphore()`` and the others
+without a name) is the same data area in an anonymous segment
+(:mod:`.anonymous`): shared with the children forked while it is open, freed
+by the kernel with its last mapping, never in a listing. Nothing below
+depends on the name: the holder slots' liveness test is the process token,
+not anything tied to the mapping or to a file description (a fork shares
+those), so a child that inherited the mapping is a holder like any other
+process, and a dead one is found the same way.
+
 Waiting is ``Words.wait`` on a futex word in slices of :data:`LIVENESS`
 seconds: a release wakes a waiter at once; the slice only bounds how long a
 dead holder's units stay unnoticed. Signals (Ctrl-C) interrupt a wait at
@@ -38,6 +47,7 @@ from typing import TYPE_CHECKING
 from procshare._backends import get_backend
 from procshare._backends.api_lock import LockHandle
 from procshare._backends.api_sync import ProcessToken, Words
+from procshare._engine import anonymous as _anonymous
 from procshare._engine import names
 from procshare._engine import segments as _segments
 from procshare._engine.core import get_engine
@@ -189,27 +199,45 @@ A, B = _A, _B
 
 
 class SyncObject:
-    """One open of a named sync object by this process."""
+    """One open of a sync object by this process (named or anonymous)."""
 
     __slots__ = (
         "__weakref__",
+        "anonymous",
         "backend",
         "family",
+        "key",
         "mutex",
         "name",
         "namespace",
         "os_name",
+        "part",
         "rec",
         "repair",
         "words",
     )
 
-    def __init__(self, family: str, rec: _segments.OpenSegment, engine: Engine) -> None:
+    def __init__(
+        self,
+        family: str,
+        rec: _segments.OpenSegment,
+        part: _segments.SegmentsPart | _anonymous.AnonymousPart,
+        engine: Engine,
+        label: str | None = None,
+    ) -> None:
         self.family = family
         self.rec = rec
-        self.name = rec.name
+        #: The part that closes ``rec``: the one that opened it, also in a
+        #: forked child (whose own part never had it).
+        self.part = part
+        #: Whether it has no name (``label`` given: what messages call it).
+        self.anonymous = label is not None
+        self.name = rec.name if label is None else label
         self.namespace = rec.namespace
         self.os_name = rec.handle.os_name
+        #: Tells this object from every other one open in this process (an
+        #: anonymous object has no OS name).
+        self.key = self.os_name or f"{label} {id(rec):x}"
         self.backend = engine.backend
         data = rec.handle.data
         self.mutex: LockHandle = self.backend.sync_mutex(data)
@@ -244,9 +272,13 @@ class SyncObject:
                 self.mutex.mark_consistent()
             return
         if rc != OK:
+            fix = (
+                "make a new one (an anonymous object goes with its last process)"
+                if self.anonymous
+                else f"remove it with `python -m procshare rm --sync {self.name}`"
+            )
             raise UsageError(
-                f"{self.family} {self.name!r}: its internal lock failed (code {rc}); "
-                f"remove it with `python -m procshare rm --sync {self.name}`"
+                f"{self.family} {self.name!r}: its internal lock failed (code {rc}); {fix}"
             )
 
     def unlock(self) -> None:
@@ -258,8 +290,17 @@ class SyncObject:
     def alive(self, token: ProcessToken) -> bool:
         return self.backend.process_alive(token)
 
+    def state(self) -> str:
+        """A short description of its state (as ``ls`` shows a named one)."""
+        if self.rec.closed:
+            return "closed"
+        if self.anonymous:
+            return describe(self.data[:TABLES].tobytes(), self.family)
+        return state_of(self.os_name, self.family)
+
     def close(self) -> None:
-        """Stop using the object (the last user of the last process removes it)."""
+        """Stop using the object (the last user of the last process removes a
+        named one; the kernel frees an anonymous one with its last mapping)."""
         if self.rec.closed:
             return
         part = sync_part()
@@ -267,7 +308,7 @@ class SyncObject:
         if not self.mutex.in_use():
             self.mutex.detach()
         self.words.detach()  # deferred by the backend while a thread waits
-        _segments.segments_part().close(self.rec)
+        self.part.close(self.rec)
 
 
 def _nothing() -> None:
@@ -296,7 +337,7 @@ def _meta(family: str, name: str, namespace: str, layout: str) -> bytes:
 
 def open_sync(
     family: str,
-    name: str,
+    name: str | None,
     *,
     layout: str,
     size: int,
@@ -304,7 +345,9 @@ def open_sync(
     mode: int,
 ) -> SyncObject:
     """Open the sync object ``name`` of ``family`` in the current namespace,
-    creating it (``init`` fills in its words) if there is none.
+    creating it (``init`` fills in its words) if there is none; ``name=None``
+    creates an anonymous one (``mode`` is then ignored: it has no name to be
+    opened by).
 
     ``layout`` names the family's parameters (``"semaphore value=3"``): opening
     an existing object with other parameters raises ``SharedTypeError``.
@@ -312,10 +355,8 @@ def open_sync(
     engine = get_engine()
     engine.poll()
     backend = engine.backend
-    namespace = names.current_namespace()
-    os_name = _segments.os_name(names.SYNC, name, namespace)
-    meta = _meta(family, name, namespace, layout)
     total = TABLES + size
+    shape = _segments.Layout(layout=layout, kind=family, size=total)
 
     def initialise(data: memoryview) -> None:
         backend.sync_mutex_init(data)
@@ -325,18 +366,29 @@ def open_sync(
         finally:
             words.detach()
 
-    rec = _segments.segments_part(engine).open(
-        name,
-        namespace,
-        os_name,
-        meta,
-        _segments.Layout(layout=layout, kind=family, size=total),
-        create=None,
-        initial=initialise,
-        persist=False,
-        mode=mode,
-    )
-    obj = SyncObject(family, rec, engine)
+    if name is None:
+        anonymous = _anonymous.segments_part(engine)
+        rec = anonymous.open(shape, initialise)
+        try:
+            obj = SyncObject(family, rec, anonymous, engine, _anonymous.new_label())
+        except BaseException:
+            anonymous.close(rec)
+            raise
+    else:
+        namespace = names.current_namespace()
+        named = _segments.segments_part(engine)
+        rec = named.open(
+            name,
+            namespace,
+            _segments.os_name(names.SYNC, name, namespace),
+            _meta(family, name, namespace, layout),
+            shape,
+            create=None,
+            initial=initialise,
+            persist=False,
+            mode=mode,
+        )
+        obj = SyncObject(family, rec, named, engine)
     sync_part(engine).opened(obj)
     return obj
 
@@ -351,7 +403,7 @@ class SyncPart:
         self.engine = engine
         self._lock = threading.Lock()
         self._open: weakref.WeakSet[SyncObject] = weakref.WeakSet()
-        #: os_name -> (users here, what to run when the last one goes)
+        #: SyncObject.key -> (users here, what to run when the last one goes)
         self._leave: dict[str, tuple[int, Callable[[], None]]] = {}
 
     def opened(self, obj: SyncObject) -> None:
@@ -361,17 +413,15 @@ class SyncPart:
         """Run ``action`` once this process stops using ``obj``'s object (by its
         last close here, or at exit); registered once per object and process."""
         with self._lock:
-            users, _old = self._leave.get(obj.os_name, (0, action))
-            self._leave[obj.os_name] = (users, action)
+            users, _old = self._leave.get(obj.key, (0, action))
+            self._leave[obj.key] = (users, action)
 
     def closing(self, obj: SyncObject) -> None:
-        others = any(
-            o is not obj and o.os_name == obj.os_name and not o.closed for o in self._open
-        )
+        others = any(o is not obj and o.key == obj.key and not o.closed for o in self._open)
         if others:
             return
         with self._lock:
-            entry = self._leave.pop(obj.os_name, None)
+            entry = self._leave.pop(obj.key, None)
         if entry is not None and self.engine.pid == os.getpid():
             entry[1]()
 
@@ -401,7 +451,12 @@ def peek(os_name: str, size: int = TABLES) -> bytes | None:
 def state_of(os_name: str, family: str) -> str:
     """A short description of a sync object's state for ``ls`` (read-only)."""
     data = peek(os_name)
-    if data is None or len(data) < TABLES:
+    return "?" if data is None else describe(data, family)
+
+
+def describe(data: bytes, family: str) -> str:
+    """A short description of the state held in a sync object's first bytes."""
+    if len(data) < TABLES:
         return "?"
     word: Callable[[int], int] = lambda i: int.from_bytes(data[w(i) : w(i) + 4], "little")  # noqa: E731
     describe: dict[str, Callable[[], str]] = {
