@@ -11,6 +11,10 @@ from __future__ import annotations
 from procshare._barrier import InterprocessBarrier as InterprocessBarrier
 from procshare._barrier import interprocess_barrier as interprocess_barrier
 
+# Coordination (issue 15)
+from procshare._condition import InterprocessCondition as InterprocessCondition
+from procshare._condition import interprocess_condition as interprocess_condition
+
 # Shared data: number kinds (issue 4)
 from procshare._kinds import f32 as f32
 from procshare._kinds import f64 as f64
@@ -54,12 +58,8 @@ from procshare._rwlock import interprocess_rwlock as interprocess_rwlock
 from procshare._shared import Segment as Segment
 from procshare._shared import shared as shared
 from procshare._shared import unlink as unlink
-
-# Coordination (issue 15)
-from procshare._sync import InterprocessCondition as InterprocessCondition
 from procshare._sync import InterprocessEvent as InterprocessEvent
 from procshare._sync import InterprocessSemaphore as InterprocessSemaphore
-from procshare._sync import interprocess_condition as interprocess_condition
 from procshare._sync import interprocess_event as interprocess_event
 from procshare._sync import interprocess_semaphore as interprocess_semaphore
 
