@@ -18,7 +18,7 @@ import reprlib
 import struct
 import sys
 import typing
-from typing import Any, Protocol
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 import attrs
 
@@ -26,14 +26,21 @@ from procshare import _views
 from procshare._engine.segments import Initialiser, Layout, OpenSegment, SegmentsPart
 
 
+N = TypeVar("N")
+
+
 @attrs.frozen(repr=False)
-class Scalar:
+class Scalar(Generic[N]):
     """A fixed-width number kind for :func:`procshare.shared`.
 
     ``ps.i8``, ``ps.i16``, ``ps.i32``, ``ps.i64`` (signed), ``ps.u8`` ...
     ``ps.u64`` (unsigned), ``ps.f32``, ``ps.f64`` (IEEE floats). The view
     has ``.value``; as an attrs field annotation it sets the field's width
     (``count: ps.u32``, or ``Annotated[int, ps.u32]`` to keep type checkers happy).
+
+    The integer kinds are ``Scalar[int]`` and the float kinds ``Scalar[float]``,
+    so a type checker knows ``ps.shared(name, ps.u64)`` gives a
+    ``ScalarView[int]``.
     """
 
     #: ``"u64"``: also the layout recorded in the segment.
@@ -47,31 +54,33 @@ class Scalar:
         return f"procshare.{self.name}"
 
 
-i8 = Scalar("i8", "b", 1)
+# Typed Final, so that a type checker knows ps.u64 is a Scalar[int] (a bare
+# `u64 = Scalar(...)` would leave N unsolved).
+i8: Final[Scalar[int]] = Scalar("i8", "b", 1)
 """Signed 8-bit integer (-128 .. 127)."""
-i16 = Scalar("i16", "h", 2)
+i16: Final[Scalar[int]] = Scalar("i16", "h", 2)
 """Signed 16-bit integer."""
-i32 = Scalar("i32", "i", 4)
+i32: Final[Scalar[int]] = Scalar("i32", "i", 4)
 """Signed 32-bit integer."""
-i64 = Scalar("i64", "q", 8)
+i64: Final[Scalar[int]] = Scalar("i64", "q", 8)
 """Signed 64-bit integer (what `int` means)."""
-u8 = Scalar("u8", "B", 1)
+u8: Final[Scalar[int]] = Scalar("u8", "B", 1)
 """Unsigned 8-bit integer (0 .. 255)."""
-u16 = Scalar("u16", "H", 2)
+u16: Final[Scalar[int]] = Scalar("u16", "H", 2)
 """Unsigned 16-bit integer."""
-u32 = Scalar("u32", "I", 4)
+u32: Final[Scalar[int]] = Scalar("u32", "I", 4)
 """Unsigned 32-bit integer."""
-u64 = Scalar("u64", "Q", 8)
+u64: Final[Scalar[int]] = Scalar("u64", "Q", 8)
 """Unsigned 64-bit integer."""
-f32 = Scalar("f32", "f", 4)
+f32: Final[Scalar[float]] = Scalar("f32", "f", 4)
 """IEEE 754 single-precision float."""
-f64 = Scalar("f64", "d", 8)
+f64: Final[Scalar[float]] = Scalar("f64", "d", 8)
 """IEEE 754 double-precision float (what `float` means)."""
-BOOL = Scalar("bool", "?", 1)
-CHAR = Scalar("char", "c", 1)
+BOOL: Final[Scalar[bool]] = Scalar("bool", "?", 1)
+CHAR: Final[Scalar[bytes]] = Scalar("char", "c", 1)
 
 _BY_NAME = {s.name: s for s in (i8, i16, i32, i64, u8, u16, u32, u64, f32, f64, BOOL, CHAR)}
-_BUILTINS: dict[object, Scalar] = {int: i64, float: f64, bool: BOOL}
+_BUILTINS: dict[object, Scalar[Any]] = {int: i64, float: f64, bool: BOOL}
 
 SUPPORTED = (
     "int, float, bool; ps.i8, ps.i16, ps.i32, ps.i64, ps.u8, ps.u16, ps.u32, ps.u64, "
@@ -106,7 +115,7 @@ def _unsupported(kind: object, why: str = "") -> TypeError:
     )
 
 
-def _pack(name: str, scalar: Scalar, value: object) -> bytes:
+def _pack(name: str, scalar: Scalar[Any], value: object) -> bytes:
     try:
         return struct.pack("=" + scalar.format, value)
     except (struct.error, TypeError, ValueError, OverflowError) as exc:
@@ -119,7 +128,7 @@ def _pack(name: str, scalar: Scalar, value: object) -> bytes:
 @attrs.frozen
 class ScalarKind:
     name: str
-    scalar: Scalar
+    scalar: Scalar[Any]
     layout: Layout
     invalidates: bool = True
 
@@ -128,8 +137,7 @@ class ScalarKind:
 
     def view(self, segment: object, rec: OpenSegment) -> Any:
         mv = rec.handle.data.cast(self.scalar.format)  # type: ignore[call-overload]
-        cls = _views.F32ScalarView if self.scalar is f32 else _views.ScalarView
-        return cls(segment, self.name, self.scalar.name, mv)
+        return _views.ScalarView(segment, self.name, self.scalar.name, mv)
 
 
 @attrs.frozen
@@ -137,7 +145,7 @@ class StructKind:
     name: str
     cls: type
     #: (field name, scalar, offset)
-    fields: tuple[tuple[str, Scalar, int], ...]
+    fields: tuple[tuple[str, Scalar[Any], int], ...]
     layout: Layout
     view_class: type[_views.StructView]
     invalidates: bool = True
@@ -360,7 +368,7 @@ class BytesKind:
         return memoryview(rec.handle.data)
 
 
-def _scalar_of(annotation: object, part: SegmentsPart) -> Scalar | None:  # noqa: PLR0911
+def _scalar_of(annotation: object, part: SegmentsPart) -> Scalar[Any] | None:  # noqa: PLR0911
     """The scalar kind of an attrs field annotation, if it is one."""
     if isinstance(annotation, Scalar):
         return annotation
@@ -386,7 +394,7 @@ def _resolve_attrs(name: str, cls: type, part: SegmentsPart) -> StructKind:
         hints = typing.get_type_hints(cls, include_extras=True)
     except Exception as exc:  # any failure to resolve is the same problem
         raise _unsupported(cls, f"its field annotations cannot be resolved ({exc})") from None
-    fields: list[tuple[str, Scalar, int]] = []
+    fields: list[tuple[str, Scalar[Any], int]] = []
     offset = 0
     align = 1
     for field in attrs.fields(cls):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypedDict, TypeVar, overload
 from weakref import ref as _weakref
 
 from procshare import _kinds
@@ -13,11 +13,61 @@ from procshare._engine import anonymous as _anonymous
 from procshare._engine import names
 from procshare._engine import segments as _segments
 from procshare._engine.segments import OpenSegment, SegmentsPart, segments_part
-from procshare._views import not_picklable
+from procshare._kinds import Scalar
+from procshare._views import ScalarView, not_picklable
 from procshare.errors import AnonymousError, SegmentClosed
 
+#: What a segment's view is (``Segment[ScalarView[int]]``, ``Segment[numpy.ndarray]``).
+V = TypeVar("V")
+T = TypeVar("T")
 
-class Segment:
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Protocol, Unpack
+
+    import numpy as np
+    from _typeshed import ReadableBuffer
+    from attrs import AttrsInstance
+    from numpy.typing import ArrayLike, NDArray
+
+    # ctypes kinds, matched by shape (typeshed's classes) without importing
+    # ctypes, which only the backend may. A Structure answers any attribute
+    # (its __getattr__), so aggregates are told apart first, by _fields_ or
+    # _length_, and only then scalars by their value.
+    class _CData(Protocol):
+        _b_base_: int
+        _b_needsfree_: bool
+
+    class _CStruct(_CData, Protocol):
+        """A ctypes ``Structure`` or ``Union``."""
+
+        @property
+        def _fields_(self) -> Sequence[Any]: ...
+
+    class _CArray(_CData, Protocol):
+        """A ctypes array (``ctypes.c_double * 10``)."""
+
+        @property
+        def _length_(self) -> int: ...
+
+    class _CScalar(_CData, Protocol[T]):
+        """A ctypes scalar (``ctypes.c_uint16`` is a ``_SimpleCData[int]``)."""
+
+        value: T
+
+    class _Options(TypedDict, total=False):
+        """The options of a named segment (``shared``'s docstring says what they do)."""
+
+        create: bool | None
+        persist: bool
+        mode: int
+
+    A = TypeVar("A", bound=AttrsInstance)
+    C = TypeVar("C", bound=_CStruct | _CArray)
+    S = TypeVar("S", bound=np.generic)
+
+
+class Segment(Generic[V]):
     """An open shared segment: what :func:`shared` returns.
 
     Use it as a context manager (``with ps.shared(...) as view:`` gives the
@@ -25,6 +75,9 @@ class Segment:
     explicit handle: ``seg.view`` is the view and ``seg.close()`` closes it.
     A handle that is garbage collected is closed, and the engine closes what
     is still open at interpreter exit.
+
+    A type checker knows the view's type: ``ps.shared("n", ps.u64)`` is a
+    ``Segment[ScalarView[int]]`` (see :func:`shared`).
     """
 
     __slots__ = ("__weakref__", "_part", "_rec", "_view")
@@ -37,7 +90,7 @@ class Segment:
     ) -> None:
         self._part = part
         self._rec = rec
-        self._view: Any = None
+        self._view: V = None  # type: ignore[assignment]  # (set at once, or closed)
         try:
             self._view = resolved.view(self, rec)
             if resolved.invalidates:
@@ -91,7 +144,7 @@ class Segment:
         return self._rec.closed
 
     @property
-    def view(self) -> Any:
+    def view(self) -> V:
         """The view: ``.value`` for a number, attributes for a struct, a numpy
         array, or a memoryview. Raises :class:`~procshare.SegmentClosed` once closed.
         """
@@ -106,10 +159,10 @@ class Segment:
             # Drop our own reference first: a memoryview or array nobody else
             # holds then dies now, and the mapping can be unmapped right away
             # instead of when this handle is collected.
-            self._view = None
+            self._view = None  # type: ignore[assignment]
             self._part.close(self._rec)
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> V:
         return self.view
 
     def __exit__(
@@ -146,14 +199,17 @@ class Segment:
 
     # Not a __getattr__ (it would slow every attribute read of every handle):
     # the one name people reach for when they hold the handle instead of the view.
-    @property
-    def value(self) -> NoReturn:
-        """Not here: ``.value`` belongs to the view (``segment.view.value``)."""
-        raise _not_the_view("value")
+    # Hidden from type checkers, which then report `segment.value` as the mistake.
+    if not TYPE_CHECKING:
 
-    @value.setter
-    def value(self, _value: object) -> NoReturn:
-        raise _not_the_view("value")
+        @property
+        def value(self) -> NoReturn:
+            """Not here: ``.value`` belongs to the view (``segment.view.value``)."""
+            raise _not_the_view("value")
+
+        @value.setter
+        def value(self, _value: object) -> NoReturn:
+            raise _not_the_view("value")
 
 
 def _not_the_view(attr: str) -> AttributeError:
@@ -174,6 +230,95 @@ class _NoKind:
 _NO_KIND: Any = _NoKind()
 
 
+# The view's type follows the kind: one overload per kind family, named and
+# nameless (anonymous). shape= and size= appear only in the families that take
+# them, which is also what tells numpy kinds (np.float64 is a float subclass)
+# from float. ctypes kinds are matched structurally (the front end may not
+# import ctypes, even for types). The nameless forms take no create, persist
+# or mode: an anonymous segment refuses them.
+@overload
+def shared(
+    name: str, kind: Scalar[T], *, initial: T | None = None, **options: Unpack[_Options]
+) -> Segment[ScalarView[T]]: ...
+@overload
+def shared(
+    name: str, kind: type[bool], *, initial: bool | None = None, **options: Unpack[_Options]
+) -> Segment[ScalarView[bool]]: ...
+@overload
+def shared(
+    name: str, kind: type[int], *, initial: int | None = None, **options: Unpack[_Options]
+) -> Segment[ScalarView[int]]: ...
+@overload
+def shared(
+    name: str, kind: type[float], *, initial: float | None = None, **options: Unpack[_Options]
+) -> Segment[ScalarView[float]]: ...
+@overload
+def shared(
+    name: str,
+    kind: type[bytes],
+    *,
+    size: int,
+    initial: ReadableBuffer | None = None,
+    **options: Unpack[_Options],
+) -> Segment[memoryview]: ...
+@overload
+def shared(
+    name: str, kind: type[A], *, initial: A | None = None, **options: Unpack[_Options]
+) -> Segment[A]: ...
+@overload
+def shared(
+    name: str,
+    kind: type[S] | np.dtype[S],
+    *,
+    shape: int | tuple[int, ...],
+    initial: ArrayLike | None = None,
+    **options: Unpack[_Options],
+) -> Segment[NDArray[S]]: ...
+@overload
+def shared(
+    name: str,
+    kind: str | list[Any],
+    *,
+    shape: int | tuple[int, ...],
+    initial: ArrayLike | None = None,
+    **options: Unpack[_Options],
+) -> Segment[NDArray[Any]]: ...
+@overload
+def shared(
+    name: str, kind: type[C], *, initial: object = None, **options: Unpack[_Options]
+) -> Segment[C]: ...
+@overload
+def shared(
+    name: str, kind: type[_CScalar[T]], *, initial: T | None = None, **options: Unpack[_Options]
+) -> Segment[ScalarView[T]]: ...
+@overload
+def shared(kind: Scalar[T], /, *, initial: T | None = None) -> Segment[ScalarView[T]]: ...
+@overload
+def shared(kind: type[bool], /, *, initial: bool | None = None) -> Segment[ScalarView[bool]]: ...
+@overload
+def shared(kind: type[int], /, *, initial: int | None = None) -> Segment[ScalarView[int]]: ...
+@overload
+def shared(
+    kind: type[float], /, *, initial: float | None = None
+) -> Segment[ScalarView[float]]: ...
+@overload
+def shared(
+    kind: type[bytes], /, *, size: int, initial: ReadableBuffer | None = None
+) -> Segment[memoryview]: ...
+@overload
+def shared(kind: type[A], /, *, initial: A | None = None) -> Segment[A]: ...
+@overload
+def shared(
+    kind: type[S] | np.dtype[S],
+    /,
+    *,
+    shape: int | tuple[int, ...],
+    initial: ArrayLike | None = None,
+) -> Segment[NDArray[S]]: ...
+@overload
+def shared(kind: type[C], /, *, initial: object = None) -> Segment[C]: ...
+@overload
+def shared(kind: type[_CScalar[T]], /, *, initial: T | None = None) -> Segment[ScalarView[T]]: ...
 def shared(
     name: str | Any,
     kind: Any = _NO_KIND,
@@ -184,7 +329,7 @@ def shared(
     create: bool | None = None,
     persist: bool = False,
     mode: int = 0o600,
-) -> Segment:
+) -> Segment[Any]:
     """Create or attach the named shared segment ``name`` holding ``kind``;
     without a name, create an anonymous one.
 
@@ -329,7 +474,7 @@ def _nameless(  # noqa: PLR0917
     create: bool | None,
     persist: bool,
     mode: int,
-) -> Segment:
+) -> Segment[Any]:
     """``shared()`` whose first argument is not a name: an anonymous segment,
     or a mistake explained."""
     if isinstance(kind, str):  # a name without a kind (only str subclasses get here too)
@@ -338,7 +483,8 @@ def _nameless(  # noqa: PLR0917
                 f"ps.shared({kind!r}) needs a kind: ps.shared({kind!r}, ps.u64) for a named "
                 "segment (or ps.shared(ps.u64) for an anonymous one)"
             )
-        return shared(
+        named: Any = shared  # (any kind: the overloads are for callers)
+        return named(  # type: ignore[no-any-return]
             str(kind),
             second,
             shape=shape,

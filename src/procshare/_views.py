@@ -1,10 +1,10 @@
 """Views over segment memory: what ``with ps.shared(...) as view`` gives.
 
 * :class:`ScalarView` (``int``, ``float``, ``bool``, ``ps.i8`` ... ``ps.f64``,
-  ctypes scalars): ``.value`` reads and writes the number in place through a
-  cached ``memoryview.cast``, so an access is one property call and one
-  indexing, no lookups. (:class:`F32ScalarView` checks an ``f32`` write's
-  range first: the cast to C ``float`` would store inf for a too-large number.)
+  ctypes scalars): ``.value`` is a C descriptor (``_cview.c``) that reads and
+  writes the number in place, as fast as a ctypes value's; whatever it does
+  not handle itself (a closed view, a value out of range or of another type)
+  goes to the Python reference path, a cached ``memoryview.cast``.
 * struct views (attrs classes): one property per field, generated once per
   class, each reading its own one-element ``memoryview.cast``.
 * :class:`NativeView` (ctypes ``Structure``, ``Union``, arrays, odd
@@ -13,16 +13,20 @@
 
 When the segment closes these views drop their memory and every later use
 raises :class:`~procshare.SegmentClosed`: the closed sentinel takes the place
-of the memoryview, so the fast path carries no "is it closed?" test.
+of the memoryview, so the Python paths carry no "is it closed?" test (the C
+one tests its pointer, which closing sets to NULL).
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, Generic, NoReturn, TypeVar
 
+from procshare._cview import ScalarCell
 from procshare.errors import SegmentClosed
+
+T = TypeVar("T")
 
 
 def not_picklable(what: str, name: str) -> TypeError:
@@ -106,31 +110,45 @@ def _refuse_pickle(segment: object, name: str) -> NoReturn:
     raise not_picklable("a view", name)
 
 
-class ScalarView:
+class ScalarView(ScalarCell, Generic[T]):
     """A number in shared memory: read and write it as ``.value``.
+
+    What ``ps.shared(name, kind)`` gives for a number kind: a
+    ``ScalarView[int]`` for ``int`` and ``ps.i8`` ... ``ps.u64``, a
+    ``ScalarView[float]`` for ``float``, ``ps.f32`` and ``ps.f64``, a
+    ``ScalarView[bool]`` for ``bool``. Type checkers know ``.value``'s type, so
+    annotate a function that takes one as ``def add(total: ps.ScalarView[int])``.
 
     ``view.value += 1`` is a read then a write, not an atomic increment: guard
     it with ``ps.interprocess_lock`` when several processes update it.
     Storing a value the kind cannot hold (``-1`` in a ``ps.u8``, ``2**64`` in
     an ``int``, ``1e39`` in a ``ps.f32``) raises ``ValueError`` or ``TypeError``;
-    nothing wraps around or becomes inf.
+    nothing wraps around or becomes inf. Once the segment is closed, reading or
+    writing raises :class:`~procshare.SegmentClosed`.
     """
 
+    # ``value`` is the C descriptor of ScalarCell (procshare/_cview.c): a read
+    # or a write is one C call, as on a ctypes value, instead of two Python
+    # calls through a property. It handles the common cases itself and calls
+    # _ps_get_slow / _ps_set_slow below for everything else.
     __slots__ = ("__weakref__", "_kind", "_mv", "_name", "_segment")
+
+    value: T  # (an annotation only: the slots class has no attribute to hide the C one)
+    """The number, read from shared memory now; assigning stores it there."""
 
     def __init__(self, segment: object, name: str, kind: str, mv: memoryview) -> None:
         self._segment = segment  # the handle stays open while its view is alive
         self._name = name
         self._kind = kind
         self._mv: Any = mv
+        self._ps_attach(mv, mv.format)
 
-    @property
-    def value(self) -> Any:
-        """The number, read from shared memory now."""
-        return self._mv[0]
+    def _ps_get_slow(self) -> Any:
+        return self._mv[0]  # a closed view's stand-in raises SegmentClosed
 
-    @value.setter
-    def value(self, value: Any) -> None:
+    def _ps_set_slow(self, value: Any) -> None:
+        if self._kind == "f32":
+            _check_f32(self._name, self._kind, value)
         try:
             self._mv[0] = value
         except SegmentClosed:
@@ -139,6 +157,7 @@ class ScalarView:
             raise _value_error(self._name, self._kind, value, exc) from None
 
     def _ps_invalidate(self) -> None:
+        self._ps_detach()  # first: its buffer export would keep mv from being released
         mv, self._mv = self._mv, _Closed(self._name)
         _release(mv)
 
@@ -149,30 +168,6 @@ class ScalarView:
         if isinstance(self._mv, _Closed):
             return f"<shared {self._kind} {self._name!r} (closed)>"
         return f"<shared {self._kind} {self._name!r} value={self._mv[0]!r}>"
-
-
-class F32ScalarView(ScalarView):
-    """A :class:`ScalarView` of an ``f32``: a write first checks the range.
-
-    A subclass, so that the check costs nothing to the other kinds' writes.
-    """
-
-    __slots__ = ()
-
-    @property
-    def value(self) -> Any:
-        """The number, read from shared memory now."""
-        return self._mv[0]
-
-    @value.setter
-    def value(self, value: Any) -> None:
-        _check_f32(self._name, self._kind, value)
-        try:
-            self._mv[0] = value
-        except SegmentClosed:
-            raise
-        except (ValueError, TypeError) as exc:
-            raise _value_error(self._name, self._kind, value, exc) from None
 
 
 class StructView:
