@@ -25,7 +25,6 @@ import attrs
 from procshare import _views
 from procshare._engine.segments import Initialiser, Layout, OpenSegment, SegmentsPart
 
-
 N = TypeVar("N")
 
 
