@@ -373,6 +373,15 @@ def shared(
 
     Returns:
         A :class:`Segment`; ``with`` gives its view and closes it at the end.
+        Type checkers know the view's type from the kind (one overload per
+        kind family, named and nameless): a :class:`ScalarView` ``[int]``
+        for ``int`` and ``ps.i8`` ... ``ps.u64``, ``ScalarView[float]`` for
+        ``float``, ``ps.f32``, ``ps.f64``, ``ScalarView[bool]`` for ``bool``;
+        the attrs class itself for a struct; ``numpy.ndarray`` of the dtype
+        (``NDArray[np.float64]``) for a numpy kind; ``memoryview`` for
+        ``bytes``; a ctypes scalar's ``ScalarView`` of its value type, and a
+        ctypes ``Structure``, ``Union`` or array as its own class. So
+        ``mypy --strict`` reports a misspelt field or a wrong value type.
 
     Raises:
         InvalidName: ``name`` is not a valid name.
