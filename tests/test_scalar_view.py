@@ -199,3 +199,30 @@ def test_the_cell_checks_what_it_attaches_to() -> None:
         held.release()  # the cell holds an export while attached
     cell._ps_detach()
     held.release()
+
+
+@pytest.mark.parametrize(
+    ("kind", "initial", "after"),
+    [
+        (ctypes.c_longdouble, 1.5, 2.5),
+        (ctypes.c_uint32.__ctype_be__, 7, 8),  # the other byte order
+        (ctypes.c_wchar, "x", "y"),
+    ],
+)
+def test_ctypes_scalars_without_a_number_kind_are_scalar_views_too(
+    kind: object, initial: object, after: object
+) -> None:
+    # What type checkers are told (a ctypes scalar gives a ScalarView) holds
+    # for the ctypes scalars the C path cannot read: they go through ctypes.
+    with ps.shared("odd", kind, initial=initial) as view:  # type: ignore[call-overload]
+        assert isinstance(view, ps.ScalarView)
+        assert view.value == initial
+        view.value = after
+        assert view.value == after
+        with ps.shared("odd", kind) as again:  # type: ignore[call-overload]
+            assert again.value == after
+    with pytest.raises(ps.SegmentClosed):
+        view.value  # noqa: B018
+    with pytest.raises(ps.SegmentClosed):
+        view.value = initial
+    assert "(closed)" in repr(view)

@@ -177,6 +177,8 @@ class NativeKindR:
     kind: type
     part: SegmentsPart
     layout: Layout
+    #: A ctypes scalar (long double, wchar, another byte order): a ScalarView too.
+    scalar: bool = False
     invalidates: bool = True
 
     def initial(self, value: object) -> Initialiser:
@@ -189,7 +191,8 @@ class NativeKindR:
 
     def view(self, segment: object, rec: OpenSegment) -> Any:
         obj = self.part.native_view(self.kind, memoryview(rec.handle.data))
-        return _views.NativeView(segment, self.name, self.layout.kind, obj)
+        cls = _views.NativeScalarView if self.scalar else _views.NativeView
+        return cls(segment, self.name, self.layout.kind, obj)
 
 
 @attrs.frozen
@@ -552,7 +555,11 @@ def resolve(name: str, kind: object, shape: object, size: object, part: Segments
             return ScalarKind(name, scalar, Layout(scalar.name, scalar.name, scalar.size))
         assert isinstance(kind, type)
         return NativeKindR(
-            name, kind, part, Layout(native.canonical, f"ctypes {native.describe}", native.size)
+            name,
+            kind,
+            part,
+            Layout(native.canonical, f"ctypes {native.describe}", native.size),
+            scalar=native.category == "scalar",
         )
     raise _unsupported(kind)
 

@@ -7,9 +7,10 @@
   goes to the Python reference path, a cached ``memoryview.cast``.
 * struct views (attrs classes): one property per field, generated once per
   class, each reading its own one-element ``memoryview.cast``.
-* :class:`NativeView` (ctypes ``Structure``, ``Union``, arrays, odd
-  scalars): forwards attributes and items to a ctypes object living in the
-  segment (built by the backend: the front end never imports ctypes).
+* :class:`NativeView` (ctypes ``Structure``, ``Union``, arrays) forwards
+  attributes and items to a ctypes object living in the segment (built by
+  the backend: the front end never imports ctypes); :class:`NativeScalarView`
+  is the ScalarView of a ctypes scalar no number kind describes.
 
 When the segment closes these views drop their memory and every later use
 raises :class:`~procshare.SegmentClosed`: the closed sentinel takes the place
@@ -168,6 +169,39 @@ class ScalarView(ScalarCell, Generic[T]):
         if isinstance(self._mv, _Closed):
             return f"<shared {self._kind} {self._name!r} (closed)>"
         return f"<shared {self._kind} {self._name!r} value={self._mv[0]!r}>"
+
+
+class NativeScalarView(ScalarView[Any]):
+    """A ctypes scalar that no number kind describes (``c_longdouble``,
+    ``c_wchar``, a type of the other byte order): ``.value`` is the ctypes
+    object's, living in the segment.
+
+    A ScalarView all the same (what type checkers are told a ctypes scalar
+    gives): never attached to the C fast path, so every access takes the slow
+    path, which here asks the ctypes object. Its values follow ctypes' rules.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, segment: object, name: str, kind: str, obj: Any) -> None:
+        self._segment = segment
+        self._name = name
+        self._kind = kind
+        self._mv = obj  # the ctypes object (pins the memory while open)
+
+    def _ps_get_slow(self) -> Any:
+        return self._mv.value  # a closed view's stand-in raises SegmentClosed
+
+    def _ps_set_slow(self, value: Any) -> None:
+        self._mv.value = value
+
+    def _ps_invalidate(self) -> None:
+        self._mv = _Closed(self._name)
+
+    def __repr__(self) -> str:
+        if isinstance(self._mv, _Closed):
+            return f"<shared {self._kind} {self._name!r} (closed)>"
+        return f"<shared {self._kind} {self._name!r} value={self._mv.value!r}>"
 
 
 class StructView:

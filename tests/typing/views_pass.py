@@ -121,6 +121,13 @@ def ctypes_kinds() -> None:
         assert c16.value == 7
     with ps.shared("cd", ctypes.c_double) as cd:
         assert_type(cd.value, float)
+    with ps.shared("cld", ctypes.c_longdouble) as cld:  # (served by ctypes, not the C path)
+        assert_type(cld, ps.ScalarView[float])
+        assert isinstance(cld, ps.ScalarView)
+    with ps.shared("row", ctypes.c_int16 * 4) as row:
+        assert_type(row, ctypes.Array[ctypes.c_int16])
+        row[3] = 5
+        assert list(row) == [0, 0, 0, 5]
     with ps.shared("point", Point) as point:
         assert_type(point, Point)  # its fields are Any in typeshed: checked at run time
         point.x += 1
