@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypedDict, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
 from weakref import ref as _weakref
 
 from procshare import _kinds
@@ -17,54 +17,26 @@ from procshare._kinds import Scalar
 from procshare._views import ScalarView, not_picklable
 from procshare.errors import AnonymousError, SegmentClosed
 
-#: What a segment's view is (``Segment[ScalarView[int]]``, ``Segment[numpy.ndarray]``).
-V = TypeVar("V")
-T = TypeVar("T")
-
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-    from typing import Protocol, Unpack
+    from typing import Unpack
 
-    import numpy as np
     from _typeshed import ReadableBuffer
-    from attrs import AttrsInstance
+    from numpy import dtype
     from numpy.typing import ArrayLike, NDArray
 
-    # ctypes kinds, matched by shape (typeshed's classes) without importing
-    # ctypes, which only the backend may. A Structure answers any attribute
-    # (its __getattr__), so aggregates are told apart first, by _fields_ or
-    # _length_, and only then scalars by their value.
-    class _CData(Protocol):
-        _b_base_: int
-        _b_needsfree_: bool
-
-    class _CStruct(_CData, Protocol):
-        """A ctypes ``Structure`` or ``Union``."""
-
-        @property
-        def _fields_(self) -> Sequence[Any]: ...
-
-    class _CArray(_CData, Protocol):
-        """A ctypes array (``ctypes.c_double * 10``)."""
-
-        @property
-        def _length_(self) -> int: ...
-
-    class _CScalar(_CData, Protocol[T]):
-        """A ctypes scalar (``ctypes.c_uint16`` is a ``_SimpleCData[int]``)."""
-
-        value: T
-
-    class _Options(TypedDict, total=False):
-        """The options of a named segment (``shared``'s docstring says what they do)."""
-
-        create: bool | None
-        persist: bool
-        mode: int
-
-    A = TypeVar("A", bound=AttrsInstance)
-    C = TypeVar("C", bound=_CStruct | _CArray)
-    S = TypeVar("S", bound=np.generic)
+    from procshare._kinds.hints import (
+        A,
+        C,
+        CScalar,
+        NamedOptions,
+        S,
+        Sized,
+        SizedNamedOptions,
+        T,
+        V,
+    )
+else:
+    V = TypeVar("V")  # what a segment's view is: Segment[ScalarView[int]]
 
 
 class Segment(Generic[V]):
@@ -231,26 +203,35 @@ _NO_KIND: Any = _NoKind()
 
 
 # The view's type follows the kind: one overload per kind family, named and
-# nameless (anonymous). shape= and size= appear only in the families that take
-# them, which is also what tells numpy kinds (np.float64 is a float subclass)
-# from float. ctypes kinds are matched structurally (the front end may not
-# import ctypes, even for types). The nameless forms take no create, persist
-# or mode: an anonymous segment refuses them.
+# nameless (anonymous). shape= and size= are ints only in the families that
+# take them (elsewhere only their default, None), which is also what tells
+# numpy kinds (np.float64 is a float subclass) from float. ctypes kinds are
+# matched structurally (the front end may not import ctypes, even for types).
+# The nameless forms take no create, persist or mode: an anonymous segment
+# refuses them.
 @overload
 def shared(
-    name: str, kind: Scalar[T], *, initial: T | None = None, **options: Unpack[_Options]
+    name: str, kind: Scalar[T], *, initial: T | None = None, **options: Unpack[SizedNamedOptions]
 ) -> Segment[ScalarView[T]]: ...
 @overload
 def shared(
-    name: str, kind: type[bool], *, initial: bool | None = None, **options: Unpack[_Options]
+    name: str,
+    kind: type[bool],
+    *,
+    initial: bool | None = None,
+    **options: Unpack[SizedNamedOptions],
 ) -> Segment[ScalarView[bool]]: ...
 @overload
 def shared(
-    name: str, kind: type[int], *, initial: int | None = None, **options: Unpack[_Options]
+    name: str, kind: type[int], *, initial: int | None = None, **options: Unpack[SizedNamedOptions]
 ) -> Segment[ScalarView[int]]: ...
 @overload
 def shared(
-    name: str, kind: type[float], *, initial: float | None = None, **options: Unpack[_Options]
+    name: str,
+    kind: type[float],
+    *,
+    initial: float | None = None,
+    **options: Unpack[SizedNamedOptions],
 ) -> Segment[ScalarView[float]]: ...
 @overload
 def shared(
@@ -259,20 +240,20 @@ def shared(
     *,
     size: int,
     initial: ReadableBuffer | None = None,
-    **options: Unpack[_Options],
+    **options: Unpack[NamedOptions],
 ) -> Segment[memoryview]: ...
 @overload
 def shared(
-    name: str, kind: type[A], *, initial: A | None = None, **options: Unpack[_Options]
+    name: str, kind: type[A], *, initial: A | None = None, **options: Unpack[SizedNamedOptions]
 ) -> Segment[A]: ...
 @overload
 def shared(
     name: str,
-    kind: type[S] | np.dtype[S],
+    kind: type[S] | dtype[S],
     *,
     shape: int | tuple[int, ...],
     initial: ArrayLike | None = None,
-    **options: Unpack[_Options],
+    **options: Unpack[NamedOptions],
 ) -> Segment[NDArray[S]]: ...
 @overload
 def shared(
@@ -281,44 +262,58 @@ def shared(
     *,
     shape: int | tuple[int, ...],
     initial: ArrayLike | None = None,
-    **options: Unpack[_Options],
+    **options: Unpack[NamedOptions],
 ) -> Segment[NDArray[Any]]: ...
 @overload
 def shared(
-    name: str, kind: type[C], *, initial: object = None, **options: Unpack[_Options]
+    name: str, kind: type[C], *, initial: object = None, **options: Unpack[SizedNamedOptions]
 ) -> Segment[C]: ...
 @overload
 def shared(
-    name: str, kind: type[_CScalar[T]], *, initial: T | None = None, **options: Unpack[_Options]
+    name: str,
+    kind: type[CScalar[T]],
+    *,
+    initial: T | None = None,
+    **options: Unpack[SizedNamedOptions],
 ) -> Segment[ScalarView[T]]: ...
 @overload
-def shared(kind: Scalar[T], /, *, initial: T | None = None) -> Segment[ScalarView[T]]: ...
-@overload
-def shared(kind: type[bool], /, *, initial: bool | None = None) -> Segment[ScalarView[bool]]: ...
-@overload
-def shared(kind: type[int], /, *, initial: int | None = None) -> Segment[ScalarView[int]]: ...
+def shared(
+    kind: Scalar[T], /, *, initial: T | None = None, **fixed: Unpack[Sized]
+) -> Segment[ScalarView[T]]: ...
 @overload
 def shared(
-    kind: type[float], /, *, initial: float | None = None
+    kind: type[bool], /, *, initial: bool | None = None, **fixed: Unpack[Sized]
+) -> Segment[ScalarView[bool]]: ...
+@overload
+def shared(
+    kind: type[int], /, *, initial: int | None = None, **fixed: Unpack[Sized]
+) -> Segment[ScalarView[int]]: ...
+@overload
+def shared(
+    kind: type[float], /, *, initial: float | None = None, **fixed: Unpack[Sized]
 ) -> Segment[ScalarView[float]]: ...
 @overload
 def shared(
     kind: type[bytes], /, *, size: int, initial: ReadableBuffer | None = None
 ) -> Segment[memoryview]: ...
 @overload
-def shared(kind: type[A], /, *, initial: A | None = None) -> Segment[A]: ...
+def shared(
+    kind: type[A], /, *, initial: A | None = None, **fixed: Unpack[Sized]
+) -> Segment[A]: ...
 @overload
 def shared(
-    kind: type[S] | np.dtype[S],
+    kind: type[S] | dtype[S],
     /,
     *,
     shape: int | tuple[int, ...],
     initial: ArrayLike | None = None,
 ) -> Segment[NDArray[S]]: ...
 @overload
-def shared(kind: type[C], /, *, initial: object = None) -> Segment[C]: ...
+def shared(kind: type[C], /, *, initial: object = None, **fixed: Unpack[Sized]) -> Segment[C]: ...
 @overload
-def shared(kind: type[_CScalar[T]], /, *, initial: T | None = None) -> Segment[ScalarView[T]]: ...
+def shared(
+    kind: type[CScalar[T]], /, *, initial: T | None = None, **fixed: Unpack[Sized]
+) -> Segment[ScalarView[T]]: ...
 def shared(
     name: str | Any,
     kind: Any = _NO_KIND,

@@ -63,10 +63,16 @@ def builtin_kinds() -> None:
         assert b.value is True
 
 
+def unparameterized(seg: ps.Segment) -> None:
+    # A bare ps.Segment, as written before views were typed: its view is Any.
+    assert_type(seg.view, Any)
+
+
 def handles() -> None:
     seg = ps.shared("h", ps.u16, create=True, persist=False, mode=0o600)
     assert_type(seg, ps.Segment[ps.ScalarView[int]])
     assert_type(seg.view.value, int)
+    unparameterized(seg)
     seg.close()
 
 
