@@ -148,7 +148,7 @@ class ScalarView(ScalarCell, Generic[T]):
         return self._mv[0]  # a closed view's stand-in raises SegmentClosed
 
     def _ps_set_slow(self, value: Any) -> None:
-        if self._kind == "f32":
+        if self._kind == "f32" and type(self._mv) is memoryview:  # (closed: SegmentClosed below)
             _check_f32(self._name, self._kind, value)
         try:
             self._mv[0] = value
