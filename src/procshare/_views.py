@@ -247,7 +247,8 @@ def _field_property(index: int, field: str, kind: str) -> property:
             raise _value_error(self._ps_name, f"{kind} field {field!r}", value, exc) from None
 
     def set_f32(self: StructView, value: Any) -> None:
-        _check_f32(self._ps_name, f"{kind} field {field!r}", value)
+        if type(self._ps_cells) is tuple:  # (closed: set raises SegmentClosed)
+            _check_f32(self._ps_name, f"{kind} field {field!r}", value)
         set(self, value)
 
     return property(
