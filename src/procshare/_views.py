@@ -6,7 +6,8 @@
   not handle itself (a closed view, a value out of range or of another type)
   goes to the Python reference path, a cached ``memoryview.cast``.
 * struct views (attrs classes): one property per field, generated once per
-  class, each reading its own one-element ``memoryview.cast``.
+  class, each reading its own one-element ``memoryview.cast``; a subclass of
+  the attrs class itself when it is slotted.
 * :class:`NativeView` (ctypes ``Structure``, ``Union``, arrays) forwards
   attributes and items to a ctypes object living in the segment (built by
   the backend: the front end never imports ctypes); :class:`NativeScalarView`
@@ -205,16 +206,35 @@ class NativeScalarView(ScalarView[Any]):
 
 
 class StructView:
-    """Base of the generated views of attrs classes: one property per field."""
+    """Base of the generated views of attrs classes: one property per field.
 
-    __slots__ = ("__weakref__", "_ps_cells", "_ps_name", "_ps_segment")
+    A generated view also derives from the attrs class itself when that class
+    is slotted (``attrs.define``'s default): ``isinstance(view, Stats)`` holds
+    and the class's methods work on the shared fields, as type checkers are
+    told. Equality, hashing and attribute setting stay those of a plain
+    object: a view is a handle on memory, and an attrs ``__setattr__``
+    (frozen classes, validators on set) must not stand in the way.
+    """
+
+    # The slots are the generated class's: two bases with slots of their own
+    # (this one and a slotted attrs class) cannot be combined.
+    __slots__ = ()
     _ps_fields: ClassVar[tuple[str, ...]] = ()
     _ps_kind: ClassVar[str] = ""
+    _ps_segment: object
+    _ps_name: str
+    _ps_cells: Any
+
+    __setattr__ = object.__setattr__
+    __delattr__ = object.__delattr__
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+    __hash__ = object.__hash__
 
     def __init__(self, segment: object, name: str, cells: tuple[memoryview, ...]) -> None:
         self._ps_segment = segment
         self._ps_name = name
-        self._ps_cells: Any = cells
+        self._ps_cells = cells
 
     def _ps_invalidate(self) -> None:
         cells, self._ps_cells = self._ps_cells, _Closed(self._ps_name)
@@ -258,17 +278,26 @@ def _field_property(index: int, field: str, kind: str) -> property:
     )
 
 
-def struct_view_class(qualname: str, fields: tuple[tuple[str, str], ...]) -> type[StructView]:
-    """A StructView subclass with one property per ``(field, kind)``."""
+def struct_view_class(cls: type, fields: tuple[tuple[str, str], ...]) -> type[StructView]:
+    """A StructView subclass with one property per ``(field, kind)`` of attrs class
+    ``cls``, and a subclass of ``cls`` too if it is slotted."""
+    # A class with a __dict__ would give its views one too, where a misspelt
+    # field would be stored without a word: those views stay plain StructViews.
+    bases: tuple[type, ...] = (StructView,) if cls.__dictoffset__ else (StructView, cls)
+    slots: tuple[str, ...] = ("_ps_cells", "_ps_name", "_ps_segment")
+    if len(bases) == 1 or not cls.__weakrefoffset__:
+        slots += ("__weakref__",)  # the engine holds views weakly
     namespace: dict[str, Any] = {
-        "__slots__": (),
+        "__slots__": slots,
+        "__module__": cls.__module__,
         "_ps_fields": tuple(f for f, _ in fields),
-        "_ps_kind": f"struct {qualname}",
-        "__doc__": f"Shared view of attrs class {qualname}: its fields live in shared memory.",
+        "_ps_kind": f"struct {cls.__name__}",
+        "__doc__": f"Shared view of attrs class {cls.__qualname__}: its fields live in "
+        "shared memory.",
     }
     for index, (field, kind) in enumerate(fields):
         namespace[field] = _field_property(index, field, kind)
-    return type(f"Shared{qualname.rsplit('.', 1)[-1]}", (StructView,), namespace)
+    return type(f"Shared{cls.__name__}", bases, namespace)
 
 
 class NativeView:

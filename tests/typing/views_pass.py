@@ -23,6 +23,9 @@ class Stats:
     errors: Annotated[int, ps.u32]
     mean: float
 
+    def failure_rate(self) -> float:
+        return self.errors / self.count if self.count else 0.0
+
 
 class Point(ctypes.Structure):
     _fields_ = [("x", ctypes.c_int32), ("y", ctypes.c_double)]
@@ -100,6 +103,9 @@ def struct_kind() -> None:
         stats.mean = 2.5
         assert_type(stats.mean, float)
         assert (stats.count, stats.errors, stats.mean) == (1, 2, 2.5)
+        assert_type(stats.failure_rate(), float)
+        assert stats.failure_rate() == 2.0  # the class's method, on shared memory
+        assert isinstance(stats, Stats)
 
 
 def numpy_kinds() -> None:

@@ -272,7 +272,7 @@ def _resolve_attrs(name: str, cls: type, part: SegmentsPart) -> StructKind:
         raise _unsupported(cls, "it has no fields")
     size = (offset + align - 1) // align * align
     canonical = "struct{" + ",".join(f"{f}:{s.name}@{o}" for f, s, o in fields) + "}:" + str(size)
-    view_class = _views.struct_view_class(cls.__name__, tuple((f, s.name) for f, s, _ in fields))
+    view_class = _views.struct_view_class(cls, tuple((f, s.name) for f, s, _ in fields))
     return StructKind(
         name,
         cls,
