@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from typing import ClassVar
 
 import attrs
 import pytest
@@ -96,6 +97,31 @@ def test_a_class_with_a_dict_keeps_the_plain_view() -> None:
         assert not isinstance(loose, Loose)
         loose.x = 4
         assert loose.x == 4
+
+
+class Sealed:
+    """Refuses subclasses of its subclasses (as a `typing.final` enforced at run time)."""
+
+    __slots__ = ()
+    _sealed: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if any(vars(base).get("_sealed") for base in cls.__mro__[1:]):
+            raise TypeError(f"{cls.__name__}: cannot subclass a sealed class")
+
+
+@attrs.define
+class Refusing(Sealed):
+    _sealed: ClassVar[bool] = True
+    x: int
+
+
+def test_a_class_that_refuses_subclasses_keeps_the_plain_view() -> None:
+    with ps.shared("refusing", Refusing) as view:
+        view.x = 2
+        assert view.x == 2
+        assert not isinstance(view, Refusing)
 
 
 def test_a_class_without_a_weakref_slot_gets_one_on_its_view() -> None:

@@ -281,14 +281,7 @@ def _field_property(index: int, field: str, kind: str) -> property:
 def struct_view_class(cls: type, fields: tuple[tuple[str, str], ...]) -> type[StructView]:
     """A StructView subclass with one property per ``(field, kind)`` of attrs class
     ``cls``, and a subclass of ``cls`` too if it is slotted."""
-    # A class with a __dict__ would give its views one too, where a misspelt
-    # field would be stored without a word: those views stay plain StructViews.
-    bases: tuple[type, ...] = (StructView,) if cls.__dictoffset__ else (StructView, cls)
-    slots: tuple[str, ...] = ("_ps_cells", "_ps_name", "_ps_segment")
-    if len(bases) == 1 or not cls.__weakrefoffset__:
-        slots += ("__weakref__",)  # the engine holds views weakly
     namespace: dict[str, Any] = {
-        "__slots__": slots,
         "__module__": cls.__module__,
         "_ps_fields": tuple(f for f, _ in fields),
         "_ps_kind": f"struct {cls.__name__}",
@@ -297,7 +290,18 @@ def struct_view_class(cls: type, fields: tuple[tuple[str, str], ...]) -> type[St
     }
     for index, (field, kind) in enumerate(fields):
         namespace[field] = _field_property(index, field, kind)
-    return type(f"Shared{cls.__name__}", bases, namespace)
+    name = f"Shared{cls.__name__}"
+    slots = ("_ps_cells", "_ps_name", "_ps_segment")
+    # A class with a __dict__ would give its views one too, where a misspelt
+    # field would be stored without a word: those views stay plain StructViews.
+    if not cls.__dictoffset__:
+        # (the engine holds views weakly: a weakref slot if the class has none)
+        own = slots if cls.__weakrefoffset__ else (*slots, "__weakref__")
+        try:
+            return type(name, (StructView, cls), {**namespace, "__slots__": own})
+        except TypeError:  # the class refuses subclasses (its __init_subclass__)
+            pass
+    return type(name, (StructView,), {**namespace, "__slots__": (*slots, "__weakref__")})
 
 
 class NativeView:
