@@ -9,6 +9,8 @@ mypy with the project's configuration (strict, ``src`` on the path):
   as handles. It is then run, so the types it claims are the run-time ones.
 * ``views_fail.py`` holds mistakes; each line marked ``# E: code`` must be
   reported with that code, and no other line may be.
+* the shared-data tutorial's examples, joined as tests/test_docs.py runs
+  them, must pass too: the docs show typed code.
 
 Without the overloads of ``ps.shared`` every view is ``Any``: the passing
 program's ``assert_type`` calls fail and the failing program's mistakes go
@@ -29,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = Path(__file__).resolve().parent / "typing"
 PASS = PROGRAMS / "views_pass.py"
 FAIL = PROGRAMS / "views_fail.py"
+TUTORIAL = ROOT / "docs" / "tutorial" / "shared.md"
+BLOCK = re.compile(r"^```python[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
 ERROR = re.compile(
     r"^(?P<path>[^:]+):(?P<line>\d+): error: (?P<text>.*?)\s+\[(?P<code>[a-z-]+)\]$"
 )
@@ -60,6 +64,8 @@ def marked(path: Path) -> dict[int, set[str]]:
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory: pytest.TempPathFactory) -> Reports:
     cache = tmp_path_factory.mktemp("mypy-cache")
+    tutorial = tmp_path_factory.mktemp("tutorial") / "shared_tutorial.py"
+    tutorial.write_text("\n".join(BLOCK.findall(TUTORIAL.read_text())))
     done = subprocess.run(
         [
             sys.executable,
@@ -75,6 +81,7 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> Reports:
             "--hide-error-context",
             str(PASS),
             str(FAIL),
+            str(tutorial),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -92,6 +99,12 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> Reports:
 @pytest.mark.timeout(420)
 def test_the_typed_program_passes_mypy_strict(reports: Reports) -> None:
     errors = {key: value for key, value in reports.items() if key[0] == PASS.name}
+    assert errors == {}
+
+
+@pytest.mark.timeout(420)
+def test_the_shared_data_tutorial_passes_mypy_strict(reports: Reports) -> None:
+    errors = {key: value for key, value in reports.items() if key[0] == "shared_tutorial.py"}
     assert errors == {}
 
 
