@@ -11,7 +11,8 @@ BUILD_INPUTS := pyproject.toml setup.py src/procshare/_backends/posix/_robustmut
                 src/procshare/_backends/posix/_forkstep.c src/procshare/_backends/posix/_shmstep.c \
                 src/procshare/_backends/posix/_futex.c \
                 src/procshare/_backends/posix/_futex_ring.h \
-                src/procshare/_backends/posix/_futex_holds.h
+                src/procshare/_backends/posix/_futex_holds.h \
+                src/procshare/_cview.c
 
 .PHONY: test lint typecheck docs docs-serve demo bench bench-smoke clean
 

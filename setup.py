@@ -39,5 +39,11 @@ setup(
             ],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),
+        # The C-level `.value` of scalar views (issue 16): memory only, no OS call.
+        Extension(
+            "procshare._cview",
+            sources=["src/procshare/_cview.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
+        ),
     ]
 )

@@ -11,7 +11,9 @@
 * copying 256 MiB into an already-touched shared numpy array against the
   same copy into a private array;
 * the cost of reading and writing a scalar view's ``.value``, with a private
-  ctypes value and ``multiprocessing.Value(lock=False)`` for context.
+  ctypes value and ``multiprocessing.Value(lock=False)`` for context;
+* ``view.value += 1`` on a ``ps.u64`` view against the same update on a ctypes
+  value over shared memory, ``ctypes.c_uint64.from_buffer(mmap)`` (issue 16).
 """
 
 from __future__ import annotations
@@ -197,6 +199,44 @@ def _scalar_contenders(bench: Bench) -> None:
         seg.close()
 
 
+def _increment_contenders(bench: Bench) -> None:
+    """``view.value += 1``: procshare's scalar view against a ctypes value in an mmap."""
+    seg = ps.shared("bench-increment", ps.u64)
+    view = seg.view
+    mm = mmap.mmap(-1, 8)
+    peer = ctypes.c_uint64.from_buffer(mm)
+
+    def ps_increment(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            view.value += 1
+        return time.perf_counter() - t0
+
+    def ctypes_increment(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            peer.value += 1
+        return time.perf_counter() - t0
+
+    g = bench.group(
+        "segments: scalar view.value += 1",
+        note="ps.shared(name, ps.u64) view (range-checked, SegmentClosed after the block) "
+        "against ctypes.c_uint64.from_buffer(mmap.mmap(-1, 8)) (wraps silently)",
+    )
+    g.add("procshare view.value += 1", ps_increment)
+    g.add("ctypes c_uint64.from_buffer(mmap)", ctypes_increment)
+    try:
+        g.measure(n=200_000)
+    finally:
+        seg.close()  # (the private mmap goes with the peer: ctypes pins it until then)
+    g.target(
+        "procshare view.value += 1",
+        "ctypes c_uint64.from_buffer(mmap)",
+        max_ratio=1.3,
+        text="scalar view.value += 1 at most 1.3x a ctypes value (issue 16)",
+    )
+
+
 def _against_shared_memory(
     bench: Bench, title: str, note: str, timers: tuple[Timer, Timer, Timer], target: str
 ) -> None:
@@ -246,3 +286,4 @@ def run(bench: Bench) -> None:
     )
     _copy_contenders(bench)
     _scalar_contenders(bench)
+    _increment_contenders(bench)

@@ -16,6 +16,7 @@ from procshare._condition import InterprocessCondition as InterprocessCondition
 from procshare._condition import interprocess_condition as interprocess_condition
 
 # Shared data: number kinds (issue 4)
+from procshare._kinds import Scalar as Scalar
 from procshare._kinds import f32 as f32
 from procshare._kinds import f64 as f64
 from procshare._kinds import i8 as i8
@@ -66,6 +67,9 @@ from procshare._sync import interprocess_semaphore as interprocess_semaphore
 # Tools
 from procshare._tools import SegmentInfo as SegmentInfo
 from procshare._tools import segments as segments
+
+# Shared data: typed views (issue 16)
+from procshare._views import ScalarView as ScalarView
 
 # Errors (and Cancelled, which is not one: a BaseException)
 from procshare.errors import AnonymousError as AnonymousError
@@ -131,6 +135,8 @@ __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "ProcshareError",
     "QueueEmpty",
     "QueueFull",
+    "Scalar",
+    "ScalarView",
     "Segment",
     "SegmentClosed",
     "SegmentExists",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
 from weakref import ref as _weakref
 
 from procshare import _kinds
@@ -13,11 +13,33 @@ from procshare._engine import anonymous as _anonymous
 from procshare._engine import names
 from procshare._engine import segments as _segments
 from procshare._engine.segments import OpenSegment, SegmentsPart, segments_part
-from procshare._views import not_picklable
+from procshare._kinds import Scalar
+from procshare._views import ScalarView, not_picklable
 from procshare.errors import AnonymousError, SegmentClosed
 
+if TYPE_CHECKING:
+    from typing import Unpack
 
-class Segment:
+    from _typeshed import ReadableBuffer
+    from numpy import dtype
+    from numpy.typing import ArrayLike, NDArray
+
+    from procshare._kinds.hints import (
+        A,
+        C,
+        CScalar,
+        NamedOptions,
+        S,
+        Sized,
+        SizedNamedOptions,
+        T,
+        V,
+    )
+else:
+    V = TypeVar("V")  # what a segment's view is: Segment[ScalarView[int]]
+
+
+class Segment(Generic[V]):
     """An open shared segment: what :func:`shared` returns.
 
     Use it as a context manager (``with ps.shared(...) as view:`` gives the
@@ -25,6 +47,9 @@ class Segment:
     explicit handle: ``seg.view`` is the view and ``seg.close()`` closes it.
     A handle that is garbage collected is closed, and the engine closes what
     is still open at interpreter exit.
+
+    A type checker knows the view's type: ``ps.shared("n", ps.u64)`` is a
+    ``Segment[ScalarView[int]]`` (see :func:`shared`).
     """
 
     __slots__ = ("__weakref__", "_part", "_rec", "_view")
@@ -37,7 +62,7 @@ class Segment:
     ) -> None:
         self._part = part
         self._rec = rec
-        self._view: Any = None
+        self._view: V = None  # type: ignore[assignment]  # (set at once, or closed)
         try:
             self._view = resolved.view(self, rec)
             if resolved.invalidates:
@@ -91,7 +116,7 @@ class Segment:
         return self._rec.closed
 
     @property
-    def view(self) -> Any:
+    def view(self) -> V:
         """The view: ``.value`` for a number, attributes for a struct, a numpy
         array, or a memoryview. Raises :class:`~procshare.SegmentClosed` once closed.
         """
@@ -106,10 +131,10 @@ class Segment:
             # Drop our own reference first: a memoryview or array nobody else
             # holds then dies now, and the mapping can be unmapped right away
             # instead of when this handle is collected.
-            self._view = None
+            self._view = None  # type: ignore[assignment]
             self._part.close(self._rec)
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> V:
         return self.view
 
     def __exit__(
@@ -146,14 +171,17 @@ class Segment:
 
     # Not a __getattr__ (it would slow every attribute read of every handle):
     # the one name people reach for when they hold the handle instead of the view.
-    @property
-    def value(self) -> NoReturn:
-        """Not here: ``.value`` belongs to the view (``segment.view.value``)."""
-        raise _not_the_view("value")
+    # Hidden from type checkers, which then report `segment.value` as the mistake.
+    if not TYPE_CHECKING:
 
-    @value.setter
-    def value(self, _value: object) -> NoReturn:
-        raise _not_the_view("value")
+        @property
+        def value(self) -> NoReturn:
+            """Not here: ``.value`` belongs to the view (``segment.view.value``)."""
+            raise _not_the_view("value")
+
+        @value.setter
+        def value(self, _value: object) -> NoReturn:
+            raise _not_the_view("value")
 
 
 def _not_the_view(attr: str) -> AttributeError:
@@ -174,6 +202,118 @@ class _NoKind:
 _NO_KIND: Any = _NoKind()
 
 
+# The view's type follows the kind: one overload per kind family, named and
+# nameless (anonymous). shape= and size= are ints only in the families that
+# take them (elsewhere only their default, None), which is also what tells
+# numpy kinds (np.float64 is a float subclass) from float. ctypes kinds are
+# matched structurally (the front end may not import ctypes, even for types).
+# The nameless forms take no create, persist or mode: an anonymous segment
+# refuses them.
+@overload
+def shared(
+    name: str, kind: Scalar[T], *, initial: T | None = None, **options: Unpack[SizedNamedOptions]
+) -> Segment[ScalarView[T]]: ...
+@overload
+def shared(
+    name: str,
+    kind: type[bool],
+    *,
+    initial: bool | None = None,
+    **options: Unpack[SizedNamedOptions],
+) -> Segment[ScalarView[bool]]: ...
+@overload
+def shared(
+    name: str, kind: type[int], *, initial: int | None = None, **options: Unpack[SizedNamedOptions]
+) -> Segment[ScalarView[int]]: ...
+@overload
+def shared(
+    name: str,
+    kind: type[float],
+    *,
+    initial: float | None = None,
+    **options: Unpack[SizedNamedOptions],
+) -> Segment[ScalarView[float]]: ...
+@overload
+def shared(
+    name: str,
+    kind: type[bytes],
+    *,
+    size: int,
+    initial: ReadableBuffer | None = None,
+    **options: Unpack[NamedOptions],
+) -> Segment[memoryview]: ...
+@overload
+def shared(
+    name: str, kind: type[A], *, initial: A | None = None, **options: Unpack[SizedNamedOptions]
+) -> Segment[A]: ...
+@overload
+def shared(
+    name: str,
+    kind: type[S] | dtype[S],
+    *,
+    shape: int | tuple[int, ...],
+    initial: ArrayLike | None = None,
+    **options: Unpack[NamedOptions],
+) -> Segment[NDArray[S]]: ...
+@overload
+def shared(
+    name: str,
+    kind: str | list[Any],
+    *,
+    shape: int | tuple[int, ...],
+    initial: ArrayLike | None = None,
+    **options: Unpack[NamedOptions],
+) -> Segment[NDArray[Any]]: ...
+@overload
+def shared(
+    name: str, kind: type[C], *, initial: object = None, **options: Unpack[SizedNamedOptions]
+) -> Segment[C]: ...
+@overload
+def shared(
+    name: str,
+    kind: type[CScalar[T]],
+    *,
+    initial: T | None = None,
+    **options: Unpack[SizedNamedOptions],
+) -> Segment[ScalarView[T]]: ...
+@overload
+def shared(
+    kind: Scalar[T], /, *, initial: T | None = None, **fixed: Unpack[Sized]
+) -> Segment[ScalarView[T]]: ...
+@overload
+def shared(
+    kind: type[bool], /, *, initial: bool | None = None, **fixed: Unpack[Sized]
+) -> Segment[ScalarView[bool]]: ...
+@overload
+def shared(
+    kind: type[int], /, *, initial: int | None = None, **fixed: Unpack[Sized]
+) -> Segment[ScalarView[int]]: ...
+@overload
+def shared(
+    kind: type[float], /, *, initial: float | None = None, **fixed: Unpack[Sized]
+) -> Segment[ScalarView[float]]: ...
+@overload
+def shared(
+    kind: type[bytes], /, *, size: int, initial: ReadableBuffer | None = None
+) -> Segment[memoryview]: ...
+@overload
+def shared(
+    kind: type[A], /, *, initial: A | None = None, **fixed: Unpack[Sized]
+) -> Segment[A]: ...
+@overload
+def shared(
+    kind: type[S] | dtype[S],
+    /,
+    *,
+    shape: int | tuple[int, ...],
+    initial: ArrayLike | None = None,
+) -> Segment[NDArray[S]]: ...
+@overload
+def shared(kind: type[C], /, *, initial: object = None, **fixed: Unpack[Sized]) -> Segment[C]: ...
+@overload
+def shared(
+    kind: type[CScalar[T]], /, *, initial: T | None = None, **fixed: Unpack[Sized]
+) -> Segment[ScalarView[T]]: ...
 def shared(
     name: str | Any,
     kind: Any = _NO_KIND,
@@ -184,7 +324,7 @@ def shared(
     create: bool | None = None,
     persist: bool = False,
     mode: int = 0o600,
-) -> Segment:
+) -> Segment[Any]:
     """Create or attach the named shared segment ``name`` holding ``kind``;
     without a name, create an anonymous one.
 
@@ -228,6 +368,15 @@ def shared(
 
     Returns:
         A :class:`Segment`; ``with`` gives its view and closes it at the end.
+        Type checkers know the view's type from the kind (one overload per
+        kind family, named and nameless): a :class:`ScalarView` ``[int]``
+        for ``int`` and ``ps.i8`` ... ``ps.u64``, ``ScalarView[float]`` for
+        ``float``, ``ps.f32``, ``ps.f64``, ``ScalarView[bool]`` for ``bool``;
+        the attrs class itself for a struct; ``numpy.ndarray`` of the dtype
+        (``NDArray[np.float64]``) for a numpy kind; ``memoryview`` for
+        ``bytes``; a ctypes scalar's ``ScalarView`` of its value type, and a
+        ctypes ``Structure``, ``Union`` or array as its own class. So
+        ``mypy --strict`` reports a misspelt field or a wrong value type.
 
     Raises:
         InvalidName: ``name`` is not a valid name.
@@ -329,7 +478,7 @@ def _nameless(  # noqa: PLR0917
     create: bool | None,
     persist: bool,
     mode: int,
-) -> Segment:
+) -> Segment[Any]:
     """``shared()`` whose first argument is not a name: an anonymous segment,
     or a mistake explained."""
     if isinstance(kind, str):  # a name without a kind (only str subclasses get here too)
@@ -338,7 +487,8 @@ def _nameless(  # noqa: PLR0917
                 f"ps.shared({kind!r}) needs a kind: ps.shared({kind!r}, ps.u64) for a named "
                 "segment (or ps.shared(ps.u64) for an anonymous one)"
             )
-        return shared(
+        named: Any = shared  # (any kind: the overloads are for callers)
+        return named(  # type: ignore[no-any-return]
             str(kind),
             second,
             shape=shape,

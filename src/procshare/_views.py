@@ -1,28 +1,34 @@
 """Views over segment memory: what ``with ps.shared(...) as view`` gives.
 
 * :class:`ScalarView` (``int``, ``float``, ``bool``, ``ps.i8`` ... ``ps.f64``,
-  ctypes scalars): ``.value`` reads and writes the number in place through a
-  cached ``memoryview.cast``, so an access is one property call and one
-  indexing, no lookups. (:class:`F32ScalarView` checks an ``f32`` write's
-  range first: the cast to C ``float`` would store inf for a too-large number.)
+  ctypes scalars): ``.value`` is a C descriptor (``_cview.c``) that reads and
+  writes the number in place, as fast as a ctypes value's; whatever it does
+  not handle itself (a closed view, a value out of range or of another type)
+  goes to the Python reference path, a cached ``memoryview.cast``.
 * struct views (attrs classes): one property per field, generated once per
-  class, each reading its own one-element ``memoryview.cast``.
-* :class:`NativeView` (ctypes ``Structure``, ``Union``, arrays, odd
-  scalars): forwards attributes and items to a ctypes object living in the
-  segment (built by the backend: the front end never imports ctypes).
+  class, each reading its own one-element ``memoryview.cast``; a subclass of
+  the attrs class itself when it is slotted.
+* :class:`NativeView` (ctypes ``Structure``, ``Union``, arrays) forwards
+  attributes and items to a ctypes object living in the segment (built by
+  the backend: the front end never imports ctypes); :class:`NativeScalarView`
+  is the ScalarView of a ctypes scalar no number kind describes.
 
 When the segment closes these views drop their memory and every later use
 raises :class:`~procshare.SegmentClosed`: the closed sentinel takes the place
-of the memoryview, so the fast path carries no "is it closed?" test.
+of the memoryview, so the Python paths carry no "is it closed?" test (the C
+one tests its pointer, which closing sets to NULL).
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, Generic, NoReturn, TypeVar
 
+from procshare._cview import ScalarCell
 from procshare.errors import SegmentClosed
+
+T = TypeVar("T")
 
 
 def not_picklable(what: str, name: str) -> TypeError:
@@ -106,31 +112,45 @@ def _refuse_pickle(segment: object, name: str) -> NoReturn:
     raise not_picklable("a view", name)
 
 
-class ScalarView:
+class ScalarView(ScalarCell, Generic[T]):
     """A number in shared memory: read and write it as ``.value``.
+
+    What ``ps.shared(name, kind)`` gives for a number kind: a
+    ``ScalarView[int]`` for ``int`` and ``ps.i8`` ... ``ps.u64``, a
+    ``ScalarView[float]`` for ``float``, ``ps.f32`` and ``ps.f64``, a
+    ``ScalarView[bool]`` for ``bool``. Type checkers know ``.value``'s type, so
+    annotate a function that takes one as ``def add(total: ps.ScalarView[int])``.
 
     ``view.value += 1`` is a read then a write, not an atomic increment: guard
     it with ``ps.interprocess_lock`` when several processes update it.
     Storing a value the kind cannot hold (``-1`` in a ``ps.u8``, ``2**64`` in
     an ``int``, ``1e39`` in a ``ps.f32``) raises ``ValueError`` or ``TypeError``;
-    nothing wraps around or becomes inf.
+    nothing wraps around or becomes inf. Once the segment is closed, reading or
+    writing raises :class:`~procshare.SegmentClosed`.
     """
 
+    # ``value`` is the C descriptor of ScalarCell (procshare/_cview.c): a read
+    # or a write is one C call, as on a ctypes value, instead of two Python
+    # calls through a property. It handles the common cases itself and calls
+    # _ps_get_slow / _ps_set_slow below for everything else.
     __slots__ = ("__weakref__", "_kind", "_mv", "_name", "_segment")
+
+    value: T  # (an annotation only: the slots class has no attribute to hide the C one)
+    """The number, read from shared memory now; assigning stores it there."""
 
     def __init__(self, segment: object, name: str, kind: str, mv: memoryview) -> None:
         self._segment = segment  # the handle stays open while its view is alive
         self._name = name
         self._kind = kind
         self._mv: Any = mv
+        self._ps_attach(mv, mv.format)
 
-    @property
-    def value(self) -> Any:
-        """The number, read from shared memory now."""
-        return self._mv[0]
+    def _ps_get_slow(self) -> Any:
+        return self._mv[0]  # a closed view's stand-in raises SegmentClosed
 
-    @value.setter
-    def value(self, value: Any) -> None:
+    def _ps_set_slow(self, value: Any) -> None:
+        if self._kind == "f32" and type(self._mv) is memoryview:  # (closed: SegmentClosed below)
+            _check_f32(self._name, self._kind, value)
         try:
             self._mv[0] = value
         except SegmentClosed:
@@ -139,6 +159,7 @@ class ScalarView:
             raise _value_error(self._name, self._kind, value, exc) from None
 
     def _ps_invalidate(self) -> None:
+        self._ps_detach()  # first: its buffer export would keep mv from being released
         mv, self._mv = self._mv, _Closed(self._name)
         _release(mv)
 
@@ -151,41 +172,69 @@ class ScalarView:
         return f"<shared {self._kind} {self._name!r} value={self._mv[0]!r}>"
 
 
-class F32ScalarView(ScalarView):
-    """A :class:`ScalarView` of an ``f32``: a write first checks the range.
+class NativeScalarView(ScalarView[Any]):
+    """A ctypes scalar that no number kind describes (``c_longdouble``,
+    ``c_wchar``, a type of the other byte order): ``.value`` is the ctypes
+    object's, living in the segment.
 
-    A subclass, so that the check costs nothing to the other kinds' writes.
+    A ScalarView all the same (what type checkers are told a ctypes scalar
+    gives): never attached to the C fast path, so every access takes the slow
+    path, which here asks the ctypes object. Its values follow ctypes' rules.
     """
 
     __slots__ = ()
 
-    @property
-    def value(self) -> Any:
-        """The number, read from shared memory now."""
-        return self._mv[0]
+    def __init__(self, segment: object, name: str, kind: str, obj: Any) -> None:
+        self._segment = segment
+        self._name = name
+        self._kind = kind
+        self._mv = obj  # the ctypes object (pins the memory while open)
 
-    @value.setter
-    def value(self, value: Any) -> None:
-        _check_f32(self._name, self._kind, value)
-        try:
-            self._mv[0] = value
-        except SegmentClosed:
-            raise
-        except (ValueError, TypeError) as exc:
-            raise _value_error(self._name, self._kind, value, exc) from None
+    def _ps_get_slow(self) -> Any:
+        return self._mv.value  # a closed view's stand-in raises SegmentClosed
+
+    def _ps_set_slow(self, value: Any) -> None:
+        self._mv.value = value
+
+    def _ps_invalidate(self) -> None:
+        self._mv = _Closed(self._name)
+
+    def __repr__(self) -> str:
+        if isinstance(self._mv, _Closed):
+            return f"<shared {self._kind} {self._name!r} (closed)>"
+        return f"<shared {self._kind} {self._name!r} value={self._mv.value!r}>"
 
 
 class StructView:
-    """Base of the generated views of attrs classes: one property per field."""
+    """Base of the generated views of attrs classes: one property per field.
 
-    __slots__ = ("__weakref__", "_ps_cells", "_ps_name", "_ps_segment")
+    A generated view also derives from the attrs class itself when that class
+    is slotted (``attrs.define``'s default): ``isinstance(view, Stats)`` holds
+    and the class's methods work on the shared fields, as type checkers are
+    told. Equality, hashing and attribute setting stay those of a plain
+    object: a view is a handle on memory, and an attrs ``__setattr__``
+    (frozen classes, validators on set) must not stand in the way.
+    """
+
+    # The slots are the generated class's: two bases with slots of their own
+    # (this one and a slotted attrs class) cannot be combined.
+    __slots__ = ()
     _ps_fields: ClassVar[tuple[str, ...]] = ()
     _ps_kind: ClassVar[str] = ""
+    _ps_segment: object
+    _ps_name: str
+    _ps_cells: Any
+
+    __setattr__ = object.__setattr__
+    __delattr__ = object.__delattr__
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+    __hash__ = object.__hash__
 
     def __init__(self, segment: object, name: str, cells: tuple[memoryview, ...]) -> None:
         self._ps_segment = segment
         self._ps_name = name
-        self._ps_cells: Any = cells
+        self._ps_cells = cells
 
     def _ps_invalidate(self) -> None:
         cells, self._ps_cells = self._ps_cells, _Closed(self._ps_name)
@@ -218,7 +267,8 @@ def _field_property(index: int, field: str, kind: str) -> property:
             raise _value_error(self._ps_name, f"{kind} field {field!r}", value, exc) from None
 
     def set_f32(self: StructView, value: Any) -> None:
-        _check_f32(self._ps_name, f"{kind} field {field!r}", value)
+        if type(self._ps_cells) is tuple:  # (closed: set raises SegmentClosed)
+            _check_f32(self._ps_name, f"{kind} field {field!r}", value)
         set(self, value)
 
     return property(
@@ -228,17 +278,30 @@ def _field_property(index: int, field: str, kind: str) -> property:
     )
 
 
-def struct_view_class(qualname: str, fields: tuple[tuple[str, str], ...]) -> type[StructView]:
-    """A StructView subclass with one property per ``(field, kind)``."""
+def struct_view_class(cls: type, fields: tuple[tuple[str, str], ...]) -> type[StructView]:
+    """A StructView subclass with one property per ``(field, kind)`` of attrs class
+    ``cls``, and a subclass of ``cls`` too if it is slotted."""
     namespace: dict[str, Any] = {
-        "__slots__": (),
+        "__module__": cls.__module__,
         "_ps_fields": tuple(f for f, _ in fields),
-        "_ps_kind": f"struct {qualname}",
-        "__doc__": f"Shared view of attrs class {qualname}: its fields live in shared memory.",
+        "_ps_kind": f"struct {cls.__name__}",
+        "__doc__": f"Shared view of attrs class {cls.__qualname__}: its fields live in "
+        "shared memory.",
     }
     for index, (field, kind) in enumerate(fields):
         namespace[field] = _field_property(index, field, kind)
-    return type(f"Shared{qualname.rsplit('.', 1)[-1]}", (StructView,), namespace)
+    name = f"Shared{cls.__name__}"
+    slots = ("_ps_cells", "_ps_name", "_ps_segment")
+    # A class with a __dict__ would give its views one too, where a misspelt
+    # field would be stored without a word: those views stay plain StructViews.
+    if not cls.__dictoffset__:
+        # (the engine holds views weakly: a weakref slot if the class has none)
+        own = slots if cls.__weakrefoffset__ else (*slots, "__weakref__")
+        try:
+            return type(name, (StructView, cls), {**namespace, "__slots__": own})
+        except TypeError:  # the class refuses subclasses (its __init_subclass__)
+            pass
+    return type(name, (StructView,), {**namespace, "__slots__": (*slots, "__weakref__")})
 
 
 class NativeView:

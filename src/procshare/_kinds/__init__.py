@@ -7,33 +7,40 @@ into a :class:`Resolved` that knows the segment's layout (recorded in its
 metadata and checked on attach), how to encode ``initial=`` and how to build
 the view. ctypes types are described and instantiated by the backend, through
 the engine, because only the backend may import ctypes.
+
+numpy kinds live in :mod:`procshare._kinds.arrays`; the types ``shared()``'s
+overloads are written with (for type checkers only) in
+:mod:`procshare._kinds.hints`.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-import operator
-import reprlib
 import struct
-import sys
 import typing
-from typing import Any, Protocol
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 import attrs
 
 from procshare import _views
 from procshare._engine.segments import Initialiser, Layout, OpenSegment, SegmentsPart
+from procshare._kinds.arrays import NumpyKind as NumpyKind
+from procshare._kinds.arrays import numpy_dtype, resolve_numpy
+
+N = TypeVar("N")
 
 
 @attrs.frozen(repr=False)
-class Scalar:
+class Scalar(Generic[N]):
     """A fixed-width number kind for :func:`procshare.shared`.
 
     ``ps.i8``, ``ps.i16``, ``ps.i32``, ``ps.i64`` (signed), ``ps.u8`` ...
     ``ps.u64`` (unsigned), ``ps.f32``, ``ps.f64`` (IEEE floats). The view
     has ``.value``; as an attrs field annotation it sets the field's width
     (``count: ps.u32``, or ``Annotated[int, ps.u32]`` to keep type checkers happy).
+
+    The integer kinds are ``Scalar[int]`` and the float kinds ``Scalar[float]``,
+    so a type checker knows ``ps.shared(name, ps.u64)`` gives a
+    ``ScalarView[int]``.
     """
 
     #: ``"u64"``: also the layout recorded in the segment.
@@ -47,31 +54,33 @@ class Scalar:
         return f"procshare.{self.name}"
 
 
-i8 = Scalar("i8", "b", 1)
+# Typed Final, so that a type checker knows ps.u64 is a Scalar[int] (a bare
+# `u64 = Scalar(...)` would leave N unsolved).
+i8: Final[Scalar[int]] = Scalar("i8", "b", 1)
 """Signed 8-bit integer (-128 .. 127)."""
-i16 = Scalar("i16", "h", 2)
+i16: Final[Scalar[int]] = Scalar("i16", "h", 2)
 """Signed 16-bit integer."""
-i32 = Scalar("i32", "i", 4)
+i32: Final[Scalar[int]] = Scalar("i32", "i", 4)
 """Signed 32-bit integer."""
-i64 = Scalar("i64", "q", 8)
+i64: Final[Scalar[int]] = Scalar("i64", "q", 8)
 """Signed 64-bit integer (what `int` means)."""
-u8 = Scalar("u8", "B", 1)
+u8: Final[Scalar[int]] = Scalar("u8", "B", 1)
 """Unsigned 8-bit integer (0 .. 255)."""
-u16 = Scalar("u16", "H", 2)
+u16: Final[Scalar[int]] = Scalar("u16", "H", 2)
 """Unsigned 16-bit integer."""
-u32 = Scalar("u32", "I", 4)
+u32: Final[Scalar[int]] = Scalar("u32", "I", 4)
 """Unsigned 32-bit integer."""
-u64 = Scalar("u64", "Q", 8)
+u64: Final[Scalar[int]] = Scalar("u64", "Q", 8)
 """Unsigned 64-bit integer."""
-f32 = Scalar("f32", "f", 4)
+f32: Final[Scalar[float]] = Scalar("f32", "f", 4)
 """IEEE 754 single-precision float."""
-f64 = Scalar("f64", "d", 8)
+f64: Final[Scalar[float]] = Scalar("f64", "d", 8)
 """IEEE 754 double-precision float (what `float` means)."""
-BOOL = Scalar("bool", "?", 1)
-CHAR = Scalar("char", "c", 1)
+BOOL: Final[Scalar[bool]] = Scalar("bool", "?", 1)
+CHAR: Final[Scalar[bytes]] = Scalar("char", "c", 1)
 
 _BY_NAME = {s.name: s for s in (i8, i16, i32, i64, u8, u16, u32, u64, f32, f64, BOOL, CHAR)}
-_BUILTINS: dict[object, Scalar] = {int: i64, float: f64, bool: BOOL}
+_BUILTINS: dict[object, Scalar[Any]] = {int: i64, float: f64, bool: BOOL}
 
 SUPPORTED = (
     "int, float, bool; ps.i8, ps.i16, ps.i32, ps.i64, ps.u8, ps.u16, ps.u32, ps.u64, "
@@ -106,7 +115,7 @@ def _unsupported(kind: object, why: str = "") -> TypeError:
     )
 
 
-def _pack(name: str, scalar: Scalar, value: object) -> bytes:
+def _pack(name: str, scalar: Scalar[Any], value: object) -> bytes:
     try:
         return struct.pack("=" + scalar.format, value)
     except (struct.error, TypeError, ValueError, OverflowError) as exc:
@@ -119,7 +128,7 @@ def _pack(name: str, scalar: Scalar, value: object) -> bytes:
 @attrs.frozen
 class ScalarKind:
     name: str
-    scalar: Scalar
+    scalar: Scalar[Any]
     layout: Layout
     invalidates: bool = True
 
@@ -128,8 +137,7 @@ class ScalarKind:
 
     def view(self, segment: object, rec: OpenSegment) -> Any:
         mv = rec.handle.data.cast(self.scalar.format)  # type: ignore[call-overload]
-        cls = _views.F32ScalarView if self.scalar is f32 else _views.ScalarView
-        return cls(segment, self.name, self.scalar.name, mv)
+        return _views.ScalarView(segment, self.name, self.scalar.name, mv)
 
 
 @attrs.frozen
@@ -137,7 +145,7 @@ class StructKind:
     name: str
     cls: type
     #: (field name, scalar, offset)
-    fields: tuple[tuple[str, Scalar, int], ...]
+    fields: tuple[tuple[str, Scalar[Any], int], ...]
     layout: Layout
     view_class: type[_views.StructView]
     invalidates: bool = True
@@ -170,6 +178,8 @@ class NativeKindR:
     kind: type
     part: SegmentsPart
     layout: Layout
+    #: A ctypes scalar (long double, wchar, another byte order): a ScalarView too.
+    scalar: bool = False
     invalidates: bool = True
 
     def initial(self, value: object) -> Initialiser:
@@ -182,153 +192,8 @@ class NativeKindR:
 
     def view(self, segment: object, rec: OpenSegment) -> Any:
         obj = self.part.native_view(self.kind, memoryview(rec.handle.data))
-        return _views.NativeView(segment, self.name, self.layout.kind, obj)
-
-
-@attrs.frozen
-class NumpyKind:
-    name: str
-    dtype: Any
-    shape: tuple[int, ...]
-    layout: Layout
-    invalidates: bool = False
-
-    def initial(self, value: object) -> Initialiser:
-        if value is None:
-            return None
-        import numpy as np
-
-        arr = self._checked(np, value)
-
-        def fill(data: memoryview) -> None:
-            target = np.frombuffer(data, dtype=self.dtype, count=math.prod(self.shape))
-            target.reshape(self.shape)[...] = arr
-
-        return fill
-
-    def _checked(self, np: Any, value: object) -> Any:
-        """``value`` as an array of the segment's dtype and shape, or ``TypeError``."""
-        dtype = self.dtype
-        try:
-            if dtype.names is None:
-                src = np.asarray(value)
-            elif isinstance(value, np.ndarray) and value.dtype == dtype:
-                src = value
-            else:  # every field as Python objects, to check them before numpy casts them
-                src = np.asarray(value, dtype=_numpy_objects(np, dtype))
-            why = _numpy_misfit(np, src, dtype)
-            if why is None:
-                converted = np.asarray(src if dtype.names is None else value, dtype=dtype)
-                return np.broadcast_to(converted, self.shape)
-        except (ValueError, TypeError, OverflowError) as exc:
-            why = f"pass an array-like that broadcasts to shape {self.shape} ({exc})"
-        else:
-            why += "; pass values the kind can hold, or create the segment with a wider dtype"
-        raise TypeError(
-            f"initial={_shown(value)} does not fit shared segment {self.name!r} of kind "
-            f"{self.layout.kind}: {why}"
-        )
-
-    def view(self, segment: object, rec: OpenSegment) -> Any:
-        import numpy as np
-
-        # frombuffer takes a buffer export of the memoryview, which keeps the
-        # mmap open for as long as the array lives (numpy.ndarray(buffer=...)
-        # would not: closing the mapping under it would make the next access
-        # a segfault). So arrays keep working after the block ends.
-        flat = np.frombuffer(
-            memoryview(rec.handle.data), dtype=self.dtype, count=math.prod(self.shape)
-        )
-        return flat.reshape(self.shape)
-
-
-def _shown(value: object) -> str:
-    """``repr(value)``, shortened: an ``initial=`` may be a large array or list."""
-    shorten = reprlib.Repr()
-    shorten.maxother = 60
-    return shorten.repr(value)
-
-
-def _numpy_objects(np: Any, dtype: Any) -> Any:
-    """``dtype`` with every leaf field made ``object`` (same names and sub-array shapes)."""
-    if dtype.names is not None:
-        return np.dtype([(f, _numpy_objects(np, dtype.fields[f][0])) for f in dtype.names])
-    if dtype.subdtype is not None:
-        base, shape = dtype.subdtype
-        return np.dtype((_numpy_objects(np, base), shape))
-    return np.dtype(object)
-
-
-def _numpy_misfit(np: Any, src: Any, dtype: Any) -> str | None:  # noqa: PLR0911
-    """Why array ``src`` would change when cast to ``dtype``; ``None`` if it fits.
-
-    numpy casts without a word (300 into a uint8 is 44, 2.7 into an int is 2,
-    1e39 into a float32 is inf); a segment refuses those values as
-    ``struct.pack`` does for the scalar kinds. Rounding to a narrower float is
-    fine. Kinds other than numbers (bool, text, dates) keep numpy's rules.
-    """
-    if src.dtype == dtype or src.size == 0:
-        return None
-    if dtype.names is not None:
-        for field in dtype.names:
-            why = _numpy_misfit(np, src[field], dtype.fields[field][0].base)
-            if why is not None:
-                return f"field {field!r}: {why}"
-        return None
-    kind = dtype.kind
-    if kind not in "iufc":
-        return None
-    if src.dtype.kind == "O":  # ints beyond 64 bits, mixed lists: item by item
-        return _numpy_objects_misfit(np, src, dtype)
-    if np.can_cast(src.dtype, dtype, casting="safe"):
-        return None
-    if src.dtype.kind not in ("iufc" if kind == "c" else "iuf"):
-        return f"it holds {src.dtype} values, not numbers {dtype} can hold"
-    if kind in "iu":
-        if src.dtype.kind == "f":
-            if not np.isfinite(src).all():
-                return "it holds inf or nan, which no integer type can hold"
-            if (np.trunc(src) != src).any():
-                return "it holds numbers with a fraction, which an integer type would cut off"
-        info = np.iinfo(dtype)
-        low, high = int(src.min()), int(src.max())
-        if low < info.min or high > info.max:
-            return (
-                f"its values run from {low} to {high}, but {dtype} holds {info.min} to {info.max}"
-            )
-        return None
-    with np.errstate(over="ignore"):
-        cast = src.astype(dtype)
-    if (np.isinf(cast) & np.isfinite(src)).any():
-        return f"it holds numbers beyond the range of {dtype} (they would become inf)"
-    return None
-
-
-def _numpy_objects_misfit(np: Any, src: Any, dtype: Any) -> str | None:
-    if dtype.kind not in "iu":
-        number_type = numbers.Complex if dtype.kind == "c" else numbers.Real
-        for item in src.flat:
-            if not isinstance(item, number_type):
-                return f"it holds {item!r}, which is not a number {dtype} can hold"
-        try:
-            wide = src.astype(np.complex128 if dtype.kind == "c" else np.float64)
-        except (TypeError, ValueError, OverflowError) as exc:
-            return f"it holds a value that is no {dtype} ({exc})"
-        return _numpy_misfit(np, wide, dtype)
-    info = np.iinfo(dtype)
-    for item in src.flat:
-        number = item
-        if isinstance(item, float | np.floating) and float(item).is_integer():
-            number = int(item)
-        elif isinstance(item, np.bool_):
-            number = bool(item)
-        try:
-            number = operator.index(number)
-        except TypeError:
-            return f"it holds {item!r}, which is not an integer"
-        if not info.min <= number <= info.max:
-            return f"it holds {number}, but {dtype} holds {info.min} to {info.max}"
-    return None
+        cls = _views.NativeScalarView if self.scalar else _views.NativeView
+        return cls(segment, self.name, self.layout.kind, obj)
 
 
 @attrs.frozen
@@ -360,7 +225,7 @@ class BytesKind:
         return memoryview(rec.handle.data)
 
 
-def _scalar_of(annotation: object, part: SegmentsPart) -> Scalar | None:  # noqa: PLR0911
+def _scalar_of(annotation: object, part: SegmentsPart) -> Scalar[Any] | None:  # noqa: PLR0911
     """The scalar kind of an attrs field annotation, if it is one."""
     if isinstance(annotation, Scalar):
         return annotation
@@ -386,7 +251,7 @@ def _resolve_attrs(name: str, cls: type, part: SegmentsPart) -> StructKind:
         hints = typing.get_type_hints(cls, include_extras=True)
     except Exception as exc:  # any failure to resolve is the same problem
         raise _unsupported(cls, f"its field annotations cannot be resolved ({exc})") from None
-    fields: list[tuple[str, Scalar, int]] = []
+    fields: list[tuple[str, Scalar[Any], int]] = []
     offset = 0
     align = 1
     for field in attrs.fields(cls):
@@ -407,7 +272,7 @@ def _resolve_attrs(name: str, cls: type, part: SegmentsPart) -> StructKind:
         raise _unsupported(cls, "it has no fields")
     size = (offset + align - 1) // align * align
     canonical = "struct{" + ",".join(f"{f}:{s.name}@{o}" for f, s, o in fields) + "}:" + str(size)
-    view_class = _views.struct_view_class(cls.__name__, tuple((f, s.name) for f, s, _ in fields))
+    view_class = _views.struct_view_class(cls, tuple((f, s.name) for f, s, _ in fields))
     return StructKind(
         name,
         cls,
@@ -415,49 +280,6 @@ def _resolve_attrs(name: str, cls: type, part: SegmentsPart) -> StructKind:
         Layout(canonical, f"struct {cls.__name__}", size),
         view_class,
     )
-
-
-def _numpy_dtype(kind: object, shape: object = None) -> Any:
-    """``numpy.dtype(kind)`` if ``kind`` is a numpy dtype or scalar type, or
-    (with ``shape=``) anything else ``numpy.dtype()`` accepts (``"f8"``,
-    ``"<i4"``, a list of fields); else ``None``."""
-    np: Any = sys.modules.get("numpy")
-    spelled = shape is not None and isinstance(kind, str | list)
-    if np is None:
-        if not spelled:
-            return None  # a numpy kind implies numpy was imported by the caller
-        try:
-            import numpy
-
-            np = numpy
-        except ImportError:
-            raise TypeError(
-                f"a dtype given as {kind!r} with shape= needs numpy, which is not "
-                "installed: pip install numpy (or procshare[numpy])"
-            ) from None
-    if isinstance(kind, np.dtype):
-        return kind
-    if isinstance(kind, type) and issubclass(kind, np.generic):
-        return np.dtype(kind)
-    if spelled:
-        try:
-            return np.dtype(kind)
-        except (TypeError, ValueError):
-            return None  # not a dtype either: the caller says what is supported
-    return None
-
-
-def _shape(name: str, shape: object) -> tuple[int, ...]:
-    if isinstance(shape, int) and not isinstance(shape, bool):
-        shape = (shape,)
-    if not isinstance(shape, tuple) or not all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
-    ):
-        raise TypeError(
-            f"shape= for shared segment {name!r} must be an int or a tuple of ints >= 0, "
-            f"not {shape!r}"
-        )
-    return shape
 
 
 # (name, id(kind), shape, size) -> (kind, resolved): keyed by the kind's
@@ -508,7 +330,7 @@ def resolve_cached(
 
 def resolve(name: str, kind: object, shape: object, size: object, part: SegmentsPart) -> Resolved:
     """Resolve ``kind`` (with ``shape=`` / ``size=``) or raise ``TypeError``."""
-    dtype = _numpy_dtype(kind, shape)
+    dtype = numpy_dtype(kind, shape)
     if shape is not None and dtype is None:
         raise TypeError(
             f"shape= goes with a numpy dtype (ps.shared({name!r}, numpy.float64, shape=...)), "
@@ -521,7 +343,7 @@ def resolve(name: str, kind: object, shape: object, size: object, part: Segments
             f"of {getattr(kind, '__qualname__', kind)!r} follows from the kind itself"
         )
     if dtype is not None:
-        return _resolve_numpy(name, dtype, shape)
+        return resolve_numpy(name, dtype, shape)
     if kind is bytes:
         if size is None or isinstance(size, bool) or not isinstance(size, int):
             raise TypeError(
@@ -545,29 +367,10 @@ def resolve(name: str, kind: object, shape: object, size: object, part: Segments
             return ScalarKind(name, scalar, Layout(scalar.name, scalar.name, scalar.size))
         assert isinstance(kind, type)
         return NativeKindR(
-            name, kind, part, Layout(native.canonical, f"ctypes {native.describe}", native.size)
+            name,
+            kind,
+            part,
+            Layout(native.canonical, f"ctypes {native.describe}", native.size),
+            scalar=native.category == "scalar",
         )
     raise _unsupported(kind)
-
-
-def _resolve_numpy(name: str, dtype: Any, shape: object) -> NumpyKind:
-    if shape is None:
-        raise TypeError(
-            f"a numpy kind needs shape= (ps.shared({name!r}, numpy.{dtype.name}, shape=(10,))); "
-            "use shape=() for a single element"
-        )
-    dims = _shape(name, shape)
-    if dtype.hasobject:
-        raise _unsupported(dtype, "numpy object arrays hold pointers into one process")
-    if dtype.subdtype is not None:  # ("f8", (3,)): fold the sub-array into the shape
-        dtype, sub = dtype.subdtype
-        dims = dims + tuple(sub)
-    descr = dtype.str if dtype.fields is None else repr(dtype.descr)
-    size = dtype.itemsize * math.prod(dims)
-    shown = "x".join(map(str, dims)) or "scalar"
-    return NumpyKind(
-        name,
-        dtype,
-        dims,
-        Layout(f"ndarray[{descr}]{dims}", f"numpy {dtype.name}[{shown}]", size),
-    )

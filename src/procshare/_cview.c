@@ -1,0 +1,282 @@
+/* The fast path of a scalar view's `.value`: a C-level descriptor.
+ *
+ * Why C: `view.value += 1` through a Python property is two Python function
+ * calls (the getter and the setter), and measured ~2x the same update on a
+ * ctypes value (`ctypes.c_uint64.from_buffer(mm).value += 1`), whose `.value`
+ * is a C getset. ScalarCell gives procshare's ScalarView (a Python subclass,
+ * in _views.py) the same kind of descriptor.
+ *
+ * It is only a fast path. It reads and stores the common cases itself: an
+ * exact int into an integer kind, an exact float or int into a float kind,
+ * True or False into a bool, all within the kind's range. Everything else
+ * (a closed view, a value out of range or of another type, an int subclass,
+ * a char) goes to the Python methods _ps_get_slow / _ps_set_slow, which are
+ * the reference: they say what went wrong, and raise SegmentClosed once the
+ * view is closed. So the fast path never decides an error on its own.
+ *
+ * A cell holds a buffer export of the segment's memory while it is attached
+ * (so its pointer stays valid however the Python side is used), and
+ * _ps_detach drops it: from then on every access takes the slow path.
+ * No system call, no OS object: only memory the backend already mapped,
+ * like a memoryview.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    PyObject_HEAD
+    char *ptr; /* NULL while detached: every access takes the slow path */
+    Py_buffer buf;
+    char code; /* the struct / memoryview format of the number */
+} CellObject;
+
+static PyObject *str_get_slow;
+static PyObject *str_set_slow;
+
+static Py_ssize_t
+code_size(char code)
+{
+    switch (code) {
+    case 'b': case 'B': case '?': case 'c': return 1;
+    case 'h': case 'H': return 2;
+    case 'i': case 'I': case 'f': return 4;
+    case 'q': case 'Q': case 'd': return 8;
+    default: return 0;
+    }
+}
+
+static void
+detach(CellObject *self)
+{
+    if (self->ptr != NULL) {
+        self->ptr = NULL;
+        PyBuffer_Release(&self->buf);
+    }
+}
+
+static PyObject *
+cell_attach(CellObject *self, PyObject *args)
+{
+    PyObject *buffer;
+    const char *format;
+    if (!PyArg_ParseTuple(args, "Os:_ps_attach", &buffer, &format))
+        return NULL;
+    Py_ssize_t size = code_size(format[0]);
+    if (size == 0 || format[1] != '\0') {
+        PyErr_Format(PyExc_ValueError, "unsupported scalar format %R", PyTuple_GET_ITEM(args, 1));
+        return NULL;
+    }
+    Py_buffer buf;
+    if (PyObject_GetBuffer(buffer, &buf, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (buf.len < size) {
+        PyBuffer_Release(&buf);
+        PyErr_Format(PyExc_ValueError, "a %zd-byte buffer cannot hold a %s", buf.len, format);
+        return NULL;
+    }
+    detach(self);
+    self->buf = buf;
+    self->ptr = buf.buf;
+    self->code = format[0];
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+cell_detach(CellObject *self, PyObject *Py_UNUSED(ignored))
+{
+    detach(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+cell_get(CellObject *self, void *Py_UNUSED(closure))
+{
+    const char *p = self->ptr;
+    if (p == NULL)
+        return PyObject_CallMethodNoArgs((PyObject *)self, str_get_slow);
+    switch (self->code) {
+    case 'b': { int8_t v; memcpy(&v, p, 1); return PyLong_FromLong(v); }
+    case 'B': { uint8_t v; memcpy(&v, p, 1); return PyLong_FromLong(v); }
+    case 'h': { int16_t v; memcpy(&v, p, 2); return PyLong_FromLong(v); }
+    case 'H': { uint16_t v; memcpy(&v, p, 2); return PyLong_FromLong(v); }
+    case 'i': { int32_t v; memcpy(&v, p, 4); return PyLong_FromLong(v); }
+    case 'I': { uint32_t v; memcpy(&v, p, 4); return PyLong_FromUnsignedLong(v); }
+    case 'q': { int64_t v; memcpy(&v, p, 8); return PyLong_FromLongLong(v); }
+    case 'Q': { uint64_t v; memcpy(&v, p, 8); return PyLong_FromUnsignedLongLong(v); }
+    case 'f': { float v; memcpy(&v, p, 4); return PyFloat_FromDouble(v); }
+    case 'd': { double v; memcpy(&v, p, 8); return PyFloat_FromDouble(v); }
+    case '?': return PyBool_FromLong(p[0] != 0);
+    default: return PyObject_CallMethodNoArgs((PyObject *)self, str_get_slow);
+    }
+}
+
+/* Store an exact int into a signed or unsigned integer of `size` bytes; 0 if
+ * done, -1 if the slow path must decide (no exception set). */
+static int
+store_int(char *p, char code, PyObject *value)
+{
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (overflow != 0 || (v == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        if (code != 'Q' || overflow < 0)
+            return -1;
+        unsigned long long u = PyLong_AsUnsignedLongLong(value);
+        if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return -1;
+        }
+        memcpy(p, &u, 8);
+        return 0;
+    }
+    switch (code) {
+    case 'b': if (v < INT8_MIN || v > INT8_MAX) return -1;
+        { int8_t x = (int8_t)v; memcpy(p, &x, 1); } return 0;
+    case 'B': if (v < 0 || v > UINT8_MAX) return -1;
+        { uint8_t x = (uint8_t)v; memcpy(p, &x, 1); } return 0;
+    case 'h': if (v < INT16_MIN || v > INT16_MAX) return -1;
+        { int16_t x = (int16_t)v; memcpy(p, &x, 2); } return 0;
+    case 'H': if (v < 0 || v > UINT16_MAX) return -1;
+        { uint16_t x = (uint16_t)v; memcpy(p, &x, 2); } return 0;
+    case 'i': if (v < INT32_MIN || v > INT32_MAX) return -1;
+        { int32_t x = (int32_t)v; memcpy(p, &x, 4); } return 0;
+    case 'I': if (v < 0 || v > (long long)UINT32_MAX) return -1;
+        { uint32_t x = (uint32_t)v; memcpy(p, &x, 4); } return 0;
+    case 'q': { int64_t x = (int64_t)v; memcpy(p, &x, 8); } return 0;
+    case 'Q': if (v < 0) return -1;
+        { uint64_t x = (uint64_t)v; memcpy(p, &x, 8); } return 0;
+    default: return -1;
+    }
+}
+
+/* Store an exact float or int into a float kind; -1: the slow path decides. */
+static int
+store_float(char *p, char code, PyObject *value)
+{
+    double d;
+    if (PyFloat_CheckExact(value)) {
+        d = PyFloat_AS_DOUBLE(value);
+    }
+    else if (PyLong_CheckExact(value)) {
+        d = PyLong_AsDouble(value);
+        if (d == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return -1;
+        }
+    }
+    else {
+        return -1;
+    }
+    if (code == 'd') {
+        memcpy(p, &d, 8);
+        return 0;
+    }
+    float f = (float)d;
+    /* A finite number the cast makes infinite: refused (struct's rule), by the slow path. */
+    if (isinf(f) && !isinf(d))
+        return -1;
+    memcpy(p, &f, 4);
+    return 0;
+}
+
+static int
+cell_set(CellObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError,
+                        "cannot delete .value of a shared view: assign a number instead");
+        return -1;
+    }
+    char *p = self->ptr;
+    if (p != NULL) {
+        char code = self->code;
+        switch (code) {
+        case 'f': case 'd':
+            if (store_float(p, code, value) == 0)
+                return 0;
+            break;
+        case '?':
+            if (value == Py_True || value == Py_False) {
+                p[0] = (char)(value == Py_True);
+                return 0;
+            }
+            break;
+        case 'c':
+            break;
+        default:
+            if (PyLong_CheckExact(value) && store_int(p, code, value) == 0)
+                return 0;
+        }
+    }
+    PyObject *done = PyObject_CallMethodOneArg((PyObject *)self, str_set_slow, value);
+    if (done == NULL)
+        return -1;
+    Py_DECREF(done);
+    return 0;
+}
+
+static void
+cell_dealloc(CellObject *self)
+{
+    detach(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyGetSetDef cell_getset[] = {
+    {"value", (getter)cell_get, (setter)cell_set, "The number, read from shared memory now.",
+     NULL},
+    {NULL},
+};
+
+static PyMethodDef cell_methods[] = {
+    {"_ps_attach", (PyCFunction)cell_attach, METH_VARARGS,
+     "_ps_attach(buffer, format): read and write the first number of `buffer` (held)."},
+    {"_ps_detach", (PyCFunction)cell_detach, METH_NOARGS,
+     "Drop the buffer: every later access takes the slow path."},
+    {NULL},
+};
+
+static PyTypeObject CellType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "procshare._cview.ScalarCell",
+    .tp_doc = "Fast path of a scalar view's .value (see _views.ScalarView).",
+    .tp_basicsize = sizeof(CellObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)cell_dealloc,
+    .tp_getset = cell_getset,
+    .tp_methods = cell_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "procshare._cview",
+    .m_doc = "The C fast path of scalar views.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__cview(void)
+{
+    str_get_slow = PyUnicode_InternFromString("_ps_get_slow");
+    str_set_slow = PyUnicode_InternFromString("_ps_set_slow");
+    if (str_get_slow == NULL || str_set_slow == NULL)
+        return NULL;
+    if (PyType_Ready(&CellType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&CellType);
+    if (PyModule_AddObject(m, "ScalarCell", (PyObject *)&CellType) < 0) {
+        Py_DECREF(&CellType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
