@@ -7,14 +7,28 @@
  * forty pages: functions, constants, result objects. Here only the mapping
  * object and the result tuple are Python objects.
  *
+ * A hold is a READ OFD lock on the holder byte of an open file description
+ * that only the *mapping* keeps alive: the descriptor is closed as soon as the
+ * object is mapped (the mapping holds its own reference to the description,
+ * and OFD locks go with the description's last reference). So a process holds
+ * as many segments as it may have mappings (vm.max_map_count), not as many as
+ * it may have descriptors (ulimit -n), and unmapping is what ends a hold.
+ *
  * attach() is the common case of segment.py's open protocol and nothing
  * else: it opens the name, sees that somebody already holds the object
  * (an F_OFD_GETLK for WRITE on the holder byte conflicts), takes its own
- * READ hold, checks the object was not unlinked meanwhile, maps it and reads
- * its header. Whatever is unusual (an orphan nobody holds, a remover deciding
- * right now, an unlinked or malformed object) it undoes and reports as
- * SLOW, and the Python protocol handles it. release() is the first half of
- * closing: drop READ, then try WRITE, which succeeds only for the last holder.
+ * READ hold, checks the object was not unlinked meanwhile, maps it, reads
+ * its header and closes the descriptor. Whatever is unusual (an orphan nobody
+ * holds, a remover deciding right now, an unlinked or malformed object) it
+ * undoes and reports as SLOW, and the Python protocol handles it.
+ *
+ * release() is closing: it opens the name again (a new description, which
+ * holds nothing), ends this hold by unmapping, then tries WRITE on the new
+ * description, which succeeds only for the last holder; that one, having
+ * checked the name still is its object, unlinks it (or hands the decision to
+ * the caller). A mapping that cannot be unmapped because buffers exported
+ * from it are alive is moved onto the new description instead (MAP_FIXED at
+ * the same address: same pages, no lock), so the hold still ends at close.
  *
  * create() and publish() are the two halves of segment.py's atomic creation
  * where the kernel has O_TMPFILE: an unnamed inode, holder READ lock, header
@@ -22,13 +36,14 @@
  * later), mapped; then, after the caller's initialisation, linked to its
  * name, which fails with EEXIST if somebody else published first.
  *
- * Layout of the header is the one segment.py documents; the holder byte is
- * byte 0 (_ofd.HOLD).
+ * Layout of the header is the one segment_object.py documents; the holder
+ * byte is byte 0 (_ofd.HOLD).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
@@ -47,9 +62,8 @@ static const char MAGIC[8] = {'P', 'R', 'C', 'S', 'H', 'R', 0, 1};
  *
  * What segment.py needs of Python's mmap.mmap, without its two extra system
  * calls per map (an fstat to check the size, a dup of the descriptor) and
- * the close() of that dup: the size is known here, and the mapping must not
- * keep the open file description alive (holding is the descriptor's job).
- * close() unmaps, or raises BufferError while a buffer exported from the
+ * the close() of that dup: the size is known here, and a dup would keep the
+ * description (and so the hold) alive after close() unmapped. close() unmaps, or raises BufferError while a buffer exported from the
  * mapping (a memoryview, a numpy array) is alive, exactly as mmap does; the
  * memory is then unmapped when the mapping object itself is collected,
  * which cannot happen before those buffers are gone. */
@@ -220,19 +234,17 @@ u64_at(const char *p)
     return v;
 }
 
-/* attach(path: bytes, meta: bytes, spares: dict) -> None | SLOW | (fd, mm, flags,
- * data_offset, data_size, created_ns, creator_pid, found_meta, st_dev, st_ino) */
+/* attach(path: bytes, meta: bytes) -> None | SLOW | (mm, flags, data_offset,
+ * data_size, created_ns, creator_pid, found_meta, st_dev, st_ino) */
 static PyObject *
 shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1]) ||
-        !PyDict_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "attach() takes path, meta (bytes) and spares (dict)");
+    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "attach() takes path and meta (bytes)");
         return NULL;
     }
     const char *path = PyBytes_AS_STRING(args[0]);
     PyObject *meta = args[1];
-    PyObject *spares = args[2];
     int fd;
     Py_BEGIN_ALLOW_THREADS
     fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
@@ -263,40 +275,14 @@ shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     if (st.st_nlink == 0 || st.st_size < HEADER_SIZE) {
         goto slow; /* unlinked meanwhile, or not ours: the protocol says what */
     }
-    /* A mapping of this very inode kept by an earlier close (see segment.py):
-     * the inode cannot have been reused while that mapping holds it. */
-    PyObject *mm = NULL;
-    if (PyDict_GET_SIZE(spares) > 0) {
-        PyObject *key = Py_BuildValue("(KK)", (unsigned long long)st.st_dev,
-                                      (unsigned long long)st.st_ino);
-        if (key == NULL) {
-            close(fd);
-            return NULL;
-        }
-        PyObject *spare = PyDict_GetItemWithError(spares, key); /* borrowed */
-        if (spare != NULL && Py_IS_TYPE(spare, &Mapping_Type) &&
-            ((MappingObject *)spare)->data != NULL &&
-            ((MappingObject *)spare)->size == (Py_ssize_t)st.st_size) {
-            mm = Py_NewRef(spare);
-            if (PyDict_DelItem(spares, key) < 0) {
-                Py_CLEAR(mm);
-            }
-        }
-        Py_DECREF(key);
-        if (PyErr_Occurred()) {
-            Py_XDECREF(mm);
-            close(fd);
-            return NULL;
-        }
+    void *data = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (data == MAP_FAILED) {
+        goto os_error; /* ENOMEM: most often vm.max_map_count (segment.py says so) */
     }
-    if (mm == NULL) {
-        mm = mapping_new(fd, (Py_ssize_t)st.st_size);
-        if (mm == NULL) {
-            close(fd);
-            return NULL;
-        }
-    }
-    const char *base = ((MappingObject *)mm)->data;
+    /* The mapping keeps the description, and with it the READ hold: the
+     * descriptor is not needed any more. */
+    close(fd);
+    const char *base = data;
     uint32_t flags = u32_at(base + 8), metalen = u32_at(base + 12);
     uint64_t dataoff = u64_at(base + 16), datalen = u64_at(base + 24);
     uint64_t created = u64_at(base + 32);
@@ -304,8 +290,12 @@ shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     uint64_t size = (uint64_t)st.st_size;
     if (memcmp(base, MAGIC, sizeof MAGIC) != 0 || metalen > size - META_OFFSET ||
         dataoff > size || datalen > size - dataoff) {
-        Py_DECREF(mm); /* unmaps */
-        goto slow;
+        munmap(data, (size_t)st.st_size); /* ends the hold */
+        return PyLong_FromLong(0);
+    }
+    PyObject *mm = mapping_wrap(data, (Py_ssize_t)st.st_size);
+    if (mm == NULL) {
+        return NULL;
     }
     PyObject *found;
     if ((Py_ssize_t)metalen == PyBytes_GET_SIZE(meta) &&
@@ -314,21 +304,15 @@ shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     }
     else {
         found = PyBytes_FromStringAndSize(base + META_OFFSET, metalen);
+        if (found == NULL) {
+            Py_DECREF(mm);
+            return NULL;
+        }
     }
-    if (found == NULL) {
-        Py_DECREF(mm);
-        close(fd);
-        return NULL;
-    }
-    PyObject *result = Py_BuildValue(
-        "(iNIKKKINKK)", fd, mm, flags, (unsigned long long)dataoff,
-        (unsigned long long)datalen, (unsigned long long)created, creator, found,
-        (unsigned long long)st.st_dev, (unsigned long long)st.st_ino);
-    if (result == NULL) {
-        /* Py_BuildValue consumed the N references even on failure. */
-        close(fd);
-    }
-    return result;
+    /* Py_BuildValue consumes the N references even on failure. */
+    return Py_BuildValue("(NIKKKINKK)", mm, flags, (unsigned long long)dataoff,
+                         (unsigned long long)datalen, (unsigned long long)created, creator,
+                         found, (unsigned long long)st.st_dev, (unsigned long long)st.st_ino);
 
 os_error: {
     int saved = errno;
@@ -339,6 +323,22 @@ os_error: {
 slow:
     close(fd); /* drops the READ taken above with the description */
     return PyLong_FromLong(0);
+}
+
+/* map(fd, size) -> Mapping: a shared read-write mapping of the whole object. */
+static PyObject *
+shmstep_map(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int fd;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "in", &fd, &size)) {
+        return NULL;
+    }
+    if (size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "map(): size must be > 0");
+        return NULL;
+    }
+    return mapping_new(fd, size);
 }
 
 #define PWRITE_BYTES (64 << 10)
@@ -362,8 +362,10 @@ write_all(int fd, const char *buf, size_t len, off_t offset)
 }
 
 /* create(dir, meta, flags, data_offset, data_size, total, mode, pid)
- *     -> None (no O_TMPFILE here) | (fd, mm, created_ns); pid is the creator
- *     recorded in the header (the caller's, known without a system call). */
+ *     -> None (no O_TMPFILE here) | (fd, mm, created_ns, st_dev, st_ino); pid is
+ *     the creator recorded in the header (the caller's, known without a system
+ *     call). fd holds the READ lock until publish() closes it; from then on
+ *     the mapping keeps the hold. */
 static PyObject *
 shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
 {
@@ -430,6 +432,10 @@ shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
         rc = write_all(fd, buf, buf_len, 0);
     }
     PyMem_RawFree(buf);
+    struct stat st;
+    if (rc == 0) {
+        rc = fstat(fd, &st); /* the identity release() checks the name against */
+    }
     if (rc == 0) {
         /* The umask narrows what open() was asked, owner bits included (a
          * umask of 0277 would make the object read-only for its own user's
@@ -447,7 +453,8 @@ shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
         close(fd);
         return NULL;
     }
-    PyObject *result = Py_BuildValue("(iNK)", fd, mm, created);
+    PyObject *result = Py_BuildValue("(iNKKK)", fd, mm, created, (unsigned long long)st.st_dev,
+                                     (unsigned long long)st.st_ino);
     if (result == NULL) {
         close(fd);
     }
@@ -461,7 +468,8 @@ shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
  * walk through /proc/self/fd/N, a third of what publishing costs. */
 static int empty_path_ok = -1;
 
-/* publish(fd, path) -> bool: name the unnamed inode fd; False if the name is taken. */
+/* publish(fd, path) -> bool: name the unnamed inode fd; False if the name is
+ * taken. Closes fd either way: the mapping made by create() keeps the hold. */
 static PyObject *
 shmstep_publish(PyObject *Py_UNUSED(module), PyObject *args)
 {
@@ -490,6 +498,9 @@ shmstep_publish(PyObject *Py_UNUSED(module), PyObject *args)
     else if (rc == 0) {
         empty_path_ok = 1;
     }
+    int saved = errno;
+    close(fd);
+    errno = saved;
     Py_END_ALLOW_THREADS
     if (rc == 0) {
         Py_RETURN_TRUE;
@@ -516,52 +527,194 @@ shmstep_link_mode(PyObject *Py_UNUSED(module), PyObject *args)
     return PyLong_FromLong(old);
 }
 
-/* release(fd, path) -> 0 | 1 | 2: drop this description's READ hold, then try
- * WRITE, which succeeds only for the last holder. 0: others hold the object.
- * 1: we are the last holder and now have WRITE; with path None the caller
- * decides whether to remove the object, otherwise it was already unlinked
- * (ps.unlink, a twin). 2: we were the last holder and unlinked path. */
+#define RELEASED (-1) /* the hold ended; the object stays (others hold it, or it is gone) */
+#define REMOVED (-2)  /* the hold ended, this was the last one, and the name was unlinked */
+
+/* release(mm, path, st_dev, st_ino, decide) -> RELEASED | REMOVED | fd
+ *
+ * End the hold that the mapping mm keeps, and find out whether it was the
+ * last one: open path anew (a description with no lock), unmap mm (or, while
+ * buffers exported from it are alive, move it onto the new description with
+ * MAP_FIXED, same pages), then try WRITE on the new description, granted
+ * only when nobody holds the object any more. The last holder checks that
+ * the name still is its object (st_dev, st_ino; not unlinked meanwhile) and
+ * with `decide` unlinks it; without, it gets the descriptor, WRITE held,
+ * decides itself and hands it to unhold(). mm is closed afterwards, unless
+ * buffers keep it mapped. */
 static PyObject *
-shmstep_release(PyObject *Py_UNUSED(module), PyObject *args)
+shmstep_release(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
+    if (nargs != 5 || !Py_IS_TYPE(args[0], &Mapping_Type) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "release() takes mm (Mapping), path (bytes), st_dev, st_ino, decide");
+        return NULL;
+    }
+    MappingObject *mm = (MappingObject *)args[0];
+    const char *path = PyBytes_AS_STRING(args[1]);
+    unsigned long long dev = PyLong_AsUnsignedLongLong(args[2]);
+    unsigned long long ino = PyLong_AsUnsignedLongLong(args[3]);
+    int decide = PyObject_IsTrue(args[4]);
+    if (PyErr_Occurred() || decide < 0) {
+        return NULL;
+    }
+    /* mm->data is NULL after let_go() unmapped it: only the check is left. */
     int fd;
-    PyObject *path;
-    if (!PyArg_ParseTuple(args, "iO", &fd, &path)) {
-        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    Py_END_ALLOW_THREADS
+    int exported = mm->data != NULL && mm->exports > 0;
+    if (fd < 0) {
+        int saved = errno;
+        if (!exported && mm->data != NULL) {
+            /* The hold ends anyway; if it was the last, the object is an orphan
+             * the next procshare use of the namespace reclaims. */
+            munmap(mm->data, (size_t)mm->size);
+            mm->data = NULL;
+        }
+        if (saved == ENOENT) {
+            return PyLong_FromLong(RELEASED); /* removed already (ps.unlink, a twin) */
+        }
+        errno = saved;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
     }
-    if (path != Py_None && !PyBytes_Check(path)) {
-        PyErr_SetString(PyExc_TypeError, "release(): path must be bytes or None");
-        return NULL;
+    struct stat st;
+    if (exported) {
+        if (fstat(fd, &st) != 0) {
+            goto os_error;
+        }
+        if ((unsigned long long)st.st_dev != dev || (unsigned long long)st.st_ino != ino) {
+            /* The name is another object now; ours is unlinked and its hold
+             * stops nobody: it goes with the mapping. */
+            close(fd);
+            return PyLong_FromLong(RELEASED);
+        }
+        void *moved = mmap(mm->data, (size_t)mm->size, PROT_READ | PROT_WRITE,
+                           MAP_SHARED | MAP_FIXED, fd, 0);
+        if (moved == MAP_FAILED) {
+            goto os_error;
+        }
     }
-    if (ofd(fd, F_OFD_SETLK, F_UNLCK) != 0) {
-        return PyErr_SetFromErrno(PyExc_OSError);
+    else if (mm->data != NULL) {
+        munmap(mm->data, (size_t)mm->size);
+        mm->data = NULL;
     }
     if (ofd(fd, F_OFD_SETLK, F_WRLCK) != 0) {
         if (errno == EAGAIN || errno == EACCES) {
-            return PyLong_FromLong(0); /* somebody else holds it */
+            close(fd); /* somebody else holds it */
+            return PyLong_FromLong(RELEASED);
         }
-        return PyErr_SetFromErrno(PyExc_OSError);
+        goto os_error;
     }
-    if (path == Py_None) {
-        return PyLong_FromLong(1);
+    if (!exported && fstat(fd, &st) != 0) {
+        goto unlock_error;
     }
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
-        return PyErr_SetFromErrno(PyExc_OSError);
+    if (st.st_nlink == 0 || (unsigned long long)st.st_dev != dev ||
+        (unsigned long long)st.st_ino != ino) {
+        /* Ours was unlinked meanwhile; the name (if any) is another's. */
+        ofd(fd, F_OFD_SETLK, F_UNLCK);
+        close(fd);
+        return PyLong_FromLong(RELEASED);
     }
-    if (st.st_nlink == 0) {
-        return PyLong_FromLong(1); /* unlinked already: the name may be another's */
+    if (!decide) {
+        return PyLong_FromLong(fd);
     }
     /* We hold WRITE: nobody can be attaching, and the name is still ours. */
-    if (unlink(PyBytes_AS_STRING(path)) != 0) {
-        if (errno == ENOENT) {
-            return PyLong_FromLong(1);
-        }
-        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+    int removed = unlink(path) == 0;
+    int saved = errno;
+    ofd(fd, F_OFD_SETLK, F_UNLCK); /* the description may live on in mm */
+    close(fd);
+    if (!removed && saved != ENOENT) {
+        errno = saved;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
     }
-    return PyLong_FromLong(2);
+    return PyLong_FromLong(removed ? REMOVED : RELEASED);
+
+unlock_error: {
+    int saved = errno;
+    ofd(fd, F_OFD_SETLK, F_UNLCK);
+    errno = saved;
+}
+os_error: {
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+}
 }
 
+/* let_go(mm, path, st_dev, st_ino) -> None: end this process's own hold now,
+ * while children forked earlier keep theirs (they share the description):
+ * unmap, or while buffers exported from mm are alive, move mm onto a new
+ * description of the same object (no lock on it). Either way a child forked
+ * from now on inherits no hold; release() later only checks for the last
+ * holder. Used when a close must wait for children (segment.py). */
+static PyObject *
+shmstep_let_go(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !Py_IS_TYPE(args[0], &Mapping_Type) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "let_go() takes mm (Mapping), path (bytes), st_dev, st_ino");
+        return NULL;
+    }
+    MappingObject *mm = (MappingObject *)args[0];
+    const char *path = PyBytes_AS_STRING(args[1]);
+    unsigned long long dev = PyLong_AsUnsignedLongLong(args[2]);
+    unsigned long long ino = PyLong_AsUnsignedLongLong(args[3]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (mm->data == NULL) {
+        Py_RETURN_NONE;
+    }
+    if (mm->exports == 0) {
+        munmap(mm->data, (size_t)mm->size);
+        mm->data = NULL;
+        Py_RETURN_NONE;
+    }
+    int fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno == ENOENT) {
+            Py_RETURN_NONE; /* unlinked: its hold stops nobody */
+        }
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+    struct stat st;
+    int rc = fstat(fd, &st);
+    if (rc == 0 && (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino &&
+        mmap(mm->data, (size_t)mm->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) ==
+            MAP_FAILED) {
+        rc = -1;
+    }
+    int saved = errno;
+    close(fd);
+    if (rc != 0) {
+        errno = saved;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+    Py_RETURN_NONE;
+}
+
+/* unhold(fd) -> None: drop the WRITE release() left on fd, and close it. */
+static PyObject *
+shmstep_unhold(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    long value = PyLong_AsLong(arg);
+    if (value == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (value < 0 || value > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "unhold(): not a descriptor");
+        return NULL;
+    }
+    int fd = (int)value;
+    int rc = ofd(fd, F_OFD_SETLK, F_UNLCK);
+    int saved = errno;
+    close(fd);
+    if (rc != 0) {
+        errno = saved;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
 
 /* anonymous(size, reserve) -> Mapping: shared memory with no name anywhere.
  *
@@ -625,24 +778,34 @@ shmstep_anonymous(PyObject *Py_UNUSED(module), PyObject *args)
 
 static PyMethodDef shmstep_methods[] = {
     {"attach", (PyCFunction)(void (*)(void))shmstep_attach, METH_FASTCALL,
-     "attach(path, meta, spares) -> None (no such object) | SLOW (use the full protocol) | "
-     "(fd, mm, flags, data_offset, data_size, created_ns, creator_pid, found_meta, "
-     "st_dev, st_ino); found_meta is meta itself when the object's metadata equals it, and "
-     "mm is taken from spares ({(st_dev, st_ino): Mapping}) when it holds this inode."},
+     "attach(path, meta) -> None (no such object) | SLOW (use the full protocol) | "
+     "(mm, flags, data_offset, data_size, created_ns, creator_pid, found_meta, st_dev, "
+     "st_ino): a READ hold kept by the mapping mm alone (no descriptor stays open); "
+     "found_meta is meta itself when the object's metadata equals it."},
+    {"map", shmstep_map, METH_VARARGS,
+     "map(fd, size) -> Mapping: a shared mapping of the whole object (it keeps fd's "
+     "description, and the locks on it, alive after fd is closed)."},
     {"create", shmstep_create, METH_VARARGS,
      "create(dir, meta, flags, data_offset, data_size, total, mode, pid) -> None (no O_TMPFILE) "
-     "| (fd, mm, created_ns): an unnamed, READ-held, written and mapped new object."},
+     "| (fd, mm, created_ns, st_dev, st_ino): an unnamed, READ-held, written and mapped new "
+     "object."},
     {"publish", shmstep_publish, METH_VARARGS,
-     "publish(fd, path) -> bool: link the unnamed inode to path; False if it exists."},
+     "publish(fd, path) -> bool: link the unnamed inode to path; False if it exists. "
+     "Closes fd."},
     {"link_mode", shmstep_link_mode, METH_VARARGS,
      "link_mode([mode]) -> previous mode: how publish() links (1 AT_EMPTY_PATH, 0 "
      "/proc/self/fd, -1 undecided)."},
     {"anonymous", shmstep_anonymous, METH_VARARGS,
      "anonymous(size, reserve) -> Mapping: MAP_SHARED memory with no name, inherited by "
      "fork; with reserve its pages are allocated now (ENOSPC/ENOMEM if they do not fit)."},
-    {"release", shmstep_release, METH_VARARGS,
-     "release(fd, path) -> 0 (others hold it) | 1 (last holder, WRITE held; removal is "
-     "the caller's call when path is None) | 2 (last holder, path unlinked)."},
+    {"release", (PyCFunction)(void (*)(void))shmstep_release, METH_FASTCALL,
+     "release(mm, path, st_dev, st_ino, decide) -> RELEASED | REMOVED | fd: end the hold mm "
+     "keeps; the last holder unlinks path (decide) or gets a WRITE-held fd to decide with "
+     "and pass to unhold()."},
+    {"let_go", (PyCFunction)(void (*)(void))shmstep_let_go, METH_FASTCALL,
+     "let_go(mm, path, st_dev, st_ino): end this process's hold now (children forked "
+     "earlier keep theirs); release() later only checks for the last holder."},
+    {"unhold", shmstep_unhold, METH_O, "unhold(fd): drop the WRITE on fd and close it."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -670,7 +833,9 @@ PyInit__shmstep(void)
         Py_DECREF(module);
         return NULL;
     }
-    if (PyModule_AddIntConstant(module, "SLOW", 0) < 0) {
+    if (PyModule_AddIntConstant(module, "SLOW", 0) < 0 ||
+        PyModule_AddIntConstant(module, "RELEASED", RELEASED) < 0 ||
+        PyModule_AddIntConstant(module, "REMOVED", REMOVED) < 0) {
         Py_DECREF(module);
         return NULL;
     }
