@@ -41,6 +41,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
 #include <limits.h>
@@ -199,6 +200,196 @@ static PyTypeObject Mapping_Type = {
     .tp_getset = mapping_getset,
 };
 
+/* One open of one object: segment.py's PosixSegment is a Python subclass of
+ * this type (methods only, no slots of its own).
+ *
+ * Why C: attach() builds the handle right here, in one allocation with no
+ * Python frame, instead of returning a tuple of fields for a Python __init__
+ * to store one by one. In a freshly forked child that Python path touched
+ * (and so copied) a page for nearly every object it stored or called: the
+ * __init__ function and its code, the class, each field's value. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *os_name;
+    PyObject *mm;
+    PyObject *meta;
+    PyObject *data; /* the memoryview of the data area, made on first use */
+    unsigned long long st_dev;
+    unsigned long long st_ino;
+    unsigned long long created_ns;
+    Py_ssize_t data_offset;
+    Py_ssize_t data_size;
+    unsigned int creator_pid;
+    int opener_pid;
+    char persist;
+    char closed;
+} HandleObject;
+
+static PyTypeObject Handle_Type;
+/* The subclass attach() builds (segment.py's PosixSegment), set by set_handle_type(). */
+static PyTypeObject *handle_type = NULL;
+
+static PyObject *
+handle_make(PyTypeObject *type, PyObject *os_name, PyObject *mm, unsigned long long dev,
+            unsigned long long ino, PyObject *meta, int persist, Py_ssize_t data_offset,
+            Py_ssize_t data_size, unsigned long long created, unsigned int creator, int opener)
+{
+    HandleObject *self = (HandleObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->os_name = Py_NewRef(os_name);
+    self->mm = Py_NewRef(mm);
+    self->meta = Py_NewRef(meta);
+    self->data = NULL;
+    self->st_dev = dev;
+    self->st_ino = ino;
+    self->created_ns = created;
+    self->data_offset = data_offset;
+    self->data_size = data_size;
+    self->creator_pid = creator;
+    self->opener_pid = opener;
+    self->persist = (char)(persist != 0);
+    self->closed = 0;
+    return (PyObject *)self;
+}
+
+/* Handle(os_name, mm, st_dev, st_ino, meta, persist, data_offset, data_size,
+ *        created_ns, creator_pid, opener_pid) */
+static PyObject *
+handle_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *os_name, *mm, *meta;
+    unsigned long long dev, ino, created;
+    int persist, opener;
+    Py_ssize_t data_offset, data_size;
+    unsigned int creator;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) > 0) {
+        PyErr_SetString(PyExc_TypeError, "a segment handle takes positional arguments only");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "UOKKSpnnKIi", &os_name, &mm, &dev, &ino, &meta, &persist,
+                          &data_offset, &data_size, &created, &creator, &opener)) {
+        return NULL;
+    }
+    return handle_make(type, os_name, mm, dev, ino, meta, persist, data_offset, data_size,
+                       created, creator, opener);
+}
+
+/* No GC: a handle refers to no container that could lead back to it (and an
+ * untracked object is one less write to the collector's lists in a child).
+ * A Python subclass's deallocator calls this one, then drops its type. */
+static void
+handle_dealloc(HandleObject *self)
+{
+    Py_CLEAR(self->data);
+    Py_CLEAR(self->mm);
+    Py_CLEAR(self->os_name);
+    Py_CLEAR(self->meta);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The data area as a writable memoryview (cached): a slice of a view of the
+ * whole mapping, so that it keeps the mapping exported while it lives. */
+static PyObject *
+handle_get_data(HandleObject *self, void *Py_UNUSED(closure))
+{
+    if (self->data == NULL) {
+        PyObject *whole = PyMemoryView_FromObject(self->mm);
+        if (whole == NULL) {
+            return NULL;
+        }
+        PyObject *slice = PySlice_New(NULL, NULL, NULL);
+        PyObject *start = PyLong_FromSsize_t(self->data_offset);
+        PyObject *stop = PyLong_FromSsize_t(self->data_offset + self->data_size);
+        if (slice != NULL && start != NULL && stop != NULL) {
+            Py_SETREF(slice, PySlice_New(start, stop, NULL));
+        }
+        Py_XDECREF(start);
+        Py_XDECREF(stop);
+        if (slice == NULL) {
+            Py_DECREF(whole);
+            return NULL;
+        }
+        self->data = PyObject_GetItem(whole, slice);
+        Py_DECREF(slice);
+        /* The slice shares the whole view's managed buffer, which stays
+         * exported while the slice lives: release nothing here. */
+        Py_DECREF(whole);
+        if (self->data == NULL) {
+            return NULL;
+        }
+    }
+    return Py_NewRef(self->data);
+}
+
+static PyObject *
+handle_get_cached(HandleObject *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->data != NULL ? self->data : Py_None);
+}
+
+static int
+handle_set_cached(HandleObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value != NULL && value != Py_None && !PyMemoryView_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "_data must be a memoryview or None");
+        return -1;
+    }
+    Py_XSETREF(self->data, (value == NULL || value == Py_None) ? NULL : Py_NewRef(value));
+    return 0;
+}
+
+static PyGetSetDef handle_getset[] = {
+    {"data", (getter)handle_get_data, NULL,
+     "A writable memoryview of the data area (data_size bytes, 64-byte aligned).", NULL},
+    {"_data", (getter)handle_get_cached, (setter)handle_set_cached,
+     "The cached data view, or None.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef handle_members[] = {
+    {"os_name", T_OBJECT_EX, offsetof(HandleObject, os_name), READONLY, NULL},
+    {"mm", T_OBJECT_EX, offsetof(HandleObject, mm), READONLY, NULL},
+    {"meta", T_OBJECT_EX, offsetof(HandleObject, meta), READONLY, NULL},
+    {"st_dev", T_ULONGLONG, offsetof(HandleObject, st_dev), READONLY, NULL},
+    {"st_ino", T_ULONGLONG, offsetof(HandleObject, st_ino), READONLY, NULL},
+    {"created_ns", T_ULONGLONG, offsetof(HandleObject, created_ns), READONLY, NULL},
+    {"data_offset", T_PYSSIZET, offsetof(HandleObject, data_offset), READONLY, NULL},
+    {"data_size", T_PYSSIZET, offsetof(HandleObject, data_size), READONLY, NULL},
+    {"creator_pid", T_UINT, offsetof(HandleObject, creator_pid), READONLY, NULL},
+    {"opener_pid", T_INT, offsetof(HandleObject, opener_pid), READONLY, NULL},
+    {"persist", T_BOOL, offsetof(HandleObject, persist), READONLY, NULL},
+    {"closed", T_BOOL, offsetof(HandleObject, closed), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject Handle_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "procshare._backends.posix._shmstep.Handle",
+    .tp_basicsize = sizeof(HandleObject),
+    .tp_dealloc = (destructor)handle_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "One open of one procshare object (the fields of segment.py's PosixSegment).",
+    .tp_members = handle_members,
+    .tp_getset = handle_getset,
+    .tp_new = handle_new,
+};
+
+/* set_handle_type(cls): the subclass of Handle that attach() returns. */
+static PyObject *
+shmstep_set_handle_type(PyObject *Py_UNUSED(module), PyObject *cls)
+{
+    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, &Handle_Type) ||
+        ((PyTypeObject *)cls)->tp_basicsize != Handle_Type.tp_basicsize) {
+        PyErr_SetString(PyExc_TypeError, "set_handle_type() takes a slot-less subclass of Handle");
+        return NULL;
+    }
+    Py_INCREF(cls);
+    Py_XSETREF(handle_type, (PyTypeObject *)cls);
+    Py_RETURN_NONE;
+}
+
 static int
 ofd(int fd, int cmd, short type)
 {
@@ -234,13 +425,22 @@ u64_at(const char *p)
     return v;
 }
 
-/* attach(path: bytes, meta: bytes) -> None | SLOW | (mm, flags, data_offset,
- * data_size, created_ns, creator_pid, found_meta, st_dev, st_ino) */
+/* attach(path: bytes, meta: bytes, os_name: str, opener_pid: int) -> None | SLOW
+ * | a handle (of the type set_handle_type() named) */
 static PyObject *
 shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "attach() takes path and meta (bytes)");
+    if (nargs != 4 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1]) ||
+        !PyUnicode_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "attach() takes path, meta (bytes), os_name, opener_pid");
+        return NULL;
+    }
+    if (handle_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "attach(): set_handle_type() was not called");
+        return NULL;
+    }
+    int opener = (int)PyLong_AsLong(args[3]);
+    if (opener == -1 && PyErr_Occurred()) {
         return NULL;
     }
     const char *path = PyBytes_AS_STRING(args[0]);
@@ -309,10 +509,13 @@ shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
             return NULL;
         }
     }
-    /* Py_BuildValue consumes the N references even on failure. */
-    return Py_BuildValue("(NIKKKINKK)", mm, flags, (unsigned long long)dataoff,
-                         (unsigned long long)datalen, (unsigned long long)created, creator,
-                         found, (unsigned long long)st.st_dev, (unsigned long long)st.st_ino);
+    PyObject *handle = handle_make(handle_type, args[2], mm, (unsigned long long)st.st_dev,
+                                   (unsigned long long)st.st_ino, found, flags & 1,
+                                   (Py_ssize_t)dataoff, (Py_ssize_t)datalen,
+                                   (unsigned long long)created, creator, opener);
+    Py_DECREF(found);
+    Py_DECREF(mm); /* the handle holds it (or, on failure, it unmaps: no hold left) */
+    return handle;
 
 os_error: {
     int saved = errno;
@@ -778,10 +981,11 @@ shmstep_anonymous(PyObject *Py_UNUSED(module), PyObject *args)
 
 static PyMethodDef shmstep_methods[] = {
     {"attach", (PyCFunction)(void (*)(void))shmstep_attach, METH_FASTCALL,
-     "attach(path, meta) -> None (no such object) | SLOW (use the full protocol) | "
-     "(mm, flags, data_offset, data_size, created_ns, creator_pid, found_meta, st_dev, "
-     "st_ino): a READ hold kept by the mapping mm alone (no descriptor stays open); "
-     "found_meta is meta itself when the object's metadata equals it."},
+     "attach(path, meta, os_name, opener_pid) -> None (no such object) | SLOW (use the full "
+     "protocol) | a handle whose mapping alone keeps the READ hold (no descriptor stays "
+     "open); its meta is meta itself when the object's metadata equals it."},
+    {"set_handle_type", shmstep_set_handle_type, METH_O,
+     "set_handle_type(cls): the Handle subclass attach() returns."},
     {"map", shmstep_map, METH_VARARGS,
      "map(fd, size) -> Mapping: a shared mapping of the whole object (it keeps fd's "
      "description, and the locks on it, alive after fd is closed)."},
@@ -820,7 +1024,7 @@ static struct PyModuleDef shmstep_module = {
 PyMODINIT_FUNC
 PyInit__shmstep(void)
 {
-    if (PyType_Ready(&Mapping_Type) < 0) {
+    if (PyType_Ready(&Mapping_Type) < 0 || PyType_Ready(&Handle_Type) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&shmstep_module);
@@ -830,6 +1034,12 @@ PyInit__shmstep(void)
     Py_INCREF(&Mapping_Type);
     if (PyModule_AddObject(module, "Mapping", (PyObject *)&Mapping_Type) < 0) {
         Py_DECREF(&Mapping_Type);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&Handle_Type);
+    if (PyModule_AddObject(module, "Handle", (PyObject *)&Handle_Type) < 0) {
+        Py_DECREF(&Handle_Type);
         Py_DECREF(module);
         return NULL;
     }

@@ -302,24 +302,11 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
         path = path_bytes.get(os_name)
         if path is None:
             path = remember_path(os_name)
-        found = _attach(path, meta)
+        found = _attach(path, meta, os_name, segment_object._pid)
         if found is None:
             return None
-        if type(found) is tuple:
-            mm, flags, dataoff, datalen, created, creator, found_meta, dev, ino = found
-            return PosixSegment(
-                os_name,
-                mm,
-                dev,
-                ino,
-                found_meta,
-                bool(flags & FLAG_PERSIST),
-                dataoff,
-                datalen,
-                created,
-                creator,
-                segment_object._pid,
-            )
+        if type(found) is PosixSegment:
+            return found
         return self._open_protocol(os_name, keep_orphan)
 
     def _open_protocol(self, os_name: str, keep_orphan: KeepOrphan) -> PosixSegment | None:

@@ -92,71 +92,27 @@ def align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-class PosixSegment:
+class PosixSegment(_shmstep.Handle):
     """One open of one object. Implements :class:`SegmentHandle`.
 
-    A plain slotted class, not attrs: one is built on every open, and in a
-    freshly forked child each separately compiled method it runs (attrs
-    generates ``__init__`` apart from the module) costs copied pages.
+    Its fields live in the C base type (``_shmstep.Handle``: ``os_name``,
+    ``mm``, ``st_dev``, ``st_ino``, ``meta``, ``persist``, ``data_offset``,
+    ``data_size``, ``created_ns``, ``creator_pid``, ``opener_pid``,
+    ``closed``, and ``data``), which the C attach step fills in directly: in a
+    freshly forked child a Python ``__init__`` storing them one by one touched
+    (and so copied) a page for nearly every object it stored. Built from
+    Python with the same fields, positionally, in that order.
 
     ``mm`` is the hold: while it is mapped this process counts as a holder,
     with no descriptor open. ``st_dev`` / ``st_ino`` identify the object, so
     that closing never mistakes a newer object under the same name for it.
     """
 
-    __slots__ = (
-        "_data",
-        "closed",
-        "created_ns",
-        "creator_pid",
-        "data_offset",
-        "data_size",
-        "meta",
-        "mm",
-        "opener_pid",
-        "os_name",
-        "persist",
-        "st_dev",
-        "st_ino",
-    )
-
-    def __init__(  # noqa: PLR0917 - positional: built on every open
-        self,
-        os_name: str,
-        mm: _shmstep.Mapping,
-        st_dev: int,
-        st_ino: int,
-        meta: bytes,
-        persist: bool,
-        data_offset: int,
-        data_size: int,
-        created_ns: int,
-        creator_pid: int,
-        opener_pid: int,
-    ) -> None:
-        self.os_name = os_name
-        self.mm = mm
-        self.st_dev = st_dev
-        self.st_ino = st_ino
-        self.meta = meta
-        self.persist = persist
-        self.data_offset = data_offset
-        self.data_size = data_size
-        self.created_ns = created_ns
-        self.creator_pid = creator_pid
-        self.opener_pid = opener_pid
-        self.closed = False
-        self._data: memoryview | None = None
+    __slots__ = ()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<PosixSegment {self.os_name} {self.data_size} bytes ({state})>"
-
-    @property
-    def data(self) -> memoryview:
-        if self._data is None:
-            self._data = memoryview(self.mm)[self.data_offset : self.data_offset + self.data_size]
-        return self._data
 
     @property
     def address(self) -> int:
@@ -321,3 +277,6 @@ def mapping_usage() -> tuple[int, int] | None:
     except (OSError, ValueError):
         return None
     return count, limit
+
+
+_shmstep.set_handle_type(PosixSegment)
