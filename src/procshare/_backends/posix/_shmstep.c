@@ -733,33 +733,68 @@ shmstep_link_mode(PyObject *Py_UNUSED(module), PyObject *args)
 #define RELEASED (-1) /* the hold ended; the object stays (others hold it, or it is gone) */
 #define REMOVED (-2)  /* the hold ended, this was the last one, and the name was unlinked */
 
-/* release(mm, path, st_dev, st_ino, decide) -> RELEASED | REMOVED | fd
+static PyObject *str_release = NULL; /* "release", interned at import */
+
+/* release(handle, path, pid, decide) -> RELEASED | REMOVED | fd
  *
- * End the hold that the mapping mm keeps, and find out whether it was the
- * last one: open path anew (a description with no lock), unmap mm (or, while
- * buffers exported from it are alive, move it onto the new description with
- * MAP_FIXED, same pages), then try WRITE on the new description, granted
- * only when nobody holds the object any more. The last holder checks that
- * the name still is its object (st_dev, st_ino; not unlinked meanwhile) and
- * with `decide` unlinks it; without, it gets the descriptor, WRITE held,
- * decides itself and hands it to unhold(). mm is closed afterwards, unless
- * buffers keep it mapped. */
+ * Close `handle` (a no-op, RELEASED, if it is closed already or was opened by
+ * another pid: a forked child never releases what it inherited): let go of
+ * its data view, then end the hold its mapping keeps and find out whether it
+ * was the last one. For that, open path anew (a description with no lock),
+ * unmap (or, while buffers exported from the mapping are alive, move it onto
+ * the new description with MAP_FIXED, same pages), then try WRITE on the new
+ * description, granted only when nobody holds the object any more. The last
+ * holder checks that the name still is its object (st_dev, st_ino; not
+ * unlinked meanwhile) and with `decide` unlinks it; without, it gets the
+ * descriptor, WRITE held, decides itself and hands it to unhold(). A persist
+ * object is only unmapped: its last holder never removes it. */
 static PyObject *
 shmstep_release(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5 || !Py_IS_TYPE(args[0], &Mapping_Type) || !PyBytes_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "release() takes mm (Mapping), path (bytes), st_dev, st_ino, decide");
+    if (nargs != 4 || !PyObject_TypeCheck(args[0], &Handle_Type) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "release() takes handle, path (bytes), pid, decide");
         return NULL;
     }
-    MappingObject *mm = (MappingObject *)args[0];
+    HandleObject *handle = (HandleObject *)args[0];
     const char *path = PyBytes_AS_STRING(args[1]);
-    unsigned long long dev = PyLong_AsUnsignedLongLong(args[2]);
-    unsigned long long ino = PyLong_AsUnsignedLongLong(args[3]);
-    int decide = PyObject_IsTrue(args[4]);
-    if (PyErr_Occurred() || decide < 0) {
+    long pid = PyLong_AsLong(args[2]);
+    int decide = PyObject_IsTrue(args[3]);
+    if ((pid == -1 && PyErr_Occurred()) || decide < 0) {
         return NULL;
     }
+    if (handle->closed) {
+        return PyLong_FromLong(RELEASED);
+    }
+    handle->closed = 1;
+    if (handle->opener_pid != pid) {
+        return PyLong_FromLong(RELEASED); /* inherited: the hold is shared with the parent */
+    }
+    if (handle->data != NULL) {
+        /* Views made from data share its managed buffer; only a buffer exported
+         * from data itself (numpy.frombuffer(data)) makes release() refuse. */
+        PyObject *done = PyObject_CallMethodNoArgs(handle->data, str_release);
+        if (done == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_BufferError)) {
+                return NULL;
+            }
+            PyErr_Clear();
+        }
+        Py_XDECREF(done);
+        Py_CLEAR(handle->data);
+    }
+    if (!Py_IS_TYPE(handle->mm, &Mapping_Type)) {
+        PyErr_SetString(PyExc_TypeError, "release(): the handle's mm is not a Mapping");
+        return NULL;
+    }
+    MappingObject *mm = (MappingObject *)handle->mm;
+    if (handle->persist) {
+        if (mm->data != NULL && mm->exports == 0) {
+            munmap(mm->data, (size_t)mm->size);
+            mm->data = NULL;
+        }
+        return PyLong_FromLong(RELEASED);
+    }
+    unsigned long long dev = handle->st_dev, ino = handle->st_ino;
     /* mm->data is NULL after let_go() unmapped it: only the check is left. */
     int fd;
     Py_BEGIN_ALLOW_THREADS
@@ -1003,9 +1038,9 @@ static PyMethodDef shmstep_methods[] = {
      "anonymous(size, reserve) -> Mapping: MAP_SHARED memory with no name, inherited by "
      "fork; with reserve its pages are allocated now (ENOSPC/ENOMEM if they do not fit)."},
     {"release", (PyCFunction)(void (*)(void))shmstep_release, METH_FASTCALL,
-     "release(mm, path, st_dev, st_ino, decide) -> RELEASED | REMOVED | fd: end the hold mm "
-     "keeps; the last holder unlinks path (decide) or gets a WRITE-held fd to decide with "
-     "and pass to unhold()."},
+     "release(handle, path, pid, decide) -> RELEASED | REMOVED | fd: close handle and end "
+     "the hold its mapping keeps; the last holder unlinks path (decide) or gets a "
+     "WRITE-held fd to decide with and pass to unhold()."},
     {"let_go", (PyCFunction)(void (*)(void))shmstep_let_go, METH_FASTCALL,
      "let_go(mm, path, st_dev, st_ino): end this process's hold now (children forked "
      "earlier keep theirs); release() later only checks for the last holder."},
@@ -1026,6 +1061,12 @@ PyInit__shmstep(void)
 {
     if (PyType_Ready(&Mapping_Type) < 0 || PyType_Ready(&Handle_Type) < 0) {
         return NULL;
+    }
+    if (str_release == NULL) {
+        str_release = PyUnicode_InternFromString("release");
+        if (str_release == NULL) {
+            return NULL;
+        }
     }
     PyObject *module = PyModule_Create(&shmstep_module);
     if (module == NULL) {

@@ -350,35 +350,21 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
     # -- close ----------------------------------------------------------------
 
     def segment_close(self, handle: SegmentHandle, *, keep: KeepOrphan | None) -> bool:
+        if type(handle) is PosixSegment:
+            path = path_bytes.get(handle.os_name)
+            if path is None:
+                path = remember_path(handle.os_name)
+            # One C call (see _shmstep.c): a no-op for a handle inherited across
+            # fork (the hold is shared with the parent); unmapping for a persist
+            # one. With keep None C decides and unlinks; else it returns a
+            # descriptor with WRITE held when we were the last holder, for keep.
+            state = _release(handle, path, segment_object._pid, keep is None)
+            if state < 0:
+                return state == _REMOVED
+            return self._decide(handle.os_name, state, keep)
         if type(handle) is PosixAnonymous:
             return close_anonymous(handle)
-        assert isinstance(handle, PosixSegment)
-        if handle.closed:
-            return False
-        handle.closed = True
-        if handle.opener_pid != segment_object._pid:
-            # Inherited across fork: the mapping (and the hold it keeps) is
-            # shared with the parent until this process exits. Drop our
-            # references without touching the kernel state.
-            return False
-        handle.drop_data()
-        if handle.persist:
-            # Never removed by its last holder: unmapping is all (a mapping
-            # pinned by a live buffer holds on until that buffer is collected).
-            try:  # noqa: SIM105 - hot path: contextlib costs page faults in a child
-                handle.mm.close()
-            except BufferError:
-                pass
-            return False
-        path = path_bytes.get(handle.os_name)
-        if path is None:
-            path = remember_path(handle.os_name)
-        # With keep None, C decides and unlinks; else it returns a descriptor
-        # with WRITE held when we were the last holder, for keep to decide.
-        state = _release(handle.mm, path, handle.st_dev, handle.st_ino, keep is None)
-        if state < 0:
-            return state == _REMOVED
-        return self._decide(handle.os_name, state, keep)
+        raise TypeError(f"not a POSIX segment handle: {handle!r}")
 
     def segment_let_go(self, handle: SegmentHandle) -> None:
         if type(handle) is not PosixSegment or handle.closed:
