@@ -243,7 +243,13 @@ def decode_meta(meta: bytes) -> dict[str, Any]:
 
 
 class SegmentsPart:
-    """The engine part that owns every segment this process opened."""
+    """The engine part that owns every segment this process opened.
+
+    Slotted: a forked child that opens a segment builds its own, and an
+    instance dictionary is one more object (and page) to make there.
+    """
+
+    __slots__ = ("_created_last", "_open", "engine", "init_hook")
 
     order = 20
 
