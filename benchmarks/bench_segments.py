@@ -8,6 +8,12 @@
   the end) against ``SharedMemory(create=True)`` + ``close()`` + ``unlink()``
   and ``posix_ipc.SharedMemory(O_CREX)`` + ``mmap`` + ``unlink``;
 * attach + close of a segment someone else holds, the same three ways;
+* attach by name in a freshly forked child (issue 16): each child times its own
+  open + read + close, so the fork itself stays out and what remains is the
+  attach path with its copy-on-write faults;
+* many segments held at once by one process (issue 16): procshare keeps no
+  descriptor per segment (the mapping is the hold), so it goes past
+  ``ulimit -n`` up to ``vm.max_map_count``; ``SharedMemory`` keeps one each;
 * copying 256 MiB into an already-touched shared numpy array against the
   same copy into a private array;
 * the cost of reading and writing a scalar view's ``.value``, with a private
@@ -21,8 +27,12 @@ from __future__ import annotations
 import ctypes
 import mmap
 import multiprocessing
+import os
+import resource
+import struct
 import time
 import warnings
+from collections.abc import Callable
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -117,6 +127,174 @@ def posix_ipc_attach(n: int) -> float:
     finally:
         owner.close_fd()
         owner.unlink()
+
+
+def _in_fresh_children(n: int, attach: Callable[[], None]) -> float:
+    """Fork ``n`` children one after another; each times ``attach()`` itself
+    (open by name, read, close) and reports it: the sum of those times."""
+    r, w = os.pipe()
+    total = 0.0
+    try:
+        for _ in range(n):
+            pid = os.fork()
+            if pid == 0:  # child: always leaves through os._exit
+                code = 1
+                try:
+                    t0 = time.perf_counter()
+                    attach()
+                    os.write(w, struct.pack("d", time.perf_counter() - t0))
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.waitpid(pid, 0)
+            total += struct.unpack("d", os.read(r, 8))[0]
+    finally:
+        os.close(r)
+        os.close(w)
+    return total
+
+
+def _child_attach_contenders(bench: Bench) -> None:
+    owner = ps.shared("bench-child", ps.u64)
+    raw = posix_ipc.SharedMemory("/bench-posix-ipc-child", posix_ipc.O_CREX, size=8)
+    mp = shared_memory.SharedMemory(create=True, size=8)
+
+    def ps_attach_child() -> None:
+        with ps.shared("bench-child", ps.u64) as s:
+            s.value  # noqa: B018
+
+    def raw_attach_child() -> None:
+        shm = posix_ipc.SharedMemory("/bench-posix-ipc-child")
+        mm = mmap.mmap(shm.fd, 8)
+        shm.close_fd()
+        ctypes.c_uint64.from_buffer(mm).value  # noqa: B018
+
+    def mp_attach_child() -> None:
+        shm = shared_memory.SharedMemory(mp.name)
+        if shm.buf is not None:
+            shm.buf[0]
+        shm.close()
+
+    try:
+        g = bench.group(
+            "segments: attach by name in a fresh child",
+            note="each forked child times its own open by name + read + close (the fork "
+            "is not counted): procshare `with ps.shared(name, ps.u64) as s: s.value`",
+            unit="per child",
+        )
+        g.add("procshare", lambda n: _in_fresh_children(n, ps_attach_child))
+        g.add("posix_ipc + mmap", lambda n: _in_fresh_children(n, raw_attach_child))
+        g.add("multiprocessing.shared_memory", lambda n: _in_fresh_children(n, mp_attach_child))
+        g.measure(n=100, repeat=5)
+        g.report(
+            "procshare",
+            "posix_ipc + mmap",
+            text="attach by name in a fresh child against posix_ipc + mmap (issue 16)",
+        )
+        g.report(
+            "procshare",
+            "multiprocessing.shared_memory",
+            text="attach by name in a fresh child against SharedMemory (issue 16)",
+        )
+    finally:
+        owner.close()
+        raw.unlink()
+        mp.close()
+        mp.unlink()
+
+
+def ps_hold_many(n: int) -> float:
+    t0 = time.perf_counter()
+    segs = [ps.shared(f"bench-many-{i}", ps.u64) for i in range(n)]
+    for seg in segs:
+        seg.close()
+    return time.perf_counter() - t0
+
+
+def posix_ipc_hold_many(n: int) -> float:
+    t0 = time.perf_counter()
+    held = []
+    try:
+        for i in range(n):
+            shm = posix_ipc.SharedMemory(
+                f"/bench-many-{os.getpid()}-{i}", posix_ipc.O_CREX, size=8
+            )
+            held.append(shm)
+            mm = mmap.mmap(shm.fd, 8)  # (mmap.mmap keeps a dup of the descriptor)
+            shm.close_fd()
+            held.append(mm)
+    finally:
+        for obj in held:
+            if isinstance(obj, mmap.mmap):
+                obj.close()
+            else:
+                obj.unlink()
+    return time.perf_counter() - t0
+
+
+def mp_hold_many(n: int) -> float:
+    t0 = time.perf_counter()
+    held = [shared_memory.SharedMemory(create=True, size=8) for _ in range(n)]
+    for shm in held:
+        shm.close()
+        shm.unlink()
+    return time.perf_counter() - t0
+
+
+def _room_for_mappings(margin: int = 2000) -> int:
+    """How many more mappings this process may make, less a margin."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps") as f:
+            have = sum(1 for _ in f)
+    except OSError:
+        return 10_000
+    return max(0, limit - have - margin)
+
+
+def _many_contenders(bench: Bench) -> None:
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    n = 20 if SMOKE else min(5000, nofile // 2)
+    g = bench.group(
+        f"segments: hold {n} segments at once, then close them",
+        note="create n named 8-byte segments held together, then close (and remove) "
+        "each; procshare keeps a mapping per segment and no descriptor",
+        unit="per segment",
+    )
+    g.add("procshare", ps_hold_many)
+    g.add("posix_ipc + mmap", posix_ipc_hold_many)
+    g.add("multiprocessing.shared_memory", mp_hold_many)
+    g.measure(n=n, repeat=3)
+    g.report("procshare", "posix_ipc + mmap", text=f"{n} segments held at once (issue 16)")
+    g.report(
+        "procshare",
+        "multiprocessing.shared_memory",
+        text=f"{n} segments held at once against SharedMemory (issue 16)",
+    )
+    # Past ulimit -n: only what keeps no descriptor per segment can run.
+    big = 20 if SMOKE else min(100_000, _room_for_mappings())
+    g = bench.group(
+        f"segments: hold {big} segments at once (ulimit -n = {nofile})",
+        note="one process holds them all; vm.max_map_count (65,530 by default) bounds "
+        "it, not ulimit -n: 100,000 needs `sysctl -w vm.max_map_count=262144`",
+        unit="per segment",
+    )
+    g.add("procshare", ps_hold_many)
+    if big >= nofile:
+        # Python's mmap.mmap keeps a dup of the descriptor for each mapping.
+        g.skip(
+            "posix_ipc + mmap",
+            f"mmap.mmap keeps a descriptor per mapping: stops at ulimit -n = {nofile}",
+        )
+        g.skip(
+            "multiprocessing.shared_memory",
+            f"keeps a descriptor per segment: stops at ulimit -n = {nofile}",
+        )
+    else:
+        g.add("posix_ipc + mmap", posix_ipc_hold_many)
+        g.add("multiprocessing.shared_memory", mp_hold_many)
+    g.measure(n=big, repeat=1, warmup=0)
 
 
 def _copy_contenders(bench: Bench) -> None:
@@ -284,6 +462,8 @@ def run(bench: Bench) -> None:
         max_ratio=1.0,
         text="anonymous 4 KiB create + close at most the cost of a named one (issue 19)",
     )
+    _child_attach_contenders(bench)
+    _many_contenders(bench)
     _copy_contenders(bench)
     _scalar_contenders(bench)
     _increment_contenders(bench)

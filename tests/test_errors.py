@@ -53,6 +53,8 @@ SAMPLES: list[ps.ProcshareError] = [
     ps.AnonymousError("an anonymous lock", "pickled", named="ps.interprocess_lock('NAME')"),
     ps.SharedMemoryFull("(anonymous)", requested=1 << 40, available=1 << 30),
     ps.MissingDependency(module="tqdm", extra="progress", feature="progress=True"),
+    ps.MappingLimit("sum", mappings=65530, limit=65530),
+    ps.MappingLimit("(anonymous)", mappings=120, limit=65530),
 ]
 
 BUILTINS: dict[type[ps.ProcshareError], tuple[type[BaseException], ...]] = {
@@ -80,6 +82,7 @@ BUILTINS: dict[type[ps.ProcshareError], tuple[type[BaseException], ...]] = {
     ps.ForkError: (OSError,),
     ps.AnonymousError: (TypeError,),
     ps.MissingDependency: (ModuleNotFoundError, ImportError),
+    ps.MappingLimit: (OSError,),
 }
 
 

@@ -661,44 +661,6 @@ def test_a_mapping_is_unmapped_only_when_no_exported_buffer_needs_it() -> None:
         memoryview(mapping)
 
 
-def test_reopening_a_held_segment_reuses_its_idle_mapping() -> None:
-    from procshare._backends.posix import segment
-
-    with ps.shared("spare", ps.u64) as owner:
-        first = ps.shared("spare", ps.u64)
-        mapping = first._rec.handle.mm
-        first.close()  # not the last holder: the mapping is kept, idle
-        assert mapping in segment._spares.values()
-        owner.value = 41
-        again = ps.shared("spare", ps.u64)
-        try:
-            assert again._rec.handle.mm is mapping  # no new mmap
-            assert mapping not in segment._spares.values()
-            again.view.value += 1
-        finally:
-            again.close()
-        assert owner.value == 42  # the same shared memory, both ways
-    # The last holder removed the object; its name is free for a new one.
-    with ps.shared("spare", ps.u64) as fresh:
-        assert fresh.value == 0
-
-
-def test_idle_mappings_are_few_and_small() -> None:
-    from procshare._backends.posix import segment
-
-    owners = [ps.shared(f"few-{i}", ps.u8) for i in range(segment._SPARES + 4)]
-    big = ps.shared("big", bytes, size=segment._SPARE_BYTES * 2)
-    try:
-        for i in range(len(owners)):
-            ps.shared(f"few-{i}", ps.u8).close()
-        ps.shared("big", bytes, size=segment._SPARE_BYTES * 2).close()
-        assert len(segment._spares) <= segment._SPARES
-        assert all(len(m) <= segment._SPARE_BYTES for m in segment._spares.values())
-    finally:
-        for seg in [*owners, big]:
-            seg.close()
-
-
 def test_a_held_object_that_is_not_ours_is_refused_not_mapped_as_data() -> None:
     # The C attach step sees a holder, maps, finds no procshare header and
     # hands over to the Python protocol, which says what it found: a

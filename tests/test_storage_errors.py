@@ -20,6 +20,7 @@ import pytest
 
 import procshare as ps
 from procshare._backends.posix import segment as posix_segment
+from procshare._backends.posix import segment_object
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,9 +33,10 @@ OPENERS: dict[str, Callable[[], Any]] = {
 
 
 def _move_shm(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
-    monkeypatch.setattr(posix_segment, "SHM_DIR", where)
-    monkeypatch.setattr(posix_segment, "_SHM_DIR_BYTES", where.encode())
-    monkeypatch.setattr(posix_segment, "_path_bytes", {})
+    monkeypatch.setattr(segment_object, "SHM_DIR", where)
+    monkeypatch.setattr(segment_object, "SHM_DIR_BYTES", where.encode())
+    monkeypatch.setattr(segment_object, "path_bytes", {})
+    monkeypatch.setattr(posix_segment, "path_bytes", segment_object.path_bytes)
     monkeypatch.setattr(posix_segment, "_tmpfile_ok", posix_segment._tmpfile_ok)
 
 
@@ -100,32 +102,39 @@ def test_a_lock_on_a_full_dev_shm_is_shared_memory_full(
 
 
 @ps.forked
-def _open_until_the_limit(kind: str) -> tuple[str, str, int, int | None]:
+def _open_with_every_descriptor_taken(kind: str) -> tuple[str, str, int, int | None]:
+    # An open segment or lock keeps no descriptor, but opening one needs one
+    # for a moment: take them all first, then open.
     resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-    held: list[Any] = []
+    taken: list[int] = []
     try:
-        for i in range(100):
-            if kind == "segment":
-                held.append(ps.shared(f"s{i}", ps.u64))
-            else:
-                lock = ps.interprocess_lock(f"l{i}")
-                lock.acquire()
-                lock.release()
-                held.append(lock)
+        while True:
+            try:
+                taken.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                break
+        if kind == "segment":
+            ps.shared("s", ps.u64).close()
+        else:
+            lock = ps.interprocess_lock("l")
+            lock.acquire()
+            lock.release()
+            lock.close()
     except ps.ProcshareError as err:
         code = err.errno if isinstance(err, OSError) else -1
         return type(err).__name__, str(err), code or 0, getattr(err, "limit", None)
     finally:
-        for h in held:
-            h.close()
+        for fd in taken:
+            os.close(fd)
     return "nothing raised", "", 0, None
 
 
 @pytest.mark.parametrize("kind", ["segment", "lock"])
 def test_running_out_of_descriptors_names_ulimit_n(kind: str) -> None:
-    name, message, code, limit = _open_until_the_limit(kind).join()
+    name, message, code, limit = _open_with_every_descriptor_taken(kind).join()
     assert name == "DescriptorLimit"
     assert code == errno.EMFILE
     assert limit == 48
     assert "ulimit -n" in message
     assert "RLIMIT_NOFILE = 48" in message
+    assert "needs one for a moment" in message

@@ -88,6 +88,7 @@ from procshare.errors import HolderDied as HolderDied
 from procshare.errors import InvalidName as InvalidName
 from procshare.errors import JoinTimeout as JoinTimeout
 from procshare.errors import LockTimeout as LockTimeout
+from procshare.errors import MappingLimit as MappingLimit
 from procshare.errors import MissingDependency as MissingDependency
 from procshare.errors import OwnerDied as OwnerDied
 from procshare.errors import ProcshareError as ProcshareError
@@ -129,6 +130,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "InvalidName",
     "JoinTimeout",
     "LockTimeout",
+    "MappingLimit",
     "MissingDependency",
     "OwnerDied",
     "Pool",

@@ -752,9 +752,62 @@ class DescriptorLimit(_NamedError, OSError):
         limit = "" if self.limit is None else f" = {self.limit}"
         return head + (
             "this process has as many files open as it may (`ulimit -n`, "
-            f"RLIMIT_NOFILE{limit}), and each open segment or lock keeps one; raise the limit "
-            "(`ulimit -n 65536` in the shell, or resource.setrlimit(resource.RLIMIT_NOFILE, "
-            "(hard, hard)) in the program), or close segments you no longer use"
+            f"RLIMIT_NOFILE{limit}), and opening a segment or lock needs one for a moment "
+            "(none stays open while it is held); raise the limit (`ulimit -n 65536` in the "
+            "shell, or resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)) in the "
+            "program), or close files you no longer use"
+        )
+
+
+class MappingLimit(_NamedError, OSError):
+    """Opening a segment or lock needs one more memory mapping and the kernel
+    refused it (``errno`` is ``ENOMEM``). Every open segment or lock is one
+    mapping (and no descriptor): a process holds at most
+    ``vm.max_map_count`` of them, less what the interpreter maps itself.
+    ``mappings`` is how many this process had, ``limit`` the sysctl's value.
+    """
+
+    _fields: ClassVar[tuple[str, ...]] = ("name", "mappings", "limit", "what", "detail")
+
+    def __init__(
+        self,
+        name: str = "",
+        mappings: int | None = None,
+        limit: int | None = None,
+        what: str = "shared segment",
+        detail: str = "",
+    ) -> None:
+        self.mappings = mappings
+        self.limit = limit
+        self.what = what
+        super().__init__(name, detail)
+        _os_fields(self, _errno.ENOMEM, self._message())
+
+    def at_limit(self) -> bool:
+        """Whether the mapping count explains the refusal (else: address space)."""
+        if self.mappings is None or self.limit is None:
+            return True
+        return self.mappings >= self.limit - 8
+
+    def _message(self) -> str:
+        head = f"cannot map {self.what} {self.name!r}{self._tail()}: "
+        count = "" if self.mappings is None else f" ({self.mappings} now)"
+        limit = "" if self.limit is None else f" = {self.limit}"
+        fix = (
+            "close segments and locks you no longer use, or raise the limit as root "
+            "(`sysctl -w vm.max_map_count=262144`; add it to /etc/sysctl.conf to keep it)"
+        )
+        if self.at_limit():
+            return head + (
+                f"this process has as many memory mappings as it may{count} "
+                f"(`sysctl vm.max_map_count`{limit}), and each open segment or lock is "
+                f"one; {fix}"
+            )
+        return head + (
+            f"the kernel refused a memory mapping (ENOMEM) with this process below "
+            f"`sysctl vm.max_map_count`{limit}{count}: its address space is exhausted "
+            "(`ulimit -v`) or memory is short; raise `ulimit -v`, or close segments and "
+            "locks you no longer use"
         )
 
 

@@ -274,6 +274,61 @@ def test_a_fork_child_never_releases_an_inherited_handle(
         backend.segment_close(h, keep=CLOSE_KEEP)
 
 
+def _sleeper(release_r: int, *write_ends: int) -> int:
+    """Fork a child that waits until ``release_r`` reads end of file, then exits
+    (it closes its copies of ``write_ends``, so that closing the parent's ends
+    is that end of file)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            for fd in write_ends:
+                os.close(fd)
+            os.read(release_r, 1)
+        finally:
+            os._exit(0)
+    return pid
+
+
+@pytest.mark.timeout(60)
+def test_let_go_keeps_earlier_children_holding_and_later_ones_out(
+    backend: SegmentBackend, os_name: str
+) -> None:
+    # A close deferred for children: the parent lets go at once, the child
+    # forked before keeps holding, one forked after inherits no hold, and the
+    # close once the first child is gone finds itself the last holder.
+    h = create(backend, os_name)
+    first_r, first_w = os.pipe()
+    later_r, later_w = os.pipe()
+    first = _sleeper(first_r, first_w, later_w)
+    later = None
+    try:
+        arr = np.frombuffer(h.data, dtype=np.uint8)  # a live buffer: the mapping moves
+        backend.segment_let_go(h)
+        arr[0] = 9  # still mapped
+        later = _sleeper(later_r, first_w, later_w)
+        # Still held (by the first child): another holder's close does not remove it.
+        other = backend.segment_open(os_name, keep_orphan=keep_nothing)
+        assert other is not None
+        assert other.data[0] == 9
+        assert backend.segment_close(other, keep=CLOSE_KEEP) is False
+        assert listed(backend, os_name)
+        os.close(first_w)
+        first_w = -1
+        os.waitpid(first, 0)
+        # The later child still runs, but holds nothing: this close is the last.
+        assert backend.segment_close(h, keep=CLOSE_KEEP) is True
+        assert not listed(backend, os_name)
+        del arr
+    finally:
+        for fd in (first_w, later_w, first_r, later_r):
+            if fd >= 0:
+                os.close(fd)
+        if later is not None:
+            os.waitpid(later, 0)
+        if first_w >= 0:
+            os.waitpid(first, 0)
+
+
 @pytest.mark.timeout(60)
 def test_an_exported_buffer_outlives_close_without_blocking_others(
     backend: SegmentBackend, os_name: str

@@ -2,7 +2,9 @@
 
 A *segment object* is a named, mapped region that stays alive while at least
 one process holds it open, where "holds" is counted by the kernel so that a
-process killed by any signal stops holding it. Locks reuse the same objects
+process killed by any signal stops holding it. A hold should cost no file
+descriptor (a process may hold far more objects than ``ulimit -n``); on
+POSIX it is the mapping itself. Locks reuse the same objects
 for their backing memory.
 
 Every object starts with a small frame that the backend owns (magic, flags,
@@ -134,6 +136,15 @@ class SegmentBackend(Protocol):
         """
         ...
 
+    def segment_let_go(self, handle: SegmentHandle) -> None:
+        """Stop holding ``handle`` in this process now, though children forked
+        while it was open keep holding it: called when a close must wait for
+        them, so that children forked from now on do not inherit a hold. The
+        :meth:`segment_close` that follows, once they are reaped, only
+        decides whether this was the last holder. Buffers exported from
+        ``handle.data`` keep working."""
+        ...
+
     def segment_create_anonymous(
         self, *, data_size: int, init: Callable[[memoryview], None] | None = None
     ) -> SegmentHandle:
@@ -209,7 +220,16 @@ class SegmentBackend(Protocol):
         ...
 
     def descriptor_limit(self) -> int | None:
-        """How many descriptors this process may have open (``ulimit -n``), if limited."""
+        """How many descriptors this process may have open (``ulimit -n``), if limited.
+
+        An open object keeps none: opening and closing need one for a moment."""
+        ...
+
+    def mapping_limit(self) -> tuple[int, int] | None:
+        """``(mappings this process has, the most it may have)`` where the platform
+        counts them (Linux: ``vm.max_map_count``), else ``None``. Every open
+        object is one mapping; creating or opening one past the limit fails
+        with ``OSError(ENOMEM)``."""
         ...
 
     def segment_size_limit(self) -> int | None:

@@ -35,7 +35,7 @@ from procshare._engine import names
 from procshare._engine.core import Engine, current_pid, get_engine
 from procshare._engine.locks import LockEntry, LocksPart
 from procshare._engine.segments import Initialiser, Layout, OpenSegment, close_newest_first
-from procshare.errors import SharedMemoryFull
+from procshare.errors import MappingLimit, SharedMemoryFull
 
 #: What anonymous objects are called in messages. Not a valid name (names are
 #: ``A-Z a-z 0-9 . _ -``), so it can never be confused with a real one.
@@ -83,6 +83,10 @@ class AnonymousPart:
                 raise SharedMemoryFull(
                     LABEL, requested=layout.size, file_size_limit=backend.segment_size_limit()
                 ) from None
+            if exc.errno == errno.ENOMEM:  # a mapping refused (vm.max_map_count)
+                usage = backend.mapping_limit()
+                mappings, limit = (None, None) if usage is None else usage
+                raise MappingLimit(LABEL, mappings=mappings, limit=limit) from None
             raise
         rec = OpenSegment(LABEL, NO_NAMESPACE, handle, True, layout)
         self._open[id(rec)] = rec

@@ -276,6 +276,7 @@ class LocksPart:
                 # and may be using it: released once they are reaped (the one
                 # mechanism segments use too).
                 backend, handle = self.backend, entry.handle
+                backend.segment_let_go(handle)  # later children inherit no hold
                 engine.release_after_children(
                     entry.forks,
                     lambda: backend.segment_close(handle, keep=backend.lock_keep),

@@ -39,6 +39,7 @@ from procshare._engine import names
 from procshare._engine.core import Engine, current_pid, get_engine
 from procshare.errors import (
     DescriptorLimit,
+    MappingLimit,
     ProcshareError,
     SegmentExists,
     SegmentNotFound,
@@ -242,7 +243,13 @@ def decode_meta(meta: bytes) -> dict[str, Any]:
 
 
 class SegmentsPart:
-    """The engine part that owns every segment this process opened."""
+    """The engine part that owns every segment this process opened.
+
+    Slotted: a forked child that opens a segment builds its own, and an
+    instance dictionary is one more object (and page) to make there.
+    """
+
+    __slots__ = ("_created_last", "_open", "engine", "init_hook")
 
     order = 20
 
@@ -411,13 +418,23 @@ class SegmentsPart:
             return  # inherited: never close, unlink or release the parent's
         if engine.forks > rec.forks or engine.forking > 0:  # (else no child has it)
             # Children forked while it was open share this process's hold and
-            # may still use it: released once they are reaped.
+            # may still use it: released once they are reaped. This process
+            # lets go now, so children forked from now on inherit no hold.
             backend, handle = engine.backend, rec.handle
+            backend.segment_let_go(handle)
             engine.release_after_children(
                 rec.forks, lambda: backend.segment_close(handle, keep=None)
             )
             return
-        engine.backend.segment_close(rec.handle, keep=None)
+        try:
+            engine.backend.segment_close(rec.handle, keep=None)
+        except OSError as exc:
+            # Closing opens the name again for a moment (to see whether this was
+            # the last holder): it can meet the descriptor limit too.
+            error = storage_error(exc, rec.name, engine.backend)
+            if error is not None:
+                raise error from None
+            raise
 
     def unlink(self, name: str) -> bool:
         """Remove ``name`` now (mappings stay valid); whether it existed."""
@@ -473,7 +490,8 @@ def storage_error(
     or opening ``name``, saying what to do; ``None`` to let ``exc`` through.
 
     ``ENOSPC`` / ``EFBIG``: :class:`SharedMemoryFull`; ``EMFILE`` / ``ENFILE``:
-    :class:`DescriptorLimit` (``ulimit -n``); a missing, read-only or
+    :class:`DescriptorLimit` (``ulimit -n``); ``ENOMEM`` (a mapping refused):
+    :class:`MappingLimit` (``vm.max_map_count``); a missing, read-only or
     unwritable ``/dev/shm``: :class:`SharedMemoryUnavailable`.
     """
     code = exc.errno
@@ -492,6 +510,11 @@ def storage_error(
         return DescriptorLimit(
             name, limit=backend.descriptor_limit(), system=code == errno.ENFILE, what=what
         )
+    if code == errno.ENOMEM:
+        # A refused mapping: every open segment or lock is one (and no descriptor).
+        usage = backend.mapping_limit()
+        mappings, limit = (None, None) if usage is None else usage
+        return MappingLimit(name, mappings=mappings, limit=limit, what=what)
     if code in _STORE_ERRNOS:
         problem = backend.segment_store_problem()
         if problem is None and code == errno.EROFS:

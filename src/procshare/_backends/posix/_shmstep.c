@@ -7,14 +7,28 @@
  * forty pages: functions, constants, result objects. Here only the mapping
  * object and the result tuple are Python objects.
  *
+ * A hold is a READ OFD lock on the holder byte of an open file description
+ * that only the *mapping* keeps alive: the descriptor is closed as soon as the
+ * object is mapped (the mapping holds its own reference to the description,
+ * and OFD locks go with the description's last reference). So a process holds
+ * as many segments as it may have mappings (vm.max_map_count), not as many as
+ * it may have descriptors (ulimit -n), and unmapping is what ends a hold.
+ *
  * attach() is the common case of segment.py's open protocol and nothing
  * else: it opens the name, sees that somebody already holds the object
  * (an F_OFD_GETLK for WRITE on the holder byte conflicts), takes its own
- * READ hold, checks the object was not unlinked meanwhile, maps it and reads
- * its header. Whatever is unusual (an orphan nobody holds, a remover deciding
- * right now, an unlinked or malformed object) it undoes and reports as
- * SLOW, and the Python protocol handles it. release() is the first half of
- * closing: drop READ, then try WRITE, which succeeds only for the last holder.
+ * READ hold, checks the object was not unlinked meanwhile, maps it, reads
+ * its header and closes the descriptor. Whatever is unusual (an orphan nobody
+ * holds, a remover deciding right now, an unlinked or malformed object) it
+ * undoes and reports as SLOW, and the Python protocol handles it.
+ *
+ * release() is closing: it opens the name again (a new description, which
+ * holds nothing), ends this hold by unmapping, then tries WRITE on the new
+ * description, which succeeds only for the last holder; that one, having
+ * checked the name still is its object, unlinks it (or hands the decision to
+ * the caller). A mapping that cannot be unmapped because buffers exported
+ * from it are alive is moved onto the new description instead (MAP_FIXED at
+ * the same address: same pages, no lock), so the hold still ends at close.
  *
  * create() and publish() are the two halves of segment.py's atomic creation
  * where the kernel has O_TMPFILE: an unnamed inode, holder READ lock, header
@@ -22,13 +36,15 @@
  * later), mapped; then, after the caller's initialisation, linked to its
  * name, which fails with EEXIST if somebody else published first.
  *
- * Layout of the header is the one segment.py documents; the holder byte is
- * byte 0 (_ofd.HOLD).
+ * Layout of the header is the one segment_object.py documents; the holder
+ * byte is byte 0 (_ofd.HOLD).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
@@ -47,9 +63,8 @@ static const char MAGIC[8] = {'P', 'R', 'C', 'S', 'H', 'R', 0, 1};
  *
  * What segment.py needs of Python's mmap.mmap, without its two extra system
  * calls per map (an fstat to check the size, a dup of the descriptor) and
- * the close() of that dup: the size is known here, and the mapping must not
- * keep the open file description alive (holding is the descriptor's job).
- * close() unmaps, or raises BufferError while a buffer exported from the
+ * the close() of that dup: the size is known here, and a dup would keep the
+ * description (and so the hold) alive after close() unmapped. close() unmaps, or raises BufferError while a buffer exported from the
  * mapping (a memoryview, a numpy array) is alive, exactly as mmap does; the
  * memory is then unmapped when the mapping object itself is collected,
  * which cannot happen before those buffers are gone. */
@@ -185,6 +200,196 @@ static PyTypeObject Mapping_Type = {
     .tp_getset = mapping_getset,
 };
 
+/* One open of one object: segment.py's PosixSegment is a Python subclass of
+ * this type (methods only, no slots of its own).
+ *
+ * Why C: attach() builds the handle right here, in one allocation with no
+ * Python frame, instead of returning a tuple of fields for a Python __init__
+ * to store one by one. In a freshly forked child that Python path touched
+ * (and so copied) a page for nearly every object it stored or called: the
+ * __init__ function and its code, the class, each field's value. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *os_name;
+    PyObject *mm;
+    PyObject *meta;
+    PyObject *data; /* the memoryview of the data area, made on first use */
+    unsigned long long st_dev;
+    unsigned long long st_ino;
+    unsigned long long created_ns;
+    Py_ssize_t data_offset;
+    Py_ssize_t data_size;
+    unsigned int creator_pid;
+    int opener_pid;
+    char persist;
+    char closed;
+} HandleObject;
+
+static PyTypeObject Handle_Type;
+/* The subclass attach() builds (segment.py's PosixSegment), set by set_handle_type(). */
+static PyTypeObject *handle_type = NULL;
+
+static PyObject *
+handle_make(PyTypeObject *type, PyObject *os_name, PyObject *mm, unsigned long long dev,
+            unsigned long long ino, PyObject *meta, int persist, Py_ssize_t data_offset,
+            Py_ssize_t data_size, unsigned long long created, unsigned int creator, int opener)
+{
+    HandleObject *self = (HandleObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->os_name = Py_NewRef(os_name);
+    self->mm = Py_NewRef(mm);
+    self->meta = Py_NewRef(meta);
+    self->data = NULL;
+    self->st_dev = dev;
+    self->st_ino = ino;
+    self->created_ns = created;
+    self->data_offset = data_offset;
+    self->data_size = data_size;
+    self->creator_pid = creator;
+    self->opener_pid = opener;
+    self->persist = (char)(persist != 0);
+    self->closed = 0;
+    return (PyObject *)self;
+}
+
+/* Handle(os_name, mm, st_dev, st_ino, meta, persist, data_offset, data_size,
+ *        created_ns, creator_pid, opener_pid) */
+static PyObject *
+handle_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *os_name, *mm, *meta;
+    unsigned long long dev, ino, created;
+    int persist, opener;
+    Py_ssize_t data_offset, data_size;
+    unsigned int creator;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) > 0) {
+        PyErr_SetString(PyExc_TypeError, "a segment handle takes positional arguments only");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "UOKKSpnnKIi", &os_name, &mm, &dev, &ino, &meta, &persist,
+                          &data_offset, &data_size, &created, &creator, &opener)) {
+        return NULL;
+    }
+    return handle_make(type, os_name, mm, dev, ino, meta, persist, data_offset, data_size,
+                       created, creator, opener);
+}
+
+/* No GC: a handle refers to no container that could lead back to it (and an
+ * untracked object is one less write to the collector's lists in a child).
+ * A Python subclass's deallocator calls this one, then drops its type. */
+static void
+handle_dealloc(HandleObject *self)
+{
+    Py_CLEAR(self->data);
+    Py_CLEAR(self->mm);
+    Py_CLEAR(self->os_name);
+    Py_CLEAR(self->meta);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The data area as a writable memoryview (cached): a slice of a view of the
+ * whole mapping, so that it keeps the mapping exported while it lives. */
+static PyObject *
+handle_get_data(HandleObject *self, void *Py_UNUSED(closure))
+{
+    if (self->data == NULL) {
+        PyObject *whole = PyMemoryView_FromObject(self->mm);
+        if (whole == NULL) {
+            return NULL;
+        }
+        PyObject *slice = PySlice_New(NULL, NULL, NULL);
+        PyObject *start = PyLong_FromSsize_t(self->data_offset);
+        PyObject *stop = PyLong_FromSsize_t(self->data_offset + self->data_size);
+        if (slice != NULL && start != NULL && stop != NULL) {
+            Py_SETREF(slice, PySlice_New(start, stop, NULL));
+        }
+        Py_XDECREF(start);
+        Py_XDECREF(stop);
+        if (slice == NULL) {
+            Py_DECREF(whole);
+            return NULL;
+        }
+        self->data = PyObject_GetItem(whole, slice);
+        Py_DECREF(slice);
+        /* The slice shares the whole view's managed buffer, which stays
+         * exported while the slice lives: release nothing here. */
+        Py_DECREF(whole);
+        if (self->data == NULL) {
+            return NULL;
+        }
+    }
+    return Py_NewRef(self->data);
+}
+
+static PyObject *
+handle_get_cached(HandleObject *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->data != NULL ? self->data : Py_None);
+}
+
+static int
+handle_set_cached(HandleObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value != NULL && value != Py_None && !PyMemoryView_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "_data must be a memoryview or None");
+        return -1;
+    }
+    Py_XSETREF(self->data, (value == NULL || value == Py_None) ? NULL : Py_NewRef(value));
+    return 0;
+}
+
+static PyGetSetDef handle_getset[] = {
+    {"data", (getter)handle_get_data, NULL,
+     "A writable memoryview of the data area (data_size bytes, 64-byte aligned).", NULL},
+    {"_data", (getter)handle_get_cached, (setter)handle_set_cached,
+     "The cached data view, or None.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef handle_members[] = {
+    {"os_name", T_OBJECT_EX, offsetof(HandleObject, os_name), READONLY, NULL},
+    {"mm", T_OBJECT_EX, offsetof(HandleObject, mm), READONLY, NULL},
+    {"meta", T_OBJECT_EX, offsetof(HandleObject, meta), READONLY, NULL},
+    {"st_dev", T_ULONGLONG, offsetof(HandleObject, st_dev), READONLY, NULL},
+    {"st_ino", T_ULONGLONG, offsetof(HandleObject, st_ino), READONLY, NULL},
+    {"created_ns", T_ULONGLONG, offsetof(HandleObject, created_ns), READONLY, NULL},
+    {"data_offset", T_PYSSIZET, offsetof(HandleObject, data_offset), READONLY, NULL},
+    {"data_size", T_PYSSIZET, offsetof(HandleObject, data_size), READONLY, NULL},
+    {"creator_pid", T_UINT, offsetof(HandleObject, creator_pid), READONLY, NULL},
+    {"opener_pid", T_INT, offsetof(HandleObject, opener_pid), READONLY, NULL},
+    {"persist", T_BOOL, offsetof(HandleObject, persist), READONLY, NULL},
+    {"closed", T_BOOL, offsetof(HandleObject, closed), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject Handle_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "procshare._backends.posix._shmstep.Handle",
+    .tp_basicsize = sizeof(HandleObject),
+    .tp_dealloc = (destructor)handle_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "One open of one procshare object (the fields of segment.py's PosixSegment).",
+    .tp_members = handle_members,
+    .tp_getset = handle_getset,
+    .tp_new = handle_new,
+};
+
+/* set_handle_type(cls): the subclass of Handle that attach() returns. */
+static PyObject *
+shmstep_set_handle_type(PyObject *Py_UNUSED(module), PyObject *cls)
+{
+    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, &Handle_Type) ||
+        ((PyTypeObject *)cls)->tp_basicsize != Handle_Type.tp_basicsize) {
+        PyErr_SetString(PyExc_TypeError, "set_handle_type() takes a slot-less subclass of Handle");
+        return NULL;
+    }
+    Py_INCREF(cls);
+    Py_XSETREF(handle_type, (PyTypeObject *)cls);
+    Py_RETURN_NONE;
+}
+
 static int
 ofd(int fd, int cmd, short type)
 {
@@ -220,19 +425,26 @@ u64_at(const char *p)
     return v;
 }
 
-/* attach(path: bytes, meta: bytes, spares: dict) -> None | SLOW | (fd, mm, flags,
- * data_offset, data_size, created_ns, creator_pid, found_meta, st_dev, st_ino) */
+/* attach(path: bytes, meta: bytes, os_name: str, opener_pid: int) -> None | SLOW
+ * | a handle (of the type set_handle_type() named) */
 static PyObject *
 shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1]) ||
-        !PyDict_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "attach() takes path, meta (bytes) and spares (dict)");
+    if (nargs != 4 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1]) ||
+        !PyUnicode_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "attach() takes path, meta (bytes), os_name, opener_pid");
+        return NULL;
+    }
+    if (handle_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "attach(): set_handle_type() was not called");
+        return NULL;
+    }
+    int opener = (int)PyLong_AsLong(args[3]);
+    if (opener == -1 && PyErr_Occurred()) {
         return NULL;
     }
     const char *path = PyBytes_AS_STRING(args[0]);
     PyObject *meta = args[1];
-    PyObject *spares = args[2];
     int fd;
     Py_BEGIN_ALLOW_THREADS
     fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
@@ -263,40 +475,14 @@ shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     if (st.st_nlink == 0 || st.st_size < HEADER_SIZE) {
         goto slow; /* unlinked meanwhile, or not ours: the protocol says what */
     }
-    /* A mapping of this very inode kept by an earlier close (see segment.py):
-     * the inode cannot have been reused while that mapping holds it. */
-    PyObject *mm = NULL;
-    if (PyDict_GET_SIZE(spares) > 0) {
-        PyObject *key = Py_BuildValue("(KK)", (unsigned long long)st.st_dev,
-                                      (unsigned long long)st.st_ino);
-        if (key == NULL) {
-            close(fd);
-            return NULL;
-        }
-        PyObject *spare = PyDict_GetItemWithError(spares, key); /* borrowed */
-        if (spare != NULL && Py_IS_TYPE(spare, &Mapping_Type) &&
-            ((MappingObject *)spare)->data != NULL &&
-            ((MappingObject *)spare)->size == (Py_ssize_t)st.st_size) {
-            mm = Py_NewRef(spare);
-            if (PyDict_DelItem(spares, key) < 0) {
-                Py_CLEAR(mm);
-            }
-        }
-        Py_DECREF(key);
-        if (PyErr_Occurred()) {
-            Py_XDECREF(mm);
-            close(fd);
-            return NULL;
-        }
+    void *data = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (data == MAP_FAILED) {
+        goto os_error; /* ENOMEM: most often vm.max_map_count (segment.py says so) */
     }
-    if (mm == NULL) {
-        mm = mapping_new(fd, (Py_ssize_t)st.st_size);
-        if (mm == NULL) {
-            close(fd);
-            return NULL;
-        }
-    }
-    const char *base = ((MappingObject *)mm)->data;
+    /* The mapping keeps the description, and with it the READ hold: the
+     * descriptor is not needed any more. */
+    close(fd);
+    const char *base = data;
     uint32_t flags = u32_at(base + 8), metalen = u32_at(base + 12);
     uint64_t dataoff = u64_at(base + 16), datalen = u64_at(base + 24);
     uint64_t created = u64_at(base + 32);
@@ -304,8 +490,12 @@ shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     uint64_t size = (uint64_t)st.st_size;
     if (memcmp(base, MAGIC, sizeof MAGIC) != 0 || metalen > size - META_OFFSET ||
         dataoff > size || datalen > size - dataoff) {
-        Py_DECREF(mm); /* unmaps */
-        goto slow;
+        munmap(data, (size_t)st.st_size); /* ends the hold */
+        return PyLong_FromLong(0);
+    }
+    PyObject *mm = mapping_wrap(data, (Py_ssize_t)st.st_size);
+    if (mm == NULL) {
+        return NULL;
     }
     PyObject *found;
     if ((Py_ssize_t)metalen == PyBytes_GET_SIZE(meta) &&
@@ -314,21 +504,18 @@ shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     }
     else {
         found = PyBytes_FromStringAndSize(base + META_OFFSET, metalen);
+        if (found == NULL) {
+            Py_DECREF(mm);
+            return NULL;
+        }
     }
-    if (found == NULL) {
-        Py_DECREF(mm);
-        close(fd);
-        return NULL;
-    }
-    PyObject *result = Py_BuildValue(
-        "(iNIKKKINKK)", fd, mm, flags, (unsigned long long)dataoff,
-        (unsigned long long)datalen, (unsigned long long)created, creator, found,
-        (unsigned long long)st.st_dev, (unsigned long long)st.st_ino);
-    if (result == NULL) {
-        /* Py_BuildValue consumed the N references even on failure. */
-        close(fd);
-    }
-    return result;
+    PyObject *handle = handle_make(handle_type, args[2], mm, (unsigned long long)st.st_dev,
+                                   (unsigned long long)st.st_ino, found, flags & 1,
+                                   (Py_ssize_t)dataoff, (Py_ssize_t)datalen,
+                                   (unsigned long long)created, creator, opener);
+    Py_DECREF(found);
+    Py_DECREF(mm); /* the handle holds it (or, on failure, it unmaps: no hold left) */
+    return handle;
 
 os_error: {
     int saved = errno;
@@ -339,6 +526,22 @@ os_error: {
 slow:
     close(fd); /* drops the READ taken above with the description */
     return PyLong_FromLong(0);
+}
+
+/* map(fd, size) -> Mapping: a shared read-write mapping of the whole object. */
+static PyObject *
+shmstep_map(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int fd;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "in", &fd, &size)) {
+        return NULL;
+    }
+    if (size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "map(): size must be > 0");
+        return NULL;
+    }
+    return mapping_new(fd, size);
 }
 
 #define PWRITE_BYTES (64 << 10)
@@ -362,8 +565,10 @@ write_all(int fd, const char *buf, size_t len, off_t offset)
 }
 
 /* create(dir, meta, flags, data_offset, data_size, total, mode, pid)
- *     -> None (no O_TMPFILE here) | (fd, mm, created_ns); pid is the creator
- *     recorded in the header (the caller's, known without a system call). */
+ *     -> None (no O_TMPFILE here) | (fd, mm, created_ns, st_dev, st_ino); pid is
+ *     the creator recorded in the header (the caller's, known without a system
+ *     call). fd holds the READ lock until publish() closes it; from then on
+ *     the mapping keeps the hold. */
 static PyObject *
 shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
 {
@@ -430,6 +635,10 @@ shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
         rc = write_all(fd, buf, buf_len, 0);
     }
     PyMem_RawFree(buf);
+    struct stat st;
+    if (rc == 0) {
+        rc = fstat(fd, &st); /* the identity release() checks the name against */
+    }
     if (rc == 0) {
         /* The umask narrows what open() was asked, owner bits included (a
          * umask of 0277 would make the object read-only for its own user's
@@ -447,7 +656,8 @@ shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
         close(fd);
         return NULL;
     }
-    PyObject *result = Py_BuildValue("(iNK)", fd, mm, created);
+    PyObject *result = Py_BuildValue("(iNKKK)", fd, mm, created, (unsigned long long)st.st_dev,
+                                     (unsigned long long)st.st_ino);
     if (result == NULL) {
         close(fd);
     }
@@ -461,7 +671,8 @@ shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
  * walk through /proc/self/fd/N, a third of what publishing costs. */
 static int empty_path_ok = -1;
 
-/* publish(fd, path) -> bool: name the unnamed inode fd; False if the name is taken. */
+/* publish(fd, path) -> bool: name the unnamed inode fd; False if the name is
+ * taken. Closes fd either way: the mapping made by create() keeps the hold. */
 static PyObject *
 shmstep_publish(PyObject *Py_UNUSED(module), PyObject *args)
 {
@@ -490,6 +701,9 @@ shmstep_publish(PyObject *Py_UNUSED(module), PyObject *args)
     else if (rc == 0) {
         empty_path_ok = 1;
     }
+    int saved = errno;
+    close(fd);
+    errno = saved;
     Py_END_ALLOW_THREADS
     if (rc == 0) {
         Py_RETURN_TRUE;
@@ -516,52 +730,229 @@ shmstep_link_mode(PyObject *Py_UNUSED(module), PyObject *args)
     return PyLong_FromLong(old);
 }
 
-/* release(fd, path) -> 0 | 1 | 2: drop this description's READ hold, then try
- * WRITE, which succeeds only for the last holder. 0: others hold the object.
- * 1: we are the last holder and now have WRITE; with path None the caller
- * decides whether to remove the object, otherwise it was already unlinked
- * (ps.unlink, a twin). 2: we were the last holder and unlinked path. */
+#define RELEASED (-1) /* the hold ended; the object stays (others hold it, or it is gone) */
+#define REMOVED (-2)  /* the hold ended, this was the last one, and the name was unlinked */
+
+static PyObject *str_release = NULL; /* "release", interned at import */
+
+/* release(handle, path, pid, decide) -> RELEASED | REMOVED | fd
+ *
+ * Close `handle` (a no-op, RELEASED, if it is closed already or was opened by
+ * another pid: a forked child never releases what it inherited): let go of
+ * its data view, then end the hold its mapping keeps and find out whether it
+ * was the last one. For that, open path anew (a description with no lock),
+ * unmap (or, while buffers exported from the mapping are alive, move it onto
+ * the new description with MAP_FIXED, same pages), then try WRITE on the new
+ * description, granted only when nobody holds the object any more. The last
+ * holder checks that the name still is its object (st_dev, st_ino; not
+ * unlinked meanwhile) and with `decide` unlinks it; without, it gets the
+ * descriptor, WRITE held, decides itself and hands it to unhold(). A persist
+ * object is only unmapped: its last holder never removes it. */
 static PyObject *
-shmstep_release(PyObject *Py_UNUSED(module), PyObject *args)
+shmstep_release(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
+    if (nargs != 4 || !PyObject_TypeCheck(args[0], &Handle_Type) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "release() takes handle, path (bytes), pid, decide");
+        return NULL;
+    }
+    HandleObject *handle = (HandleObject *)args[0];
+    const char *path = PyBytes_AS_STRING(args[1]);
+    long pid = PyLong_AsLong(args[2]);
+    int decide = PyObject_IsTrue(args[3]);
+    if ((pid == -1 && PyErr_Occurred()) || decide < 0) {
+        return NULL;
+    }
+    if (handle->closed) {
+        return PyLong_FromLong(RELEASED);
+    }
+    handle->closed = 1;
+    if (handle->opener_pid != pid) {
+        return PyLong_FromLong(RELEASED); /* inherited: the hold is shared with the parent */
+    }
+    if (handle->data != NULL) {
+        /* Views made from data share its managed buffer; only a buffer exported
+         * from data itself (numpy.frombuffer(data)) makes release() refuse. */
+        PyObject *done = PyObject_CallMethodNoArgs(handle->data, str_release);
+        if (done == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_BufferError)) {
+                return NULL;
+            }
+            PyErr_Clear();
+        }
+        Py_XDECREF(done);
+        Py_CLEAR(handle->data);
+    }
+    if (!Py_IS_TYPE(handle->mm, &Mapping_Type)) {
+        PyErr_SetString(PyExc_TypeError, "release(): the handle's mm is not a Mapping");
+        return NULL;
+    }
+    MappingObject *mm = (MappingObject *)handle->mm;
+    if (handle->persist) {
+        if (mm->data != NULL && mm->exports == 0) {
+            munmap(mm->data, (size_t)mm->size);
+            mm->data = NULL;
+        }
+        return PyLong_FromLong(RELEASED);
+    }
+    unsigned long long dev = handle->st_dev, ino = handle->st_ino;
+    /* mm->data is NULL after let_go() unmapped it: only the check is left. */
     int fd;
-    PyObject *path;
-    if (!PyArg_ParseTuple(args, "iO", &fd, &path)) {
-        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    Py_END_ALLOW_THREADS
+    int exported = mm->data != NULL && mm->exports > 0;
+    if (fd < 0) {
+        int saved = errno;
+        if (!exported && mm->data != NULL) {
+            /* The hold ends anyway; if it was the last, the object is an orphan
+             * the next procshare use of the namespace reclaims. */
+            munmap(mm->data, (size_t)mm->size);
+            mm->data = NULL;
+        }
+        if (saved == ENOENT) {
+            return PyLong_FromLong(RELEASED); /* removed already (ps.unlink, a twin) */
+        }
+        errno = saved;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
     }
-    if (path != Py_None && !PyBytes_Check(path)) {
-        PyErr_SetString(PyExc_TypeError, "release(): path must be bytes or None");
-        return NULL;
+    struct stat st;
+    if (exported) {
+        if (fstat(fd, &st) != 0) {
+            goto os_error;
+        }
+        if ((unsigned long long)st.st_dev != dev || (unsigned long long)st.st_ino != ino) {
+            /* The name is another object now; ours is unlinked and its hold
+             * stops nobody: it goes with the mapping. */
+            close(fd);
+            return PyLong_FromLong(RELEASED);
+        }
+        void *moved = mmap(mm->data, (size_t)mm->size, PROT_READ | PROT_WRITE,
+                           MAP_SHARED | MAP_FIXED, fd, 0);
+        if (moved == MAP_FAILED) {
+            goto os_error;
+        }
     }
-    if (ofd(fd, F_OFD_SETLK, F_UNLCK) != 0) {
-        return PyErr_SetFromErrno(PyExc_OSError);
+    else if (mm->data != NULL) {
+        munmap(mm->data, (size_t)mm->size);
+        mm->data = NULL;
     }
     if (ofd(fd, F_OFD_SETLK, F_WRLCK) != 0) {
         if (errno == EAGAIN || errno == EACCES) {
-            return PyLong_FromLong(0); /* somebody else holds it */
+            close(fd); /* somebody else holds it */
+            return PyLong_FromLong(RELEASED);
         }
-        return PyErr_SetFromErrno(PyExc_OSError);
+        goto os_error;
     }
-    if (path == Py_None) {
-        return PyLong_FromLong(1);
+    if (!exported && fstat(fd, &st) != 0) {
+        goto unlock_error;
     }
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
-        return PyErr_SetFromErrno(PyExc_OSError);
+    if (st.st_nlink == 0 || (unsigned long long)st.st_dev != dev ||
+        (unsigned long long)st.st_ino != ino) {
+        /* Ours was unlinked meanwhile; the name (if any) is another's. */
+        ofd(fd, F_OFD_SETLK, F_UNLCK);
+        close(fd);
+        return PyLong_FromLong(RELEASED);
     }
-    if (st.st_nlink == 0) {
-        return PyLong_FromLong(1); /* unlinked already: the name may be another's */
+    if (!decide) {
+        return PyLong_FromLong(fd);
     }
     /* We hold WRITE: nobody can be attaching, and the name is still ours. */
-    if (unlink(PyBytes_AS_STRING(path)) != 0) {
-        if (errno == ENOENT) {
-            return PyLong_FromLong(1);
-        }
-        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+    int removed = unlink(path) == 0;
+    int saved = errno;
+    ofd(fd, F_OFD_SETLK, F_UNLCK); /* the description may live on in mm */
+    close(fd);
+    if (!removed && saved != ENOENT) {
+        errno = saved;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
     }
-    return PyLong_FromLong(2);
+    return PyLong_FromLong(removed ? REMOVED : RELEASED);
+
+unlock_error: {
+    int saved = errno;
+    ofd(fd, F_OFD_SETLK, F_UNLCK);
+    errno = saved;
+}
+os_error: {
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+}
 }
 
+/* let_go(mm, path, st_dev, st_ino) -> None: end this process's own hold now,
+ * while children forked earlier keep theirs (they share the description):
+ * unmap, or while buffers exported from mm are alive, move mm onto a new
+ * description of the same object (no lock on it). Either way a child forked
+ * from now on inherits no hold; release() later only checks for the last
+ * holder. Used when a close must wait for children (segment.py). */
+static PyObject *
+shmstep_let_go(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !Py_IS_TYPE(args[0], &Mapping_Type) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "let_go() takes mm (Mapping), path (bytes), st_dev, st_ino");
+        return NULL;
+    }
+    MappingObject *mm = (MappingObject *)args[0];
+    const char *path = PyBytes_AS_STRING(args[1]);
+    unsigned long long dev = PyLong_AsUnsignedLongLong(args[2]);
+    unsigned long long ino = PyLong_AsUnsignedLongLong(args[3]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (mm->data == NULL) {
+        Py_RETURN_NONE;
+    }
+    if (mm->exports == 0) {
+        munmap(mm->data, (size_t)mm->size);
+        mm->data = NULL;
+        Py_RETURN_NONE;
+    }
+    int fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno == ENOENT) {
+            Py_RETURN_NONE; /* unlinked: its hold stops nobody */
+        }
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+    struct stat st;
+    int rc = fstat(fd, &st);
+    if (rc == 0 && (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino &&
+        mmap(mm->data, (size_t)mm->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) ==
+            MAP_FAILED) {
+        rc = -1;
+    }
+    int saved = errno;
+    close(fd);
+    if (rc != 0) {
+        errno = saved;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+    Py_RETURN_NONE;
+}
+
+/* unhold(fd) -> None: drop the WRITE release() left on fd, and close it. */
+static PyObject *
+shmstep_unhold(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    long value = PyLong_AsLong(arg);
+    if (value == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (value < 0 || value > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "unhold(): not a descriptor");
+        return NULL;
+    }
+    int fd = (int)value;
+    int rc = ofd(fd, F_OFD_SETLK, F_UNLCK);
+    int saved = errno;
+    close(fd);
+    if (rc != 0) {
+        errno = saved;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
 
 /* anonymous(size, reserve) -> Mapping: shared memory with no name anywhere.
  *
@@ -625,24 +1016,35 @@ shmstep_anonymous(PyObject *Py_UNUSED(module), PyObject *args)
 
 static PyMethodDef shmstep_methods[] = {
     {"attach", (PyCFunction)(void (*)(void))shmstep_attach, METH_FASTCALL,
-     "attach(path, meta, spares) -> None (no such object) | SLOW (use the full protocol) | "
-     "(fd, mm, flags, data_offset, data_size, created_ns, creator_pid, found_meta, "
-     "st_dev, st_ino); found_meta is meta itself when the object's metadata equals it, and "
-     "mm is taken from spares ({(st_dev, st_ino): Mapping}) when it holds this inode."},
+     "attach(path, meta, os_name, opener_pid) -> None (no such object) | SLOW (use the full "
+     "protocol) | a handle whose mapping alone keeps the READ hold (no descriptor stays "
+     "open); its meta is meta itself when the object's metadata equals it."},
+    {"set_handle_type", shmstep_set_handle_type, METH_O,
+     "set_handle_type(cls): the Handle subclass attach() returns."},
+    {"map", shmstep_map, METH_VARARGS,
+     "map(fd, size) -> Mapping: a shared mapping of the whole object (it keeps fd's "
+     "description, and the locks on it, alive after fd is closed)."},
     {"create", shmstep_create, METH_VARARGS,
      "create(dir, meta, flags, data_offset, data_size, total, mode, pid) -> None (no O_TMPFILE) "
-     "| (fd, mm, created_ns): an unnamed, READ-held, written and mapped new object."},
+     "| (fd, mm, created_ns, st_dev, st_ino): an unnamed, READ-held, written and mapped new "
+     "object."},
     {"publish", shmstep_publish, METH_VARARGS,
-     "publish(fd, path) -> bool: link the unnamed inode to path; False if it exists."},
+     "publish(fd, path) -> bool: link the unnamed inode to path; False if it exists. "
+     "Closes fd."},
     {"link_mode", shmstep_link_mode, METH_VARARGS,
      "link_mode([mode]) -> previous mode: how publish() links (1 AT_EMPTY_PATH, 0 "
      "/proc/self/fd, -1 undecided)."},
     {"anonymous", shmstep_anonymous, METH_VARARGS,
      "anonymous(size, reserve) -> Mapping: MAP_SHARED memory with no name, inherited by "
      "fork; with reserve its pages are allocated now (ENOSPC/ENOMEM if they do not fit)."},
-    {"release", shmstep_release, METH_VARARGS,
-     "release(fd, path) -> 0 (others hold it) | 1 (last holder, WRITE held; removal is "
-     "the caller's call when path is None) | 2 (last holder, path unlinked)."},
+    {"release", (PyCFunction)(void (*)(void))shmstep_release, METH_FASTCALL,
+     "release(handle, path, pid, decide) -> RELEASED | REMOVED | fd: close handle and end "
+     "the hold its mapping keeps; the last holder unlinks path (decide) or gets a "
+     "WRITE-held fd to decide with and pass to unhold()."},
+    {"let_go", (PyCFunction)(void (*)(void))shmstep_let_go, METH_FASTCALL,
+     "let_go(mm, path, st_dev, st_ino): end this process's hold now (children forked "
+     "earlier keep theirs); release() later only checks for the last holder."},
+    {"unhold", shmstep_unhold, METH_O, "unhold(fd): drop the WRITE on fd and close it."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -657,8 +1059,14 @@ static struct PyModuleDef shmstep_module = {
 PyMODINIT_FUNC
 PyInit__shmstep(void)
 {
-    if (PyType_Ready(&Mapping_Type) < 0) {
+    if (PyType_Ready(&Mapping_Type) < 0 || PyType_Ready(&Handle_Type) < 0) {
         return NULL;
+    }
+    if (str_release == NULL) {
+        str_release = PyUnicode_InternFromString("release");
+        if (str_release == NULL) {
+            return NULL;
+        }
     }
     PyObject *module = PyModule_Create(&shmstep_module);
     if (module == NULL) {
@@ -670,7 +1078,15 @@ PyInit__shmstep(void)
         Py_DECREF(module);
         return NULL;
     }
-    if (PyModule_AddIntConstant(module, "SLOW", 0) < 0) {
+    Py_INCREF(&Handle_Type);
+    if (PyModule_AddObject(module, "Handle", (PyObject *)&Handle_Type) < 0) {
+        Py_DECREF(&Handle_Type);
+        Py_DECREF(module);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(module, "SLOW", 0) < 0 ||
+        PyModule_AddIntConstant(module, "RELEASED", RELEASED) < 0 ||
+        PyModule_AddIntConstant(module, "REMOVED", REMOVED) < 0) {
         Py_DECREF(module);
         return NULL;
     }
