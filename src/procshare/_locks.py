@@ -19,6 +19,7 @@ from procshare._engine import anonymous as _anonymous
 from procshare._engine import children as _children
 from procshare._engine import get_engine, userwarn
 from procshare._engine import locks as _engine_locks
+from procshare._engine import names as _names
 from procshare._engine import segments as _segments
 from procshare._engine.locks import (
     BUSY,
@@ -44,6 +45,16 @@ OnOwnerDeath = Callable[["InterprocessLock"], object] | Literal["warn"] | None
 
 # Names already validated (a by-name lock in a hot loop validates once).
 _valid_names: set[str] = set()
+
+# The by-name reuse of lock objects (see interprocess_lock and the engine's
+# LocksPart.by_name): name -> (engine, namespace, $PROCSHARE_NAMESPACE, lock).
+# Each entry names its engine: a forked child, whose engine is a new one,
+# never reuses what its parent kept.
+_by_name: dict[str, _engine_locks.Kept] = {}
+_reuse = _engine_locks.reuse
+#: The default ``mode=``: compared by identity, so an explicit ``mode=0o600``
+#: (an equal int, not this object) takes the checked path.
+_MODE = 0o600
 
 
 class _LockClosedError(ProcshareError, ValueError):
@@ -411,6 +422,7 @@ class InterprocessLock(LockGuard):
         self._m = _Closed(self._name, entry)
         part = entry.part
         if part.engine.pid == get_engine().pid:
+            part.forget_by_name(self)
             part.drop_user(entry, id(self), close=True)
 
     def __del__(self) -> None:
@@ -452,6 +464,20 @@ class InterprocessLock(LockGuard):
         return f"<InterprocessLock {self._name!r} {'locked' if self._m.locked() else 'unlocked'}>"
 
 
+def _open_by_name(name: str) -> InterprocessLock:
+    """A new by-name lock object with the default options, kept for reuse
+    (see ``LocksPart.by_name``) unless reference counts cannot tell when
+    nobody uses it any more."""
+    global _by_name
+    lock = InterprocessLock(name)
+    entry = lock._entry
+    if _engine_locks.ALONE and entry is not None and name.__class__ is str:
+        part = entry.part
+        _by_name = part.by_name  # this process's (a forked child's is a new one)
+        part.keep_by_name(name, (part.engine, _names._namespace.get(), _names.env_raw(), lock))
+    return lock
+
+
 def _reopen(
     namespace: str,
     name: str,
@@ -471,7 +497,7 @@ def interprocess_lock(
     timeout: float | None = None,
     reentrant: bool = False,
     on_owner_death: OnOwnerDeath = None,
-    mode: int = 0o600,
+    mode: int = _MODE,
 ) -> InterprocessLock:
     """Open the named robust lock ``name``, creating it if needed; without a
     name, create an anonymous one.
@@ -496,8 +522,19 @@ def interprocess_lock(
         mode: permission bits of the lock's object if this call creates it.
 
     Opening the same name again in the same process reuses the open object,
-    so ``with ps.interprocess_lock("m"):`` is cheap inside a loop.
+    so ``with ps.interprocess_lock("m"):`` is cheap inside a loop: with the
+    default options, the call returns the lock object the previous such
+    call made if nobody refers to it any more (a dict lookup), and
+    housekeeping stops that reuse at the next call into procshare that is
+    not one (see "Locks" in the concepts).
     """
+    if timeout is None and reentrant is False and on_owner_death is None and mode is _MODE:
+        # The by-name path: one C call when the object the previous such
+        # call made can be handed out again.
+        lock = _reuse(_by_name, name)
+        if lock is not None:
+            return lock  # type: ignore[no-any-return]
+        return _open_by_name(name)  # type: ignore[arg-type]
     return InterprocessLock(
         name, timeout=timeout, reentrant=reentrant, on_owner_death=on_owner_death, mode=mode
     )

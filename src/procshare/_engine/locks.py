@@ -17,6 +17,17 @@ user is closed
   in the finalizer is what keeps a by-name ``with`` in a hot loop cheap;
 * at interpreter exit.
 
+By-name reuse: ``ps.interprocess_lock(name)`` with default options also
+keeps the lock *object* it made in :attr:`LocksPart.by_name`, keyed by name
+and namespace, and hands it out again to the next such call while nobody
+else refers to it (:func:`alone`): a by-name ``with`` in a loop is then one
+dict lookup, with no object built or finalized. The cache is emptied by the
+part's housekeeping (:meth:`LocksPart.poll`, which it asks for as it stores
+an object), so the last by-name use still ends at the next call into
+procshare that is not a by-name reuse: an object nobody refers to dies
+there, and its entry is closed as above. An object someone still refers to
+just stops being handed out.
+
 An entry that a thread of this process holds is never closed: the kernel
 walks a held robust mutex when the thread exits, so its memory must stay
 mapped. At exit such a lock is left to the kernel, which releases it and
@@ -30,9 +41,11 @@ from __future__ import annotations
 import atexit
 import errno
 import os
+import sys
 import time
 import warnings
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from procshare._backends import get_backend
 from procshare._backends.api_lock import (
@@ -101,6 +114,60 @@ else:
 SLICE = 0.1
 
 KEY = "locks"
+
+
+def _refs_when_alone() -> int:
+    """What ``sys.getrefcount`` says, in :func:`reuse_in_python`, of an object
+    only a tuple refers to (the interpreter's own references to arguments
+    differ between versions: measured, not assumed)."""
+    kept = (object(),)
+    (obj,) = kept
+    return sys.getrefcount(obj)
+
+
+#: 0 where reference counts cannot say "nobody else refers to it" (a build
+#: without the GIL, whose counts are not exact): no reuse then.
+ALONE = 0 if getattr(sys, "_is_gil_enabled", lambda: True)() is False else _refs_when_alone()
+
+#: What :attr:`LocksPart.by_name` keeps per name: (engine, namespace,
+#: raw ``$PROCSHARE_NAMESPACE``, lock object).
+Kept = tuple[object, object, object, Any]
+
+
+def reuse_in_python(cache: dict[str, Kept], name: object) -> Any:
+    """The kept by-name lock object for ``name`` if it belongs to this
+    process's engine, the current namespace and ``$PROCSHARE_NAMESPACE``, and
+    nobody but the cache refers to it; else ``None``. The reference for the
+    backend's ``lock_reuse`` (in C for the POSIX backend)."""
+    try:
+        hit = cache.get(name)  # type: ignore[call-overload]
+    except TypeError:  # unhashable: not a name
+        return None
+    if hit is None:
+        return None
+    engine, ns, env, lock = hit
+    if engine is not _core._engine or ns is not names._namespace.get():
+        return None
+    if env is not names.env_raw():
+        return None
+    return lock if ALONE and sys.getrefcount(lock) == ALONE else None
+
+
+def _reuse_function() -> Callable[[dict[str, Kept], object], Any]:
+    try:
+        backend = get_backend()
+    except (ImportError, RuntimeError):
+        return reuse_in_python
+    reuse = getattr(backend, "lock_reuse", None)
+    setup = getattr(backend, "lock_reuse_setup", None)
+    if reuse is None or setup is None:
+        return reuse_in_python
+    setup(vars(_core), names._namespace, names._ENV_DATA, names._ENV_KEY)
+    return reuse  # type: ignore[no-any-return]
+
+
+#: ``reuse(cache, name)``: see :func:`reuse_in_python`.
+reuse = _reuse_function()
 
 
 def _lock_meta(name: str, namespace: str, origin: str | None = None) -> bytes:
@@ -184,6 +251,10 @@ class LocksPart:
         self._entries: dict[tuple[str, str], LockEntry] = {}
         #: set when an entry may have lost its last user (a lock object was collected)
         self.maybe_idle = False
+        #: The front end's by-name lock objects kept for reuse (see the module's
+        #: docstring): name -> (engine, namespace, ``$PROCSHARE_NAMESPACE``,
+        #: lock object); emptied by :meth:`poll`.
+        self.by_name: dict[str, Kept] = {}
 
     # -- opening and closing -------------------------------------------------
 
@@ -286,6 +357,31 @@ class LocksPart:
             self.backend.segment_close(entry.handle, keep=self.backend.lock_keep)
             return True
 
+    def keep_by_name(self, name: str, kept: Kept) -> None:
+        """Keep a lock object (``kept[3]``) for reuse by the next by-name call
+        for ``name`` in the same namespace, until the next housekeeping (asked
+        for here). It replaces what was kept for another namespace."""
+        self.by_name[name] = kept
+        self.engine.pending = True
+
+    def forget_by_name(self, lock: object) -> None:
+        """``lock`` was closed: never hand it out again."""
+        cache = self.by_name
+        for name, kept in list(cache.items()):
+            if kept[3] is lock:
+                cache.pop(name, None)
+
+    def _drop_by_name(self) -> None:
+        """Stop reusing the kept by-name objects. One nobody else refers to dies
+        here (its finalizer marks its entry idle); one in use lives on, as any
+        lock object does."""
+        cache = self.by_name
+        while cache:
+            try:
+                cache.popitem()
+            except KeyError:  # another thread emptied it meanwhile
+                return
+
     def note_idle(self) -> None:
         """An entry may have lost its last user: close it at the next call into procshare."""
         self.maybe_idle = True
@@ -307,7 +403,10 @@ class LocksPart:
     # -- EnginePart ----------------------------------------------------------
 
     def poll(self) -> None:
-        """Close entries whose users have all been garbage collected."""
+        """Stop reusing by-name objects; close entries whose users have all
+        been garbage collected."""
+        if self.by_name:
+            self._drop_by_name()
         if not self.maybe_idle:
             return
         self.maybe_idle = False
@@ -317,6 +416,7 @@ class LocksPart:
 
     def shutdown(self) -> None:
         """Close every entry no thread of this process holds; leave held ones to the kernel."""
+        self._drop_by_name()
         for entry in list(self._entries.values()):
             entry.users.clear()
             self._close_if_idle(entry)

@@ -621,11 +621,123 @@ static PyTypeObject GuardType = {
     .tp_members = Guard_members,
 };
 
+/* The by-name reuse of lock objects (see procshare._engine.locks): a
+ * `with ps.interprocess_lock("m"):` in a loop gets back the object the
+ * previous one made, if nothing but the cache refers to it. The check is
+ * here because the same in Python (a dict lookup, the current namespace,
+ * the environment, sys.getrefcount) cost as much as the lock itself.
+ * Where the current engine, namespace and $PROCSHARE_NAMESPACE are read
+ * from is set once by reuse_setup(); only touched with the GIL held. */
+static PyObject *reuse_globals;  /* procshare._engine.core's globals: "_engine" */
+static PyObject *reuse_engine_key;
+static PyObject *reuse_nsvar;    /* the namespace ContextVar */
+static PyObject *reuse_env;      /* os.environ's dict, or NULL */
+static PyObject *reuse_env_key;
+
+static PyObject *
+robustmutex_reuse_setup(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyDict_Check(args[0]) || !PyContextVar_CheckExact(args[1]) ||
+        (args[2] != Py_None && !PyDict_Check(args[2]))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "reuse_setup(engine_globals, namespace_var, environ_dict or None, key)");
+        return NULL;
+    }
+    PyObject *key = PyUnicode_InternFromString("_engine");
+    if (key == NULL) {
+        return NULL;
+    }
+    Py_XSETREF(reuse_engine_key, key);
+    Py_XSETREF(reuse_globals, Py_NewRef(args[0]));
+    Py_XSETREF(reuse_nsvar, Py_NewRef(args[1]));
+    Py_XSETREF(reuse_env, args[2] == Py_None ? NULL : Py_NewRef(args[2]));
+    Py_XSETREF(reuse_env_key, Py_NewRef(args[3]));
+    Py_RETURN_NONE;
+}
+
+/* reuse(cache, name): cache maps a name to (engine, namespace, raw
+ * $PROCSHARE_NAMESPACE, lock object). The lock object if the entry is this
+ * process's engine's, for the current namespace and environment, and the
+ * tuple is its only reference (nobody uses it, nobody can be about to close
+ * it); else None. */
+static PyObject *
+robustmutex_reuse(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "reuse(cache, name)");
+        return NULL;
+    }
+#ifdef Py_GIL_DISABLED
+    /* Reference counts are not exact without the GIL: never reuse. */
+    Py_RETURN_NONE;
+#else
+    PyObject *cache = args[0], *hit, *engine, *ns, *env = NULL;
+    int same;
+    if (reuse_globals == NULL || !PyDict_CheckExact(cache)) {
+        Py_RETURN_NONE;
+    }
+    hit = PyDict_GetItemWithError(cache, args[1]); /* borrowed */
+    if (hit == NULL) {
+        if (PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_TypeError)) {
+                return NULL;
+            }
+            PyErr_Clear(); /* unhashable: not a name (the slow path says so) */
+        }
+        Py_RETURN_NONE;
+    }
+    if (!PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) != 4) {
+        Py_RETURN_NONE;
+    }
+    engine = PyDict_GetItemWithError(reuse_globals, reuse_engine_key);
+    if (engine == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (engine != PyTuple_GET_ITEM(hit, 0)) {
+        Py_RETURN_NONE; /* another engine's (a forked child's parent's) */
+    }
+    if (PyContextVar_Get(reuse_nsvar, Py_None, &ns) < 0) {
+        return NULL;
+    }
+    same = ns == PyTuple_GET_ITEM(hit, 1);
+    Py_XDECREF(ns);
+    if (!same) {
+        Py_RETURN_NONE;
+    }
+    if (reuse_env != NULL) {
+        env = PyDict_GetItemWithError(reuse_env, reuse_env_key);
+        if (env == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    if ((env == NULL ? Py_None : env) != PyTuple_GET_ITEM(hit, 2)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *lock = PyTuple_GET_ITEM(hit, 3);
+    /* Last, after every lookup: only the cache's tuple refers to it. */
+    if (Py_REFCNT(lock) != 1) {
+        Py_RETURN_NONE;
+    }
+    return Py_NewRef(lock);
+#endif
+}
+
+static PyMethodDef robustmutex_methods[] = {
+    {"reuse", (PyCFunction)(void (*)(void))robustmutex_reuse, METH_FASTCALL,
+     "reuse(cache, name) -> the kept by-name lock object if nobody else refers to it, "
+     "else None."},
+    {"reuse_setup", (PyCFunction)(void (*)(void))robustmutex_reuse_setup, METH_FASTCALL,
+     "reuse_setup(engine_globals, namespace_var, environ_dict or None, key): where "
+     "reuse() reads the current engine, namespace and environment."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef robustmutex_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "procshare._backends.posix._robustmutex",
     .m_doc = "Robust process-shared pthread mutexes (the hot path of procshare locks).",
     .m_size = -1,
+    .m_methods = robustmutex_methods,
 };
 
 PyMODINIT_FUNC

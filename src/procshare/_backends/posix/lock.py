@@ -28,6 +28,8 @@ try:
         STATE_OFFSET,
         Guard,
         Mutex,
+        reuse,
+        reuse_setup,
     )
 except ImportError as exc:  # pragma: no cover - only without a build
     raise ImportError(
@@ -74,6 +76,10 @@ class PosixLocks:
 
     lock_data_size = DATA_SIZE
     lock_guard: type = Guard
+    #: The by-name reuse check, in C (see ``_robustmutex.c`` and
+    #: ``procshare._engine.locks.reuse_in_python``, the reference).
+    lock_reuse = staticmethod(reuse)
+    lock_reuse_setup = staticmethod(reuse_setup)
 
     def lock_init(self, data: memoryview) -> None:
         mutex = Mutex(data)
