@@ -1188,3 +1188,16 @@ def test_the_python_reference_of_the_reuse_check_agrees(monkeypatch: pytest.Monk
     second.close()
     get_engine().poll()
     assert lock_objects() == set()
+
+
+@pytest.mark.timeout(60)
+def test_a_join_ends_the_reuse_of_a_by_name_object_like_any_other_call() -> None:
+    @ps.forked
+    def quick() -> None:
+        return None
+
+    with ps.interprocess_lock("m"):
+        pass
+    assert len(lock_objects()) == 1  # kept for reuse
+    quick().join()  # a call into procshare that is not a reuse
+    assert lock_objects() == set()

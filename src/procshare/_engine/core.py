@@ -69,6 +69,7 @@ class Engine:
         "deferred",
         "forking",
         "forks",
+        "kept",
         "lock",
         "pending",
         "pid",
@@ -81,6 +82,11 @@ class Engine:
         self._parts: dict[str, EnginePart] = {}
         #: Set by a part that has housekeeping for the next call into procshare.
         self.pending = False
+        #: Set by a part that keeps objects for reuse until the next call into
+        #: procshare that is not a reuse (the by-name locks, _engine/locks.py):
+        #: that poll drops them, but a reuse itself runs housekeeping only if
+        #: ``pending`` asks for it.
+        self.kept = False
         #: Children forked so far (``@forked``); a segment or lock records the
         #: count when opened, so children forked later are known to hold it too.
         self.forks = 0
@@ -195,9 +201,9 @@ class Engine:
     def poll(self) -> None:
         """Run the parts' housekeeping if one asked for it (every call into
         procshare calls this, so it costs one attribute test otherwise)."""
-        if not self.pending:
+        if not self.pending and not self.kept:
             return
-        self.pending = False
+        self.pending = self.kept = False
         error: BaseException | None = None
         for part in list(self._parts.values()):
             try:

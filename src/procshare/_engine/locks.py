@@ -137,7 +137,9 @@ Kept = tuple[object, object, object, Any]
 def reuse_in_python(cache: dict[str, Kept], name: object) -> Any:
     """The kept by-name lock object for ``name`` if it belongs to this
     process's engine, the current namespace and ``$PROCSHARE_NAMESPACE``, and
-    nobody but the cache refers to it; else ``None``. The reference for the
+    nobody but the cache refers to it; else ``None``, and ``None`` too when
+    the engine has housekeeping pending (the slow path, a call into procshare
+    like any other, runs it). The reference for the
     backend's ``lock_reuse`` (in C for the POSIX backend)."""
     try:
         hit = cache.get(name)  # type: ignore[call-overload]
@@ -147,6 +149,8 @@ def reuse_in_python(cache: dict[str, Kept], name: object) -> Any:
         return None
     engine, ns, env, lock = hit
     if engine is not _core._engine or ns is not names._namespace.get():
+        return None
+    if engine.pending:  # type: ignore[union-attr]  # housekeeping first: the slow path
         return None
     if env is not names.env_raw():
         return None
@@ -362,7 +366,7 @@ class LocksPart:
         for ``name`` in the same namespace, until the next housekeeping (asked
         for here). It replaces what was kept for another namespace."""
         self.by_name[name] = kept
-        self.engine.pending = True
+        self.engine.kept = True
 
     def forget_by_name(self, lock: object) -> None:
         """``lock`` was closed: never hand it out again."""

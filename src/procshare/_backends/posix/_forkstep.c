@@ -36,7 +36,9 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <poll.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <sys/types.h>
 #include <unistd.h>
 #ifdef __linux__
@@ -342,12 +344,76 @@ forkstep_exit(PyObject *Py_UNUSED(module), PyObject *arg)
     _exit((int)status);
 }
 
+/* poll1(fd, timeout_ms) -> [fd] or []: poll() on one descriptor for POLLIN
+ * (timeout_ms < 0: forever), the GIL released. The common wait of join()
+ * (a child's pidfd): select.poll's object, registration and result list
+ * are a dozen Python objects written while the child still shares this
+ * process's pages, each a copied page. EINTR runs the signal handlers (one
+ * that raises, a KeyboardInterrupt, propagates) and retries with the time
+ * left, as PEP 475 says. */
+static PyObject *
+forkstep_poll1(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "poll1(fd, timeout_ms)");
+        return NULL;
+    }
+    long value = PyLong_AsLong(args[0]);
+    if (value == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (value < 0 || value > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "not a file descriptor: %ld", value);
+        return NULL;
+    }
+    int fd = (int)value;
+    long ms = PyLong_AsLong(args[1]);
+    if (ms == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    struct pollfd p = {.fd = fd, .events = POLLIN, .revents = 0};
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    long left = ms;
+    int rc;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = poll(&p, 1, left < 0 ? -1 : (left > INT_MAX ? INT_MAX : (int)left));
+        Py_END_ALLOW_THREADS
+        if (rc >= 0) {
+            break;
+        }
+        if (errno != EINTR) {
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        if (PyErr_CheckSignals() < 0) {
+            return NULL;
+        }
+        if (ms >= 0) {
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            long spent = (long)(now.tv_sec - start.tv_sec) * 1000 +
+                         (long)(now.tv_nsec - start.tv_nsec) / 1000000;
+            left = ms - spent;
+            if (left < 0) {
+                left = 0;
+            }
+        }
+    }
+    if (rc == 0 || p.revents == 0) {
+        return PyList_New(0);
+    }
+    return Py_BuildValue("[i]", fd);
+}
+
 static PyMethodDef forkstep_methods[] = {
     {"adopt", forkstep_adopt, METH_O,
      "adopt(fd): children forked from now on close fd first thing (until close(fd))."},
     {"close", forkstep_close, METH_O,
      "close(fd): close a descriptor fork() returned (EBADF ignored); children stop "
      "closing it."},
+    {"poll1", (PyCFunction)(void (*)(void))forkstep_poll1, METH_FASTCALL,
+     "poll1(fd, timeout_ms) -> [fd] if fd became readable (or hung up), else []; "
+     "timeout_ms < 0 waits forever. EINTR runs signal handlers and retries."},
     {"private", forkstep_private, METH_NOARGS,
      "The descriptors a child made now would close first thing (for tests)."},
     {"exit", forkstep_exit, METH_O,

@@ -630,6 +630,7 @@ static PyTypeObject GuardType = {
  * from is set once by reuse_setup(); only touched with the GIL held. */
 static PyObject *reuse_globals;  /* procshare._engine.core's globals: "_engine" */
 static PyObject *reuse_engine_key;
+static PyObject *reuse_pending_key; /* the engine's "pending" */
 static PyObject *reuse_nsvar;    /* the namespace ContextVar */
 static PyObject *reuse_env;      /* os.environ's dict, or NULL */
 static PyObject *reuse_env_key;
@@ -648,6 +649,11 @@ robustmutex_reuse_setup(PyObject *Py_UNUSED(module), PyObject *const *args, Py_s
         return NULL;
     }
     Py_XSETREF(reuse_engine_key, key);
+    key = PyUnicode_InternFromString("pending");
+    if (key == NULL) {
+        return NULL;
+    }
+    Py_XSETREF(reuse_pending_key, key);
     Py_XSETREF(reuse_globals, Py_NewRef(args[0]));
     Py_XSETREF(reuse_nsvar, Py_NewRef(args[1]));
     Py_XSETREF(reuse_env, args[2] == Py_None ? NULL : Py_NewRef(args[2]));
@@ -659,7 +665,7 @@ robustmutex_reuse_setup(PyObject *Py_UNUSED(module), PyObject *const *args, Py_s
  * $PROCSHARE_NAMESPACE, lock object). The lock object if the entry is this
  * process's engine's, for the current namespace and environment, and the
  * tuple is its only reference (nobody uses it, nobody can be about to close
- * it); else None. */
+ * it), and the engine has no housekeeping pending; else None. */
 static PyObject *
 robustmutex_reuse(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -695,6 +701,20 @@ robustmutex_reuse(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
     }
     if (engine != PyTuple_GET_ITEM(hit, 0)) {
         Py_RETURN_NONE; /* another engine's (a forked child's parent's) */
+    }
+    /* Housekeeping pending (a dropped child to reap, ...): the slow path,
+     * a call into procshare like any other, runs it. */
+    PyObject *pending = PyObject_GetAttr(engine, reuse_pending_key);
+    if (pending == NULL) {
+        return NULL;
+    }
+    int busy = PyObject_IsTrue(pending);
+    Py_DECREF(pending);
+    if (busy != 0) {
+        if (busy < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
     }
     if (PyContextVar_Get(reuse_nsvar, Py_None, &ns) < 0) {
         return NULL;

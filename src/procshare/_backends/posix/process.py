@@ -54,6 +54,7 @@ _fork_step = _forkstep.fork
 _unblock = _forkstep.unblock
 _exit = _forkstep.exit
 _close = _forkstep.close
+_poll1 = _forkstep.poll1
 # The C function, not signal.signal: that wrapper converts the old handler to
 # an enum, and the Python it runs for it touched ~20 pages in each child.
 _set_handler = _signal.signal
@@ -141,6 +142,10 @@ class PosixProcesses:
     def process_poll(self, fds: Sequence[int], timeout: float | None) -> list[int]:
         if not fds:
             return []
+        if len(fds) == 1:
+            # join()'s wait on a pidfd, in C: no poll object built while the
+            # child still shares our pages (each object written is a copy).
+            return _poll1(fds[0], -1 if timeout is None else max(0, int(timeout * 1000 + 0.999)))
         poller = select.poll()
         for fd in fds:
             poller.register(fd, select.POLLIN)
