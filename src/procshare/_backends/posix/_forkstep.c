@@ -167,7 +167,10 @@ forkstep_fork(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
     saved_errno = errno;
     if (pid == 0) {
         PyOS_AfterFork_Child();
-        Py_CLEAR(last_fork); /* the parent's, not ours */
+        /* The parent's, not ours: forgotten without a decref, which would
+         * free the tuple and its numbers here, writing (copying) the pages
+         * they live on; the child's memory goes with it at exit anyway. */
+        last_fork = NULL;
         close(fds[0]);
         for (Py_ssize_t i = 0; i < n_private; i++) {
             close(private_fds[i]);
