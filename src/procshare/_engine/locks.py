@@ -174,6 +174,17 @@ def _reuse_function() -> Callable[[dict[str, Kept], object], Any]:
 reuse = _reuse_function()
 
 
+def _taken_here_function() -> Callable[[], bool]:
+    try:
+        taken: Callable[[], bool] | None = getattr(get_backend(), "lock_taken_here", None)
+    except (ImportError, RuntimeError):
+        taken = None
+    return taken if taken is not None else lambda: True  # no shortcut: look at every lock
+
+
+_taken_here = _taken_here_function()
+
+
 def _lock_meta(name: str, namespace: str, origin: str | None = None) -> bytes:
     """The metadata of a new lock object: the JSON ``json.dumps(..., sort_keys=True)``
     writes, formatted directly. Names and namespaces are validated to
@@ -430,9 +441,13 @@ def held_here() -> list[str]:
     """Names of the locks a thread of this process holds now, through lock
     objects it opened or inherited across a fork (for the warnings at exit).
 
-    Runs at the end of every forked child: a plain loop that builds nothing
-    while nothing is held (each object made there is a copied page)."""
+    Runs at the end of every forked child: first one question to the backend
+    (has a thread of this process taken any lock?), then a plain loop that
+    builds nothing while nothing is held (each object touched there is a
+    copied page)."""
     held: list[str] = []
+    if not _taken_here():
+        return held
     for engine in (*_core._inherited, _core._engine):
         for key in (KEY, "anonymous-locks"):  # named, then anonymous (_engine/anonymous.py)
             part = None if engine is None else engine.existing_part(key)

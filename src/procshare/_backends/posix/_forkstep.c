@@ -408,6 +408,35 @@ forkstep_poll1(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     return Py_BuildValue("[i]", fd);
 }
 
+/* python_threads() -> the number of Python threads (threading._active and
+ * _limbo, set once by threads_setup()): threading.active_count() without
+ * its lock and without touching the dictionaries' reference counts, since a
+ * forked child asks as it ends, where each object written is a copied page.
+ * threading keeps both dictionaries for good (it clears them in place). */
+static PyObject *threads_active, *threads_limbo;
+
+static PyObject *
+forkstep_threads_setup(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyDict_Check(args[0]) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "threads_setup(threading._active, threading._limbo)");
+        return NULL;
+    }
+    Py_XSETREF(threads_active, Py_NewRef(args[0]));
+    Py_XSETREF(threads_limbo, Py_NewRef(args[1]));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+forkstep_python_threads(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
+{
+    if (threads_active == NULL || threads_limbo == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "python_threads() before threads_setup()");
+        return NULL;
+    }
+    return PyLong_FromSsize_t(PyDict_GET_SIZE(threads_active) + PyDict_GET_SIZE(threads_limbo));
+}
+
 static PyMethodDef forkstep_methods[] = {
     {"adopt", forkstep_adopt, METH_O,
      "adopt(fd): children forked from now on close fd first thing (until close(fd))."},
@@ -417,6 +446,10 @@ static PyMethodDef forkstep_methods[] = {
     {"poll1", (PyCFunction)(void (*)(void))forkstep_poll1, METH_FASTCALL,
      "poll1(fd, timeout_ms) -> [fd] if fd became readable (or hung up), else []; "
      "timeout_ms < 0 waits forever. EINTR runs signal handlers and retries."},
+    {"python_threads", forkstep_python_threads, METH_NOARGS,
+     "The number of Python threads (len(threading._active) + len(threading._limbo))."},
+    {"threads_setup", (PyCFunction)(void (*)(void))forkstep_threads_setup, METH_FASTCALL,
+     "threads_setup(threading._active, threading._limbo): what python_threads() counts."},
     {"private", forkstep_private, METH_NOARGS,
      "The descriptors a child made now would close first thing (for tests)."},
     {"exit", forkstep_exit, METH_O,

@@ -67,6 +67,9 @@ typedef struct {
 
 static unsigned long fork_gen = 1;
 static pid_t cached_pid;
+/* The fork_gen of the last acquire in this process: equal to fork_gen once a
+ * thread of this process (not its parent) has taken any mutex. */
+static unsigned long taken_gen;
 
 static void
 after_fork_child(void)
@@ -192,6 +195,7 @@ took_it(MutexObject *self)
 {
     self->owner_ident = PyThread_get_thread_ident();
     self->owner_gen = fork_gen;
+    taken_gen = fork_gen;
     self->owner_ktid = word(self) & FUTEX_TID_MASK;
     self->depth = 1;
     self->state->owner_pid = cached_pid;
@@ -742,7 +746,19 @@ robustmutex_reuse(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
 #endif
 }
 
+/* taken_here() -> whether a thread of this process has taken any mutex since
+ * the process began (a forked child: since its fork). False means that no
+ * thread of it holds one: the check a forked child makes as it ends, without
+ * touching (and so copying) the Python objects of every lock it inherited. */
+static PyObject *
+robustmutex_taken_here(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
+{
+    return PyBool_FromLong(taken_gen == fork_gen);
+}
+
 static PyMethodDef robustmutex_methods[] = {
+    {"taken_here", robustmutex_taken_here, METH_NOARGS,
+     "Whether a thread of this process has taken any mutex since it began (or was forked)."},
     {"reuse", (PyCFunction)(void (*)(void))robustmutex_reuse, METH_FASTCALL,
      "reuse(cache, name) -> the kept by-name lock object if nobody else refers to it, "
      "else None."},

@@ -30,6 +30,7 @@ try:
         Mutex,
         reuse,
         reuse_setup,
+        taken_here,
     )
 except ImportError as exc:  # pragma: no cover - only without a build
     raise ImportError(
@@ -80,6 +81,9 @@ class PosixLocks:
     #: ``procshare._engine.locks.reuse_in_python``, the reference).
     lock_reuse = staticmethod(reuse)
     lock_reuse_setup = staticmethod(reuse_setup)
+    #: Whether a thread of this process took any lock since it began or was
+    #: forked (a forked child's exit skips looking at its locks when not).
+    lock_taken_here = staticmethod(taken_here)
 
     def lock_init(self, data: memoryview) -> None:
         mutex = Mutex(data)

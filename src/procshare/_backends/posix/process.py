@@ -63,6 +63,7 @@ _PF_EXITING = 0x4  # linux/sched.h: the task is in do_exit()
 
 _threads_active: dict[int, Any] = threading._active  # type: ignore[attr-defined]
 _threads_limbo: dict[Any, Any] = threading._limbo  # type: ignore[attr-defined]
+_forkstep.threads_setup(_threads_active, _threads_limbo)
 # None (no os.pidfd_open: an old Python or platform) makes the fork step skip
 # the pidfd; the engine then polls the exit status.
 _pidfd_open: Callable[[int], int] | None = getattr(os, "pidfd_open", None)
@@ -202,6 +203,7 @@ class PosixProcesses:
             return False
         return not int(fields[6]) & _PF_EXITING
 
-    def process_python_threads(self) -> int:
-        # threading.active_count() without its lock: this runs on every fork.
-        return len(_threads_active) + len(_threads_limbo)
+    # threading.active_count() without its lock, in C: this runs on every fork
+    # and at the end of every child (where each object touched is a copied
+    # page, and len() from Python writes both dictionaries' reference counts).
+    process_python_threads = staticmethod(_forkstep.python_threads)
