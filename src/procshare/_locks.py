@@ -526,7 +526,7 @@ def interprocess_lock(
     default options, the call returns the lock object the previous such
     call made if nobody refers to it any more (a dict lookup), and
     housekeeping stops that reuse at the next call into procshare that is
-    not one (see "Locks" in the concepts).
+    not one (see "Lifetime" on the Robustness page of the docs).
     """
     if timeout is None and reentrant is False and on_owner_death is None and mode is _MODE:
         # The by-name path: one C call when the object the previous such
