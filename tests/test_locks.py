@@ -1172,10 +1172,11 @@ def test_a_forked_child_never_reuses_its_parents_by_name_object() -> None:
     assert lock_objects() == set()
 
 
-def test_the_python_reference_of_the_reuse_check_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_python_reference_of_the_reuse_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
     from procshare import _locks
 
     monkeypatch.setattr(_locks, "_reuse", engine_locks.reuse_in_python)
+    monkeypatch.setattr(_locks, "_keep", engine_locks.keep_in_python)
     with ps.interprocess_lock("m") as first:
         pass
     kept = weakref.ref(first)

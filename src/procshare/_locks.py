@@ -19,7 +19,6 @@ from procshare._engine import anonymous as _anonymous
 from procshare._engine import children as _children
 from procshare._engine import get_engine, userwarn
 from procshare._engine import locks as _engine_locks
-from procshare._engine import names as _names
 from procshare._engine import segments as _segments
 from procshare._engine.locks import (
     BUSY,
@@ -46,12 +45,10 @@ OnOwnerDeath = Callable[["InterprocessLock"], object] | Literal["warn"] | None
 # Names already validated (a by-name lock in a hot loop validates once).
 _valid_names: set[str] = set()
 
-# The by-name reuse of lock objects (see interprocess_lock and the engine's
-# LocksPart.by_name): name -> (engine, namespace, $PROCSHARE_NAMESPACE, lock).
-# Each entry names its engine: a forked child, whose engine is a new one,
-# never reuses what its parent kept.
-_by_name: dict[str, _engine_locks.Kept] = {}
+# The by-name reuse of lock objects (see interprocess_lock, and the engine's
+# by_name in _engine/locks.py).
 _reuse = _engine_locks.reuse
+_keep = _engine_locks.keep
 #: The default ``mode=``: compared by identity, so an explicit ``mode=0o600``
 #: (an equal int, not this object) takes the checked path.
 _MODE = 0o600
@@ -464,20 +461,6 @@ class InterprocessLock(LockGuard):
         return f"<InterprocessLock {self._name!r} {'locked' if self._m.locked() else 'unlocked'}>"
 
 
-def _open_by_name(name: str) -> InterprocessLock:
-    """A new by-name lock object with the default options, kept for reuse
-    (see ``LocksPart.by_name``) unless reference counts cannot tell when
-    nobody uses it any more."""
-    global _by_name
-    lock = InterprocessLock(name)
-    entry = lock._entry
-    if _engine_locks.ALONE and entry is not None and name.__class__ is str:
-        part = entry.part
-        _by_name = part.by_name  # this process's (a forked child's is a new one)
-        part.keep_by_name(name, (part.engine, _names._namespace.get(), _names.env_raw(), lock))
-    return lock
-
-
 def _reopen(
     namespace: str,
     name: str,
@@ -531,10 +514,12 @@ def interprocess_lock(
     if timeout is None and reentrant is False and on_owner_death is None and mode is _MODE:
         # The by-name path: one C call when the object the previous such
         # call made can be handed out again.
-        lock = _reuse(_by_name, name)
+        lock = _reuse(name)
         if lock is not None:
             return lock  # type: ignore[no-any-return]
-        return _open_by_name(name)  # type: ignore[arg-type]
+        lock = InterprocessLock(name)
+        _keep(name, lock)  # (in C: a fresh child opening once runs no more Python)
+        return lock
     return InterprocessLock(
         name, timeout=timeout, reentrant=reentrant, on_owner_death=on_owner_death, mode=mode
     )

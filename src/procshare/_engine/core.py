@@ -20,7 +20,7 @@ import operator
 import os
 import threading
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from procshare._backends import Backend, get_backend
 
@@ -66,6 +66,7 @@ class Engine:
         "_deferred",
         "_parts",
         "backend",
+        "by_name",
         "deferred",
         "forking",
         "forks",
@@ -87,6 +88,12 @@ class Engine:
         #: that poll drops them, but a reuse itself runs housekeeping only if
         #: ``pending`` asks for it.
         self.kept = False
+        #: The by-name lock objects kept for reuse: name -> (namespace, raw
+        #: ``$PROCSHARE_NAMESPACE``, lock object); see _engine/locks.py. Here,
+        #: on the engine, because the reuse check reads it from the current
+        #: engine in one C call: a forked child, whose engine is new, never
+        #: sees its parent's.
+        self.by_name: dict[str, tuple[object, object, Any]] = {}
         #: Children forked so far (``@forked``); a segment or lock records the
         #: count when opened, so children forked later are known to hold it too.
         self.forks = 0

@@ -18,7 +18,7 @@ user is closed
 * at interpreter exit.
 
 By-name reuse: ``ps.interprocess_lock(name)`` with default options also
-keeps the lock *object* it made in :attr:`LocksPart.by_name`, keyed by name
+keeps the lock *object* it made in the engine's ``by_name``, keyed by name
 and namespace, and hands it out again to the next such call while nobody
 else refers to it (:func:`alone`): a by-name ``with`` in a loop is then one
 dict lookup, with no object built or finalized. The cache is emptied by the
@@ -129,49 +129,60 @@ def _refs_when_alone() -> int:
 #: without the GIL, whose counts are not exact): no reuse then.
 ALONE = 0 if getattr(sys, "_is_gil_enabled", lambda: True)() is False else _refs_when_alone()
 
-#: What :attr:`LocksPart.by_name` keeps per name: (engine, namespace,
-#: raw ``$PROCSHARE_NAMESPACE``, lock object).
-Kept = tuple[object, object, object, Any]
+#: What the engine's ``by_name`` keeps per name: (namespace, raw
+#: ``$PROCSHARE_NAMESPACE``, lock object).
+Kept = tuple[object, object, Any]
 
 
-def reuse_in_python(cache: dict[str, Kept], name: object) -> Any:
-    """The kept by-name lock object for ``name`` if it belongs to this
-    process's engine, the current namespace and ``$PROCSHARE_NAMESPACE``, and
-    nobody but the cache refers to it; else ``None``, and ``None`` too when
-    the engine has housekeeping pending (the slow path, a call into procshare
-    like any other, runs it). The reference for the
-    backend's ``lock_reuse`` (in C for the POSIX backend)."""
+def reuse_in_python(name: object) -> Any:
+    """The lock object the current engine keeps for ``name`` if it is for the
+    current namespace and ``$PROCSHARE_NAMESPACE``, the engine has no
+    housekeeping pending (the slow path, a call into procshare like any
+    other, runs it) and nobody but the cache refers to it; else ``None``. The
+    reference for the backend's ``lock_reuse`` (in C for the POSIX backend)."""
+    engine = _core._engine
+    if engine is None or engine.pending:
+        return None
     try:
-        hit = cache.get(name)  # type: ignore[call-overload]
+        hit = engine.by_name.get(name)  # type: ignore[call-overload]
     except TypeError:  # unhashable: not a name
         return None
     if hit is None:
         return None
-    engine, ns, env, lock = hit
-    if engine is not _core._engine or ns is not names._namespace.get():
-        return None
-    if engine.pending:  # type: ignore[union-attr]  # housekeeping first: the slow path
-        return None
-    if env is not names.env_raw():
+    ns, env, lock = hit
+    if ns is not names._namespace.get() or env is not names.env_raw():
         return None
     return lock if ALONE and sys.getrefcount(lock) == ALONE else None
 
 
-def _reuse_function() -> Callable[[dict[str, Kept], object], Any]:
+def keep_in_python(name: object, lock: object) -> None:
+    """Keep ``lock``, just made by name by this process, for :func:`reuse_in_python`,
+    and ask the engine's next housekeeping to drop it. The reference for the
+    backend's ``lock_keep_for_reuse``."""
+    engine = _core._engine
+    if engine is None or not ALONE or name.__class__ is not str:
+        return
+    engine.by_name[name] = (names._namespace.get(), names.env_raw(), lock)
+    engine.kept = True
+
+
+def _backend_functions() -> tuple[Callable[[object], Any], Callable[[object, object], None]]:
     try:
         backend = get_backend()
     except (ImportError, RuntimeError):
-        return reuse_in_python
+        return reuse_in_python, keep_in_python
     reuse = getattr(backend, "lock_reuse", None)
+    keep = getattr(backend, "lock_keep_for_reuse", None)
     setup = getattr(backend, "lock_reuse_setup", None)
-    if reuse is None or setup is None:
-        return reuse_in_python
+    if reuse is None or keep is None or setup is None:
+        return reuse_in_python, keep_in_python
     setup(vars(_core), names._namespace, names._ENV_DATA, names._ENV_KEY)
-    return reuse  # type: ignore[no-any-return]
+    return reuse, keep
 
 
-#: ``reuse(cache, name)``: see :func:`reuse_in_python`.
-reuse = _reuse_function()
+#: ``reuse(name)`` and ``keep(name, lock)``: see :func:`reuse_in_python` and
+#: :func:`keep_in_python`.
+reuse, keep = _backend_functions()
 
 
 def _taken_here_function() -> Callable[[], bool]:
@@ -266,10 +277,6 @@ class LocksPart:
         self._entries: dict[tuple[str, str], LockEntry] = {}
         #: set when an entry may have lost its last user (a lock object was collected)
         self.maybe_idle = False
-        #: The front end's by-name lock objects kept for reuse (see the module's
-        #: docstring): name -> (engine, namespace, ``$PROCSHARE_NAMESPACE``,
-        #: lock object); emptied by :meth:`poll`.
-        self.by_name: dict[str, Kept] = {}
 
     # -- opening and closing -------------------------------------------------
 
@@ -372,25 +379,18 @@ class LocksPart:
             self.backend.segment_close(entry.handle, keep=self.backend.lock_keep)
             return True
 
-    def keep_by_name(self, name: str, kept: Kept) -> None:
-        """Keep a lock object (``kept[3]``) for reuse by the next by-name call
-        for ``name`` in the same namespace, until the next housekeeping (asked
-        for here). It replaces what was kept for another namespace."""
-        self.by_name[name] = kept
-        self.engine.kept = True
-
     def forget_by_name(self, lock: object) -> None:
         """``lock`` was closed: never hand it out again."""
-        cache = self.by_name
+        cache = self.engine.by_name
         for name, kept in list(cache.items()):
-            if kept[3] is lock:
+            if kept[2] is lock:
                 cache.pop(name, None)
 
     def _drop_by_name(self) -> None:
         """Stop reusing the kept by-name objects. One nobody else refers to dies
         here (its finalizer marks its entry idle); one in use lives on, as any
         lock object does."""
-        cache = self.by_name
+        cache = self.engine.by_name
         while cache:
             try:
                 cache.popitem()
@@ -420,7 +420,7 @@ class LocksPart:
     def poll(self) -> None:
         """Stop reusing by-name objects; close entries whose users have all
         been garbage collected."""
-        if self.by_name:
+        if self.engine.by_name:
             self._drop_by_name()
         if not self.maybe_idle:
             return
