@@ -18,15 +18,17 @@ user is closed
 * at interpreter exit.
 
 By-name reuse: ``ps.interprocess_lock(name)`` with default options also
-keeps the lock *object* it made in the engine's ``by_name``, keyed by name
-and namespace, and hands it out again to the next such call while nobody
-else refers to it (:func:`alone`): a by-name ``with`` in a loop is then one
-dict lookup, with no object built or finalized. The cache is emptied by the
-part's housekeeping (:meth:`LocksPart.poll`, which it asks for as it stores
-an object), so the last by-name use still ends at the next call into
-procshare that is not a by-name reuse: an object nobody refers to dies
-there, and its entry is closed as above. An object someone still refers to
-just stops being handed out.
+keeps the lock *object* it made in the engine's ``by_name`` (:func:`keep`),
+by name, with the namespace and ``$PROCSHARE_NAMESPACE`` it was made for,
+and hands it out again to the next such call while nobody else refers to
+it (:func:`reuse`, one C call for the POSIX backend): a by-name ``with`` in
+a loop then builds and finalizes no object. Keeping sets ``engine.kept``,
+so the engine's next housekeeping (:meth:`LocksPart.poll`) empties the
+cache, and the last by-name use still ends at the next call into procshare
+that is not a reuse: an object nobody refers to dies there, and its entry
+is closed as above; one someone still refers to just stops being handed
+out. A reuse runs no housekeeping, so it declines when some is pending
+(``engine.pending``): the ordinary path then runs it.
 
 An entry that a thread of this process holds is never closed: the kernel
 walks a held robust mutex when the thread exits, so its memory must stay
