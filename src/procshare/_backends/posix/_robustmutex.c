@@ -855,10 +855,17 @@ robustmutex_keep(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t 
         Py_DECREF(cache);
         return NULL;
     }
+    /* (Replacing an entry may free the object kept before, running its
+     * finalizer: the engine is held across it.) */
+    Py_INCREF(engine);
     rc = PyDict_SetItem(cache, args[0], kept);
     Py_DECREF(kept);
     Py_DECREF(cache);
-    if (rc < 0 || PyObject_SetAttr(engine, reuse_kept_key, Py_True) < 0) {
+    if (rc == 0) {
+        rc = PyObject_SetAttr(engine, reuse_kept_key, Py_True);
+    }
+    Py_DECREF(engine);
+    if (rc < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
