@@ -17,6 +17,7 @@ setup(
         Extension(
             "procshare._backends.posix._robustmutex",
             sources=["src/procshare/_backends/posix/_robustmutex.c"],
+            depends=["src/procshare/_backends/posix/_robustmutex_reuse.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
             libraries=["pthread"],
         ),

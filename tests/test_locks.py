@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -1072,3 +1073,132 @@ def test_lock_metadata_records_the_origin_namespace_when_it_differs() -> None:
         "origin": "t-1",
     }
     assert _lock_meta("m", "app", "app") == _lock_meta("m", "app")
+
+
+# -- the by-name reuse of lock objects (issue 16) ---------------------------------
+
+
+def test_a_by_name_call_reuses_the_object_nobody_refers_to_any_more() -> None:
+    with ps.interprocess_lock("m") as first:
+        pass
+    kept = weakref.ref(first)
+    del first
+    # Kept for reuse (without it, the object would be garbage by now) ...
+    assert kept() is not None
+    with ps.interprocess_lock("m") as second:
+        assert second is kept()
+    del second
+    # ... until the next call into procshare that is not a reuse.
+    get_engine().poll()
+    assert kept() is None
+    assert lock_objects() == set()
+
+
+def test_an_object_still_referred_to_is_never_handed_out_again() -> None:
+    held = ps.interprocess_lock("m")
+    other = ps.interprocess_lock("m")
+    assert other is not held
+    held.close()  # must not close the object `other` got
+    with other:
+        assert other.owned()
+    other.close()
+
+
+def test_a_closed_by_name_object_is_never_handed_out_again() -> None:
+    lock = ps.interprocess_lock("m")
+    kept = weakref.ref(lock)
+    lock.close()
+    del lock
+    again = ps.interprocess_lock("m")
+    assert again is not kept()
+    assert not again.closed
+    with again:
+        pass
+    again.close()
+
+
+def test_options_and_namespaces_are_never_mixed_up_by_the_reuse() -> None:
+    with ps.interprocess_lock("m"):
+        pass
+    with ps.namespace("elsewhere"), ps.interprocess_lock("m") as there:
+        assert there._entry is not None
+        assert there._entry.namespace == "elsewhere"
+    del there
+    timed = ps.interprocess_lock("m", timeout=5)
+    assert timed.timeout == 5
+    plain = ps.interprocess_lock("m")
+    assert plain.timeout is None
+    assert plain is not timed
+    previous = os.environ["PROCSHARE_NAMESPACE"]
+    os.environ["PROCSHARE_NAMESPACE"] = previous + "-b"
+    try:
+        moved = ps.interprocess_lock("m")
+        assert moved._entry is not None
+        assert moved._entry.namespace == previous + "-b"
+        moved.close()
+    finally:
+        os.environ["PROCSHARE_NAMESPACE"] = previous
+    timed.close()
+    plain.close()
+    get_engine().poll()
+    assert lock_objects() == set()
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_never_reuses_its_parents_by_name_object() -> None:
+    with ps.interprocess_lock("m") as parents:
+        pass
+    kept = weakref.ref(parents)
+    del parents
+    r, w = os.pipe()
+
+    def child() -> None:
+        os.close(r)
+        lock = ps.interprocess_lock("m")
+        entry = lock._entry
+        assert entry is not None
+        mine = lock is not kept() and entry.part.engine is get_engine()
+        os.write(w, b"y" if mine else b"n")
+        lock.close()
+
+    pid = fork(child)
+    os.close(w)
+    try:
+        assert read_byte(r) == b"y"
+        wait_ok(pid)
+    finally:
+        os.close(r)
+    get_engine().poll()
+    assert lock_objects() == set()
+
+
+def test_the_python_reference_of_the_reuse_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    from procshare import _locks
+
+    monkeypatch.setattr(_locks, "_reuse", engine_locks.reuse_in_python)
+    monkeypatch.setattr(_locks, "_keep", engine_locks.keep_in_python)
+    with ps.interprocess_lock("m") as first:
+        pass
+    kept = weakref.ref(first)
+    del first
+    second = ps.interprocess_lock("m")
+    assert second is kept()
+    assert ps.interprocess_lock("m") is not second  # `second` refers to it
+    with ps.namespace("elsewhere"):
+        assert ps.interprocess_lock("m") is not second
+    second.close()
+    get_engine().poll()
+    assert lock_objects() == set()
+
+
+@pytest.mark.timeout(60)
+def test_a_join_ends_the_reuse_of_a_by_name_object_like_any_other_call() -> None:
+    @ps.forked
+    def quick() -> None:
+        return None
+
+    with ps.interprocess_lock("m"):
+        pass
+    assert len(lock_objects()) == 1  # kept for reuse
+    quick().join()  # a call into procshare that is not a reuse
+    assert lock_objects() == set()

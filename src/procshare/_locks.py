@@ -45,6 +45,14 @@ OnOwnerDeath = Callable[["InterprocessLock"], object] | Literal["warn"] | None
 # Names already validated (a by-name lock in a hot loop validates once).
 _valid_names: set[str] = set()
 
+# The by-name reuse of lock objects (see interprocess_lock, and the engine's
+# by_name in _engine/locks.py).
+_reuse = _engine_locks.reuse
+_keep = _engine_locks.keep
+#: The default ``mode=``: compared by identity, so an explicit ``mode=0o600``
+#: (an equal int, not this object) takes the checked path.
+_MODE = 0o600
+
 
 class _LockClosedError(ProcshareError, ValueError):
     """A lock object was used after ``close()``."""
@@ -411,6 +419,7 @@ class InterprocessLock(LockGuard):
         self._m = _Closed(self._name, entry)
         part = entry.part
         if part.engine.pid == get_engine().pid:
+            part.forget_by_name(self)
             part.drop_user(entry, id(self), close=True)
 
     def __del__(self) -> None:
@@ -471,7 +480,7 @@ def interprocess_lock(
     timeout: float | None = None,
     reentrant: bool = False,
     on_owner_death: OnOwnerDeath = None,
-    mode: int = 0o600,
+    mode: int = _MODE,
 ) -> InterprocessLock:
     """Open the named robust lock ``name``, creating it if needed; without a
     name, create an anonymous one.
@@ -496,8 +505,21 @@ def interprocess_lock(
         mode: permission bits of the lock's object if this call creates it.
 
     Opening the same name again in the same process reuses the open object,
-    so ``with ps.interprocess_lock("m"):`` is cheap inside a loop.
+    so ``with ps.interprocess_lock("m"):`` is cheap inside a loop: with the
+    default options, the call returns the lock object the previous such
+    call made if nobody refers to it any more (a dict lookup), and
+    housekeeping stops that reuse at the next call into procshare that is
+    not one (see "Lifetime" on the Robustness page of the docs).
     """
+    if timeout is None and reentrant is False and on_owner_death is None and mode is _MODE:
+        # The by-name path: one C call when the object the previous such
+        # call made can be handed out again.
+        lock = _reuse(name)
+        if lock is not None:
+            return lock  # type: ignore[no-any-return]
+        lock = InterprocessLock(name)
+        _keep(name, lock)  # (in C: a fresh child opening once runs no more Python)
+        return lock
     return InterprocessLock(
         name, timeout=timeout, reentrant=reentrant, on_owner_death=on_owner_death, mode=mode
     )

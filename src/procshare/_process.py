@@ -89,7 +89,7 @@ def _poll_if_asked() -> None:
     join runs this after every fork, where each object touched costs a
     copy-on-write page fault."""
     engine = _core._engine  # None in a fresh child until it uses procshare
-    if engine is not None and engine.pending:
+    if engine is not None and (engine.pending or engine.kept):
         get_engine().poll()
 
 
@@ -171,7 +171,9 @@ class Child(Generic[R]):
             ChildKilled: a signal ended the child.
             ChildTimeout: the ``timeout=`` given to :func:`forked` ran out.
         """
-        timeout = _positive_timeout(timeout, "join(timeout=)")
+        if timeout is not None:  # (no call otherwise: each object touched while
+            # the child still shares our pages is a copied page)
+            timeout = _positive_timeout(timeout, "join(timeout=)")
         done = self._part.wait(self._rec, timeout)
         # Housekeeping after this child's own wait: a warning about another
         # child raised as an error (-W error) cannot leave this one unjoined.

@@ -259,7 +259,7 @@ class ChildrenPart:
         """
         if rec.done:
             return True
-        if self.engine.pid != os.getpid():
+        if self.engine.pid != _core._pid:  # (current_pid() without the call)
             self._foreign(rec)
         if rec.wait_fd is None or rec.deadline is not None or timeout is not None:
             deadline = None if timeout is None else time.monotonic() + timeout

@@ -20,7 +20,7 @@ import operator
 import os
 import threading
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from procshare._backends import Backend, get_backend
 
@@ -66,9 +66,11 @@ class Engine:
         "_deferred",
         "_parts",
         "backend",
+        "by_name",
         "deferred",
         "forking",
         "forks",
+        "kept",
         "lock",
         "pending",
         "pid",
@@ -81,6 +83,17 @@ class Engine:
         self._parts: dict[str, EnginePart] = {}
         #: Set by a part that has housekeeping for the next call into procshare.
         self.pending = False
+        #: Set by a part that keeps objects for reuse until the next call into
+        #: procshare that is not a reuse (the by-name locks, _engine/locks.py):
+        #: that poll drops them, but a reuse itself runs housekeeping only if
+        #: ``pending`` asks for it.
+        self.kept = False
+        #: The by-name lock objects kept for reuse: name -> (namespace, raw
+        #: ``$PROCSHARE_NAMESPACE``, lock object); see _engine/locks.py. Here,
+        #: on the engine, because the reuse check reads it from the current
+        #: engine in one C call: a forked child, whose engine is new, never
+        #: sees its parent's.
+        self.by_name: dict[str, tuple[object, object, Any]] = {}
         #: Children forked so far (``@forked``); a segment or lock records the
         #: count when opened, so children forked later are known to hold it too.
         self.forks = 0
@@ -195,9 +208,9 @@ class Engine:
     def poll(self) -> None:
         """Run the parts' housekeeping if one asked for it (every call into
         procshare calls this, so it costs one attribute test otherwise)."""
-        if not self.pending:
+        if not self.pending and not self.kept:
             return
-        self.pending = False
+        self.pending = self.kept = False
         error: BaseException | None = None
         for part in list(self._parts.values()):
             try:

@@ -17,6 +17,19 @@ user is closed
   in the finalizer is what keeps a by-name ``with`` in a hot loop cheap;
 * at interpreter exit.
 
+By-name reuse: ``ps.interprocess_lock(name)`` with default options also
+keeps the lock *object* it made in the engine's ``by_name`` (:func:`keep`),
+by name, with the namespace and ``$PROCSHARE_NAMESPACE`` it was made for,
+and hands it out again to the next such call while nobody else refers to
+it (:func:`reuse`, one C call for the POSIX backend): a by-name ``with`` in
+a loop then builds and finalizes no object. Keeping sets ``engine.kept``,
+so the engine's next housekeeping (:meth:`LocksPart.poll`) empties the
+cache, and the last by-name use still ends at the next call into procshare
+that is not a reuse: an object nobody refers to dies there, and its entry
+is closed as above; one someone still refers to just stops being handed
+out. A reuse runs no housekeeping, so it declines when some is pending
+(``engine.pending``): the ordinary path then runs it.
+
 An entry that a thread of this process holds is never closed: the kernel
 walks a held robust mutex when the thread exits, so its memory must stay
 mapped. At exit such a lock is left to the kernel, which releases it and
@@ -30,9 +43,11 @@ from __future__ import annotations
 import atexit
 import errno
 import os
+import sys
 import time
 import warnings
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from procshare._backends import get_backend
 from procshare._backends.api_lock import (
@@ -101,6 +116,86 @@ else:
 SLICE = 0.1
 
 KEY = "locks"
+
+
+def _refs_when_alone() -> int:
+    """What ``sys.getrefcount`` says, in :func:`reuse_in_python`, of an object
+    only a tuple refers to (the interpreter's own references to arguments
+    differ between versions: measured, not assumed)."""
+    kept = (object(),)
+    (obj,) = kept
+    return sys.getrefcount(obj)
+
+
+#: 0 where reference counts cannot say "nobody else refers to it" (a build
+#: without the GIL, whose counts are not exact): no reuse then.
+ALONE = 0 if getattr(sys, "_is_gil_enabled", lambda: True)() is False else _refs_when_alone()
+
+#: What the engine's ``by_name`` keeps per name: (namespace, raw
+#: ``$PROCSHARE_NAMESPACE``, lock object).
+Kept = tuple[object, object, Any]
+
+
+def reuse_in_python(name: object) -> Any:
+    """The lock object the current engine keeps for ``name`` if it is for the
+    current namespace and ``$PROCSHARE_NAMESPACE``, the engine has no
+    housekeeping pending (the slow path, a call into procshare like any
+    other, runs it) and nobody but the cache refers to it; else ``None``. The
+    reference for the backend's ``lock_reuse`` (in C for the POSIX backend)."""
+    engine = _core._engine
+    if engine is None or engine.pending:
+        return None
+    try:
+        hit = engine.by_name.get(name)  # type: ignore[call-overload]
+    except TypeError:  # unhashable: not a name
+        return None
+    if hit is None:
+        return None
+    ns, env, lock = hit
+    if ns is not names._namespace.get() or env is not names.env_raw():
+        return None
+    return lock if ALONE and sys.getrefcount(lock) == ALONE else None
+
+
+def keep_in_python(name: object, lock: object) -> None:
+    """Keep ``lock``, just made by name by this process, for :func:`reuse_in_python`,
+    and ask the engine's next housekeeping to drop it. The reference for the
+    backend's ``lock_keep_for_reuse``."""
+    engine = _core._engine
+    if engine is None or not ALONE or name.__class__ is not str:
+        return
+    engine.by_name[name] = (names._namespace.get(), names.env_raw(), lock)
+    engine.kept = True
+
+
+def _backend_functions() -> tuple[Callable[[object], Any], Callable[[object, object], None]]:
+    try:
+        backend = get_backend()
+    except (ImportError, RuntimeError):
+        return reuse_in_python, keep_in_python
+    reuse = getattr(backend, "lock_reuse", None)
+    keep = getattr(backend, "lock_keep_for_reuse", None)
+    setup = getattr(backend, "lock_reuse_setup", None)
+    if reuse is None or keep is None or setup is None:
+        return reuse_in_python, keep_in_python
+    setup(vars(_core), names._namespace, names._ENV_DATA, names._ENV_KEY)
+    return reuse, keep
+
+
+#: ``reuse(name)`` and ``keep(name, lock)``: see :func:`reuse_in_python` and
+#: :func:`keep_in_python`.
+reuse, keep = _backend_functions()
+
+
+def _taken_here_function() -> Callable[[], bool]:
+    try:
+        taken: Callable[[], bool] | None = getattr(get_backend(), "lock_taken_here", None)
+    except (ImportError, RuntimeError):
+        taken = None
+    return taken if taken is not None else lambda: True  # no shortcut: look at every lock
+
+
+_taken_here = _taken_here_function()
 
 
 def _lock_meta(name: str, namespace: str, origin: str | None = None) -> bytes:
@@ -286,6 +381,24 @@ class LocksPart:
             self.backend.segment_close(entry.handle, keep=self.backend.lock_keep)
             return True
 
+    def forget_by_name(self, lock: object) -> None:
+        """``lock`` was closed: never hand it out again."""
+        cache = self.engine.by_name
+        for name, kept in list(cache.items()):
+            if kept[2] is lock:
+                cache.pop(name, None)
+
+    def _drop_by_name(self) -> None:
+        """Stop reusing the kept by-name objects. One nobody else refers to dies
+        here (its finalizer marks its entry idle); one in use lives on, as any
+        lock object does."""
+        cache = self.engine.by_name
+        while cache:
+            try:
+                cache.popitem()
+            except KeyError:  # another thread emptied it meanwhile
+                return
+
     def note_idle(self) -> None:
         """An entry may have lost its last user: close it at the next call into procshare."""
         self.maybe_idle = True
@@ -307,7 +420,10 @@ class LocksPart:
     # -- EnginePart ----------------------------------------------------------
 
     def poll(self) -> None:
-        """Close entries whose users have all been garbage collected."""
+        """Stop reusing by-name objects; close entries whose users have all
+        been garbage collected."""
+        if self.engine.by_name:
+            self._drop_by_name()
         if not self.maybe_idle:
             return
         self.maybe_idle = False
@@ -317,6 +433,7 @@ class LocksPart:
 
     def shutdown(self) -> None:
         """Close every entry no thread of this process holds; leave held ones to the kernel."""
+        self._drop_by_name()
         for entry in list(self._entries.values()):
             entry.users.clear()
             self._close_if_idle(entry)
@@ -326,9 +443,13 @@ def held_here() -> list[str]:
     """Names of the locks a thread of this process holds now, through lock
     objects it opened or inherited across a fork (for the warnings at exit).
 
-    Runs at the end of every forked child: a plain loop that builds nothing
-    while nothing is held (each object made there is a copied page)."""
+    Runs at the end of every forked child: first one question to the backend
+    (has a thread of this process taken any lock?), then a plain loop that
+    builds nothing while nothing is held (each object touched there is a
+    copied page)."""
     held: list[str] = []
+    if not _taken_here():
+        return held
     for engine in (*_core._inherited, _core._engine):
         for key in (KEY, "anonymous-locks"):  # named, then anonymous (_engine/anonymous.py)
             part = None if engine is None else engine.existing_part(key)

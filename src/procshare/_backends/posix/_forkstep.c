@@ -36,7 +36,9 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <poll.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <sys/types.h>
 #include <unistd.h>
 #ifdef __linux__
@@ -165,7 +167,10 @@ forkstep_fork(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
     saved_errno = errno;
     if (pid == 0) {
         PyOS_AfterFork_Child();
-        Py_CLEAR(last_fork); /* the parent's, not ours */
+        /* The parent's, not ours: forgotten without a decref, which would
+         * free the tuple and its numbers here, writing (copying) the pages
+         * they live on; the child's memory goes with it at exit anyway. */
+        last_fork = NULL;
         close(fds[0]);
         for (Py_ssize_t i = 0; i < n_private; i++) {
             close(private_fds[i]);
@@ -342,12 +347,109 @@ forkstep_exit(PyObject *Py_UNUSED(module), PyObject *arg)
     _exit((int)status);
 }
 
+/* poll1(fd, timeout_ms) -> [fd] or []: poll() on one descriptor for POLLIN
+ * (timeout_ms < 0: forever), the GIL released. The common wait of join()
+ * (a child's pidfd): select.poll's object, registration and result list
+ * are a dozen Python objects written while the child still shares this
+ * process's pages, each a copied page. EINTR runs the signal handlers (one
+ * that raises, a KeyboardInterrupt, propagates) and retries with the time
+ * left, as PEP 475 says. */
+static PyObject *
+forkstep_poll1(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "poll1(fd, timeout_ms)");
+        return NULL;
+    }
+    long value = PyLong_AsLong(args[0]);
+    if (value == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (value < 0 || value > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "not a file descriptor: %ld", value);
+        return NULL;
+    }
+    int fd = (int)value;
+    long ms = PyLong_AsLong(args[1]);
+    if (ms == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    struct pollfd p = {.fd = fd, .events = POLLIN, .revents = 0};
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    long left = ms;
+    int rc;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = poll(&p, 1, left < 0 ? -1 : (left > INT_MAX ? INT_MAX : (int)left));
+        Py_END_ALLOW_THREADS
+        if (rc >= 0) {
+            break;
+        }
+        if (errno != EINTR) {
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        if (PyErr_CheckSignals() < 0) {
+            return NULL;
+        }
+        if (ms >= 0) {
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            long spent = (long)(now.tv_sec - start.tv_sec) * 1000 +
+                         (long)(now.tv_nsec - start.tv_nsec) / 1000000;
+            left = ms - spent;
+            if (left < 0) {
+                left = 0;
+            }
+        }
+    }
+    if (rc == 0 || p.revents == 0) {
+        return PyList_New(0);
+    }
+    return Py_BuildValue("[i]", fd);
+}
+
+/* python_threads() -> the number of Python threads (threading._active and
+ * _limbo, set once by threads_setup()): threading.active_count() without
+ * its lock and without touching the dictionaries' reference counts, since a
+ * forked child asks as it ends, where each object written is a copied page.
+ * threading keeps both dictionaries for good (it clears them in place). */
+static PyObject *threads_active, *threads_limbo;
+
+static PyObject *
+forkstep_threads_setup(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyDict_Check(args[0]) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "threads_setup(threading._active, threading._limbo)");
+        return NULL;
+    }
+    Py_XSETREF(threads_active, Py_NewRef(args[0]));
+    Py_XSETREF(threads_limbo, Py_NewRef(args[1]));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+forkstep_python_threads(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
+{
+    if (threads_active == NULL || threads_limbo == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "python_threads() before threads_setup()");
+        return NULL;
+    }
+    return PyLong_FromSsize_t(PyDict_GET_SIZE(threads_active) + PyDict_GET_SIZE(threads_limbo));
+}
+
 static PyMethodDef forkstep_methods[] = {
     {"adopt", forkstep_adopt, METH_O,
      "adopt(fd): children forked from now on close fd first thing (until close(fd))."},
     {"close", forkstep_close, METH_O,
      "close(fd): close a descriptor fork() returned (EBADF ignored); children stop "
      "closing it."},
+    {"poll1", (PyCFunction)(void (*)(void))forkstep_poll1, METH_FASTCALL,
+     "poll1(fd, timeout_ms) -> [fd] if fd became readable (or hung up), else []; "
+     "timeout_ms < 0 waits forever. EINTR runs signal handlers and retries."},
+    {"python_threads", forkstep_python_threads, METH_NOARGS,
+     "The number of Python threads (len(threading._active) + len(threading._limbo))."},
+    {"threads_setup", (PyCFunction)(void (*)(void))forkstep_threads_setup, METH_FASTCALL,
+     "threads_setup(threading._active, threading._limbo): what python_threads() counts."},
     {"private", forkstep_private, METH_NOARGS,
      "The descriptors a child made now would close first thing (for tests)."},
     {"exit", forkstep_exit, METH_O,

@@ -67,6 +67,9 @@ typedef struct {
 
 static unsigned long fork_gen = 1;
 static pid_t cached_pid;
+/* The fork_gen of the last acquire in this process: equal to fork_gen once a
+ * thread of this process (not its parent) has taken any mutex. */
+static unsigned long taken_gen;
 
 static void
 after_fork_child(void)
@@ -192,6 +195,7 @@ took_it(MutexObject *self)
 {
     self->owner_ident = PyThread_get_thread_ident();
     self->owner_gen = fork_gen;
+    taken_gen = fork_gen;
     self->owner_ktid = word(self) & FUTEX_TID_MASK;
     self->depth = 1;
     self->state->owner_pid = cached_pid;
@@ -621,11 +625,37 @@ static PyTypeObject GuardType = {
     .tp_members = Guard_members,
 };
 
+#include "_robustmutex_reuse.h"
+
+/* taken_here() -> whether a thread of this process has taken any mutex since
+ * the process began (a forked child: since its fork). False means that no
+ * thread of it holds one: the check a forked child makes as it ends, without
+ * touching (and so copying) the Python objects of every lock it inherited. */
+static PyObject *
+robustmutex_taken_here(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
+{
+    return PyBool_FromLong(taken_gen == fork_gen);
+}
+
+static PyMethodDef robustmutex_methods[] = {
+    {"taken_here", robustmutex_taken_here, METH_NOARGS,
+     "Whether a thread of this process has taken any mutex since it began (or was forked)."},
+    {"keep", (PyCFunction)(void (*)(void))robustmutex_keep, METH_FASTCALL,
+     "keep(name, lock): keep a new by-name lock object for reuse() (see _robustmutex.c)."},
+    {"reuse", robustmutex_reuse, METH_O,
+     "reuse(name) -> the kept by-name lock object if nobody else refers to it, else None."},
+    {"reuse_setup", (PyCFunction)(void (*)(void))robustmutex_reuse_setup, METH_FASTCALL,
+     "reuse_setup(engine_globals, namespace_var, environ_dict or None, key): where "
+     "reuse() and keep() read the current engine, namespace and environment."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef robustmutex_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "procshare._backends.posix._robustmutex",
     .m_doc = "Robust process-shared pthread mutexes (the hot path of procshare locks).",
     .m_size = -1,
+    .m_methods = robustmutex_methods,
 };
 
 PyMODINIT_FUNC

@@ -28,6 +28,10 @@ try:
         STATE_OFFSET,
         Guard,
         Mutex,
+        keep,
+        reuse,
+        reuse_setup,
+        taken_here,
     )
 except ImportError as exc:  # pragma: no cover - only without a build
     raise ImportError(
@@ -74,6 +78,15 @@ class PosixLocks:
 
     lock_data_size = DATA_SIZE
     lock_guard: type = Guard
+    #: The by-name reuse check and keep, in C (see ``_robustmutex.c``, and
+    #: ``procshare._engine.locks.reuse_in_python`` / ``keep_in_python``, the
+    #: references).
+    lock_reuse = staticmethod(reuse)
+    lock_keep_for_reuse = staticmethod(keep)
+    lock_reuse_setup = staticmethod(reuse_setup)
+    #: Whether a thread of this process took any lock since it began or was
+    #: forked (a forked child's exit skips looking at its locks when not).
+    lock_taken_here = staticmethod(taken_here)
 
     def lock_init(self, data: memoryview) -> None:
         mutex = Mutex(data)

@@ -54,6 +54,7 @@ _fork_step = _forkstep.fork
 _unblock = _forkstep.unblock
 _exit = _forkstep.exit
 _close = _forkstep.close
+_poll1 = _forkstep.poll1
 # The C function, not signal.signal: that wrapper converts the old handler to
 # an enum, and the Python it runs for it touched ~20 pages in each child.
 _set_handler = _signal.signal
@@ -62,6 +63,7 @@ _PF_EXITING = 0x4  # linux/sched.h: the task is in do_exit()
 
 _threads_active: dict[int, Any] = threading._active  # type: ignore[attr-defined]
 _threads_limbo: dict[Any, Any] = threading._limbo  # type: ignore[attr-defined]
+_forkstep.threads_setup(_threads_active, _threads_limbo)
 # None (no os.pidfd_open: an old Python or platform) makes the fork step skip
 # the pidfd; the engine then polls the exit status.
 _pidfd_open: Callable[[int], int] | None = getattr(os, "pidfd_open", None)
@@ -141,6 +143,10 @@ class PosixProcesses:
     def process_poll(self, fds: Sequence[int], timeout: float | None) -> list[int]:
         if not fds:
             return []
+        if len(fds) == 1:
+            # join()'s wait on a pidfd, in C: no poll object built while the
+            # child still shares our pages (each object written is a copy).
+            return _poll1(fds[0], -1 if timeout is None else max(0, int(timeout * 1000 + 0.999)))
         poller = select.poll()
         for fd in fds:
             poller.register(fd, select.POLLIN)
@@ -197,6 +203,7 @@ class PosixProcesses:
             return False
         return not int(fields[6]) & _PF_EXITING
 
-    def process_python_threads(self) -> int:
-        # threading.active_count() without its lock: this runs on every fork.
-        return len(_threads_active) + len(_threads_limbo)
+    # threading.active_count() without its lock, in C: this runs on every fork
+    # and at the end of every child (where each object touched is a copied
+    # page, and len() from Python writes both dictionaries' reference counts).
+    process_python_threads = staticmethod(_forkstep.python_threads)
