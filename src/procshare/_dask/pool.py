@@ -12,7 +12,6 @@ one ``ExceptionGroup`` after the results.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
 from collections import deque
@@ -198,19 +197,13 @@ def _results(  # noqa: PLR0917
                 head = pending[0]
                 if not head.future.done():
                     left = None if deadline is None else max(0.001, deadline - time.monotonic())
-                    with contextlib.suppress(TimeoutError):
-                        distributed.wait([head.future], timeout=min(left or 0.2, 0.2))
+                    tasks.wait_futures([head.future], min(left or 0.2, 0.2))
                     continue
                 done_tasks = [pending.popleft()]
             else:
                 done_tasks = [t for t in pending if t.future.done()]
                 if not done_tasks:
-                    with contextlib.suppress(TimeoutError):
-                        distributed.wait(
-                            [t.future for t in pending],
-                            timeout=0.2,
-                            return_when="FIRST_COMPLETED",
-                        )
+                    tasks.wait_futures([t.future for t in pending], 0.2, first=True)
                     continue
                 for t in done_tasks:
                     pending.remove(t)

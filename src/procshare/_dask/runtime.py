@@ -239,7 +239,7 @@ def local_cluster(workers: int = 2) -> Iterator[distributed.Client]:
             n_workers=workers,
             processes=True,
             threads_per_worker=1,
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port: never "8787 is in use"
         ) as lc,
         distributed.Client(lc, set_as_default=False) as client,
     ):

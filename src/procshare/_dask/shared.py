@@ -49,6 +49,18 @@ def _peek_on_scheduler(name: str, dask_scheduler: Any = None) -> Any:
     return record["value"]
 
 
+async def _delete_on_scheduler(name: str, dask_scheduler: Any = None) -> None:
+    """Run on the scheduler: delete Variable ``name`` now. (``Variable.delete``
+    is sent on the batched stream, after later calls: a segment created again
+    right after would be deleted by it.)"""
+    await dask_scheduler.extensions["variables"].delete(name=name)
+
+
+def delete(rt: DaskRuntime, dname: str) -> None:
+    """Delete a cluster segment's Variable, done when this returns."""
+    rt.client.run_on_scheduler(_delete_on_scheduler, dname)
+
+
 def peek(rt: DaskRuntime, dname: str) -> Any:
     """The ``[layout, bytes]`` of a cluster segment, or ``None`` if there is none."""
     return rt.client.run_on_scheduler(_peek_on_scheduler, dname)
@@ -262,7 +274,7 @@ class ClusterSegment:
             with coherence.lock:
                 coherence.open.discard(self)
             if self._created and not self._persist:
-                self._var.delete()
+                delete(self._rt, self._dname)
 
     def __enter__(self) -> Any:
         return self.view
@@ -393,7 +405,7 @@ def unlink(rt: DaskRuntime, name: str) -> bool:
     dname = rt.dask_name("shared", name)
     if peek(rt, dname) is None:
         return False
-    distributed.Variable(dname, client=rt.client).delete()
+    delete(rt, dname)
     return True
 
 
@@ -408,4 +420,4 @@ def remove_left_by_tasks(rt: DaskRuntime) -> None:
     except Exception:
         return
     for dname in set(left):
-        distributed.Variable(dname, client=client).delete()
+        delete(rt, dname)

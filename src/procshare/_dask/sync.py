@@ -14,6 +14,7 @@ the views read fresh; releasing it publishes what was written under it).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import pickle
 import threading
@@ -328,6 +329,40 @@ class ClusterEvent:
         return f"<ClusterEvent {self._name!r} (Dask)>"
 
 
+# Dask's own timed Queue.get / put raise TimeoutError inside the scheduler's
+# handler, which logs it as an ERROR; a queue that is empty for a moment is no
+# error. These run on the scheduler, on the same asyncio queue Dask's use.
+
+
+async def _take(name: str, timeout: float | None, dask_scheduler: Any = None) -> tuple[bool, Any]:
+    q = dask_scheduler.extensions["queues"].queues[name]
+    try:
+        if timeout is None:
+            record = await q.get()
+        elif timeout <= 0:
+            record = q.get_nowait()
+        else:
+            record = await asyncio.wait_for(q.get(), timeout)
+    except (asyncio.QueueEmpty, TimeoutError):
+        return False, None
+    return True, record["value"]
+
+
+async def _give(name: str, data: bytes, timeout: float | None, dask_scheduler: Any = None) -> bool:
+    q = dask_scheduler.extensions["queues"].queues[name]
+    record = {"type": "msgpack", "value": data}
+    try:
+        if timeout is None:
+            await q.put(record)
+        elif timeout <= 0:
+            q.put_nowait(record)
+        else:
+            await asyncio.wait_for(q.put(record), timeout)
+    except (asyncio.QueueFull, TimeoutError):
+        return False
+    return True
+
+
 class ClusterQueue:
     """``ps.interprocess_queue(name, maxsize)`` on the cluster (a Dask ``Queue``).
 
@@ -354,20 +389,15 @@ class ClusterQueue:
 
     def put(self, obj: object, block: bool = True, timeout: float | None = None) -> None:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        if not block:
-            timeout = 0.001
-        try:
-            self._queue.put(data, timeout=timeout)
-        except TimeoutError:
-            raise QueueFull(self._name) from None
+        client = self._queue.client
+        if not client.run_on_scheduler(_give, self._queue.name, data, 0 if not block else timeout):
+            raise QueueFull(self._name)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        if not block:
-            timeout = 0.001
-        try:
-            data = self._queue.get(timeout=timeout)
-        except TimeoutError:
-            raise QueueEmpty(self._name) from None
+        client = self._queue.client
+        ok, data = client.run_on_scheduler(_take, self._queue.name, 0 if not block else timeout)
+        if not ok:
+            raise QueueEmpty(self._name)
         return pickle.loads(data)
 
     def put_nowait(self, obj: object) -> None:

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any
 
 import distributed
-from distributed.client import FIRST_COMPLETED
+from distributed.client import ALL_COMPLETED, FIRST_COMPLETED, _wait
 
 from procshare import _runtime
 from procshare._dask.runtime import DaskRuntime, worker_runtime
@@ -48,6 +48,21 @@ def run_task(fn: Callable[..., Any], args: Any, kwargs: Any, ctx: tuple[str, str
     namespace, block = ctx
     with _runtime.use(worker_runtime(block)), names.use_namespace(namespace):
         return fn(*args, **kwargs)
+
+
+def wait_futures(
+    futures: list[distributed.Future[Any]], timeout: float, *, first: bool = False
+) -> None:
+    """Wait up to ``timeout`` seconds for all (``first``: any) of ``futures``.
+
+    ``distributed.wait`` would ask for the *default* client; a ``ps.cluster()``
+    client need not be it, so wait through the futures' own client.
+    """
+    if not futures:
+        return
+    when = FIRST_COMPLETED if first else ALL_COMPLETED
+    with contextlib.suppress(TimeoutError):
+        futures[0].client.sync(_wait, futures, timeout=timeout, return_when=when)
 
 
 def task_key(name: str) -> str:
@@ -154,7 +169,7 @@ class ClusterChild:
     def _stop(self, how: str) -> None:
         if self._stopped is None and not self._future.done():
             self._stopped = how
-            self._future.cancel()
+            self._future.cancel(force=True)  # force: fire_and_forget also wants it
 
     @property
     def running(self) -> bool:
@@ -189,8 +204,7 @@ class ClusterChild:
             left = max(0.0, min(limits))
             if end is not None and left <= 0 and time.monotonic() >= end:
                 return False
-            with contextlib.suppress(TimeoutError):
-                distributed.wait([self._future], timeout=max(left, 0.001))
+            wait_futures([self._future], max(left, 0.001))
         return True
 
     def error(self) -> ChildError | None:
@@ -291,6 +305,9 @@ def fork(  # noqa: PLR0917 - the arguments of Runtime.fork
     future = rt.client.submit(
         run_task, fn, args, kwargs, rt.context(), key=task_key(name), pure=False
     )
+    # A dropped handle must not cancel the task: on one host a dropped Child
+    # keeps running (Dask forgets a task nobody holds a future of).
+    distributed.fire_and_forget(future)
     child = ClusterChild(rt, future, name, timeout)
     if scope is not None:
         scope.handles.append(child)
@@ -379,10 +396,7 @@ class ClusterChildren:
         left = _SLICE
         if deadlines:
             left = max(0.001, min(left, min(deadlines) - time.monotonic()))
-        with contextlib.suppress(TimeoutError):
-            distributed.wait(
-                [c.future for c in running], timeout=left, return_when=FIRST_COMPLETED
-            )
+        wait_futures([c.future for c in running], left, first=True)
 
     def __enter__(self) -> ClusterChildren:
         if self._entered:
