@@ -19,9 +19,9 @@ from typing import Any
 
 import attrs
 import pytest
-from cluster_support import local_cluster
 
 import procshare as ps
+from cluster_support import local_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_SUM = 193107012120
@@ -172,11 +172,15 @@ def test_children_scope_gives_results_in_order(cluster: Any) -> None:
 
 @pytest.mark.timeout(120)
 def test_children_scope_raises_every_failure_as_a_group(cluster: Any) -> None:
-    with pytest.raises(ExceptionGroup) as info, ps.children(cancel_on_error=False):
-        _fail(ValueError, "one")
-        _square(2)
-        _fail(KeyError, "two")
-        raise RuntimeError("the block")
+    def scope() -> None:
+        with ps.children(cancel_on_error=False):
+            _fail(ValueError, "one")
+            _square(2)
+            _fail(KeyError, "two")
+            raise RuntimeError("the block")
+
+    with pytest.raises(ExceptionGroup) as info:
+        scope()
     group = info.value
     kinds = [
         next(k for k in (RuntimeError, ValueError, KeyError) if isinstance(e, k))
@@ -189,9 +193,16 @@ def test_children_scope_raises_every_failure_as_a_group(cluster: Any) -> None:
 
 @pytest.mark.timeout(120)
 def test_cancel_on_error_cancels_the_rest(cluster: Any) -> None:
-    with pytest.raises(ExceptionGroup) as info, ps.children() as kids:
-        _fail(ValueError, "first failure")  # first: it fails while the others wait
-        waiting = [_wait_event("cancel-me", 10) for _ in range(3)]
+    kids = ps.children()
+    waiting: list[Any] = []
+
+    def scope() -> None:
+        with kids:
+            _fail(ValueError, "first failure")  # first: it fails while the others wait
+            waiting.extend(_wait_event("cancel-me", 10) for _ in range(3))
+
+    with pytest.raises(ExceptionGroup) as info:
+        scope()
     (err,) = info.value.exceptions
     assert isinstance(err, ValueError)
     assert all(w.cancelled for w in waiting)
@@ -242,11 +253,16 @@ def test_map_imap_and_pool_run_items_as_tasks(cluster: Any) -> None:
         assert isinstance(err, KeyError)
         assert isinstance(err, ps.ChildRaised)
         assert err.name == "_item[3]"
-    with pytest.raises(ExceptionGroup) as info, ps.pool(workers=2) as pool:
-        assert pool.map(_item, [0, 1]) == [100, 101]
-        handle = pool.submit(pow, 2, 10)
-        assert handle.join() == 1024
-        pool.submit(_item, 3)  # not joined: the pool's exit raises it
+
+    def use_pool() -> None:
+        with ps.pool(workers=2) as pool:
+            assert pool.map(_item, [0, 1]) == [100, 101]
+            handle = pool.submit(pow, 2, 10)
+            assert handle.join() == 1024
+            pool.submit(_item, 3)  # not joined: the pool's exit raises it
+
+    with pytest.raises(ExceptionGroup) as info:
+        use_pool()
     (err,) = info.value.exceptions
     assert isinstance(err, KeyError)
 
@@ -347,7 +363,7 @@ def test_semaphore_event_and_queue_are_dask_objects(cluster: Any) -> None:
         (lambda: ps.interprocess_condition("c"), "event"),
         (lambda: ps.interprocess_barrier("b", 2), "ps.children()"),
         (lambda: ps.interprocess_rwlock("rw"), "interprocess_lock"),
-        (lambda: ps.interprocess_lock(), "give it a name"),
+        (ps.interprocess_lock, "give it a name"),
     ],
     ids=["condition", "barrier", "rwlock", "anonymous-lock"],
 )
@@ -508,5 +524,5 @@ def test_without_distributed_cluster_says_how_to_install_it() -> None:
 
 
 def test_cluster_refuses_what_is_not_a_client() -> None:
-    with pytest.raises(TypeError, match="distributed.Client"), ps.cluster(42):
+    with pytest.raises(TypeError, match=r"distributed\.Client"), ps.cluster(42):
         pass
