@@ -21,6 +21,7 @@ import attrs
 import pytest
 
 import procshare as ps
+import procshare._demo
 from cluster_support import local_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -521,6 +522,34 @@ def test_without_distributed_cluster_says_how_to_install_it() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "pip install 'procshare[dask]'" in done.stdout
+
+
+@pytest.mark.timeout(180)
+def test_the_demo_runs_on_a_local_cluster() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "procshare", "demo", "--cluster", "--processes", "30"],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "every child is a Dask task on a LocalCluster" in done.stdout
+    assert f"ok: all 1 run(s) summed to {ps._demo.expected_sum(30)}" in done.stdout
+
+
+def test_the_demo_says_how_to_install_the_extra() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['distributed'] = None\n"
+        "from procshare._demo import main\n"
+        "sys.exit(main(['--cluster']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "pip install 'procshare[dask]'" in done.stderr
 
 
 def test_cluster_refuses_what_is_not_a_client() -> None:

@@ -171,12 +171,20 @@ def cluster(client_or_address: Any) -> contextlib.AbstractContextManager[Any]:
         MissingDependency: ``distributed`` is not installed
             (``pip install 'procshare[dask]'``).
     """
+    return _load_dask("ps.cluster()").cluster(client_or_address)
+
+
+def local_cluster(workers: int = 2) -> contextlib.AbstractContextManager[Any]:
+    """A ``distributed.LocalCluster`` of ``workers`` single-threaded worker
+    processes and a client of it, closed at the end of the ``with`` block."""
+    return _load_dask("a local Dask cluster").local_cluster(workers)
+
+
+def _load_dask(feature: str) -> Any:
     try:
         from procshare import _dask
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in {"dask", "distributed"}:
             raise
-        raise MissingDependency(
-            module="distributed", extra="dask", feature="ps.cluster()"
-        ) from None
-    return _dask.cluster(client_or_address)
+        raise MissingDependency(module="distributed", extra="dask", feature=feature) from None
+    return _dask
