@@ -171,13 +171,19 @@ def cluster(client_or_address: Any) -> contextlib.AbstractContextManager[Any]:
         MissingDependency: ``distributed`` is not installed
             (``pip install 'procshare[dask]'``).
     """
-    return _load_dask("ps.cluster()").cluster(client_or_address)
+    made: contextlib.AbstractContextManager[Any] = _load_dask("ps.cluster()").cluster(
+        client_or_address
+    )
+    return made
 
 
 def local_cluster(workers: int = 2) -> contextlib.AbstractContextManager[Any]:
     """A ``distributed.LocalCluster`` of ``workers`` single-threaded worker
     processes and a client of it, closed at the end of the ``with`` block."""
-    return _load_dask("a local Dask cluster").local_cluster(workers)
+    made: contextlib.AbstractContextManager[Any] = _load_dask(
+        "a local Dask cluster"
+    ).local_cluster(workers)
+    return made
 
 
 def _load_dask(feature: str) -> Any:
