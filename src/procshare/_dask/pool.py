@@ -28,6 +28,8 @@ from procshare.errors import ChildError, ChildTimeout, JoinTimeout, UsageError
 
 #: Items in flight for an iterable of unknown length, per worker thread.
 _WINDOW_PER_THREAD = 4
+#: Longest single wait, so that Ctrl-C and the timeout are seen.
+_SLICE = 0.2
 
 
 def _fn_name(fn: Callable[..., Any]) -> str:
@@ -75,15 +77,9 @@ def _submit(
         fut = client.submit(run_chunk, fn, batch, ctx, key=key, pure=False)
         return [_Task(fut, start, len(batch))]
     keys = [tasks.task_key(name) for _ in batch]
-    futs = client.map(
-        tasks.run_task,
-        [fn] * len(batch),
-        [(item,) for item in batch],
-        [{}] * len(batch),
-        [ctx] * len(batch),
-        key=keys,
-        pure=False,
-    )
+    # The shape of client.map(fn, items): one argument per task, the function
+    # (with the caller's context) as the task's callable.
+    futs = client.map(tasks.InContext(fn, ctx), batch, key=keys, pure=False)
     return [_Task(f, start + i, 1) for i, f in enumerate(futs)]
 
 
@@ -117,6 +113,11 @@ def _results(  # noqa: PLR0917
     what: str,
 ) -> Iterator[Any]:
     name = _fn_name(fn)
+    # ps.map and pool.map (a list, in order, no bar): nothing is yielded before
+    # the end anyway, so wait for every item and fetch them all at once.
+    whole = (
+        what in {"ps.map", "pool.map"} and ordered and bar is None and hasattr(iterable, "__len__")
+    )
     deadline = None if timeout is None else time.monotonic() + timeout
     chunk = chunksize or 1
     chunked = chunksize is not None and chunksize > 1
@@ -154,23 +155,29 @@ def _results(  # noqa: PLR0917
         if bar is not None:
             bar.total(next_index)
 
-    def settle(task: _Task) -> list[tuple[int, bool, Any]]:
-        """The outcomes of a finished task's items: ``(index, ok, value or error)``."""
-        fut = task.future
-        if fut.status == "finished":
+    def settle(done: list[_Task]) -> list[tuple[int, bool, Any]]:
+        """The outcomes of finished tasks' items, ``(index, ok, value or error)``;
+        the values of all of them fetched in one ``gather``, as ``client.map``
+        users do (one round trip per item would double the cost)."""
+        finished = [t for t in done if t.future.status == "finished"]
+        values = rt.client.gather([t.future for t in finished]) if finished else []
+        out: list[tuple[int, bool, Any]] = []
+        for task, value in zip(finished, values, strict=True):
             if not chunked:
-                return [(task.start, True, fut.result())]
-            out = []
-            for off, (ok, value, tb) in enumerate(fut.result()):
+                out.append((task.start, True, value))
+                continue
+            for off, (ok, got, tb) in enumerate(value):
                 index = task.start + off
                 if ok:
-                    out.append((index, True, value))
+                    out.append((index, True, got))
                 else:
-                    err = tasks.raised(value, None, f"{name}[{index}]", tb)
-                    out.append((index, False, err))
-            return out
-        err = tasks.task_error(fut, f"{name}[{task.start}]")
-        return [(task.start + off, False, err) for off in range(task.count)]
+                    out.append((index, False, tasks.raised(got, None, f"{name}[{index}]", tb)))
+        for task in done:
+            if task.future.status != "finished":
+                err = tasks.task_error(task.future, f"{name}[{task.start}]")
+                out += [(task.start + off, False, err) for off in range(task.count)]
+        out.sort(key=lambda o: o[0])
+        return out
 
     try:
         feed()
@@ -193,31 +200,31 @@ def _results(  # noqa: PLR0917
                         )
                 pending.clear()
                 break
-            if ordered:
-                head = pending[0]
-                if not head.future.done():
-                    left = None if deadline is None else max(0.001, deadline - time.monotonic())
-                    tasks.wait_futures([head.future], min(left or 0.2, 0.2))
+            done = [t for t in pending if t.future.done()]
+            if not done or (whole and len(done) < len(pending)):
+                left = _SLICE if deadline is None else deadline - time.monotonic()
+                left = max(0.001, min(left, _SLICE))
+                if whole:
+                    # ps.map wants the list: wait for all, then one gather, as
+                    # client.gather(client.map(...)) does.
+                    tasks.wait_futures([t.future for t in pending], left)
                     continue
-                done_tasks = [pending.popleft()]
-            else:
-                done_tasks = [t for t in pending if t.future.done()]
-                if not done_tasks:
-                    tasks.wait_futures([t.future for t in pending], 0.2, first=True)
-                    continue
-                for t in done_tasks:
-                    pending.remove(t)
-            for task in done_tasks:
-                for index, ok, value in settle(task):
-                    if bar is not None:
-                        bar.item(ok)
-                    if not ok:
-                        errors[index] = value
-                        total_failed += 1
-                    elif ordered:
-                        ready[index] = value
-                    else:
-                        yield value
+                # Tasks end about in submission order: watch the oldest ones.
+                watch = [t.future for t in itertools.islice(pending, 1 if ordered else 64)]
+                tasks.wait_futures(watch, left, first=True)
+                continue
+            taken = set(map(id, done))
+            pending = deque(t for t in pending if id(t) not in taken)
+            for index, ok, value in settle(done):
+                if bar is not None:
+                    bar.item(ok)
+                if not ok:
+                    errors[index] = value
+                    total_failed += 1
+                elif ordered:
+                    ready[index] = value
+                else:
+                    yield value
             if ordered:
                 while next_out in ready or next_out in errors:
                     if next_out in ready:
@@ -299,9 +306,20 @@ class ClusterPool:
                 "use the pool inside the block, or make a new one"
             )
 
-    def map(self, fn: Callable[[Any], Any], iterable: Iterable[Any], **options: Any) -> list[Any]:
+    def map(
+        self,
+        fn: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        *,
+        chunksize: int | None = None,
+        ordered: bool = True,
+        timeout: float | None = None,
+        progress: bool = False,
+    ) -> list[Any]:
         self._live("map")
-        return list(self.imap(fn, iterable, **options))
+        return list(
+            imap(self._rt, fn, iterable, chunksize, ordered, timeout, progress, "pool.map")
+        )
 
     def imap(
         self,

@@ -50,6 +50,22 @@ def run_task(fn: Callable[..., Any], args: Any, kwargs: Any, ctx: tuple[str, str
         return fn(*args, **kwargs)
 
 
+class InContext:
+    """``fn`` as a task's callable, run as :func:`run_task` runs it."""
+
+    __slots__ = ("ctx", "fn")
+
+    def __init__(self, fn: Callable[..., Any], ctx: tuple[str, str]) -> None:
+        self.fn = fn
+        self.ctx = ctx
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return run_task(self.fn, args, kwargs, self.ctx)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (InContext, (self.fn, self.ctx))
+
+
 def wait_futures(
     futures: list[distributed.Future[Any]], timeout: float, *, first: bool = False
 ) -> None:
