@@ -162,6 +162,24 @@ def test_kill_and_timeout_cancel_the_task(cluster: Any) -> None:
         timed.join()
 
 
+@ps.forked
+def _sum_of_squares(n: int) -> int:
+    with ps.children() as kids:  # tasks started by a task
+        for i in range(n):
+            _square(i)
+    return sum(kids.results)
+
+
+@pytest.mark.timeout(120)
+def test_a_task_can_start_and_wait_for_tasks(cluster: Any) -> None:
+    # Two single-threaded workers, three tasks waiting for their own: the
+    # waiting ones give their thread back, or this would deadlock.
+    with ps.children() as kids:
+        for n in (3, 4, 5):
+            _sum_of_squares(n)
+    assert kids.results == [5, 14, 30]
+
+
 @pytest.mark.timeout(120)
 def test_children_scope_gives_results_in_order(cluster: Any) -> None:
     with ps.children() as kids:

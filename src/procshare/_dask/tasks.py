@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -77,8 +78,29 @@ def wait_futures(
     if not futures:
         return
     when = FIRST_COMPLETED if first else ALL_COMPLETED
-    with contextlib.suppress(TimeoutError):
+    with _seceded(), contextlib.suppress(TimeoutError):
         futures[0].client.sync(_wait, futures, timeout=timeout, return_when=when)
+
+
+@contextlib.contextmanager
+def _seceded() -> Iterator[None]:
+    """In a task (a ``@forked`` function that starts and waits for its own
+    tasks): give the worker's thread back while waiting, so the tasks waited
+    for can run there too (a single-threaded worker would deadlock)."""
+    if threading.current_thread() is threading.main_thread() or not _in_task():
+        yield
+        return
+    distributed.secede()
+    try:
+        yield
+    finally:
+        distributed.rejoin()
+
+
+def _in_task() -> bool:
+    from distributed.threadpoolexecutor import thread_state
+
+    return getattr(thread_state, "key", None) is not None
 
 
 def task_key(name: str) -> str:
