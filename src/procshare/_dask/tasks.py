@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -47,8 +47,11 @@ _SLICE = 0.2
 def run_task(fn: Callable[..., Any], args: Any, kwargs: Any, ctx: tuple[str, str]) -> Any:
     """The body of every task procshare submits: ``fn`` as its caller would run it."""
     namespace, block = ctx
-    with _runtime.use(worker_runtime(block)), names.use_namespace(namespace):
-        return fn(*args, **kwargs)
+    try:
+        with _runtime.use(worker_runtime(block)), names.use_namespace(namespace):
+            return fn(*args, **kwargs)
+    finally:
+        _rejoin_if_seceded()
 
 
 class InContext:
@@ -78,27 +81,36 @@ def wait_futures(
     if not futures:
         return
     when = FIRST_COMPLETED if first else ALL_COMPLETED
-    with _seceded(), contextlib.suppress(TimeoutError):
+    _secede_once()
+    with contextlib.suppress(TimeoutError):
         futures[0].client.sync(_wait, futures, timeout=timeout, return_when=when)
 
 
-@contextlib.contextmanager
-def _seceded() -> Iterator[None]:
+_secession = threading.local()
+
+
+def _secede_once() -> None:
     """In a task (a ``@forked`` function that starts and waits for its own
-    tasks): give the worker's thread back while waiting, so the tasks waited
-    for can run there too (a single-threaded worker would deadlock)."""
-    if threading.current_thread() is threading.main_thread() or not _in_task():
-        yield
+    tasks): give the worker's thread slot back before the first wait, so the
+    tasks waited for can run there too (a single-threaded worker would
+    deadlock). Once per task, as ``worker_client`` does: it rejoins when the
+    task's function returns (:func:`run_task`)."""
+    if getattr(_secession, "active", False) or not _in_task():
         return
     distributed.secede()
-    try:
-        yield
-    finally:
+    _secession.active = True
+
+
+def _rejoin_if_seceded() -> None:
+    if getattr(_secession, "active", False):
+        _secession.active = False
         distributed.rejoin()
 
 
 def _in_task() -> bool:
-    from distributed.threadpoolexecutor import thread_state
+    # Where the worker records the running task's key (distributed.utils
+    # takes it from there).
+    from dask.context import thread_state
 
     return getattr(thread_state, "key", None) is not None
 
