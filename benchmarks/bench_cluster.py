@@ -39,6 +39,10 @@ def _end_offload_thread() -> None:
 
     utils._offload_executor.shutdown(wait=True)
     utils._offload_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="Dask-Offload")
+    # And the resource tracker "spawn" started for the workers: a child process.
+    from multiprocessing import resource_tracker
+
+    resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
 
 
 def run(bench: Bench) -> None:

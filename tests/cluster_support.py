@@ -12,6 +12,7 @@ ends it and puts a fresh, not yet started executor in its place.
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,20 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import distributed  # the dev extra installs it: a missing one fails, it is not skipped
+
+from procshare.testing import child_pids
+
+
+def _end_resource_tracker(was_running: bool) -> None:
+    """The nannies start their workers with multiprocessing's "spawn", which
+    starts its resource tracker, a child process that would outlive the
+    cluster (and fail every later test that checks this process has no
+    children). Stop it, unless it ran before the cluster."""
+    from multiprocessing import resource_tracker
+
+    gc.collect()  # the nannies' queues unregister their semaphores when collected
+    if not was_running:
+        resource_tracker._resource_tracker._stop()
 
 
 def _end_offload_thread() -> None:
@@ -32,9 +47,13 @@ def _end_offload_thread() -> None:
 @contextlib.contextmanager
 def local_cluster(workers: int = 2, **config: Any) -> Iterator[Any]:
     """A client of a fresh ``LocalCluster``; ``config``: dask settings for it."""
+    from multiprocessing import resource_tracker
+
     import dask
 
     threads_before = {t.ident for t in threading.enumerate()}
+    children_before = set(child_pids())
+    tracker_ran = resource_tracker._resource_tracker._fd is not None
     with (
         dask.config.set(config),
         distributed.LocalCluster(
@@ -47,10 +66,12 @@ def local_cluster(workers: int = 2, **config: Any) -> Iterator[Any]:
     ):
         yield client
     _end_offload_thread()
+    _end_resource_tracker(tracker_ran)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        left = [t for t in threading.enumerate() if t.ident not in threads_before]
+        left = [t.name for t in threading.enumerate() if t.ident not in threads_before]
+        left += [f"process {pid}" for pid in set(child_pids()) - children_before]
         if not left:
             return
         time.sleep(0.05)
-    raise AssertionError(f"threads left by the LocalCluster: {[t.name for t in left]}")
+    raise AssertionError(f"the LocalCluster left threads or processes behind: {left}")
