@@ -383,8 +383,19 @@ def test_semaphore_event_and_queue_are_dask_objects(cluster: Any) -> None:
         (lambda: ps.interprocess_barrier("b", 2), "ps.children()"),
         (lambda: ps.interprocess_rwlock("rw"), "interprocess_lock"),
         (ps.interprocess_lock, "give it a name"),
+        (lambda: ps.interprocess_semaphore(3), "give it a name"),
+        (ps.interprocess_event, "give it a name"),
+        (lambda: ps.interprocess_queue(10), "give it a name"),
     ],
-    ids=["condition", "barrier", "rwlock", "anonymous-lock"],
+    ids=[
+        "condition",
+        "barrier",
+        "rwlock",
+        "anon-lock",
+        "anon-semaphore",
+        "anon-event",
+        "anon-queue",
+    ],
 )
 def test_what_dask_lacks_is_a_clear_error(cluster: Any, make: Any, instead: str) -> None:
     with pytest.raises(ps.NotOnCluster, match=instead) as info:

@@ -130,20 +130,20 @@ class DaskRuntime:
             )
         return sync.ClusterLock(self, name, timeout=timeout, reentrant=reentrant)
 
-    def semaphore(self, name: str, value: int, *, timeout: float | None) -> Any:
+    def semaphore(self, name: object, value: int, *, timeout: float | None) -> Any:
         from procshare._dask import sync
 
-        return sync.ClusterSemaphore(self, name, value, timeout=timeout)
+        return sync.ClusterSemaphore(self, _named(name, "semaphore"), value, timeout=timeout)
 
-    def event(self, name: str) -> Any:
+    def event(self, name: object) -> Any:
         from procshare._dask import sync
 
-        return sync.ClusterEvent(self, name)
+        return sync.ClusterEvent(self, _named(name, "event"))
 
-    def queue(self, name: str, maxsize: int) -> Any:
+    def queue(self, name: object, maxsize: int) -> Any:
         from procshare._dask import sync
 
-        return sync.ClusterQueue(self, name, maxsize)
+        return sync.ClusterQueue(self, _named(name, "queue"), maxsize)
 
     def unsupported(self, what: str) -> Any:
         from procshare._dask import sync
@@ -194,6 +194,18 @@ def dask_object(rt: DaskRuntime, kind: str, name: str, make: Callable[[], Any]) 
             if obj is None:
                 obj = _objects[key] = make()
     return obj
+
+
+def _named(name: object, what: str) -> str:
+    """``name``, or ``NotOnCluster`` for the anonymous form (no name, or a
+    number where the name goes: ``ps.interprocess_semaphore(3)``)."""
+    if isinstance(name, str):
+        return name
+    raise NotOnCluster(
+        f"an anonymous {what} (ps.interprocess_{what}() without a name)",
+        f"give it a name, ps.interprocess_{what}('NAME', ...): tasks on other hosts open "
+        "it by name",
+    )
 
 
 def worker_runtime(block: str) -> DaskRuntime:
