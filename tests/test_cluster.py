@@ -181,12 +181,13 @@ def test_a_task_can_start_and_wait_for_tasks(cluster: Any) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_children_scope_gives_results_in_order(cluster: Any) -> None:
-    with ps.children() as kids:
+def test_children_scope_gives_results_in_order(cluster: Any, capsys: Any) -> None:
+    with ps.children(progress=True) as kids:
         for i in range(6):
             _square(i)
     assert kids.results == [0, 1, 4, 9, 16, 25]
     assert len(kids.children) == 6
+    assert "6/6" in capsys.readouterr().err  # the bar counted every task
 
 
 @pytest.mark.timeout(120)
@@ -263,6 +264,7 @@ def _item(x: int) -> int:
 @pytest.mark.timeout(120)
 def test_map_imap_and_pool_run_items_as_tasks(cluster: Any) -> None:
     assert ps.map(lambda x: x * 2, range(8)) == [x * 2 for x in range(8)]
+    assert ps.map(abs, [-1, -2], progress=True) == [1, 2]
     assert sorted(ps.imap(abs, [-1, -2, 3], ordered=False)) == [1, 2, 3]
     assert list(ps.imap(abs, iter([-5, 6, -7]))) == [5, 6, 7]  # not sized: fed as they end
     for chunksize in (None, 2):
