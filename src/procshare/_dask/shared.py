@@ -370,9 +370,8 @@ def _proxy(seg: ClusterSegment, resolved: Any) -> Any:
         return ClusterBytes(seg)
     if isinstance(resolved, _kinds.ScalarKind):
         scalar = resolved.scalar
-        cls = _views.F32ScalarView if scalar is _kinds.f32 else _views.ScalarView
         cell = mv.cast(scalar.format)  # type: ignore[call-overload]
-        return _ValueProxy(seg, cls(seg, seg.name, scalar.name, cell))
+        return _ValueProxy(seg, _views.ScalarView(seg, seg.name, scalar.name, cell))
     cells = tuple(mv[off : off + sc.size].cast(sc.format) for _, sc, off in resolved.fields)
     return _ValueProxy(seg, resolved.view_class(seg, seg.name, cells))
 
