@@ -56,8 +56,14 @@ STRESS_LOADED ?= 3
 stress-test: $(VENV)/.dev
 	PY=$(PY) STRESS_RUNS=$(STRESS_RUNS) STRESS_LOADED=$(STRESS_LOADED) tests/stress.sh
 
-demo: $(VENV)/.base
-	$(PY) -m procshare demo
+# `make demo CLUSTER=1`: the same program as Dask tasks on a LocalCluster of
+# 2 worker processes (python -m procshare demo --cluster; installs procshare[dask]).
+demo: $(if $(CLUSTER),$(VENV)/.dask,$(VENV)/.base)
+	$(PY) -m procshare demo $(if $(CLUSTER),--cluster)
+
+$(VENV)/.dask: $(BUILD_INPUTS) | $(PY)
+	$(PY) -m pip install --quiet -e '.[dask]'
+	touch $@
 
 bench: $(VENV)/.bench
 	$(PY) -m benchmarks

@@ -55,6 +55,8 @@ SAMPLES: list[ps.ProcshareError] = [
     ps.MissingDependency(module="tqdm", extra="progress", feature="progress=True"),
     ps.MappingLimit("sum", mappings=65530, limit=65530),
     ps.MappingLimit("(anonymous)", mappings=120, limit=65530),
+    # the cluster front end (issue 17)
+    ps.NotOnCluster("ps.interprocess_barrier()", "join the tasks with ps.children()"),
 ]
 
 BUILTINS: dict[type[ps.ProcshareError], tuple[type[BaseException], ...]] = {
@@ -83,6 +85,7 @@ BUILTINS: dict[type[ps.ProcshareError], tuple[type[BaseException], ...]] = {
     ps.AnonymousError: (TypeError,),
     ps.MissingDependency: (ModuleNotFoundError, ImportError),
     ps.MappingLimit: (OSError,),
+    ps.NotOnCluster: (NotImplementedError, RuntimeError),
 }
 
 

@@ -52,6 +52,11 @@ from procshare._process import forked as forked
 # Coordination (issue 15)
 from procshare._queue import InterprocessQueue as InterprocessQueue
 from procshare._queue import interprocess_queue as interprocess_queue
+
+# Beyond one machine: the cluster front end (issue 17)
+from procshare._runtime import cluster as cluster
+
+# Coordination (issue 15)
 from procshare._rwlock import InterprocessRWLock as InterprocessRWLock
 from procshare._rwlock import interprocess_rwlock as interprocess_rwlock
 
@@ -90,6 +95,7 @@ from procshare.errors import JoinTimeout as JoinTimeout
 from procshare.errors import LockTimeout as LockTimeout
 from procshare.errors import MappingLimit as MappingLimit
 from procshare.errors import MissingDependency as MissingDependency
+from procshare.errors import NotOnCluster as NotOnCluster
 from procshare.errors import OwnerDied as OwnerDied
 from procshare.errors import ProcshareError as ProcshareError
 from procshare.errors import QueueEmpty as QueueEmpty
@@ -132,6 +138,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "LockTimeout",
     "MappingLimit",
     "MissingDependency",
+    "NotOnCluster",
     "OwnerDied",
     "Pool",
     "ProcshareError",
@@ -151,6 +158,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "UsageError",
     "WaitTimeout",
     "children",
+    "cluster",
     "f32",
     "f64",
     "forked",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any, overload
 
+from procshare import _runtime
 from procshare._engine import sync as _sync
 from procshare._engine.sync import A, SyncObject, w
 from procshare._locks import _check_timeout
@@ -240,4 +241,6 @@ def interprocess_barrier(
     Every process must give the same ``parties``. A party of an anonymous
     barrier that dies breaks it just the same.
     """
+    if _runtime.entered and (rt := _runtime.current.get()) is not None:  # ps.cluster()
+        return rt.unsupported("barrier")  # type: ignore[no-any-return]
     return InterprocessBarrier(name, parties, timeout, mode=mode)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Self, TypeVar, overload
 
+from procshare import _runtime
 from procshare._engine.sync import w
 from procshare._locks import InterprocessLock, _check_timeout, interprocess_lock
 from procshare._shared import _refuse_anonymous_as_name
@@ -182,4 +183,6 @@ def interprocess_condition(
     lock (:class:`~procshare.AnonymousError`): the other processes that open
     it by name could not reach that lock.
     """
+    if _runtime.entered and (rt := _runtime.current.get()) is not None:  # ps.cluster()
+        return rt.unsupported("condition")  # type: ignore[no-any-return]
     return InterprocessCondition(name, lock, mode=mode)  # type: ignore[arg-type]

@@ -16,9 +16,11 @@ left behind" can be checked exactly, by listing that namespace.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import statistics
+import sys
 import time
 
 import attrs
@@ -30,6 +32,8 @@ J_RANGE = range(1, 100)
 #: The original program's pauses: before taking the lock, and while holding it.
 PAUSE_BEFORE = 1.0
 PAUSE_HOLDING = 0.1
+#: ``--cluster`` without an address: a LocalCluster of 2 worker processes.
+_LOCAL = "local"
 
 
 def expected_sum(processes: int) -> int:
@@ -228,6 +232,18 @@ def parser() -> argparse.ArgumentParser:
             "the lock and 100 ms while holding it (about 1 + N/10 s per run)"
         ),
     )
+    p.add_argument(
+        "--cluster",
+        nargs="?",
+        const=_LOCAL,
+        default=None,
+        metavar="ADDRESS",
+        help=(
+            "run the same program inside `with ps.cluster(...)`: on the Dask scheduler at "
+            "ADDRESS, or, without one, on a LocalCluster of 2 worker processes (needs "
+            "pip install 'procshare[dask]')"
+        ),
+    )
     return p
 
 
@@ -235,6 +251,29 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m procshare demo``; returns the exit status."""
     p = parser()
     args = p.parse_args(argv)
+    if args.cluster is None:
+        return _run(p, args)
+    # --cluster: the same program, unchanged, as Dask tasks (SPEC 8).
+    from procshare import _runtime
+
+    address: str = args.cluster
+    with contextlib.ExitStack() as stack:
+        if address == _LOCAL:
+            try:
+                client = stack.enter_context(_runtime.local_cluster(2))
+            except ps.MissingDependency as exc:
+                print(f"procshare demo --cluster: {exc}", file=sys.stderr)
+                return 2
+            where = "a LocalCluster of 2 worker processes"
+        else:
+            client = address
+            where = f"the Dask cluster at {address}"
+        stack.enter_context(ps.cluster(client))
+        print(f"procshare demo --cluster: every child is a Dask task on {where}")
+        return _run(p, args)
+
+
+def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     limit = max_processes()
     if args.processes > limit:
         p.error(

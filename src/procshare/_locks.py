@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal, ParamSpec, TypeVar
 
+from procshare import _runtime
 from procshare._engine import anonymous as _anonymous
 from procshare._engine import children as _children
 from procshare._engine import get_engine, userwarn
@@ -511,6 +512,8 @@ def interprocess_lock(
     housekeeping stops that reuse at the next call into procshare that is
     not one (see "Lifetime" on the Robustness page of the docs).
     """
+    if _runtime.entered and (rt := _runtime.current.get()) is not None:  # ps.cluster()
+        return rt.lock(name, timeout=timeout, reentrant=reentrant, on_owner_death=on_owner_death)
     if timeout is None and reentrant is False and on_owner_death is None and mode is _MODE:
         # The by-name path: one C call when the object the previous such
         # call made can be handed out again.

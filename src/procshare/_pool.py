@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from procshare import _runtime
 from procshare._engine import core as _core
 from procshare._engine.children import current_children
 from procshare._engine.jobs import Job
@@ -276,6 +277,8 @@ def _start(  # noqa: PLR0917 - private: the checked arguments of map() and imap(
     size = _check_chunksize(chunksize, what)
     limit = _positive_timeout(timeout, f"{what}(timeout=)")
     show = check_progress(progress, what)
+    if _runtime.entered and (rt := _runtime.current.get()) is not None:  # ps.cluster()
+        return rt.imap(fn, iterable, size, bool(ordered), limit, show, what)
     return _own_pool(fn, iterable, n, size, bool(ordered), limit, show, what)
 
 
@@ -542,4 +545,6 @@ def pool(
     n = _check_workers(workers, "ps.pool")
     if initializer is not None and not callable(initializer):
         raise TypeError(f"ps.pool(initializer=) must be callable or None, not {initializer!r}")
+    if _runtime.entered and (rt := _runtime.current.get()) is not None:  # ps.cluster()
+        return rt.pool(n, initializer, tuple(initargs))
     return Pool(n, initializer, tuple(initargs))

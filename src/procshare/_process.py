@@ -17,6 +17,7 @@ from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 import attrs
 
+from procshare import _runtime
 from procshare._engine import children as _children
 from procshare._engine import core as _core
 from procshare._engine import get_engine
@@ -471,6 +472,10 @@ def children(
         )
     from procshare._progress import check_progress
 
+    if _runtime.entered and (rt := _runtime.current.get()) is not None:  # ps.cluster()
+        return rt.children(
+            limit=limit, cancel_on_error=bool(cancel_on_error), progress=bool(progress)
+        )
     return Children(
         limit=limit,
         cancel_on_error=bool(cancel_on_error),
@@ -494,6 +499,8 @@ class _Forked(Generic[P, R]):
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Child[R]:
+        if _runtime.entered and (rt := _runtime.current.get()) is not None:  # ps.cluster()
+            return rt.fork(self._fn, args, kwargs, self._name, self._timeout, self._daemon)
         # current_children() inlined: every Python call here runs again after
         # each fork, where each object touched is a copied page.
         part = _children._current

@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, overload
 
+from procshare import _runtime
 from procshare._engine import sync as _sync
 from procshare._engine.sync import SyncObject, w
 from procshare._locks import _check_timeout
@@ -434,4 +435,6 @@ def interprocess_queue(
     Every process opening the name must give the same ``maxsize`` and
     ``capacity`` (else :class:`~procshare.SharedTypeError`).
     """
+    if _runtime.entered and (rt := _runtime.current.get()) is not None:  # ps.cluster()
+        return rt.queue(name, maxsize)
     return InterprocessQueue(name, maxsize, capacity=capacity, mode=mode)  # type: ignore[arg-type]

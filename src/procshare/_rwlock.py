@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any, ParamSpec, Self, TypeVar
 
+from procshare import _runtime
 from procshare._engine import sync as _sync
 from procshare._engine.sync import A, B, HoldGuard, SyncObject, w
 from procshare._locks import _check_timeout
@@ -317,4 +318,6 @@ def interprocess_rwlock(
     default of ``acquire``). What a dead process held comes back; a dead
     writer is told to the next acquirer (:class:`~procshare.HolderDied`).
     """
+    if _runtime.entered and (rt := _runtime.current.get()) is not None:  # ps.cluster()
+        return rt.unsupported("rwlock")  # type: ignore[no-any-return]
     return InterprocessRWLock(name, timeout=timeout, mode=mode)

@@ -8,7 +8,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
 from weakref import ref as _weakref
 
-from procshare import _kinds
+from procshare import _kinds, _runtime
 from procshare._engine import anonymous as _anonymous
 from procshare._engine import names
 from procshare._engine import segments as _segments
@@ -389,6 +389,10 @@ def shared(
         SegmentNotFound: ``create=False`` and no live segment has that name.
         SharedMemoryFull: the new segment does not fit in free shared memory.
     """
+    if _runtime.entered and (rt := _runtime.current.get()) is not None:  # ps.cluster()
+        return rt.shared(
+            name, kind, shape=shape, size=size, initial=initial, create=create, persist=persist
+        )
     # Only a call without initial= whose arguments are of exactly the types
     # validation accepts is planned, so 384.0 cannot pass for 0o600, 1 for
     # True, or (2.0, 3) for (2, 3) as a dict key.
@@ -574,6 +578,8 @@ def unlink(name: str) -> bool:
     keep their memory, but the name is free at once: the next
     :func:`shared` of that name creates a new segment.
     """
+    if _runtime.entered and (rt := _runtime.current.get()) is not None:  # ps.cluster()
+        return rt.unlink(name)
     if name not in _segments._valid_names:
         _refuse_anonymous_as_name(
             name,

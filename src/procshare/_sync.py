@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, ParamSpec, Self, TypeVar, overload
 
+from procshare import _runtime
 from procshare._engine import sync as _sync
 from procshare._engine.core import current_pid
 from procshare._engine.names import use_namespace, validate_name
@@ -500,6 +501,8 @@ def interprocess_event(name: str | None = None, *, mode: int = 0o600) -> Interpr
     """Open the named event ``name`` (a :class:`threading.Event` for processes),
     creating it (clear) if needed; without a name, create an anonymous one.
     ``mode``: permission bits if this call creates a named one."""
+    if _runtime.entered and (rt := _runtime.current.get()) is not None:  # ps.cluster()
+        return rt.event(name)
     return InterprocessEvent(name, mode=mode)
 
 
@@ -540,4 +543,6 @@ def interprocess_semaphore(
     dies come back, and the acquirer that gets one is told
     (:class:`~procshare.HolderDied`, an :class:`~procshare.OwnerDied`).
     """
+    if _runtime.entered and (rt := _runtime.current.get()) is not None:  # ps.cluster()
+        return rt.semaphore(name, value, timeout=timeout)
     return InterprocessSemaphore(name, value, timeout=timeout, mode=mode)  # type: ignore[arg-type]

@@ -35,6 +35,7 @@ __all__ = [
     "JoinTimeout",
     "LockTimeout",
     "MissingDependency",
+    "NotOnCluster",
     "OwnerDied",
     "ProcshareError",
     "QueueEmpty",
@@ -974,5 +975,55 @@ class MissingDependency(ProcshareError, ModuleNotFoundError):
         return (
             f"{self.feature} needs {self.module!r}, which is not installed: install it with "
             f"`pip install 'procshare[{self.extra}]'` (or `pip install {self.module}`)"
+            + (f" ({self.detail})" if self.detail else "")
+        )
+
+
+# --------------------------------------------------------------------------
+# The cluster front end (SPEC 8)
+
+
+class NotOnCluster(ProcshareError, NotImplementedError):
+    """Something that exists on one host has no faithful form on a Dask cluster.
+
+    Raised inside ``with ps.cluster(...):`` for a numpy kind of
+    ``ps.shared``, an anonymous object, a condition, barrier or rwlock. The
+    message says what to use instead.
+    """
+
+    _fields: ClassVar[tuple[str, ...]] = ("what", "instead", "detail")
+
+    def __init__(self, what: str = "", instead: str = "", detail: str = "") -> None:
+        #: What was asked for: ``"ps.shared('a', numpy.float64, shape=...)"``.
+        self.what = what
+        #: What to use on the cluster instead.
+        self.instead = instead
+        super().__init__(detail)
+
+    def _message(self) -> str:
+        return (
+            f"{self.what} is not available inside `with ps.cluster(...)`"
+            + (f" ({self.detail})" if self.detail else "")
+            + f": {self.instead}"
+        )
+
+
+class WorkerDied(ChildKilled):
+    """A task's Dask worker died under it, on every try the scheduler allowed.
+
+    A :class:`ChildKilled` (not exported on its own): ``except ps.ChildKilled``
+    catches the cluster's form of "the process running it was killed". Dask
+    retries a task whose worker died on another worker, up to the scheduler's
+    ``distributed.scheduler.allowed-failures`` (3 by default) times; this is
+    raised when those ran out (Dask's ``KilledWorker``), so the function may
+    have run, in part, more than once.
+    """
+
+    def _message(self) -> str:
+        return (
+            f"task {self.name!r} lost its Dask worker on every try: the worker process died "
+            "while running it (out of memory, a segfault, a kill), and the scheduler's "
+            "retries (distributed.scheduler.allowed-failures) ran out. It may have run in part "
+            "more than once; make it idempotent, or give it less memory to use"
             + (f" ({self.detail})" if self.detail else "")
         )
