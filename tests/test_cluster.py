@@ -146,6 +146,8 @@ def test_a_raising_task_is_child_raised_of_the_same_type(cluster: Any) -> None:
     assert isinstance(err, ps.ChildRaised)
     assert isinstance(err.__cause__, KeyError)
     assert "in _fail" in err.child_traceback
+    assert "on the cluster" in str(err)  # a task has no pid to name
+    assert "pid None" not in str(err)
     assert _fail(ValueError, "bad").wait().outcome == "raised"  # type: ignore[union-attr]
 
 

@@ -129,6 +129,13 @@ def signal_name(signum: int | None) -> str:
         return f"signal {signum}"
 
 
+def _who(name: str | None, pid: int | None) -> str:
+    """How a message names a child: by name and pid, or as a cluster task (no pid)."""
+    if pid is None:
+        return f"task {name!r} on the cluster"
+    return f"child {name!r} (pid {pid})"
+
+
 class ChildError(ProcshareError, ChildProcessError):
     """A forked child failed. Carries ``pid``, ``name``, ``exitcode`` and ``signal``.
 
@@ -158,7 +165,7 @@ class ChildError(ProcshareError, ChildProcessError):
         ProcshareError.__init__(self, detail)
 
     def _who(self) -> str:
-        return f"child {self.name!r} (pid {self.pid})"
+        return _who(self.name, self.pid)
 
     def _message(self) -> str:
         status = f" (exit code {self.exitcode})" if self.exitcode is not None else ""
@@ -457,7 +464,7 @@ class JoinTimeout(ProcshareError, TimeoutError):
 
     def _message(self) -> str:
         return (
-            f"child {self.name!r} (pid {self.pid}) was still running after join(timeout="
+            f"{_who(self.name, self.pid)} was still running after join(timeout="
             f"{self.timeout}); it is left running: join() again, or terminate() it"
             + (f" ({self.detail})" if self.detail else "")
         )
