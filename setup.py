@@ -29,6 +29,7 @@ setup(
         Extension(
             "procshare._backends.posix._shmstep",
             sources=["src/procshare/_backends/posix/_shmstep.c"],
+            depends=["src/procshare/_backends/posix/_shmstep_types.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),
         Extension(
