@@ -12,9 +12,14 @@ from typing import Any, Self, TypeVar, overload
 
 from procshare import _runtime
 from procshare._engine.sync import w
-from procshare._locks import InterprocessLock, _check_timeout, interprocess_lock
+from procshare._locks import (
+    InterprocessLock,
+    _check_anonymous_mode,
+    _check_timeout,
+    interprocess_lock,
+)
 from procshare._shared import _refuse_anonymous_as_name
-from procshare._sync import _check_anonymous_mode, _deadline, _Handle, _no_init
+from procshare._sync import _deadline, _Handle, _no_init
 from procshare.errors import AnonymousError, UsageError
 
 R = TypeVar("R")

@@ -130,6 +130,15 @@ def _check_timeout(timeout: object, what: str = "timeout") -> float | None:
     return float(timeout)
 
 
+def _check_anonymous_mode(family: str, mode: object) -> None:
+    """Refuse ``mode=`` for an anonymous lock or sync object: nobody opens it by name."""
+    if mode != 0o600:
+        raise TypeError(
+            f"ps.interprocess_{family}(mode={mode!r}): an anonymous {family} has no name "
+            "for other users to open it by, so it has no permission bits; name it to set them"
+        )
+
+
 class InterprocessLock(LockGuard):
     """A named, robust lock shared between processes and between threads.
 
@@ -172,11 +181,7 @@ class InterprocessLock(LockGuard):
         anonymous = name is None
         if name is None:
             name = _anonymous.LABEL  # until the engine numbers it
-            if mode != 0o600:
-                raise TypeError(
-                    f"ps.interprocess_lock(mode={mode!r}): an anonymous lock has no name for "
-                    "other users to open it by, so it has no permission bits; name it to set them"
-                )
+            _check_anonymous_mode("lock", mode)
         elif name not in _valid_names:
             _refuse_anonymous_as_name(name, "ps.interprocess_lock('NAME')")
             validate_name(name, "lock name")

@@ -23,7 +23,7 @@ from procshare._engine import sync as _sync
 from procshare._engine.core import current_pid
 from procshare._engine.names import use_namespace, validate_name
 from procshare._engine.sync import A, HoldGuard, SyncObject, w
-from procshare._locks import _check_timeout
+from procshare._locks import _check_anonymous_mode, _check_timeout
 from procshare._shared import _refuse_anonymous_as_name
 from procshare.errors import AnonymousError, HolderDied, UsageError, WaitTimeout
 
@@ -45,14 +45,6 @@ def _check_mode(mode: object) -> int:
 
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
-
-
-def _check_anonymous_mode(family: str, mode: object) -> None:
-    if mode != 0o600:
-        raise TypeError(
-            f"ps.interprocess_{family}(mode={mode!r}): an anonymous {family} has no name "
-            "for other users to open it by, so it has no permission bits; name it to set them"
-        )
 
 
 def _number_first(
