@@ -12,6 +12,7 @@ import os
 import queue
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -588,3 +589,63 @@ def test_the_demo_says_how_to_install_the_extra() -> None:
 def test_cluster_refuses_what_is_not_a_client() -> None:
     with pytest.raises(TypeError, match=r"distributed\.Client"), ps.cluster(42):
         pass
+
+
+def _closed_port() -> int:
+    """A local TCP port nothing listens on (bound once, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+@pytest.mark.timeout(60)
+def test_cluster_at_an_address_nobody_answers_says_what_to_do() -> None:
+    address = f"tcp://127.0.0.1:{_closed_port()}"
+    threads = set(threading.enumerate())
+    started = time.monotonic()
+    with pytest.raises(ps.ClusterUnreachable) as info, ps.cluster(address, timeout=1):
+        pytest.fail("the block ran without a scheduler")
+    assert time.monotonic() - started < 30  # the timeout given, not Dask's 30 s default
+    err = info.value
+    assert isinstance(err, ConnectionError)
+    assert isinstance(err, OSError)  # what Dask raised before: old handlers still catch it
+    assert err.address == address
+    assert err.timeout == 1.0
+    assert f"no Dask scheduler answered at {address!r} within 1 s" in str(err)
+    assert "dask scheduler" in str(err)
+    assert isinstance(err.__cause__, OSError)
+    # distributed leaves a failed client's loop thread running; ps.cluster stops it.
+    assert set(threading.enumerate()) <= threads
+
+
+def test_cluster_timeout_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"timeout=\) must be a number of seconds > 0"):
+        ps.cluster("tcp://127.0.0.1:8786", timeout=0)
+    with pytest.raises(ValueError, match=r"timeout=\) must be a number of seconds > 0"):
+        ps.cluster("tcp://127.0.0.1:8786", timeout=True)
+
+
+def test_cluster_refuses_a_timeout_with_a_connected_client(client: Any) -> None:
+    with pytest.raises(TypeError, match="already connected"), ps.cluster(client, timeout=5):
+        pass
+
+
+@pytest.mark.timeout(60)
+def test_the_demo_says_when_no_scheduler_answers() -> None:
+    address = f"tcp://127.0.0.1:{_closed_port()}"
+    # Dask's own setting, from the environment: the demo has no flag for it.
+    env = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"}
+    done = subprocess.run(
+        [sys.executable, "-m", "procshare", "demo", "--cluster", address],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+        env=env,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"no Dask scheduler answered at {address!r} within Dask's" in done.stderr
+    assert "Traceback" not in done.stderr

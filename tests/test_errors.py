@@ -57,6 +57,8 @@ SAMPLES: list[ps.ProcshareError] = [
     ps.MappingLimit("(anonymous)", mappings=120, limit=65530),
     # the cluster front end (issue 17)
     ps.NotOnCluster("ps.interprocess_barrier()", "join the tasks with ps.children()"),
+    ps.ClusterUnreachable("tcp://10.0.0.5:8786", 30.0, "connection refused"),
+    ps.ClusterUnreachable("tcp://10.0.0.5:8786"),
 ]
 
 BUILTINS: dict[type[ps.ProcshareError], tuple[type[BaseException], ...]] = {
@@ -86,6 +88,7 @@ BUILTINS: dict[type[ps.ProcshareError], tuple[type[BaseException], ...]] = {
     ps.MissingDependency: (ModuleNotFoundError, ImportError),
     ps.MappingLimit: (OSError,),
     ps.NotOnCluster: (NotImplementedError, RuntimeError),
+    ps.ClusterUnreachable: (ConnectionError, OSError),
 }
 
 

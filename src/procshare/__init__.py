@@ -85,6 +85,7 @@ from procshare.errors import ChildExited as ChildExited
 from procshare.errors import ChildKilled as ChildKilled
 from procshare.errors import ChildRaised as ChildRaised
 from procshare.errors import ChildTimeout as ChildTimeout
+from procshare.errors import ClusterUnreachable as ClusterUnreachable
 
 # Errors where the system refuses (SPEC 3, 5)
 from procshare.errors import DescriptorLimit as DescriptorLimit
@@ -122,6 +123,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), which tests/test_exports.py checks
     "ChildRaised",
     "ChildTimeout",
     "Children",
+    "ClusterUnreachable",
     "DescriptorLimit",
     "ExitStatus",
     "ForkError",

@@ -268,7 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             client = address
             where = f"the Dask cluster at {address}"
-        stack.enter_context(ps.cluster(client))
+        try:
+            stack.enter_context(ps.cluster(client))
+        except ps.ClusterUnreachable as exc:
+            print(f"procshare demo --cluster: {exc}", file=sys.stderr)
+            return 2
         print(f"procshare demo --cluster: every child is a Dask task on {where}")
         return _run(p, args)
 

@@ -138,7 +138,9 @@ def use(runtime: Runtime) -> Iterator[Runtime]:
             entered -= 1
 
 
-def cluster(client_or_address: Any) -> contextlib.AbstractContextManager[Any]:
+def cluster(
+    client_or_address: Any, *, timeout: float | None = None
+) -> contextlib.AbstractContextManager[Any]:
     """Run the front end on a Dask distributed cluster inside the block.
 
     ```text
@@ -163,6 +165,9 @@ def cluster(client_or_address: Any) -> contextlib.AbstractContextManager[Any]:
         client_or_address: a ``distributed.Client`` (used as it is, and left
             open), or a scheduler address (a client is made for the block
             and closed at its end).
+        timeout: with an address, seconds to wait for the scheduler to
+            answer (default: Dask's ``distributed.comm.timeouts.connect``,
+            30 s unless configured). Not accepted with a client.
 
     Yields:
         The ``distributed.Client`` in use.
@@ -170,9 +175,16 @@ def cluster(client_or_address: Any) -> contextlib.AbstractContextManager[Any]:
     Raises:
         MissingDependency: ``distributed`` is not installed
             (``pip install 'procshare[dask]'``).
+        ClusterUnreachable: no scheduler answered at the address in time.
     """
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+    ):
+        raise ValueError(
+            f"ps.cluster(timeout=) must be a number of seconds > 0 or None, not {timeout!r}"
+        )
     made: contextlib.AbstractContextManager[Any] = _load_dask("ps.cluster()").cluster(
-        client_or_address
+        client_or_address, None if timeout is None else float(timeout)
     )
     return made
 

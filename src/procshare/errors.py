@@ -29,6 +29,7 @@ __all__ = [
     "ChildKilled",
     "ChildRaised",
     "ChildTimeout",
+    "ClusterUnreachable",
     "ForkError",
     "HolderDied",
     "InvalidName",
@@ -1012,6 +1013,39 @@ class NotOnCluster(ProcshareError, NotImplementedError):
             f"{self.what} is not available inside `with ps.cluster(...)`"
             + (f" ({self.detail})" if self.detail else "")
             + f": {self.instead}"
+        )
+
+
+class ClusterUnreachable(ProcshareError, ConnectionError):
+    """``ps.cluster(address)`` found no Dask scheduler answering at ``address``.
+
+    Raised when the client for the block cannot connect within ``timeout``
+    seconds (nothing listening, a wrong host or port, a firewall). A
+    ``ConnectionError``, so an ``OSError`` too, as Dask's own failure was.
+    """
+
+    _fields: ClassVar[tuple[str, ...]] = ("address", "timeout", "detail")
+
+    def __init__(self, address: str = "", timeout: float | None = None, detail: str = "") -> None:
+        #: The scheduler address that did not answer.
+        self.address = address
+        #: Seconds the connection was tried for (``None``: Dask's configured
+        #: ``distributed.comm.timeouts.connect``).
+        self.timeout = timeout
+        super().__init__(detail)
+
+    def _message(self) -> str:
+        waited = (
+            "within Dask's connect timeout (distributed.comm.timeouts.connect)"
+            if self.timeout is None
+            else f"within {self.timeout:g} s"
+        )
+        return (
+            f"no Dask scheduler answered at {self.address!r} {waited}"
+            + (f" ({self.detail})" if self.detail else "")
+            + ": start one there (`dask scheduler`, which listens on port 8786), check the "
+            "host and port, or pass ps.cluster() a connected distributed.Client; "
+            "ps.cluster(address, timeout=SECONDS) waits longer for a scheduler still starting"
         )
 
 

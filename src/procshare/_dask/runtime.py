@@ -12,7 +12,7 @@ import distributed
 
 from procshare import _runtime
 from procshare._engine import names
-from procshare.errors import NotOnCluster
+from procshare.errors import ClusterUnreachable, NotOnCluster
 
 #: Runtimes of the blocks whose tasks ran in this (worker) process, by block id.
 _in_workers: dict[str, DaskRuntime] = {}
@@ -218,13 +218,26 @@ def worker_runtime(block: str) -> DaskRuntime:
 
 
 @contextlib.contextmanager
-def cluster(client_or_address: Any) -> Iterator[distributed.Client]:
+def cluster(client_or_address: Any, timeout: float | None = None) -> Iterator[distributed.Client]:
     """``ps.cluster()``: see :func:`procshare._runtime.cluster`."""
     own = None
     if isinstance(client_or_address, distributed.Client):
+        if timeout is not None:
+            raise TypeError(
+                "ps.cluster(client, timeout=...): the timeout is how long to wait for the "
+                "scheduler at an address; a distributed.Client is already connected"
+            )
         client = client_or_address
     elif isinstance(client_or_address, str):
-        client = own = distributed.Client(client_or_address, set_as_default=False)
+        try:
+            client = own = distributed.Client(
+                client_or_address,
+                set_as_default=False,
+                **({} if timeout is None else {"timeout": timeout}),
+            )
+        except OSError as exc:  # Dask's OSError / TimeoutError: nothing answered
+            _stop_loop_of_failed_client(exc)
+            raise ClusterUnreachable(client_or_address, timeout, str(exc)) from exc
     else:
         raise TypeError(
             "ps.cluster() takes a distributed.Client or a scheduler address such as "
@@ -240,6 +253,24 @@ def cluster(client_or_address: Any) -> Iterator[distributed.Client]:
     finally:
         if own is not None:
             own.close()
+
+
+def _stop_loop_of_failed_client(exc: BaseException) -> None:
+    """Stop the IO loop thread of a ``Client`` whose constructor failed.
+
+    distributed starts the client's loop thread before it connects and
+    leaves it running when the connection fails (the caller never gets the
+    object to close). The half-made client is ``self`` in a frame of the
+    traceback; its loop runner is stopped as ``Client.close`` would.
+    """
+    tb = exc.__traceback__
+    while tb is not None:
+        made = tb.tb_frame.f_locals.get("self")
+        if isinstance(made, distributed.Client):
+            with contextlib.suppress(Exception):
+                made._loop_runner.stop()
+            return
+        tb = tb.tb_next
 
 
 @contextlib.contextmanager
