@@ -48,37 +48,102 @@ R = TypeVar("R")
 _READERS, _WPID, _WLO, _WHI, _WWAIT, _SEQ, _WAITERS, _DIED, _DEAD = (w(i) for i in range(9))
 
 
-class InterprocessRWLock(_Handle):
+class InterprocessRWLock:
     """A reader-writer lock shared between processes (see
-    :func:`interprocess_rwlock`)."""
+    :func:`interprocess_rwlock`).
 
+    The handle holds its two sides, and the sides hold the object and its
+    bookkeeping (:class:`_RWCore`), never the handle: a handle dropped
+    without ``close()`` is released at once, as every other family's is,
+    not when the cycle collector runs; a side kept on its own
+    (``reader = ps.interprocess_rwlock("r").read``) keeps the object open.
+    """
+
+    __slots__ = ("__weakref__", "_core", "read", "write")
     _family = "rwlock"
 
     def __init__(
         self, name: str | None = None, *, timeout: float | None = None, mode: int = 0o600
     ) -> None:
+        self._core = core = _RWCore(name, timeout, mode)
+        #: ``with rw.read:`` - shared holds
+        self.read = _Side(core, write=False)
+        #: ``with rw.write:`` - the exclusive hold
+        self.write = _Side(core, write=True)
+
+    @property
+    def name(self) -> str:
+        """The rwlock's name; for an anonymous one a label such as
+        ``"(anonymous #2)"``, for messages only (nothing can open it)."""
+        return self._core.name
+
+    @property
+    def anonymous(self) -> bool:
+        """Whether it has no name: shared only with the children forked while it
+        is open, and freed by the kernel with the last process that has it."""
+        return self._core.anonymous
+
+    @property
+    def _ps_anonymous_what(self) -> str | None:
+        return self._core._ps_anonymous_what
+
+    @property
+    def _obj(self) -> SyncObject:
+        return self._core._obj
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._core.closed
+
+    def close(self) -> None:
+        """Stop using the rwlock. The last user of the last process removes it."""
+        self.read._hw = self.write._hw = None
+        self._core.close()
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds ``with rw.read:`` / ``with rw.write:`` wait (``None``: forever)."""
+        return self._core._timeout
+
+    @property
+    def readers(self) -> int:
+        """Read holds now (all processes)."""
+        return self._core._live().words.load(_READERS)
+
+    @property
+    def write_locked(self) -> bool:
+        """Whether a process holds it for writing now."""
+        return bool(self._core._live().words.load(_WPID))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return self._core.__reduce__()
+
+    def __repr__(self) -> str:
+        return repr(self._core)
+
+
+class _RWCore(_Handle):
+    """The rwlock's object and bookkeeping, shared by its handle and both sides."""
+
+    _family = "rwlock"
+
+    def __init__(self, name: str | None, timeout: float | None, mode: int) -> None:
         self._timeout = _check_timeout(timeout)
         self._holding = _Holding()
         self._last_sweep = 0.0
         self._open(name, "rwlock", SLOTS * _sync.SLOT_SIZE, _no_init, mode)
         self._slots = _sync.Slots(self._obj.words, _sync.TABLES, SLOTS)
-        #: ``with rw.read:`` - shared holds
-        self.read = _Side(self, write=False)
-        #: ``with rw.write:`` - the exclusive hold
-        self.write = _Side(self, write=True)
 
-    def close(self) -> None:
-        """Stop using the rwlock. The last user of the last process removes it."""
-        self.read._hw = self.write._hw = None
-        super().close()
+    def _reopen_type(self) -> type[Any]:
+        return InterprocessRWLock  # what a receiver of the pickle opens
 
     def _args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (), {"timeout": self._timeout}
 
-    @property
-    def timeout(self) -> float | None:
-        """Seconds ``with rw.read:`` / ``with rw.write:`` wait (``None``: forever)."""
-        return self._timeout
+    def __repr__(self) -> str:
+        obj = self._obj
+        return f"<InterprocessRWLock {obj.name!r} {obj.state()}>"
 
     def _repair(self) -> None:
         words = self._obj.words
@@ -231,16 +296,6 @@ class InterprocessRWLock(_Handle):
         finally:
             obj.unlock()
 
-    @property
-    def readers(self) -> int:
-        """Read holds now (all processes)."""
-        return self._live().words.load(_READERS)
-
-    @property
-    def write_locked(self) -> bool:
-        """Whether a process holds it for writing now."""
-        return bool(self._live().words.load(_WPID))
-
 
 class _Side(HoldGuard):
     """``rw.read`` or ``rw.write``: ``with``, decorator, ``acquire``/``release``.
@@ -251,7 +306,7 @@ class _Side(HoldGuard):
 
     __slots__ = ("_rw", "_write")
 
-    def __init__(self, rw: InterprocessRWLock, *, write: bool) -> None:
+    def __init__(self, rw: _RWCore, *, write: bool) -> None:
         self._rw = rw
         self._write = write
         self._arm()
@@ -285,7 +340,7 @@ class _Side(HoldGuard):
             raise HolderDied(exc.name, exc.owner_pid, held=False, what="rwlock") from None
         if not taken:
             what = "rwlock (write)" if self._write else "rwlock (read)"
-            raise WaitTimeout(rw.name, what, rw.timeout)
+            raise WaitTimeout(rw.name, what, rw._timeout)
         return self
 
     def _exit_slow(self) -> None:

@@ -150,6 +150,9 @@ class _Handle:
     def _args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (), {}
 
+    def _reopen_type(self) -> type[Any]:
+        return type(self)
+
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickling sends the name and parameters: the receiver opens it itself.
         # An anonymous object has nothing to send: its memory reaches only the
@@ -162,7 +165,7 @@ class _Handle:
                 "in the other process",
             )
         obj = self._live()
-        return (_reopen, (type(self), obj.namespace, obj.name, *self._args()))
+        return (_reopen, (self._reopen_type(), obj.namespace, obj.name, *self._args()))
 
     def __del__(self) -> None:
         obj = getattr(self, "_obj", None)
@@ -176,10 +179,10 @@ class _Handle:
 
 
 def _reopen(
-    cls: type[_Handle], namespace: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    cls: type[Any], namespace: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     with use_namespace(namespace):
-        return cls(name, *args, **kwargs)  # type: ignore[call-arg]
+        return cls(name, *args, **kwargs)
 
 
 # -- event ---------------------------------------------------------------------
