@@ -32,6 +32,7 @@ from procshare._sync import (
     WRITE_GIVE,
     WRITE_TAKE,
     _arm,
+    _Described,
     _Handle,
     _Holding,
     _no_init,
@@ -48,7 +49,7 @@ R = TypeVar("R")
 _READERS, _WPID, _WLO, _WHI, _WWAIT, _SEQ, _WAITERS, _DIED, _DEAD = (w(i) for i in range(9))
 
 
-class InterprocessRWLock:
+class InterprocessRWLock(_Described):
     """A reader-writer lock shared between processes (see
     :func:`interprocess_rwlock`).
 
@@ -72,29 +73,8 @@ class InterprocessRWLock:
         self.write = _Side(core, write=True)
 
     @property
-    def name(self) -> str:
-        """The rwlock's name; for an anonymous one a label such as
-        ``"(anonymous #2)"``, for messages only (nothing can open it)."""
-        return self._core.name
-
-    @property
-    def anonymous(self) -> bool:
-        """Whether it has no name: shared only with the children forked while it
-        is open, and freed by the kernel with the last process that has it."""
-        return self._core.anonymous
-
-    @property
-    def _ps_anonymous_what(self) -> str | None:
-        return self._core._ps_anonymous_what
-
-    @property
-    def _obj(self) -> SyncObject:
+    def _obj(self) -> SyncObject:  # type: ignore[override]  # (the core's, for _Described)
         return self._core._obj
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._core.closed
 
     def close(self) -> None:
         """Stop using the rwlock. The last user of the last process removes it."""

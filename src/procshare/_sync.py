@@ -76,12 +76,39 @@ def _repairer(handle: weakref.ref[_Handle]) -> Callable[[], None]:
     return repair
 
 
-class _Handle:
-    """What every family's object shares: name, close, pickling, repr; named or
-    anonymous (``name=None``)."""
+class _Described:
+    """The read-only facts of a family's object (``self._obj``), for its handle."""
 
+    __slots__ = ()
     _family = ""
     _obj: SyncObject
+
+    @property
+    def name(self) -> str:
+        """The object's name; for an anonymous one a label such as
+        ``"(anonymous #2)"``, for messages only (nothing can open it)."""
+        return self._obj.name
+
+    @property
+    def anonymous(self) -> bool:
+        """Whether it has no name: shared only with the children forked while it
+        is open, and freed by the kernel with the last process that has it."""
+        return self._obj.anonymous
+
+    @property
+    def _ps_anonymous_what(self) -> str | None:
+        """What an anonymous object is called when it is misused as a name."""
+        return f"an anonymous {self._family}" if self._obj.anonymous else None
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._obj.closed
+
+
+class _Handle(_Described):
+    """What every family's object shares: name, close, pickling, repr; named or
+    anonymous (``name=None``)."""
 
     def _open(self, name: str | None, layout: str, size: int, init: Any, mode: int) -> None:
         family = self._family
@@ -106,28 +133,6 @@ class _Handle:
             self._token = self._obj.token()
             self._token_pid = current_pid()
         return self._token
-
-    @property
-    def name(self) -> str:
-        """The object's name; for an anonymous one a label such as
-        ``"(anonymous #2)"``, for messages only (nothing can open it)."""
-        return self._obj.name
-
-    @property
-    def anonymous(self) -> bool:
-        """Whether it has no name: shared only with the children forked while it
-        is open, and freed by the kernel with the last process that has it."""
-        return self._obj.anonymous
-
-    @property
-    def _ps_anonymous_what(self) -> str | None:
-        """What an anonymous object is called when it is misused as a name."""
-        return f"an anonymous {self._family}" if self._obj.anonymous else None
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._obj.closed
 
     def close(self) -> None:
         """Stop using the object. The last user of the last process removes it."""
