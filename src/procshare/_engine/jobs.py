@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from procshare.errors import ChildError
 
 if TYPE_CHECKING:
-    from procshare._engine.pool import Core, Worker
+    from procshare._engine.pool import Core
+    from procshare._engine.workers import Worker
 
 ErrorFactory = Callable[[], ChildError]
 
