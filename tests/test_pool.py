@@ -200,6 +200,60 @@ def test_ordered_and_unordered_imap() -> None:
 
 
 @pytest.mark.timeout(60)
+def test_a_slow_items_result_comes_back_when_it_ends() -> None:
+    # Not held back until the next item of its chunk ends too: item 1 waits
+    # for the parent to have item 0's result (and says whether it did).
+    got_first = ps.interprocess_event()
+
+    def second_waits(x: int) -> bool:
+        if x == 0:
+            time.sleep(0.005)  # slower than a batch of results may wait
+            return True
+        return got_first.wait(10)
+
+    it = ps.imap(second_waits, [0, 1], workers=1, chunksize=2)
+    try:
+        assert next(it) is True
+        got_first.set()
+        assert next(it) is True
+        assert list(it) == []
+    finally:
+        it.close()  # type: ignore[attr-defined]
+        got_first.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_gets_its_next_chunk_while_it_runs_the_last_item(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Slow items: one chunk each, and the next one sent while the worker runs
+    # the last item of the current one, so it never waits for a round trip.
+    # Item 3 (the last of the chunk [2, 3]) waits until the chunk [4, 5] is sent.
+    from procshare._engine import pool as _pool_engine
+
+    sent_next = ps.interprocess_event()
+    real = _pool_engine.Core._dispatch
+
+    def dispatch(core: Any, w: Any, task: Any) -> None:
+        real(core, w, task)
+        if task.start == 4:
+            sent_next.set()
+
+    monkeypatch.setattr(_pool_engine.Core, "_dispatch", dispatch)
+    try:
+
+        def last_waits(x: int) -> bool:
+            if x == 3:
+                return sent_next.wait(10)
+            time.sleep(0.005)  # slow items: over a millisecond each
+            return True
+
+        assert ps.map(last_waits, range(6), workers=1, chunksize=2) == [True] * 6
+    finally:
+        sent_next.close()
+
+
+@pytest.mark.timeout(60)
 def test_imap_is_lazy_and_leaving_it_early_reaps_the_workers() -> None:
     taken = []
     endless = itertools.count()

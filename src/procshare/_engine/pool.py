@@ -227,7 +227,7 @@ class Core:
         return Task(job, task.tid, indices[0], 1, [keep[0]])
 
     def fill(self) -> None:
-        """Give workers work, up to ``Job.in_flight`` tasks each; fork workers (lazily,
+        """Give workers work, as much as ``Job.wants_more`` lets them hold; fork workers (lazily,
         so they inherit what exists at their first use) and replacements."""
         if self.broken is not None:
             return
@@ -241,12 +241,12 @@ class Core:
                     if not w.inflight:
                         self._retire(w)
                     continue
-                while len(w.inflight) < job.in_flight(self.n_workers) and self._fill_one(w, job):
+                while job.wants_more(w, self.n_workers) and self._fill_one(w, job):
                     pass
             # Fork only for work that exists (an iterator may be empty).
             while len(self.workers) < self.n_workers and job.prefetch(self.n_workers):
                 w = self._fork()
-                while len(w.inflight) < job.in_flight(self.n_workers) and self._fill_one(w, job):
+                while job.wants_more(w, self.n_workers) and self._fill_one(w, job):
                     pass
 
     def _fill_one(self, w: Worker, job: Job) -> bool:

@@ -95,6 +95,11 @@ def worker_main(  # noqa: PLR0917 - built once per worker with functools.partial
         try:
             for off in range(count):
                 item = seq[base + off]
+                if not values:
+                    # The batch's age counts from its first item's start: an
+                    # item slower than _BATCH_SECONDS is sent as soon as it
+                    # ends, not held until the next one ends too.
+                    since = clock()
                 # Published before the item runs: if the worker is killed now,
                 # the parent fails exactly this item.
                 board[0] = tid
@@ -105,8 +110,6 @@ def worker_main(  # noqa: PLR0917 - built once per worker with functools.partial
                     value = None
                     errors[off - first] = transport.raised_payload(exc, skip=1)
                 board[0] = 0
-                if not values:
-                    since = clock()
                 values.append(value)
                 size += sys.getsizeof(value)
                 del value, item
