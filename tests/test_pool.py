@@ -148,6 +148,28 @@ def test_a_worker_killed_mid_item_fails_only_that_item() -> None:
 
 
 @pytest.mark.timeout(60)
+def test_a_slow_item_that_ended_is_not_run_again_when_its_worker_dies() -> None:
+    # Item 0 ended (its result was sent); item 1 kills the worker. Only item 1
+    # fails, and item 0 ran once: its result was not waiting for item 1's end.
+    with ps.shared(ps.u64) as runs:
+
+        def first_then_die(x: int) -> int:
+            if x == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            runs.value += 1
+            time.sleep(0.005)  # slower than a batch of results may wait
+            return x
+
+        with pytest.raises(ExceptionGroup) as info:
+            ps.map(first_then_die, [0, 1], workers=1, chunksize=2)
+        (err,) = info.value.exceptions
+        assert isinstance(err, ps.ChildKilled)
+        assert err.name is not None
+        assert err.name.endswith("[1]")
+        assert runs.value == 1
+
+
+@pytest.mark.timeout(60)
 def test_a_pool_replaces_a_killed_worker_and_goes_on() -> None:
     with ps.pool(workers=2) as pool:
         with pytest.raises(ExceptionGroup) as info:
