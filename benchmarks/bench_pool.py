@@ -18,6 +18,12 @@ and stop and reap them, with 2 workers.
 * ``raw fork + pipe``: two ``os.fork`` children, each computes its half and
   writes one pickle of its results to a pipe: no chunking, no per-item
   results, no crash handling. The floor a pool could reach.
+
+For the slow items, the ideal (items x 10 ms / workers) is a bound nobody
+reaches: each ``time.sleep(0.01)`` takes a little longer (the kernel's timer
+slack, 50 µs by default, and the wake-up), and every contender forks and
+reaps its workers. ``items / workers run in-process`` measures the first
+part (one worker's share of the items, run in the benchmark's process).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ SLOW_ITEMS = 100
 SLOW_SECONDS = 0.010
 ARRAY_ITEMS = 64
 ARRAY_BYTES = 1 << 20
+SHARE = "items / workers run in-process (measured)"
 
 
 def _trivial(x: int) -> int:
@@ -186,6 +193,19 @@ def run(bench: Bench) -> None:
         return ideal * n  # not measured: the bound itself
 
     s.add("ideal (items x time / workers)", ideal_timer)
+
+    share = slow_items[: SLOW_ITEMS // WORKERS]
+
+    def share_timer(n: int) -> float:
+        # One worker's share of the items run here, with no process at all: what
+        # the sleeps really take (each time.sleep(0.01) overshoots a little).
+        t0 = time.perf_counter()
+        for _ in range(n):
+            for x in share:
+                _slow(x)
+        return time.perf_counter() - t0
+
+    s.add(SHARE, share_timer)
     s.measure(n=1, repeat=5)
     s.target(
         "procshare ps.map",
@@ -193,6 +213,12 @@ def run(bench: Bench) -> None:
         max_ratio=1.05,
         text="ps.map within 5 % of the ideal for 100 items of 10 ms (issue 14)",
     )
+    s.report(
+        "procshare ps.map",
+        SHARE,
+        text="ps.map against its work run in-process (the ideal with the sleeps' real length)",
+    )
+    s.report("raw fork + pipe", SHARE, text="the raw floor against the same")
     s.report(
         "procshare ps.map",
         "multiprocessing.Pool.map (fork)",

@@ -292,6 +292,24 @@ def test_map_imap_and_pool_run_items_as_tasks(cluster: Any) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_a_cluster_pool_checks_its_arguments_as_the_local_one(cluster: Any) -> None:
+    with ps.pool(workers=2) as pool:
+        assert pool.workers == 2
+        with pytest.raises(ValueError, match="chunksize"):
+            pool.map(abs, [1], chunksize=0)
+        with pytest.raises(TypeError, match="callable"):
+            pool.imap(3, [1])  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="timeout"):
+            pool.map(abs, [1], timeout=-1)
+        with pytest.raises(TypeError, match="progress"):
+            pool.map(abs, [1], progress="yes")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="callable"):
+            pool.submit(3)  # type: ignore[arg-type]
+    with pytest.raises(ps.UsageError, match="outside its"):
+        pool.map(abs, [1])
+
+
+@pytest.mark.timeout(120)
 def test_map_timeout_fails_what_is_left(cluster: Any) -> None:
     with pytest.raises(ExceptionGroup) as info:
         ps.map(time.sleep, [5, 5], timeout=0.3)

@@ -332,43 +332,18 @@ class Submitted(Generic[R]):
         return f"<Submitted {self._job.item_name(0)} done={self.done}>"
 
 
-class Pool:
-    """Forked workers kept for many calls: returned by :func:`pool`.
+class PoolMethods:
+    """The public methods of a pool wherever it runs (:class:`Pool` here, the
+    cluster's ``ClusterPool``): their signatures, documentation and argument
+    checks, written once. A subclass says whether it can be used now
+    (``_live``) and runs the checked calls (``_imap``; ``submit``)."""
 
-    A pool belongs to the process, and is meant for the thread, that made it:
-    its calls are not thread-safe (use one pool per thread).
-    """
-
-    def __init__(
-        self,
-        workers: int,
-        initializer: Callable[..., Any] | None,
-        initargs: tuple[Any, ...],
-    ) -> None:
-        self._workers = workers
-        self._initializer = initializer
-        self._initargs = initargs
-        self._core: Core | None = None
-        self._submitted: list[Submitted[Any]] = []
+    _workers: int
 
     @property
     def workers(self) -> int:
         """How many worker processes the pool runs."""
         return self._workers
-
-    def _live(self, what: str) -> Core:
-        core = self._core
-        if core is None or core.closed:
-            raise UsageError(
-                f"pool.{what}() outside its `with ps.pool() as pool:` block; "
-                "use the pool inside the block, or make a new one"
-            )
-        if core.part.engine.pid != _core.current_pid():
-            raise UsageError(
-                f"pool.{what}() in a process that inherited the pool through a fork; "
-                "only the process that made it can use it (make a new pool here)"
-            )
-        return core
 
     def map(
         self,
@@ -382,7 +357,7 @@ class Pool:
     ) -> list[R]:
         """:func:`procshare.map` on this pool's workers."""
         return builtins.list(
-            self._start(fn, iterable, chunksize, ordered, timeout, progress, "pool.map")
+            self._checked(fn, iterable, chunksize, ordered, timeout, progress, "pool.map")
         )
 
     def imap(
@@ -403,9 +378,9 @@ class Pool:
         replace its workers with fresh forks, which run ``initializer`` again.
         A sequence is sent pickled, unless the workers are forked after it.
         """
-        return self._start(fn, iterable, chunksize, ordered, timeout, progress, "pool.imap")
+        return self._checked(fn, iterable, chunksize, ordered, timeout, progress, "pool.imap")
 
-    def _start(  # noqa: PLR0917 - private: the arguments of map() and imap()
+    def _checked(  # noqa: PLR0917 - private: the arguments of map() and imap()
         self,
         fn: Callable[[T], R],
         iterable: Iterable[T],
@@ -415,21 +390,99 @@ class Pool:
         progress: bool,
         what: str,
     ) -> Iterator[R]:
-        core = self._live(what.split(".")[1])
-        if not callable(fn):
-            raise TypeError(f"{what}() needs a callable first, not {fn!r}")
+        self._check_call(what, fn)
         size = _check_chunksize(chunksize, what)
         limit = _positive_timeout(timeout, f"{what}(timeout=)")
         show = check_progress(progress, what)
+        return self._imap(fn, iterable, size, bool(ordered), limit, show, what)
+
+    def _check_call(self, what: str, fn: object) -> None:
+        """``pool.<what>(fn, ...)`` may run: the pool is usable here, ``fn`` is callable."""
+        self._live(what)
+        if not callable(fn):
+            raise TypeError(f"{what}() needs a callable first, not {fn!r}")
+
+    def _live(self, what: str) -> object:
+        """Raise ``UsageError`` if ``pool.<what>()`` cannot run now (outside the block...)."""
+        raise NotImplementedError
+
+    def _imap(  # noqa: PLR0917 - the checked arguments of map() and imap()
+        self,
+        fn: Callable[[T], R],
+        iterable: Iterable[T],
+        chunksize: int | None,
+        ordered: bool,
+        timeout: float | None,
+        progress: bool,
+        what: str,
+    ) -> Iterator[R]:
+        raise NotImplementedError
+
+
+def outside_block(what: str) -> UsageError:
+    """The error of a pool used outside its ``with`` block."""
+    return UsageError(
+        f"{what}() outside its `with ps.pool() as pool:` block; "
+        "use the pool inside the block, or make a new one"
+    )
+
+
+def unjoined(errors: list[Exception]) -> ExceptionGroup[Exception]:
+    """The error of a pool's exit: the failures of the submitted calls nobody joined."""
+    return ExceptionGroup(
+        f"ps.pool: {len(errors)} submitted calls failed and were not joined", errors
+    )
+
+
+class Pool(PoolMethods):
+    """Forked workers kept for many calls: returned by :func:`pool`.
+
+    A pool belongs to the process, and is meant for the thread, that made it:
+    its calls are not thread-safe (use one pool per thread).
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        initializer: Callable[..., Any] | None,
+        initargs: tuple[Any, ...],
+    ) -> None:
+        self._workers = workers
+        self._initializer = initializer
+        self._initargs = initargs
+        self._core: Core | None = None
+        self._submitted: list[Submitted[Any]] = []
+
+    def _live(self, what: str) -> Core:
+        core = self._core
+        if core is None or core.closed:
+            raise outside_block(what)
+        if core.part.engine.pid != _core.current_pid():
+            raise UsageError(
+                f"{what}() in a process that inherited the pool through a fork; "
+                "only the process that made it can use it (make a new pool here)"
+            )
+        return core
+
+    def _imap(  # noqa: PLR0917 - the checked arguments of map() and imap()
+        self,
+        fn: Callable[[T], R],
+        iterable: Iterable[T],
+        chunksize: int | None,
+        ordered: bool,
+        timeout: float | None,
+        progress: bool,
+        what: str,
+    ) -> Iterator[R]:
         job, bar = _job(
-            core,
+            self._live(what),
             fn,
             iterable,
             star=False,
-            chunksize=size,
-            ordered=bool(ordered),
-            timeout=limit,
-            progress=show,
+            chunksize=chunksize,
+            ordered=ordered,
+            timeout=timeout,
+            progress=progress,
             what=what,
         )
         return self._iterate(job, what, bar)
@@ -447,9 +500,8 @@ class Pool:
         """Run ``fn(*args)`` on a worker; returns a handle whose ``join()`` gives the
         value. The pool's exit waits for every submitted call, and raises the
         failures of those nobody joined as one ``ExceptionGroup``."""
-        core = self._live("submit")
-        if not callable(fn):
-            raise TypeError(f"pool.submit() needs a callable first, not {fn!r}")
+        self._check_call("pool.submit", fn)
+        core = self._live("pool.submit")
         fkey = core.register_function(fn)
         job = Job(
             core,
@@ -512,9 +564,7 @@ class Pool:
         if core.broken is not None and not errors:
             errors.append(core.broken())
         if errors:
-            raise ExceptionGroup(
-                f"ps.pool: {len(errors)} submitted calls failed and were not joined", errors
-            )
+            raise unjoined(errors)
 
     def __repr__(self) -> str:
         state = "new" if self._core is None else ("closed" if self._core.closed else "open")

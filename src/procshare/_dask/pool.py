@@ -24,16 +24,13 @@ from procshare import _runtime
 from procshare._dask import tasks
 from procshare._dask.runtime import DaskRuntime, worker_runtime
 from procshare._engine import names
+from procshare._pool import PoolMethods, _fn_name, outside_block, unjoined
 from procshare.errors import ChildError, ChildTimeout, JoinTimeout, UsageError
 
 #: Items in flight for an iterable of unknown length, per worker thread.
 _WINDOW_PER_THREAD = 4
 #: Longest single wait, so that Ctrl-C and the timeout are seen.
 _SLICE = 0.2
-
-
-def _fn_name(fn: Callable[..., Any]) -> str:
-    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn))
 
 
 def run_chunk(
@@ -273,12 +270,13 @@ class ClusterSubmitted:
         return f"<ClusterSubmitted {self._child.name!r} {'done' if self.done else 'running'}>"
 
 
-class ClusterPool:
+class ClusterPool(PoolMethods):
     """``ps.pool()`` on the cluster: the cluster's workers are the pool.
 
     ``workers`` is kept for the signature (the cluster decides how many run);
     ``initializer(*initargs)`` runs once on every worker connected when the
     block starts (``client.run``); if it raises, entering the block raises.
+    ``map`` and ``imap``, with their argument checks, are the local pool's.
     """
 
     def __init__(
@@ -295,49 +293,24 @@ class ClusterPool:
         self._open: bool | None = None
         self._submitted: list[ClusterSubmitted] = []
 
-    @property
-    def workers(self) -> int:
-        return self._workers
-
     def _live(self, what: str) -> None:
         if not self._open:
-            raise UsageError(
-                f"pool.{what}() outside its `with ps.pool() as pool:` block; "
-                "use the pool inside the block, or make a new one"
-            )
+            raise outside_block(what)
 
-    def map(
+    def _imap(  # noqa: PLR0917 - the checked arguments of map() and imap()
         self,
         fn: Callable[[Any], Any],
         iterable: Iterable[Any],
-        *,
-        chunksize: int | None = None,
-        ordered: bool = True,
-        timeout: float | None = None,
-        progress: bool = False,
-    ) -> list[Any]:
-        self._live("map")
-        return list(
-            imap(self._rt, fn, iterable, chunksize, ordered, timeout, progress, "pool.map")
-        )
-
-    def imap(
-        self,
-        fn: Callable[[Any], Any],
-        iterable: Iterable[Any],
-        *,
-        chunksize: int | None = None,
-        ordered: bool = True,
-        timeout: float | None = None,
-        progress: bool = False,
+        chunksize: int | None,
+        ordered: bool,
+        timeout: float | None,
+        progress: bool,
+        what: str,
     ) -> Iterator[Any]:
-        self._live("imap")
-        return imap(self._rt, fn, iterable, chunksize, ordered, timeout, progress, "pool.imap")
+        return imap(self._rt, fn, iterable, chunksize, ordered, timeout, progress, what)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> ClusterSubmitted:
-        self._live("submit")
-        if not callable(fn):
-            raise TypeError(f"pool.submit() needs a callable first, not {fn!r}")
+        self._check_call("pool.submit", fn)
         rt = self._rt
         name = _fn_name(fn)
         future = rt.client.submit(
@@ -373,9 +346,7 @@ class ClusterPool:
                 if err is not None:
                     errors.append(err)
         if errors:
-            raise ExceptionGroup(
-                f"ps.pool: {len(errors)} submitted calls failed and were not joined", errors
-            )
+            raise unjoined(errors)
 
     def __repr__(self) -> str:
         state = {None: "new", True: "open", False: "closed"}[self._open]

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from procshare.errors import ChildError
 
 if TYPE_CHECKING:
-    from procshare._engine.pool import Core, Worker
+    from procshare._engine.pool import Core
+    from procshare._engine.workers import Worker
 
 ErrorFactory = Callable[[], ChildError]
 
@@ -31,7 +32,8 @@ IN_FLIGHT = 2
 _CHUNK_SECONDS = 0.005
 # A task whose items are pickled carries about this many bytes at most.
 _TASK_BYTES = 1 << 22
-# Items slower than this (seconds, on average) get one task in flight per worker.
+# Items slower than this (seconds, on average) get one task in flight per worker,
+# and the next one once the worker runs the last item of it (Job.wants_more).
 _SLOW_ITEM = 0.001
 
 
@@ -135,16 +137,29 @@ class Job:
             task.items = items
         return task
 
-    def in_flight(self, n_workers: int) -> int:
-        """Tasks a worker may hold for this job: two while items are quick (a
-        worker never waits for a round trip), one once they are slow (a round
-        trip is nothing next to an item, and a second queued chunk could keep
-        a worker busy while another one is idle at the end)."""
+    def wants_more(self, worker: Worker, n_workers: int) -> bool:
+        """Whether ``worker`` may take another task of this job.
+
+        While items are quick: up to ``IN_FLIGHT`` tasks, so a worker never
+        waits for a round trip. Once they are slow, one task, and the next only
+        when the worker starts the last item of it (the parent learns that from
+        the result of the item before): a round trip is then hidden behind that
+        item, and no chunk is handed out more than one item before it is needed
+        (two queued chunks could keep a worker busy while another one is idle
+        at the end)."""
+        held = worker.inflight
+        if not held:
+            return True
+        if len(held) >= IN_FLIGHT:
+            return False
         done = self.n_done + self.n_failed
         if done < n_workers:
-            return IN_FLIGHT
+            return True
         per_item = (time.monotonic() - self.started) * n_workers / done
-        return 1 if per_item > _SLOW_ITEM else IN_FLIGHT
+        if per_item <= _SLOW_ITEM:
+            return True
+        task = held[0]
+        return 0 < task.done == task.count - 1
 
     def prefetch(self, n_workers: int) -> bool:
         """Whether there is work, taking the next chunk from the source to know."""

@@ -1,20 +1,22 @@
-"""Pool workers: their channels, their loop, and the parent's scheduler.
+"""The pool's scheduler: the parent's side of a pool.
 
 A worker is a child of :class:`~procshare._engine.children.ChildrenPart`
 like any ``@forked`` call (so its death is reported, and it is cancelled and
-reaped, exactly as ``children()`` does), running :func:`worker_main`: it
-reads *tasks* from its own channel (a socket pair, see
-``_backends/api_channel.py``) and writes its results back in batches
-(``_engine/workers.py``). There is no lock shared between workers, so a
-worker killed at any instant strands nobody (``multiprocessing.Pool`` hangs
-for good there, CPython gh-96062).
+reaped, exactly as ``children()`` does), running
+:func:`~procshare._engine.workers.worker_main`: it reads *tasks* from its
+own channel (a socket pair, see ``_backends/api_channel.py``) and writes its
+results back in batches. The wire format and both ends of a channel are
+``_engine/workers.py``'s; the jobs and their tasks ``_engine/jobs.py``'s.
+There is no lock shared between workers, so a worker killed at any instant
+strands nobody (``multiprocessing.Pool`` hangs for good there, CPython
+gh-96062).
 
 The parent keeps at most two tasks (chunks of items) in flight per worker,
 and knows which items of them have come back: when a worker dies, the item
 it was running (published on its board) fails with the worker's outcome
-(``ChildKilled``, ...); the rest of its chunks go back to their jobs
-(``_engine/jobs.py``) and a fresh worker is forked. The parent waits on every
-channel and every worker's pidfd in one poll.
+(``ChildKilled``, ...); the rest of its chunks go back to their jobs and a
+fresh worker is forked. The parent waits on every channel and every
+worker's pidfd in one poll.
 """
 
 from __future__ import annotations
@@ -23,49 +25,19 @@ import functools
 import itertools
 import pickle
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from procshare._engine import transport
-from procshare._engine.children import CANCEL_GRACE, ChildrenPart, Record
+from procshare._engine.children import CANCEL_GRACE, ChildrenPart
 from procshare._engine.jobs import ErrorFactory, Job, Task
-from procshare._engine.workers import FUNCTION, HEAD, HIGHEST, RESULT, RUN, worker_main
+from procshare._engine.workers import FUNCTION, HIGHEST, RUN, Worker, worker_main
 from procshare.errors import ChildError, ChildTimeout
 
 # Workers in a row that may die between items, by a signal, before the next
 # death fails the item it would have run (see Core._died).
 _SILENT_DEATHS = 3
 _NO_PIDFD_SLICE = 0.005
-
-
-class Worker:
-    """The parent's side of one worker."""
-
-    __slots__ = (
-        "board",
-        "buf",
-        "fd",
-        "functions",
-        "inflight",
-        "out",
-        "ready",
-        "rec",
-        "sequences",
-    )
-
-    def __init__(
-        self, rec: Record, fd: int, board: memoryview, functions: set[int], sequences: set[int]
-    ):
-        self.rec = rec
-        self.board = board  # [task id, offset] of the item it runs (task id 0: none)
-        self.fd: int | None = fd
-        self.functions = functions  # keys it knows: inherited, or sent pickled
-        self.sequences = sequences
-        self.inflight: deque[Task] = deque()
-        self.out = bytearray()
-        self.buf = bytearray()
-        self.ready = False
 
 
 class Core:
@@ -176,7 +148,7 @@ class Core:
             finally:
                 stack[:] = saved
                 self.backend.process_close(far)
-            w = Worker(rec, near, board, set(self.functions), set(self.sequences))
+            w = Worker(self.backend, rec, near, board, set(self.functions), set(self.sequences))
             w.ready = self.initializer is None
             self.workers.append(w)
         except BaseException:
@@ -199,23 +171,9 @@ class Core:
         data = self.by_id.get(id(self.functions[job.fkey]), (0, None))[1]
         if data is None:
             return False
-        self._send(w, pickle.dumps((FUNCTION, job.fkey, data), protocol=HIGHEST))
+        w.send(pickle.dumps((FUNCTION, job.fkey, data), protocol=HIGHEST))
         w.functions.add(job.fkey)
         return True
-
-    def _send(self, w: Worker, body: bytes) -> None:
-        w.out += HEAD.pack(len(body))
-        w.out += body
-        self._flush(w)
-
-    def _flush(self, w: Worker) -> None:
-        if w.fd is None or not w.out:
-            return
-        try:
-            n = self.backend.channel_send(w.fd, memoryview(w.out))
-        except (BrokenPipeError, ConnectionResetError):
-            n = len(w.out)  # it is dying: its pidfd will tell
-        del w.out[:n]
 
     def _dispatch(self, w: Worker, task: Task) -> None:
         job = task.job
@@ -237,7 +195,7 @@ class Core:
             )
         job.outstanding += 1
         w.inflight.append(task)
-        self._send(w, body)
+        w.send(body)
 
     def _unpicklable(self, task: Task) -> Task:
         """Fail the items of ``task`` that do not pickle; a task of the others."""
@@ -269,7 +227,7 @@ class Core:
         return Task(job, task.tid, indices[0], 1, [keep[0]])
 
     def fill(self) -> None:
-        """Give workers work, up to ``Job.in_flight`` tasks each; fork workers (lazily,
+        """Give workers work, as much as ``Job.wants_more`` lets them hold; fork workers (lazily,
         so they inherit what exists at their first use) and replacements."""
         if self.broken is not None:
             return
@@ -283,12 +241,12 @@ class Core:
                     if not w.inflight:
                         self._retire(w)
                     continue
-                while len(w.inflight) < job.in_flight(self.n_workers) and self._fill_one(w, job):
+                while job.wants_more(w, self.n_workers) and self._fill_one(w, job):
                     pass
             # Fork only for work that exists (an iterator may be empty).
             while len(self.workers) < self.n_workers and job.prefetch(self.n_workers):
                 w = self._fork()
-                while len(w.inflight) < job.in_flight(self.n_workers) and self._fill_one(w, job):
+                while job.wants_more(w, self.n_workers) and self._fill_one(w, job):
                     pass
 
     def _fill_one(self, w: Worker, job: Job) -> bool:
@@ -301,9 +259,7 @@ class Core:
     def _retire(self, w: Worker) -> None:
         """Let go of an idle worker: closing its channel makes it exit."""
         self.workers.remove(w)
-        if w.fd is not None:
-            self.backend.process_close(w.fd)
-            w.fd = None
+        w.close()
         self.retiring.append(w)
 
     # ------------------------------------------------------------- events
@@ -350,11 +306,11 @@ class Core:
             return
         ins, outs = self.backend.channel_wait(readable, writable, wait)
         for fd in outs:
-            self._flush(by_fd[fd])
+            by_fd[fd].flush()
         dead: list[Worker] = []
         for fd in ins:
             if fd in by_fd:
-                self._receive(by_fd[fd])
+                by_fd[fd].receive(self._batch)
             else:
                 dead.append(deaths[fd])
         if blind:
@@ -363,15 +319,6 @@ class Core:
             if self.part.advance(w.rec):
                 self._died(w)
         self.fill()
-
-    def _receive(self, w: Worker) -> None:
-        """Read what ``w`` sent so far and handle every complete frame."""
-        if w.fd is None:
-            return
-        data = self.backend.channel_recv(w.fd)
-        if data:  # None: nothing yet; b"": end of file (its pidfd tells when it is gone)
-            w.buf += data
-            self._parse(w)
 
     def _batch(self, w: Worker, tid: int, first: int, count: int, body: memoryview) -> None:
         """Results of ``count`` items of task ``tid`` from offset ``first`` on."""
@@ -387,7 +334,7 @@ class Core:
             raise
         except BaseException as exc:
             for i in range(count):
-                common = self._common(w, job.item_name(start + i))
+                common = w.common(job.item_name(start + i))
                 job.record(start + i, False, transport.not_unpickled("its result", exc, common))
         else:
             if not errors and job.on_item is None:  # the common case, in bulk
@@ -399,7 +346,7 @@ class Core:
                 values = ()
             for i, value in enumerate(values):
                 if errors and i in errors:
-                    common = self._common(w, job.item_name(start + i))
+                    common = w.common(job.item_name(start + i))
                     job.record(start + i, False, transport.raised_error(errors[i][1:], common))
                 else:
                     job.record(start + i, True, value)
@@ -408,25 +355,13 @@ class Core:
             w.inflight.popleft()
             task.job.outstanding -= 1
 
-    @staticmethod
-    def _common(w: Worker, name: str) -> dict[str, Any]:
-        exit_ = w.rec.exit
-        return {
-            "pid": w.rec.pid,
-            "name": name,
-            "exitcode": None if exit_ is None else exit_.exitcode,
-            "signal": None if exit_ is None else exit_.signal,
-        }
-
     def _died(self, w: Worker) -> None:
         """A worker ended: what it sent is in; the item it was running fails with
         its outcome, the rest of its tasks go back to their jobs."""
-        self._receive_all(w)
+        w.receive_all(self._batch)
         if w in self.workers:
             self.workers.remove(w)
-        if w.fd is not None:
-            self.backend.process_close(w.fd)
-            w.fd = None
+        w.close()
         inflight = list(w.inflight)
         w.inflight.clear()
         if not w.ready and not any(t.job.timed_out or t.job.cancelled for t in inflight):
@@ -481,7 +416,7 @@ class Core:
                 job.requeued.appendleft(Task(job, self.new_tid(), task.start + lo, hi - lo, items))
 
     def _exited_silently(self, w: Worker, job: Job, index: int) -> ErrorFactory:
-        common = self._common(w, job.item_name(index))
+        common = w.common(job.item_name(index))
         return lambda: ChildError(
             "its worker exited (status 0) while running it, without a result", **common
         )
@@ -489,7 +424,7 @@ class Core:
     def _break(self, w: Worker) -> None:
         rec = w.rec
         if self.part.outcome(rec)[0]:
-            common = self._common(w, w.rec.name)
+            common = w.common(w.rec.name)
 
             def factory() -> ChildError:
                 return ChildError("the pool's worker exited during its initializer", **common)
@@ -505,37 +440,6 @@ class Core:
             job.drop_rest()
             job.outstanding = 0
         self.shutdown(cancel=True)
-
-    def _receive_all(self, w: Worker) -> None:
-        """Everything ``w`` wrote before it ended (it is in the socket by now)."""
-        while w.fd is not None:
-            data = self.backend.channel_recv(w.fd)
-            if not data:
-                return
-            w.buf += data
-            self._parse(w)
-
-    def _parse(self, w: Worker) -> None:
-        buf = w.buf
-        pos = 0
-        size = RESULT.size
-        end = len(buf)
-        view = memoryview(buf)
-        try:
-            while end - pos >= size:
-                n, tid, first, count = RESULT.unpack_from(buf, pos)
-                if end - pos < size + n:
-                    break
-                start = pos + size
-                pos = start + n
-                if tid == 0:
-                    w.ready = True  # its initializer returned
-                    continue
-                with view[start:pos] as body:
-                    self._batch(w, tid, first, count, body)
-        finally:
-            view.release()
-            del buf[:pos]
 
     def _reap_retired(self) -> None:
         if self.retiring:
@@ -562,16 +466,16 @@ class Core:
         if not busy:
             return
         for w in busy:
-            self._receive_all(w)
+            w.receive_all(self._batch)
         busy = [w for w in busy if any(t.job is job for t in w.inflight)]
         reason = "the map's timeout ran out" if timed_out else "its imap was left early"
         self.part.terminate_all([w.rec for w in busy], cancel=reason, grace=CANCEL_GRACE)
         for w in busy:
-            running = self._running(w)
+            running = w.running()
             self._died(w)
             if timed_out and running is not None and running[0] is job:
                 index = running[1]
-                common = self._common(w, job.item_name(index))
+                common = w.common(job.item_name(index))
                 job.record(
                     index,
                     False,
@@ -584,18 +488,6 @@ class Core:
                 )
                 job.not_run = max(0, job.not_run - 1)
 
-    @staticmethod
-    def _running(w: Worker) -> tuple[Job, int] | None:
-        """The job and index of the item ``w`` runs (or would run next)."""
-        tid, off = w.board[0], w.board[1]
-        for task in w.inflight:
-            if task.tid == tid and task.done <= off < task.count:
-                return task.job, task.start + off
-        if tid == 0 and w.inflight:
-            task = w.inflight[0]
-            return task.job, task.start + task.done
-        return None
-
     def shutdown(self, *, cancel: bool) -> None:
         """Let every worker go and reap it. ``cancel``: terminate those still
         running (the engine's terminate path), else let them finish what they
@@ -603,9 +495,7 @@ class Core:
         self.closed = True
         workers, self.workers = self.workers, []
         for w in workers:
-            if w.fd is not None:
-                self.backend.process_close(w.fd)
-                w.fd = None
+            w.close()
         recs = [w.rec for w in workers + self.retiring]
         self.retiring = []
         try:
