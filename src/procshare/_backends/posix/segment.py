@@ -105,6 +105,8 @@ _let_go = _shmstep.let_go
 _REMOVED = _shmstep.REMOVED
 _create = _shmstep.create
 _publish = _shmstep.publish
+_adopt = _shmstep.adopt
+_fork_epoch = _shmstep.fork_epoch
 
 # Up to this size the whole object is written with one pwrite (which reserves
 # the pages just as fallocate does, and fails with ENOSPC the same way).
@@ -197,6 +199,7 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
         # O_TMPFILE: the unnamed object is made, held, written and mapped in C,
         # initialised here, then published (see _shmstep.c).
         pid = segment_object._pid
+        epoch = _fork_epoch()  # before the READ hold is taken (see _shmstep_holds.h)
         try:
             made = _create(
                 segment_object.SHM_DIR_BYTES,
@@ -234,7 +237,9 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
             path = path_bytes.get(os_name)
             if path is None:
                 path = remember_path(os_name)
-            published = _publish(fd, path)  # closes fd: the mapping keeps the hold
+            # Keeps fd in seg for the hold while there is room; else closes it
+            # and the mapping keeps the hold.
+            published = _publish(fd, path, seg, epoch)
         finally:
             if not published:
                 seg.release_mapping()
@@ -255,6 +260,7 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
         final = path_of(os_name)
         # Same namespace prefix, kind "t", random tail: `gc` finds abandoned ones.
         tmp = path_of(os_name[:-21] + "t" + os.urandom(10).hex())
+        epoch = _fork_epoch()
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         seg: PosixSegment | None = None
         published = False
@@ -288,7 +294,8 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            os.close(fd)  # the mapping keeps the description and its hold
+            if not (published and seg is not None and _adopt(seg, fd, epoch)):
+                os.close(fd)  # the mapping keeps the description and its hold
             if seg is not None and not published:
                 seg.release_mapping()
 
@@ -312,10 +319,12 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
     def _open_protocol(self, os_name: str, keep_orphan: KeepOrphan) -> PosixSegment | None:
         path = path_of(os_name)
         while True:
+            epoch = _fork_epoch()
             try:
                 fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
             except FileNotFoundError:
                 return None
+            held: PosixSegment | None = None  # the open that keeps fd, if room
             try:
                 # WRITE first, holding nothing: it succeeds only if nobody holds
                 # the object, i.e. it is an orphan. Two openers of one orphan
@@ -343,9 +352,13 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
                     try_lock(fd, UNLCK_HOLD)
                     seg.release_mapping()
                     raise
+                held = seg
                 return seg
             finally:
-                os.close(fd)  # the mapping keeps the description and its hold
+                # Kept for the hold while there is room; else the mapping keeps
+                # the description and its hold.
+                if held is None or not _adopt(held, fd, epoch):
+                    os.close(fd)
 
     # -- close ----------------------------------------------------------------
 
@@ -375,7 +388,7 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
         path = path_bytes.get(handle.os_name)
         if path is None:
             path = remember_path(handle.os_name)
-        _let_go(handle.mm, path, handle.st_dev, handle.st_ino)
+        _let_go(handle, path)
 
     def _decide(self, os_name: str, fd: int, keep: KeepOrphan | None) -> bool:
         """As the last holder of ``os_name`` (WRITE held on ``fd``), remove it
