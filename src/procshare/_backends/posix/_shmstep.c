@@ -280,35 +280,80 @@ write_all(int fd, const char *buf, size_t len, off_t offset)
     return 0;
 }
 
+/* Whether linkat(fd, "", ..., AT_EMPTY_PATH) works here: Linux 6.10+ allows it
+ * for a descriptor the caller opened itself, older kernels only with
+ * CAP_DAC_READ_SEARCH. Unknown (-1) until the first publish. It saves the
+ * walk through /proc/self/fd/N, a third of what publishing costs. */
+static int empty_path_ok = -1;
+
+/* Link the unnamed inode fd to path: 0, or -1 with errno (EEXIST: taken). */
+static int
+link_object(int fd, const char *path)
+{
+    int rc = -1;
+    int tried_empty = 0;
+    int saved;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef AT_EMPTY_PATH
+    if (empty_path_ok != 0) {
+        tried_empty = 1;
+        rc = linkat(fd, "", AT_FDCWD, path, AT_EMPTY_PATH);
+    }
+#endif
+    if (rc != 0 && (!tried_empty || errno == ENOENT || errno == EPERM)) {
+        if (tried_empty && errno != EEXIST) {
+            empty_path_ok = 0; /* not allowed here: /proc from now on */
+        }
+        char proc[64];
+        snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+        rc = linkat(AT_FDCWD, proc, AT_FDCWD, path, AT_SYMLINK_FOLLOW);
+    }
+    else if (rc == 0) {
+        empty_path_ok = 1;
+    }
+    saved = errno;
+    Py_END_ALLOW_THREADS
+    errno = saved;
+    return rc;
+}
+
 /* create(dir, meta, flags, data_offset, data_size, total, mode, pid)
  *     -> None (no O_TMPFILE here) | (fd, mm, created_ns, st_dev, st_ino); pid is
  *     the creator recorded in the header (the caller's, known without a system
- *     call). fd holds the READ lock until publish() closes it; from then on
- *     the mapping keeps the hold. */
+ *     call). fd holds the READ lock until publish() keeps or closes it.
+ * create(..., pid, path, os_name) -> None (no O_TMPFILE) | False (the name is
+ *     taken) | a handle: the same, for an object with nothing to initialise,
+ *     published at once (one call instead of three, with the handle built
+ *     here, as attach() builds it). */
 static PyObject *
 shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
 {
     const char *dir;
-    Py_buffer meta;
+    PyObject *meta_obj;
     unsigned int flags, mode, pid;
     unsigned long long dataoff, datalen, total;
-    if (!PyArg_ParseTuple(args, "yy*IKKKII", &dir, &meta, &flags, &dataoff, &datalen, &total,
-                          &mode, &pid)) {
+    const char *path = NULL;
+    PyObject *os_name = NULL;
+    if (!PyArg_ParseTuple(args, "ySIKKKII|yU", &dir, &meta_obj, &flags, &dataoff, &datalen,
+                          &total, &mode, &pid, &path, &os_name)) {
         return NULL;
     }
-    if (total < (unsigned long long)META_OFFSET + (unsigned long long)meta.len ||
-        dataoff + datalen > total || dataoff < (unsigned long long)META_OFFSET + meta.len) {
-        PyBuffer_Release(&meta);
+    if (path != NULL && (os_name == NULL || handle_type == NULL)) {
+        PyErr_SetString(PyExc_TypeError, "create(): path needs os_name (and set_handle_type())");
+        return NULL;
+    }
+    const char *meta_buf = PyBytes_AS_STRING(meta_obj);
+    Py_ssize_t meta_len = PyBytes_GET_SIZE(meta_obj);
+    if (total < (unsigned long long)META_OFFSET + (unsigned long long)meta_len ||
+        dataoff + datalen > total || dataoff < (unsigned long long)META_OFFSET + meta_len) {
         PyErr_SetString(PyExc_ValueError, "create(): the layout does not fit in total");
         return NULL;
     }
 #ifndef O_TMPFILE
-    PyBuffer_Release(&meta);
     Py_RETURN_NONE;
 #else
     int fd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, (mode_t)mode);
     if (fd < 0) {
-        PyBuffer_Release(&meta);
         if (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL || errno == ENOENT) {
             Py_RETURN_NONE;
         }
@@ -318,12 +363,11 @@ shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
     clock_gettime(CLOCK_REALTIME, &now);
     unsigned long long created =
         (unsigned long long)now.tv_sec * 1000000000ULL + (unsigned long long)now.tv_nsec;
-    uint32_t metalen = (uint32_t)meta.len, creator = (uint32_t)pid;
-    size_t head_len = (size_t)META_OFFSET + (size_t)meta.len;
+    uint32_t metalen = (uint32_t)meta_len, creator = (uint32_t)pid;
+    size_t head_len = (size_t)META_OFFSET + (size_t)meta_len;
     size_t buf_len = total <= PWRITE_BYTES ? (size_t)total : head_len;
     char *buf = PyMem_RawCalloc(1, buf_len);
     if (buf == NULL) {
-        PyBuffer_Release(&meta);
         close(fd);
         return PyErr_NoMemory();
     }
@@ -337,8 +381,7 @@ shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
     v = created;
     memcpy(buf + 32, &v, 8);
     memcpy(buf + 40, &creator, 4);
-    memcpy(buf + META_OFFSET, meta.buf, (size_t)meta.len);
-    PyBuffer_Release(&meta);
+    memcpy(buf + META_OFFSET, meta_buf, (size_t)meta_len);
     int rc = ofd(fd, F_OFD_SETLK, F_RDLCK); /* a new inode: nothing conflicts */
     if (rc == 0 && total > PWRITE_BYTES) {
         rc = posix_fallocate(fd, 0, (off_t)total);
@@ -372,20 +415,46 @@ shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
         close(fd);
         return NULL;
     }
-    PyObject *result = Py_BuildValue("(iNKKK)", fd, mm, created, (unsigned long long)st.st_dev,
-                                     (unsigned long long)st.st_ino);
-    if (result == NULL) {
+    if (path == NULL) {
+        PyObject *result = Py_BuildValue("(iNKKK)", fd, mm, created,
+                                         (unsigned long long)st.st_dev,
+                                         (unsigned long long)st.st_ino);
+        if (result == NULL) {
+            close(fd);
+        }
+        return result;
+    }
+    /* Nothing to initialise (zeroed): build the handle and publish now. */
+    PyObject *handle = handle_make(handle_type, os_name, mm, (unsigned long long)st.st_dev,
+                                   (unsigned long long)st.st_ino, meta_obj, flags & 1,
+                                   (Py_ssize_t)dataoff, (Py_ssize_t)datalen, created, pid,
+                                   (int)pid);
+    Py_DECREF(mm); /* the handle holds it (or, on failure, it unmaps) */
+    if (handle == NULL) {
+        close(fd);
+        return NULL;
+    }
+    rc = link_object(fd, path);
+    int saved = errno;
+    if (rc == 0 && fd_room()) {
+        ((HandleObject *)handle)->fd = fd; /* epoch: handle_make's, taken after the lock */
+        fd_holds++;
+    }
+    else {
         close(fd);
     }
-    return result;
+    if (rc == 0) {
+        return handle;
+    }
+    Py_DECREF(handle); /* unmaps: no hold left on the unnamed inode */
+    if (saved == EEXIST) {
+        Py_RETURN_FALSE;
+    }
+    errno = saved;
+    return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
 #endif
 }
 
-/* Whether linkat(fd, "", ..., AT_EMPTY_PATH) works here: Linux 6.10+ allows it
- * for a descriptor the caller opened itself, older kernels only with
- * CAP_DAC_READ_SEARCH. Unknown (-1) until the first publish. It saves the
- * walk through /proc/self/fd/N, a third of what publishing costs. */
-static int empty_path_ok = -1;
 
 /* publish(fd, path[, handle, epoch]) -> bool: name the unnamed inode fd;
  * False if the name is taken. Closes fd, unless handle (the object's new
@@ -402,27 +471,7 @@ shmstep_publish(PyObject *Py_UNUSED(module), PyObject *args)
     if (!PyArg_ParseTuple(args, "iy|O!k", &fd, &path, &Handle_Type, &owner, &epoch)) {
         return NULL;
     }
-    int rc = -1;
-    int tried_empty = 0;
-    Py_BEGIN_ALLOW_THREADS
-#ifdef AT_EMPTY_PATH
-    if (empty_path_ok != 0) {
-        tried_empty = 1;
-        rc = linkat(fd, "", AT_FDCWD, path, AT_EMPTY_PATH);
-    }
-#endif
-    if (rc != 0 && (!tried_empty || errno == ENOENT || errno == EPERM)) {
-        if (tried_empty && errno != EEXIST) {
-            empty_path_ok = 0; /* not allowed here: /proc from now on */
-        }
-        char proc[64];
-        snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
-        rc = linkat(AT_FDCWD, proc, AT_FDCWD, path, AT_SYMLINK_FOLLOW);
-    }
-    else if (rc == 0) {
-        empty_path_ok = 1;
-    }
-    Py_END_ALLOW_THREADS
+    int rc = link_object(fd, path);
     int saved = errno;
     if (rc == 0 && owner != NULL && ((HandleObject *)owner)->fd < 0 && fd_room()) {
         ((HandleObject *)owner)->fd = fd;

@@ -1,3 +1,5 @@
+from typing import overload
+
 SLOW: int
 RELEASED: int
 REMOVED: int
@@ -57,6 +59,7 @@ def spares() -> list[tuple[int, int]]: ...
 def drop_spares() -> int: ...
 def fork_epoch() -> int: ...
 def unhold(fd: int, /) -> None: ...
+@overload
 def create(
     dir: bytes,
     meta: bytes,
@@ -68,6 +71,20 @@ def create(
     pid: int,
     /,
 ) -> tuple[int, Mapping, int, int, int] | None: ...
+@overload
+def create(
+    dir: bytes,
+    meta: bytes,
+    flags: int,
+    data_offset: int,
+    data_size: int,
+    total: int,
+    mode: int,
+    pid: int,
+    path: bytes,
+    os_name: str,
+    /,
+) -> Handle | bool | None: ...
 def publish(fd: int, path: bytes, handle: Handle = ..., epoch: int = ..., /) -> bool: ...
 def link_mode(mode: int = ..., /) -> int: ...
 def anonymous(size: int, reserve: bool, /) -> Mapping: ...

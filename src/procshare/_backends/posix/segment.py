@@ -199,18 +199,42 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
         # O_TMPFILE: the unnamed object is made, held, written and mapped in C,
         # initialised here, then published (see _shmstep.c).
         pid = segment_object._pid
+        flags = FLAG_PERSIST if persist else 0
         epoch = _fork_epoch()  # before the READ hold is taken (see _shmstep_holds.h)
         try:
-            made = _create(
-                segment_object.SHM_DIR_BYTES,
-                meta,
-                FLAG_PERSIST if persist else 0,
-                dataoff,
-                data_size,
-                total,
-                mode,
-                pid,
-            )
+            if init is None:
+                # Nothing to initialise (zeroed): made, held, mapped, published and
+                # its handle built in one C call.
+                path = path_bytes.get(os_name)
+                if path is None:
+                    path = remember_path(os_name)
+                done = _create(
+                    segment_object.SHM_DIR_BYTES,
+                    meta,
+                    flags,
+                    dataoff,
+                    data_size,
+                    total,
+                    mode,
+                    pid,
+                    path,
+                    os_name,
+                )
+                if done is not None:
+                    _tmpfile_ok = True
+                    return done if type(done) is PosixSegment else None  # False: taken
+                made = None
+            else:
+                made = _create(
+                    segment_object.SHM_DIR_BYTES,
+                    meta,
+                    flags,
+                    dataoff,
+                    data_size,
+                    total,
+                    mode,
+                    pid,
+                )
         except OSError as exc:
             raise_no_room(exc, os_name, total)
             raise
