@@ -339,3 +339,46 @@ def test_mapping_limit_pickles_and_is_an_oserror() -> None:
     assert again.limit == 65530
     below = ps.MappingLimit("x", mappings=100, limit=65530)
     assert "ulimit -v" in str(below)
+
+
+def _close_together(rounds: int, start_r: int, done_w: int) -> int:
+    """The child's half: each round, wait for the segment, open it, wait for the
+    go, close it."""
+    closed = 0
+    for i in range(rounds):
+        os.read(start_r, 1)  # made
+        seg = ps.shared(f"tw{i}", ps.u64, create=False)
+        os.write(done_w, b"o")  # opened
+        os.read(start_r, 1)  # go
+        seg.close()
+        closed += 1
+        os.write(done_w, b"c")
+    return closed
+
+
+@pytest.mark.timeout(120)
+def test_two_last_holders_closing_at_once_leave_no_orphan() -> None:
+    # Each close first tries to upgrade its READ to WRITE on its own
+    # descriptor. Two last holders doing only that at the same moment would
+    # both be refused and both leave: the segment would stay, held by nobody.
+    # The refused one drops READ and tries again, so one of them removes it.
+    rounds = 300
+    start_r, start_w = os.pipe()
+    done_r, done_w = os.pipe()
+    child = ps.forked(_close_together)(rounds, start_r, done_w)
+    try:
+        for i in range(rounds):
+            seg = ps.shared(f"tw{i}", ps.u64)  # opened after the fork: its own hold
+            os.write(start_w, b"m")
+            assert os.read(done_r, 1) == b"o"
+            os.write(start_w, b"g")
+            seg.close()  # while the child closes its own hold
+            assert os.read(done_r, 1) == b"c"
+        assert child.join(timeout=60) == rounds
+        left = [i for i in range(rounds) if os.path.exists(_path(f"tw{i}"))]
+        assert left == []  # every round's last closer removed it
+    finally:
+        for i in range(rounds):
+            ps.unlink(f"tw{i}")  # (only if the test failed)
+        for fd in (start_r, start_w, done_r, done_w):
+            os.close(fd)
