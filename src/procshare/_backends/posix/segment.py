@@ -15,39 +15,48 @@ link leaves nothing at all behind with ``O_TMPFILE`` (the kernel frees the
 unnamed inode), and an abandoned named temporary that ``gc`` removes without.
 
 Holders are counted by the kernel with OFD locks on byte 0 (see :mod:`._ofd`):
-every holder keeps a READ lock there, on an open file description that only
-its *mapping* of the object keeps alive: the descriptor is closed as soon as
-the object is mapped (a mapping holds its own reference to the description,
-and an OFD lock lasts as long as the description). So the kernel drops a
-dead holder's hold with its mappings, whatever killed it, and a process can
-hold as many objects as it may have mappings (``vm.max_map_count``, 65,530
-by default), whatever its descriptor limit (``ulimit -n``). A WRITE lock on
-byte 0 is taken only for a moment, by a process that has found itself alone
-with the object and decides whether to remove it; being exclusive, it stops
-anyone from becoming a holder meanwhile. No other lock is needed:
+every holder keeps a READ lock there, on an open file description kept
+alive by the holder's descriptor while the process is far below its
+descriptor limit (fewer than a quarter of ``ulimit -n`` held that way), and
+by its *mapping* alone beyond that: the descriptor is then closed as soon
+as the object is mapped (a mapping holds its own reference to the
+description, and an OFD lock lasts as long as the description). So the
+kernel drops a dead holder's hold with its descriptors and mappings,
+whatever killed it, and a process can hold as many objects as it may have
+mappings (``vm.max_map_count``, 65,530 by default), whatever its descriptor
+limit. ``_shmstep_holds.h`` says how the kind is chosen and what fork
+changes. A WRITE lock on byte 0 is taken only for a moment, by a process
+that has found itself alone with the object and decides whether to remove
+it; being exclusive, it stops anyone from becoming a holder meanwhile. No
+other lock is needed:
 
 * open: first try WRITE while holding nothing: it succeeds only if nobody
   holds the object, which makes it an orphan, and ``keep_orphan`` decides
   under that exclusive lock whether to remove it (then downgrade to READ,
   atomically). Otherwise take READ; if a remover has WRITE, wait for it, then
   see whether it unlinked the object meanwhile (``st_nlink == 0``: retry).
-  Then map, and close the descriptor.
-* close: open the name again (a new description, holding nothing), unmap
-  (the READ goes with the old description), then try WRITE on the new one.
+  Then map, and keep the descriptor or close it.
+* close, with the descriptor (taken since the last fork: nobody shares it):
+  upgrade READ to WRITE on it; if refused, drop READ and try WRITE again.
   Two last holders closing at once cannot both fail (whichever tries second
-  sees the first gone); if both succeed in turn, the second finds the object
-  already unlinked. The last holder removes the object only if the name
-  still is that object (device and inode) and it is still linked: one made
-  since under the same name is never taken for it.
+  sees the first gone).
+* close, without one (or after a fork, having closed it): open the name
+  again (a new description, holding nothing), unmap (the READ goes with the
+  old description), then try WRITE on the new one. The last holder removes
+  the object only if the name still is that object (device and inode) and
+  it is still linked: one made since under the same name is never taken
+  for it.
 * an opener that slips in between a closer's unmap and its try keeps the
   object alive, and the closer leaves it; an opener that arrives after a
   closer left finds an orphan and reclaims it, as if it had come a moment
   later.
 
 A mapping that cannot be unmapped at close, because a buffer exported from
-it (a numpy array, a memoryview) is alive, is moved onto the new
-description (``MAP_FIXED`` at the same address, the same pages) before the
-WRITE is tried: the hold still ends at close, and the buffer keeps working.
+it (a numpy array, a memoryview) is alive, is left with no lock on its
+description: READ is dropped on the kept descriptor, or, without one, the
+mapping is moved onto the new description (``MAP_FIXED`` at the same
+address, the same pages) before the WRITE is tried: the hold still ends at
+close, and the buffer keeps working.
 
 Why no lock-free shortcut such as a counter in the header: a holder killed
 by SIGKILL cannot decrement anything; the kernel releasing its locks is the
@@ -200,7 +209,7 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
         # initialised here, then published (see _shmstep.c).
         pid = segment_object._pid
         flags = FLAG_PERSIST if persist else 0
-        epoch = _fork_epoch()  # before the READ hold is taken (see _shmstep_holds.h)
+        epoch = 0
         try:
             if init is None:
                 # Nothing to initialise (zeroed): made, held, mapped, published and
@@ -225,6 +234,7 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
                     return done if type(done) is PosixSegment else None  # False: taken
                 made = None
             else:
+                epoch = _fork_epoch()  # before the READ hold is taken (_shmstep_holds.h)
                 made = _create(
                     segment_object.SHM_DIR_BYTES,
                     meta,
