@@ -13,10 +13,11 @@ static PyObject *str_release = NULL; /* "release", interned at import */
  * (nobody else shares fd's description): try WRITE on fd, granted only when
  * nobody holds the object any more; if refused, drop READ and try once more.
  * Two last holders that each only tried to upgrade would both be refused
- * and leave an orphan; whichever drops READ and tries second succeeds. A holder that is not the last keeps a small mapping as a
- * spare (its description carries no lock now); the last one checks the
- * object was not unlinked meanwhile (fd is the object itself, so only
- * st_nlink can tell) and with `decide` unlinks it, else returns fd. */
+ * and leave an orphan; whichever drops READ and tries second succeeds. A
+ * holder that is not the last keeps a small mapping as a spare (its
+ * description carries no lock now); the last one checks the object was not
+ * unlinked meanwhile (fd is the object itself, so only st_nlink can tell)
+ * and with `decide` unlinks it, else returns fd. */
 static PyObject *
 release_kept(HandleObject *handle, MappingObject *mm, int fd, const char *path, int decide)
 {
