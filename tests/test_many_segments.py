@@ -161,6 +161,14 @@ def _cross_the_budget(nofile: int, count: int) -> dict[str, object]:
     }
 
 
+def test_the_descriptor_budget_is_a_quarter_of_ulimit_n_and_at_most_1024() -> None:
+    for _ in range(10):  # the limit is read again every few opens
+        ps.shared("b", ps.u64).close()
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    expected = 1024 if soft == resource.RLIM_INFINITY else min(soft // 4, 1024)
+    assert _shmstep.descriptors()[1] == expected
+
+
 def test_holds_cross_the_descriptor_budget_both_ways() -> None:
     nofile, count = 64, 40
     got = _cross_the_budget(nofile, count).join(timeout=100)

@@ -4,11 +4,14 @@
  * A hold is a READ OFD lock on the holder byte of an open file description.
  * Two ways to keep that description alive, chosen per hold at its open:
  *
- * - with its descriptor (the common case): closing drops READ and tries WRITE
- *   on that same descriptor (is this the last holder?), with no new open of
- *   the name. A process keeps descriptors only while the holds that keep one
- *   are fewer than a quarter of its soft RLIMIT_NOFILE (256 of the usual
- *   1,024), so three quarters stay the program's own;
+ * - with its descriptor (the common case): closing tries WRITE on that same
+ *   descriptor (is this the last holder?), with no new open of the name. A
+ *   process keeps descriptors only while the holds that keep one are fewer
+ *   than a quarter of its soft RLIMIT_NOFILE (256 of the usual 1,024), so
+ *   three quarters stay the program's own, and never more than FD_BUDGET_MAX
+ *   (1,024) however high the limit: every fork copies the descriptor table,
+ *   and a program that raised its limit may still select() on descriptors
+ *   below 1,024;
  * - beyond that, with its mapping only (the descriptor is closed once the
  *   object is mapped, and the mapping keeps the description): a process
  *   holds as many objects as it may have mappings (vm.max_map_count), and
@@ -44,12 +47,13 @@ holds_before_fork(void)
 /* Holds of this process that keep their descriptor (inherited ones included:
  * a forked child has those descriptors open too). */
 static long fd_holds = 0;
-/* A quarter of the soft RLIMIT_NOFILE, refreshed every FD_REFRESH asks (-1:
- * not read yet); fd_budget_fixed >= 0 replaces it (tests). */
+/* A quarter of the soft RLIMIT_NOFILE, at most FD_BUDGET_MAX, refreshed every
+ * FD_REFRESH asks (-1: not read yet); fd_budget_fixed >= 0 replaces it (tests). */
 static long fd_budget = -1;
 static long fd_budget_fixed = -1;
 static unsigned int fd_asks = 0;
 #define FD_REFRESH 8
+#define FD_BUDGET_MAX 1024L
 
 /* Whether a new hold may keep its descriptor. getrlimit costs ~0.6 us, a
  * tenth of a close: it is read again every FD_REFRESH asks, so a limit
@@ -64,8 +68,8 @@ fd_room(void)
         struct rlimit rl;
         fd_asks = 0;
         if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY ||
-            rl.rlim_cur > (rlim_t)LONG_MAX) {
-            fd_budget = 1L << 20;
+            rl.rlim_cur / 4 > (rlim_t)FD_BUDGET_MAX) {
+            fd_budget = FD_BUDGET_MAX;
         }
         else {
             fd_budget = (long)(rl.rlim_cur / 4);
