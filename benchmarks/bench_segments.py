@@ -12,9 +12,9 @@
   open + read + close, so the fork itself stays out and what remains is the
   attach path with its copy-on-write faults;
 * many segments held at once by one process (issue 16): procshare keeps a
-  descriptor per segment only up to a quarter of ``ulimit -n`` (then the
-  mapping alone is the hold), so it goes past ``ulimit -n`` up to
-  ``vm.max_map_count``; ``SharedMemory`` keeps one each;
+  descriptor per segment only up to a quarter of ``ulimit -n`` (at most
+  1,024; then the mapping alone is the hold), so it goes past ``ulimit -n``
+  up to ``vm.max_map_count``; ``SharedMemory`` keeps one each;
 * copying 256 MiB into an already-touched shared numpy array against the
   same copy into a private array;
 * the cost of reading and writing a scalar view's ``.value``, with a private
@@ -261,7 +261,7 @@ def _many_contenders(bench: Bench) -> None:
         f"segments: hold {n} segments at once, then close them",
         note="create n named 8-byte segments held together, then close (and remove) "
         "each; procshare keeps a mapping per segment, and a descriptor only for the "
-        "first quarter of ulimit -n",
+        "first quarter of ulimit -n (at most 1,024)",
         unit="per segment",
     )
     g.add("procshare", ps_hold_many)
