@@ -14,7 +14,10 @@ BUILD_INPUTS := pyproject.toml setup.py src/procshare/_backends/posix/_robustmut
                 src/procshare/_backends/posix/_futex_holds.h \
                 src/procshare/_cview.c \
                 src/procshare/_backends/posix/_robustmutex_reuse.h \
-                src/procshare/_backends/posix/_shmstep_types.h
+                src/procshare/_backends/posix/_shmstep_types.h \
+                src/procshare/_backends/posix/_shmstep_holds.h \
+                src/procshare/_backends/posix/_shmstep_close.h \
+                src/procshare/_backends/posix/_shmstep_create.h
 
 .PHONY: test lint typecheck docs docs-serve demo bench bench-smoke clean
 

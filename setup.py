@@ -29,7 +29,12 @@ setup(
         Extension(
             "procshare._backends.posix._shmstep",
             sources=["src/procshare/_backends/posix/_shmstep.c"],
-            depends=["src/procshare/_backends/posix/_shmstep_types.h"],
+            depends=[
+                "src/procshare/_backends/posix/_shmstep_types.h",
+                "src/procshare/_backends/posix/_shmstep_holds.h",
+                "src/procshare/_backends/posix/_shmstep_close.h",
+                "src/procshare/_backends/posix/_shmstep_create.h",
+            ],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),
         Extension(

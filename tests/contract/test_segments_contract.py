@@ -52,6 +52,22 @@ def backend(request: pytest.FixtureRequest) -> SegmentBackend:
     return get_backend()
 
 
+@pytest.fixture(autouse=True, params=["descriptor", "mapping"])
+def _hold_kind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """POSIX keeps a hold on its descriptor while a process is far below its
+    descriptor limit, on its mapping beyond it: every promise, both ways."""
+    if get_backend().name != "posix":
+        yield
+        return
+    from procshare._backends.posix import _shmstep
+
+    before = _shmstep.set_descriptor_budget(0 if request.param == "mapping" else -1)
+    try:
+        yield
+    finally:
+        _shmstep.set_descriptor_budget(before)
+
+
 @pytest.fixture
 def os_name() -> Iterator[str]:
     name = names.os_name(names.SEGMENT, "contract")

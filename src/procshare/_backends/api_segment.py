@@ -2,9 +2,11 @@
 
 A *segment object* is a named, mapped region that stays alive while at least
 one process holds it open, where "holds" is counted by the kernel so that a
-process killed by any signal stops holding it. A hold should cost no file
+process killed by any signal stops holding it. A hold must not need a file
 descriptor (a process may hold far more objects than ``ulimit -n``); on
-POSIX it is the mapping itself. Locks reuse the same objects
+POSIX a hold keeps its descriptor while the process is far below its
+descriptor limit (closing is cheaper on it) and is the mapping alone beyond
+that. Locks reuse the same objects
 for their backing memory.
 
 Every object starts with a small frame that the backend owns (magic, flags,

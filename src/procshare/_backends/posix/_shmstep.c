@@ -7,31 +7,34 @@
  * forty pages: functions, constants, result objects. Here only the mapping
  * object and the result tuple are Python objects.
  *
- * A hold is a READ OFD lock on the holder byte of an open file description
- * that only the *mapping* keeps alive: the descriptor is closed as soon as the
- * object is mapped (the mapping holds its own reference to the description,
- * and OFD locks go with the description's last reference). So a process holds
- * as many segments as it may have mappings (vm.max_map_count), not as many as
- * it may have descriptors (ulimit -n), and unmapping is what ends a hold.
+ * A hold is a READ OFD lock on the holder byte of an open file description.
+ * While the process is far below its descriptor limit the hold keeps its
+ * descriptor; beyond that only the *mapping* keeps the description alive
+ * (the descriptor is closed as soon as the object is mapped), so a process
+ * holds as many segments as it may have mappings (vm.max_map_count), not as
+ * many as it may have descriptors (ulimit -n). _shmstep_holds.h says how the
+ * two are chosen, how fork is dealt with, and which idle mappings are kept.
  *
  * attach() is the common case of segment.py's open protocol and nothing
  * else: it opens the name, sees that somebody already holds the object
  * (an F_OFD_GETLK for WRITE on the holder byte conflicts), takes its own
- * READ hold, checks the object was not unlinked meanwhile, maps it, reads
- * its header and closes the descriptor. Whatever is unusual (an orphan nobody
- * holds, a remover deciding right now, an unlinked or malformed object) it
- * undoes and reports as SLOW, and the Python protocol handles it.
+ * READ hold, checks the object was not unlinked meanwhile, maps it (or takes
+ * a spare mapping of it), reads its header, and keeps the descriptor or
+ * closes it. Whatever is unusual (an orphan nobody holds, a remover deciding
+ * right now, an unlinked or malformed object) it undoes and reports as
+ * SLOW, and the Python protocol handles it.
  *
- * release() is closing: it opens the name again (a new description, which
- * holds nothing), ends this hold by unmapping, then tries WRITE on the new
- * description, which succeeds only for the last holder; that one, having
- * checked the name still is its object, unlinks it (or hands the decision to
- * the caller). A mapping that cannot be unmapped because buffers exported
- * from it are alive is moved onto the new description instead (MAP_FIXED at
- * the same address: same pages, no lock), so the hold still ends at close.
+ * release() is closing (_shmstep_close.h): on the kept descriptor, drop READ
+ * and try WRITE, which succeeds only for the last holder; without one (or
+ * after a fork), open the name again, unmap, and try WRITE on the new
+ * description. The last holder, having checked the name still is its
+ * object, unlinks it (or hands the decision to the caller). A mapping that
+ * cannot be unmapped because buffers exported from it are alive stays, with
+ * no lock on its description, so the hold still ends at close.
  *
- * create() and publish() are the two halves of segment.py's atomic creation
- * where the kernel has O_TMPFILE: an unnamed inode, holder READ lock, header
+ * create() and publish() (_shmstep_create.h) are the two halves of
+ * segment.py's atomic creation where the kernel has O_TMPFILE (one call when
+ * there is nothing to initialise): an unnamed inode, holder READ lock, header
  * and zeroed data written (reserving the pages: ENOSPC now, never SIGBUS
  * later), mapped; then, after the caller's initialisation, linked to its
  * name, which fails with EEXIST if somebody else published first.
@@ -59,6 +62,7 @@
 
 static const char MAGIC[8] = {'P', 'R', 'C', 'S', 'H', 'R', 0, 1};
 
+#include "_shmstep_holds.h" /* descriptors or mappings, fork epochs, spares */
 #include "_shmstep_types.h" /* the Mapping and Handle types */
 
 /* set_handle_type(cls): the subclass of Handle that attach() returns. */
@@ -160,26 +164,42 @@ shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     if (st.st_nlink == 0 || st.st_size < HEADER_SIZE) {
         goto slow; /* unlinked meanwhile, or not ours: the protocol says what */
     }
-    void *data = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (data == MAP_FAILED) {
-        goto os_error; /* ENOMEM: most often vm.max_map_count (segment.py says so) */
+    /* Keep the descriptor while there is room (see _shmstep_holds.h); then a
+     * spare mapping of this very object can serve. Without it the mapping
+     * must be of this description: it is what keeps the READ hold. */
+    int keep = fd_room();
+    size_t size = (size_t)st.st_size;
+    void *data = keep ? spare_take((unsigned long long)st.st_dev, (unsigned long long)st.st_ino,
+                                   size)
+                      : NULL;
+    if (data == NULL) {
+        data = map_shared(fd, size);
+        if (data == MAP_FAILED) {
+            goto os_error; /* ENOMEM: most often vm.max_map_count (segment.py says so) */
+        }
     }
-    /* The mapping keeps the description, and with it the READ hold: the
-     * descriptor is not needed any more. */
-    close(fd);
+    if (!keep) {
+        close(fd); /* the mapping keeps the description, and with it the READ hold */
+        fd = -1;
+    }
     const char *base = data;
     uint32_t flags = u32_at(base + 8), metalen = u32_at(base + 12);
     uint64_t dataoff = u64_at(base + 16), datalen = u64_at(base + 24);
     uint64_t created = u64_at(base + 32);
     uint32_t creator = u32_at(base + 40);
-    uint64_t size = (uint64_t)st.st_size;
     if (memcmp(base, MAGIC, sizeof MAGIC) != 0 || metalen > size - META_OFFSET ||
         dataoff > size || datalen > size - dataoff) {
-        munmap(data, (size_t)st.st_size); /* ends the hold */
+        munmap(data, size); /* ends the hold (with the descriptor, if kept) */
+        if (fd >= 0) {
+            close(fd);
+        }
         return PyLong_FromLong(0);
     }
-    PyObject *mm = mapping_wrap(data, (Py_ssize_t)st.st_size);
+    PyObject *mm = mapping_wrap(data, (Py_ssize_t)size);
     if (mm == NULL) {
+        if (fd >= 0) {
+            close(fd);
+        }
         return NULL;
     }
     PyObject *found;
@@ -191,6 +211,9 @@ shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
         found = PyBytes_FromStringAndSize(base + META_OFFSET, metalen);
         if (found == NULL) {
             Py_DECREF(mm);
+            if (fd >= 0) {
+                close(fd);
+            }
             return NULL;
         }
     }
@@ -200,6 +223,15 @@ shmstep_attach(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
                                    (unsigned long long)created, creator, opener);
     Py_DECREF(found);
     Py_DECREF(mm); /* the handle holds it (or, on failure, it unmaps: no hold left) */
+    if (fd >= 0) {
+        if (handle == NULL) {
+            close(fd);
+        }
+        else {
+            ((HandleObject *)handle)->fd = fd;
+            fd_holds++;
+        }
+    }
     return handle;
 
 os_error: {
@@ -229,415 +261,8 @@ shmstep_map(PyObject *Py_UNUSED(module), PyObject *args)
     return mapping_new(fd, size);
 }
 
-#define PWRITE_BYTES (64 << 10)
-
-static int
-write_all(int fd, const char *buf, size_t len, off_t offset)
-{
-    while (len > 0) {
-        ssize_t n = pwrite(fd, buf, len, offset);
-        if (n < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            return -1;
-        }
-        buf += n;
-        len -= (size_t)n;
-        offset += n;
-    }
-    return 0;
-}
-
-/* create(dir, meta, flags, data_offset, data_size, total, mode, pid)
- *     -> None (no O_TMPFILE here) | (fd, mm, created_ns, st_dev, st_ino); pid is
- *     the creator recorded in the header (the caller's, known without a system
- *     call). fd holds the READ lock until publish() closes it; from then on
- *     the mapping keeps the hold. */
-static PyObject *
-shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
-{
-    const char *dir;
-    Py_buffer meta;
-    unsigned int flags, mode, pid;
-    unsigned long long dataoff, datalen, total;
-    if (!PyArg_ParseTuple(args, "yy*IKKKII", &dir, &meta, &flags, &dataoff, &datalen, &total,
-                          &mode, &pid)) {
-        return NULL;
-    }
-    if (total < (unsigned long long)META_OFFSET + (unsigned long long)meta.len ||
-        dataoff + datalen > total || dataoff < (unsigned long long)META_OFFSET + meta.len) {
-        PyBuffer_Release(&meta);
-        PyErr_SetString(PyExc_ValueError, "create(): the layout does not fit in total");
-        return NULL;
-    }
-#ifndef O_TMPFILE
-    PyBuffer_Release(&meta);
-    Py_RETURN_NONE;
-#else
-    int fd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, (mode_t)mode);
-    if (fd < 0) {
-        PyBuffer_Release(&meta);
-        if (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL || errno == ENOENT) {
-            Py_RETURN_NONE;
-        }
-        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, dir);
-    }
-    struct timespec now;
-    clock_gettime(CLOCK_REALTIME, &now);
-    unsigned long long created =
-        (unsigned long long)now.tv_sec * 1000000000ULL + (unsigned long long)now.tv_nsec;
-    uint32_t metalen = (uint32_t)meta.len, creator = (uint32_t)pid;
-    size_t head_len = (size_t)META_OFFSET + (size_t)meta.len;
-    size_t buf_len = total <= PWRITE_BYTES ? (size_t)total : head_len;
-    char *buf = PyMem_RawCalloc(1, buf_len);
-    if (buf == NULL) {
-        PyBuffer_Release(&meta);
-        close(fd);
-        return PyErr_NoMemory();
-    }
-    memcpy(buf, MAGIC, sizeof MAGIC);
-    memcpy(buf + 8, &flags, 4);
-    memcpy(buf + 12, &metalen, 4);
-    uint64_t v = dataoff;
-    memcpy(buf + 16, &v, 8);
-    v = datalen;
-    memcpy(buf + 24, &v, 8);
-    v = created;
-    memcpy(buf + 32, &v, 8);
-    memcpy(buf + 40, &creator, 4);
-    memcpy(buf + META_OFFSET, meta.buf, (size_t)meta.len);
-    PyBuffer_Release(&meta);
-    int rc = ofd(fd, F_OFD_SETLK, F_RDLCK); /* a new inode: nothing conflicts */
-    if (rc == 0 && total > PWRITE_BYTES) {
-        rc = posix_fallocate(fd, 0, (off_t)total);
-        if (rc != 0) {
-            errno = rc;
-            rc = -1;
-        }
-    }
-    if (rc == 0) {
-        rc = write_all(fd, buf, buf_len, 0);
-    }
-    PyMem_RawFree(buf);
-    struct stat st;
-    if (rc == 0) {
-        rc = fstat(fd, &st); /* the identity release() checks the name against */
-    }
-    if (rc == 0) {
-        /* The umask narrows what open() was asked, owner bits included (a
-         * umask of 0277 would make the object read-only for its own user's
-         * attachers). Always set the mode asked for: one cheap call. */
-        rc = fchmod(fd, (mode_t)mode);
-    }
-    if (rc != 0) {
-        int saved = errno;
-        close(fd);
-        errno = saved; /* EFBIG (the file-size limit) stays EFBIG: segment.py says which */
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    PyObject *mm = mapping_new(fd, (Py_ssize_t)total);
-    if (mm == NULL) {
-        close(fd);
-        return NULL;
-    }
-    PyObject *result = Py_BuildValue("(iNKKK)", fd, mm, created, (unsigned long long)st.st_dev,
-                                     (unsigned long long)st.st_ino);
-    if (result == NULL) {
-        close(fd);
-    }
-    return result;
-#endif
-}
-
-/* Whether linkat(fd, "", ..., AT_EMPTY_PATH) works here: Linux 6.10+ allows it
- * for a descriptor the caller opened itself, older kernels only with
- * CAP_DAC_READ_SEARCH. Unknown (-1) until the first publish. It saves the
- * walk through /proc/self/fd/N, a third of what publishing costs. */
-static int empty_path_ok = -1;
-
-/* publish(fd, path) -> bool: name the unnamed inode fd; False if the name is
- * taken. Closes fd either way: the mapping made by create() keeps the hold. */
-static PyObject *
-shmstep_publish(PyObject *Py_UNUSED(module), PyObject *args)
-{
-    int fd;
-    const char *path;
-    if (!PyArg_ParseTuple(args, "iy", &fd, &path)) {
-        return NULL;
-    }
-    int rc = -1;
-    int tried_empty = 0;
-    Py_BEGIN_ALLOW_THREADS
-#ifdef AT_EMPTY_PATH
-    if (empty_path_ok != 0) {
-        tried_empty = 1;
-        rc = linkat(fd, "", AT_FDCWD, path, AT_EMPTY_PATH);
-    }
-#endif
-    if (rc != 0 && (!tried_empty || errno == ENOENT || errno == EPERM)) {
-        if (tried_empty && errno != EEXIST) {
-            empty_path_ok = 0; /* not allowed here: /proc from now on */
-        }
-        char proc[64];
-        snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
-        rc = linkat(AT_FDCWD, proc, AT_FDCWD, path, AT_SYMLINK_FOLLOW);
-    }
-    else if (rc == 0) {
-        empty_path_ok = 1;
-    }
-    int saved = errno;
-    close(fd);
-    errno = saved;
-    Py_END_ALLOW_THREADS
-    if (rc == 0) {
-        Py_RETURN_TRUE;
-    }
-    if (errno == EEXIST) {
-        Py_RETURN_FALSE;
-    }
-    return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
-}
-
-/* link_mode() -> the current mode; link_mode(m) sets it: 1 AT_EMPTY_PATH, 0 the
- * /proc/self/fd path, -1 find out at the next publish (tests use both ways). */
-static PyObject *
-shmstep_link_mode(PyObject *Py_UNUSED(module), PyObject *args)
-{
-    int mode = -2;
-    if (!PyArg_ParseTuple(args, "|i", &mode)) {
-        return NULL;
-    }
-    int old = empty_path_ok;
-    if (mode != -2) {
-        empty_path_ok = mode < 0 ? -1 : mode > 0;
-    }
-    return PyLong_FromLong(old);
-}
-
-#define RELEASED (-1) /* the hold ended; the object stays (others hold it, or it is gone) */
-#define REMOVED (-2)  /* the hold ended, this was the last one, and the name was unlinked */
-
-static PyObject *str_release = NULL; /* "release", interned at import */
-
-/* release(handle, path, pid, decide) -> RELEASED | REMOVED | fd
- *
- * Close `handle` (a no-op, RELEASED, if it is closed already or was opened by
- * another pid: a forked child never releases what it inherited): let go of
- * its data view, then end the hold its mapping keeps and find out whether it
- * was the last one. For that, open path anew (a description with no lock),
- * unmap (or, while buffers exported from the mapping are alive, move it onto
- * the new description with MAP_FIXED, same pages), then try WRITE on the new
- * description, granted only when nobody holds the object any more. The last
- * holder checks that the name still is its object (st_dev, st_ino; not
- * unlinked meanwhile) and with `decide` unlinks it; without, it gets the
- * descriptor, WRITE held, decides itself and hands it to unhold(). A persist
- * object is only unmapped: its last holder never removes it. */
-static PyObject *
-shmstep_release(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 4 || !PyObject_TypeCheck(args[0], &Handle_Type) || !PyBytes_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "release() takes handle, path (bytes), pid, decide");
-        return NULL;
-    }
-    HandleObject *handle = (HandleObject *)args[0];
-    const char *path = PyBytes_AS_STRING(args[1]);
-    long pid = PyLong_AsLong(args[2]);
-    int decide = PyObject_IsTrue(args[3]);
-    if ((pid == -1 && PyErr_Occurred()) || decide < 0) {
-        return NULL;
-    }
-    if (handle->closed) {
-        return PyLong_FromLong(RELEASED);
-    }
-    handle->closed = 1;
-    if (handle->opener_pid != pid) {
-        return PyLong_FromLong(RELEASED); /* inherited: the hold is shared with the parent */
-    }
-    if (handle->data != NULL) {
-        /* Views made from data share its managed buffer; only a buffer exported
-         * from data itself (numpy.frombuffer(data)) makes release() refuse. */
-        PyObject *done = PyObject_CallMethodNoArgs(handle->data, str_release);
-        if (done == NULL) {
-            if (!PyErr_ExceptionMatches(PyExc_BufferError)) {
-                return NULL;
-            }
-            PyErr_Clear();
-        }
-        Py_XDECREF(done);
-        Py_CLEAR(handle->data);
-    }
-    if (!Py_IS_TYPE(handle->mm, &Mapping_Type)) {
-        PyErr_SetString(PyExc_TypeError, "release(): the handle's mm is not a Mapping");
-        return NULL;
-    }
-    MappingObject *mm = (MappingObject *)handle->mm;
-    if (handle->persist) {
-        if (mm->data != NULL && mm->exports == 0) {
-            munmap(mm->data, (size_t)mm->size);
-            mm->data = NULL;
-        }
-        return PyLong_FromLong(RELEASED);
-    }
-    unsigned long long dev = handle->st_dev, ino = handle->st_ino;
-    /* mm->data is NULL after let_go() unmapped it: only the check is left. */
-    int fd;
-    Py_BEGIN_ALLOW_THREADS
-    fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
-    Py_END_ALLOW_THREADS
-    int exported = mm->data != NULL && mm->exports > 0;
-    if (fd < 0) {
-        int saved = errno;
-        if (!exported && mm->data != NULL) {
-            /* The hold ends anyway; if it was the last, the object is an orphan
-             * the next procshare use of the namespace reclaims. */
-            munmap(mm->data, (size_t)mm->size);
-            mm->data = NULL;
-        }
-        if (saved == ENOENT) {
-            return PyLong_FromLong(RELEASED); /* removed already (ps.unlink, a twin) */
-        }
-        errno = saved;
-        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
-    }
-    struct stat st;
-    if (exported) {
-        if (fstat(fd, &st) != 0) {
-            goto os_error;
-        }
-        if ((unsigned long long)st.st_dev != dev || (unsigned long long)st.st_ino != ino) {
-            /* The name is another object now; ours is unlinked and its hold
-             * stops nobody: it goes with the mapping. */
-            close(fd);
-            return PyLong_FromLong(RELEASED);
-        }
-        void *moved = mmap(mm->data, (size_t)mm->size, PROT_READ | PROT_WRITE,
-                           MAP_SHARED | MAP_FIXED, fd, 0);
-        if (moved == MAP_FAILED) {
-            goto os_error;
-        }
-    }
-    else if (mm->data != NULL) {
-        munmap(mm->data, (size_t)mm->size);
-        mm->data = NULL;
-    }
-    if (ofd(fd, F_OFD_SETLK, F_WRLCK) != 0) {
-        if (errno == EAGAIN || errno == EACCES) {
-            close(fd); /* somebody else holds it */
-            return PyLong_FromLong(RELEASED);
-        }
-        goto os_error;
-    }
-    if (!exported && fstat(fd, &st) != 0) {
-        goto unlock_error;
-    }
-    if (st.st_nlink == 0 || (unsigned long long)st.st_dev != dev ||
-        (unsigned long long)st.st_ino != ino) {
-        /* Ours was unlinked meanwhile; the name (if any) is another's. */
-        ofd(fd, F_OFD_SETLK, F_UNLCK);
-        close(fd);
-        return PyLong_FromLong(RELEASED);
-    }
-    if (!decide) {
-        return PyLong_FromLong(fd);
-    }
-    /* We hold WRITE: nobody can be attaching, and the name is still ours. */
-    int removed = unlink(path) == 0;
-    int saved = errno;
-    ofd(fd, F_OFD_SETLK, F_UNLCK); /* the description may live on in mm */
-    close(fd);
-    if (!removed && saved != ENOENT) {
-        errno = saved;
-        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
-    }
-    return PyLong_FromLong(removed ? REMOVED : RELEASED);
-
-unlock_error: {
-    int saved = errno;
-    ofd(fd, F_OFD_SETLK, F_UNLCK);
-    errno = saved;
-}
-os_error: {
-    int saved = errno;
-    close(fd);
-    errno = saved;
-    return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
-}
-}
-
-/* let_go(mm, path, st_dev, st_ino) -> None: end this process's own hold now,
- * while children forked earlier keep theirs (they share the description):
- * unmap, or while buffers exported from mm are alive, move mm onto a new
- * description of the same object (no lock on it). Either way a child forked
- * from now on inherits no hold; release() later only checks for the last
- * holder. Used when a close must wait for children (segment.py). */
-static PyObject *
-shmstep_let_go(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 4 || !Py_IS_TYPE(args[0], &Mapping_Type) || !PyBytes_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "let_go() takes mm (Mapping), path (bytes), st_dev, st_ino");
-        return NULL;
-    }
-    MappingObject *mm = (MappingObject *)args[0];
-    const char *path = PyBytes_AS_STRING(args[1]);
-    unsigned long long dev = PyLong_AsUnsignedLongLong(args[2]);
-    unsigned long long ino = PyLong_AsUnsignedLongLong(args[3]);
-    if (PyErr_Occurred()) {
-        return NULL;
-    }
-    if (mm->data == NULL) {
-        Py_RETURN_NONE;
-    }
-    if (mm->exports == 0) {
-        munmap(mm->data, (size_t)mm->size);
-        mm->data = NULL;
-        Py_RETURN_NONE;
-    }
-    int fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0) {
-        if (errno == ENOENT) {
-            Py_RETURN_NONE; /* unlinked: its hold stops nobody */
-        }
-        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
-    }
-    struct stat st;
-    int rc = fstat(fd, &st);
-    if (rc == 0 && (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino &&
-        mmap(mm->data, (size_t)mm->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) ==
-            MAP_FAILED) {
-        rc = -1;
-    }
-    int saved = errno;
-    close(fd);
-    if (rc != 0) {
-        errno = saved;
-        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
-    }
-    Py_RETURN_NONE;
-}
-
-/* unhold(fd) -> None: drop the WRITE release() left on fd, and close it. */
-static PyObject *
-shmstep_unhold(PyObject *Py_UNUSED(module), PyObject *arg)
-{
-    long value = PyLong_AsLong(arg);
-    if (value == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (value < 0 || value > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "unhold(): not a descriptor");
-        return NULL;
-    }
-    int fd = (int)value;
-    int rc = ofd(fd, F_OFD_SETLK, F_UNLCK);
-    int saved = errno;
-    close(fd);
-    if (rc != 0) {
-        errno = saved;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Py_RETURN_NONE;
-}
+#include "_shmstep_create.h" /* create, publish, adopt, link_mode */
+#include "_shmstep_close.h" /* release, let_go, unhold */
 
 /* anonymous(size, reserve) -> Mapping: shared memory with no name anywhere.
  *
@@ -702,8 +327,9 @@ shmstep_anonymous(PyObject *Py_UNUSED(module), PyObject *args)
 static PyMethodDef shmstep_methods[] = {
     {"attach", (PyCFunction)(void (*)(void))shmstep_attach, METH_FASTCALL,
      "attach(path, meta, os_name, opener_pid) -> None (no such object) | SLOW (use the full "
-     "protocol) | a handle whose mapping alone keeps the READ hold (no descriptor stays "
-     "open); its meta is meta itself when the object's metadata equals it."},
+     "protocol) | a handle holding the object (READ on its descriptor while there is room, "
+     "else on its mapping's description); its meta is meta itself when the object's "
+     "metadata equals it."},
     {"set_handle_type", shmstep_set_handle_type, METH_O,
      "set_handle_type(cls): the Handle subclass attach() returns."},
     {"map", shmstep_map, METH_VARARGS,
@@ -714,8 +340,22 @@ static PyMethodDef shmstep_methods[] = {
      "| (fd, mm, created_ns, st_dev, st_ino): an unnamed, READ-held, written and mapped new "
      "object."},
     {"publish", shmstep_publish, METH_VARARGS,
-     "publish(fd, path) -> bool: link the unnamed inode to path; False if it exists. "
-     "Closes fd."},
+     "publish(fd, path[, handle, epoch]) -> bool: link the unnamed inode to path; False if "
+     "it exists. Closes fd, unless handle keeps it for its hold."},
+    {"adopt", shmstep_adopt, METH_VARARGS,
+     "adopt(handle, fd, epoch) -> bool: handle keeps fd (READ held since fork_epoch epoch) "
+     "for its hold if there is room; else the caller closes fd."},
+    {"descriptors", shmstep_descriptors, METH_NOARGS,
+     "descriptors() -> (holds keeping a descriptor, how many may)."},
+    {"set_descriptor_budget", shmstep_set_descriptor_budget, METH_O,
+     "set_descriptor_budget(n) -> previous: at most n holds keep a descriptor (n < 0: a "
+     "quarter of the soft RLIMIT_NOFILE)."},
+    {"spares", shmstep_spares, METH_NOARGS,
+     "spares() -> [(st_dev, st_ino)]: the objects an idle spare mapping is kept of."},
+    {"drop_spares", shmstep_drop_spares, METH_NOARGS,
+     "drop_spares() -> int: unmap the idle spare mappings."},
+    {"fork_epoch", shmstep_fork_epoch, METH_NOARGS,
+     "fork_epoch() -> int: how many times this process (and its ancestors) forked."},
     {"link_mode", shmstep_link_mode, METH_VARARGS,
      "link_mode([mode]) -> previous mode: how publish() links (1 AT_EMPTY_PATH, 0 "
      "/proc/self/fd, -1 undecided)."},
@@ -724,11 +364,11 @@ static PyMethodDef shmstep_methods[] = {
      "fork; with reserve its pages are allocated now (ENOSPC/ENOMEM if they do not fit)."},
     {"release", (PyCFunction)(void (*)(void))shmstep_release, METH_FASTCALL,
      "release(handle, path, pid, decide) -> RELEASED | REMOVED | fd: close handle and end "
-     "the hold its mapping keeps; the last holder unlinks path (decide) or gets a "
-     "WRITE-held fd to decide with and pass to unhold()."},
+     "its hold; the last holder unlinks path (decide) or gets a WRITE-held fd to decide "
+     "with and pass to unhold()."},
     {"let_go", (PyCFunction)(void (*)(void))shmstep_let_go, METH_FASTCALL,
-     "let_go(mm, path, st_dev, st_ino): end this process's hold now (children forked "
-     "earlier keep theirs); release() later only checks for the last holder."},
+     "let_go(handle, path): end this process's hold now (children forked earlier keep "
+     "theirs); release() later only checks for the last holder."},
     {"unhold", shmstep_unhold, METH_O, "unhold(fd): drop the WRITE on fd and close it."},
     {NULL, NULL, 0, NULL},
 };
@@ -746,6 +386,15 @@ PyInit__shmstep(void)
 {
     if (PyType_Ready(&Mapping_Type) < 0 || PyType_Ready(&Handle_Type) < 0) {
         return NULL;
+    }
+    static int atfork_set = 0;
+    if (!atfork_set) {
+        int rc = pthread_atfork(holds_before_fork, NULL, NULL);
+        if (rc != 0) {
+            errno = rc;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        atfork_set = 1;
     }
     if (str_release == NULL) {
         str_release = PyUnicode_InternFromString("release");

@@ -3,7 +3,8 @@
  * Mapping: a shared mapping of a whole object, exported through the buffer
  * protocol. Handle: one open of one procshare object, the C base of
  * segment_object.py's PosixSegment, which attach() builds directly.
- * Needs the includes and HEADER_SIZE / META_OFFSET of _shmstep.c.
+ * Needs the includes and HEADER_SIZE / META_OFFSET of _shmstep.c, and
+ * _shmstep_holds.h (fork_epoch, fd_holds, map_shared).
  */
 
 /* A shared mapping of a whole object, exported through the buffer protocol.
@@ -29,7 +30,7 @@ static PyObject *mapping_wrap(void *data, Py_ssize_t size);
 static PyObject *
 mapping_new(int fd, Py_ssize_t size)
 {
-    void *data = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    void *data = map_shared(fd, (size_t)size);
     if (data == MAP_FAILED) {
         return PyErr_SetFromErrno(PyExc_OSError);
     }
@@ -168,6 +169,10 @@ typedef struct {
     Py_ssize_t data_size;
     unsigned int creator_pid;
     int opener_pid;
+    /* The descriptor that keeps the hold (see _shmstep_holds.h), or -1 when
+     * the mapping alone keeps it; and fork_epoch when the hold was taken. */
+    int fd;
+    unsigned long epoch;
     char persist;
     char closed;
 } HandleObject;
@@ -196,6 +201,8 @@ handle_make(PyTypeObject *type, PyObject *os_name, PyObject *mm, unsigned long l
     self->data_size = data_size;
     self->creator_pid = creator;
     self->opener_pid = opener;
+    self->fd = -1;
+    self->epoch = fork_epoch;
     self->persist = (char)(persist != 0);
     self->closed = 0;
     return (PyObject *)self;
@@ -229,6 +236,13 @@ handle_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static void
 handle_dealloc(HandleObject *self)
 {
+    if (self->fd >= 0 && self->opener_pid == getpid()) {
+        /* Never closed: the hold ends with the object, as a mapping's would
+         * (a child leaves what it inherited to its exit). */
+        close(self->fd);
+        fd_holds--;
+    }
+    self->fd = -1;
     Py_CLEAR(self->data);
     Py_CLEAR(self->mm);
     Py_CLEAR(self->os_name);
@@ -306,6 +320,8 @@ static PyMemberDef handle_members[] = {
     {"data_size", T_PYSSIZET, offsetof(HandleObject, data_size), READONLY, NULL},
     {"creator_pid", T_UINT, offsetof(HandleObject, creator_pid), READONLY, NULL},
     {"opener_pid", T_INT, offsetof(HandleObject, opener_pid), READONLY, NULL},
+    {"fd", T_INT, offsetof(HandleObject, fd), READONLY,
+     "The descriptor that keeps the hold, or -1 when the mapping alone keeps it."},
     {"persist", T_BOOL, offsetof(HandleObject, persist), READONLY, NULL},
     {"closed", T_BOOL, offsetof(HandleObject, closed), 0, NULL},
     {NULL, 0, 0, 0, NULL},

@@ -15,39 +15,48 @@ link leaves nothing at all behind with ``O_TMPFILE`` (the kernel frees the
 unnamed inode), and an abandoned named temporary that ``gc`` removes without.
 
 Holders are counted by the kernel with OFD locks on byte 0 (see :mod:`._ofd`):
-every holder keeps a READ lock there, on an open file description that only
-its *mapping* of the object keeps alive: the descriptor is closed as soon as
-the object is mapped (a mapping holds its own reference to the description,
-and an OFD lock lasts as long as the description). So the kernel drops a
-dead holder's hold with its mappings, whatever killed it, and a process can
-hold as many objects as it may have mappings (``vm.max_map_count``, 65,530
-by default), whatever its descriptor limit (``ulimit -n``). A WRITE lock on
-byte 0 is taken only for a moment, by a process that has found itself alone
-with the object and decides whether to remove it; being exclusive, it stops
-anyone from becoming a holder meanwhile. No other lock is needed:
+every holder keeps a READ lock there, on an open file description kept
+alive by the holder's descriptor while the process is far below its
+descriptor limit (fewer than a quarter of ``ulimit -n`` held that way), and
+by its *mapping* alone beyond that: the descriptor is then closed as soon
+as the object is mapped (a mapping holds its own reference to the
+description, and an OFD lock lasts as long as the description). So the
+kernel drops a dead holder's hold with its descriptors and mappings,
+whatever killed it, and a process can hold as many objects as it may have
+mappings (``vm.max_map_count``, 65,530 by default), whatever its descriptor
+limit. ``_shmstep_holds.h`` says how the kind is chosen and what fork
+changes. A WRITE lock on byte 0 is taken only for a moment, by a process
+that has found itself alone with the object and decides whether to remove
+it; being exclusive, it stops anyone from becoming a holder meanwhile. No
+other lock is needed:
 
 * open: first try WRITE while holding nothing: it succeeds only if nobody
   holds the object, which makes it an orphan, and ``keep_orphan`` decides
   under that exclusive lock whether to remove it (then downgrade to READ,
   atomically). Otherwise take READ; if a remover has WRITE, wait for it, then
   see whether it unlinked the object meanwhile (``st_nlink == 0``: retry).
-  Then map, and close the descriptor.
-* close: open the name again (a new description, holding nothing), unmap
-  (the READ goes with the old description), then try WRITE on the new one.
+  Then map, and keep the descriptor or close it.
+* close, with the descriptor (taken since the last fork: nobody shares it):
+  upgrade READ to WRITE on it; if refused, drop READ and try WRITE again.
   Two last holders closing at once cannot both fail (whichever tries second
-  sees the first gone); if both succeed in turn, the second finds the object
-  already unlinked. The last holder removes the object only if the name
-  still is that object (device and inode) and it is still linked: one made
-  since under the same name is never taken for it.
+  sees the first gone).
+* close, without one (or after a fork, having closed it): open the name
+  again (a new description, holding nothing), unmap (the READ goes with the
+  old description), then try WRITE on the new one. The last holder removes
+  the object only if the name still is that object (device and inode) and
+  it is still linked: one made since under the same name is never taken
+  for it.
 * an opener that slips in between a closer's unmap and its try keeps the
   object alive, and the closer leaves it; an opener that arrives after a
   closer left finds an orphan and reclaims it, as if it had come a moment
   later.
 
 A mapping that cannot be unmapped at close, because a buffer exported from
-it (a numpy array, a memoryview) is alive, is moved onto the new
-description (``MAP_FIXED`` at the same address, the same pages) before the
-WRITE is tried: the hold still ends at close, and the buffer keeps working.
+it (a numpy array, a memoryview) is alive, is left with no lock on its
+description: READ is dropped on the kept descriptor, or, without one, the
+mapping is moved onto the new description (``MAP_FIXED`` at the same
+address, the same pages) before the WRITE is tried: the hold still ends at
+close, and the buffer keeps working.
 
 Why no lock-free shortcut such as a counter in the header: a holder killed
 by SIGKILL cannot decrement anything; the kernel releasing its locks is the
@@ -105,6 +114,8 @@ _let_go = _shmstep.let_go
 _REMOVED = _shmstep.REMOVED
 _create = _shmstep.create
 _publish = _shmstep.publish
+_adopt = _shmstep.adopt
+_fork_epoch = _shmstep.fork_epoch
 
 # Up to this size the whole object is written with one pwrite (which reserves
 # the pages just as fallocate does, and fails with ENOSPC the same way).
@@ -197,17 +208,43 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
         # O_TMPFILE: the unnamed object is made, held, written and mapped in C,
         # initialised here, then published (see _shmstep.c).
         pid = segment_object._pid
+        flags = FLAG_PERSIST if persist else 0
+        epoch = 0
         try:
-            made = _create(
-                segment_object.SHM_DIR_BYTES,
-                meta,
-                FLAG_PERSIST if persist else 0,
-                dataoff,
-                data_size,
-                total,
-                mode,
-                pid,
-            )
+            if init is None:
+                # Nothing to initialise (zeroed): made, held, mapped, published and
+                # its handle built in one C call.
+                path = path_bytes.get(os_name)
+                if path is None:
+                    path = remember_path(os_name)
+                done = _create(
+                    segment_object.SHM_DIR_BYTES,
+                    meta,
+                    flags,
+                    dataoff,
+                    data_size,
+                    total,
+                    mode,
+                    pid,
+                    path,
+                    os_name,
+                )
+                if done is not None:
+                    _tmpfile_ok = True
+                    return done if type(done) is PosixSegment else None  # False: taken
+                made = None
+            else:
+                epoch = _fork_epoch()  # before the READ hold is taken (_shmstep_holds.h)
+                made = _create(
+                    segment_object.SHM_DIR_BYTES,
+                    meta,
+                    flags,
+                    dataoff,
+                    data_size,
+                    total,
+                    mode,
+                    pid,
+                )
         except OSError as exc:
             raise_no_room(exc, os_name, total)
             raise
@@ -234,7 +271,9 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
             path = path_bytes.get(os_name)
             if path is None:
                 path = remember_path(os_name)
-            published = _publish(fd, path)  # closes fd: the mapping keeps the hold
+            # Keeps fd in seg for the hold while there is room; else closes it
+            # and the mapping keeps the hold.
+            published = _publish(fd, path, seg, epoch)
         finally:
             if not published:
                 seg.release_mapping()
@@ -255,6 +294,7 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
         final = path_of(os_name)
         # Same namespace prefix, kind "t", random tail: `gc` finds abandoned ones.
         tmp = path_of(os_name[:-21] + "t" + os.urandom(10).hex())
+        epoch = _fork_epoch()
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         seg: PosixSegment | None = None
         published = False
@@ -288,7 +328,8 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            os.close(fd)  # the mapping keeps the description and its hold
+            if not (published and seg is not None and _adopt(seg, fd, epoch)):
+                os.close(fd)  # the mapping keeps the description and its hold
             if seg is not None and not published:
                 seg.release_mapping()
 
@@ -312,10 +353,12 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
     def _open_protocol(self, os_name: str, keep_orphan: KeepOrphan) -> PosixSegment | None:
         path = path_of(os_name)
         while True:
+            epoch = _fork_epoch()
             try:
                 fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
             except FileNotFoundError:
                 return None
+            held: PosixSegment | None = None  # the open that keeps fd, if room
             try:
                 # WRITE first, holding nothing: it succeeds only if nobody holds
                 # the object, i.e. it is an orphan. Two openers of one orphan
@@ -343,9 +386,13 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
                     try_lock(fd, UNLCK_HOLD)
                     seg.release_mapping()
                     raise
+                held = seg
                 return seg
             finally:
-                os.close(fd)  # the mapping keeps the description and its hold
+                # Kept for the hold while there is room; else the mapping keeps
+                # the description and its hold.
+                if held is None or not _adopt(held, fd, epoch):
+                    os.close(fd)
 
     # -- close ----------------------------------------------------------------
 
@@ -375,7 +422,7 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
         path = path_bytes.get(handle.os_name)
         if path is None:
             path = remember_path(handle.os_name)
-        _let_go(handle.mm, path, handle.st_dev, handle.st_ino)
+        _let_go(handle, path)
 
     def _decide(self, os_name: str, fd: int, keep: KeepOrphan | None) -> bool:
         """As the last holder of ``os_name`` (WRITE held on ``fd``), remove it

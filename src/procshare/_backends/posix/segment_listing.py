@@ -12,7 +12,7 @@ import os
 import re
 
 from procshare._backends.api_segment import SegmentInfo
-from procshare._backends.posix import segment_object
+from procshare._backends.posix import _shmstep, segment_object
 from procshare._backends.posix.segment_object import (
     FLAG_PERSIST,
     HEADER,
@@ -29,9 +29,14 @@ def is_temp(os_name: str) -> bool:
     return bool(_TEMP_RE.match(os_name))
 
 
-def _mapped_inodes(pid: str, inodes: dict[int, str], shm_dir: bytes) -> set[str]:
-    """The names among ``inodes`` (inode -> OS name) that ``pid`` maps."""
+def _mapped_inodes(
+    pid: str, inodes: dict[int, str], shm_dir: bytes, spare: frozenset[int] = frozenset()
+) -> set[str]:
+    """The names among ``inodes`` (inode -> OS name) that ``pid`` maps; a
+    mapping of an inode in ``spare`` (this process's idle spares, one each,
+    which hold nothing) is not counted."""
     hits: set[str] = set()
+    spared: set[int] = set()
     try:
         with open(f"/proc/{pid}/maps", "rb") as maps:
             for line in maps:
@@ -39,9 +44,14 @@ def _mapped_inodes(pid: str, inodes: dict[int, str], shm_dir: bytes) -> set[str]
                 fields = line.split(None, 5)
                 if len(fields) < 6 or not fields[5].startswith(shm_dir):
                     continue
-                hit = inodes.get(int(fields[4]))
-                if hit is not None:
-                    hits.add(hit)
+                ino = int(fields[4])
+                hit = inodes.get(ino)
+                if hit is None:
+                    continue
+                if ino in spare and ino not in spared:
+                    spared.add(ino)  # (an object's spare and its hold are two mappings)
+                    continue
+                hits.add(hit)
     except (OSError, ValueError):
         pass
     return hits
@@ -51,8 +61,9 @@ class PosixSegmentListing:
     """The listing half of the POSIX segments (a mixin of ``PosixSegments``)."""
 
     def segment_holders(self, names: set[str], *, mapped: bool = False) -> dict[str, list[int]]:
-        """Pids that hold each name: that map it (a procshare hold is a
-        mapping, with no descriptor) or have a descriptor open on it.
+        """Pids that hold each name: that map it (a procshare hold beyond the
+        descriptor budget is a mapping, with no descriptor) or have a
+        descriptor open on it.
 
         Matched by inode, not by path: a creator's mapping and descriptor
         still show the unnamed or temporary inode they were made on. A raw
@@ -75,10 +86,14 @@ class PosixSegmentListing:
         # give the inode number and the path it was mapped under.
         inodes = {ino: name for (d, ino), name in by_inode.items() if d == dev}
         shm_dir = segment_object.SHM_DIR.encode() + b"/"
+        me = str(os.getpid())
+        spare = frozenset(ino for d, ino in _shmstep.spares() if d == dev)
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
-            seen = _mapped_inodes(entry, inodes, shm_dir)
+            # Only this process's spares are known here: another process's
+            # idle spare mapping (see _shmstep_holds.h) is listed as a holder.
+            seen = _mapped_inodes(entry, inodes, shm_dir, spare if entry == me else frozenset())
             fd_dir = f"/proc/{entry}/fd"
             try:
                 fds = os.listdir(fd_dir)

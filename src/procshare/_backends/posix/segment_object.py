@@ -12,11 +12,13 @@ Layout of an object (all little-endian native, 64-byte aligned data)::
     64  meta    the engine's metadata
     dataoff     data  (zeroed, then filled by the creator's init)
 
-An open (:class:`PosixSegment`) is a shared mapping of the whole object and
-nothing else: the READ lock that counts it as a holder sits on the open file
-description that only the mapping keeps alive (the descriptor is closed once
-the object is mapped; see ``segment.py`` for the protocol, ``_shmstep.c`` for
-the C steps). This module is what the rest of the backend shares: the
+An open (:class:`PosixSegment`) is a shared mapping of the whole object and,
+while the process is far below its descriptor limit, the descriptor the
+READ lock that counts it as a holder was taken on; beyond that limit the
+mapping alone keeps that lock's open file description alive (the
+descriptor is closed once the object is mapped; see ``segment.py`` for the
+protocol, ``_shmstep_holds.h`` for the choice, ``_shmstep.c`` for the C
+steps). This module is what the rest of the backend shares: the
 layout, the OS paths, the handle, the OFD lock requests on the holder byte,
 and a read of an object that takes no hold (:func:`peek_data`).
 """
@@ -98,14 +100,15 @@ class PosixSegment(_shmstep.Handle):
     Its fields live in the C base type (``_shmstep.Handle``: ``os_name``,
     ``mm``, ``st_dev``, ``st_ino``, ``meta``, ``persist``, ``data_offset``,
     ``data_size``, ``created_ns``, ``creator_pid``, ``opener_pid``,
-    ``closed``, and ``data``), which the C attach step fills in directly: in a
+    ``closed``, ``fd``, and ``data``), which the C attach step fills in directly: in a
     freshly forked child a Python ``__init__`` storing them one by one touched
     (and so copied) a page for nearly every object it stored. Built from
     Python with the same fields, positionally, in that order.
 
-    ``mm`` is the hold: while it is mapped this process counts as a holder,
-    with no descriptor open. ``st_dev`` / ``st_ino`` identify the object, so
-    that closing never mistakes a newer object under the same name for it.
+    The hold is ``fd`` (the descriptor READ is held on, kept while there is
+    room) or, when ``fd`` is -1, ``mm``: while it is mapped this process
+    counts as a holder. ``st_dev`` / ``st_ino`` identify the object, so that
+    closing never mistakes a newer object under the same name for it.
     """
 
     __slots__ = ()

@@ -1,0 +1,340 @@
+/* Part of _shmstep.c (included there, once): closing a hold.
+ *
+ * release() and its helper release_kept(), let_go() and unhold(); the two
+ * ways a hold is kept (its descriptor, or its mapping) are described in
+ * _shmstep_holds.h. Needs ofd() and the types of _shmstep_types.h.
+ */
+#define RELEASED (-1) /* the hold ended; the object stays (others hold it, or it is gone) */
+#define REMOVED (-2)  /* the hold ended, this was the last one, and the name was unlinked */
+
+static PyObject *str_release = NULL; /* "release", interned at import */
+
+/* The close of a hold that kept its descriptor fd, taken since the last fork
+ * (nobody else shares fd's description): try WRITE on fd, granted only when
+ * nobody holds the object any more; if refused, drop READ and try once more.
+ * Two last holders that each only tried to upgrade would both be refused
+ * and leave an orphan; whichever drops READ and tries second succeeds. A
+ * holder that is not the last keeps a small mapping as a spare (its
+ * description carries no lock now); the last one checks the object was not
+ * unlinked meanwhile (fd is the object itself, so only st_nlink can tell)
+ * and with `decide` unlinks it, else returns fd. */
+static PyObject *
+release_kept(HandleObject *handle, MappingObject *mm, int fd, const char *path, int decide)
+{
+    int exported = mm->data != NULL && mm->exports > 0;
+    /* First upgrade READ to WRITE in place (atomic for OFD locks: a refusal
+     * keeps READ): granted, nobody else holds the object, one call. */
+    int rc = ofd(fd, F_OFD_SETLK, F_WRLCK);
+    if (rc != 0 && (errno == EAGAIN || errno == EACCES)) {
+        /* Somebody else holds it, or is closing at this very moment: drop READ,
+         * then try again, so that of two last holders closing at once the
+         * second to try sees the first gone. */
+        rc = ofd(fd, F_OFD_SETLK, F_UNLCK);
+        if (rc == 0) {
+            rc = ofd(fd, F_OFD_SETLK, F_WRLCK);
+        }
+    }
+    if (rc != 0) {
+        if (errno != EAGAIN && errno != EACCES) {
+            goto os_error;
+        }
+        /* Somebody else holds it. */
+        if (!exported && mm->data != NULL) {
+            if (mm->size <= SPARE_BYTES) {
+                spare_put(handle->st_dev, handle->st_ino, mm->data, (size_t)mm->size);
+            }
+            else {
+                munmap(mm->data, (size_t)mm->size);
+            }
+            mm->data = NULL;
+        }
+        close(fd);
+        return PyLong_FromLong(RELEASED);
+    }
+    if (!exported && mm->data != NULL) {
+        munmap(mm->data, (size_t)mm->size);
+        mm->data = NULL;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int saved = errno;
+        ofd(fd, F_OFD_SETLK, F_UNLCK);
+        errno = saved;
+        goto os_error;
+    }
+    if (st.st_nlink == 0) {
+        /* Unlinked meanwhile (ps.unlink): the name, if any, is another's. */
+        ofd(fd, F_OFD_SETLK, F_UNLCK);
+        close(fd);
+        return PyLong_FromLong(RELEASED);
+    }
+    if (!decide) {
+        return PyLong_FromLong(fd);
+    }
+    /* We hold WRITE: nobody can be attaching, and the name is still ours. */
+    int removed = unlink(path) == 0;
+    int saved = errno;
+    if (exported) {
+        ofd(fd, F_OFD_SETLK, F_UNLCK); /* the description lives on in mm */
+    }
+    close(fd);
+    if (!removed && saved != ENOENT) {
+        errno = saved;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+    return PyLong_FromLong(removed ? REMOVED : RELEASED);
+
+os_error: {
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+}
+}
+
+/* release(handle, path, pid, decide) -> RELEASED | REMOVED | fd
+ *
+ * Close `handle` (a no-op, RELEASED, if it is closed already or was opened by
+ * another pid: a forked child never releases what it inherited): let go of
+ * its data view, then end its hold and find out whether it was the last one.
+ * A hold that kept its descriptor and was taken since the last fork is
+ * released on that descriptor (release_kept). Otherwise the mapping keeps
+ * the hold (a kept descriptor is closed first: children forked since share
+ * its description and keep their part): open path anew (a description with
+ * no lock), unmap (or, while buffers exported from the mapping are alive,
+ * move it onto the new description with MAP_FIXED, same pages), then try
+ * WRITE on the new description, granted only when nobody holds the object
+ * any more. The last holder checks that the name still is its object
+ * (st_dev, st_ino; not unlinked meanwhile) and with `decide` unlinks it;
+ * without, it gets the descriptor, WRITE held, decides itself and hands it
+ * to unhold(). A persist object is only let go of: its last holder never
+ * removes it. */
+static PyObject *
+shmstep_release(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyObject_TypeCheck(args[0], &Handle_Type) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "release() takes handle, path (bytes), pid, decide");
+        return NULL;
+    }
+    HandleObject *handle = (HandleObject *)args[0];
+    const char *path = PyBytes_AS_STRING(args[1]);
+    long pid = PyLong_AsLong(args[2]);
+    int decide = PyObject_IsTrue(args[3]);
+    if ((pid == -1 && PyErr_Occurred()) || decide < 0) {
+        return NULL;
+    }
+    if (handle->closed) {
+        return PyLong_FromLong(RELEASED);
+    }
+    handle->closed = 1;
+    if (handle->opener_pid != pid) {
+        return PyLong_FromLong(RELEASED); /* inherited: the hold is shared with the parent */
+    }
+    if (handle->data != NULL) {
+        /* Views made from data share its managed buffer; only a buffer exported
+         * from data itself (numpy.frombuffer(data)) makes release() refuse. */
+        PyObject *done = PyObject_CallMethodNoArgs(handle->data, str_release);
+        if (done == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_BufferError)) {
+                return NULL;
+            }
+            PyErr_Clear();
+        }
+        Py_XDECREF(done);
+        Py_CLEAR(handle->data);
+    }
+    if (!Py_IS_TYPE(handle->mm, &Mapping_Type)) {
+        PyErr_SetString(PyExc_TypeError, "release(): the handle's mm is not a Mapping");
+        return NULL;
+    }
+    MappingObject *mm = (MappingObject *)handle->mm;
+    int fd = handle->fd;
+    int alone = fd >= 0 && handle->epoch == fork_epoch; /* nobody shares fd's description */
+    if (fd >= 0) {
+        handle->fd = -1;
+        fd_holds--;
+    }
+    if (handle->persist) {
+        if (fd >= 0) {
+            if (alone) {
+                ofd(fd, F_OFD_SETLK, F_UNLCK); /* an exported mapping must not hold */
+            }
+            close(fd);
+        }
+        if (mm->data != NULL && mm->exports == 0) {
+            munmap(mm->data, (size_t)mm->size);
+            mm->data = NULL;
+        }
+        return PyLong_FromLong(RELEASED);
+    }
+    if (alone) {
+        return release_kept(handle, mm, fd, path, decide);
+    }
+    if (fd >= 0) {
+        close(fd); /* forked since the open: the mapping way below */
+    }
+    unsigned long long dev = handle->st_dev, ino = handle->st_ino;
+    /* mm->data is NULL after let_go() unmapped it: only the check is left. */
+    Py_BEGIN_ALLOW_THREADS
+    fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    Py_END_ALLOW_THREADS
+    int exported = mm->data != NULL && mm->exports > 0;
+    if (fd < 0) {
+        int saved = errno;
+        if (!exported && mm->data != NULL) {
+            /* The hold ends anyway; if it was the last, the object is an orphan
+             * the next procshare use of the namespace reclaims. */
+            munmap(mm->data, (size_t)mm->size);
+            mm->data = NULL;
+        }
+        if (saved == ENOENT) {
+            return PyLong_FromLong(RELEASED); /* removed already (ps.unlink, a twin) */
+        }
+        errno = saved;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+    struct stat st;
+    if (exported) {
+        if (fstat(fd, &st) != 0) {
+            goto os_error;
+        }
+        if ((unsigned long long)st.st_dev != dev || (unsigned long long)st.st_ino != ino) {
+            /* The name is another object now; ours is unlinked and its hold
+             * stops nobody: it goes with the mapping. */
+            close(fd);
+            return PyLong_FromLong(RELEASED);
+        }
+        void *moved = mmap(mm->data, (size_t)mm->size, PROT_READ | PROT_WRITE,
+                           MAP_SHARED | MAP_FIXED, fd, 0);
+        if (moved == MAP_FAILED) {
+            goto os_error;
+        }
+    }
+    else if (mm->data != NULL) {
+        munmap(mm->data, (size_t)mm->size);
+        mm->data = NULL;
+    }
+    if (ofd(fd, F_OFD_SETLK, F_WRLCK) != 0) {
+        if (errno == EAGAIN || errno == EACCES) {
+            close(fd); /* somebody else holds it */
+            return PyLong_FromLong(RELEASED);
+        }
+        goto os_error;
+    }
+    if (!exported && fstat(fd, &st) != 0) {
+        goto unlock_error;
+    }
+    if (st.st_nlink == 0 || (unsigned long long)st.st_dev != dev ||
+        (unsigned long long)st.st_ino != ino) {
+        /* Ours was unlinked meanwhile; the name (if any) is another's. */
+        ofd(fd, F_OFD_SETLK, F_UNLCK);
+        close(fd);
+        return PyLong_FromLong(RELEASED);
+    }
+    if (!decide) {
+        return PyLong_FromLong(fd);
+    }
+    /* We hold WRITE: nobody can be attaching, and the name is still ours. */
+    int removed = unlink(path) == 0;
+    int saved = errno;
+    ofd(fd, F_OFD_SETLK, F_UNLCK); /* the description may live on in mm */
+    close(fd);
+    if (!removed && saved != ENOENT) {
+        errno = saved;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+    return PyLong_FromLong(removed ? REMOVED : RELEASED);
+
+unlock_error: {
+    int saved = errno;
+    ofd(fd, F_OFD_SETLK, F_UNLCK);
+    errno = saved;
+}
+os_error: {
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+}
+}
+
+/* let_go(handle, path) -> None: end this process's own hold now, while
+ * children forked earlier keep theirs (they share the description): close
+ * the descriptor the hold kept, if any, without touching its lock, and
+ * unmap, or while buffers exported from the mapping are alive, move it onto
+ * a new description of the same object (no lock on it). Either way a child
+ * forked from now on inherits no hold; release() later only checks for the
+ * last holder. Used when a close must wait for children (segment.py). */
+static PyObject *
+shmstep_let_go(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyObject_TypeCheck(args[0], &Handle_Type) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "let_go() takes handle, path (bytes)");
+        return NULL;
+    }
+    HandleObject *handle = (HandleObject *)args[0];
+    if (!Py_IS_TYPE(handle->mm, &Mapping_Type)) {
+        PyErr_SetString(PyExc_TypeError, "let_go(): the handle's mm is not a Mapping");
+        return NULL;
+    }
+    MappingObject *mm = (MappingObject *)handle->mm;
+    const char *path = PyBytes_AS_STRING(args[1]);
+    unsigned long long dev = handle->st_dev, ino = handle->st_ino;
+    if (handle->fd >= 0) {
+        close(handle->fd); /* the children's references keep the description and READ */
+        handle->fd = -1;
+        fd_holds--;
+    }
+    if (mm->data == NULL) {
+        Py_RETURN_NONE;
+    }
+    if (mm->exports == 0) {
+        munmap(mm->data, (size_t)mm->size);
+        mm->data = NULL;
+        Py_RETURN_NONE;
+    }
+    int fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno == ENOENT) {
+            Py_RETURN_NONE; /* unlinked: its hold stops nobody */
+        }
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+    struct stat st;
+    int rc = fstat(fd, &st);
+    if (rc == 0 && (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino &&
+        mmap(mm->data, (size_t)mm->size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) ==
+            MAP_FAILED) {
+        rc = -1;
+    }
+    int saved = errno;
+    close(fd);
+    if (rc != 0) {
+        errno = saved;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+    Py_RETURN_NONE;
+}
+
+/* unhold(fd) -> None: drop the WRITE release() left on fd, and close it. */
+static PyObject *
+shmstep_unhold(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    long value = PyLong_AsLong(arg);
+    if (value == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (value < 0 || value > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "unhold(): not a descriptor");
+        return NULL;
+    }
+    int fd = (int)value;
+    int rc = ofd(fd, F_OFD_SETLK, F_UNLCK);
+    int saved = errno;
+    close(fd);
+    if (rc != 0) {
+        errno = saved;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
