@@ -47,5 +47,12 @@ setup(
             sources=["src/procshare/_cview.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),
+        # Names and OS names in C (issue 16): a fresh child naming a lock copies
+        # fewer pages. Pure computation, no OS call.
+        Extension(
+            "procshare._engine._cengine",
+            sources=["src/procshare/_engine/_cengine.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
+        ),
     ]
 )

@@ -106,3 +106,41 @@ def test_unhashable_arguments_get_the_full_paths_errors() -> None:
     with ps.shared("hash", ps.u8, persist=[]) as view:  # type: ignore[arg-type]
         view.value = 1  # any truthiness is accepted, as before; no plan is kept
     assert not _planned("hash")
+
+
+def test_a_planned_number_is_built_in_c_as_the_python_path_builds_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with ps.shared("rep-c", ps.u32) as first:  # the Python path (and the plan)
+        seg = ps.shared("rep-c", ps.u32)
+        first.value = 5
+    # The planned open runs no Python constructor: Segment, ScalarView and the
+    # engine's record come from C (_cview.scalar_segment, _cengine.OpenSegment).
+    monkeypatch.setattr(_shared.Segment, "__init__", _refuse)
+    monkeypatch.setattr(ps.ScalarView, "__init__", _refuse)
+    again = ps.shared("rep-c", ps.u32)
+    try:
+        view = again.view
+        assert type(again) is _shared.Segment and type(view) is ps.ScalarView
+        assert view.value == 5
+        view.value += 1
+        assert seg.view.value == 6
+        assert repr(view) == "<shared u32 'rep-c' value=6>"
+        assert view._segment is again and again._rec.view is not None
+        assert again._rec.view() is view
+        with pytest.raises(ValueError):
+            view.value = -1  # the slow path, as for a view the Python path built
+        with again as entered:
+            assert entered is view
+        assert again.closed
+        with pytest.raises(ps.SegmentClosed):
+            view.value  # noqa: B018
+        with pytest.raises(ps.SegmentClosed), again:
+            pass
+    finally:
+        again.close()
+        seg.close()
+
+
+def _refuse(*args: object) -> None:
+    raise AssertionError("the planned open of a number runs no Python constructor")

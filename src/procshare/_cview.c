@@ -23,6 +23,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <structmember.h>
+
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
@@ -33,6 +35,13 @@ typedef struct {
     char *ptr; /* NULL while detached: every access takes the slow path */
     Py_buffer buf;
     char code; /* the struct / memoryview format of the number */
+    /* ScalarView's fields (here so that scalar_segment() below fills them in
+     * place): the segment handle, its name, the kind's name, the memoryview
+     * (or the closed stand-in). */
+    PyObject *segment;
+    PyObject *name;
+    PyObject *kind;
+    PyObject *mv;
 } CellObject;
 
 static PyObject *str_get_slow;
@@ -59,6 +68,31 @@ detach(CellObject *self)
     }
 }
 
+/* Hold `buffer` and read and write its first number, of struct format
+ * `format`; -1 with an exception set if it cannot. */
+static int
+attach(CellObject *self, PyObject *buffer, const char *format)
+{
+    Py_ssize_t size = code_size(format[0]);
+    if (size == 0 || format[1] != '\0') {
+        PyErr_Format(PyExc_ValueError, "unsupported scalar format %s", format);
+        return -1;
+    }
+    Py_buffer buf;
+    if (PyObject_GetBuffer(buffer, &buf, PyBUF_WRITABLE) < 0)
+        return -1;
+    if (buf.len < size) {
+        PyBuffer_Release(&buf);
+        PyErr_Format(PyExc_ValueError, "a %zd-byte buffer cannot hold a %s", buf.len, format);
+        return -1;
+    }
+    detach(self);
+    self->buf = buf;
+    self->ptr = buf.buf;
+    self->code = format[0];
+    return 0;
+}
+
 static PyObject *
 cell_attach(CellObject *self, PyObject *args)
 {
@@ -66,23 +100,8 @@ cell_attach(CellObject *self, PyObject *args)
     const char *format;
     if (!PyArg_ParseTuple(args, "Os:_ps_attach", &buffer, &format))
         return NULL;
-    Py_ssize_t size = code_size(format[0]);
-    if (size == 0 || format[1] != '\0') {
-        PyErr_Format(PyExc_ValueError, "unsupported scalar format %R", PyTuple_GET_ITEM(args, 1));
+    if (attach(self, buffer, format) < 0)
         return NULL;
-    }
-    Py_buffer buf;
-    if (PyObject_GetBuffer(buffer, &buf, PyBUF_WRITABLE) < 0)
-        return NULL;
-    if (buf.len < size) {
-        PyBuffer_Release(&buf);
-        PyErr_Format(PyExc_ValueError, "a %zd-byte buffer cannot hold a %s", buf.len, format);
-        return NULL;
-    }
-    detach(self);
-    self->buf = buf;
-    self->ptr = buf.buf;
-    self->code = format[0];
     Py_RETURN_NONE;
 }
 
@@ -220,12 +239,46 @@ cell_set(CellObject *self, PyObject *value, void *Py_UNUSED(closure))
     return 0;
 }
 
+static int
+cell_traverse(CellObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->segment);
+    Py_VISIT(self->name);
+    Py_VISIT(self->kind);
+    Py_VISIT(self->mv);
+    if (self->ptr != NULL)
+        Py_VISIT(self->buf.obj);
+    return 0;
+}
+
+static int
+cell_clear(CellObject *self)
+{
+    detach(self);
+    Py_CLEAR(self->segment);
+    Py_CLEAR(self->name);
+    Py_CLEAR(self->kind);
+    Py_CLEAR(self->mv);
+    return 0;
+}
+
 static void
 cell_dealloc(CellObject *self)
 {
-    detach(self);
+    PyObject_GC_UnTrack(self);
+    cell_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
+
+static PyMemberDef cell_members[] = {
+    {"_segment", T_OBJECT_EX, offsetof(CellObject, segment), 0,
+     "The segment handle (kept open while its view is alive)."},
+    {"_name", T_OBJECT_EX, offsetof(CellObject, name), 0, "The segment's name."},
+    {"_kind", T_OBJECT_EX, offsetof(CellObject, kind), 0, "The kind's name (\"u64\")."},
+    {"_mv", T_OBJECT_EX, offsetof(CellObject, mv), 0,
+     "The memoryview of the number (the slow path's), or the closed stand-in."},
+    {NULL, 0, 0, 0, NULL},
+};
 
 static PyGetSetDef cell_getset[] = {
     {"value", (getter)cell_get, (setter)cell_set, "The number, read from shared memory now.",
@@ -246,11 +299,229 @@ static PyTypeObject CellType = {
     .tp_name = "procshare._cview.ScalarCell",
     .tp_doc = "Fast path of a scalar view's .value (see _views.ScalarView).",
     .tp_basicsize = sizeof(CellObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
     .tp_dealloc = (destructor)cell_dealloc,
+    .tp_traverse = (traverseproc)cell_traverse,
+    .tp_clear = (inquiry)cell_clear,
     .tp_getset = cell_getset,
     .tp_methods = cell_methods,
+    .tp_members = cell_members,
+};
+
+/* -- the Segment handle's C part, and the scalar open built in C --------------
+ *
+ * Why: the by-name open of a scalar (`with ps.shared("sum", ps.u64) as s:`)
+ * is often a freshly forked child's first call into procshare, and each
+ * Python function run there for the first time, each slot descriptor
+ * looked up, copies pages (CPython 3.11 writes a code object's counters
+ * and reference count on every call). Building the Segment handle and its
+ * ScalarView here, in one call, replaced four Python constructors; the
+ * Python ones (_shared.Segment.__init__, _kinds.ScalarKind.view,
+ * _views.ScalarView.__init__) stay the reference and serve every other
+ * case. SegmentCore holds the handle's fields and its `with` entry. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *part;
+    PyObject *rec;
+    PyObject *view;
+} CoreObject;
+
+/* Set by setup(): the Segment and ScalarView classes, and where the engine's
+ * C record (segments.OpenSegment) keeps `closed`, `view` and `handle`. */
+static PyTypeObject *segment_cls, *view_cls, *record_type;
+static Py_ssize_t rec_closed_off, rec_view_off, rec_handle_off;
+static PyObject *str_view, *str_close, *str_data, *str_cast;
+
+#define REC_FIELD(rec, off) (*(PyObject **)((char *)(rec) + (off)))
+
+static int
+core_traverse(CoreObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->part);
+    Py_VISIT(self->rec);
+    Py_VISIT(self->view);
+    return 0;
+}
+
+static int
+core_clear(CoreObject *self)
+{
+    Py_CLEAR(self->part);
+    Py_CLEAR(self->rec);
+    Py_CLEAR(self->view);
+    return 0;
+}
+
+static void
+core_dealloc(CoreObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    core_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Whether the record is known open (a C record whose closed is False). */
+static int
+rec_open(PyObject *rec)
+{
+    return rec != NULL && record_type != NULL && Py_IS_TYPE(rec, record_type) &&
+           REC_FIELD(rec, rec_closed_off) == Py_False;
+}
+
+/* __enter__(): the view; the `view` property (SegmentClosed) when closed. */
+static PyObject *
+core_enter(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (rec_open(self->rec) && self->view != NULL)
+        return Py_NewRef(self->view);
+    return PyObject_GetAttr((PyObject *)self, str_view);
+}
+
+/* __exit__(*exc_info): close(). */
+static PyObject *
+core_exit(CoreObject *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
+{
+    PyObject *done = PyObject_CallMethodNoArgs((PyObject *)self, str_close);
+    if (done == NULL)
+        return NULL;
+    Py_DECREF(done);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef core_methods[] = {
+    {"__enter__", (PyCFunction)core_enter, METH_NOARGS,
+     "The view (the with block's target); SegmentClosed once closed."},
+    {"__exit__", (PyCFunction)(void (*)(void))core_exit, METH_FASTCALL,
+     "Close the segment (close())."},
+    {NULL},
+};
+
+static PyMemberDef core_members[] = {
+    {"_part", T_OBJECT_EX, offsetof(CoreObject, part), 0, "The engine part that opened it."},
+    {"_rec", T_OBJECT_EX, offsetof(CoreObject, rec), 0, "The engine's record of the open."},
+    {"_view", T_OBJECT_EX, offsetof(CoreObject, view), 0, "The view, or None once closed."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "procshare._cview.SegmentCore",
+    .tp_doc = "The fields and `with` entry of procshare.Segment (see _cview.c).",
+    .tp_basicsize = sizeof(CoreObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)core_dealloc,
+    .tp_traverse = (traverseproc)core_traverse,
+    .tp_clear = (inquiry)core_clear,
+    .tp_methods = core_methods,
+    .tp_members = core_members,
+};
+
+/* setup(Segment, ScalarView, (record type, closed offset, view offset, handle offset)) */
+static PyObject *
+cview_setup(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *seg, *view, *rec;
+    Py_ssize_t closed_off, view_off, handle_off;
+    if (!PyArg_ParseTuple(args, "O!O!(O!nnn):setup", &PyType_Type, &seg, &PyType_Type, &view,
+                          &PyType_Type, &rec, &closed_off, &view_off, &handle_off))
+        return NULL;
+    if (!PyType_IsSubtype((PyTypeObject *)seg, &CoreType) ||
+        !PyType_IsSubtype((PyTypeObject *)view, &CellType)) {
+        PyErr_SetString(PyExc_TypeError, "setup(Segment, ScalarView, record offsets)");
+        return NULL;
+    }
+    Py_XSETREF(segment_cls, (PyTypeObject *)Py_NewRef(seg));
+    Py_XSETREF(view_cls, (PyTypeObject *)Py_NewRef(view));
+    Py_XSETREF(record_type, (PyTypeObject *)Py_NewRef(rec));
+    rec_closed_off = closed_off;
+    rec_view_off = view_off;
+    rec_handle_off = handle_off;
+    Py_RETURN_NONE;
+}
+
+/* scalar_segment(part, rec, (name, kind, format)) -> a Segment whose view is a
+ * ScalarView of the open `rec` (an engine record): what Segment(part, rec,
+ * resolved) builds for a number kind, through _kinds.ScalarKind.view. On
+ * failure the record is closed (part.close(rec)), as Segment.__init__ does. */
+static PyObject *
+cview_scalar_segment(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || segment_cls == NULL || !PyTuple_CheckExact(args[2]) ||
+        PyTuple_GET_SIZE(args[2]) != 3 || record_type == NULL ||
+        !Py_IS_TYPE(args[1], record_type)) {
+        PyErr_SetString(PyExc_TypeError, "scalar_segment(part, rec, (name, kind, format)) "
+                                         "after setup()");
+        return NULL;
+    }
+    PyObject *part = args[0], *rec = args[1];
+    PyObject *name = PyTuple_GET_ITEM(args[2], 0), *kind = PyTuple_GET_ITEM(args[2], 1);
+    PyObject *fmt = PyTuple_GET_ITEM(args[2], 2);
+    CoreObject *seg = NULL;
+    CellObject *view = NULL;
+    PyObject *data = NULL, *mv = NULL, *ref = NULL;
+    const char *format = PyUnicode_AsUTF8(fmt);
+    if (format == NULL)
+        goto fail;
+    seg = (CoreObject *)segment_cls->tp_alloc(segment_cls, 0);
+    if (seg == NULL)
+        goto fail;
+    seg->part = Py_NewRef(part);
+    seg->rec = Py_NewRef(rec);
+    data = PyObject_GetAttr(REC_FIELD(rec, rec_handle_off), str_data);
+    if (data == NULL)
+        goto fail;
+    mv = PyObject_CallMethodOneArg(data, str_cast, fmt);
+    if (mv == NULL)
+        goto fail;
+    view = (CellObject *)view_cls->tp_alloc(view_cls, 0);
+    if (view == NULL)
+        goto fail;
+    view->segment = Py_NewRef(seg);
+    view->name = Py_NewRef(name);
+    view->kind = Py_NewRef(kind);
+    view->mv = Py_NewRef(mv);
+    if (attach(view, mv, format) < 0)
+        goto fail;
+    ref = PyWeakref_NewRef((PyObject *)view, NULL);
+    if (ref == NULL)
+        goto fail;
+    seg->view = (PyObject *)view; /* (the reference is handed over) */
+    view = NULL;
+    Py_XSETREF(REC_FIELD(rec, rec_view_off), ref);
+    Py_DECREF(data);
+    Py_DECREF(mv);
+    return (PyObject *)seg;
+fail:
+    Py_XDECREF(view);
+    Py_XDECREF(mv);
+    Py_XDECREF(data);
+    Py_XDECREF(ref);
+    if (seg != NULL) {
+        /* Not a handle yet: nothing may close the record through it. */
+        Py_CLEAR(seg->rec);
+        Py_DECREF(seg);
+    }
+    {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyObject *done = PyObject_CallMethodOneArg(part, str_close, rec);
+        if (done == NULL)
+            PyErr_Clear(); /* the first error is the one to report */
+        Py_XDECREF(done);
+        PyErr_Restore(type, value, tb);
+    }
+    return NULL;
+}
+
+static PyMethodDef cview_functions[] = {
+    {"setup", cview_setup, METH_VARARGS,
+     "setup(Segment, ScalarView, record offsets): the classes scalar_segment() builds."},
+    {"scalar_segment", (PyCFunction)(void (*)(void))cview_scalar_segment, METH_FASTCALL,
+     "scalar_segment(part, rec, (name, kind, format)) -> Segment with a ScalarView."},
+    {NULL},
 };
 
 static struct PyModuleDef module = {
@@ -258,6 +529,7 @@ static struct PyModuleDef module = {
     .m_name = "procshare._cview",
     .m_doc = "The C fast path of scalar views.",
     .m_size = -1,
+    .m_methods = cview_functions,
 };
 
 PyMODINIT_FUNC
@@ -265,16 +537,20 @@ PyInit__cview(void)
 {
     str_get_slow = PyUnicode_InternFromString("_ps_get_slow");
     str_set_slow = PyUnicode_InternFromString("_ps_set_slow");
-    if (str_get_slow == NULL || str_set_slow == NULL)
+    str_view = PyUnicode_InternFromString("view");
+    str_close = PyUnicode_InternFromString("close");
+    str_data = PyUnicode_InternFromString("data");
+    str_cast = PyUnicode_InternFromString("cast");
+    if (str_get_slow == NULL || str_set_slow == NULL || str_view == NULL || str_close == NULL ||
+        str_data == NULL || str_cast == NULL)
         return NULL;
-    if (PyType_Ready(&CellType) < 0)
+    if (PyType_Ready(&CellType) < 0 || PyType_Ready(&CoreType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&CellType);
-    if (PyModule_AddObject(m, "ScalarCell", (PyObject *)&CellType) < 0) {
-        Py_DECREF(&CellType);
+    if (PyModule_AddObjectRef(m, "ScalarCell", (PyObject *)&CellType) < 0 ||
+        PyModule_AddObjectRef(m, "SegmentCore", (PyObject *)&CoreType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -8,7 +8,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
 from weakref import ref as _weakref
 
-from procshare import _kinds, _runtime
+from procshare import _cview, _kinds, _runtime
 from procshare._engine import anonymous as _anonymous
 from procshare._engine import names
 from procshare._engine import segments as _segments
@@ -39,7 +39,7 @@ else:
     V = TypeVar("V")  # what a segment's view is: Segment[ScalarView[int]]
 
 
-class Segment(Generic[V]):
+class Segment(_cview.SegmentCore, Generic[V]):
     """An open shared segment: what :func:`shared` returns.
 
     Use it as a context manager (``with ps.shared(...) as view:`` gives the
@@ -52,7 +52,24 @@ class Segment(Generic[V]):
     ``Segment[ScalarView[int]]`` (see :func:`shared`).
     """
 
-    __slots__ = ("__weakref__", "_part", "_rec", "_view")
+    # _part, _rec, _view and `with` (__enter__, __exit__) are SegmentCore's, in
+    # C (_cview.c), which also builds the by-name open of a number
+    # (_cview.scalar_segment) without running __init__: the reference below.
+    __slots__ = ("__weakref__",)
+
+    if TYPE_CHECKING:
+        _part: SegmentsPart | _anonymous.AnonymousPart
+        _rec: OpenSegment
+        _view: V
+
+        def __enter__(self) -> V: ...
+        def __exit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc: BaseException | None,
+            tb: TracebackType | None,
+            /,
+        ) -> None: ...
 
     def __init__(
         self,
@@ -133,17 +150,6 @@ class Segment(Generic[V]):
             # instead of when this handle is collected.
             self._view = None  # type: ignore[assignment]
             self._part.close(self._rec)
-
-    def __enter__(self) -> V:
-        return self.view
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         rec = getattr(self, "_rec", None)
@@ -439,6 +445,9 @@ def shared(
                     persist=bool(persist),
                     mode=mode,
                 )
+                fast = plan[4]
+                if fast is not None:  # a number: the Segment and its view built in C
+                    return _scalar_segment(part, rec, fast)  # type: ignore[no-any-return]
                 return Segment(part, rec, resolved)
     if type(name) is not str or kind is _NO_KIND:
         return _nameless(name, kind, shape, size, initial, create, persist, mode)
@@ -469,7 +478,10 @@ def shared(
     if plannable:
         if len(_plans) >= 1024:
             _plans.clear()
-        _plans[key] = (kind, resolved, os_name, meta)
+        fast = None
+        if type(resolved) is _kinds.ScalarKind:
+            fast = (resolved.name, resolved.scalar.name, resolved.scalar.format)
+        _plans[key] = (kind, resolved, os_name, meta, fast)
     return Segment(part, rec, resolved)
 
 
@@ -562,13 +574,19 @@ def _refuse_anonymous_as_name(obj: object, named: str) -> None:
 _geteuid = os.geteuid
 
 # (name, id(kind), shape, size, create, persist, mode, namespace, euid, env) ->
-# (kind, resolved, os_name, meta) for every call that succeeded without
-# initial=. Module-level, so a forked child inherits its parent's plans; the
-# kind is kept so its id cannot be reused by another object while planned.
+# (kind, resolved, os_name, meta, fast) for every call that succeeded without
+# initial=; fast is (name, kind name, struct format) for a number kind, whose
+# Segment and view _cview.scalar_segment builds (else None). Module-level, so
+# a forked child inherits its parent's plans; the kind is kept so its id
+# cannot be reused by another object while planned.
 # The effective uid is part of the key because OS names are per user: a
 # process that switches user (os.setuid in a child) must look in its new
 # user's namespace, not reuse a name of the old one.
-_plans: dict[tuple[object, ...], tuple[Any, _kinds.Resolved, str, bytes]] = {}
+_plans: dict[
+    tuple[object, ...], tuple[Any, _kinds.Resolved, str, bytes, tuple[str, str, str] | None]
+] = {}
+_scalar_segment = _cview.scalar_segment
+_cview.setup(Segment, ScalarView, _segments.record_offsets())
 
 
 def unlink(name: str) -> bool:

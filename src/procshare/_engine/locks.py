@@ -485,6 +485,9 @@ def locks_part(engine: Engine | None = None) -> LocksPart:
     return engine.part(KEY, LocksPart)
 
 
+_core.prebuild_part(KEY, LocksPart)  # (a forked child adopts it ready-made)
+
+
 def wait_acquire(mutex: LockHandle, reentrant: bool, timeout: float | None) -> int:
     """Take ``mutex`` within ``timeout`` seconds (``None``: forever), in slices.
 
