@@ -121,12 +121,14 @@ def test_a_planned_number_is_built_in_c_as_the_python_path_builds_it(
     again = ps.shared("rep-c", ps.u32)
     try:
         view = again.view
-        assert type(again) is _shared.Segment and type(view) is ps.ScalarView
+        assert type(again) is _shared.Segment
+        assert type(view) is ps.ScalarView
         assert view.value == 5
         view.value += 1
         assert seg.view.value == 6
         assert repr(view) == "<shared u32 'rep-c' value=6>"
-        assert view._segment is again and again._rec.view is not None
+        assert view._segment is again
+        assert again._rec.view is not None
         assert again._rec.view() is view
         with pytest.raises(ValueError):
             view.value = -1  # the slow path, as for a view the Python path built
