@@ -144,5 +144,57 @@ def test_a_planned_number_is_built_in_c_as_the_python_path_builds_it(
         seg.close()
 
 
-def _refuse(*args: object) -> None:
+def _refuse(*args: object, **kwargs: object) -> None:
     raise AssertionError("the planned open of a number runs no Python constructor")
+
+
+def test_a_planned_reopen_of_a_held_number_is_one_c_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from procshare._engine.segments import SegmentsPart
+
+    with ps.shared("rep-open", ps.i64) as held:  # plans it; this handle holds it
+        held.value = -3
+        # (This process created it last: its next open tries creating first,
+        # in Python, and attaches. From then on it attaches first.)
+        ps.shared("rep-open", ps.i64).close()
+        # The engine's Python open is the reference; the planned reopen of a
+        # held number does the same steps in C (_cview.open_planned).
+        monkeypatch.setattr(SegmentsPart, "open", _refuse)
+        monkeypatch.setattr(SegmentsPart, "_register", _refuse)
+        with ps.shared("rep-open", ps.i64) as again:
+            assert again.value == -3
+            again.value = 4
+            third = ps.shared("rep-open", ps.i64)
+            assert not third.created
+            third.close()
+        assert held.value == 4
+        # Anything else still takes the Python path: another kind's plan, options.
+        with pytest.raises(AssertionError, match="no Python constructor"):
+            ps.shared("rep-open", ps.i64, create=False)
+
+
+def test_the_c_planned_open_runs_pending_housekeeping(monkeypatch: pytest.MonkeyPatch) -> None:
+    from procshare._engine import core
+    from procshare._engine.segments import SegmentsPart
+
+    polled: list[bool] = []
+    poll = core.Engine.poll
+
+    def counting_poll(engine: core.Engine) -> None:
+        polled.append(engine.pending)
+        poll(engine)
+
+    with ps.shared("rep-poll", ps.u8) as held:
+        ps.shared("rep-poll", ps.u8).close()  # (attaches first from now on: see above)
+        monkeypatch.setattr(core.Engine, "poll", counting_poll)
+        monkeypatch.setattr(SegmentsPart, "open", _refuse)  # (the C path, only)
+        engine = core.get_engine()
+        with ps.shared("rep-poll", ps.u8):  # nothing pending: no call
+            pass
+        assert polled == []
+        engine.pending = True  # (what a dropped child's reap asks for)
+        with ps.shared("rep-poll", ps.u8) as again:
+            assert again.value == held.value
+        assert polled == [True]
+        assert not engine.pending

@@ -198,6 +198,11 @@ def _not_the_view(attr: str) -> AttributeError:
     )
 
 
+#: The default ``mode=``: compared by identity (an explicit ``mode=0o600``, an
+#: equal int but not this object, takes the checked path).
+_MODE = 0o600
+
+
 class _NoKind:
     """``kind`` not given: ``ps.shared(kind)`` (anonymous), or a forgotten kind."""
 
@@ -329,7 +334,7 @@ def shared(
     initial: Any = None,
     create: bool | None = None,
     persist: bool = False,
-    mode: int = 0o600,
+    mode: int = _MODE,
 ) -> Segment[Any]:
     """Create or attach the named shared segment ``name`` holding ``kind``;
     without a name, create an anonymous one.
@@ -399,6 +404,20 @@ def shared(
         return rt.shared(
             name, kind, shape=shape, size=size, initial=initial, create=create, persist=persist
         )
+    if (
+        initial is None
+        and shape is None
+        and size is None
+        and create is None
+        and persist is False
+        and mode is _MODE
+    ):
+        # A number opened by name before, attached to whole in one C call
+        # (_cview.open_planned: the steps below, for a fresh child's by-name
+        # open); None for anything else, which the rest of this function does.
+        segment = _open_planned(name, kind)
+        if segment is not None:
+            return segment  # type: ignore[no-any-return]
     # Only a call without initial= whose arguments are of exactly the types
     # validation accepts is planned, so 384.0 cannot pass for 0o600, 1 for
     # True, or (2.0, 3) for (2, 3) as a dict key.
@@ -586,7 +605,9 @@ _plans: dict[
     tuple[object, ...], tuple[Any, _kinds.Resolved, str, bytes, tuple[str, str, str] | None]
 ] = {}
 _scalar_segment = _cview.scalar_segment
+_open_planned = _cview.open_planned
 _cview.setup(Segment, ScalarView, _segments.record_offsets())
+_cview.open_setup(_segments.planned_open_setup(_plans, _MODE))
 
 
 def unlink(name: str) -> bool:

@@ -444,14 +444,15 @@ static PyTypeObject RecordType = {
     .tp_members = Record_members,
 };
 
-/* record_offsets() -> (type, offsets of closed, view and handle): for _cview.c. */
+/* record_offsets() -> (type, offsets of closed, view, handle and forks): for _cview.c. */
 static PyObject *
 cengine_record_offsets(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
 {
-    return Py_BuildValue("(Onnn)", (PyObject *)&RecordType,
+    return Py_BuildValue("(Onnnn)", (PyObject *)&RecordType,
                          (Py_ssize_t)offsetof(RecordObject, closed),
                          (Py_ssize_t)offsetof(RecordObject, view),
-                         (Py_ssize_t)offsetof(RecordObject, handle));
+                         (Py_ssize_t)offsetof(RecordObject, handle),
+                         (Py_ssize_t)offsetof(RecordObject, forks));
 }
 
 static PyMethodDef cnames_methods[] = {
@@ -464,7 +465,7 @@ static PyMethodDef cnames_methods[] = {
     {"blake2b_hex", cnames_blake2b_hex, METH_VARARGS,
      "blake2b_hex(data, digest_size) -> hex digest, as hashlib.blake2b's (for tests)"},
     {"record_offsets", cengine_record_offsets, METH_NOARGS,
-     "record_offsets() -> (OpenSegment, offsets of closed, view, handle), for _cview.c"},
+     "record_offsets() -> (OpenSegment, offsets of closed, view, handle, forks), for _cview.c"},
     {NULL, NULL, 0, NULL},
 };
 

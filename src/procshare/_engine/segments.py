@@ -36,6 +36,7 @@ import attrs
 
 from procshare._backends.api_segment import KeepOrphan, NativeKind, SegmentHandle
 from procshare._engine import _cengine, names
+from procshare._engine import core as _core
 from procshare._engine.core import Engine, current_pid, get_engine, prebuild_part
 from procshare.errors import (
     DescriptorLimit,
@@ -525,6 +526,27 @@ def _describe_found(found: dict[str, Any], name: str) -> str:
     if found.get("name") != name:  # two names whose hashes collide: say so
         text += f" created under the name {found.get('name')!r}"
     return text
+
+
+def planned_open_setup(plans: dict[Any, Any], mode: int) -> dict[str, object]:
+    """What the front end's C planned open (``_cview.open_planned``) reads: the
+    front end's ``plans`` and default ``mode``, and where this engine keeps its
+    state (the current engine, namespace, environment, swept namespaces), with
+    the Python steps it calls when it must."""
+    return {
+        "plans": plans,
+        "core": vars(_core),
+        "nsvar": names._namespace,
+        "env": names._ENV_DATA,
+        "env_key": names._ENV_KEY,
+        "swept": swept_namespaces,
+        "keep_nothing": _keep_nothing,
+        "default_namespace": names._DEFAULT_NAMESPACE,
+        "mode": mode,
+        "current_namespace": names.current_namespace,
+        "get_engine": get_engine,
+        "segments_part": segments_part,
+    }
 
 
 def segments_part(engine: Engine | None = None) -> SegmentsPart:
