@@ -1202,3 +1202,27 @@ def test_a_join_ends_the_reuse_of_a_by_name_object_like_any_other_call() -> None
     assert len(lock_objects()) == 1  # kept for reuse
     quick().join()  # a call into procshare that is not a reuse
     assert lock_objects() == set()
+
+
+def test_the_backends_lock_init_and_attach_work_on_any_lock_memory() -> None:
+    # lock_init / lock_attach are single C calls (a lock is often first made in
+    # a freshly forked child): the same contract as the Mutex methods they replace.
+    backend = get_engine().backend
+
+    class Handle:
+        def __init__(self, data: memoryview) -> None:
+            self.data = data
+
+    with ps.shared(bytes, size=backend.lock_data_size) as memory:
+        backend.lock_init(memory)
+        mutex = backend.lock_attach(Handle(memory))  # type: ignore[arg-type]
+        try:
+            assert mutex.acquire(False, -1.0) == engine_locks.OK
+            assert mutex.locked()
+            assert mutex.acquire(False, -1.0) == engine_locks.SELF_HELD
+            assert mutex.release() == engine_locks.OK
+            assert not mutex.locked()
+        finally:
+            mutex.detach()
+        with pytest.raises(ValueError, match="writable bytes"):
+            backend.lock_init(memory[: backend.lock_data_size // 2])

@@ -444,6 +444,7 @@ static PyTypeObject RecordType = {
     .tp_members = Record_members,
 };
 
+
 /* record_offsets() -> (type, offsets of closed, view, handle and forks): for _cview.c. */
 static PyObject *
 cengine_record_offsets(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
