@@ -48,6 +48,10 @@ typedef struct {
 
 static PyObject *str_get_slow;
 static PyObject *str_set_slow;
+/* _views._Closed (the stand-in for a closed view's memory) and where its one
+ * slot is: set by setup(). */
+static PyTypeObject *closed_cls;
+static Py_ssize_t closed_name_off;
 
 static Py_ssize_t
 code_size(char code)
@@ -111,6 +115,42 @@ static PyObject *
 cell_detach(CellObject *self, PyObject *Py_UNUSED(ignored))
 {
     detach(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *str_release;
+
+/* _ps_invalidate(): the segment closed: drop the buffer, put a closed
+ * stand-in (_views._Closed, whose every use raises SegmentClosed) in place
+ * of the memoryview, and release that memoryview (if nothing else exports
+ * it). What _views.ScalarView's Python version did, without running Python
+ * (closing is often a freshly forked child's last step). */
+static PyObject *
+cell_invalidate(CellObject *self, PyObject *Py_UNUSED(ignored))
+{
+    detach(self);
+    if (closed_cls == NULL || self->name == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_ps_invalidate before setup()");
+        return NULL;
+    }
+    PyObject *stand_in = closed_cls->tp_alloc(closed_cls, 0);
+    if (stand_in == NULL)
+        return NULL;
+    *(PyObject **)((char *)stand_in + closed_name_off) = Py_NewRef(self->name);
+    PyObject *mv = self->mv;
+    self->mv = stand_in;
+    if (mv != NULL && PyMemoryView_Check(mv)) {
+        PyObject *done = PyObject_CallMethodNoArgs(mv, str_release);
+        if (done == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_BufferError)) {
+                Py_DECREF(mv);
+                return NULL;
+            }
+            PyErr_Clear(); /* still exported: released when the exports go */
+        }
+        Py_XDECREF(done);
+    }
+    Py_XDECREF(mv);
     Py_RETURN_NONE;
 }
 
@@ -293,6 +333,8 @@ static PyMethodDef cell_methods[] = {
      "_ps_attach(buffer, format): read and write the first number of `buffer` (held)."},
     {"_ps_detach", (PyCFunction)cell_detach, METH_NOARGS,
      "Drop the buffer: every later access takes the slow path."},
+    {"_ps_invalidate", (PyCFunction)cell_invalidate, METH_NOARGS,
+     "The segment closed: every later use raises SegmentClosed."},
     {NULL},
 };
 
@@ -421,15 +463,26 @@ static PyTypeObject CoreType = {
     .tp_members = core_members,
 };
 
-/* setup(Segment, ScalarView, (record type, offsets of closed, view, handle, forks)) */
+/* setup(Segment, ScalarView, _Closed, (record type, offsets of closed, view,
+ * handle, forks)) */
 static PyObject *
 cview_setup(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    PyObject *seg, *view, *rec;
+    PyObject *seg, *view, *closed, *rec;
     Py_ssize_t closed_off, view_off, handle_off, forks_off;
-    if (!PyArg_ParseTuple(args, "O!O!(O!nnnn):setup", &PyType_Type, &seg, &PyType_Type, &view,
-                          &PyType_Type, &rec, &closed_off, &view_off, &handle_off, &forks_off))
+    if (!PyArg_ParseTuple(args, "O!O!O!(O!nnnn):setup", &PyType_Type, &seg, &PyType_Type, &view,
+                          &PyType_Type, &closed, &PyType_Type, &rec, &closed_off, &view_off,
+                          &handle_off, &forks_off))
         return NULL;
+    /* _Closed's one slot, _ps_name: where it is, from its member descriptor. */
+    PyObject *descr = PyDict_GetItemString(((PyTypeObject *)closed)->tp_dict, "_ps_name");
+    if (descr == NULL || !PyObject_TypeCheck(descr, &PyMemberDescr_Type) ||
+        ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
+        PyErr_SetString(PyExc_TypeError, "setup: _Closed has no _ps_name slot");
+        return NULL;
+    }
+    closed_name_off = ((PyMemberDescrObject *)descr)->d_member->offset;
+    Py_XSETREF(closed_cls, (PyTypeObject *)Py_NewRef(closed));
     if (!PyType_IsSubtype((PyTypeObject *)seg, &CoreType) ||
         !PyType_IsSubtype((PyTypeObject *)view, &CellType)) {
         PyErr_SetString(PyExc_TypeError, "setup(Segment, ScalarView, record offsets)");
@@ -841,7 +894,8 @@ done:
 
 static PyMethodDef cview_functions[] = {
     {"setup", cview_setup, METH_VARARGS,
-     "setup(Segment, ScalarView, record offsets): the classes scalar_segment() builds."},
+     "setup(Segment, ScalarView, _Closed, record offsets): the classes scalar_segment() "
+     "and _ps_invalidate() build."},
     {"scalar_segment", (PyCFunction)(void (*)(void))cview_scalar_segment, METH_FASTCALL,
      "scalar_segment(part, rec, (name, kind, format)) -> Segment with a ScalarView."},
     {"open_setup", cview_open_setup, METH_O,
@@ -868,8 +922,9 @@ PyInit__cview(void)
     str_close = PyUnicode_InternFromString("close");
     str_data = PyUnicode_InternFromString("data");
     str_cast = PyUnicode_InternFromString("cast");
+    str_release = PyUnicode_InternFromString("release");
     if (str_get_slow == NULL || str_set_slow == NULL || str_view == NULL || str_close == NULL ||
-        str_data == NULL || str_cast == NULL)
+        str_data == NULL || str_cast == NULL || str_release == NULL)
         return NULL;
     if (PyType_Ready(&CellType) < 0 || PyType_Ready(&CoreType) < 0)
         return NULL;

@@ -15,6 +15,7 @@ from procshare._engine import segments as _segments
 from procshare._engine.segments import OpenSegment, SegmentsPart, segments_part
 from procshare._kinds import Scalar
 from procshare._views import ScalarView, not_picklable
+from procshare._views import _Closed as _views_Closed
 from procshare.errors import AnonymousError, SegmentClosed
 
 if TYPE_CHECKING:
@@ -606,7 +607,7 @@ _plans: dict[
 ] = {}
 _scalar_segment = _cview.scalar_segment
 _open_planned = _cview.open_planned
-_cview.setup(Segment, ScalarView, _segments.record_offsets())
+_cview.setup(Segment, ScalarView, _views_Closed, _segments.record_offsets())
 _cview.open_setup(_segments.planned_open_setup(_plans, _MODE))
 
 

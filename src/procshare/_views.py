@@ -160,10 +160,9 @@ class ScalarView(ScalarCell, Generic[T]):
         except (ValueError, TypeError) as exc:
             raise _value_error(self._name, self._kind, value, exc) from None
 
-    def _ps_invalidate(self) -> None:
-        self._ps_detach()  # first: its buffer export would keep mv from being released
-        mv, self._mv = self._mv, _Closed(self._name)
-        _release(mv)
+    # _ps_invalidate() is ScalarCell's, in C: it drops the buffer, puts a
+    # _Closed in place of _mv and releases the memoryview (closing is often a
+    # freshly forked child's last step, where each Python call copies pages).
 
     def __reduce_ex__(self, protocol: object) -> NoReturn:
         _refuse_pickle(self._segment, self._name)

@@ -37,7 +37,7 @@ import attrs
 from procshare._backends.api_segment import KeepOrphan, NativeKind, SegmentHandle
 from procshare._engine import _cengine, names
 from procshare._engine import core as _core
-from procshare._engine.core import Engine, current_pid, get_engine, prebuild_part
+from procshare._engine.core import Engine, get_engine, prebuild_part
 from procshare.errors import (
     DescriptorLimit,
     MappingLimit,
@@ -392,7 +392,7 @@ class SegmentsPart:
         if view is not None:
             view._ps_invalidate()  # later uses raise SegmentClosed
         engine = self.engine
-        if engine.pid != current_pid():
+        if engine.pid != _core._pid:  # (current_pid(), without the call)
             return  # inherited: never close, unlink or release the parent's
         if engine.forks > rec.forks or engine.forking > 0:  # (else no child has it)
             # Children forked while it was open share this process's hold and
