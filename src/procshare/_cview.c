@@ -288,8 +288,10 @@ cell_traverse(CellObject *self, visitproc visit, void *arg)
     Py_VISIT(self->name);
     Py_VISIT(self->kind);
     Py_VISIT(self->mv);
-    if (self->ptr != NULL)
-        Py_VISIT(self->buf.obj);
+    /* Not buf.obj: the export this cell holds must stay a reference the
+     * collector cannot account for, so that it never clears the exporter (a
+     * memoryview refuses to be released while exported) before this cell
+     * lets go of it, as before ScalarCell took part in collection. */
     return 0;
 }
 
