@@ -198,3 +198,28 @@ def test_the_c_planned_open_runs_pending_housekeeping(monkeypatch: pytest.Monkey
             assert again.value == held.value
         assert polled == [True]
         assert not engine.pending
+
+
+def test_the_c_planned_open_reads_the_swept_namespaces_of_now(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from procshare._engine import get_engine, names
+    from procshare._engine import segments as ps_segments
+
+    with ps.shared("rep-swept", ps.u16) as held:
+        ps.shared("rep-swept", ps.u16).close()  # (attaches first from now on)
+        backend = get_engine().backend
+        calls: list[str] = []
+        real = backend.segment_collect
+
+        def counting(prefix: str, **kw: object) -> list[str]:
+            calls.append(prefix)
+            return real(prefix, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(backend, "segment_collect", counting)
+        # A new set (as tests do): the namespace counts as not swept yet, so the
+        # next open takes the Python path, which sweeps it, whatever C kept.
+        monkeypatch.setattr(ps_segments, "swept_namespaces", set())
+        with ps.shared("rep-swept", ps.u16) as again:
+            assert again.value == held.value
+        assert calls == [names.namespace_prefix()]

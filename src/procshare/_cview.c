@@ -596,7 +596,7 @@ static PyObject *op_plans, *op_core, *op_nsvar, *op_env, *op_env_key, *op_swept,
     *op_segments_part;
 static PyObject *str_engine, *str_pid, *str_pending, *str_kept, *str_poll, *str_parts,
     *str_segments, *str_backend, *str_segment_open, *str_keep_orphan, *str_meta, *str_open,
-    *str_created_last, *str_forks, *str_forking, *str_register, *kw_open;
+    *str_created_last, *str_forks, *str_forking, *str_register, *str_swept, *kw_open;
 
 static int
 intern(PyObject **slot, const char *text)
@@ -628,7 +628,7 @@ cview_open_setup(PyObject *Py_UNUSED(module), PyObject *conf)
         Py_XSETREF(*slots[i], Py_NewRef(value));
     }
     if (!PyDict_Check(op_plans) || !PyDict_Check(op_core) || !PyContextVar_CheckExact(op_nsvar) ||
-        (op_env != Py_None && !PyDict_Check(op_env)) || !PyAnySet_Check(op_swept)) {
+        (op_env != Py_None && !PyDict_Check(op_env)) || !PyDict_Check(op_swept)) {
         PyErr_SetString(PyExc_TypeError, "open_setup: wrong types");
         return NULL;
     }
@@ -640,7 +640,7 @@ cview_open_setup(PyObject *Py_UNUSED(module), PyObject *conf)
         intern(&str_keep_orphan, "keep_orphan") < 0 || intern(&str_meta, "meta") < 0 ||
         intern(&str_open, "_open") < 0 || intern(&str_created_last, "_created_last") < 0 ||
         intern(&str_forks, "forks") < 0 || intern(&str_forking, "forking") < 0 ||
-        intern(&str_register, "_register") < 0)
+        intern(&str_register, "_register") < 0 || intern(&str_swept, "swept_namespaces") < 0)
         return NULL;
     if (kw_open == NULL) {
         kw_open = PyTuple_Pack(2, str_keep_orphan, str_meta);
@@ -766,7 +766,14 @@ cview_open_planned(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
             goto done;
     }
     /* SegmentsPart.open's common case: attach. */
-    int swept = PySet_Contains(op_swept, ns);
+    /* (Looked up per call: a test may replace the set.) */
+    PyObject *swept_set = PyDict_GetItemWithError(op_swept, str_swept); /* borrowed */
+    if (swept_set == NULL || !PyAnySet_Check(swept_set)) {
+        if (!PyErr_Occurred())
+            result = Py_NewRef(Py_None);
+        goto done;
+    }
+    int swept = PySet_Contains(swept_set, ns);
     if (swept <= 0) {
         if (swept == 0)
             result = Py_NewRef(Py_None);

@@ -539,7 +539,7 @@ def planned_open_setup(plans: dict[Any, Any], mode: int) -> dict[str, object]:
         "nsvar": names._namespace,
         "env": names._ENV_DATA,
         "env_key": names._ENV_KEY,
-        "swept": swept_namespaces,
+        "swept": globals(),  # (its swept_namespaces, looked up per open)
         "keep_nothing": _keep_nothing,
         "default_namespace": names._DEFAULT_NAMESPACE,
         "mode": mode,
