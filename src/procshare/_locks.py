@@ -213,7 +213,8 @@ class InterprocessLock(LockGuard):
                 entry = _anonymous.open_lock(id(self))
                 self._name = entry.name  # "(anonymous #3)": for messages and repr
             else:
-                entry = _engine_locks.locks_part(engine).open(name, id(self), mode)
+                # (LocksPart.open, in C: _engine/_cengine.c)
+                entry = _engine_locks.open_lock(engine, name, id(self), mode)
         except BaseException:
             self._m = _Closed(name)  # a failed open leaves the object unusable
             raise
