@@ -13,6 +13,10 @@ BUILD_INPUTS := pyproject.toml setup.py src/procshare/_backends/posix/_robustmut
                 src/procshare/_backends/posix/_futex_ring.h \
                 src/procshare/_backends/posix/_futex_holds.h \
                 src/procshare/_cview.c \
+                src/procshare/_engine/_cengine.c \
+                src/procshare/_engine/_cengine_record.h \
+                src/procshare/_engine/_cengine_lock.h \
+                src/procshare/_cview_segment.h \
                 src/procshare/_backends/posix/_robustmutex_reuse.h \
                 src/procshare/_backends/posix/_shmstep_types.h \
                 src/procshare/_backends/posix/_shmstep_holds.h \

@@ -50,6 +50,18 @@ setup(
         Extension(
             "procshare._cview",
             sources=["src/procshare/_cview.c"],
+            depends=["src/procshare/_cview_segment.h"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
+        ),
+        # Names and OS names in C (issue 16): a fresh child naming a lock copies
+        # fewer pages. Pure computation, no OS call.
+        Extension(
+            "procshare._engine._cengine",
+            sources=["src/procshare/_engine/_cengine.c"],
+            depends=[
+                "src/procshare/_engine/_cengine_record.h",
+                "src/procshare/_engine/_cengine_lock.h",
+            ],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),
     ]

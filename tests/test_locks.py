@@ -1202,3 +1202,98 @@ def test_a_join_ends_the_reuse_of_a_by_name_object_like_any_other_call() -> None
     assert len(lock_objects()) == 1  # kept for reuse
     quick().join()  # a call into procshare that is not a reuse
     assert lock_objects() == set()
+
+
+def test_the_backends_lock_init_and_attach_work_on_any_lock_memory() -> None:
+    # lock_init / lock_attach are single C calls (a lock is often first made in
+    # a freshly forked child): the same contract as the Mutex methods they replace.
+    backend = get_engine().backend
+
+    class Handle:
+        def __init__(self, data: memoryview) -> None:
+            self.data = data
+
+    with ps.shared(bytes, size=backend.lock_data_size) as memory:
+        backend.lock_init(memory)
+        mutex = backend.lock_attach(Handle(memory))  # type: ignore[arg-type]
+        try:
+            assert mutex.acquire(False, -1.0) == engine_locks.OK
+            assert mutex.locked()
+            assert mutex.acquire(False, -1.0) == engine_locks.SELF_HELD
+            assert mutex.release() == engine_locks.OK
+            assert not mutex.locked()
+        finally:
+            mutex.detach()
+        with pytest.raises(ValueError, match="writable bytes"):
+            backend.lock_init(memory[: backend.lock_data_size // 2])
+
+
+def _refuse_python_open(*args: object, **kwargs: object) -> Any:
+    raise AssertionError("a lock's by-name open runs no Python open (LocksPart.open is C)")
+
+
+@pytest.mark.parametrize("env", [None, "elsewhere"])
+def test_a_by_name_open_is_one_c_call_that_writes_the_same_object(
+    monkeypatch: pytest.MonkeyPatch, env: str | None
+) -> None:
+    from procshare._engine.locks import LocksPart, _lock_meta
+    from procshare._engine.names import current_namespace, env_namespace
+
+    if env is not None:  # (the origin: recorded when it differs from the namespace)
+        monkeypatch.setenv("PROCSHARE_NAMESPACE", env)
+    ns = current_namespace()
+    with ps.interprocess_lock("c-open-warm"):  # (this namespace is swept now)
+        pass
+    monkeypatch.setattr(LocksPart, "open", _refuse_python_open)
+    monkeypatch.setattr(LocksPart, "_open_new", _refuse_python_open)
+    lock = ps.interprocess_lock("c-open", timeout=1)  # creates it: a new entry
+    again = ps.interprocess_lock("c-open", reentrant=True)  # the same entry, registered
+    try:
+        entry = lock._entry
+        assert entry is not None
+        assert again._entry is entry
+        assert entry.users == {id(lock), id(again)}
+        assert (entry.namespace, entry.name) == (ns, "c-open")
+        assert entry.handle.meta == _lock_meta("c-open", ns, env_namespace())
+        with lock:
+            assert again.locked()
+    finally:
+        lock.close()
+        again.close()
+
+
+def test_a_by_name_open_leaves_what_is_unusual_to_the_python_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from procshare._engine import segments as ps_segments
+    from procshare._engine.locks import LocksPart
+
+    opened: list[str] = []
+    real = LocksPart._open_new
+
+    def counting(part: LocksPart, namespace: str, name: str, mode: int) -> Any:
+        opened.append(name)
+        return real(part, namespace, name, mode)
+
+    monkeypatch.setattr(LocksPart, "_open_new", counting)
+    # A namespace not swept yet: the Python open reclaims its orphans first.
+    monkeypatch.setattr(ps_segments, "swept_namespaces", set())
+    with ps.interprocess_lock("c-unusual"):
+        pass
+    assert opened == ["c-unusual"]
+
+
+def test_a_by_name_open_of_something_too_small_for_a_lock_says_so() -> None:
+    from procshare._engine import names
+
+    with ps.interprocess_lock("c-small-warm"):  # (swept: the C open takes it first)
+        pass
+    backend = get_engine().backend
+    os_name = names.os_name(names.LOCK, "c-small", names.current_namespace())
+    handle = backend.segment_create(os_name, meta=b"{}", data_size=8, mode=0o600, persist=False)
+    assert handle is not None
+    try:
+        with pytest.raises(ps.SharedTypeError, match="too small to be a lock"):
+            ps.interprocess_lock("c-small")
+    finally:
+        backend.segment_close(handle, keep=None)

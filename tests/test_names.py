@@ -100,3 +100,49 @@ def test_os_names_never_change_between_versions() -> None:
     # procshare must derive the same OS names, or it would not find them.
     assert names.os_name("l", "m", "ns1", 1000) == "/ps8343ddflf2d5a9c9ac73dde16294"
     assert names.os_name("s", "sum", "default", 0) == "/ps1c98974sb2e6008119ce9c2e850a"
+
+
+def _os_name_by_hashlib(kind: str, name: str, namespace: str, uid: int) -> str:
+    """The OS-name definition (names.py), written with hashlib: what the C must match."""
+    import hashlib
+
+    prefix = hashlib.blake2b(f"{uid}\0{namespace}".encode(), digest_size=8).digest().hex()[:7]
+    tail = hashlib.blake2b(f"{namespace}\0{kind}\0{name}".encode(), digest_size=10).hexdigest()
+    return "/ps" + prefix + kind + tail
+
+
+@given(VALID, VALID, st.sampled_from(["s", "l", "y"]), st.integers(0, 2**32 - 1))
+def test_the_c_os_names_are_the_definitions(name: str, ns: str, kind: str, uid: int) -> None:
+    assert names.os_name(kind, name, ns, uid) == _os_name_by_hashlib(kind, name, ns, uid)
+    assert names.namespace_prefix(ns, uid) == _os_name_by_hashlib(kind, name, ns, uid)[:10]
+
+
+@given(st.binary(max_size=600), st.sampled_from([1, 7, 8, 10, 32, 63, 64]))
+def test_the_c_blake2b_is_hashlibs(data: bytes, size: int) -> None:
+    import hashlib
+
+    from procshare._engine import _cengine
+
+    # Several 128-byte blocks, and the exact block boundary, included.
+    assert _cengine.blake2b_hex(data, size) == hashlib.blake2b(data, digest_size=size).hexdigest()
+
+
+@given(st.text(max_size=140) | VALID)
+def test_the_c_name_check_agrees_with_the_rule(text: str) -> None:
+    from procshare._engine import _cengine
+
+    assert _cengine.valid(text) == bool(names._NAME_RE.fullmatch(text))
+
+
+def test_the_c_name_check_refuses_what_is_not_a_plain_str() -> None:
+    from procshare._engine import _cengine
+
+    class Name(str):
+        pass
+
+    assert not _cengine.valid(Name("m"))  # (validate_name's Python path takes it)
+    assert names.validate_name(Name("m")) == "m"
+    assert not _cengine.valid(b"m")
+    assert not _cengine.valid(None)
+    with pytest.raises(ValueError, match="one character"):
+        names.os_name("ls", "m", "default", 0)

@@ -226,3 +226,21 @@ def test_ctypes_scalars_without_a_number_kind_are_scalar_views_too(
     with pytest.raises(ps.SegmentClosed):
         view.value = initial
     assert "(closed)" in repr(view)
+
+
+def test_a_view_in_a_garbage_cycle_is_collected_while_it_holds_its_buffer() -> None:
+    # The view's C part holds an export of its memoryview. The collector must
+    # never clear that memoryview first (a memoryview refuses to be released
+    # while exported: gc.collect() raised BufferError when the export was
+    # visited), whatever holds the view in a cycle without a finalizer.
+    import gc
+
+    class Holder:
+        view: object = None
+
+    for _ in range(50):
+        holder = Holder()
+        mv = memoryview(bytearray(8)).cast("Q")
+        holder.view = ps.ScalarView(holder, "cycle", "u64", mv)
+        del holder, mv
+    gc.collect()

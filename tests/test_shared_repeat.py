@@ -106,3 +106,120 @@ def test_unhashable_arguments_get_the_full_paths_errors() -> None:
     with ps.shared("hash", ps.u8, persist=[]) as view:  # type: ignore[arg-type]
         view.value = 1  # any truthiness is accepted, as before; no plan is kept
     assert not _planned("hash")
+
+
+def test_a_planned_number_is_built_in_c_as_the_python_path_builds_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with ps.shared("rep-c", ps.u32) as first:  # the Python path (and the plan)
+        seg = ps.shared("rep-c", ps.u32)
+        first.value = 5
+    # The planned open runs no Python constructor: Segment, ScalarView and the
+    # engine's record come from C (_cview.scalar_segment, _cengine.OpenSegment).
+    monkeypatch.setattr(_shared.Segment, "__init__", _refuse)
+    monkeypatch.setattr(ps.ScalarView, "__init__", _refuse)
+    again = ps.shared("rep-c", ps.u32)
+    try:
+        view = again.view
+        assert type(again) is _shared.Segment
+        assert type(view) is ps.ScalarView
+        assert view.value == 5
+        view.value += 1
+        assert seg.view.value == 6
+        assert repr(view) == "<shared u32 'rep-c' value=6>"
+        assert view._segment is again
+        assert again._rec.view is not None
+        assert again._rec.view() is view
+        with pytest.raises(ValueError):
+            view.value = -1  # the slow path, as for a view the Python path built
+        with again as entered:
+            assert entered is view
+        assert again.closed
+        with pytest.raises(ps.SegmentClosed):
+            view.value  # noqa: B018
+        with pytest.raises(ps.SegmentClosed), again:
+            pass
+    finally:
+        again.close()
+        seg.close()
+
+
+def _refuse(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the planned open of a number runs no Python constructor")
+
+
+def test_a_planned_reopen_of_a_held_number_is_one_c_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from procshare._engine.segments import SegmentsPart
+
+    with ps.shared("rep-open", ps.i64) as held:  # plans it; this handle holds it
+        held.value = -3
+        # (This process created it last: its next open tries creating first,
+        # in Python, and attaches. From then on it attaches first.)
+        ps.shared("rep-open", ps.i64).close()
+        # The engine's Python open is the reference; the planned reopen of a
+        # held number does the same steps in C (_cview.open_planned).
+        monkeypatch.setattr(SegmentsPart, "open", _refuse)
+        monkeypatch.setattr(SegmentsPart, "_register", _refuse)
+        with ps.shared("rep-open", ps.i64) as again:
+            assert again.value == -3
+            again.value = 4
+            third = ps.shared("rep-open", ps.i64)
+            assert not third.created
+            third.close()
+        assert held.value == 4
+        # Anything else still takes the Python path: another kind's plan, options.
+        with pytest.raises(AssertionError, match="no Python constructor"):
+            ps.shared("rep-open", ps.i64, create=False)
+
+
+def test_the_c_planned_open_runs_pending_housekeeping(monkeypatch: pytest.MonkeyPatch) -> None:
+    from procshare._engine import core
+    from procshare._engine.segments import SegmentsPart
+
+    polled: list[bool] = []
+    poll = core.Engine.poll
+
+    def counting_poll(engine: core.Engine) -> None:
+        polled.append(engine.pending)
+        poll(engine)
+
+    with ps.shared("rep-poll", ps.u8) as held:
+        ps.shared("rep-poll", ps.u8).close()  # (attaches first from now on: see above)
+        monkeypatch.setattr(core.Engine, "poll", counting_poll)
+        monkeypatch.setattr(SegmentsPart, "open", _refuse)  # (the C path, only)
+        engine = core.get_engine()
+        with ps.shared("rep-poll", ps.u8):  # nothing pending: no call
+            pass
+        assert polled == []
+        engine.pending = True  # (what a dropped child's reap asks for)
+        with ps.shared("rep-poll", ps.u8) as again:
+            assert again.value == held.value
+        assert polled == [True]
+        assert not engine.pending
+
+
+def test_the_c_planned_open_reads_the_swept_namespaces_of_now(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from procshare._engine import get_engine, names
+    from procshare._engine import segments as ps_segments
+
+    with ps.shared("rep-swept", ps.u16) as held:
+        ps.shared("rep-swept", ps.u16).close()  # (attaches first from now on)
+        backend = get_engine().backend
+        calls: list[str] = []
+        real = backend.segment_collect
+
+        def counting(prefix: str, **kw: object) -> list[str]:
+            calls.append(prefix)
+            return real(prefix, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(backend, "segment_collect", counting)
+        # A new set (as tests do): the namespace counts as not swept yet, so the
+        # next open takes the Python path, which sweeps it, whatever C kept.
+        monkeypatch.setattr(ps_segments, "swept_namespaces", set())
+        with ps.shared("rep-swept", ps.u16) as again:
+            assert again.value == held.value
+        assert calls == [names.namespace_prefix()]

@@ -23,6 +23,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <structmember.h>
+
+#include <unistd.h>
+
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
@@ -33,10 +37,21 @@ typedef struct {
     char *ptr; /* NULL while detached: every access takes the slow path */
     Py_buffer buf;
     char code; /* the struct / memoryview format of the number */
+    /* ScalarView's fields (here so that scalar_segment() below fills them in
+     * place): the segment handle, its name, the kind's name, the memoryview
+     * (or the closed stand-in). */
+    PyObject *segment;
+    PyObject *name;
+    PyObject *kind;
+    PyObject *mv;
 } CellObject;
 
 static PyObject *str_get_slow;
 static PyObject *str_set_slow;
+/* _views._Closed (the stand-in for a closed view's memory) and where its one
+ * slot is: set by setup(). */
+static PyTypeObject *closed_cls;
+static Py_ssize_t closed_name_off;
 
 static Py_ssize_t
 code_size(char code)
@@ -59,6 +74,31 @@ detach(CellObject *self)
     }
 }
 
+/* Hold `buffer` and read and write its first number, of struct format
+ * `format`; -1 with an exception set if it cannot. */
+static int
+attach(CellObject *self, PyObject *buffer, const char *format)
+{
+    Py_ssize_t size = code_size(format[0]);
+    if (size == 0 || format[1] != '\0') {
+        PyErr_Format(PyExc_ValueError, "unsupported scalar format %s", format);
+        return -1;
+    }
+    Py_buffer buf;
+    if (PyObject_GetBuffer(buffer, &buf, PyBUF_WRITABLE) < 0)
+        return -1;
+    if (buf.len < size) {
+        PyBuffer_Release(&buf);
+        PyErr_Format(PyExc_ValueError, "a %zd-byte buffer cannot hold a %s", buf.len, format);
+        return -1;
+    }
+    detach(self);
+    self->buf = buf;
+    self->ptr = buf.buf;
+    self->code = format[0];
+    return 0;
+}
+
 static PyObject *
 cell_attach(CellObject *self, PyObject *args)
 {
@@ -66,23 +106,8 @@ cell_attach(CellObject *self, PyObject *args)
     const char *format;
     if (!PyArg_ParseTuple(args, "Os:_ps_attach", &buffer, &format))
         return NULL;
-    Py_ssize_t size = code_size(format[0]);
-    if (size == 0 || format[1] != '\0') {
-        PyErr_Format(PyExc_ValueError, "unsupported scalar format %R", PyTuple_GET_ITEM(args, 1));
+    if (attach(self, buffer, format) < 0)
         return NULL;
-    }
-    Py_buffer buf;
-    if (PyObject_GetBuffer(buffer, &buf, PyBUF_WRITABLE) < 0)
-        return NULL;
-    if (buf.len < size) {
-        PyBuffer_Release(&buf);
-        PyErr_Format(PyExc_ValueError, "a %zd-byte buffer cannot hold a %s", buf.len, format);
-        return NULL;
-    }
-    detach(self);
-    self->buf = buf;
-    self->ptr = buf.buf;
-    self->code = format[0];
     Py_RETURN_NONE;
 }
 
@@ -90,6 +115,42 @@ static PyObject *
 cell_detach(CellObject *self, PyObject *Py_UNUSED(ignored))
 {
     detach(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *str_release;
+
+/* _ps_invalidate(): the segment closed: drop the buffer, put a closed
+ * stand-in (_views._Closed, whose every use raises SegmentClosed) in place
+ * of the memoryview, and release that memoryview (if nothing else exports
+ * it). What _views.ScalarView's Python version did, without running Python
+ * (closing is often a freshly forked child's last step). */
+static PyObject *
+cell_invalidate(CellObject *self, PyObject *Py_UNUSED(ignored))
+{
+    detach(self);
+    if (closed_cls == NULL || self->name == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_ps_invalidate before setup()");
+        return NULL;
+    }
+    PyObject *stand_in = closed_cls->tp_alloc(closed_cls, 0);
+    if (stand_in == NULL)
+        return NULL;
+    *(PyObject **)((char *)stand_in + closed_name_off) = Py_NewRef(self->name);
+    PyObject *mv = self->mv;
+    self->mv = stand_in;
+    if (mv != NULL && PyMemoryView_Check(mv)) {
+        PyObject *done = PyObject_CallMethodNoArgs(mv, str_release);
+        if (done == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_BufferError)) {
+                Py_DECREF(mv);
+                return NULL;
+            }
+            PyErr_Clear(); /* still exported: released when the exports go */
+        }
+        Py_XDECREF(done);
+    }
+    Py_XDECREF(mv);
     Py_RETURN_NONE;
 }
 
@@ -220,12 +281,48 @@ cell_set(CellObject *self, PyObject *value, void *Py_UNUSED(closure))
     return 0;
 }
 
+static int
+cell_traverse(CellObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->segment);
+    Py_VISIT(self->name);
+    Py_VISIT(self->kind);
+    Py_VISIT(self->mv);
+    /* Not buf.obj: the export this cell holds must stay a reference the
+     * collector cannot account for, so that it never clears the exporter (a
+     * memoryview refuses to be released while exported) before this cell
+     * lets go of it, as before ScalarCell took part in collection. */
+    return 0;
+}
+
+static int
+cell_clear(CellObject *self)
+{
+    detach(self);
+    Py_CLEAR(self->segment);
+    Py_CLEAR(self->name);
+    Py_CLEAR(self->kind);
+    Py_CLEAR(self->mv);
+    return 0;
+}
+
 static void
 cell_dealloc(CellObject *self)
 {
-    detach(self);
+    PyObject_GC_UnTrack(self);
+    cell_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
+
+static PyMemberDef cell_members[] = {
+    {"_segment", T_OBJECT_EX, offsetof(CellObject, segment), 0,
+     "The segment handle (kept open while its view is alive)."},
+    {"_name", T_OBJECT_EX, offsetof(CellObject, name), 0, "The segment's name."},
+    {"_kind", T_OBJECT_EX, offsetof(CellObject, kind), 0, "The kind's name (\"u64\")."},
+    {"_mv", T_OBJECT_EX, offsetof(CellObject, mv), 0,
+     "The memoryview of the number (the slow path's), or the closed stand-in."},
+    {NULL, 0, 0, 0, NULL},
+};
 
 static PyGetSetDef cell_getset[] = {
     {"value", (getter)cell_get, (setter)cell_set, "The number, read from shared memory now.",
@@ -238,6 +335,8 @@ static PyMethodDef cell_methods[] = {
      "_ps_attach(buffer, format): read and write the first number of `buffer` (held)."},
     {"_ps_detach", (PyCFunction)cell_detach, METH_NOARGS,
      "Drop the buffer: every later access takes the slow path."},
+    {"_ps_invalidate", (PyCFunction)cell_invalidate, METH_NOARGS,
+     "The segment closed: every later use raises SegmentClosed."},
     {NULL},
 };
 
@@ -246,11 +345,29 @@ static PyTypeObject CellType = {
     .tp_name = "procshare._cview.ScalarCell",
     .tp_doc = "Fast path of a scalar view's .value (see _views.ScalarView).",
     .tp_basicsize = sizeof(CellObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
     .tp_dealloc = (destructor)cell_dealloc,
+    .tp_traverse = (traverseproc)cell_traverse,
+    .tp_clear = (inquiry)cell_clear,
     .tp_getset = cell_getset,
     .tp_methods = cell_methods,
+    .tp_members = cell_members,
+};
+
+#include "_cview_segment.h"
+
+static PyMethodDef cview_functions[] = {
+    {"setup", cview_setup, METH_VARARGS,
+     "setup(Segment, ScalarView, _Closed, record offsets): the classes scalar_segment() "
+     "and _ps_invalidate() build."},
+    {"scalar_segment", (PyCFunction)(void (*)(void))cview_scalar_segment, METH_FASTCALL,
+     "scalar_segment(part, rec, (name, kind, format)) -> Segment with a ScalarView."},
+    {"open_setup", cview_open_setup, METH_O,
+     "open_setup(dict): what open_planned() reads (see _shared.py)."},
+    {"open_planned", (PyCFunction)(void (*)(void))cview_open_planned, METH_FASTCALL,
+     "open_planned(name, kind) -> the Segment of a planned by-name open of a number, or None."},
+    {NULL},
 };
 
 static struct PyModuleDef module = {
@@ -258,6 +375,7 @@ static struct PyModuleDef module = {
     .m_name = "procshare._cview",
     .m_doc = "The C fast path of scalar views.",
     .m_size = -1,
+    .m_methods = cview_functions,
 };
 
 PyMODINIT_FUNC
@@ -265,16 +383,21 @@ PyInit__cview(void)
 {
     str_get_slow = PyUnicode_InternFromString("_ps_get_slow");
     str_set_slow = PyUnicode_InternFromString("_ps_set_slow");
-    if (str_get_slow == NULL || str_set_slow == NULL)
+    str_view = PyUnicode_InternFromString("view");
+    str_close = PyUnicode_InternFromString("close");
+    str_data = PyUnicode_InternFromString("data");
+    str_cast = PyUnicode_InternFromString("cast");
+    str_release = PyUnicode_InternFromString("release");
+    if (str_get_slow == NULL || str_set_slow == NULL || str_view == NULL || str_close == NULL ||
+        str_data == NULL || str_cast == NULL || str_release == NULL)
         return NULL;
-    if (PyType_Ready(&CellType) < 0)
+    if (PyType_Ready(&CellType) < 0 || PyType_Ready(&CoreType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&CellType);
-    if (PyModule_AddObject(m, "ScalarCell", (PyObject *)&CellType) < 0) {
-        Py_DECREF(&CellType);
+    if (PyModule_AddObjectRef(m, "ScalarCell", (PyObject *)&CellType) < 0 ||
+        PyModule_AddObjectRef(m, "SegmentCore", (PyObject *)&CoreType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -33,7 +33,7 @@ from procshare._engine.locks import (
     LockEntry,
     LockGuard,
 )
-from procshare._engine.names import use_namespace, validate_name
+from procshare._engine.names import _valid, use_namespace, validate_name
 from procshare._shared import _refuse_anonymous_as_name
 from procshare.errors import AnonymousError, LockTimeout, OwnerDied, ProcshareError, UsageError
 
@@ -182,7 +182,9 @@ class InterprocessLock(LockGuard):
         if name is None:
             name = _anonymous.LABEL  # until the engine numbers it
             _check_anonymous_mode("lock", mode)
-        elif name not in _valid_names:
+        elif not _valid(name) and name not in _valid_names:
+            # (_valid: a plain str of the allowed characters, checked in C,
+            # which the anonymous label never is. The rest says what is wrong.)
             _refuse_anonymous_as_name(name, "ps.interprocess_lock('NAME')")
             validate_name(name, "lock name")
             if len(_valid_names) < 4096:
@@ -211,14 +213,16 @@ class InterprocessLock(LockGuard):
                 entry = _anonymous.open_lock(id(self))
                 self._name = entry.name  # "(anonymous #3)": for messages and repr
             else:
-                entry = _engine_locks.locks_part(engine).open(name, id(self), mode)
+                # (LocksPart.open, in C: _engine/_cengine.c)
+                entry = _engine_locks.open_lock(engine, name, id(self), mode)
         except BaseException:
             self._m = _Closed(name)  # a failed open leaves the object unusable
             raise
         self._entry = entry
         self._m = entry.mutex
         # After registering as a user, so housekeeping never closes our own entry.
-        engine.poll()
+        if engine.pending or engine.kept:  # (poll()'s own test, without the call)
+            engine.poll()
 
     # -- the rest (`with` is LockGuard's, in C) ----------------------------------
 

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
-from weakref import ref as _weakref
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from procshare import _kinds, _runtime
+from procshare import _cview, _kinds, _runtime
 from procshare._engine import anonymous as _anonymous
 from procshare._engine import names
 from procshare._engine import segments as _segments
-from procshare._engine.segments import OpenSegment, SegmentsPart, segments_part
+from procshare._engine.segments import segments_part
 from procshare._kinds import Scalar
-from procshare._views import ScalarView, not_picklable
-from procshare.errors import AnonymousError, SegmentClosed
+from procshare._segment import Segment as Segment  # noqa: PLC0414 - re-exported
+from procshare._views import ScalarView
+from procshare._views import _Closed as _views_Closed
+from procshare.errors import AnonymousError
 
 if TYPE_CHECKING:
     from typing import Unpack
@@ -39,157 +38,9 @@ else:
     V = TypeVar("V")  # what a segment's view is: Segment[ScalarView[int]]
 
 
-class Segment(Generic[V]):
-    """An open shared segment: what :func:`shared` returns.
-
-    Use it as a context manager (``with ps.shared(...) as view:`` gives the
-    view and closes the segment at the end of the block) or keep it as an
-    explicit handle: ``seg.view`` is the view and ``seg.close()`` closes it.
-    A handle that is garbage collected is closed, and the engine closes what
-    is still open at interpreter exit.
-
-    A type checker knows the view's type: ``ps.shared("n", ps.u64)`` is a
-    ``Segment[ScalarView[int]]`` (see :func:`shared`).
-    """
-
-    __slots__ = ("__weakref__", "_part", "_rec", "_view")
-
-    def __init__(
-        self,
-        part: SegmentsPart | _anonymous.AnonymousPart,
-        rec: OpenSegment,
-        resolved: _kinds.Resolved,
-    ) -> None:
-        self._part = part
-        self._rec = rec
-        self._view: V = None  # type: ignore[assignment]  # (set at once, or closed)
-        try:
-            self._view = resolved.view(self, rec)
-            if resolved.invalidates:
-                # Not numpy arrays and memoryviews: they pin the mapping
-                # themselves and keep working after close (see the docs).
-                # (Held weakly: the registry must not keep a dropped handle alive.)
-                rec.view = _weakref(self._view)
-        except BaseException:
-            part.close(rec)
-            raise
-
-    @property
-    def name(self) -> str:
-        """The name given to :func:`shared`; ``"(anonymous)"`` for an anonymous
-        segment (not a valid name: nothing can open it by name)."""
-        return self._rec.name
-
-    @property
-    def namespace(self) -> str:
-        """The namespace the name lives in (``""`` for an anonymous segment)."""
-        return self._rec.namespace
-
-    @property
-    def anonymous(self) -> bool:
-        """Whether the segment has no name (``ps.shared(kind)``): shared only with
-        the children forked while it is open."""
-        return self._rec.name is _anonymous.LABEL
-
-    @property
-    def created(self) -> bool:
-        """Whether this call created the segment (and set it to ``initial``)."""
-        return self._rec.created
-
-    @property
-    def kind(self) -> str:
-        """What the segment holds, as recorded in it (``"u64"``, ``"numpy float64[10]"``)."""
-        return self._rec.layout.kind
-
-    @property
-    def size(self) -> int:
-        """Bytes of data."""
-        return self._rec.layout.size
-
-    @property
-    def persist(self) -> bool:
-        """Whether the segment outlives its last holder (set at creation)."""
-        return self._rec.handle.persist
-
-    @property
-    def closed(self) -> bool:
-        return self._rec.closed
-
-    @property
-    def view(self) -> V:
-        """The view: ``.value`` for a number, attributes for a struct, a numpy
-        array, or a memoryview. Raises :class:`~procshare.SegmentClosed` once closed.
-        """
-        if self._rec.closed:
-            raise SegmentClosed(self._rec.name)
-        return self._view
-
-    def close(self) -> None:
-        """Stop holding the segment; the last holder to close it removes it
-        (unless it was created with ``persist=True``). Idempotent."""
-        if not self._rec.closed:
-            # Drop our own reference first: a memoryview or array nobody else
-            # holds then dies now, and the mapping can be unmapped right away
-            # instead of when this handle is collected.
-            self._view = None  # type: ignore[assignment]
-            self._part.close(self._rec)
-
-    def __enter__(self) -> V:
-        return self.view
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        rec = getattr(self, "_rec", None)
-        if rec is not None and not rec.closed:
-            with contextlib.suppress(Exception):
-                self._part.close(rec)
-
-    def __repr__(self) -> str:
-        state = "closed" if self._rec.closed else "open"
-        shown = "anonymous" if self.anonymous else repr(self.name)
-        return f"<procshare.Segment {shown} {self.kind} ({state})>"
-
-    def _ps_refuse_pickle(self) -> None:
-        """Raise :class:`AnonymousError` if anonymous (its views ask this too)."""
-        if self.anonymous:
-            raise AnonymousError(
-                f"an anonymous shared segment ({self.kind})",
-                "pickled",
-                named="ps.shared('NAME', kind), opened by that name in the other process",
-            )
-
-    def __reduce_ex__(self, protocol: object) -> NoReturn:
-        self._ps_refuse_pickle()
-        raise not_picklable("the Segment handle", self._rec.name)
-
-    # Not a __getattr__ (it would slow every attribute read of every handle):
-    # the one name people reach for when they hold the handle instead of the view.
-    # Hidden from type checkers, which then report `segment.value` as the mistake.
-    if not TYPE_CHECKING:
-
-        @property
-        def value(self) -> NoReturn:
-            """Not here: ``.value`` belongs to the view (``segment.view.value``)."""
-            raise _not_the_view("value")
-
-        @value.setter
-        def value(self, _value: object) -> NoReturn:
-            raise _not_the_view("value")
-
-
-def _not_the_view(attr: str) -> AttributeError:
-    return AttributeError(
-        f"'Segment' object has no attribute {attr!r}: ps.shared() returns the Segment "
-        f"handle; use the view from `with ps.shared(...) as view:` (view.{attr}), or "
-        f"segment.view.{attr} when you keep the handle"
-    )
+#: The default ``mode=``: compared by identity (an explicit ``mode=0o600``, an
+#: equal int but not this object, takes the checked path).
+_MODE = 0o600
 
 
 class _NoKind:
@@ -323,7 +174,7 @@ def shared(
     initial: Any = None,
     create: bool | None = None,
     persist: bool = False,
-    mode: int = 0o600,
+    mode: int = _MODE,
 ) -> Segment[Any]:
     """Create or attach the named shared segment ``name`` holding ``kind``;
     without a name, create an anonymous one.
@@ -393,6 +244,20 @@ def shared(
         return rt.shared(
             name, kind, shape=shape, size=size, initial=initial, create=create, persist=persist
         )
+    if (
+        initial is None
+        and shape is None
+        and size is None
+        and create is None
+        and persist is False
+        and mode is _MODE
+    ):
+        # A number opened by name before, attached to whole in one C call
+        # (_cview.open_planned: the steps below, for a fresh child's by-name
+        # open); None for anything else, which the rest of this function does.
+        segment = _open_planned(name, kind)
+        if segment is not None:
+            return segment  # type: ignore[no-any-return]
     # Only a call without initial= whose arguments are of exactly the types
     # validation accepts is planned, so 384.0 cannot pass for 0o600, 1 for
     # True, or (2.0, 3) for (2, 3) as a dict key.
@@ -439,6 +304,9 @@ def shared(
                     persist=bool(persist),
                     mode=mode,
                 )
+                fast = plan[4]
+                if fast is not None:  # a number: the Segment and its view built in C
+                    return _scalar_segment(part, rec, fast)  # type: ignore[no-any-return]
                 return Segment(part, rec, resolved)
     if type(name) is not str or kind is _NO_KIND:
         return _nameless(name, kind, shape, size, initial, create, persist, mode)
@@ -469,7 +337,10 @@ def shared(
     if plannable:
         if len(_plans) >= 1024:
             _plans.clear()
-        _plans[key] = (kind, resolved, os_name, meta)
+        fast = None
+        if type(resolved) is _kinds.ScalarKind:
+            fast = (resolved.name, resolved.scalar.name, resolved.scalar.format)
+        _plans[key] = (kind, resolved, os_name, meta, fast)
     return Segment(part, rec, resolved)
 
 
@@ -562,13 +433,21 @@ def _refuse_anonymous_as_name(obj: object, named: str) -> None:
 _geteuid = os.geteuid
 
 # (name, id(kind), shape, size, create, persist, mode, namespace, euid, env) ->
-# (kind, resolved, os_name, meta) for every call that succeeded without
-# initial=. Module-level, so a forked child inherits its parent's plans; the
-# kind is kept so its id cannot be reused by another object while planned.
+# (kind, resolved, os_name, meta, fast) for every call that succeeded without
+# initial=; fast is (name, kind name, struct format) for a number kind, whose
+# Segment and view _cview.scalar_segment builds (else None). Module-level, so
+# a forked child inherits its parent's plans; the kind is kept so its id
+# cannot be reused by another object while planned.
 # The effective uid is part of the key because OS names are per user: a
 # process that switches user (os.setuid in a child) must look in its new
 # user's namespace, not reuse a name of the old one.
-_plans: dict[tuple[object, ...], tuple[Any, _kinds.Resolved, str, bytes]] = {}
+_plans: dict[
+    tuple[object, ...], tuple[Any, _kinds.Resolved, str, bytes, tuple[str, str, str] | None]
+] = {}
+_scalar_segment = _cview.scalar_segment
+_open_planned = _cview.open_planned
+_cview.setup(Segment, ScalarView, _views_Closed, _segments.record_offsets())
+_cview.open_setup(_segments.planned_open_setup(_plans, _MODE))
 
 
 def unlink(name: str) -> bool:

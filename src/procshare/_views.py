@@ -133,7 +133,9 @@ class ScalarView(ScalarCell, Generic[T]):
     # or a write is one C call, as on a ctypes value, instead of two Python
     # calls through a property. It handles the common cases itself and calls
     # _ps_get_slow / _ps_set_slow below for everything else.
-    __slots__ = ("__weakref__", "_kind", "_mv", "_name", "_segment")
+    # (_segment, _name, _kind and _mv are ScalarCell's, in C: _cview.scalar_segment
+    # builds the by-name open's view there without running __init__.)
+    __slots__ = ("__weakref__",)
 
     value: T  # (an annotation only: the slots class has no attribute to hide the C one)
     """The number, read from shared memory now; assigning stores it there."""
@@ -158,10 +160,9 @@ class ScalarView(ScalarCell, Generic[T]):
         except (ValueError, TypeError) as exc:
             raise _value_error(self._name, self._kind, value, exc) from None
 
-    def _ps_invalidate(self) -> None:
-        self._ps_detach()  # first: its buffer export would keep mv from being released
-        mv, self._mv = self._mv, _Closed(self._name)
-        _release(mv)
+    # _ps_invalidate() is ScalarCell's, in C: it drops the buffer, puts a
+    # _Closed in place of _mv and releases the memoryview (closing is often a
+    # freshly forked child's last step, where each Python call copies pages).
 
     def __reduce_ex__(self, protocol: object) -> NoReturn:
         _refuse_pickle(self._segment, self._name)

@@ -62,8 +62,8 @@ from procshare._backends.api_lock import (
     LockHandle,
 )
 from procshare._backends.api_segment import SegmentHandle
+from procshare._engine import _cengine, names
 from procshare._engine import core as _core
-from procshare._engine import names
 from procshare._engine import segments as _segments
 from procshare._engine.core import get_engine
 from procshare.errors import SharedTypeError
@@ -334,7 +334,7 @@ class LocksPart:
                 raise
             raise _not_a_lock(name, "something that is not a procshare object") from None
         if handle.data_size < backend.lock_data_size:
-            backend.segment_close(handle, keep=lambda _h: True)
+            backend.segment_close(handle, keep=_keep_everything)
             raise _not_a_lock(name, "a procshare object too small to be a lock")
         return LockEntry(name, namespace, os_name, handle, backend.lock_attach(handle), self)
 
@@ -483,6 +483,34 @@ atexit.register(_warn_held_at_exit)
 def locks_part(engine: Engine | None = None) -> LocksPart:
     engine = get_engine() if engine is None else engine
     return engine.part(KEY, LocksPart)
+
+
+def _keep_everything(handle: SegmentHandle) -> bool:
+    return True  # (closing something that is not ours to judge)
+
+
+#: ``open_lock(engine, name, user, mode)``: :meth:`LocksPart.open` of ``engine``'s
+#: locks part, in C (``_cengine.c``; the Python methods stay the reference and
+#: take whatever is unusual): a lock is often first opened by name in a freshly
+#: forked child, where the eight Python functions of these steps copied pages.
+open_lock = _cengine.open_lock
+_cengine.lock_setup(
+    {
+        "nsvar": names._namespace,
+        "env": names._ENV_DATA,
+        "env_key": names._ENV_KEY,
+        "default_namespace": names._DEFAULT_NAMESPACE,
+        "current_namespace": names.current_namespace,
+        "env_namespace": names.env_namespace,
+        "segments": vars(_segments),
+        "locks_part": locks_part,
+        "LockEntry": LockEntry,
+        "keep_all": _keep_everything,
+    }
+)
+
+
+_core.prebuild_part(KEY, LocksPart)  # (a forked child adopts it ready-made)
 
 
 def wait_acquire(mutex: LockHandle, reentrant: bool, timeout: float | None) -> int:

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
-import hashlib
 import os
 import re
 from collections.abc import Iterator
 from typing import Any
 
+from procshare._engine import _cengine
 from procshare.errors import InvalidName
 
 MAX_NAME = 128
@@ -49,6 +48,8 @@ _namespace: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 def validate_name(name: object, what: str = "name") -> str:
     """Return ``name`` if it is a valid procshare name, else raise :class:`InvalidName`."""
+    if _valid(name):  # (the check in C; the rest of this function says what is wrong)
+        return name  # type: ignore[return-value]
     if not isinstance(name, str):
         if callable(name) and what == "lock name":
             raise InvalidName(
@@ -133,37 +134,30 @@ def use_namespace(name: str) -> Iterator[str]:
         _namespace.reset(token)
 
 
-def _code(data: bytes, length: int) -> str:
-    # Lower-case hex: valid in every POSIX IPC namespace and file system, and
-    # computed in C. (base64.b32encode is Python code; in a freshly forked
-    # child every line of it run for the first time copies pages.)
-    return data.hex()[:length]
-
-
-@functools.lru_cache(maxsize=64)
-def _prefix(namespace: str, uid: int) -> str:
-    digest = hashlib.blake2b(f"{uid}\0{namespace}".encode(), digest_size=8).digest()
-    return PREFIX + _code(digest, 7)
+# Both hashes are BLAKE2b, unkeyed, computed in C (_cengine.c, which tests
+# check against hashlib): the prefix is "/ps" + the first 7 lower-case hex
+# digits of blake2b(f"{uid}\0{namespace}", digest_size=8); the name part is
+# the kind + the 20 hex digits of blake2b(f"{namespace}\0{kind}\0{name}",
+# digest_size=10), all UTF-8. Lower-case hex is valid in every POSIX IPC
+# namespace and file system. (In C because a name is often first hashed in a
+# freshly forked child, where the Python steps copied ~25 pages.)
+_valid = _cengine.valid
 
 
 def namespace_prefix(namespace: str | None = None, uid: int | None = None) -> str:
     """The OS-name prefix shared by every object of ``namespace`` for ``uid``."""
     ns = current_namespace() if namespace is None else namespace
-    return _prefix(ns, os.geteuid() if uid is None else uid)
+    return _cengine.prefix(ns, os.geteuid() if uid is None else uid)
 
 
 def os_name(kind: str, name: str, namespace: str | None = None, uid: int | None = None) -> str:
     """The OS name (``/ps...``, 31 characters) of object ``name`` of ``kind``."""
-    if len(kind) != 1:
-        raise ValueError(f"object kind must be one character, got {kind!r}")
     ns = current_namespace() if namespace is None else namespace
-    prefix = _prefix(ns, os.geteuid() if uid is None else uid)
-    # 10 bytes of digest are the 20 hex digits of the name part (see _code).
-    tail = _blake2b(f"{ns}\0{kind}\0{name}".encode(), digest_size=10).hexdigest()
-    return prefix + kind + tail
+    return _cengine.os_name(kind, name, ns, os.geteuid() if uid is None else uid)
 
 
-_blake2b = hashlib.blake2b
+def _code(data: bytes, length: int) -> str:
+    return data.hex()[:length]
 
 
 def temp_os_name(namespace: str | None = None) -> str:

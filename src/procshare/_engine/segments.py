@@ -35,8 +35,9 @@ from typing import Any
 import attrs
 
 from procshare._backends.api_segment import KeepOrphan, NativeKind, SegmentHandle
-from procshare._engine import names
-from procshare._engine.core import Engine, current_pid, get_engine
+from procshare._engine import _cengine, names
+from procshare._engine import core as _core
+from procshare._engine.core import Engine, get_engine, prebuild_part
 from procshare.errors import (
     DescriptorLimit,
     MappingLimit,
@@ -65,40 +66,17 @@ class Layout:
     size: int
 
 
-class OpenSegment:
-    """One segment this process opened (one ``ps.shared`` call).
-
-    A plain class (slotted), like :class:`SegmentsPart`, not attrs: both are
-    built in every forked child that opens a segment, and each separately
-    compiled attrs method run there costs copied pages.
-    """
-
-    __slots__ = (
-        "closed",
-        "created",
-        "forks",
-        "handle",
-        "layout",
-        "name",
-        "namespace",
-        "view",
-    )
-
-    def __init__(
-        self, name: str, namespace: str, handle: SegmentHandle, created: bool, layout: Layout
-    ) -> None:
-        self.name = name
-        self.namespace = namespace
-        self.handle = handle
-        self.created = created
-        self.layout = layout
-        #: A weak reference to the view to invalidate at close (scalar and
-        #: struct views: they drop their memory then), if any.
-        self.view: Callable[[], Any] | None = None
-        self.closed = False
-        #: The engine's fork count when opened: children forked since inherited
-        #: it and may use it after this process closed it.
-        self.forks = 0
+#: One segment this process opened (one ``ps.shared`` call): its ``name``,
+#: ``namespace``, the backend's ``handle``, whether this open ``created`` it,
+#: its ``layout``; ``view``, a weak reference to the view to invalidate at
+#: close (scalar and struct views: they drop their memory then), if any;
+#: ``closed``; ``forks``, the engine's fork count when opened (children
+#: forked since inherited it and may use it after this process closed it).
+#: A C type (``_cengine.c``): one is built on every open, often in a freshly
+#: forked child, where a Python ``__init__`` copied pages.
+OpenSegment = _cengine.OpenSegment
+#: ``(OpenSegment, offsets of its closed, view and handle)``, for the front end's C.
+record_offsets = _cengine.record_offsets
 
 
 # (kind, name, namespace, euid) -> OS name, for every part of this process and
@@ -114,7 +92,7 @@ def os_name(kind: str, name: str, namespace: str) -> str:
     key = (kind, name, namespace, uid)
     found = _inherited_os_names.get(key)
     if found is None:
-        found = names.os_name(kind, name, namespace, uid)
+        found = _cengine.os_name(kind, name, namespace, uid)  # (names.os_name, in C)
         if len(_inherited_os_names) >= 4096:
             _inherited_os_names.clear()
         _inherited_os_names[key] = found
@@ -414,7 +392,7 @@ class SegmentsPart:
         if view is not None:
             view._ps_invalidate()  # later uses raise SegmentClosed
         engine = self.engine
-        if engine.pid != current_pid():
+        if engine.pid != _core._pid:  # (current_pid(), without the call)
             return  # inherited: never close, unlink or release the parent's
         if engine.forks > rec.forks or engine.forking > 0:  # (else no child has it)
             # Children forked while it was open share this process's hold and
@@ -550,6 +528,30 @@ def _describe_found(found: dict[str, Any], name: str) -> str:
     return text
 
 
+def planned_open_setup(plans: dict[Any, Any], mode: int) -> dict[str, object]:
+    """What the front end's C planned open (``_cview.open_planned``) reads: the
+    front end's ``plans`` and default ``mode``, and where this engine keeps its
+    state (the current engine, namespace, environment, swept namespaces), with
+    the Python steps it calls when it must."""
+    return {
+        "plans": plans,
+        "core": vars(_core),
+        "nsvar": names._namespace,
+        "env": names._ENV_DATA,
+        "env_key": names._ENV_KEY,
+        "swept": globals(),  # (its swept_namespaces, looked up per open)
+        "keep_nothing": _keep_nothing,
+        "default_namespace": names._DEFAULT_NAMESPACE,
+        "mode": mode,
+        "current_namespace": names.current_namespace,
+        "get_engine": get_engine,
+        "segments_part": segments_part,
+    }
+
+
 def segments_part(engine: Engine | None = None) -> SegmentsPart:
     """This process's segments part."""
     return (engine or get_engine()).part("segments", SegmentsPart)
+
+
+prebuild_part("segments", SegmentsPart)  # (a forked child adopts it ready-made)

@@ -162,32 +162,41 @@ Mutex_dealloc(MutexObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* initialise(): set up a fresh mutex (only by the creator, before publication). */
-static PyObject *
-Mutex_initialise(MutexObject *self, PyObject *Py_UNUSED(ignored))
+/* Set up a fresh mutex and our words in the DATA_SIZE bytes at `mem`; 0, or
+ * -1 with OSError set. */
+static int
+initialise_memory(void *mem)
 {
     pthread_mutexattr_t attr;
     int rc;
-    if (check_open(self) < 0) {
-        return NULL;
-    }
-    memset(self->view.buf, 0, DATA_SIZE);
+    memset(mem, 0, DATA_SIZE);
     if ((rc = pthread_mutexattr_init(&attr)) != 0) {
         goto fail;
     }
     if ((rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED)) != 0 ||
         (rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST)) != 0 ||
         (rc = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK)) != 0 ||
-        (rc = pthread_mutex_init(self->mutex, &attr)) != 0) {
+        (rc = pthread_mutex_init((pthread_mutex_t *)mem, &attr)) != 0) {
         pthread_mutexattr_destroy(&attr);
         goto fail;
     }
     pthread_mutexattr_destroy(&attr);
-    self->state->magic = STATE_MAGIC;
-    Py_RETURN_NONE;
+    ((lock_state *)((char *)mem + STATE_OFFSET))->magic = STATE_MAGIC;
+    return 0;
 fail:
     errno = rc;
-    return PyErr_SetFromErrno(PyExc_OSError);
+    PyErr_SetFromErrno(PyExc_OSError);
+    return -1;
+}
+
+/* initialise(): set up a fresh mutex (only by the creator, before publication). */
+static PyObject *
+Mutex_initialise(MutexObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (check_open(self) < 0 || initialise_memory(self->view.buf) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
 }
 
 static void
@@ -637,7 +646,54 @@ robustmutex_taken_here(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
     return PyBool_FromLong(taken_gen == fork_gen);
 }
 
+/* initialise(data): set up a fresh mutex in a new lock object's data (the
+ * backend's lock_init; only by the creator, before publication). One C call,
+ * no Mutex object: a lock is often first created in a freshly forked child,
+ * where each Python call and object costs copied pages. */
+static PyObject *
+robustmutex_initialise(PyObject *Py_UNUSED(module), PyObject *buffer)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE) < 0) {
+        return NULL;
+    }
+    int rc = -1;
+    if (view.len < DATA_SIZE || ((uintptr_t)view.buf % 16) != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "a robust mutex needs %d writable bytes aligned to 16", DATA_SIZE);
+    }
+    else {
+        rc = initialise_memory(view.buf);
+    }
+    PyBuffer_Release(&view);
+    if (rc < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* attach(handle) -> Mutex(handle.data): the backend's lock_attach, in C for
+ * the same reason. */
+static PyObject *
+robustmutex_attach(PyObject *Py_UNUSED(module), PyObject *handle)
+{
+    static PyObject *str_data;
+    if (str_data == NULL && (str_data = PyUnicode_InternFromString("data")) == NULL) {
+        return NULL;
+    }
+    PyObject *data = PyObject_GetAttr(handle, str_data);
+    if (data == NULL) {
+        return NULL;
+    }
+    PyObject *mutex = PyObject_CallOneArg((PyObject *)&MutexType, data);
+    Py_DECREF(data);
+    return mutex;
+}
+
 static PyMethodDef robustmutex_methods[] = {
+    {"initialise", robustmutex_initialise, METH_O,
+     "initialise(data): set up a fresh robust mutex in a new lock object's data."},
+    {"attach", robustmutex_attach, METH_O, "attach(handle) -> Mutex(handle.data)."},
     {"taken_here", robustmutex_taken_here, METH_NOARGS,
      "Whether a thread of this process has taken any mutex since it began (or was forked)."},
     {"keep", (PyCFunction)(void (*)(void))robustmutex_keep, METH_FASTCALL,

@@ -15,6 +15,7 @@ released silently.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from procshare._backends.api_lock import LockHandle
@@ -27,7 +28,8 @@ try:
         STATE_MAGIC,
         STATE_OFFSET,
         Guard,
-        Mutex,
+        attach,
+        initialise,
         keep,
         reuse,
         reuse_setup,
@@ -88,16 +90,11 @@ class PosixLocks:
     #: forked (a forked child's exit skips looking at its locks when not).
     lock_taken_here = staticmethod(taken_here)
 
-    def lock_init(self, data: memoryview) -> None:
-        mutex = Mutex(data)
-        try:
-            mutex.initialise()
-        finally:
-            mutex.detach()
-
-    def lock_attach(self, handle: SegmentHandle) -> LockHandle:
-        mutex: LockHandle = Mutex(handle.data)
-        return mutex
+    #: ``lock_init(data)`` and ``lock_attach(handle)`` (``Mutex(handle.data)``):
+    #: one C call each, no Python frame (a lock is often first created or
+    #: opened in a freshly forked child, where each one copies pages).
+    lock_init = staticmethod(initialise)
+    lock_attach: Callable[[SegmentHandle], LockHandle] = staticmethod(attach)
 
     def lock_owner(self, os_name: str) -> int | None:
         # pread, not an open of the object: no hold is taken, no orphan
