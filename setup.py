@@ -23,7 +23,11 @@ setup(
         ),
         Extension(
             "procshare._backends.posix._forkstep",
-            sources=["src/procshare/_backends/posix/_forkstep.c"],
+            sources=[
+                "src/procshare/_backends/posix/_forkstep.c",
+                "src/procshare/_backends/posix/_forkfast.c",
+            ],
+            depends=["src/procshare/_backends/posix/_forkstep.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),
         Extension(

@@ -63,7 +63,10 @@ class Record:
     """The parent's knowledge of one child.
 
     A plain slotted class, not attrs: it is built on every fork, and each
-    object touched around a fork costs a copy-on-write page fault.
+    object touched around a fork costs a copy-on-write page fault. The
+    backend's C start builds records too, and its C join finishes them,
+    writing these slots in place (see :mod:`procshare._engine.accel`): a
+    slot added here is added there.
     """
 
     __slots__ = (
@@ -99,7 +102,9 @@ class Record:
         self.seq = 0  # the engine's fork count with this fork
         self.result_fd: int | None = None
         self.wait_fd: int | None = None
-        self.buf = bytearray()
+        # What the child sent: b"" (shared, nothing allocated per fork) until
+        # drain() makes it a bytearray.
+        self.buf: bytes | bytearray = b""
         self.eof = False  # the result pipe is at end of file (or closed by us)
         self.exit: Exit | None = None
         self.done = False  # reaped (or lost): the outcome is final
@@ -305,6 +310,8 @@ def drain(backend: Backend, rec: Record) -> None:
         if not data:
             rec.eof = True
             return
+        if not isinstance(buf, bytearray):  # the shared b"" of a new record
+            buf = rec.buf = bytearray()
         buf += data
         if len(buf) >= LEN.size:
             (n,) = LEN.unpack_from(buf)
@@ -322,7 +329,7 @@ def drain(backend: Backend, rec: Record) -> None:
                 backend.process_grow_pipe(fd, _BIG_PIPE)
 
 
-def _held_end(buf: bytearray) -> int:
+def _held_end(buf: bytes | bytearray) -> int:
     """Where the result message starts: after the ``H`` message, if any."""
     if len(buf) > LEN.size and buf[LEN.size] == _HELD_TAG:
         n: int = LEN.unpack_from(buf)[0]

@@ -45,6 +45,8 @@
 #include <sys/prctl.h>
 #endif
 
+#include "_forkstep.h"
+
 /* The mask in force before fork_child() blocked signals. Written under the
  * GIL just before fork(), so the child's copy is the one its own fork saved. */
 static sigset_t saved_mask;
@@ -110,40 +112,23 @@ block_signals(void)
     pthread_sigmask(SIG_BLOCK, &block, &saved_mask);
 }
 
-static PyObject *
-forkstep_fork(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+/* The fork step itself, shared with the fast path (_forkfast.c): see
+ * _forkstep.h. */
+int
+ps_fork_step(int die_with_parent, int want_pidfd, pid_t *pid_out, int *fd_out, int *pidfd_out)
 {
-    int die_with_parent, want_pidfd, fds[2], flags, saved_errno, pidfd = -1;
-    long token = 0;
+    int fds[2], flags, saved_errno, pidfd = -1;
     pid_t parent, pid;
 
-    if (nargs != 2 && nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "fork() takes die_with_parent, want_pidfd[, token]");
-        return NULL;
-    }
-    if (nargs == 3) {
-        token = PyLong_AsLong(args[2]);
-        if (token == -1 && PyErr_Occurred()) {
-            return NULL;
-        }
-    }
-    die_with_parent = PyObject_IsTrue(args[0]);
-    if (die_with_parent < 0) {
-        return NULL;
-    }
-    want_pidfd = PyObject_IsTrue(args[1]);
-    if (want_pidfd < 0) {
-        return NULL;
-    }
     if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
         PyErr_SetString(PyExc_RuntimeError, "fork not supported for subinterpreters");
-        return NULL;
+        return -1;
     }
     if (PySys_Audit("os.fork", NULL) < 0) {
-        return NULL;
+        return -1;
     }
     if (reserve_private() < 0) {
-        return NULL;
+        return -1;
     }
     parent = getpid();
     if (private_owner != parent) {
@@ -151,7 +136,8 @@ forkstep_fork(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
         private_owner = parent;
     }
     if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) {
-        return PyErr_SetFromErrno(PyExc_OSError);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
     }
     flags = fcntl(fds[1], F_GETFL);
     if (flags == -1 || fcntl(fds[1], F_SETFL, flags & ~O_NONBLOCK) == -1) {
@@ -159,7 +145,8 @@ forkstep_fork(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
         close(fds[0]);
         close(fds[1]);
         errno = saved_errno;
-        return PyErr_SetFromErrno(PyExc_OSError);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
     }
     block_signals();
     PyOS_BeforeFork();
@@ -187,7 +174,10 @@ forkstep_fork(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
                 kill(getpid(), SIGKILL);
             }
         }
-        return Py_BuildValue("(iiO)", 0, fds[1], Py_None);
+        *pid_out = 0;
+        *fd_out = fds[1];
+        *pidfd_out = -1;
+        return 0;
     }
     PyOS_AfterFork_Parent();
     if (pid == -1) {
@@ -195,7 +185,8 @@ forkstep_fork(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
         close(fds[0]);
         close(fds[1]);
         errno = saved_errno;
-        return PyErr_SetFromErrno(PyExc_OSError);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
     }
     close(fds[1]);
     private_fds[n_private++] = fds[0]; /* reserved above */
@@ -203,23 +194,68 @@ forkstep_fork(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
     if (want_pidfd) {
         pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
     }
+#else
+    (void)want_pidfd;
 #endif
     if (pidfd >= 0) {
         private_fds[n_private++] = pidfd;
     }
+    *pid_out = pid;
+    *fd_out = fds[0];
+    *pidfd_out = pidfd < 0 ? -1 : pidfd;
+    return 0;
+}
+
+void
+ps_restore_mask(void)
+{
+    pthread_sigmask(SIG_SETMASK, &saved_mask, NULL);
+}
+
+static PyObject *
+forkstep_fork(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    int die_with_parent, want_pidfd, fd, pidfd;
+    long token = 0;
+    pid_t pid;
+
+    if (nargs != 2 && nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "fork() takes die_with_parent, want_pidfd[, token]");
+        return NULL;
+    }
+    if (nargs == 3) {
+        token = PyLong_AsLong(args[2]);
+        if (token == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    die_with_parent = PyObject_IsTrue(args[0]);
+    if (die_with_parent < 0) {
+        return NULL;
+    }
+    want_pidfd = PyObject_IsTrue(args[1]);
+    if (want_pidfd < 0) {
+        return NULL;
+    }
+    if (ps_fork_step(die_with_parent, want_pidfd, &pid, &fd, &pidfd) < 0) {
+        return NULL;
+    }
+    if (pid == 0) {
+        return Py_BuildValue("(iiO)", 0, fd, Py_None);
+    }
     PyObject *result;
     if (pidfd >= 0) {
-        result = Py_BuildValue("(iii)", (int)pid, fds[0], pidfd);
+        result = Py_BuildValue("(iii)", (int)pid, fd, pidfd);
     }
     else {
-        result = Py_BuildValue("(iiO)", (int)pid, fds[0], Py_None);
+        result = Py_BuildValue("(iiO)", (int)pid, fd, Py_None);
     }
     Py_XSETREF(last_fork, Py_XNewRef(result));
     last_token = token;
     /* Restored last: a KeyboardInterrupt cannot separate the fork from the
      * descriptors that let the engine reap the child (and if it lands just
      * after this call returns, unclaimed() still has them). */
-    pthread_sigmask(SIG_SETMASK, &saved_mask, NULL);
+    ps_restore_mask();
     return result;
 }
 
@@ -245,6 +281,16 @@ forkstep_unblock(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
     Py_RETURN_NONE;
 }
 
+int
+ps_close_fd(int fd)
+{
+    forget_private(fd);
+    if (close(fd) != 0 && errno != EBADF) {
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *
 forkstep_close(PyObject *Py_UNUSED(module), PyObject *arg)
 {
@@ -256,9 +302,7 @@ forkstep_close(PyObject *Py_UNUSED(module), PyObject *arg)
         PyErr_Format(PyExc_ValueError, "not a file descriptor: %ld", value);
         return NULL;
     }
-    int fd = (int)value;
-    forget_private(fd);
-    if (close(fd) != 0 && errno != EBADF) {
+    if (ps_close_fd((int)value) < 0) {
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     Py_RETURN_NONE;
@@ -310,27 +354,32 @@ forkstep_private(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
     return list;
 }
 
+static PyObject *flush_name; /* "flush", interned by the module's init */
+
 static void
 flush_stream(const char *name)
 {
     PyObject *stream = PySys_GetObject(name); /* borrowed */
     if (stream != NULL && stream != Py_None) {
-        PyObject *r = PyObject_CallMethod(stream, "flush", NULL);
+        /* No bound method and no name object made per call: a child calls
+         * this as it ends, where each object written is a copied page. */
+        PyObject *r = PyObject_CallMethodNoArgs(stream, flush_name);
         Py_XDECREF(r);
     }
     PyErr_Clear(); /* a failed flush must not stop the exit */
 }
 
-static PyObject *
-forkstep_exit(PyObject *Py_UNUSED(module), PyObject *arg)
+void
+ps_flush_stdio(void)
 {
-    long status = PyLong_AsLong(arg);
-    if (status == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        status = 1;
-    }
     flush_stream("stdout");
     flush_stream("stderr");
+}
+
+void
+ps_exit(long status)
+{
+    ps_flush_stdio();
     if (status < 0 && status > -NSIG) {
         /* End by the signal, with its default action, as the parent expects of
          * a child that unwound from a cancel (and as CPython ends itself after
@@ -345,6 +394,17 @@ forkstep_exit(PyObject *Py_UNUSED(module), PyObject *arg)
         _exit(128 + signum); /* a signal whose default is to be ignored */
     }
     _exit((int)status);
+}
+
+static PyObject *
+forkstep_exit(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    long status = PyLong_AsLong(arg);
+    if (status == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        status = 1;
+    }
+    ps_exit(status);
 }
 
 /* poll1(fd, timeout_ms) -> [fd] or []: poll() on one descriptor for POLLIN
@@ -427,14 +487,24 @@ forkstep_threads_setup(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ss
     Py_RETURN_NONE;
 }
 
+Py_ssize_t
+ps_python_threads(void)
+{
+    if (threads_active == NULL || threads_limbo == NULL) {
+        return -1;
+    }
+    return PyDict_GET_SIZE(threads_active) + PyDict_GET_SIZE(threads_limbo);
+}
+
 static PyObject *
 forkstep_python_threads(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
 {
-    if (threads_active == NULL || threads_limbo == NULL) {
+    Py_ssize_t n = ps_python_threads();
+    if (n < 0) {
         PyErr_SetString(PyExc_RuntimeError, "python_threads() before threads_setup()");
         return NULL;
     }
-    return PyLong_FromSsize_t(PyDict_GET_SIZE(threads_active) + PyDict_GET_SIZE(threads_limbo));
+    return PyLong_FromSsize_t(n);
 }
 
 static PyMethodDef forkstep_methods[] = {
@@ -479,5 +549,14 @@ static struct PyModuleDef forkstep_module = {
 PyMODINIT_FUNC
 PyInit__forkstep(void)
 {
-    return PyModule_Create(&forkstep_module);
+    flush_name = PyUnicode_InternFromString("flush");
+    if (flush_name == NULL) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&forkstep_module);
+    if (module != NULL && ps_fast_init(module) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

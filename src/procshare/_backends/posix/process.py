@@ -203,6 +203,23 @@ class PosixProcesses:
             return False
         return not int(fields[6]) & _PF_EXITING
 
+    # The common case of @forked start and Child.join() in C (_forkfast.c; see
+    # procshare._engine.accel): the bases the front end's classes derive from,
+    # and where the C code finds what it reads and writes.
+    process_fast_bases = (_forkstep.Launcher, _forkstep.Handle)
+
+    def process_fast_setup(self, config: dict[str, Any]) -> None:
+        _forkstep.fast_setup(
+            {
+                **config,
+                "process": globals(),  # _pidfd_open, read on every fork as process_fork does
+                "backend": self,
+                "Exit": Exit,
+                "exit_ok": _EXIT_OK,
+                "set_handler": _set_handler,
+            }
+        )
+
     # threading.active_count() without its lock, in C: this runs on every fork
     # and at the end of every child (where each object touched is a copied
     # page, and len() from Python writes both dictionaries' reference counts).
