@@ -517,12 +517,71 @@ to_ms(double seconds)
     return ms < 0 ? 0 : (ms > (double)INT_MAX ? INT_MAX : (long)ms);
 }
 
-/* Wait for the child's exit as ChildrenPart.wait does: the pidfd alone for
- * _EXIT_FIRST seconds, then the pidfd and the pipe, warning once after
- * DEADLOCK_WATCH seconds. 1: it exited; 0: the pipe has something first
- * (the Python path reads it); -1: an exception is set. */
+/* Append what the pipe holds now to rec.buf (at most up to `limit` bytes in
+ * all); 1 if it reached end of file, 0 if not (EAGAIN, or the limit). */
 static int
-wait_exit(PyObject *part, int pidfd, int result_fd)
+read_rest(PyObject *rec, int fd, Py_ssize_t limit)
+{
+    char first[64]; /* small: a child that sent nothing costs no stack page */
+    for (;;) {
+        PyObject *buf = SLOT(rec, roff[R_BUF]);
+        Py_ssize_t have = PyByteArray_CheckExact(buf) ? PyByteArray_GET_SIZE(buf) : 0;
+        if (have >= limit) {
+            return 0;
+        }
+        ssize_t n;
+        if (have == 0) {
+            n = read(fd, first, sizeof first);
+        }
+        else {
+            Py_ssize_t room = limit - have < 65536 ? limit - have : 65536;
+            if (PyByteArray_Resize(buf, have + room) < 0) {
+                PyErr_Clear();
+                return 0;
+            }
+            n = read(fd, PyByteArray_AS_STRING(buf) + have, (size_t)room);
+            PyByteArray_Resize(buf, have + (n > 0 ? n : 0)); /* shrinking cannot fail */
+        }
+        if (n == 0) {
+            put(rec, roff[R_EOF], Py_NewRef(Py_True));
+            return 1;
+        }
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return 0; /* EAGAIN: nothing more yet (or a grandchild keeps the pipe open) */
+        }
+        if (have == 0) {
+            if (!PyByteArray_CheckExact(buf)) {
+                buf = PyByteArray_FromStringAndSize(first, n);
+                if (buf == NULL) {
+                    PyErr_Clear();
+                    return 0;
+                }
+                put(rec, roff[R_BUF], buf);
+            }
+            else if (PyByteArray_Resize(buf, n) < 0) {
+                PyErr_Clear();
+                return 0;
+            }
+            else {
+                memcpy(PyByteArray_AS_STRING(buf), first, (size_t)n);
+            }
+        }
+    }
+}
+
+/* Results up to this size are read here; a bigger one is left to the
+ * Python path, which enlarges the pipe (transport._BIG_RESULT). */
+#define READ_HERE 65536
+
+/* Wait for the child's exit as ChildrenPart.wait does: the pidfd alone for
+ * _EXIT_FIRST seconds, then the pidfd and the pipe (reading what comes),
+ * warning once after DEADLOCK_WATCH seconds. 1: it exited; 0: take the
+ * Python path (a large result); -1: an exception is set. */
+static int
+wait_exit(PyObject *part, PyObject *rec, int pidfd, int result_fd)
 {
     struct pollfd p[2] = {{.fd = pidfd, .events = POLLIN}, {.fd = result_fd, .events = POLLIN}};
     int rc = wait_fds(p, 1, to_ms(global_seconds(k_first, 0.002)));
@@ -546,7 +605,17 @@ wait_exit(PyObject *part, int pidfd, int result_fd)
             return 1;
         }
         if (rc > 0) {
-            return 0;
+            /* The pipe: data, or end of file (the child is exiting). */
+            if (read_rest(rec, result_fd, READ_HERE)) {
+                result_fd = -1; /* all in: wait for the exit only */
+            }
+            else {
+                PyObject *buf = SLOT(rec, roff[R_BUF]);
+                if (PyByteArray_CheckExact(buf) && PyByteArray_GET_SIZE(buf) >= READ_HERE) {
+                    return 0;
+                }
+            }
+            continue;
         }
         if (!warned) {
             warned = 1;
@@ -556,40 +625,6 @@ wait_exit(PyObject *part, int pidfd, int result_fd)
             }
             Py_DECREF(r);
         }
-    }
-}
-
-/* Append what the pipe holds now to rec.buf; whether it reached end of file. */
-static int
-read_rest(PyObject *rec, int fd)
-{
-    char chunk[16384];
-    for (;;) {
-        ssize_t n = read(fd, chunk, sizeof chunk);
-        if (n == 0) {
-            return 1;
-        }
-        if (n < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            return 0; /* EAGAIN: a grandchild keeps the pipe open; all data is in */
-        }
-        PyObject *buf = SLOT(rec, roff[R_BUF]);
-        if (!PyByteArray_CheckExact(buf)) {
-            buf = PyByteArray_FromStringAndSize(NULL, 0);
-            if (buf == NULL) {
-                PyErr_Clear();
-                return 0;
-            }
-            put(rec, roff[R_BUF], buf);
-        }
-        Py_ssize_t have = PyByteArray_GET_SIZE(buf);
-        if (PyByteArray_Resize(buf, have + n) < 0) {
-            PyErr_Clear();
-            return 0;
-        }
-        memcpy(PyByteArray_AS_STRING(buf) + have, chunk, (size_t)n);
     }
 }
 
@@ -623,7 +658,7 @@ fast_join(HandleObject *self, int *slow)
     Py_INCREF(rec); /* the handle's slots may change while the GIL is released */
     Py_INCREF(part);
     PyObject *value = NULL;
-    int ready = wait_exit(part, (int)wait_fd, (int)result_fd);
+    int ready = wait_exit(part, rec, (int)wait_fd, (int)result_fd);
     if (ready < 0) {
         *slow = 0;
         goto done;
@@ -662,8 +697,8 @@ fast_join(HandleObject *self, int *slow)
         }
     }
     put(rec, roff[R_EXIT], exit_);
-    if (result_fd >= 0 && read_rest(rec, (int)result_fd)) {
-        put(rec, roff[R_EOF], Py_NewRef(Py_True));
+    if (result_fd >= 0 && SLOT(rec, roff[R_EOF]) == Py_False) {
+        read_rest(rec, (int)result_fd, PY_SSIZE_T_MAX); /* the child is gone: all is in */
     }
     if (result_obj != Py_None) {
         ps_close_fd((int)result_orig);
