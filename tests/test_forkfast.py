@@ -86,9 +86,10 @@ def test_uncommon_starts_take_the_python_path() -> None:
 
     starts, _ = _stats()
     assert with_timeout().join() == 1  # a deadline: Python
-    with ps.children() as kids:  # a scope: Python (the scope records the child)
+    with ps.children(limit=2) as kids:  # a limit: Python waits for a free slot
         _noop()
-    assert kids.results == [None]
+        _value(1)
+    assert kids.results == [None, b"x"]
     assert _stats()[0] == starts
 
     release = threading.Event()
@@ -103,6 +104,40 @@ def test_uncommon_starts_take_the_python_path() -> None:
     assert _stats()[0] == starts
     _noop().join()
     assert _stats()[0] == starts + 1
+
+
+def test_a_scope_without_a_limit_records_its_children_on_both_paths(fast: bool) -> None:
+    _noop().join()
+    starts, _ = _stats()
+    with ps.children() as outer:
+        _value(1)
+        with ps.children() as inner:
+            _value(2)
+            _value(3)
+        _value(4)
+        loose = _value(5)  # a handle kept: the scope still owns and joins it
+    assert outer.results == [b"x", b"xxxx", b"xxxxx"]
+    assert inner.results == [b"xx", b"xxx"]
+    assert loose.join() == b"xxxxx"
+    assert _stats()[0] == starts + (5 if fast else 0)
+
+
+def test_a_failure_in_a_scope_without_a_limit_is_grouped_on_both_paths(fast: bool) -> None:
+    @ps.forked
+    def fails() -> None:
+        raise ValueError("first")
+
+    with pytest.raises(ExceptionGroup) as group, ps.children() as kids:
+        fails()
+        assert kids.children[0].wait() is not None
+        with ps.children(cancel_on_error=False):
+            pass  # a scope entered and left: the outer one is still the one
+        for _ in range(5):
+            _noop()
+    [error] = group.value.exceptions
+    assert isinstance(error, ps.ChildRaised)
+    assert isinstance(error, ValueError)
+    assert len(kids.children) == 6
 
 
 def test_housekeeping_pending_takes_the_python_start_which_reaps(fast: bool) -> None:

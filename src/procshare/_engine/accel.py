@@ -7,7 +7,7 @@ pages per fork than a raw ``os.fork`` loop. The POSIX backend therefore
 offers two C base classes: ``Launcher``, whose call forks in C, and
 ``Handle``, whose ``join()`` waits, reaps and finishes the record in C. They
 take the common case only (no ``ps.cluster()`` block, no ``ps.children()``
-scope open, no ``timeout=``, no pending housekeeping, one thread; a join
+scope with a ``limit`` or cancelling, no ``timeout=``, no pending housekeeping, one thread; a join
 without timeout of a child that exits before sending anything) and call the
 Python code for the rest: ``_Forked._call`` and ``Child._join`` (the
 reference, which the front end keeps), ``ChildrenPart._check_held`` and
@@ -107,6 +107,7 @@ def accelerate(handle: type, poll_if_asked: Callable[[], None], runtime: dict[st
             "Record": transport.Record,
             "Engine": core.Engine,
             "ChildrenPart": children.ChildrenPart,
+            "ScopeState": children.ScopeState,
             "Child": handle,
             "main": transport.child_main,
             "held": _locks.held_here,

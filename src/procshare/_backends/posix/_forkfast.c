@@ -56,16 +56,19 @@ enum { E_PID, E_PENDING, E_KEPT, E_FORKS, E_FORKING, E_DEFERRED, E_COUNT };
 static const char *const engine_slots[E_COUNT] = {
     "pid", "pending", "kept", "forks", "forking", "deferred",
 };
-enum { P_ENGINE, P_LIVE, P_SCOPED, P_COUNT };
-static const char *const part_slots[P_COUNT] = {"engine", "_live", "scoped"};
+enum { P_ENGINE, P_LIVE, P_SCOPED, P_LOCAL, P_COUNT };
+static const char *const part_slots[P_COUNT] = {"engine", "_live", "scoped", "_local"};
+enum { S_LIMIT, S_CANCELLING, S_RECORDS, S_RUNNING, S_COUNT };
+static const char *const scope_slots[S_COUNT] = {"limit", "cancelling", "records", "running"};
 
-static Py_ssize_t roff[R_COUNT], eoff[E_COUNT], poff[P_COUNT];
+static Py_ssize_t roff[R_COUNT], eoff[E_COUNT], poff[P_COUNT], soff[S_COUNT];
 static PyTypeObject *record_type, *engine_type, *part_type, *handle_type, *exit_type;
+static PyTypeObject *scope_type;
 static PyObject *core_g, *children_g, *runtime_g, *process_g; /* module globals */
 static PyObject *child_main, *child_backend, *child_held, *set_handler, *handlers;
 static PyObject *exit_ok, *returned_none, *poll_if_asked, *empty_dict, *empty_str;
 static PyObject *k_engine, *k_pid, *k_current, *k_entered, *k_pidfd_open, *k_watch, *k_first;
-static PyObject *k_call, *k_join, *k_joined, *k_drop, *k_check_held, *k_warn;
+static PyObject *k_stack, *k_call, *k_join, *k_joined, *k_drop, *k_check_held, *k_warn;
 static int fast_ready, fast_on = 1;
 static unsigned long long n_starts, n_joins; /* fast starts and joins (for tests) */
 
@@ -109,7 +112,7 @@ fast_setup(PyObject *Py_UNUSED(module), PyObject *config)
     }
     fast_ready = 0;
     PyObject *t_record = NULL, *t_engine = NULL, *t_part = NULL, *t_handle = NULL;
-    PyObject *t_exit = NULL;
+    PyObject *t_exit = NULL, *t_scope = NULL;
     if (take(config, "core", &core_g, &PyDict_Type) < 0 ||
         take(config, "children", &children_g, &PyDict_Type) < 0 ||
         take(config, "runtime", &runtime_g, &PyDict_Type) < 0 ||
@@ -117,6 +120,7 @@ fast_setup(PyObject *Py_UNUSED(module), PyObject *config)
         take(config, "Record", &t_record, &PyType_Type) < 0 ||
         take(config, "Engine", &t_engine, &PyType_Type) < 0 ||
         take(config, "ChildrenPart", &t_part, &PyType_Type) < 0 ||
+        take(config, "ScopeState", &t_scope, &PyType_Type) < 0 ||
         take(config, "Child", &t_handle, &PyType_Type) < 0 ||
         take(config, "Exit", &t_exit, &PyType_Type) < 0 ||
         take(config, "exit_ok", &exit_ok, NULL) < 0 ||
@@ -143,7 +147,8 @@ fast_setup(PyObject *Py_UNUSED(module), PyObject *config)
     }
     if (slot_offsets((PyTypeObject *)t_record, record_slots, roff, R_COUNT) < 0 ||
         slot_offsets((PyTypeObject *)t_engine, engine_slots, eoff, E_COUNT) < 0 ||
-        slot_offsets((PyTypeObject *)t_part, part_slots, poff, P_COUNT) < 0) {
+        slot_offsets((PyTypeObject *)t_part, part_slots, poff, P_COUNT) < 0 ||
+        slot_offsets((PyTypeObject *)t_scope, scope_slots, soff, S_COUNT) < 0) {
         goto fail;
     }
     Py_XSETREF(record_type, (PyTypeObject *)t_record);
@@ -151,6 +156,7 @@ fast_setup(PyObject *Py_UNUSED(module), PyObject *config)
     Py_XSETREF(part_type, (PyTypeObject *)t_part);
     Py_XSETREF(handle_type, (PyTypeObject *)t_handle);
     Py_XSETREF(exit_type, (PyTypeObject *)t_exit);
+    Py_XSETREF(scope_type, (PyTypeObject *)t_scope);
     fast_ready = 1;
     Py_RETURN_NONE;
 fail:
@@ -159,6 +165,7 @@ fail:
     Py_XDECREF(t_part);
     Py_XDECREF(t_handle);
     Py_XDECREF(t_exit);
+    Py_XDECREF(t_scope);
     return NULL;
 }
 
@@ -317,10 +324,48 @@ fast_start(LauncherObject *self, PyObject *args, PyObject *kwargs, int *slow)
     PyObject *live = SLOT(part, poff[P_LIVE]);
     long forks, forking;
     if (SLOT(engine, eoff[E_PENDING]) != Py_False || SLOT(engine, eoff[E_KEPT]) != Py_False ||
-        !is_zero(SLOT(part, poff[P_SCOPED])) || live == NULL || !PyDict_CheckExact(live) ||
+        live == NULL || !PyDict_CheckExact(live) ||
         !as_long(SLOT(engine, eoff[E_FORKS]), &forks) ||
         !as_long(SLOT(engine, eoff[E_FORKING]), &forking) || ps_python_threads() != 1) {
         return NULL;
+    }
+    /* The scope this fork belongs to: the innermost children() block of this
+     * thread, looked up only while one is open in some thread. One without a
+     * limit that is not cancelling only records the child. */
+    PyObject *scope = Py_None, *records = NULL, *running = NULL;
+    if (!is_zero(SLOT(part, poff[P_SCOPED]))) {
+        PyObject *local = SLOT(part, poff[P_LOCAL]);
+        PyObject *stack = local == NULL ? NULL : PyObject_GetAttr(local, k_stack);
+        if (stack == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                PyErr_Clear();
+                return NULL;
+            }
+            PyErr_Clear(); /* this thread never opened one */
+        }
+        else {
+            Py_ssize_t depth = PyList_CheckExact(stack) ? PyList_GET_SIZE(stack) : -1;
+            if (depth > 0) {
+                scope = PyList_GET_ITEM(stack, depth - 1); /* the stack keeps it alive */
+            }
+            Py_DECREF(stack);
+            if (depth < 0) {
+                return NULL;
+            }
+        }
+        if (scope != Py_None) {
+            if (!PyObject_TypeCheck(scope, scope_type) ||
+                SLOT(scope, soff[S_CANCELLING]) != Py_False ||
+                SLOT(scope, soff[S_LIMIT]) != Py_None) {
+                return NULL; /* admit() waits for a slot, or refuses */
+            }
+            records = SLOT(scope, soff[S_RECORDS]);
+            running = SLOT(scope, soff[S_RUNNING]);
+            if (records == NULL || running == NULL || !PyList_CheckExact(records) ||
+                !PyList_CheckExact(running)) {
+                return NULL;
+            }
+        }
     }
     PyObject *pidfd_open = global(process_g, k_pidfd_open);
     int want_pidfd = pidfd_open != NULL && pidfd_open != Py_None;
@@ -342,7 +387,7 @@ fast_start(LauncherObject *self, PyObject *args, PyObject *kwargs, int *slow)
     put(rec, roff[R_DAEMON], Py_NewRef(self->daemon));
     put(rec, roff[R_TIMEOUT], Py_NewRef(Py_None));
     put(rec, roff[R_DEADLINE], Py_NewRef(Py_None));
-    put(rec, roff[R_SCOPE], Py_NewRef(Py_None));
+    put(rec, roff[R_SCOPE], Py_NewRef(scope));
     put(rec, roff[R_PID], PyLong_FromLong(0));
     put(rec, roff[R_SEQ], Py_NewRef(seq));
     put(rec, roff[R_RESULT_FD], Py_NewRef(Py_None));
@@ -392,6 +437,16 @@ fast_start(LauncherObject *self, PyObject *args, PyObject *kwargs, int *slow)
      * any Python signal handler can run. */
     ps_restore_mask();
     *slow = 0;
+    if (!failed && scope != Py_None) {
+        /* Read again: Python fork hooks ran meanwhile (the record keeps the scope). */
+        records = SLOT(scope, soff[S_RECORDS]);
+        running = SLOT(scope, soff[S_RUNNING]);
+        failed = records == NULL || running == NULL || PyList_Append(records, rec) < 0 ||
+                 PyList_Append(running, rec) < 0;
+        if (failed && !PyErr_Occurred()) {
+            PyErr_SetString(PyExc_RuntimeError, "procshare: a children() scope lost its lists");
+        }
+    }
     if (failed) {
         Py_DECREF(rec);
         return NULL;
@@ -890,6 +945,7 @@ ps_fast_init(PyObject *module)
     INTERN(k_pidfd_open, "_pidfd_open");
     INTERN(k_watch, "DEADLOCK_WATCH");
     INTERN(k_first, "_EXIT_FIRST");
+    INTERN(k_stack, "stack");
     INTERN(k_call, "_call");
     INTERN(k_join, "_join");
     INTERN(k_joined, "_joined");
