@@ -127,17 +127,24 @@ def test_a_failure_in_a_scope_without_a_limit_is_grouped_on_both_paths(fast: boo
     def fails() -> None:
         raise ValueError("first")
 
-    with pytest.raises(ExceptionGroup) as group, ps.children() as kids:
-        fails()
-        assert kids.children[0].wait() is not None
-        with ps.children(cancel_on_error=False):
-            pass  # a scope entered and left: the outer one is still the one
-        for _ in range(5):
-            _noop()
+    seen: list[ps.Children] = []
+
+    def block() -> None:
+        with ps.children() as kids:
+            seen.append(kids)
+            fails()
+            assert kids.children[0].wait() is not None
+            with ps.children(cancel_on_error=False):
+                pass  # a scope entered and left: the outer one is still the one
+            for _ in range(5):
+                _noop()
+
+    with pytest.raises(ExceptionGroup) as group:
+        block()
     [error] = group.value.exceptions
     assert isinstance(error, ps.ChildRaised)
     assert isinstance(error, ValueError)
-    assert len(kids.children) == 6
+    assert len(seen[0].children) == 6
 
 
 def test_housekeeping_pending_takes_the_python_start_which_reaps(fast: bool) -> None:
