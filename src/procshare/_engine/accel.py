@@ -94,9 +94,10 @@ def accelerate(handle: type, poll_if_asked: Callable[[], None], runtime: dict[st
     wait, ``runtime`` the globals of :mod:`procshare._runtime`."""
     setup: Callable[[dict[str, Any]], None] | None
     try:
-        setup = getattr(get_backend(), "process_fast_setup", None)
+        backend: object = get_backend()
     except (ImportError, RuntimeError):
-        setup = None
+        return
+    setup = getattr(backend, "process_fast_setup", None)
     if setup is None or LauncherBase is PyLauncher:
         return
     setup(
@@ -110,6 +111,11 @@ def accelerate(handle: type, poll_if_asked: Callable[[], None], runtime: dict[st
             "ScopeState": children.ScopeState,
             "Child": handle,
             "main": transport.child_main,
+            "end": transport.child_end,
+            "transport": vars(transport),  # the cancel's flags (_armed, _pending, _raised)
+            # Whether a thread of the child took a lock (held_here's first question):
+            # none, and the C end needs no look at the locks.
+            "taken": getattr(backend, "lock_taken_here", None) or (lambda: True),
             "held": _locks.held_here,
             "handlers": tuple(children.CHILD_HANDLERS.items()),
             "poll_if_asked": poll_if_asked,

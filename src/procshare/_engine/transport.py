@@ -236,7 +236,12 @@ def child_main(  # noqa: PLR0917 - a functools.partial built on every fork
     result_fd: int,
 ) -> int:
     """Runs in the child; the backend ends the process with the status returned
-    (a negative one: by that signal, after the child unwound from a cancel)."""
+    (a negative one: by that signal, after the child unwound from a cancel).
+
+    The backend's C start runs the common case of the same itself (see
+    ``_forkfast.c``): it arms the cancel, calls ``fn`` and, unless the
+    function returned None in a child that took no lock and opened nothing,
+    hands the rest to :func:`child_end`."""
     global _armed, _raised
     # The fork step already closed our siblings' descriptors and our own
     # parent's pipe (see the backend): nothing of the parent's to drop here.
@@ -251,16 +256,61 @@ def child_main(  # noqa: PLR0917 - a functools.partial built on every fork
             _join_threads()
     except BaseException as exc:
         _armed = 0  # first: a late cancel must not interrupt the report
-        if isinstance(exc, Cancelled) and _raised == _core._pid:
-            status, payload = -signal.SIGTERM, None  # unwound: end as the signal would have
-        elif isinstance(exc, SystemExit):
-            status, payload = exit_status(exc), None
-        else:  # (a Cancelled of its own making too: reported as raised)
-            status, payload = 1, raised_payload(exc, skip=1)
+        status, payload = _failed(exc, skip=1)
     else:
         _armed = 0  # finishing: a late cancel changes nothing any more
         status, payload = (0, None) if value is None else returned_payload(value)
         del value
+    return _end(backend, held_locks, status, payload, result_fd)
+
+
+def child_end(
+    backend: Backend,
+    held_locks: Callable[[], list[str]],
+    box: list[Any],
+    exc: BaseException | None,
+    result_fd: int,
+) -> int:
+    """The rest of :func:`child_main` after the C start called the function:
+    ``box`` holds its return value (taken out here, so it can be freed
+    before the child's engine shuts down), ``exc`` what it raised."""
+    global _armed
+    value = box.pop() if box else None
+    skip = 0  # (the function's own frames: no frame of ours called it)
+    if exc is None:
+        try:
+            if backend.process_python_threads() > 1:
+                _join_threads()
+        except BaseException as failed:
+            exc, skip = failed, 1
+    _armed = 0
+    payload: bytes | None
+    if exc is not None:
+        status, payload = _failed(exc, skip=skip)
+    else:
+        status, payload = (0, None) if value is None else returned_payload(value)
+    del value
+    return _end(backend, held_locks, status, payload, result_fd)
+
+
+def _failed(exc: BaseException, *, skip: int) -> tuple[int, bytes | None]:
+    """The status and message of a child whose function raised ``exc``."""
+    if isinstance(exc, Cancelled) and _raised == _core._pid:
+        return -signal.SIGTERM, None  # unwound: end as the signal would have
+    if isinstance(exc, SystemExit):
+        return exit_status(exc), None
+    return 1, raised_payload(exc, skip=skip)  # (a Cancelled of its own making too)
+
+
+def _end(
+    backend: Backend,
+    held_locks: Callable[[], list[str]],
+    status: int,
+    payload: bytes | None,
+    result_fd: int,
+) -> int:
+    """The end of every child: note held locks, release what it opened,
+    send its message; the status to exit with."""
     held = held_locks()
     try:
         # Release what the child itself opened (never what it inherited:

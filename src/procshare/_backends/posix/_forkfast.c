@@ -65,9 +65,10 @@ static Py_ssize_t roff[R_COUNT], eoff[E_COUNT], poff[P_COUNT], soff[S_COUNT];
 static PyTypeObject *record_type, *engine_type, *part_type, *handle_type, *exit_type;
 static PyTypeObject *scope_type;
 static PyObject *core_g, *children_g, *runtime_g, *process_g; /* module globals */
-static PyObject *child_main, *child_backend, *child_held, *set_handler, *handlers;
+static PyObject *child_main, *child_end, *child_taken, *child_backend, *child_held;
+static PyObject *set_handler, *handlers, *transport_g;
 static PyObject *exit_ok, *returned_none, *poll_if_asked, *empty_dict, *empty_str;
-static PyObject *k_engine, *k_pid, *k_current, *k_entered, *k_pidfd_open, *k_watch, *k_first;
+static PyObject *k_armed, *k_pending, *k_raised, *k_engine, *k_pid, *k_current, *k_entered, *k_pidfd_open, *k_watch, *k_first;
 static PyObject *k_stack, *k_call, *k_join, *k_joined, *k_drop, *k_check_held, *k_warn;
 static int fast_ready, fast_on = 1;
 static unsigned long long n_starts, n_joins; /* fast starts and joins (for tests) */
@@ -125,6 +126,9 @@ fast_setup(PyObject *Py_UNUSED(module), PyObject *config)
         take(config, "Exit", &t_exit, &PyType_Type) < 0 ||
         take(config, "exit_ok", &exit_ok, NULL) < 0 ||
         take(config, "main", &child_main, NULL) < 0 ||
+        take(config, "end", &child_end, NULL) < 0 ||
+        take(config, "taken", &child_taken, NULL) < 0 ||
+        take(config, "transport", &transport_g, &PyDict_Type) < 0 ||
         take(config, "backend", &child_backend, NULL) < 0 ||
         take(config, "held", &child_held, NULL) < 0 ||
         take(config, "set_handler", &set_handler, NULL) < 0 ||
@@ -256,11 +260,15 @@ now(void)
 
 /* ------------------------------------------------------------ the child */
 
+/* In the child: what process_fork's child branch and transport.child_main
+ * do, the common case in C: the child's own handlers while signals are
+ * still blocked, then unblock (a cancel sent at the fork is remembered by
+ * its handler now), arm the cancel, call the function; a child whose
+ * function returned None, that runs no other thread, took no lock and
+ * opened nothing ends here; anything else ends in transport.child_end. */
 static PS_NORETURN void
 run_child(PyObject *fn, PyObject *args, PyObject *kwargs, int fd)
 {
-    /* What process_fork's child branch does: the child's own handlers while
-     * signals are still blocked, then unblock, run, end. */
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(handlers); i++) {
         PyObject *pair = PyTuple_GET_ITEM(handlers, i);
         PyObject *r = PyObject_Vectorcall(set_handler, &PyTuple_GET_ITEM(pair, 0), 2, NULL);
@@ -271,15 +279,60 @@ run_child(PyObject *fn, PyObject *args, PyObject *kwargs, int fd)
         Py_DECREF(r);
     }
     ps_restore_mask();
-    long status = 1;
     PyObject *fdobj = PyLong_FromLong(fd);
-    if (fdobj != NULL) {
+    PyObject *me = global(core_g, k_pid);
+    long pending = 0, raised = 0, pid = -1;
+    if (PyErr_CheckSignals() < 0 || fdobj == NULL || !as_long(me, &pid)) {
+        PyErr_Clear(); /* (a handler that raised: the Python path ends with 1 too) */
+        ps_exit(1);
+    }
+    long status = 1;
+    PyObject *r = NULL;
+    if (!as_long(global(transport_g, k_pending), &pending) ||
+        !as_long(global(transport_g, k_raised), &raised) || pending == pid ||
+        PyDict_SetItem(transport_g, k_armed, me) < 0) {
+        /* A cancel came before the start: the Python path raises it. */
+        PyErr_Clear();
         PyObject *stack[6] = {child_backend, child_held, fn, args,
                               kwargs != NULL ? kwargs : empty_dict, fdobj};
-        PyObject *r = PyObject_Vectorcall(child_main, stack, 6, NULL);
-        if (r != NULL && !as_long(r, &status)) {
-            status = 1;
+        r = PyObject_Vectorcall(child_main, stack, 6, NULL);
+    }
+    else {
+        PyObject *value = PyObject_Call(fn, args, kwargs);
+        PyObject *exc = NULL;
+        if (value == Py_None && ps_python_threads() == 1) {
+            PyObject *zero = PyLong_FromLong(0);
+            if (zero != NULL && PyDict_SetItem(transport_g, k_armed, zero) == 0) {
+                PyObject *engine = global(core_g, k_engine);
+                PyObject *taken = PyObject_CallNoArgs(child_taken);
+                if ((engine == NULL || engine == Py_None) && taken == Py_False) {
+                    ps_exit(0); /* the common end: nothing to send, nothing to release */
+                }
+                Py_XDECREF(taken);
+            }
+            PyErr_Clear();
         }
+        if (value == NULL) {
+            PyObject *type, *tb;
+            PyErr_Fetch(&type, &exc, &tb);
+            PyErr_NormalizeException(&type, &exc, &tb);
+            if (exc != NULL && tb != NULL) {
+                PyException_SetTraceback(exc, tb);
+            }
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            value = Py_NewRef(Py_None);
+        }
+        PyObject *box = PyList_New(1);
+        if (box != NULL) {
+            PyList_SET_ITEM(box, 0, value); /* child_end takes it out (and frees it) */
+            PyObject *stack[5] = {child_backend, child_held, box, exc != NULL ? exc : Py_None,
+                                  fdobj};
+            r = PyObject_Vectorcall(child_end, stack, 5, NULL);
+        }
+    }
+    if (r != NULL && !as_long(r, &status)) {
+        status = 1;
     }
     PyErr_Clear();
     ps_exit(status);
@@ -938,6 +991,9 @@ ps_fast_init(PyObject *module)
     if ((var = PyUnicode_InternFromString(text)) == NULL) {                                      \
         return -1;                                                                               \
     }
+    INTERN(k_armed, "_armed");
+    INTERN(k_pending, "_pending");
+    INTERN(k_raised, "_raised");
     INTERN(k_engine, "_engine");
     INTERN(k_pid, "_pid");
     INTERN(k_current, "_current");
