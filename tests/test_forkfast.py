@@ -316,3 +316,32 @@ def test_the_handle_and_the_decorated_function_keep_their_python_faces() -> None
     import weakref
 
     assert weakref.ref(child)() is child
+
+
+def test_the_parent_keeps_a_fast_childs_pipe_open_until_it_is_reaped() -> None:
+    """The C start keeps the result pipe's write end (private: later children
+    close it): the child's exit then wakes the parent once, on the pidfd."""
+    _noop().join()
+    before = set(_forkstep.private())
+
+    @ps.forked
+    def slow() -> int:
+        time.sleep(0.3)
+        return 5
+
+    child = slow()
+    rec = child._rec
+    mine = set(_forkstep.private()) - before
+    assert {rec.result_fd, rec.wait_fd} < mine
+    assert len(mine) == 3  # the write end too
+    with pytest.raises(BlockingIOError):  # no end of file while the parent keeps it
+        os.read(rec.result_fd, 1)
+    assert child.join() == 5
+    assert set(_forkstep.private()) == before
+    was = _forkstep.fast_enable(False)
+    try:
+        child = slow()  # the Python start closes it at once, as the backend contract says
+        assert len(set(_forkstep.private()) - before) == 2
+        assert child.join() == 5
+    finally:
+        _forkstep.fast_enable(was)

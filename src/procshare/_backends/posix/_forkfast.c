@@ -460,7 +460,7 @@ fast_start(LauncherObject *self, PyObject *args, PyObject *kwargs, int *slow)
 
     pid_t pid;
     int fd, pidfd;
-    if (ps_fork_step(1, want_pidfd, &pid, &fd, &pidfd) < 0) {
+    if (ps_fork_step(1, want_pidfd, 1, &pid, &fd, &pidfd) < 0) {
         /* Nothing forked: the Python path tries again and reports it. */
         PyErr_Clear();
         put(engine, eoff[E_FORKING], idle);
@@ -684,17 +684,22 @@ read_rest(PyObject *rec, int fd, Py_ssize_t limit)
  * Python path, which enlarges the pipe (transport._BIG_RESULT). */
 #define READ_HERE 65536
 
-/* Wait for the child's exit as ChildrenPart.wait does: the pidfd alone for
- * _EXIT_FIRST seconds, then the pidfd and the pipe (reading what comes),
- * warning once after DEADLOCK_WATCH seconds. 1: it exited; 0: take the
- * Python path (a large result); -1: an exception is set. */
+/* Wait for the child's exit as ChildrenPart.wait does, warning once after
+ * DEADLOCK_WATCH seconds: on the pidfd and the pipe (reading what comes),
+ * after _EXIT_FIRST seconds on the pidfd alone if the child's exit makes
+ * the pipe hang up (it does not when the parent kept the write end: then
+ * the parent wakes once, for the exit). 1: it exited; 0: take the Python
+ * path (a large result); -1: an exception is set. */
 static int
 wait_exit(PyObject *part, PyObject *rec, int pidfd, int result_fd)
 {
     struct pollfd p[2] = {{.fd = pidfd, .events = POLLIN}, {.fd = result_fd, .events = POLLIN}};
-    int rc = wait_fds(p, 1, to_ms(global_seconds(k_first, 0.002)));
-    if (rc != 0) {
-        return rc < 0 ? -1 : 1;
+    int rc;
+    if (result_fd < 0 || !ps_write_kept(result_fd)) {
+        rc = wait_fds(p, 1, to_ms(global_seconds(k_first, 0.002)));
+        if (rc != 0) {
+            return rc < 0 ? -1 : 1;
+        }
     }
     double watch = now() + global_seconds(k_watch, 5.0);
     int warned = 0;
@@ -714,14 +719,19 @@ wait_exit(PyObject *part, PyObject *rec, int pidfd, int result_fd)
         }
         if (rc > 0) {
             /* The pipe: data, or end of file (the child is exiting). */
+            PyObject *buf = SLOT(rec, roff[R_BUF]);
+            Py_ssize_t had = PyByteArray_CheckExact(buf) ? PyByteArray_GET_SIZE(buf) : 0;
             if (read_rest(rec, result_fd, READ_HERE)) {
                 result_fd = -1; /* all in: wait for the exit only */
+                continue;
             }
-            else {
-                PyObject *buf = SLOT(rec, roff[R_BUF]);
-                if (PyByteArray_CheckExact(buf) && PyByteArray_GET_SIZE(buf) >= READ_HERE) {
-                    return 0;
-                }
+            buf = SLOT(rec, roff[R_BUF]);
+            Py_ssize_t has = PyByteArray_CheckExact(buf) ? PyByteArray_GET_SIZE(buf) : 0;
+            if (has >= READ_HERE) {
+                return 0;
+            }
+            if (has == had) {
+                result_fd = -1; /* ready but empty (an error?): the exit tells */
             }
             continue;
         }

@@ -68,11 +68,18 @@ static Py_ssize_t n_private, cap_private;
  * reused their numbers: it forgets the list instead of closing anything. */
 static pid_t private_owner;
 
-/* Room for two more entries; -1 with MemoryError set if there is none. */
+/* Result pipes whose write end the parent keeps open (the fast start's,
+ * see _forkstep.h): read end -> write end. The write end is private too
+ * (children close it), and closing the read end closes it. */
+#define MAX_KEPT 8
+static int kept_read[MAX_KEPT], kept_write[MAX_KEPT];
+static int n_kept;
+
+/* Room for three more entries; -1 with MemoryError set if there is none. */
 static int
 reserve_private(void)
 {
-    if (n_private + 2 <= cap_private) {
+    if (n_private + 3 <= cap_private) {
         return 0;
     }
     Py_ssize_t cap = cap_private ? cap_private * 2 : 64;
@@ -115,7 +122,8 @@ block_signals(void)
 /* The fork step itself, shared with the fast path (_forkfast.c): see
  * _forkstep.h. */
 int
-ps_fork_step(int die_with_parent, int want_pidfd, pid_t *pid_out, int *fd_out, int *pidfd_out)
+ps_fork_step(int die_with_parent, int want_pidfd, int keep_write, pid_t *pid_out, int *fd_out,
+             int *pidfd_out)
 {
     int fds[2], flags, saved_errno, pidfd = -1;
     pid_t parent, pid;
@@ -133,6 +141,7 @@ ps_fork_step(int die_with_parent, int want_pidfd, pid_t *pid_out, int *fd_out, i
     parent = getpid();
     if (private_owner != parent) {
         n_private = 0;
+        n_kept = 0;
         private_owner = parent;
     }
     if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) {
@@ -163,6 +172,7 @@ ps_fork_step(int die_with_parent, int want_pidfd, pid_t *pid_out, int *fd_out, i
             close(private_fds[i]);
         }
         n_private = 0;
+        n_kept = 0;
         private_fds[n_private++] = fds[1]; /* reserved above */
         private_owner = getpid();
         if (die_with_parent) {
@@ -188,7 +198,6 @@ ps_fork_step(int die_with_parent, int want_pidfd, pid_t *pid_out, int *fd_out, i
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
-    close(fds[1]);
     private_fds[n_private++] = fds[0]; /* reserved above */
 #ifdef SYS_pidfd_open
     if (want_pidfd) {
@@ -199,6 +208,14 @@ ps_fork_step(int die_with_parent, int want_pidfd, pid_t *pid_out, int *fd_out, i
 #endif
     if (pidfd >= 0) {
         private_fds[n_private++] = pidfd;
+    }
+    if (keep_write && pidfd >= 0 && n_kept < MAX_KEPT) {
+        private_fds[n_private++] = fds[1];
+        kept_read[n_kept] = fds[0];
+        kept_write[n_kept++] = fds[1];
+    }
+    else {
+        close(fds[1]);
     }
     *pid_out = pid;
     *fd_out = fds[0];
@@ -237,7 +254,7 @@ forkstep_fork(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
     if (want_pidfd < 0) {
         return NULL;
     }
-    if (ps_fork_step(die_with_parent, want_pidfd, &pid, &fd, &pidfd) < 0) {
+    if (ps_fork_step(die_with_parent, want_pidfd, 0, &pid, &fd, &pidfd) < 0) {
         return NULL;
     }
     if (pid == 0) {
@@ -285,8 +302,30 @@ int
 ps_close_fd(int fd)
 {
     forget_private(fd);
-    if (close(fd) != 0 && errno != EBADF) {
-        return -1;
+    int rc = close(fd) != 0 && errno != EBADF ? -1 : 0;
+    int saved_errno = errno;
+    for (int i = 0; i < n_kept; i++) {
+        if (kept_read[i] == fd) {
+            int w = kept_write[i];
+            n_kept--;
+            kept_read[i] = kept_read[n_kept];
+            kept_write[i] = kept_write[n_kept];
+            forget_private(w);
+            close(w);
+            break;
+        }
+    }
+    errno = saved_errno;
+    return rc;
+}
+
+int
+ps_write_kept(int fd)
+{
+    for (int i = 0; i < n_kept; i++) {
+        if (kept_read[i] == fd) {
+            return 1;
+        }
     }
     return 0;
 }
@@ -326,6 +365,7 @@ forkstep_adopt(PyObject *Py_UNUSED(module), PyObject *arg)
     pid_t self = getpid();
     if (private_owner != self) {
         n_private = 0; /* inherited through a fork that was not ours: forget it */
+        n_kept = 0;
         private_owner = self;
     }
     if (reserve_private() < 0) {

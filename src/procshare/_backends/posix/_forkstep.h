@@ -19,7 +19,14 @@
  * records the child, then calls ps_restore_mask(); in the child *pid == 0,
  * *fd the write end, signals blocked too. -1 with a Python exception set:
  * nothing was forked (the mask is restored). */
-PS_HIDDEN int ps_fork_step(int die_with_parent, int want_pidfd, pid_t *pid, int *fd, int *pidfd);
+PS_HIDDEN int ps_fork_step(int die_with_parent, int want_pidfd, int keep_write, pid_t *pid,
+                           int *fd, int *pidfd);
+/* With keep_write (and a pidfd), the parent may keep the pipe's write end
+ * open until the read end is closed (ps_close_fd): the child's exit then
+ * does not make the pipe hang up, so one poll on the pidfd and the pipe
+ * wakes for data or the exit only. Whether `fd` (a read end) is such a pipe
+ * of this process: */
+PS_HIDDEN int ps_write_kept(int fd);
 /* Restore the signal mask the last fork step saved (parent and child). */
 PS_HIDDEN void ps_restore_mask(void);
 /* Close a descriptor the fork step returned, so children stop closing it;
