@@ -69,7 +69,7 @@ static PyObject *child_main, *child_end, *child_taken, *child_backend, *child_he
 static PyObject *set_handler, *handlers, *transport_g;
 static PyObject *exit_ok, *returned_none, *poll_if_asked, *empty_dict, *empty_str;
 static PyObject *k_armed, *k_pending, *k_raised, *k_engine, *k_pid, *k_current, *k_entered, *k_pidfd_open, *k_watch, *k_first;
-static PyObject *k_stack, *k_call, *k_join, *k_joined, *k_drop, *k_check_held, *k_warn;
+static PyObject *k_flush, *k_stack, *k_call, *k_join, *k_joined, *k_drop, *k_check_held, *k_warn;
 static int fast_ready, fast_on = 1;
 static unsigned long long n_starts, n_joins; /* fast starts and joins (for tests) */
 
@@ -351,6 +351,10 @@ typedef struct {
     PyObject *fn, *name, *timeout, *daemon;
 } LauncherObject;
 
+static PyObject *fork_now(LauncherObject *self, PyObject *args, PyObject *kwargs,
+                          PyObject *part, PyObject *engine, PyObject *live, PyObject *scope,
+                          long forks, long forking, int want_pidfd, int *slow);
+
 /* The fast start: a new handle; NULL with *slow set: take the Python path;
  * NULL with *slow clear: an error (set). */
 static PyObject *
@@ -385,7 +389,7 @@ fast_start(LauncherObject *self, PyObject *args, PyObject *kwargs, int *slow)
     /* The scope this fork belongs to: the innermost children() block of this
      * thread, looked up only while one is open in some thread. One without a
      * limit that is not cancelling only records the child. */
-    PyObject *scope = Py_None, *records = NULL, *running = NULL;
+    PyObject *scope = Py_None, *records, *running;
     if (!is_zero(SLOT(part, poff[P_SCOPED]))) {
         PyObject *local = SLOT(part, poff[P_LOCAL]);
         PyObject *stack = local == NULL ? NULL : PyObject_GetAttr(local, k_stack);
@@ -423,6 +427,45 @@ fast_start(LauncherObject *self, PyObject *args, PyObject *kwargs, int *slow)
     PyObject *pidfd_open = global(process_g, k_pidfd_open);
     int want_pidfd = pidfd_open != NULL && pidfd_open != Py_None;
 
+    Py_INCREF(part); /* (Python runs below: the fork hooks, a stream's flush) */
+    Py_INCREF(engine);
+    Py_INCREF(scope);
+    PyObject *handle = fork_now(self, args, kwargs, part, engine, live, scope, forks, forking,
+                                want_pidfd, slow);
+    Py_DECREF(scope);
+    Py_DECREF(engine);
+    Py_DECREF(part);
+    return handle;
+}
+
+/* fast_start's second half: everything is checked, fork now. */
+static PyObject *
+fork_now(LauncherObject *self, PyObject *args, PyObject *kwargs, PyObject *part,
+         PyObject *engine, PyObject *live, PyObject *scope, long forks, long forking,
+         int want_pidfd, int *slow)
+{
+    PyObject *records, *running;
+    /* Flush what the parent buffered, or the child would print it again; as
+     * process_fork does, a failing flush is ignored, an interruption is not. */
+    for (int i = 0; i < 2; i++) {
+        PyObject *stream = PySys_GetObject(i == 0 ? "stdout" : "stderr"); /* borrowed */
+        if (stream == NULL || stream == Py_None) {
+            continue;
+        }
+        Py_INCREF(stream);
+        PyObject *r = PyObject_CallMethodNoArgs(stream, k_flush);
+        Py_DECREF(stream);
+        if (r != NULL) {
+            Py_DECREF(r);
+        }
+        else if (PyErr_ExceptionMatches(PyExc_Exception)) {
+            PyErr_Clear();
+        }
+        else {
+            *slow = 0;
+            return NULL;
+        }
+    }
     /* Everything the parent needs is built before the fork. */
     PyObject *rec = record_type->tp_alloc(record_type, 0);
     PyObject *seq = PyLong_FromLong(forks + 1);
@@ -454,7 +497,6 @@ fast_start(LauncherObject *self, PyObject *args, PyObject *kwargs, int *slow)
     put(rec, roff[R_CANCELLED], Py_NewRef(empty_str));
     put(rec, roff[R_DROPPED], Py_NewRef(Py_False));
     put(rec, roff[R_DECODED], Py_NewRef(Py_None));
-    ps_flush_stdio(); /* or the child would print the parent's buffer again */
     put(engine, eoff[E_FORKS], seq); /* numbered; "forking" until it is in _live */
     put(engine, eoff[E_FORKING], busy);
 
@@ -1011,6 +1053,7 @@ ps_fast_init(PyObject *module)
     INTERN(k_pidfd_open, "_pidfd_open");
     INTERN(k_watch, "DEADLOCK_WATCH");
     INTERN(k_first, "_EXIT_FIRST");
+    INTERN(k_flush, "flush");
     INTERN(k_stack, "stack");
     INTERN(k_call, "_call");
     INTERN(k_join, "_join");

@@ -409,7 +409,7 @@ flush_stream(const char *name)
     PyErr_Clear(); /* a failed flush must not stop the exit */
 }
 
-void
+static void
 ps_flush_stdio(void)
 {
     flush_stream("stdout");
