@@ -9,16 +9,20 @@
  * (the `@forked` function object), a new record, the engine's counters, the
  * live-children dict, a new handle.
  *
+ * This file: the setup, the launcher (the start) and what the child runs;
+ * _forkjoin.c: the handle (the join); _forkfast.h: what they share.
+ *
  * The Python code stays the reference and the slow path: the launcher's
  * tp_call runs it (`self._call(*args, **kwargs)`) for every uncommon case
- * (a cluster runtime, a children() scope open, housekeeping pending, a
- * timeout=, other threads running, a fork that failed), and the handle's
- * join runs `self._join(timeout)` when a timeout is given, the child is
- * already done, has no pidfd, wrote to its pipe while still running, or was
- * reaped by someone else. Once this code has reaped a child it finishes the
- * record itself (with the GIL held throughout: no other thread sees it
- * half-done), then hands anything beyond "exited 0, sent nothing" to
- * Python (`part._check_held(rec)`, `self._joined()`).
+ * (a cluster runtime, a children() scope with a limit or cancelling,
+ * housekeeping pending, a timeout=, other threads running, a fork that
+ * failed), and the handle's join runs `self._join(timeout)` when a timeout
+ * is given, the child is already done, has no pidfd, sent more than 64 KiB
+ * while still running, or was reaped by someone else. Once the C join has
+ * reaped a child it finishes the record itself (with the GIL held
+ * throughout: no other thread sees it half-done), then hands anything
+ * beyond "exited 0, sent nothing" to Python (`part._check_held(rec)`,
+ * `self._joined()`).
  *
  * It reads and writes the engine's Python objects in place: the slots of
  * Record, Engine and ChildrenPart (plain slotted classes; the offsets are
@@ -27,51 +31,33 @@
  * core._pid, children._current, _runtime.entered, ...), so monkeypatching
  * those works alike on both paths.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <structmember.h>
+#include "_forkfast.h"
 
-#include <errno.h>
-#include <poll.h>
-#include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
-
-#include "_forkstep.h"
-
-#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
 /* ------------------------------------------------------------------ setup */
 
-enum {
-    R_BUF, R_CANCELLED, R_DAEMON, R_DEADLINE, R_DECODED, R_DONE, R_DROPPED, R_EOF, R_EXIT,
-    R_LOST, R_NAME, R_PID, R_RESULT_FD, R_SCOPE, R_SEQ, R_TIMED_OUT, R_TIMEOUT, R_WAIT_FD,
-    R_COUNT
-};
 static const char *const record_slots[R_COUNT] = {
     "buf", "cancelled", "daemon", "deadline", "decoded", "done", "dropped", "eof", "exit",
     "lost", "name", "pid", "result_fd", "scope", "seq", "timed_out", "timeout", "wait_fd",
 };
-enum { E_PID, E_PENDING, E_KEPT, E_FORKS, E_FORKING, E_DEFERRED, E_COUNT };
 static const char *const engine_slots[E_COUNT] = {
     "pid", "pending", "kept", "forks", "forking", "deferred",
 };
-enum { P_ENGINE, P_LIVE, P_SCOPED, P_LOCAL, P_COUNT };
 static const char *const part_slots[P_COUNT] = {"engine", "_live", "scoped", "_local"};
-enum { S_LIMIT, S_CANCELLING, S_RECORDS, S_RUNNING, S_COUNT };
 static const char *const scope_slots[S_COUNT] = {"limit", "cancelling", "records", "running"};
 
-static Py_ssize_t roff[R_COUNT], eoff[E_COUNT], poff[P_COUNT], soff[S_COUNT];
-static PyTypeObject *record_type, *engine_type, *part_type, *handle_type, *exit_type;
-static PyTypeObject *scope_type;
-static PyObject *core_g, *children_g, *runtime_g, *process_g; /* module globals */
-static PyObject *child_main, *child_end, *child_taken, *child_backend, *child_held;
-static PyObject *set_handler, *handlers, *transport_g;
-static PyObject *exit_ok, *returned_none, *poll_if_asked, *empty_dict, *empty_str;
-static PyObject *k_armed, *k_pending, *k_raised, *k_engine, *k_pid, *k_current, *k_entered, *k_pidfd_open, *k_watch, *k_first;
-static PyObject *k_flush, *k_stack, *k_call, *k_join, *k_joined, *k_drop, *k_check_held, *k_warn;
-static int fast_ready, fast_on = 1;
-static unsigned long long n_starts, n_joins; /* fast starts and joins (for tests) */
+Py_ssize_t roff[R_COUNT], eoff[E_COUNT], poff[P_COUNT], soff[S_COUNT];
+PyTypeObject *record_type, *engine_type, *part_type, *handle_type, *exit_type;
+PyTypeObject *scope_type;
+PyObject *core_g, *children_g, *runtime_g, *process_g; /* module globals */
+PyObject *child_main, *child_end, *child_taken, *child_backend, *child_held;
+PyObject *set_handler, *handlers, *transport_g;
+PyObject *exit_ok, *returned_none, *poll_if_asked, *empty_dict, *empty_str;
+PyObject *k_armed, *k_pending, *k_raised, *k_engine, *k_pid, *k_current, *k_entered, *k_pidfd_open, *k_watch, *k_first;
+PyObject *k_flush, *k_stack, *k_call, *k_join, *k_joined, *k_drop, *k_check_held, *k_warn;
+int fast_ready, fast_on = 1;
+unsigned long long n_starts, n_joins; /* fast starts and joins (for tests) */
 
 static int
 slot_offsets(PyTypeObject *type, const char *const *names, Py_ssize_t *out, int n)
@@ -101,7 +87,7 @@ take(PyObject *config, const char *key, PyObject **out, PyTypeObject *must_be)
     return 0;
 }
 
-static PyTypeObject HandleType, LauncherType;
+static PyTypeObject LauncherType;
 
 /* fast_setup(config: dict): see procshare._engine.children.accelerate(). */
 static PyObject *
@@ -193,71 +179,6 @@ fast_stats(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
 
 /* ---------------------------------------------------------------- helpers */
 
-/* A module global, borrowed; NULL (no error) if missing. Reads only. */
-static PyObject *
-global(PyObject *globals, PyObject *key)
-{
-    PyObject *value = PyDict_GetItemWithError(globals, key);
-    if (value == NULL) {
-        PyErr_Clear();
-    }
-    return value;
-}
-
-static int
-is_zero(PyObject *v)
-{
-    return v != NULL && PyLong_CheckExact(v) && Py_SIZE(v) == 0;
-}
-
-/* An exact int's value, without writing it; 0 if it is none. */
-static int
-as_long(PyObject *v, long *out)
-{
-    if (v == NULL || !PyLong_CheckExact(v)) {
-        return 0;
-    }
-    *out = PyLong_AsLong(v);
-    if (*out == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return 0;
-    }
-    return 1;
-}
-
-/* Store a new reference (stolen) in a slot. */
-static void
-put(PyObject *obj, Py_ssize_t off, PyObject *value)
-{
-    PyObject *old = SLOT(obj, off);
-    SLOT(obj, off) = value;
-    Py_XDECREF(old);
-}
-
-static double
-global_seconds(PyObject *key, double otherwise)
-{
-    PyObject *v = global(children_g, key);
-    if (v != NULL && PyFloat_CheckExact(v)) {
-        return PyFloat_AS_DOUBLE(v);
-    }
-    if (v != NULL && PyLong_CheckExact(v)) {
-        long n;
-        if (as_long(v, &n)) {
-            return (double)n;
-        }
-    }
-    return otherwise;
-}
-
-static double
-now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 /* ------------------------------------------------------------ the child */
 
 /* In the child: what process_fork's child branch and transport.child_main
@@ -340,16 +261,7 @@ run_child(PyObject *fn, PyObject *args, PyObject *kwargs, int fd)
 
 /* --------------------------------------------------------------- launcher */
 
-typedef struct {
-    PyObject_HEAD
-    PyObject *part, *rec;
-    PyObject *weakreflist;
-} HandleObject;
 
-typedef struct {
-    PyObject_HEAD
-    PyObject *fn, *name, *timeout, *daemon;
-} LauncherObject;
 
 static PyObject *fork_now(LauncherObject *self, PyObject *args, PyObject *kwargs,
                           PyObject *part, PyObject *engine, PyObject *live, PyObject *scope,
@@ -623,406 +535,6 @@ static PyTypeObject LauncherType = {
     .tp_clear = (inquiry)launcher_clear,
     .tp_dealloc = (destructor)launcher_dealloc,
     .tp_members = launcher_members,
-};
-
-/* ----------------------------------------------------------------- handle */
-
-
-/* poll() for POLLIN on n descriptors, at most ms (< 0: forever), the GIL
- * released; EINTR runs the signal handlers and retries with the time left.
- * Returns poll()'s count, or -1 with an exception set. */
-static int
-wait_fds(struct pollfd *p, int n, long ms)
-{
-    double start = now();
-    long left = ms;
-    for (;;) {
-        int rc;
-        Py_BEGIN_ALLOW_THREADS
-        rc = poll(p, (nfds_t)n, left < 0 ? -1 : (left > INT_MAX ? INT_MAX : (int)left));
-        Py_END_ALLOW_THREADS
-        if (rc >= 0) {
-            return rc;
-        }
-        if (errno != EINTR) {
-            PyErr_SetFromErrno(PyExc_OSError);
-            return -1;
-        }
-        if (PyErr_CheckSignals() < 0) {
-            return -1;
-        }
-        if (ms >= 0) {
-            left = ms - (long)((now() - start) * 1000.0);
-            if (left < 0) {
-                left = 0;
-            }
-        }
-    }
-}
-
-static long
-to_ms(double seconds)
-{
-    double ms = seconds * 1000.0 + 0.999;
-    return ms < 0 ? 0 : (ms > (double)INT_MAX ? INT_MAX : (long)ms);
-}
-
-/* Append what the pipe holds now to rec.buf (at most up to `limit` bytes in
- * all); 1 if it reached end of file, 0 if not (EAGAIN, or the limit). */
-static int
-read_rest(PyObject *rec, int fd, Py_ssize_t limit)
-{
-    char first[64]; /* small: a child that sent nothing costs no stack page */
-    for (;;) {
-        PyObject *buf = SLOT(rec, roff[R_BUF]);
-        Py_ssize_t have = PyByteArray_CheckExact(buf) ? PyByteArray_GET_SIZE(buf) : 0;
-        if (have >= limit) {
-            return 0;
-        }
-        ssize_t n;
-        if (have == 0) {
-            n = read(fd, first, sizeof first);
-        }
-        else {
-            Py_ssize_t room = limit - have < 65536 ? limit - have : 65536;
-            if (PyByteArray_Resize(buf, have + room) < 0) {
-                PyErr_Clear();
-                return 0;
-            }
-            n = read(fd, PyByteArray_AS_STRING(buf) + have, (size_t)room);
-            PyByteArray_Resize(buf, have + (n > 0 ? n : 0)); /* shrinking cannot fail */
-        }
-        if (n == 0) {
-            put(rec, roff[R_EOF], Py_NewRef(Py_True));
-            return 1;
-        }
-        if (n < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            return 0; /* EAGAIN: nothing more yet (or a grandchild keeps the pipe open) */
-        }
-        if (have == 0) {
-            if (!PyByteArray_CheckExact(buf)) {
-                buf = PyByteArray_FromStringAndSize(first, n);
-                if (buf == NULL) {
-                    PyErr_Clear();
-                    return 0;
-                }
-                put(rec, roff[R_BUF], buf);
-            }
-            else if (PyByteArray_Resize(buf, n) < 0) {
-                PyErr_Clear();
-                return 0;
-            }
-            else {
-                memcpy(PyByteArray_AS_STRING(buf), first, (size_t)n);
-            }
-        }
-    }
-}
-
-/* Results up to this size are read here; a bigger one is left to the
- * Python path, which enlarges the pipe (transport._BIG_RESULT). */
-#define READ_HERE 65536
-
-/* Wait for the child's exit as ChildrenPart.wait does, warning once after
- * DEADLOCK_WATCH seconds: on the pidfd and the pipe (reading what comes),
- * after _EXIT_FIRST seconds on the pidfd alone if the child's exit makes
- * the pipe hang up (it does not when the parent kept the write end: then
- * the parent wakes once, for the exit). 1: it exited; 0: take the Python
- * path (a large result); -1: an exception is set. */
-static int
-wait_exit(PyObject *part, PyObject *rec, int pidfd, int result_fd)
-{
-    struct pollfd p[2] = {{.fd = pidfd, .events = POLLIN}, {.fd = result_fd, .events = POLLIN}};
-    int rc;
-    if (result_fd < 0 || !ps_write_kept(result_fd)) {
-        rc = wait_fds(p, 1, to_ms(global_seconds(k_first, 0.002)));
-        if (rc != 0) {
-            return rc < 0 ? -1 : 1;
-        }
-    }
-    double watch = now() + global_seconds(k_watch, 5.0);
-    int warned = 0;
-    for (;;) {
-        long ms = -1;
-        if (!warned) {
-            double left = watch - now();
-            ms = left <= 0 ? 0 : to_ms(left);
-        }
-        p[0].revents = p[1].revents = 0;
-        rc = wait_fds(p, result_fd >= 0 ? 2 : 1, ms);
-        if (rc < 0) {
-            return -1;
-        }
-        if (p[0].revents) {
-            return 1;
-        }
-        if (rc > 0) {
-            /* The pipe: data, or end of file (the child is exiting). */
-            PyObject *buf = SLOT(rec, roff[R_BUF]);
-            Py_ssize_t had = PyByteArray_CheckExact(buf) ? PyByteArray_GET_SIZE(buf) : 0;
-            if (read_rest(rec, result_fd, READ_HERE)) {
-                result_fd = -1; /* all in: wait for the exit only */
-                continue;
-            }
-            buf = SLOT(rec, roff[R_BUF]);
-            Py_ssize_t has = PyByteArray_CheckExact(buf) ? PyByteArray_GET_SIZE(buf) : 0;
-            if (has >= READ_HERE) {
-                return 0;
-            }
-            if (has == had) {
-                result_fd = -1; /* ready but empty (an error?): the exit tells */
-            }
-            continue;
-        }
-        if (!warned) {
-            warned = 1;
-            PyObject *r = PyObject_CallMethodNoArgs(part, k_warn);
-            if (r == NULL) {
-                return -1;
-            }
-            Py_DECREF(r);
-        }
-    }
-}
-
-/* The fast join: the value (None), or NULL with *slow set: take the Python
- * path, or NULL with *slow clear: an error. */
-static PyObject *
-fast_join(HandleObject *self, int *slow)
-{
-    *slow = 1;
-    PyObject *rec = self->rec, *part = self->part;
-    if (!fast_ready || !fast_on || rec == NULL || part == NULL ||
-        !PyObject_TypeCheck(rec, record_type) || !PyObject_TypeCheck(part, part_type)) {
-        return NULL;
-    }
-    PyObject *engine = SLOT(part, poff[P_ENGINE]);
-    long pid, epid, mypid, wait_fd, result_fd = -1, result_orig = -1;
-    PyObject *result_obj = SLOT(rec, roff[R_RESULT_FD]);
-    PyObject *wait_obj = SLOT(rec, roff[R_WAIT_FD]);
-    if (SLOT(rec, roff[R_DONE]) != Py_False || SLOT(rec, roff[R_DEADLINE]) != Py_None ||
-        engine == NULL || !PyObject_TypeCheck(engine, engine_type) ||
-        !as_long(SLOT(engine, eoff[E_PID]), &epid) || !as_long(global(core_g, k_pid), &mypid) ||
-        epid != mypid || !as_long(SLOT(rec, roff[R_PID]), &pid) || pid <= 0 ||
-        !as_long(wait_obj, &wait_fd) ||
-        (result_obj != Py_None && !as_long(result_obj, &result_fd))) {
-        return NULL;
-    }
-    result_orig = result_fd;
-    if (SLOT(rec, roff[R_EOF]) != Py_False) {
-        result_fd = -1; /* all its data is in: wait for the exit only */
-    }
-    Py_INCREF(rec); /* the handle's slots may change while the GIL is released */
-    Py_INCREF(part);
-    PyObject *value = NULL;
-    int ready = wait_exit(part, rec, (int)wait_fd, (int)result_fd);
-    if (ready < 0) {
-        *slow = 0;
-        goto done;
-    }
-    /* Another thread may have finished it (or closed its descriptors) meanwhile. */
-    if (ready == 0 || SLOT(rec, roff[R_DONE]) != Py_False ||
-        SLOT(rec, roff[R_WAIT_FD]) != wait_obj || SLOT(rec, roff[R_RESULT_FD]) != result_obj) {
-        goto done;
-    }
-    int status;
-    pid_t got = waitpid((pid_t)pid, &status, WNOHANG);
-    if (got != (pid_t)pid) {
-        goto done; /* not yet, or not ours any more: the Python path says which */
-    }
-    /* Reaped: finish the record before anything can release the GIL (no
-     * Python runs until it is done), as ChildrenPart._finish does. */
-    *slow = 0;
-    PyObject *exit_;
-    if (status == 0) {
-        exit_ = Py_NewRef(exit_ok);
-    }
-    else {
-        PyObject *code = WIFSIGNALED(status) ? Py_NewRef(Py_None) : PyLong_FromLong(WEXITSTATUS(status));
-        PyObject *sig = WIFSIGNALED(status) ? PyLong_FromLong(WTERMSIG(status)) : Py_NewRef(Py_None);
-        exit_ = exit_type->tp_alloc(exit_type, 2);
-        if (exit_ == NULL || code == NULL || sig == NULL) {
-            Py_XDECREF(code);
-            Py_XDECREF(sig);
-            Py_XDECREF(exit_);
-            exit_ = Py_NewRef(Py_None); /* no memory: recorded as lost, never left unreaped */
-            put(rec, roff[R_LOST], Py_NewRef(Py_True));
-        }
-        else {
-            PyTuple_SET_ITEM(exit_, 0, code);
-            PyTuple_SET_ITEM(exit_, 1, sig);
-        }
-    }
-    put(rec, roff[R_EXIT], exit_);
-    if (result_fd >= 0 && SLOT(rec, roff[R_EOF]) == Py_False) {
-        read_rest(rec, (int)result_fd, PY_SSIZE_T_MAX); /* the child is gone: all is in */
-    }
-    if (result_obj != Py_None) {
-        ps_close_fd((int)result_orig);
-    }
-    ps_close_fd((int)wait_fd);
-    put(rec, roff[R_RESULT_FD], Py_NewRef(Py_None));
-    put(rec, roff[R_WAIT_FD], Py_NewRef(Py_None));
-    put(rec, roff[R_DONE], Py_NewRef(Py_True));
-    PyObject *key = SLOT(rec, roff[R_PID]);
-    if (PyDict_DelItem(SLOT(part, poff[P_LIVE]), key) < 0) {
-        PyErr_Clear();
-    }
-    if (!is_zero(SLOT(engine, eoff[E_DEFERRED]))) {
-        put(engine, eoff[E_PENDING], Py_NewRef(Py_True)); /* a release waits for children */
-    }
-    n_joins++;
-    /* Done: from here on Python may run. */
-    PyObject *buf = SLOT(rec, roff[R_BUF]);
-    if (PyObject_Length(buf) > 0) {
-        PyObject *r = PyObject_CallMethodOneArg(part, k_check_held, rec);
-        if (r == NULL) {
-            goto done;
-        }
-        Py_DECREF(r);
-    }
-    if (exit_ != exit_ok || PyObject_Length(SLOT(rec, roff[R_BUF])) != 0 ||
-        SLOT(rec, roff[R_DECODED]) != Py_None) {
-        value = PyObject_CallMethodNoArgs((PyObject *)self, k_joined);
-        goto done;
-    }
-    /* Returned None: _poll_if_asked(), then the outcome. */
-    PyObject *current = global(core_g, k_engine);
-    if (current != NULL && PyObject_TypeCheck(current, engine_type) &&
-        (SLOT(current, eoff[E_PENDING]) != Py_False || SLOT(current, eoff[E_KEPT]) != Py_False)) {
-        PyObject *r = PyObject_CallNoArgs(poll_if_asked);
-        if (r == NULL) {
-            goto done;
-        }
-        Py_DECREF(r);
-    }
-    put(rec, roff[R_DECODED], Py_NewRef(returned_none));
-    value = Py_NewRef(Py_None);
-done:
-    Py_DECREF(rec);
-    Py_DECREF(part);
-    return value;
-}
-
-static PyObject *
-handle_join(HandleObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
-{
-    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
-    int plain = nargs + nkw == 0 ||
-                (nargs + nkw == 1 && args[0] == Py_None &&
-                 (nkw == 0 || PyUnicode_CompareWithASCIIString(
-                                  PyTuple_GET_ITEM(kwnames, 0), "timeout") == 0));
-    if (plain) {
-        int slow;
-        PyObject *value = fast_join(self, &slow);
-        if (!slow) {
-            return value;
-        }
-    }
-    /* The Python path, with the same arguments. */
-    PyObject *stack[3];
-    if (nargs + nkw > 2) {
-        PyErr_SetString(PyExc_TypeError, "join() takes at most 1 argument (timeout)");
-        return NULL;
-    }
-    stack[0] = (PyObject *)self;
-    for (Py_ssize_t i = 0; i < nargs + nkw; i++) {
-        stack[i + 1] = args[i];
-    }
-    return PyObject_VectorcallMethod(k_join, stack, (size_t)(nargs + 1), kwnames);
-}
-
-static void
-handle_finalize(HandleObject *self)
-{
-    /* What Child.__del__ did: a handle dropped unjoined marks its record
-     * dropped (reaped at the next call into procshare). Nothing to do, and
-     * nothing touched, when its child is done. */
-    PyObject *rec = self->rec, *part = self->part;
-    if (rec == NULL || part == NULL) {
-        return;
-    }
-    if (record_type != NULL && PyObject_TypeCheck(rec, record_type) &&
-        SLOT(rec, roff[R_DONE]) == Py_True) {
-        return;
-    }
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyObject *r = PyObject_CallMethodOneArg(part, k_drop, rec);
-    if (r == NULL) {
-        if (PyErr_ExceptionMatches(PyExc_Exception)) {
-            PyErr_Clear();
-        }
-        else {
-            PyErr_WriteUnraisable((PyObject *)self);
-        }
-    }
-    Py_XDECREF(r);
-    PyErr_Restore(type, value, tb);
-}
-
-static int
-handle_traverse(HandleObject *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->part);
-    Py_VISIT(self->rec);
-    return 0;
-}
-
-static int
-handle_clear(HandleObject *self)
-{
-    Py_CLEAR(self->part);
-    Py_CLEAR(self->rec);
-    return 0;
-}
-
-static void
-handle_dealloc(HandleObject *self)
-{
-    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
-        return; /* resurrected */
-    }
-    PyObject_GC_UnTrack(self);
-    if (self->weakreflist != NULL) {
-        PyObject_ClearWeakRefs((PyObject *)self);
-    }
-    handle_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static PyMemberDef handle_members[] = {
-    {"_part", T_OBJECT_EX, offsetof(HandleObject, part), 0, NULL},
-    {"_rec", T_OBJECT_EX, offsetof(HandleObject, rec), 0, NULL},
-    {NULL},
-};
-
-static PyMethodDef handle_methods[] = {
-    {"join", (PyCFunction)(void (*)(void))handle_join, METH_FASTCALL | METH_KEYWORDS,
-     "join($self, /, timeout=None)\n--\n\n"
-     "Wait for the child and return its function's return value (see Child.join; the "
-     "common case in C, the rest through self._join(timeout))."},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyTypeObject HandleType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "procshare._backends.posix._forkstep.Handle",
-    .tp_doc = "Base of a child's handle: the common case of join() in C.",
-    .tp_basicsize = sizeof(HandleObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .tp_new = PyType_GenericNew,
-    .tp_traverse = (traverseproc)handle_traverse,
-    .tp_clear = (inquiry)handle_clear,
-    .tp_dealloc = (destructor)handle_dealloc,
-    .tp_finalize = (destructor)handle_finalize,
-    .tp_weaklistoffset = offsetof(HandleObject, weakreflist),
-    .tp_members = handle_members,
-    .tp_methods = handle_methods,
 };
 
 static PyMethodDef fast_methods[] = {

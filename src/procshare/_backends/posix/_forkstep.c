@@ -27,6 +27,9 @@
  * The child then records its own result write end, so that its own children
  * close that one. (The same in Python touched every sibling's record: ~100
  * microseconds and a dozen copied pages per child with 50 siblings alive.)
+ *
+ * _forkfast.c (compiled into this module; _forkstep.h is what the two
+ * share) builds the common case of a whole start and join on this step.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -20,6 +20,13 @@
   otherwise leave an orphan nobody kills. ``PR_SET_PDEATHSIG`` fires when the
   *thread* that forked exits, not the process; the engine documents that
   caveat.
+* The common case of a whole ``@ps.forked`` start and ``Child.join()`` is in
+  C too (``_forkfast.c``, the same extension module; see
+  ``procshare._engine.accel``). Its fork keeps the parent's copy of the
+  write end while a pidfd watches the child (closed with the read end by
+  ``process_close``), so the child's exit does not hang the pipe up and one
+  ``poll`` on the pidfd and the pipe wakes for data or the exit only;
+  ``process_fork`` itself still closes it at once, as its contract says.
 """
 
 from __future__ import annotations
