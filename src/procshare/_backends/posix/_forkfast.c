@@ -360,7 +360,7 @@ fork_now(LauncherObject *self, PyObject *args, PyObject *kwargs, PyObject *part,
     /* Flush what the parent buffered, or the child would print it again; as
      * process_fork does, a failing flush is ignored, an interruption is not. */
     for (int i = 0; i < 2; i++) {
-        PyObject *stream = PySys_GetObject(i == 0 ? "stdout" : "stderr"); /* borrowed */
+        PyObject *stream = ps_std_stream(i);
         if (stream == NULL || stream == Py_None) {
             continue;
         }

@@ -398,16 +398,31 @@ forkstep_private(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
 }
 
 static PyObject *flush_name; /* "flush", interned by the module's init */
+static PyObject *sys_dict, *stream_names[2]; /* sys.__dict__, "stdout", "stderr" */
+
+PyObject *
+ps_std_stream(int which)
+{
+    /* PySys_GetObject() without its per-call name object (made and hashed
+     * on every call: copied pages in a child about to exit). */
+    PyObject *stream = PyDict_GetItemWithError(sys_dict, stream_names[which]); /* borrowed */
+    if (stream == NULL) {
+        PyErr_Clear();
+    }
+    return stream;
+}
 
 static void
-flush_stream(const char *name)
+flush_stream(int which)
 {
-    PyObject *stream = PySys_GetObject(name); /* borrowed */
+    PyObject *stream = ps_std_stream(which);
     if (stream != NULL && stream != Py_None) {
         /* No bound method and no name object made per call: a child calls
          * this as it ends, where each object written is a copied page. */
+        Py_INCREF(stream);
         PyObject *r = PyObject_CallMethodNoArgs(stream, flush_name);
         Py_XDECREF(r);
+        Py_DECREF(stream);
     }
     PyErr_Clear(); /* a failed flush must not stop the exit */
 }
@@ -415,8 +430,8 @@ flush_stream(const char *name)
 static void
 ps_flush_stdio(void)
 {
-    flush_stream("stdout");
-    flush_stream("stderr");
+    flush_stream(0);
+    flush_stream(1);
 }
 
 void
@@ -593,7 +608,15 @@ PyMODINIT_FUNC
 PyInit__forkstep(void)
 {
     flush_name = PyUnicode_InternFromString("flush");
-    if (flush_name == NULL) {
+    stream_names[0] = PyUnicode_InternFromString("stdout");
+    stream_names[1] = PyUnicode_InternFromString("stderr");
+    PyObject *sys = PyImport_ImportModule("sys");
+    if (sys != NULL) {
+        sys_dict = Py_NewRef(PyModule_GetDict(sys));
+        Py_DECREF(sys);
+    }
+    if (flush_name == NULL || stream_names[0] == NULL || stream_names[1] == NULL ||
+        sys_dict == NULL) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&forkstep_module);
