@@ -345,3 +345,24 @@ def test_the_parent_keeps_a_fast_childs_pipe_open_until_it_is_reaped() -> None:
         assert child.join() == 5
     finally:
         _forkstep.fast_enable(was)
+
+
+def test_a_forked_function_copies_and_pickles_with_its_fields() -> None:
+    """Its C base keeps the function, name, timeout and daemon flag outside
+    ``__dict__``; a copy or a pickle (cloudpickle sends one to a cluster's
+    workers) still carries them."""
+    import copy
+    import pickle
+
+    forked_getpid = ps.forked(name="pid", daemon=True)(os.getpid)
+    for clone in (
+        copy.copy(forked_getpid),
+        copy.deepcopy(forked_getpid),
+        pickle.loads(pickle.dumps(forked_getpid)),
+    ):
+        assert repr(clone) == "<forked function pid>"
+        assert clone.__wrapped__ is os.getpid
+        child = clone()
+        assert child.name == "pid"
+        assert child.daemon
+        assert child.join() == child.pid

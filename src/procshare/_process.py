@@ -13,9 +13,7 @@ import signal
 import types
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, overload
-
-import attrs
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from procshare import _runtime
 from procshare._engine import accel as _accel
@@ -25,46 +23,13 @@ from procshare._engine import get_engine
 from procshare._engine import scopes as _scopes
 from procshare._engine.children import ChildrenPart, Record, current_children
 from procshare._engine.scopes import CANCEL_GRACE, ScopeCancelled, ScopeState
-from procshare.errors import ChildError, ChildRaised, JoinTimeout, UsageError
+from procshare._exit_status import ExitStatus, Outcome
+from procshare.errors import ChildRaised, JoinTimeout, UsageError
 
 __all__ = ["CANCEL_GRACE", "Child", "Children", "ExitStatus", "children", "forked"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-Outcome = Literal["returned", "raised", "exited", "killed", "timed out", "cancelled", "lost"]
-
-
-@attrs.frozen(eq=False)
-class ExitStatus:
-    """How a child ended, as returned by :meth:`Child.wait` (which never raises).
-
-    Attributes:
-        pid: The child's process id.
-        name: The child's name.
-        exitcode: The exit status, or minus the signal number when a signal
-            ended the child (the :mod:`multiprocessing` convention); ``None``
-            if the status was lost because something else reaped the child.
-        signal: The number of the signal that ended the child, or ``None``.
-        outcome: ``"returned"``, ``"raised"``, ``"exited"`` (non-zero status),
-            ``"killed"``, ``"timed out"``, ``"cancelled"`` (by its scope, or
-            its parent's Ctrl-C) or
-            ``"lost"``.
-        error: The exception :meth:`Child.join` would raise, or ``None`` when
-            the child returned normally.
-    """
-
-    pid: int
-    name: str
-    exitcode: int | None
-    signal: int | None
-    outcome: Outcome
-    error: ChildError | None
-
-    @property
-    def ok(self) -> bool:
-        """Whether the child returned normally (``join()`` gives its value)."""
-        return self.error is None
 
 
 def _positive_timeout(timeout: float | None, what: str) -> float | None:
@@ -190,15 +155,15 @@ class Child(_accel.HandleBase, Generic[R]):
         _poll_if_asked()
         if not done:
             raise JoinTimeout(pid=self.pid, name=self.name, timeout=timeout)
-        ok, value = self._part.outcome(self._rec)
-        if ok:
-            return value  # type: ignore[no-any-return]
-        raise value
+        return self._result()
 
     def _joined(self) -> R:
         """The end of join() after the C join reaped a child that sent
         something, or did not exit 0."""
         _poll_if_asked()
+        return self._result()
+
+    def _result(self) -> R:
         ok, value = self._part.outcome(self._rec)
         if ok:
             return value  # type: ignore[no-any-return]
@@ -296,12 +261,11 @@ class Child(_accel.HandleBase, Generic[R]):
             state = f"exitcode={None if exit_ is None else exit_.exitcode}"
         return f"<Child {rec.name!r} pid={rec.pid} {state}>"
 
-    # A handle dropped unjoined: the base's finalizer calls part.drop(rec).
+    # (A handle dropped unjoined: the base's finalizer calls part.drop(rec).)
 
 
-# The documented join above is for readers and type checkers; at run time the
-# base's (the backend's C join, or accel.PyHandle's) is the one: it takes the
-# common case and calls Child._join for the rest.
+# The join above is for readers and type checkers; at run time the base's (the
+# backend's C join, or PyHandle's) takes the common case, Child._join the rest.
 delattr(Child, "join")
 
 
@@ -547,6 +511,16 @@ class _Forked(_accel.LauncherBase, Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<forked function {self._name}>"
+
+    # The C base's fields are not in __dict__: copies and pickles (cloudpickle
+    # sends a @forked function a task calls to a cluster's workers) carry them.
+    def __getstate__(self) -> dict[str, Any]:
+        fields = ("_fn", "_name", "_timeout", "_daemon")
+        return {**self.__dict__, **{k: getattr(self, k) for k in fields}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
 
 
 @overload

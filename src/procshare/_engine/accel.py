@@ -4,14 +4,17 @@ Each object Python touches between one fork and the next is a copy-on-write
 page fault in the parent (CPython 3.11 writes an object's reference count
 whenever it so much as uses it): the Python start and join wrote ~115 more
 pages per fork than a raw ``os.fork`` loop. The POSIX backend therefore
-offers two C base classes: ``Launcher``, whose call forks in C, and
-``Handle``, whose ``join()`` waits, reaps and finishes the record in C. They
-take the common case only (no ``ps.cluster()`` block, no ``ps.children()``
-scope with a ``limit`` or cancelling, no ``timeout=``, no pending housekeeping, one thread; a join
-without timeout of a child that exits before sending anything) and call the
-Python code for the rest: ``_Forked._call`` and ``Child._join`` (the
-reference, which the front end keeps), ``ChildrenPart._check_held`` and
-``Child._joined`` after a C reap of a child that sent something.
+offers two C base classes: ``Launcher``, whose call forks in C (and whose
+child calls the function and, in the common end, exits in C), and
+``Handle``, whose ``join()`` waits, reads a result of up to 64 KiB, reaps
+and finishes the record in C. They take the common case only (no
+``ps.cluster()`` block, no ``ps.children()`` scope with a ``limit`` or
+cancelling, no ``timeout=``, no pending housekeeping, one thread; a join
+without a timeout) and call the Python code for the rest: ``_Forked._call``
+and ``Child._join`` (the reference, which the front end keeps),
+``ChildrenPart._check_held`` and ``Child._joined`` after a C reap of a child
+that sent something or failed, ``transport.child_end`` in a child that
+returned a value, raised, or opened or took something.
 
 The C code reads and writes the engine's objects in place (the slots of
 :class:`~procshare._engine.transport.Record`, :class:`~procshare._engine.core.Engine`

@@ -84,8 +84,8 @@ CHILD_HANDLERS: dict[int, Callable[[int, FrameType | None], Any]] = {
 class ChildrenPart:
     """Every child this process forked and has not reaped yet.
 
-    Slotted: the backend's C start and join (see :func:`accelerate`) read
-    ``engine``, ``_live`` and ``scoped`` in place.
+    Slotted: the backend's C start and join (see ``_engine/accel.py``) read
+    ``engine``, ``_live``, ``_local`` and ``scoped`` in place.
     """
 
     __slots__ = (
