@@ -21,7 +21,11 @@ BUILD_INPUTS := pyproject.toml setup.py src/procshare/_backends/posix/_robustmut
                 src/procshare/_backends/posix/_shmstep_types.h \
                 src/procshare/_backends/posix/_shmstep_holds.h \
                 src/procshare/_backends/posix/_shmstep_close.h \
-                src/procshare/_backends/posix/_shmstep_create.h
+                src/procshare/_backends/posix/_shmstep_create.h \
+                src/procshare/_backends/posix/_forkfast.c \
+                src/procshare/_backends/posix/_forkjoin.c \
+                src/procshare/_backends/posix/_forkfast.h \
+                src/procshare/_backends/posix/_forkstep.h
 
 .PHONY: test lint typecheck docs docs-serve demo bench bench-smoke clean
 

@@ -23,7 +23,15 @@ setup(
         ),
         Extension(
             "procshare._backends.posix._forkstep",
-            sources=["src/procshare/_backends/posix/_forkstep.c"],
+            sources=[
+                "src/procshare/_backends/posix/_forkstep.c",
+                "src/procshare/_backends/posix/_forkfast.c",
+                "src/procshare/_backends/posix/_forkjoin.c",
+            ],
+            depends=[
+                "src/procshare/_backends/posix/_forkstep.h",
+                "src/procshare/_backends/posix/_forkfast.h",
+            ],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),
         Extension(

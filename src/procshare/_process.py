@@ -13,57 +13,23 @@ import signal
 import types
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
-
-import attrs
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from procshare import _runtime
+from procshare._engine import accel as _accel
 from procshare._engine import children as _children
 from procshare._engine import core as _core
 from procshare._engine import get_engine
 from procshare._engine import scopes as _scopes
 from procshare._engine.children import ChildrenPart, Record, current_children
 from procshare._engine.scopes import CANCEL_GRACE, ScopeCancelled, ScopeState
-from procshare.errors import ChildError, ChildRaised, JoinTimeout, UsageError
+from procshare._exit_status import ExitStatus, Outcome
+from procshare.errors import ChildRaised, JoinTimeout, UsageError
 
 __all__ = ["CANCEL_GRACE", "Child", "Children", "ExitStatus", "children", "forked"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-Outcome = Literal["returned", "raised", "exited", "killed", "timed out", "cancelled", "lost"]
-
-
-@attrs.frozen(eq=False)
-class ExitStatus:
-    """How a child ended, as returned by :meth:`Child.wait` (which never raises).
-
-    Attributes:
-        pid: The child's process id.
-        name: The child's name.
-        exitcode: The exit status, or minus the signal number when a signal
-            ended the child (the :mod:`multiprocessing` convention); ``None``
-            if the status was lost because something else reaped the child.
-        signal: The number of the signal that ended the child, or ``None``.
-        outcome: ``"returned"``, ``"raised"``, ``"exited"`` (non-zero status),
-            ``"killed"``, ``"timed out"``, ``"cancelled"`` (by its scope, or
-            its parent's Ctrl-C) or
-            ``"lost"``.
-        error: The exception :meth:`Child.join` would raise, or ``None`` when
-            the child returned normally.
-    """
-
-    pid: int
-    name: str
-    exitcode: int | None
-    signal: int | None
-    outcome: Outcome
-    error: ChildError | None
-
-    @property
-    def ok(self) -> bool:
-        """Whether the child returned normally (``join()`` gives its value)."""
-        return self.error is None
 
 
 def _positive_timeout(timeout: float | None, what: str) -> float | None:
@@ -94,7 +60,7 @@ def _poll_if_asked() -> None:
         get_engine().poll()
 
 
-class Child(Generic[R]):
+class Child(_accel.HandleBase, Generic[R]):
     """Handle of one forked child, returned by calling a :func:`forked` function.
 
     ``join()`` gives the function's return value (or raises a
@@ -113,7 +79,9 @@ class Child(Generic[R]):
     propagate, as a :func:`children` scope does.
     """
 
-    __slots__ = ("__weakref__", "_part", "_rec")
+    # _part and _rec are the base's (with __weakref__): the backend's C join
+    # and the C start read and write them in place (see _engine/accel.py).
+    __slots__ = ()
 
     def __init__(self, part: ChildrenPart, rec: Record) -> None:
         self._part = part
@@ -172,6 +140,12 @@ class Child(Generic[R]):
             ChildKilled: a signal ended the child.
             ChildTimeout: the ``timeout=`` given to :func:`forked` ran out.
         """
+        # (At run time the base's join takes the common case and calls
+        # _join for the rest: this method is deleted after the class.)
+        return self._join(timeout)
+
+    def _join(self, timeout: float | None = None) -> R:
+        """join(), the Python path: every case (the reference for the fast one)."""
         if timeout is not None:  # (no call otherwise: each object touched while
             # the child still shares our pages is a copied page)
             timeout = _positive_timeout(timeout, "join(timeout=)")
@@ -181,6 +155,15 @@ class Child(Generic[R]):
         _poll_if_asked()
         if not done:
             raise JoinTimeout(pid=self.pid, name=self.name, timeout=timeout)
+        return self._result()
+
+    def _joined(self) -> R:
+        """The end of join() after the C join reaped a child that sent
+        something, or did not exit 0."""
+        _poll_if_asked()
+        return self._result()
+
+    def _result(self) -> R:
         ok, value = self._part.outcome(self._rec)
         if ok:
             return value  # type: ignore[no-any-return]
@@ -278,11 +261,12 @@ class Child(Generic[R]):
             state = f"exitcode={None if exit_ is None else exit_.exitcode}"
         return f"<Child {rec.name!r} pid={rec.pid} {state}>"
 
-    def __del__(self) -> None:
-        try:  # noqa: SIM105 - contextlib may be gone at interpreter shutdown
-            self._part.drop(self._rec)
-        except Exception:
-            pass
+    # (A handle dropped unjoined: the base's finalizer calls part.drop(rec).)
+
+
+# The join above is for readers and type checkers; at run time the base's (the
+# backend's C join, or PyHandle's) takes the common case, Child._join the rest.
+delattr(Child, "join")
 
 
 class Children:
@@ -483,8 +467,12 @@ def children(
     )
 
 
-class _Forked(Generic[P, R]):
-    """A function decorated with :func:`forked`: calling it forks a child."""
+class _Forked(_accel.LauncherBase, Generic[P, R]):
+    """A function decorated with :func:`forked`: calling it forks a child.
+
+    A call is the base's (the backend's C start: see ``_engine/accel.py``),
+    which takes the common case and calls :meth:`_call` for the rest.
+    """
 
     def __init__(
         self, fn: Callable[P, R], name: str | None, timeout: float | None, daemon: bool
@@ -498,7 +486,12 @@ class _Forked(Generic[P, R]):
         self._binds = not isinstance(fn, staticmethod)
         functools.update_wrapper(self, fn)
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Child[R]:
+    if TYPE_CHECKING:
+
+        def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Child[R]: ...
+
+    def _call(self, *args: P.args, **kwargs: P.kwargs) -> Child[R]:
+        """A call, the Python path: every case (the reference for the fast one)."""
         if _runtime.entered and (rt := _runtime.current.get()) is not None:  # ps.cluster()
             return rt.fork(self._fn, args, kwargs, self._name, self._timeout, self._daemon)
         # current_children() inlined: every Python call here runs again after
@@ -518,6 +511,16 @@ class _Forked(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<forked function {self._name}>"
+
+    # The C base's fields are not in __dict__: copies and pickles (cloudpickle
+    # sends a @forked function a task calls to a cluster's workers) carry them.
+    def __getstate__(self) -> dict[str, Any]:
+        fields = ("_fn", "_name", "_timeout", "_daemon")
+        return {**self.__dict__, **{k: getattr(self, k) for k in fields}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
 
 
 @overload
@@ -572,3 +575,6 @@ def forked(
     if fn is None:
         return decorate
     return decorate(fn)
+
+
+_accel.accelerate(Child, _poll_if_asked, vars(_runtime))

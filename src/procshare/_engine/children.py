@@ -75,14 +75,29 @@ DEADLOCK_WATCH = 5.0
 _LIMITS = {errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM}
 # The child's own handlers, installed before it unblocks signals: SIGTERM (a
 # cancel) becomes Cancelled; the terminal's SIGINT is left to the parent.
-_CHILD_HANDLERS: dict[int, Callable[[int, FrameType | None], Any]] = {
+CHILD_HANDLERS: dict[int, Callable[[int, FrameType | None], Any]] = {
     int(signal.SIGTERM): transport.on_cancel,
     int(signal.SIGINT): transport.on_interrupt,
 }
 
 
 class ChildrenPart:
-    """Every child this process forked and has not reaped yet."""
+    """Every child this process forked and has not reaped yet.
+
+    Slotted: the backend's C start and join (see ``_engine/accel.py``) read
+    ``engine``, ``_live``, ``_local`` and ``scoped`` in place.
+    """
+
+    __slots__ = (
+        "_dropped",
+        "_held_news",
+        "_live",
+        "_local",
+        "_lock",
+        "backend",
+        "engine",
+        "scoped",
+    )
 
     order = 0
 
@@ -95,6 +110,9 @@ class ChildrenPart:
         self._local = threading.local()
         #: Children that said they ended holding locks, not yet warned about.
         self._held_news: list[tuple[Record, list[str]]] = []
+        #: ``ps.children()`` scopes open in any thread (see scopes.enter/leave):
+        #: while there is none, a fork needs no look at the thread's stack.
+        self.scoped = 0
 
     # ------------------------------------------------------------------ fork
 
@@ -144,7 +162,7 @@ class ChildrenPart:
             rec.seq = engine.forks
             try:
                 rec.pid, rec.result_fd, rec.wait_fd = self.backend.process_fork(
-                    child, token=rec.seq, handlers=_CHILD_HANDLERS
+                    child, token=rec.seq, handlers=CHILD_HANDLERS
                 )
             except BaseException as exc:
                 # A Ctrl-C that arrived during the fork runs its handler just
@@ -186,13 +204,18 @@ class ChildrenPart:
         rec.result_fd = rec.wait_fd = None
         rec.done = True
         self._live.pop(rec.pid, None)
-        if rec.buf:
-            held = transport.held_locks(rec)
-            if held:  # warned at the next call into procshare (see poll)
-                self._held_news.append((rec, held))
-                self.engine.pending = True
         if self.engine.deferred:
             self.engine.pending = True  # a release waiting for children may go now
+        if rec.buf:
+            self._check_held(rec)
+
+    def _check_held(self, rec: Record) -> None:
+        """A reaped child sent something: note it if it says it ended holding
+        locks (also called by the backend's C join, which reaps in C)."""
+        held = transport.held_locks(rec)
+        if held:  # warned at the next call into procshare (see poll)
+            self._held_news.append((rec, held))
+            self.engine.pending = True
 
     def forked_between(self, opened: int, closed: int) -> bool:
         """Whether a child numbered above ``opened`` and at most ``closed`` is unreaped."""
@@ -209,6 +232,8 @@ class ChildrenPart:
         try:
             exit_ = self.backend.process_reap(rec.pid, block=block)
         except ChildProcessError:
+            if rec.done:  # another thread's C join reaped and finished it meanwhile
+                return True
             if self.engine.pid != os.getpid():
                 self._foreign(rec)
             self._finish(rec, None)  # reaped behind our back (os.wait(), SIGCHLD=SIG_IGN)
@@ -419,7 +444,7 @@ class ChildrenPart:
         decoded = rec.decoded
         if decoded is None:
             decoded = rec.decoded = transport.decode(rec)
-            rec.buf = bytearray()  # decoded once: free a large result's bytes
+            rec.buf = b""  # decoded once: free a large result's bytes
         ok, data = decoded
         if ok:
             return True, data

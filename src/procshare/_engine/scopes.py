@@ -107,6 +107,7 @@ def enter(part: ChildrenPart, limit: int | None, cancel_on_error: bool) -> Scope
     part.poll()
     scope = ScopeState(limit=limit, cancel_on_error=cancel_on_error)
     part.scope_stack().append(scope)
+    part.scoped += 1  # forks now look at the thread's stack (the C start does not)
     return scope
 
 
@@ -142,6 +143,7 @@ def leave(part: ChildrenPart, scope: ScopeState, exc: BaseException | None) -> N
         stack = part.scope_stack()
         if scope in stack:
             stack.remove(scope)
+            part.scoped -= 1
         _segments.reclaim_after_kills(scope.records)  # SPEC 3: a killed child's orphans
 
 

@@ -63,7 +63,10 @@ class Record:
     """The parent's knowledge of one child.
 
     A plain slotted class, not attrs: it is built on every fork, and each
-    object touched around a fork costs a copy-on-write page fault.
+    object touched around a fork costs a copy-on-write page fault. The
+    backend's C start builds records too, and its C join finishes them,
+    writing these slots in place (see :mod:`procshare._engine.accel`): a
+    slot added here is added there.
     """
 
     __slots__ = (
@@ -99,7 +102,9 @@ class Record:
         self.seq = 0  # the engine's fork count with this fork
         self.result_fd: int | None = None
         self.wait_fd: int | None = None
-        self.buf = bytearray()
+        # What the child sent: b"" (shared, nothing allocated per fork) until
+        # drain() makes it a bytearray.
+        self.buf: bytes | bytearray = b""
         self.eof = False  # the result pipe is at end of file (or closed by us)
         self.exit: Exit | None = None
         self.done = False  # reaped (or lost): the outcome is final
@@ -231,7 +236,12 @@ def child_main(  # noqa: PLR0917 - a functools.partial built on every fork
     result_fd: int,
 ) -> int:
     """Runs in the child; the backend ends the process with the status returned
-    (a negative one: by that signal, after the child unwound from a cancel)."""
+    (a negative one: by that signal, after the child unwound from a cancel).
+
+    The backend's C start runs the common case of the same itself (see
+    ``_forkfast.c``): it arms the cancel, calls ``fn`` and, unless the
+    function returned None in a child that took no lock and opened nothing,
+    hands the rest to :func:`child_end`."""
     global _armed, _raised
     # The fork step already closed our siblings' descriptors and our own
     # parent's pipe (see the backend): nothing of the parent's to drop here.
@@ -246,16 +256,61 @@ def child_main(  # noqa: PLR0917 - a functools.partial built on every fork
             _join_threads()
     except BaseException as exc:
         _armed = 0  # first: a late cancel must not interrupt the report
-        if isinstance(exc, Cancelled) and _raised == _core._pid:
-            status, payload = -signal.SIGTERM, None  # unwound: end as the signal would have
-        elif isinstance(exc, SystemExit):
-            status, payload = exit_status(exc), None
-        else:  # (a Cancelled of its own making too: reported as raised)
-            status, payload = 1, raised_payload(exc, skip=1)
+        status, payload = _failed(exc, skip=1)
     else:
         _armed = 0  # finishing: a late cancel changes nothing any more
         status, payload = (0, None) if value is None else returned_payload(value)
         del value
+    return _end(backend, held_locks, status, payload, result_fd)
+
+
+def child_end(
+    backend: Backend,
+    held_locks: Callable[[], list[str]],
+    box: list[Any],
+    exc: BaseException | None,
+    result_fd: int,
+) -> int:
+    """The rest of :func:`child_main` after the C start called the function:
+    ``box`` holds its return value (taken out here, so it can be freed
+    before the child's engine shuts down), ``exc`` what it raised."""
+    global _armed
+    value = box.pop() if box else None
+    skip = 0  # (the function's own frames: no frame of ours called it)
+    if exc is None:
+        try:
+            if backend.process_python_threads() > 1:
+                _join_threads()
+        except BaseException as failed:
+            exc, skip = failed, 1
+    _armed = 0
+    payload: bytes | None
+    if exc is not None:
+        status, payload = _failed(exc, skip=skip)
+    else:
+        status, payload = (0, None) if value is None else returned_payload(value)
+    del value
+    return _end(backend, held_locks, status, payload, result_fd)
+
+
+def _failed(exc: BaseException, *, skip: int) -> tuple[int, bytes | None]:
+    """The status and message of a child whose function raised ``exc``."""
+    if isinstance(exc, Cancelled) and _raised == _core._pid:
+        return -signal.SIGTERM, None  # unwound: end as the signal would have
+    if isinstance(exc, SystemExit):
+        return exit_status(exc), None
+    return 1, raised_payload(exc, skip=skip)  # (a Cancelled of its own making too)
+
+
+def _end(
+    backend: Backend,
+    held_locks: Callable[[], list[str]],
+    status: int,
+    payload: bytes | None,
+    result_fd: int,
+) -> int:
+    """The end of every child: note held locks, release what it opened,
+    send its message; the status to exit with."""
     held = held_locks()
     try:
         # Release what the child itself opened (never what it inherited:
@@ -305,6 +360,8 @@ def drain(backend: Backend, rec: Record) -> None:
         if not data:
             rec.eof = True
             return
+        if not isinstance(buf, bytearray):  # the shared b"" of a new record
+            buf = rec.buf = bytearray()
         buf += data
         if len(buf) >= LEN.size:
             (n,) = LEN.unpack_from(buf)
@@ -322,7 +379,7 @@ def drain(backend: Backend, rec: Record) -> None:
                 backend.process_grow_pipe(fd, _BIG_PIPE)
 
 
-def _held_end(buf: bytearray) -> int:
+def _held_end(buf: bytes | bytearray) -> int:
     """Where the result message starts: after the ``H`` message, if any."""
     if len(buf) > LEN.size and buf[LEN.size] == _HELD_TAG:
         n: int = LEN.unpack_from(buf)[0]

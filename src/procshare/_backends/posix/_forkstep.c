@@ -27,6 +27,9 @@
  * The child then records its own result write end, so that its own children
  * close that one. (The same in Python touched every sibling's record: ~100
  * microseconds and a dozen copied pages per child with 50 siblings alive.)
+ *
+ * _forkfast.c (compiled into this module; _forkstep.h is what the two
+ * share) builds the common case of a whole start and join on this step.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -44,6 +47,8 @@
 #ifdef __linux__
 #include <sys/prctl.h>
 #endif
+
+#include "_forkstep.h"
 
 /* The mask in force before fork_child() blocked signals. Written under the
  * GIL just before fork(), so the child's copy is the one its own fork saved. */
@@ -66,11 +71,18 @@ static Py_ssize_t n_private, cap_private;
  * reused their numbers: it forgets the list instead of closing anything. */
 static pid_t private_owner;
 
-/* Room for two more entries; -1 with MemoryError set if there is none. */
+/* Result pipes whose write end the parent keeps open (the fast start's,
+ * see _forkstep.h): read end -> write end. The write end is private too
+ * (children close it), and closing the read end closes it. */
+#define MAX_KEPT 8
+static int kept_read[MAX_KEPT], kept_write[MAX_KEPT];
+static int n_kept;
+
+/* Room for three more entries; -1 with MemoryError set if there is none. */
 static int
 reserve_private(void)
 {
-    if (n_private + 2 <= cap_private) {
+    if (n_private + 3 <= cap_private) {
         return 0;
     }
     Py_ssize_t cap = cap_private ? cap_private * 2 : 64;
@@ -110,12 +122,122 @@ block_signals(void)
     pthread_sigmask(SIG_BLOCK, &block, &saved_mask);
 }
 
+/* The fork step itself, shared with the fast path (_forkfast.c): see
+ * _forkstep.h. */
+int
+ps_fork_step(int die_with_parent, int want_pidfd, int keep_write, pid_t *pid_out, int *fd_out,
+             int *pidfd_out)
+{
+    int fds[2], flags, saved_errno, pidfd = -1;
+    pid_t parent, pid;
+
+    if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
+        PyErr_SetString(PyExc_RuntimeError, "fork not supported for subinterpreters");
+        return -1;
+    }
+    if (PySys_Audit("os.fork", NULL) < 0) {
+        return -1;
+    }
+    if (reserve_private() < 0) {
+        return -1;
+    }
+    parent = getpid();
+    if (private_owner != parent) {
+        n_private = 0;
+        n_kept = 0;
+        private_owner = parent;
+    }
+    if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    flags = fcntl(fds[1], F_GETFL);
+    if (flags == -1 || fcntl(fds[1], F_SETFL, flags & ~O_NONBLOCK) == -1) {
+        saved_errno = errno;
+        close(fds[0]);
+        close(fds[1]);
+        errno = saved_errno;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    block_signals();
+    PyOS_BeforeFork();
+    pid = fork();
+    saved_errno = errno;
+    if (pid == 0) {
+        PyOS_AfterFork_Child();
+        /* The parent's, not ours: forgotten without a decref, which would
+         * free the tuple and its numbers here, writing (copying) the pages
+         * they live on; the child's memory goes with it at exit anyway. */
+        last_fork = NULL;
+        close(fds[0]);
+        for (Py_ssize_t i = 0; i < n_private; i++) {
+            close(private_fds[i]);
+        }
+        n_private = 0;
+        n_kept = 0;
+        private_fds[n_private++] = fds[1]; /* reserved above */
+        private_owner = getpid();
+        if (die_with_parent) {
+#ifdef __linux__
+            prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+#endif
+            if (getppid() != parent) {
+                /* The parent died before the prctl took effect. */
+                kill(getpid(), SIGKILL);
+            }
+        }
+        *pid_out = 0;
+        *fd_out = fds[1];
+        *pidfd_out = -1;
+        return 0;
+    }
+    PyOS_AfterFork_Parent();
+    if (pid == -1) {
+        pthread_sigmask(SIG_SETMASK, &saved_mask, NULL);
+        close(fds[0]);
+        close(fds[1]);
+        errno = saved_errno;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    private_fds[n_private++] = fds[0]; /* reserved above */
+#ifdef SYS_pidfd_open
+    if (want_pidfd) {
+        pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    }
+#else
+    (void)want_pidfd;
+#endif
+    if (pidfd >= 0) {
+        private_fds[n_private++] = pidfd;
+    }
+    if (keep_write && pidfd >= 0 && n_kept < MAX_KEPT) {
+        private_fds[n_private++] = fds[1];
+        kept_read[n_kept] = fds[0];
+        kept_write[n_kept++] = fds[1];
+    }
+    else {
+        close(fds[1]);
+    }
+    *pid_out = pid;
+    *fd_out = fds[0];
+    *pidfd_out = pidfd < 0 ? -1 : pidfd;
+    return 0;
+}
+
+void
+ps_restore_mask(void)
+{
+    pthread_sigmask(SIG_SETMASK, &saved_mask, NULL);
+}
+
 static PyObject *
 forkstep_fork(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    int die_with_parent, want_pidfd, fds[2], flags, saved_errno, pidfd = -1;
+    int die_with_parent, want_pidfd, fd, pidfd;
     long token = 0;
-    pid_t parent, pid;
+    pid_t pid;
 
     if (nargs != 2 && nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "fork() takes die_with_parent, want_pidfd[, token]");
@@ -135,91 +257,25 @@ forkstep_fork(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
     if (want_pidfd < 0) {
         return NULL;
     }
-    if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
-        PyErr_SetString(PyExc_RuntimeError, "fork not supported for subinterpreters");
+    if (ps_fork_step(die_with_parent, want_pidfd, 0, &pid, &fd, &pidfd) < 0) {
         return NULL;
     }
-    if (PySys_Audit("os.fork", NULL) < 0) {
-        return NULL;
-    }
-    if (reserve_private() < 0) {
-        return NULL;
-    }
-    parent = getpid();
-    if (private_owner != parent) {
-        n_private = 0;
-        private_owner = parent;
-    }
-    if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) {
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    flags = fcntl(fds[1], F_GETFL);
-    if (flags == -1 || fcntl(fds[1], F_SETFL, flags & ~O_NONBLOCK) == -1) {
-        saved_errno = errno;
-        close(fds[0]);
-        close(fds[1]);
-        errno = saved_errno;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    block_signals();
-    PyOS_BeforeFork();
-    pid = fork();
-    saved_errno = errno;
     if (pid == 0) {
-        PyOS_AfterFork_Child();
-        /* The parent's, not ours: forgotten without a decref, which would
-         * free the tuple and its numbers here, writing (copying) the pages
-         * they live on; the child's memory goes with it at exit anyway. */
-        last_fork = NULL;
-        close(fds[0]);
-        for (Py_ssize_t i = 0; i < n_private; i++) {
-            close(private_fds[i]);
-        }
-        n_private = 0;
-        private_fds[n_private++] = fds[1]; /* reserved above */
-        private_owner = getpid();
-        if (die_with_parent) {
-#ifdef __linux__
-            prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-#endif
-            if (getppid() != parent) {
-                /* The parent died before the prctl took effect. */
-                kill(getpid(), SIGKILL);
-            }
-        }
-        return Py_BuildValue("(iiO)", 0, fds[1], Py_None);
-    }
-    PyOS_AfterFork_Parent();
-    if (pid == -1) {
-        pthread_sigmask(SIG_SETMASK, &saved_mask, NULL);
-        close(fds[0]);
-        close(fds[1]);
-        errno = saved_errno;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    close(fds[1]);
-    private_fds[n_private++] = fds[0]; /* reserved above */
-#ifdef SYS_pidfd_open
-    if (want_pidfd) {
-        pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
-    }
-#endif
-    if (pidfd >= 0) {
-        private_fds[n_private++] = pidfd;
+        return Py_BuildValue("(iiO)", 0, fd, Py_None);
     }
     PyObject *result;
     if (pidfd >= 0) {
-        result = Py_BuildValue("(iii)", (int)pid, fds[0], pidfd);
+        result = Py_BuildValue("(iii)", (int)pid, fd, pidfd);
     }
     else {
-        result = Py_BuildValue("(iiO)", (int)pid, fds[0], Py_None);
+        result = Py_BuildValue("(iiO)", (int)pid, fd, Py_None);
     }
     Py_XSETREF(last_fork, Py_XNewRef(result));
     last_token = token;
     /* Restored last: a KeyboardInterrupt cannot separate the fork from the
      * descriptors that let the engine reap the child (and if it lands just
      * after this call returns, unclaimed() still has them). */
-    pthread_sigmask(SIG_SETMASK, &saved_mask, NULL);
+    ps_restore_mask();
     return result;
 }
 
@@ -245,6 +301,38 @@ forkstep_unblock(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
     Py_RETURN_NONE;
 }
 
+int
+ps_close_fd(int fd)
+{
+    forget_private(fd);
+    int rc = close(fd) != 0 && errno != EBADF ? -1 : 0;
+    int saved_errno = errno;
+    for (int i = 0; i < n_kept; i++) {
+        if (kept_read[i] == fd) {
+            int w = kept_write[i];
+            n_kept--;
+            kept_read[i] = kept_read[n_kept];
+            kept_write[i] = kept_write[n_kept];
+            forget_private(w);
+            close(w);
+            break;
+        }
+    }
+    errno = saved_errno;
+    return rc;
+}
+
+int
+ps_write_kept(int fd)
+{
+    for (int i = 0; i < n_kept; i++) {
+        if (kept_read[i] == fd) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
 static PyObject *
 forkstep_close(PyObject *Py_UNUSED(module), PyObject *arg)
 {
@@ -256,9 +344,7 @@ forkstep_close(PyObject *Py_UNUSED(module), PyObject *arg)
         PyErr_Format(PyExc_ValueError, "not a file descriptor: %ld", value);
         return NULL;
     }
-    int fd = (int)value;
-    forget_private(fd);
-    if (close(fd) != 0 && errno != EBADF) {
+    if (ps_close_fd((int)value) < 0) {
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     Py_RETURN_NONE;
@@ -282,6 +368,7 @@ forkstep_adopt(PyObject *Py_UNUSED(module), PyObject *arg)
     pid_t self = getpid();
     if (private_owner != self) {
         n_private = 0; /* inherited through a fork that was not ours: forget it */
+        n_kept = 0;
         private_owner = self;
     }
     if (reserve_private() < 0) {
@@ -310,27 +397,47 @@ forkstep_private(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
     return list;
 }
 
-static void
-flush_stream(const char *name)
+static PyObject *flush_name; /* "flush", interned by the module's init */
+static PyObject *sys_dict, *stream_names[2]; /* sys.__dict__, "stdout", "stderr" */
+
+PyObject *
+ps_std_stream(int which)
 {
-    PyObject *stream = PySys_GetObject(name); /* borrowed */
+    /* PySys_GetObject() without its per-call name object (made and hashed
+     * on every call: copied pages in a child about to exit). */
+    PyObject *stream = PyDict_GetItemWithError(sys_dict, stream_names[which]); /* borrowed */
+    if (stream == NULL) {
+        PyErr_Clear();
+    }
+    return stream;
+}
+
+static void
+flush_stream(int which)
+{
+    PyObject *stream = ps_std_stream(which);
     if (stream != NULL && stream != Py_None) {
-        PyObject *r = PyObject_CallMethod(stream, "flush", NULL);
+        /* No bound method and no name object made per call: a child calls
+         * this as it ends, where each object written is a copied page. */
+        Py_INCREF(stream);
+        PyObject *r = PyObject_CallMethodNoArgs(stream, flush_name);
         Py_XDECREF(r);
+        Py_DECREF(stream);
     }
     PyErr_Clear(); /* a failed flush must not stop the exit */
 }
 
-static PyObject *
-forkstep_exit(PyObject *Py_UNUSED(module), PyObject *arg)
+static void
+ps_flush_stdio(void)
 {
-    long status = PyLong_AsLong(arg);
-    if (status == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        status = 1;
-    }
-    flush_stream("stdout");
-    flush_stream("stderr");
+    flush_stream(0);
+    flush_stream(1);
+}
+
+void
+ps_exit(long status)
+{
+    ps_flush_stdio();
     if (status < 0 && status > -NSIG) {
         /* End by the signal, with its default action, as the parent expects of
          * a child that unwound from a cancel (and as CPython ends itself after
@@ -345,6 +452,17 @@ forkstep_exit(PyObject *Py_UNUSED(module), PyObject *arg)
         _exit(128 + signum); /* a signal whose default is to be ignored */
     }
     _exit((int)status);
+}
+
+static PyObject *
+forkstep_exit(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    long status = PyLong_AsLong(arg);
+    if (status == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        status = 1;
+    }
+    ps_exit(status);
 }
 
 /* poll1(fd, timeout_ms) -> [fd] or []: poll() on one descriptor for POLLIN
@@ -427,14 +545,24 @@ forkstep_threads_setup(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ss
     Py_RETURN_NONE;
 }
 
+Py_ssize_t
+ps_python_threads(void)
+{
+    if (threads_active == NULL || threads_limbo == NULL) {
+        return -1;
+    }
+    return PyDict_GET_SIZE(threads_active) + PyDict_GET_SIZE(threads_limbo);
+}
+
 static PyObject *
 forkstep_python_threads(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
 {
-    if (threads_active == NULL || threads_limbo == NULL) {
+    Py_ssize_t n = ps_python_threads();
+    if (n < 0) {
         PyErr_SetString(PyExc_RuntimeError, "python_threads() before threads_setup()");
         return NULL;
     }
-    return PyLong_FromSsize_t(PyDict_GET_SIZE(threads_active) + PyDict_GET_SIZE(threads_limbo));
+    return PyLong_FromSsize_t(n);
 }
 
 static PyMethodDef forkstep_methods[] = {
@@ -479,5 +607,22 @@ static struct PyModuleDef forkstep_module = {
 PyMODINIT_FUNC
 PyInit__forkstep(void)
 {
-    return PyModule_Create(&forkstep_module);
+    flush_name = PyUnicode_InternFromString("flush");
+    stream_names[0] = PyUnicode_InternFromString("stdout");
+    stream_names[1] = PyUnicode_InternFromString("stderr");
+    PyObject *sys = PyImport_ImportModule("sys");
+    if (sys != NULL) {
+        sys_dict = Py_NewRef(PyModule_GetDict(sys));
+        Py_DECREF(sys);
+    }
+    if (flush_name == NULL || stream_names[0] == NULL || stream_names[1] == NULL ||
+        sys_dict == NULL) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&forkstep_module);
+    if (module != NULL && ps_fast_init(module) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

@@ -20,6 +20,13 @@
   otherwise leave an orphan nobody kills. ``PR_SET_PDEATHSIG`` fires when the
   *thread* that forked exits, not the process; the engine documents that
   caveat.
+* The common case of a whole ``@ps.forked`` start and ``Child.join()`` is in
+  C too (``_forkfast.c``, the same extension module; see
+  ``procshare._engine.accel``). Its fork keeps the parent's copy of the
+  write end while a pidfd watches the child (closed with the read end by
+  ``process_close``), so the child's exit does not hang the pipe up and one
+  ``poll`` on the pidfd and the pipe wakes for data or the exit only;
+  ``process_fork`` itself still closes it at once, as its contract says.
 """
 
 from __future__ import annotations
@@ -202,6 +209,23 @@ class PosixProcesses:
         if len(fields) < 7 or fields[0] in (b"Z", b"X"):
             return False
         return not int(fields[6]) & _PF_EXITING
+
+    # The common case of @forked start and Child.join() in C (_forkfast.c; see
+    # procshare._engine.accel): the bases the front end's classes derive from,
+    # and where the C code finds what it reads and writes.
+    process_fast_bases = (_forkstep.Launcher, _forkstep.Handle)
+
+    def process_fast_setup(self, config: dict[str, Any]) -> None:
+        _forkstep.fast_setup(
+            {
+                **config,
+                "process": globals(),  # _pidfd_open, read on every fork as process_fork does
+                "backend": self,
+                "Exit": Exit,
+                "exit_ok": _EXIT_OK,
+                "set_handler": _set_handler,
+            }
+        )
 
     # threading.active_count() without its lock, in C: this runs on every fork
     # and at the end of every child (where each object touched is a copied
