@@ -32,7 +32,12 @@ class Segment(_cview.SegmentCore, Generic[V]):
     view and closes the segment at the end of the block) or keep it as an
     explicit handle: ``seg.view`` is the view and ``seg.close()`` closes it.
     A handle that is garbage collected is closed, and the engine closes what
-    is still open at interpreter exit.
+    is still open at interpreter exit. A number's or struct's view keeps its
+    handle open while the view is alive, and the handle refers to its view:
+    dropped together without ``close()``, they are closed when Python's cycle
+    collector finds them (soon, while the program allocates; never with
+    ``gc.disable()``), not at once: close it, or use ``with``, to release it
+    at a known moment.
 
     A type checker knows the view's type: ``ps.shared("n", ps.u64)`` is a
     ``Segment[ScalarView[int]]`` (see :func:`shared`).
