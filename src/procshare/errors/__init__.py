@@ -85,38 +85,8 @@ __all__ = [
 
 # One home for the names users see in tracebacks, reprs and pickles
 # (procshare.errors.ChildRaised), whichever file of the package defines them.
-for _cls in (
-    AnonymousError,
-    BrokenBarrier,
-    Cancelled,
-    ChildError,
-    ChildExited,
-    ChildKilled,
-    ChildRaised,
-    ChildTimeout,
-    ClusterUnreachable,
-    DescriptorLimit,
-    ForkError,
-    HolderDied,
-    InvalidName,
-    JoinTimeout,
-    LockTimeout,
-    MappingLimit,
-    MissingDependency,
-    NotOnCluster,
-    OwnerDied,
-    ProcshareError,
-    QueueEmpty,
-    QueueFull,
-    SegmentClosed,
-    SegmentExists,
-    SegmentNotFound,
-    SharedMemoryFull,
-    SharedMemoryUnavailable,
-    SharedTypeError,
-    UsageError,
-    WaitTimeout,
-    WorkerDied,
-):
-    _cls.__module__ = __name__
-del _cls
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type):
+        _obj.__module__ = __name__
+del _name, _obj
