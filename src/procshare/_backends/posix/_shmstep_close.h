@@ -9,6 +9,30 @@
 
 static PyObject *str_release = NULL; /* "release", interned at import */
 
+/* The last holder's end, WRITE held on fd and the name still its object:
+ * without `decide`, hand fd over (unhold() ends it); with it, unlink the
+ * name and let go of fd. `unlock`: drop WRITE first, for a description that
+ * lives on in a mapping (the hold must end with the close). */
+static PyObject *
+end_last(int fd, const char *path, int decide, int unlock)
+{
+    if (!decide) {
+        return PyLong_FromLong(fd);
+    }
+    /* We hold WRITE: nobody can be attaching, and the name is still ours. */
+    int removed = unlink(path) == 0;
+    int saved = errno;
+    if (unlock) {
+        ofd(fd, F_OFD_SETLK, F_UNLCK);
+    }
+    close(fd);
+    if (!removed && saved != ENOENT) {
+        errno = saved;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+    return PyLong_FromLong(removed ? REMOVED : RELEASED);
+}
+
 /* The close of a hold that kept its descriptor fd, taken since the last fork
  * (nobody else shares fd's description): try WRITE on fd, granted only when
  * nobody holds the object any more; if refused, drop READ and try once more.
@@ -68,21 +92,7 @@ release_kept(HandleObject *handle, MappingObject *mm, int fd, const char *path, 
         close(fd);
         return PyLong_FromLong(RELEASED);
     }
-    if (!decide) {
-        return PyLong_FromLong(fd);
-    }
-    /* We hold WRITE: nobody can be attaching, and the name is still ours. */
-    int removed = unlink(path) == 0;
-    int saved = errno;
-    if (exported) {
-        ofd(fd, F_OFD_SETLK, F_UNLCK); /* the description lives on in mm */
-    }
-    close(fd);
-    if (!removed && saved != ENOENT) {
-        errno = saved;
-        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
-    }
-    return PyLong_FromLong(removed ? REMOVED : RELEASED);
+    return end_last(fd, path, decide, exported); /* exported: the description lives on in mm */
 
 os_error: {
     int saved = errno;
@@ -231,19 +241,7 @@ shmstep_release(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
         close(fd);
         return PyLong_FromLong(RELEASED);
     }
-    if (!decide) {
-        return PyLong_FromLong(fd);
-    }
-    /* We hold WRITE: nobody can be attaching, and the name is still ours. */
-    int removed = unlink(path) == 0;
-    int saved = errno;
-    ofd(fd, F_OFD_SETLK, F_UNLCK); /* the description may live on in mm */
-    close(fd);
-    if (!removed && saved != ENOENT) {
-        errno = saved;
-        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
-    }
-    return PyLong_FromLong(removed ? REMOVED : RELEASED);
+    return end_last(fd, path, decide, 1); /* the description may live on in mm */
 
 unlock_error: {
     int saved = errno;
