@@ -98,6 +98,92 @@ def test_fresh_lock_is_free_and_needs_no_keeping(
     assert mutex.release() == api.OK
 
 
+def test_lock_close_removes_the_last_holders_clean_lock(backend: Backend) -> None:
+    os_name = names.os_name(names.LOCK, "contract-close")
+    meta = b'{"kind": "lock"}'
+    first = backend.segment_create(
+        os_name,
+        meta=meta,
+        data_size=backend.lock_data_size,
+        mode=0o600,
+        persist=False,
+        init=backend.lock_init,
+    )
+    assert first is not None
+    second = backend.segment_open(os_name, keep_orphan=backend.lock_keep, meta=meta)
+    assert second is not None
+    m = backend.lock_attach(second)
+    assert m.acquire(False, -1.0) == api.OK
+    assert m.release() == api.OK
+    m.detach()
+    assert backend.lock_close(second) is False  # another holder: it stays
+    assert backend.object_identity(os_name) is not None
+    assert backend.lock_close(first) is True  # the last one, clean: removed
+    assert backend.object_identity(os_name) is None
+    assert backend.lock_close(first) is False  # closed already: nothing more
+
+
+@pytest.mark.timeout(30)
+def test_lock_close_keeps_a_lock_whose_holder_died_unconfirmed(backend: Backend) -> None:
+    os_name = names.os_name(names.LOCK, "contract-keep")
+    handle = backend.segment_create(
+        os_name,
+        meta=b'{"kind": "lock"}',
+        data_size=backend.lock_data_size,
+        mode=0o600,
+        persist=False,
+        init=backend.lock_init,
+    )
+    assert handle is not None
+    m = backend.lock_attach(handle)
+    try:
+        _die_holding(m)
+    finally:
+        m.detach()
+    try:
+        assert backend.lock_close(handle) is False  # the last holder, but a death to tell
+        assert backend.object_identity(os_name) is not None
+    finally:
+        backend.segment_unlink(os_name)
+
+
+@pytest.mark.timeout(30)
+def test_lock_holding_says_no_only_when_nothing_is_held(
+    mutex: LockHandle, backend: Backend
+) -> None:
+    assert backend.lock_holding() is False
+    assert mutex.acquire(True, -1.0) == api.OK
+    assert mutex.acquire(True, -1.0) == api.OK  # nested: still one lock held
+    assert backend.lock_holding() is True
+    assert mutex.release() == api.OK
+    assert backend.lock_holding() is True
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: the parent's hold is not this process's
+        os._exit(0 if backend.lock_holding() is False else 2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert mutex.release() == api.OK
+    assert backend.lock_holding() is False
+    # Held by another thread of this process: holding too.
+    took, done = threading.Event(), threading.Event()
+    codes: list[int] = []
+
+    def holder() -> None:
+        codes.append(mutex.acquire(False, -1.0))
+        took.set()
+        done.wait(30)
+        codes.append(mutex.release())
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert took.wait(30)
+    assert backend.lock_holding() is True
+    done.set()
+    t.join(30)
+    assert codes == [api.OK, api.OK]
+    assert backend.lock_holding() is False
+
+
 def test_acquire_release_codes(mutex: LockHandle) -> None:
     assert mutex.acquire(False, -1.0) == api.OK
     assert mutex.owned()

@@ -140,6 +140,17 @@ class LockBackend(Protocol):
         holding it, or it was released unconfirmed), so a later opener is told."""
         ...
 
+    def lock_close(self, handle: SegmentHandle) -> bool:
+        """Close an open lock object's handle as ``segment_close(handle,
+        keep=lock_keep)`` does (the last holder removes it unless it must be
+        kept); whether it was removed. A backend may do it in one step."""
+        ...
+
+    def lock_holding(self) -> bool:
+        """Whether a thread of this process may hold a lock now. False is a
+        promise that none does; True may err (a thread that died holding one)."""
+        ...
+
     def lock_owner(self, os_name: str) -> int | None:
         """The pid recorded as holding the lock object ``os_name`` (the last
         holder's, if it died holding it); ``None`` if free, missing or not a

@@ -143,6 +143,11 @@ class AnonymousLocksPart(LocksPart):
     procshare once garbage collected, left to the kernel at exit if held), over
     anonymous memory, and never in the by-name cache."""
 
+    def _close_handle(self, handle: SegmentHandle) -> None:
+        # (No name to remove, nothing to keep for a next opener: the memory
+        # goes with its last mapping.)
+        self.backend.segment_close(handle, keep=None)
+
     def open(self, name: str, user: int, mode: int) -> LockEntry:
         """A new anonymous lock entry with ``user`` registered (``name`` and
         ``mode`` are ignored: it has neither)."""

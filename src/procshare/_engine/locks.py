@@ -374,12 +374,17 @@ class LocksPart:
                 backend.segment_let_go(handle)  # later children inherit no hold
                 engine.release_after_children(
                     entry.forks,
-                    lambda: backend.segment_close(handle, keep=backend.lock_keep),
+                    lambda: self._close_handle(handle),
                     closed=max(entry.closed_at, entry.forks),
                 )
                 return True
-            self.backend.segment_close(entry.handle, keep=self.backend.lock_keep)
+            self._close_handle(entry.handle)
             return True
+
+    def _close_handle(self, handle: SegmentHandle) -> None:
+        """End this process's hold on a lock object; the last holder removes
+        it unless it must be kept (the backend's ``lock_close``)."""
+        self.backend.lock_close(handle)
 
     def forget_by_name(self, lock: object) -> None:
         """``lock`` was closed: never hand it out again."""

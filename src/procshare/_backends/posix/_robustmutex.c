@@ -7,10 +7,7 @@
  * two C calls. Everything that is not the hot path stays in Python
  * (procshare/_backends/posix/lock.py and the engine).
  *
- * Memory layout (inside the lock object's data area, 64-byte aligned):
- *
- *   0   pthread_mutex_t  robust, process-shared, error-checking
- *   64  lock_state       our own words (see below)
+ * Memory layout: _lock_layout.h (a pthread_mutex_t, then our own words).
  *
  * The "unconfirmed" flag is ours because plain pthreads turn an unlock
  * without pthread_mutex_consistent() into ENOTRECOVERABLE, poisoned for good.
@@ -37,12 +34,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define STATE_OFFSET 64
-#define DATA_SIZE 128
-#define STATE_MAGIC 0x6b4c5350u /* "PSLk" */
-
-#define FUTEX_TID_MASK 0x3fffffffu
-#define FUTEX_OWNER_DIED 0x40000000u
+#include "_lock_layout.h"
 
 /* Result codes shared with lock.py (keep in sync with api_lock.py). */
 enum {
@@ -56,26 +48,24 @@ enum {
     PSL_NOT_RECOVERABLE = 7, /* poisoned by code outside procshare */
 };
 
-typedef struct {
-    uint32_t magic;
-    uint32_t unconfirmed; /* 1 from a holder's death until mark_consistent() */
-    int32_t owner_pid;    /* holder's pid while held, else 0 */
-    int32_t owner_tid;    /* holder's kernel tid while held, else 0 */
-    int32_t dead_pid;     /* pid of the last holder that died (0 if unknown) */
-    uint32_t deaths;      /* holders that died while holding, ever */
-} lock_state;
-
 static unsigned long fork_gen = 1;
 static pid_t cached_pid;
 /* The fork_gen of the last acquire in this process: equal to fork_gen once a
  * thread of this process (not its parent) has taken any mutex. */
 static unsigned long taken_gen;
+/* Mutexes a thread of this process (not its parent) holds now: one more when
+ * a take makes depth 1, one less when a release makes it 0. It may only err
+ * high (a thread that died holding one, a held Mutex deallocated), never
+ * low: zero is the proof a forked child's C end relies on that it holds no
+ * lock, without touching the Python objects of the locks it has. */
+static long held_count;
 
 static void
 after_fork_child(void)
 {
     fork_gen++;
     cached_pid = getpid();
+    held_count = 0;
 }
 
 typedef struct {
@@ -205,6 +195,7 @@ took_it(MutexObject *self)
     self->owner_ident = PyThread_get_thread_ident();
     self->owner_gen = fork_gen;
     taken_gen = fork_gen;
+    held_count++;
     self->owner_ktid = word(self) & FUTEX_TID_MASK;
     self->depth = 1;
     self->state->owner_pid = cached_pid;
@@ -327,6 +318,7 @@ release_code(MutexObject *self)
         return PSL_OK;
     }
     self->depth = 0;
+    held_count--;
     self->owner_ident = 0;
     self->state->owner_pid = 0;
     self->state->owner_tid = 0;
@@ -646,6 +638,43 @@ robustmutex_taken_here(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
     return PyBool_FromLong(taken_gen == fork_gen);
 }
 
+/* holding() -> whether a thread of this process may hold a mutex now: False
+ * proves that none does (see held_count). */
+static PyObject *
+robustmutex_holding(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
+{
+    return PyBool_FromLong(held_count > 0);
+}
+
+/* needs_keeping(buffer, offset) -> whether the lock memory at `offset` of
+ * `buffer` records a death nobody has confirmed (lock_memory_needs_keeping). */
+static PyObject *
+robustmutex_needs_keeping(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "needs_keeping(buffer, offset)");
+        return NULL;
+    }
+    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
+    if (offset == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    int keep = -1;
+    if (offset < 0 || view.len - offset < DATA_SIZE) {
+        PyErr_Format(PyExc_ValueError, "needs_keeping: %d bytes of lock memory needed at %zd",
+                     DATA_SIZE, offset);
+    }
+    else {
+        keep = lock_memory_needs_keeping((const unsigned char *)view.buf + offset);
+    }
+    PyBuffer_Release(&view);
+    return keep < 0 ? NULL : PyBool_FromLong(keep);
+}
+
 /* initialise(data): set up a fresh mutex in a new lock object's data (the
  * backend's lock_init; only by the creator, before publication). One C call,
  * no Mutex object: a lock is often first created in a freshly forked child,
@@ -696,6 +725,11 @@ static PyMethodDef robustmutex_methods[] = {
     {"attach", robustmutex_attach, METH_O, "attach(handle) -> Mutex(handle.data)."},
     {"taken_here", robustmutex_taken_here, METH_NOARGS,
      "Whether a thread of this process has taken any mutex since it began (or was forked)."},
+    {"holding", robustmutex_holding, METH_NOARGS,
+     "Whether a thread of this process may hold a mutex now (False: none does)."},
+    {"needs_keeping", (PyCFunction)(void (*)(void))robustmutex_needs_keeping, METH_FASTCALL,
+     "needs_keeping(buffer, offset) -> whether the lock at offset records an unconfirmed "
+     "death (kept with no living holder, so the next opener is told)."},
     {"keep", (PyCFunction)(void (*)(void))robustmutex_keep, METH_FASTCALL,
      "keep(name, lock): keep a new by-name lock object for reuse() (see _robustmutex.c)."},
     {"reuse", robustmutex_reuse, METH_O,

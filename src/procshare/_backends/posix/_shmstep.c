@@ -62,6 +62,7 @@
 
 static const char MAGIC[8] = {'P', 'R', 'C', 'S', 'H', 'R', 0, 1};
 
+#include "_lock_layout.h"   /* the lock memory close_lock() judges */
 #include "_shmstep_holds.h" /* descriptors or mappings, fork epochs, spares */
 #include "_shmstep_types.h" /* the Mapping and Handle types */
 
@@ -262,7 +263,7 @@ shmstep_map(PyObject *Py_UNUSED(module), PyObject *args)
 }
 
 #include "_shmstep_create.h" /* create, publish, adopt, link_mode */
-#include "_shmstep_close.h" /* release, let_go, unhold */
+#include "_shmstep_close.h" /* release, close_lock, let_go, unhold */
 
 /* anonymous(size, reserve) -> Mapping: shared memory with no name anywhere.
  *
@@ -362,10 +363,16 @@ static PyMethodDef shmstep_methods[] = {
     {"anonymous", shmstep_anonymous, METH_VARARGS,
      "anonymous(size, reserve) -> Mapping: MAP_SHARED memory with no name, inherited by "
      "fork; with reserve its pages are allocated now (ENOSPC/ENOMEM if they do not fit)."},
+    {"close_lock", shmstep_close_lock, METH_O,
+     "close_lock(handle) -> removed: segment_close(handle, keep=lock_keep) in one call; the "
+     "last holder removes the lock object unless its memory records an unconfirmed death."},
+    {"set_paths", shmstep_set_paths, METH_O,
+     "set_paths(globals): segment_object's globals, where close_lock() finds paths and the pid."},
     {"release", (PyCFunction)(void (*)(void))shmstep_release, METH_FASTCALL,
      "release(handle, path, pid, decide) -> RELEASED | REMOVED | fd: close handle and end "
-     "its hold; the last holder unlinks path (decide) or gets a WRITE-held fd to decide "
-     "with and pass to unhold()."},
+     "its hold; the last holder unlinks path (decide 1; 2: unless the lock memory at the "
+     "data offset must be kept) or gets a WRITE-held fd (decide 0) to decide with and pass "
+     "to unhold()."},
     {"let_go", (PyCFunction)(void (*)(void))shmstep_let_go, METH_FASTCALL,
      "let_go(handle, path): end this process's hold now (children forked earlier keep "
      "theirs); release() later only checks for the last holder."},

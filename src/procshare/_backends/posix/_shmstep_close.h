@@ -7,17 +7,43 @@
 #define RELEASED (-1) /* the hold ended; the object stays (others hold it, or it is gone) */
 #define REMOVED (-2)  /* the hold ended, this was the last one, and the name was unlinked */
 
+/* What the last holder does (release()'s `decide`): hand the WRITE-held
+ * descriptor to the caller, unlink the name, or unlink it unless the lock
+ * memory at the data offset must be kept (_lock_layout.h). */
+#define DECIDE_CALLER 0
+#define DECIDE_UNLINK 1
+#define DECIDE_LOCK 2
+
 static PyObject *str_release = NULL; /* "release", interned at import */
 
 /* The last holder's end, WRITE held on fd and the name still its object:
- * without `decide`, hand fd over (unhold() ends it); with it, unlink the
- * name and let go of fd. `unlock`: drop WRITE first, for a description that
- * lives on in a mapping (the hold must end with the close). */
+ * DECIDE_CALLER hands fd over (unhold() ends it); else unlink the name
+ * (DECIDE_LOCK: unless the lock at `lock_at` records an unconfirmed death,
+ * read from the object itself) and let go of fd. `unlock`: drop WRITE first,
+ * for a description that lives on in a mapping (the hold must end with the
+ * close). */
 static PyObject *
-end_last(int fd, const char *path, int decide, int unlock)
+end_last(int fd, const char *path, int decide, int unlock, Py_ssize_t lock_at)
 {
-    if (!decide) {
+    if (decide == DECIDE_CALLER) {
         return PyLong_FromLong(fd);
+    }
+    if (decide == DECIDE_LOCK) {
+        unsigned char mem[DATA_SIZE];
+        ssize_t got = pread(fd, mem, sizeof mem, (off_t)lock_at);
+        if (got < 0) {
+            int saved = errno;
+            ofd(fd, F_OFD_SETLK, F_UNLCK);
+            close(fd);
+            errno = saved;
+            return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+        }
+        if ((size_t)got < sizeof mem || lock_memory_needs_keeping(mem)) {
+            /* Kept for the next opener to be told (too short: not ours to judge). */
+            ofd(fd, F_OFD_SETLK, F_UNLCK);
+            close(fd);
+            return PyLong_FromLong(RELEASED);
+        }
     }
     /* We hold WRITE: nobody can be attaching, and the name is still ours. */
     int removed = unlink(path) == 0;
@@ -92,7 +118,8 @@ release_kept(HandleObject *handle, MappingObject *mm, int fd, const char *path, 
         close(fd);
         return PyLong_FromLong(RELEASED);
     }
-    return end_last(fd, path, decide, exported); /* exported: the description lives on in mm */
+    /* exported: the description lives on in mm */
+    return end_last(fd, path, decide, exported, handle->data_offset);
 
 os_error: {
     int saved = errno;
@@ -115,24 +142,15 @@ os_error: {
  * move it onto the new description with MAP_FIXED, same pages), then try
  * WRITE on the new description, granted only when nobody holds the object
  * any more. The last holder checks that the name still is its object
- * (st_dev, st_ino; not unlinked meanwhile) and with `decide` unlinks it;
- * without, it gets the descriptor, WRITE held, decides itself and hands it
- * to unhold(). A persist object is only let go of: its last holder never
- * removes it. */
+ * (st_dev, st_ino; not unlinked meanwhile) and decides (end_last): with
+ * DECIDE_UNLINK unlinks it, with DECIDE_LOCK unlinks it unless its lock
+ * memory must be kept, with DECIDE_CALLER returns the descriptor, WRITE
+ * held, for the caller to decide and hand to unhold(). A persist object is
+ * only let go of: its last holder never removes it. (The Python-facing
+ * release() below takes handle, path, pid, decide.) */
 static PyObject *
-shmstep_release(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+release_handle(HandleObject *handle, const char *path, long pid, int decide)
 {
-    if (nargs != 4 || !PyObject_TypeCheck(args[0], &Handle_Type) || !PyBytes_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "release() takes handle, path (bytes), pid, decide");
-        return NULL;
-    }
-    HandleObject *handle = (HandleObject *)args[0];
-    const char *path = PyBytes_AS_STRING(args[1]);
-    long pid = PyLong_AsLong(args[2]);
-    int decide = PyObject_IsTrue(args[3]);
-    if ((pid == -1 && PyErr_Occurred()) || decide < 0) {
-        return NULL;
-    }
     if (handle->closed) {
         return PyLong_FromLong(RELEASED);
     }
@@ -241,7 +259,8 @@ shmstep_release(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
         close(fd);
         return PyLong_FromLong(RELEASED);
     }
-    return end_last(fd, path, decide, 1); /* the description may live on in mm */
+    /* the description may live on in mm */
+    return end_last(fd, path, decide, 1, handle->data_offset);
 
 unlock_error: {
     int saved = errno;
@@ -254,6 +273,87 @@ os_error: {
     errno = saved;
     return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
 }
+}
+
+static PyObject *
+shmstep_release(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyObject_TypeCheck(args[0], &Handle_Type) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "release() takes handle, path (bytes), pid, decide");
+        return NULL;
+    }
+    long pid = PyLong_AsLong(args[2]);
+    long decide = PyBool_Check(args[3]) ? (args[3] == Py_True) : PyLong_AsLong(args[3]);
+    if ((pid == -1 || decide == -1) && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (decide < DECIDE_CALLER || decide > DECIDE_LOCK) {
+        PyErr_SetString(PyExc_ValueError, "release(): decide is 0, 1 or 2");
+        return NULL;
+    }
+    return release_handle((HandleObject *)args[0], PyBytes_AS_STRING(args[1]), pid, (int)decide);
+}
+
+/* Where close_lock() finds a handle's path and this process's pid: the
+ * globals of segment_object.py (path_bytes, SHM_DIR_BYTES, _pid), read at
+ * each call as the Python path reads them. Set by set_paths(). */
+static PyObject *paths_g = NULL;
+
+static PyObject *
+shmstep_set_paths(PyObject *Py_UNUSED(module), PyObject *globals)
+{
+    if (!PyDict_Check(globals)) {
+        PyErr_SetString(PyExc_TypeError, "set_paths(segment_object globals)");
+        return NULL;
+    }
+    Py_XSETREF(paths_g, Py_NewRef(globals));
+    Py_RETURN_NONE;
+}
+
+/* close_lock(handle) -> removed: close a lock object's handle as
+ * segment_close(handle, keep=lock_keep) does, in one call: the last holder
+ * removes the object unless its lock memory records an unconfirmed death. */
+static PyObject *
+shmstep_close_lock(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    if (!PyObject_TypeCheck(arg, &Handle_Type) || paths_g == NULL) {
+        PyErr_SetString(PyExc_TypeError, "close_lock(handle) takes a POSIX segment handle");
+        return NULL;
+    }
+    HandleObject *handle = (HandleObject *)arg;
+    PyObject *known = PyDict_GetItemString(paths_g, "path_bytes");   /* borrowed */
+    PyObject *pidobj = PyDict_GetItemString(paths_g, "_pid");        /* borrowed */
+    PyObject *dir = PyDict_GetItemString(paths_g, "SHM_DIR_BYTES");  /* borrowed */
+    if (known == NULL || !PyDict_Check(known) || pidobj == NULL || dir == NULL ||
+        !PyBytes_Check(dir) || !PyUnicode_Check(handle->os_name)) {
+        PyErr_SetString(PyExc_TypeError, "close_lock(): segment_object's globals are not set up");
+        return NULL;
+    }
+    long pid = PyLong_AsLong(pidobj);
+    if (pid == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *path = PyDict_GetItemWithError(known, handle->os_name); /* borrowed */
+    if (path != NULL && PyBytes_Check(path)) {
+        Py_INCREF(path);
+    }
+    else {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        path = PyBytes_FromFormat("%s%s", PyBytes_AS_STRING(dir), PyUnicode_AsUTF8(handle->os_name));
+        if (path == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *state = release_handle(handle, PyBytes_AS_STRING(path), pid, DECIDE_LOCK);
+    Py_DECREF(path);
+    if (state == NULL) {
+        return NULL;
+    }
+    long code = PyLong_AsLong(state);
+    Py_DECREF(state);
+    return PyBool_FromLong(code == REMOVED);
 }
 
 /* let_go(handle, path) -> None: end this process's own hold now, while

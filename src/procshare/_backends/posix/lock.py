@@ -20,7 +20,7 @@ from typing import Any
 
 from procshare._backends.api_lock import LockHandle
 from procshare._backends.api_segment import SegmentHandle
-from procshare._backends.posix.segment import PosixSegment, peek_data
+from procshare._backends.posix.segment import PosixSegment, close_lock, peek_data
 
 try:
     from procshare._backends.posix._robustmutex import (
@@ -29,8 +29,10 @@ try:
         STATE_OFFSET,
         Guard,
         attach,
+        holding,
         initialise,
         keep,
+        needs_keeping,
         reuse,
         reuse_setup,
         taken_here,
@@ -42,37 +44,21 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "checkout, or `pip install procshare`)"
     ) from exc
 
-FUTEX_TID_MASK = 0x3FFFFFFF
-FUTEX_OWNER_DIED = 0x40000000
 # Set in the lock word by a thread about to sleep on it; cleared by the
 # release that finds nobody left to wake (glibc's robust mutexes).
 FUTEX_WAITERS = 0x80000000
 
-# lock word (the mutex's first int) and glibc's owner field, then our state
-# words (see _robustmutex.c)
-_WORD = struct.Struct("@IIi")  # __lock, __count, __owner
-# glibc's __owner value of a mutex unlocked after EOWNERDEAD without
-# pthread_mutex_consistent() (by code that is not procshare): poisoned.
-_NOTRECOVERABLE = 0x7FFFFFFE
+# our state words after the mutex (see _lock_layout.h)
 _STATE = struct.Struct("@IIiiiI")
 
-
-def lock_needs_keeping(data: Any, offset: int) -> bool:
-    """Whether the lock memory at ``offset`` of ``data`` records a death nobody
-    has confirmed yet.
-
-    True when a holder died holding it (the kernel marked the word
-    ``FUTEX_OWNER_DIED``, or left a dead thread's id in it), when it was
-    released unconfirmed, or when foreign code poisoned it. Such an object is
-    kept even with no living holder, so the next process to open it is told.
-    """
-    word, _count, owner = _WORD.unpack_from(data, offset)
-    magic, unconfirmed, *_ = _STATE.unpack_from(data, offset + STATE_OFFSET)
-    if magic != STATE_MAGIC:
-        return False
-    if owner == _NOTRECOVERABLE:
-        return True  # keep reporting it until someone removes it (`procshare rm --lock`)
-    return bool(word & (FUTEX_OWNER_DIED | FUTEX_TID_MASK)) or bool(unconfirmed)
+#: ``lock_needs_keeping(data, offset)``: whether the lock memory at ``offset``
+#: of ``data`` records a death nobody has confirmed yet: a holder died holding
+#: it (the kernel marked the word ``FUTEX_OWNER_DIED``, or left a dead
+#: thread's id in it), it was released unconfirmed, or foreign code poisoned
+#: it. Such an object is kept even with no living holder, so the next process
+#: to open it is told. C (``_lock_layout.h``), the one rule the close of a
+#: lock object's last hold in ``_shmstep`` applies too.
+lock_needs_keeping: Callable[[Any, int], bool] = needs_keeping
 
 
 class PosixLocks:
@@ -89,6 +75,14 @@ class PosixLocks:
     #: Whether a thread of this process took any lock since it began or was
     #: forked (a forked child's exit skips looking at its locks when not).
     lock_taken_here = staticmethod(taken_here)
+    #: Whether a thread of this process may hold a lock now; False proves that
+    #: none does (the C end of a forked child asks this, see _forkfast.c).
+    lock_holding = staticmethod(holding)
+    #: ``lock_close(handle) -> removed``: ``segment_close(handle,
+    #: keep=lock_keep)`` in one C call, the keep rule read by the last holder
+    #: from the object itself (``_shmstep.close_lock``): a lock object is often
+    #: closed at the end of a freshly forked child.
+    lock_close: Callable[[SegmentHandle], bool] = staticmethod(close_lock)  # type: ignore[assignment]
 
     #: ``lock_init(data)`` and ``lock_attach(handle)`` (``Mutex(handle.data)``):
     #: one C call each, no Python frame (a lock is often first created or

@@ -105,7 +105,7 @@ from procshare._backends.posix.segment_object import (
     write_free,
 )
 
-__all__ = ["PosixSegment", "PosixSegments", "current_pid", "peek_data"]
+__all__ = ["PosixSegment", "PosixSegments", "close_lock", "current_pid", "peek_data"]
 
 _attach = _shmstep.attach
 _release = _shmstep.release
@@ -116,6 +116,10 @@ _create = _shmstep.create
 _publish = _shmstep.publish
 _adopt = _shmstep.adopt
 _fork_epoch = _shmstep.fork_epoch
+#: ``close_lock(handle) -> removed``: a lock object's close (the backend's
+#: ``lock_close``), reading paths and the pid where the Python path does.
+close_lock = _shmstep.close_lock
+_shmstep.set_paths(vars(segment_object))
 
 # Up to this size the whole object is written with one pwrite (which reserves
 # the pages just as fallocate does, and fails with ENOSPC the same way).
