@@ -17,7 +17,10 @@ setup(
         Extension(
             "procshare._backends.posix._robustmutex",
             sources=["src/procshare/_backends/posix/_robustmutex.c"],
-            depends=["src/procshare/_backends/posix/_robustmutex_reuse.h"],
+            depends=[
+                "src/procshare/_backends/posix/_robustmutex_reuse.h",
+                "src/procshare/_backends/posix/_lock_layout.h",
+            ],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
             libraries=["pthread"],
         ),
@@ -42,6 +45,7 @@ setup(
                 "src/procshare/_backends/posix/_shmstep_holds.h",
                 "src/procshare/_backends/posix/_shmstep_close.h",
                 "src/procshare/_backends/posix/_shmstep_create.h",
+                "src/procshare/_backends/posix/_lock_layout.h",
             ],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),
@@ -69,6 +73,7 @@ setup(
             depends=[
                 "src/procshare/_engine/_cengine_record.h",
                 "src/procshare/_engine/_cengine_lock.h",
+                "src/procshare/_engine/_cengine_end.h",
             ],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),

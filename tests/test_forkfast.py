@@ -366,3 +366,126 @@ def test_a_forked_function_copies_and_pickles_with_its_fields() -> None:
         assert child.name == "pid"
         assert child.daemon
         assert child.join() == child.pid
+
+
+# -- the end of a child that opened things by name (_cengine_end.h) ------------------
+
+
+def _python_end_marker(w: int) -> None:
+    """In a child: the Python end, if it runs, writes b"P" to ``w`` first."""
+    from procshare._engine import core
+
+    shutdown = core.shutdown_engine
+
+    def marked() -> None:
+        os.write(w, b"P")
+        shutdown()
+
+    core.shutdown_engine = marked
+
+
+def _ended_in_python(r: int) -> bool:
+    os.set_blocking(r, False)
+    try:
+        return b"P" in os.read(r, 64)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(r)
+
+
+def _lock_exists(name: str) -> bool:
+    from procshare._engine import names
+
+    return get_engine().backend.object_identity(names.os_name(names.LOCK, name)) is not None
+
+
+@pytest.mark.timeout(60)
+def test_a_child_that_opened_by_name_ends_in_c_and_leaves_nothing(fast: bool) -> None:
+    # The README example's child: a value and a lock by name, both closed by
+    # `with`; the lock is kept for reuse until the engine ends, which the C end
+    # does (the Python end, the reference, with the C paths off).
+    r, w = os.pipe()
+
+    @ps.forked
+    def job(i: int) -> None:
+        _python_end_marker(w)
+        with ps.shared("ff-sum", ps.u64) as s, ps.interprocess_lock("ff-m"):
+            s.value += i
+
+    with ps.shared("ff-sum", ps.u64) as total:
+        _noop().join()  # (the first fork of a process is a Python one)
+        with ps.children():
+            for i in range(1, 4):
+                job(i)
+        assert total.value == 6
+    os.close(w)
+    assert _ended_in_python(r) is not fast
+    assert not _lock_exists("ff-m")  # its last holder removed it
+
+
+@pytest.mark.timeout(60)
+def test_a_c_end_keeps_a_lock_whose_death_nobody_confirmed(fast: bool) -> None:
+    r, w = os.pipe()
+
+    @ps.forked
+    def dies_holding() -> None:
+        ps.interprocess_lock("ff-k").acquire()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    @ps.forked
+    def is_told_and_leaves_it_unconfirmed() -> None:
+        _python_end_marker(w)
+        lock = ps.interprocess_lock("ff-k")
+        try:
+            lock.acquire(timeout=10)
+        except ps.OwnerDied:
+            lock.release()  # released unconfirmed: the next one is told again
+        else:
+            raise AssertionError("the death was not told")
+
+    _noop().join()
+    with pytest.raises(ps.ChildKilled):
+        dies_holding().join()
+    assert _lock_exists("ff-k")  # an orphan that must be kept: the death is news
+    is_told_and_leaves_it_unconfirmed().join()
+    os.close(w)
+    assert _ended_in_python(r) is not fast
+    assert _lock_exists("ff-k")  # its last holder kept it
+    lock = ps.interprocess_lock("ff-k")
+    try:
+        with pytest.raises(ps.OwnerDied):
+            lock.acquire(timeout=10)
+        lock.mark_consistent()
+        lock.release()
+    finally:
+        lock.close()
+    assert not _lock_exists("ff-k")  # confirmed: the last holder removed it
+
+
+@pytest.mark.timeout(60)
+def test_a_close_that_fails_at_a_childs_end_is_reported_on_both_paths(fast: bool) -> None:
+    @ps.forked
+    def job() -> None:
+        engine = get_engine()
+
+        def refuses(handle: object) -> bool:
+            raise OSError(5, "injected: the close of the lock object failed")
+
+        with ps.interprocess_lock("ff-e"):
+            pass
+        engine.backend.lock_close = refuses  # (this child's backend only)
+
+    _noop().join()
+    with pytest.raises(ps.ChildRaised, match="raised while the child released") as info:
+        job().join()
+    assert "injected" in str(info.value)
+    # The lock object was never closed by the child: its hold ended with the
+    # process, and the next opener finds an orphan with nothing to tell.
+    lock = ps.interprocess_lock("ff-e")
+    try:
+        with lock:
+            pass
+    finally:
+        lock.close()
+    assert not _lock_exists("ff-e")

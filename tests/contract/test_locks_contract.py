@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 
 import pytest
@@ -147,10 +148,7 @@ def test_lock_close_keeps_a_lock_whose_holder_died_unconfirmed(backend: Backend)
         backend.segment_unlink(os_name)
 
 
-@pytest.mark.timeout(30)
-def test_lock_holding_says_no_only_when_nothing_is_held(
-    mutex: LockHandle, backend: Backend
-) -> None:
+def _holding_story(mutex: LockHandle, backend: Backend) -> None:
     assert backend.lock_holding() is False
     assert mutex.acquire(True, -1.0) == api.OK
     assert mutex.acquire(True, -1.0) == api.OK  # nested: still one lock held
@@ -158,7 +156,7 @@ def test_lock_holding_says_no_only_when_nothing_is_held(
     assert mutex.release() == api.OK
     assert backend.lock_holding() is True
     pid = os.fork()
-    if pid == 0:  # pragma: no cover - child: the parent's hold is not this process's
+    if pid == 0:  # pragma: no cover - grandchild: the hold is not this process's
         os._exit(0 if backend.lock_holding() is False else 2)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
@@ -182,6 +180,26 @@ def test_lock_holding_says_no_only_when_nothing_is_held(
     t.join(30)
     assert codes == [api.OK, api.OK]
     assert backend.lock_holding() is False
+
+
+@pytest.mark.timeout(60)
+def test_lock_holding_says_no_only_when_nothing_is_held(
+    mutex: LockHandle, backend: Backend
+) -> None:
+    # In a fresh child: True may err high (a thread of this test process that
+    # ended holding a lock, in an earlier test, leaves it so; a fork starts over).
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            _holding_story(mutex, backend)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_acquire_release_codes(mutex: LockHandle) -> None:

@@ -335,6 +335,7 @@ cnames_blake2b_hex(PyObject *Py_UNUSED(module), PyObject *args)
 
 #include "_cengine_record.h"
 #include "_cengine_lock.h"
+#include "_cengine_end.h"
 
 static PyMethodDef cnames_methods[] = {
     {"valid", cnames_valid, METH_O,
@@ -349,6 +350,11 @@ static PyMethodDef cnames_methods[] = {
      "lock_setup(dict): what open_lock() reads (see locks.py)."},
     {"open_lock", (PyCFunction)(void (*)(void))cengine_open_lock, METH_FASTCALL,
      "open_lock(engine, name, user, mode) -> the lock entry (locks.LocksPart.open)."},
+    {"end_setup", cengine_end_setup, METH_O,
+     "end_setup(core globals): where end_child() finds this process's pid."},
+    {"end_child", cengine_end_child, METH_O,
+     "end_child(engine) -> True if every hold the engine had is ended in C, False if "
+     "nothing was done (the Python shutdown must run; see _cengine_end.h)."},
     {"record_offsets", cengine_record_offsets, METH_NOARGS,
      "record_offsets() -> (OpenSegment, offsets of closed, view, handle, forks), for _cview.c"},
     {NULL, NULL, 0, NULL},

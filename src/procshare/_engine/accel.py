@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from procshare._backends import get_backend
-from procshare._engine import children, core, transport
+from procshare._engine import _cengine, children, core, transport
 from procshare._engine import locks as _locks
 
 if TYPE_CHECKING:
@@ -90,6 +90,9 @@ else:
     LauncherBase, HandleBase = _bases()
 
 
+_cengine.end_setup(vars(core))
+
+
 def accelerate(handle: type, poll_if_asked: Callable[[], None], runtime: dict[str, Any]) -> None:
     """Tell the backend's C start and join where everything is (once, by the
     front end, after it has defined ``Child``): ``handle`` is the handle
@@ -116,9 +119,14 @@ def accelerate(handle: type, poll_if_asked: Callable[[], None], runtime: dict[st
             "main": transport.child_main,
             "end": transport.child_end,
             "transport": vars(transport),  # the cancel's flags (_armed, _pending, _raised)
-            # Whether a thread of the child took a lock (held_here's first question):
-            # none, and the C end needs no look at the locks.
-            "taken": getattr(backend, "lock_taken_here", None) or (lambda: True),
+            # Whether a thread of the child may hold a lock: no, and the C end
+            # needs no look at the locks (held_here would name none).
+            "taken": getattr(backend, "lock_holding", None) or (lambda: True),
+            # The end of the child's engine when it is simple (the C shutdown of
+            # _cengine_end.h: True, or False having done nothing), and the report
+            # of a close that failed there.
+            "end_fast": _cengine.end_child,
+            "end_failed": transport.child_end_failed,
             "held": _locks.held_here,
             "handlers": tuple(children.CHILD_HANDLERS.items()),
             "poll_if_asked": poll_if_asked,

@@ -136,6 +136,10 @@ class ChildrenPart:
         Everything the parent needs is built *before* the fork: each Python
         object first written after it costs a copy-on-write page fault.
         """
+        if self.engine.pending or self.engine.kept:
+            # Housekeeping asked for (by-name objects kept for reuse, a release
+            # waiting for a reap): done here, the C start takes the next fork.
+            self.engine.poll()
         if self._dropped:
             self.poll()
         stack = getattr(self._local, "stack", None)

@@ -302,6 +302,12 @@ def _failed(exc: BaseException, *, skip: int) -> tuple[int, bytes | None]:
     return 1, raised_payload(exc, skip=skip)  # (a Cancelled of its own making too)
 
 
+_RELEASE_FAILED = (
+    "raised while the child released the segments, locks and children it had opened, "
+    "after its function returned"
+)
+
+
 def _end(
     backend: Backend,
     held_locks: Callable[[], list[str]],
@@ -319,11 +325,21 @@ def _end(
     except BaseException as exc:
         if status == 0:
             status = 1
-            payload = raised_payload(
-                exc,
-                "raised while the child released the segments, locks and children "
-                "it had opened, after its function returned",
-            )
+            payload = raised_payload(exc, _RELEASE_FAILED)
+    return _send(backend, held, status, payload, result_fd)
+
+
+def child_end_failed(backend: Backend, exc: BaseException, result_fd: int) -> int:
+    """The end of a child whose function returned None and whose engine the
+    backend's C end (``_cengine.end_child``) failed to close something of:
+    reported as :func:`_end` reports a failed shutdown."""
+    return _send(backend, [], 1, raised_payload(exc, _RELEASE_FAILED), result_fd)
+
+
+def _send(
+    backend: Backend, held: list[str], status: int, payload: bytes | None, result_fd: int
+) -> int:
+    """Send the held locks' note and the message, if any; return ``status``."""
     # None needs no message: exit status 0 and silence say it (and the
     # common case runs no more code in a child about to exit, where each
     # object touched is a copied page).

@@ -51,7 +51,8 @@ Py_ssize_t roff[R_COUNT], eoff[E_COUNT], poff[P_COUNT], soff[S_COUNT];
 PyTypeObject *record_type, *engine_type, *part_type, *handle_type, *exit_type;
 PyTypeObject *scope_type;
 PyObject *core_g, *children_g, *runtime_g, *process_g; /* module globals */
-PyObject *child_main, *child_end, *child_taken, *child_backend, *child_held;
+PyObject *child_main, *child_end, *child_taken, *child_backend, *child_held, *child_end_fast,
+    *child_end_failed;
 PyObject *set_handler, *handlers, *transport_g;
 PyObject *exit_ok, *returned_none, *poll_if_asked, *empty_dict, *empty_str;
 PyObject *k_armed, *k_pending, *k_raised, *k_engine, *k_pid, *k_current, *k_entered, *k_pidfd_open, *k_watch, *k_first;
@@ -114,6 +115,8 @@ fast_setup(PyObject *Py_UNUSED(module), PyObject *config)
         take(config, "main", &child_main, NULL) < 0 ||
         take(config, "end", &child_end, NULL) < 0 ||
         take(config, "taken", &child_taken, NULL) < 0 ||
+        take(config, "end_fast", &child_end_fast, NULL) < 0 ||
+        take(config, "end_failed", &child_end_failed, NULL) < 0 ||
         take(config, "transport", &transport_g, &PyDict_Type) < 0 ||
         take(config, "backend", &child_backend, NULL) < 0 ||
         take(config, "held", &child_held, NULL) < 0 ||
@@ -185,8 +188,9 @@ fast_stats(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
  * do, the common case in C: the child's own handlers while signals are
  * still blocked, then unblock (a cancel sent at the fork is remembered by
  * its handler now), arm the cancel, call the function; a child whose
- * function returned None, that runs no other thread, took no lock and
- * opened nothing ends here; anything else ends in transport.child_end. */
+ * function returned None, that runs no other thread and holds no lock ends
+ * here, after the engine's end_child (_cengine_end.h) ended what it opened
+ * (an engine it cannot end in C, anything else: transport.child_end). */
 static PS_NORETURN void
 run_child(PyObject *fn, PyObject *args, PyObject *kwargs, int fd)
 {
@@ -225,11 +229,34 @@ run_child(PyObject *fn, PyObject *args, PyObject *kwargs, int fd)
             PyObject *zero = PyLong_FromLong(0);
             if (zero != NULL && PyDict_SetItem(transport_g, k_armed, zero) == 0) {
                 PyObject *engine = global(core_g, k_engine);
-                PyObject *taken = PyObject_CallNoArgs(child_taken);
-                if ((engine == NULL || engine == Py_None) && taken == Py_False) {
-                    ps_exit(0); /* the common end: nothing to send, nothing to release */
+                PyObject *holding = PyObject_CallNoArgs(child_taken);
+                if (holding == Py_False) {
+                    /* Nothing to send, no lock to name as held: end what the
+                     * engine opened, if it is that simple, and exit. */
+                    PyObject *ended = PyObject_CallOneArg(
+                        child_end_fast, engine != NULL ? engine : Py_None);
+                    if (ended == Py_True) {
+                        ps_exit(0); /* the common end */
+                    }
+                    if (ended == NULL) {
+                        /* A close failed: the Python end's report of it. */
+                        PyObject *type, *failed, *tb;
+                        PyErr_Fetch(&type, &failed, &tb);
+                        PyErr_NormalizeException(&type, &failed, &tb);
+                        Py_XDECREF(type);
+                        Py_XDECREF(tb);
+                        PyObject *stack[3] = {child_backend, failed != NULL ? failed : Py_None,
+                                              fdobj};
+                        r = PyObject_Vectorcall(child_end_failed, stack, 3, NULL);
+                        if (r == NULL || !as_long(r, &status)) {
+                            status = 1;
+                        }
+                        PyErr_Clear();
+                        ps_exit(status);
+                    }
+                    Py_DECREF(ended);
                 }
-                Py_XDECREF(taken);
+                Py_XDECREF(holding);
             }
             PyErr_Clear();
         }
