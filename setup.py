@@ -74,6 +74,7 @@ setup(
                 "src/procshare/_engine/_cengine_record.h",
                 "src/procshare/_engine/_cengine_lock.h",
                 "src/procshare/_engine/_cengine_end.h",
+                "src/procshare/_engine/_cengine_get.h",
             ],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),

@@ -88,3 +88,48 @@ def test_a_forked_child_gets_an_empty_engine_and_never_shuts_down_the_parents() 
     assert answer == b"1"
     assert log == []
     parent_engine._parts.pop("probe")
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_adopts_the_spare_engine_and_its_children_build_their_own() -> None:
+    # get_engine is C (_cengine_get.h); get_engine_py, the reference, must agree.
+    parent = get_engine()
+    spare = engine_core._spare
+    assert spare is not None  # built beside this process's first engine
+    assert spare is not parent
+    assert spare.pid == os.getpid()  # never used here
+    assert engine_core.get_engine_py() is parent
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            mine = get_engine()
+            ok = (
+                mine is spare  # adopted, parts and all
+                and mine.pid == os.getpid()
+                and engine_core._spare is None
+                and parent in engine_core._inherited
+                and get_engine() is mine
+                and engine_core.get_engine_py() is mine
+                and sorted(mine._parts) == sorted(k for k, _ in engine_core._prebuilt)
+            )
+            # A grandchild finds no spare (only a tree's first process builds
+            # one): the Python path builds it a new engine.
+            grandchild = os.fork()
+            if grandchild == 0:
+                own = get_engine()
+                os._exit(0 if own is not mine and own.pid == os.getpid() else 3)
+            _, status = os.waitpid(grandchild, 0)
+            ok = ok and os.waitstatus_to_exitcode(status) == 0
+            os.write(w, b"ok" if ok else b"no")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert os.read(r, 2) == b"ok"
+    os.close(r)
+    assert get_engine() is parent
+    assert engine_core._spare is spare  # the parent's is untouched

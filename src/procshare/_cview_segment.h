@@ -242,7 +242,8 @@ static PyObject *op_plans, *op_core, *op_nsvar, *op_env, *op_env_key, *op_swept,
     *op_segments_part;
 static PyObject *str_engine, *str_pid, *str_pending, *str_kept, *str_poll, *str_parts,
     *str_segments, *str_backend, *str_segment_open, *str_keep_orphan, *str_meta, *str_open,
-    *str_created_last, *str_forks, *str_forking, *str_register, *str_swept, *kw_open;
+    *str_created_last, *str_forks, *str_forking, *str_register, *str_swept, *kw_open,
+    *str_open_fast;
 
 static int
 intern(PyObject **slot, const char *text)
@@ -286,7 +287,8 @@ cview_open_setup(PyObject *Py_UNUSED(module), PyObject *conf)
         intern(&str_keep_orphan, "keep_orphan") < 0 || intern(&str_meta, "meta") < 0 ||
         intern(&str_open, "_open") < 0 || intern(&str_created_last, "_created_last") < 0 ||
         intern(&str_forks, "forks") < 0 || intern(&str_forking, "forking") < 0 ||
-        intern(&str_register, "_register") < 0 || intern(&str_swept, "swept_namespaces") < 0)
+        intern(&str_register, "_register") < 0 || intern(&str_swept, "swept_namespaces") < 0 ||
+        intern(&str_open_fast, "segment_open_fast") < 0)
         return NULL;
     if (kw_open == NULL) {
         kw_open = PyTuple_Pack(2, str_keep_orphan, str_meta);
@@ -329,6 +331,30 @@ current_engine(void)
             return Py_NewRef(engine);
     }
     return PyObject_CallNoArgs(op_get_engine);
+}
+
+/* backend.segment_open(os_name, keep_orphan=keep, meta=meta), through the
+ * backend's one-call common case (segment_open_fast) when it has one. */
+static PyObject *
+open_by_name(PyObject *backend, PyObject *os_name, PyObject *keep, PyObject *meta)
+{
+    PyObject *fast = PyObject_GetAttr(backend, str_open_fast);
+    if (fast == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return NULL;
+        PyErr_Clear();
+    }
+    else {
+        PyObject *call[2] = {os_name, meta};
+        PyObject *found = PyObject_Vectorcall(fast, call, 2, NULL);
+        Py_DECREF(fast);
+        if (found == NULL || !PyLong_Check(found))
+            return found; /* a handle, None, or an error */
+        Py_DECREF(found); /* not the common case */
+    }
+    PyObject *call[4] = {backend, os_name, keep, meta};
+    return PyObject_VectorcallMethod(str_segment_open, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                     kw_open);
 }
 
 static PyObject *
@@ -440,11 +466,7 @@ cview_open_planned(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
     PyObject *backend = PyObject_GetAttr(engine, str_backend);
     if (backend == NULL)
         goto done;
-    {
-        PyObject *call[4] = {backend, os_name, op_keep_nothing, meta};
-        handle = PyObject_VectorcallMethod(str_segment_open, call,
-                                           2 | PY_VECTORCALL_ARGUMENTS_OFFSET, kw_open);
-    }
+    handle = open_by_name(backend, os_name, op_keep_nothing, meta);
     Py_DECREF(backend);
     if (handle == NULL) {
         if (PyErr_ExceptionMatches(PyExc_OSError)) {

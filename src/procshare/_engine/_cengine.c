@@ -336,6 +336,7 @@ cnames_blake2b_hex(PyObject *Py_UNUSED(module), PyObject *args)
 #include "_cengine_record.h"
 #include "_cengine_lock.h"
 #include "_cengine_end.h"
+#include "_cengine_get.h"
 
 static PyMethodDef cnames_methods[] = {
     {"valid", cnames_valid, METH_O,
@@ -350,6 +351,10 @@ static PyMethodDef cnames_methods[] = {
      "lock_setup(dict): what open_lock() reads (see locks.py)."},
     {"open_lock", (PyCFunction)(void (*)(void))cengine_open_lock, METH_FASTCALL,
      "open_lock(engine, name, user, mode) -> the lock entry (locks.LocksPart.open)."},
+    {"engine_setup", cengine_engine_setup, METH_VARARGS,
+     "engine_setup(core globals, Engine, _new_engine): what get_engine() reads."},
+    {"get_engine", cengine_get_engine, METH_NOARGS,
+     "get_engine() -> this process's engine, created on first use (core.get_engine)."},
     {"end_setup", cengine_end_setup, METH_O,
      "end_setup(core globals): where end_child() finds this process's pid."},
     {"end_child", cengine_end_child, METH_O,

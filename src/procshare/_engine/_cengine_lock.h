@@ -18,7 +18,7 @@ static PyObject *lk_nsvar, *lk_env, *lk_env_key, *lk_default_ns, *lk_current_nam
 static PyObject *s_parts, *s_locks, *s_entries, *s_users, *s_closed, *s_lock, *s_acquire,
     *s_release, *s_backend, *s_swept, *s_os_names, *s_segment_open, *s_segment_create,
     *s_segment_close, *s_lock_keep, *s_lock_init, *s_lock_attach, *s_lock_data_size,
-    *s_data_size, *s_open_new, *s_l, *kw_lopen, *kw_lcreate, *kw_keep;
+    *s_data_size, *s_open_new, *s_l, *kw_lopen, *kw_lcreate, *kw_keep, *s_open_fast;
 
 static int
 intern_str(PyObject **slot, const char *text)
@@ -68,7 +68,7 @@ cengine_lock_setup(PyObject *Py_UNUSED(module), PyObject *conf)
         intern_str(&s_lock_attach, "lock_attach") < 0 ||
         intern_str(&s_lock_data_size, "lock_data_size") < 0 ||
         intern_str(&s_data_size, "data_size") < 0 || intern_str(&s_open_new, "_open_new") < 0 ||
-        intern_str(&s_l, "l") < 0) {
+        intern_str(&s_l, "l") < 0 || intern_str(&s_open_fast, "segment_open_fast") < 0) {
         return NULL;
     }
     if (kw_lopen == NULL) {
@@ -197,13 +197,31 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
     }
     /* Open, else create; a racing creator or closer can make both miss once. */
     PyObject *handle = NULL, *keep = NULL, *init = NULL, *size = NULL;
+    PyObject *fast = PyObject_GetAttr(backend, s_open_fast);
+    if (fast == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            Py_DECREF(meta);
+            Py_DECREF(os_name);
+            return NULL;
+        }
+        PyErr_Clear();
+    }
     keep = PyObject_GetAttr(backend, s_lock_keep);
     init = keep == NULL ? NULL : PyObject_GetAttr(backend, s_lock_init);
     size = init == NULL ? NULL : PyObject_GetAttr(backend, s_lock_data_size);
     while (size != NULL) {
-        PyObject *open_args[4] = {backend, os_name, keep, meta};
-        handle = PyObject_VectorcallMethod(s_segment_open, open_args,
-                                           2 | PY_VECTORCALL_ARGUMENTS_OFFSET, kw_lopen);
+        handle = fast == NULL ? NULL : PyObject_Vectorcall(fast, (PyObject *[]){os_name, meta}, 2,
+                                                           NULL);
+        if (handle == NULL || PyLong_Check(handle)) {
+            /* No one-call open, or not its common case: the backend's own. */
+            if (handle == NULL && fast != NULL) {
+                break;
+            }
+            Py_XDECREF(handle);
+            PyObject *open_args[4] = {backend, os_name, keep, meta};
+            handle = PyObject_VectorcallMethod(s_segment_open, open_args,
+                                               2 | PY_VECTORCALL_ARGUMENTS_OFFSET, kw_lopen);
+        }
         if (handle == Py_None) {
             Py_DECREF(handle);
             PyObject *create_args[7] = {backend, os_name, meta, size, mode, Py_False, init};
@@ -216,6 +234,7 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
         Py_DECREF(handle);
         handle = NULL;
     }
+    Py_XDECREF(fast);
     Py_XDECREF(keep);
     Py_XDECREF(init);
     Py_DECREF(meta);

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from procshare._backends import Backend, get_backend
+from procshare._engine import _cengine
 
 
 class EnginePart(Protocol):
@@ -270,8 +271,10 @@ def current_pid() -> int:
     return _pid
 
 
-def get_engine() -> Engine:
-    """This process's engine, created on first use."""
+def get_engine_py() -> Engine:
+    """This process's engine, created on first use (the reference of the C
+    :func:`get_engine`, ``_cengine_get.h``, which adopts a forked child's
+    spare engine itself and calls :func:`_new_engine` for the rest)."""
     engine = _engine
     if engine is not None and engine.pid == _pid:
         return engine
@@ -347,3 +350,8 @@ def shutdown_engine() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(shutdown_engine)
+
+_cengine.engine_setup(globals(), Engine, _new_engine)
+#: ``get_engine() -> Engine``: this process's engine, created on first use
+#: (:func:`get_engine_py` in C: no Python frame in a fresh child's first call).
+get_engine: Callable[[], Engine] = _cengine.get_engine

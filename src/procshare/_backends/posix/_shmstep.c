@@ -363,6 +363,9 @@ static PyMethodDef shmstep_methods[] = {
     {"anonymous", shmstep_anonymous, METH_VARARGS,
      "anonymous(size, reserve) -> Mapping: MAP_SHARED memory with no name, inherited by "
      "fork; with reserve its pages are allocated now (ENOSPC/ENOMEM if they do not fit)."},
+    {"open_named", (PyCFunction)(void (*)(void))shmstep_open_named, METH_FASTCALL,
+     "open_named(os_name, meta) -> None | SLOW | handle: attach() with the path and pid found "
+     "where segment_object keeps them."},
     {"close_lock", shmstep_close_lock, METH_O,
      "close_lock(handle) -> removed: segment_close(handle, keep=lock_keep) in one call; the "
      "last holder removes the lock object unless its memory records an unconfirmed death."},

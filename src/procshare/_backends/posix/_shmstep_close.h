@@ -310,41 +310,65 @@ shmstep_set_paths(PyObject *Py_UNUSED(module), PyObject *globals)
     Py_RETURN_NONE;
 }
 
+/* The path of os_name (new reference; remembered in path_bytes as
+ * segment_object.remember_path does) and this process's pid, as the Python
+ * path finds them; NULL with an exception set. */
+static PyObject *
+named_path(PyObject *os_name, long *pid)
+{
+    PyObject *known = paths_g == NULL ? NULL : PyDict_GetItemString(paths_g, "path_bytes");
+    PyObject *pidobj = paths_g == NULL ? NULL : PyDict_GetItemString(paths_g, "_pid");
+    PyObject *dir = paths_g == NULL ? NULL : PyDict_GetItemString(paths_g, "SHM_DIR_BYTES");
+    if (known == NULL || !PyDict_Check(known) || pidobj == NULL || dir == NULL ||
+        !PyBytes_Check(dir) || !PyUnicode_Check(os_name)) {
+        PyErr_SetString(PyExc_TypeError, "segment_object's globals are not set up (set_paths)");
+        return NULL;
+    }
+    *pid = PyLong_AsLong(pidobj);
+    if (*pid == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *path = PyDict_GetItemWithError(known, os_name); /* borrowed */
+    if (path != NULL && PyBytes_Check(path)) {
+        return Py_NewRef(path);
+    }
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    const char *text = PyUnicode_AsUTF8(os_name);
+    if (text == NULL) {
+        return NULL;
+    }
+    if (text[0] != '/' || strchr(text + 1, '/') != NULL) {
+        return PyErr_Format(PyExc_ValueError, "bad OS name %R", os_name);
+    }
+    path = PyBytes_FromFormat("%s%s", PyBytes_AS_STRING(dir), text);
+    if (path != NULL) {
+        if (PyDict_GET_SIZE(known) >= 4096) {
+            PyDict_Clear(known);
+        }
+        if (PyDict_SetItem(known, os_name, path) < 0) {
+            Py_CLEAR(path);
+        }
+    }
+    return path;
+}
+
 /* close_lock(handle) -> removed: close a lock object's handle as
  * segment_close(handle, keep=lock_keep) does, in one call: the last holder
  * removes the object unless its lock memory records an unconfirmed death. */
 static PyObject *
 shmstep_close_lock(PyObject *Py_UNUSED(module), PyObject *arg)
 {
-    if (!PyObject_TypeCheck(arg, &Handle_Type) || paths_g == NULL) {
+    if (!PyObject_TypeCheck(arg, &Handle_Type)) {
         PyErr_SetString(PyExc_TypeError, "close_lock(handle) takes a POSIX segment handle");
         return NULL;
     }
     HandleObject *handle = (HandleObject *)arg;
-    PyObject *known = PyDict_GetItemString(paths_g, "path_bytes");   /* borrowed */
-    PyObject *pidobj = PyDict_GetItemString(paths_g, "_pid");        /* borrowed */
-    PyObject *dir = PyDict_GetItemString(paths_g, "SHM_DIR_BYTES");  /* borrowed */
-    if (known == NULL || !PyDict_Check(known) || pidobj == NULL || dir == NULL ||
-        !PyBytes_Check(dir) || !PyUnicode_Check(handle->os_name)) {
-        PyErr_SetString(PyExc_TypeError, "close_lock(): segment_object's globals are not set up");
+    long pid;
+    PyObject *path = named_path(handle->os_name, &pid);
+    if (path == NULL) {
         return NULL;
-    }
-    long pid = PyLong_AsLong(pidobj);
-    if (pid == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    PyObject *path = PyDict_GetItemWithError(known, handle->os_name); /* borrowed */
-    if (path != NULL && PyBytes_Check(path)) {
-        Py_INCREF(path);
-    }
-    else {
-        if (PyErr_Occurred()) {
-            return NULL;
-        }
-        path = PyBytes_FromFormat("%s%s", PyBytes_AS_STRING(dir), PyUnicode_AsUTF8(handle->os_name));
-        if (path == NULL) {
-            return NULL;
-        }
     }
     PyObject *state = release_handle(handle, PyBytes_AS_STRING(path), pid, DECIDE_LOCK);
     Py_DECREF(path);
@@ -354,6 +378,32 @@ shmstep_close_lock(PyObject *Py_UNUSED(module), PyObject *arg)
     long code = PyLong_AsLong(state);
     Py_DECREF(state);
     return PyBool_FromLong(code == REMOVED);
+}
+
+/* open_named(os_name, meta) -> None | SLOW | handle: attach() with the path
+ * and pid found as the Python segment_open finds them (one C call for the
+ * backend's segment_open and for the C by-name opens above it). */
+static PyObject *
+shmstep_open_named(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "open_named(os_name, meta: bytes)");
+        return NULL;
+    }
+    long pid;
+    PyObject *path = named_path(args[0], &pid);
+    if (path == NULL) {
+        return NULL;
+    }
+    PyObject *pidobj = PyLong_FromLong(pid);
+    PyObject *result = NULL;
+    if (pidobj != NULL) {
+        PyObject *call[4] = {path, args[1], args[0], pidobj};
+        result = shmstep_attach(NULL, call, 4);
+        Py_DECREF(pidobj);
+    }
+    Py_DECREF(path);
+    return result;
 }
 
 /* let_go(handle, path) -> None: end this process's own hold now, while

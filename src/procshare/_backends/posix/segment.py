@@ -107,7 +107,6 @@ from procshare._backends.posix.segment_object import (
 
 __all__ = ["PosixSegment", "PosixSegments", "close_lock", "current_pid", "peek_data"]
 
-_attach = _shmstep.attach
 _release = _shmstep.release
 _unhold = _shmstep.unhold
 _let_go = _shmstep.let_go
@@ -119,6 +118,7 @@ _fork_epoch = _shmstep.fork_epoch
 #: ``close_lock(handle) -> removed``: a lock object's close (the backend's
 #: ``lock_close``), reading paths and the pid where the Python path does.
 close_lock = _shmstep.close_lock
+_open_named = _shmstep.open_named
 _shmstep.set_paths(vars(segment_object))
 
 # Up to this size the whole object is written with one pwrite (which reserves
@@ -148,6 +148,11 @@ def _check_space(os_name: str, total: int) -> None:
 
 class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
     """The segment half of the POSIX backend."""
+
+    #: ``segment_open_fast(os_name, meta) -> handle | None | int``: the common
+    #: case of :meth:`segment_open` in one C call, for the engine's C by-name
+    #: opens; an int means "not the common case: call segment_open".
+    segment_open_fast = staticmethod(_open_named)
 
     # -- limits, for the engine's messages -------------------------------------
 
@@ -344,10 +349,7 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
     ) -> PosixSegment | None:
         # The common case (somebody holds it, nobody is removing it) in one C
         # call; everything else through the protocol below.
-        path = path_bytes.get(os_name)
-        if path is None:
-            path = remember_path(os_name)
-        found = _attach(path, meta, os_name, segment_object._pid)
+        found = _open_named(os_name, meta)
         if found is None:
             return None
         if type(found) is PosixSegment:

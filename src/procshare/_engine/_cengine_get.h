@@ -1,0 +1,117 @@
+/* Included by _cengine.c: get_engine() in C (core.get_engine, whose Python
+ * version, core.get_engine_py, stays the reference).
+ *
+ * Why: a freshly forked child's first call into procshare asks for its
+ * engine, and adopting the spare one (core._new_engine) in Python ran two
+ * functions and touched their code, globals and the Engine's slot
+ * descriptors for the first time there: copied pages. Here: this process's
+ * engine if it has one; else, when the spare a forked child inherited is
+ * there to adopt and no thread is inside _new_engine (its lock is free,
+ * and this code holds the GIL throughout), the adoption itself; anything
+ * else calls the Python _new_engine. */
+
+static PyObject *ge_core, *ge_new, *s_ge_engine, *s_ge_spare, *s_ge_inherited, *s_ge_lock,
+    *s_ge_locked;
+static Py_ssize_t ge_pid_off = -1;
+static PyTypeObject *ge_engine_type;
+
+#define GE_SLOT(obj) (*(PyObject **)((char *)(obj) + ge_pid_off))
+
+/* engine_setup(core globals, Engine, _new_engine) */
+static PyObject *
+cengine_engine_setup(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *globals, *type, *new_engine;
+    if (!PyArg_ParseTuple(args, "O!O!O:engine_setup", &PyDict_Type, &globals, &PyType_Type, &type,
+                          &new_engine)) {
+        return NULL;
+    }
+    PyObject *descr = PyDict_GetItemString(((PyTypeObject *)type)->tp_dict, "pid");
+    if (descr == NULL || !PyObject_TypeCheck(descr, &PyMemberDescr_Type) ||
+        ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
+        PyErr_SetString(PyExc_TypeError, "engine_setup: Engine has no pid slot");
+        return NULL;
+    }
+    if (intern_str(&s_ge_engine, "_engine") < 0 || intern_str(&s_ge_spare, "_spare") < 0 ||
+        intern_str(&s_ge_inherited, "_inherited") < 0 ||
+        intern_str(&s_ge_lock, "_engine_lock") < 0 || intern_str(&s_ge_locked, "locked") < 0 ||
+        intern_str(&s_pid_g, "_pid") < 0) {
+        return NULL;
+    }
+    ge_pid_off = ((PyMemberDescrObject *)descr)->d_member->offset;
+    Py_XSETREF(ge_engine_type, (PyTypeObject *)Py_NewRef(type));
+    Py_XSETREF(ge_core, Py_NewRef(globals));
+    Py_XSETREF(ge_new, Py_NewRef(new_engine));
+    Py_RETURN_NONE;
+}
+
+/* Whether obj is an Engine whose pid slot equals pid: 1, 0, -1 on error. */
+static int
+engine_of(PyObject *obj, PyObject *pid)
+{
+    if (obj == NULL || !Py_IS_TYPE(obj, ge_engine_type)) {
+        return 0;
+    }
+    PyObject *own = GE_SLOT(obj);
+    if (own == NULL) {
+        return 0;
+    }
+    return own == pid ? 1 : PyObject_RichCompareBool(own, pid, Py_EQ);
+}
+
+static PyObject *
+cengine_get_engine(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
+{
+    if (ge_core == NULL) {
+        PyErr_SetString(PyExc_TypeError, "get_engine() after engine_setup()");
+        return NULL;
+    }
+    PyObject *engine = PyDict_GetItemWithError(ge_core, s_ge_engine); /* borrowed */
+    PyObject *pid = PyDict_GetItemWithError(ge_core, s_pid_g);        /* borrowed */
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    int mine = pid == NULL ? 0 : engine_of(engine, pid);
+    if (mine != 0) {
+        return mine < 0 ? NULL : Py_NewRef(engine);
+    }
+    /* The adoption of the spare (core._new_engine's first branch). */
+    PyObject *spare = PyDict_GetItemWithError(ge_core, s_ge_spare);        /* borrowed */
+    PyObject *inherited = PyDict_GetItemWithError(ge_core, s_ge_inherited); /* borrowed */
+    PyObject *lock = PyDict_GetItemWithError(ge_core, s_ge_lock);           /* borrowed */
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    int spare_ok = pid != NULL && spare != NULL && Py_IS_TYPE(spare, ge_engine_type) &&
+                   inherited != NULL && PyList_CheckExact(inherited) && lock != NULL;
+    if (spare_ok) {
+        int same = engine_of(spare, pid);
+        if (same < 0) {
+            return NULL;
+        }
+        spare_ok = same == 0; /* built here: never used by its builder, a child's to adopt */
+    }
+    if (spare_ok) {
+        PyObject *busy = PyObject_CallMethodNoArgs(lock, s_ge_locked);
+        if (busy == NULL) {
+            return NULL;
+        }
+        spare_ok = busy == Py_False; /* nobody half-way through _new_engine */
+        Py_DECREF(busy);
+    }
+    if (!spare_ok) {
+        return PyObject_CallNoArgs(ge_new);
+    }
+    Py_INCREF(spare); /* (the dict's reference goes below) */
+    if ((engine != NULL && engine != Py_None && PyList_Append(inherited, engine) < 0) ||
+        PyDict_SetItem(ge_core, s_ge_spare, Py_None) < 0) {
+        Py_DECREF(spare);
+        return NULL;
+    }
+    Py_SETREF(GE_SLOT(spare), Py_NewRef(pid));
+    if (PyDict_SetItem(ge_core, s_ge_engine, spare) < 0) {
+        Py_DECREF(spare);
+        return NULL;
+    }
+    return spare;
+}
