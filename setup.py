@@ -62,7 +62,7 @@ setup(
         Extension(
             "procshare._cview",
             sources=["src/procshare/_cview.c"],
-            depends=["src/procshare/_cview_segment.h"],
+            depends=["src/procshare/_cview_segment.h", "src/procshare/_cview_close.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),
         # Names and OS names in C (issue 16): a fresh child naming a lock copies

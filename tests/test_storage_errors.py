@@ -9,6 +9,7 @@ call that would fail, since a test cannot remount ``/dev/shm``.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import pickle
 import resource
@@ -21,6 +22,7 @@ import pytest
 import procshare as ps
 from procshare._backends.posix import segment as posix_segment
 from procshare._backends.posix import segment_object
+from procshare._engine import get_engine
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -138,3 +140,39 @@ def test_running_out_of_descriptors_names_ulimit_n(kind: str) -> None:
     assert "ulimit -n" in message
     assert "RLIMIT_NOFILE = 48" in message
     assert "needs one for a moment" in message
+
+
+@pytest.mark.parametrize("how", ["with", "close", "dropped"])
+def test_a_close_that_fails_says_what_limit_it_met(
+    monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # The end of `with` and a dropped handle close in C (_cview_close.h),
+    # close() in Python: a failure of the backend's close means the same.
+    backend = get_engine().backend
+    real_fast, real_close = backend.segment_close_fast, backend.segment_close
+    left: list[Any] = []
+
+    def refuses(handle: Any, **_kw: Any) -> bool:
+        left.append(handle)
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(backend, "segment_close_fast", refuses, raising=False)
+    monkeypatch.setattr(backend, "segment_close", refuses)
+    try:
+        if how == "dropped":
+            seg = ps.shared("closing", ps.u64)
+            del seg  # (its view and it refer to each other: the collector finds them)
+            gc.collect()  # the finalizer says nothing of the failure
+        else:
+            with pytest.raises(ps.DescriptorLimit, match=r"ulimit -n"):
+                if how == "with":
+                    with ps.shared("closing", ps.u64):
+                        pass
+                else:
+                    ps.shared("closing", ps.u64).close()
+        assert len(left) == 1  # one close was tried, and it is claimed: never twice
+    finally:
+        monkeypatch.undo()
+        for handle in left:
+            real_close(handle, keep=None)
+    assert real_fast is backend.segment_close_fast

@@ -356,6 +356,7 @@ static PyTypeObject CellType = {
 };
 
 #include "_cview_segment.h"
+#include "_cview_close.h"
 
 static PyMethodDef cview_functions[] = {
     {"setup", cview_setup, METH_VARARGS,
@@ -363,6 +364,8 @@ static PyMethodDef cview_functions[] = {
      "and _ps_invalidate() build."},
     {"scalar_segment", (PyCFunction)(void (*)(void))cview_scalar_segment, METH_FASTCALL,
      "scalar_segment(part, rec, (name, kind, format)) -> Segment with a ScalarView."},
+    {"close_setup", cview_close_setup, METH_VARARGS,
+     "close_setup(SegmentsPart, Engine, core globals): what a handle's C close reads."},
     {"open_setup", cview_open_setup, METH_O,
      "open_setup(dict): what open_planned() reads (see _shared.py)."},
     {"open_planned", (PyCFunction)(void (*)(void))cview_open_planned, METH_FASTCALL,

@@ -49,6 +49,8 @@ core_clear(CoreObject *self)
 static void
 core_dealloc(CoreObject *self)
 {
+    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0)
+        return; /* resurrected */
     PyObject_GC_UnTrack(self);
     core_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -71,10 +73,16 @@ core_enter(CoreObject *self, PyObject *Py_UNUSED(ignored))
     return PyObject_GetAttr((PyObject *)self, str_view);
 }
 
-/* __exit__(*exc_info): close(). */
+static int close_fast(CoreObject *self); /* _cview_close.h */
+static void core_finalize(CoreObject *self);
+
+/* __exit__(*exc_info): close() (its common case in C: close_fast). */
 static PyObject *
 core_exit(CoreObject *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
 {
+    int rc = close_fast(self);
+    if (rc != 0)
+        return rc < 0 ? NULL : Py_NewRef(Py_None);
     PyObject *done = PyObject_CallMethodNoArgs((PyObject *)self, str_close);
     if (done == NULL)
         return NULL;
@@ -105,6 +113,7 @@ static PyTypeObject CoreType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
     .tp_dealloc = (destructor)core_dealloc,
+    .tp_finalize = (destructor)core_finalize,
     .tp_traverse = (traverseproc)core_traverse,
     .tp_clear = (inquiry)core_clear,
     .tp_methods = core_methods,

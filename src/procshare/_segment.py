@@ -8,7 +8,6 @@ other kind.
 
 from __future__ import annotations
 
-import contextlib
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, NoReturn, TypeVar
 from weakref import ref as _weakref
@@ -43,9 +42,11 @@ class Segment(_cview.SegmentCore, Generic[V]):
     ``Segment[ScalarView[int]]`` (see :func:`shared`).
     """
 
-    # _part, _rec, _view and `with` (__enter__, __exit__) are SegmentCore's, in
-    # C (_cview.c), which also builds the by-name open of a number
-    # (_cview.scalar_segment) without running __init__: the reference below.
+    # _part, _rec, _view, `with` (__enter__, __exit__, whose close of a by-name
+    # segment is C too: _cview_close.h) and the close of a dropped handle (its
+    # finalizer) are SegmentCore's, in C (_cview.c), which also builds the
+    # by-name open of a number (_cview.scalar_segment) without running
+    # __init__: the reference below.
     __slots__ = ("__weakref__",)
 
     if TYPE_CHECKING:
@@ -141,12 +142,6 @@ class Segment(_cview.SegmentCore, Generic[V]):
             # instead of when this handle is collected.
             self._view = None  # type: ignore[assignment]
             self._part.close(self._rec)
-
-    def __del__(self) -> None:
-        rec = getattr(self, "_rec", None)
-        if rec is not None and not rec.closed:
-            with contextlib.suppress(Exception):
-                self._part.close(rec)
 
     def __repr__(self) -> str:
         state = "closed" if self._rec.closed else "open"

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from procshare import _cview, _kinds, _runtime
 from procshare._engine import anonymous as _anonymous
+from procshare._engine import core as _core
 from procshare._engine import names
 from procshare._engine import segments as _segments
 from procshare._engine.segments import segments_part
@@ -448,6 +449,7 @@ _scalar_segment = _cview.scalar_segment
 _open_planned = _cview.open_planned
 _cview.setup(Segment, ScalarView, _views_Closed, _segments.record_offsets())
 _cview.open_setup(_segments.planned_open_setup(_plans, _MODE))
+_cview.close_setup(_segments.SegmentsPart, _core.Engine, vars(_core))
 
 
 def unlink(name: str) -> bool:

@@ -30,7 +30,7 @@ import functools
 import json
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 
@@ -407,12 +407,17 @@ class SegmentsPart:
         try:
             engine.backend.segment_close(rec.handle, keep=None)
         except OSError as exc:
-            # Closing opens the name again for a moment (to see whether this was
-            # the last holder): it can meet the descriptor limit too.
-            error = storage_error(exc, rec.name, engine.backend)
-            if error is not None:
-                raise error from None
-            raise
+            self._close_failed(exc, rec)
+
+    def _close_failed(self, exc: OSError, rec: OpenSegment) -> NoReturn:
+        """Raise what the close of ``rec`` failing with ``exc`` means (the C
+        close, ``_cview_close.h``, calls this too)."""
+        # Closing opens the name again for a moment (to see whether this was
+        # the last holder): it can meet the descriptor limit too.
+        error = storage_error(exc, rec.name, self.engine.backend)
+        if error is not None:
+            raise error from None
+        raise exc
 
     def unlink(self, name: str) -> bool:
         """Remove ``name`` now (mappings stay valid); whether it existed."""

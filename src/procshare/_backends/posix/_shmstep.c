@@ -366,6 +366,9 @@ static PyMethodDef shmstep_methods[] = {
     {"open_named", (PyCFunction)(void (*)(void))shmstep_open_named, METH_FASTCALL,
      "open_named(os_name, meta) -> None | SLOW | handle: attach() with the path and pid found "
      "where segment_object keeps them."},
+    {"close_named", shmstep_close_named, METH_O,
+     "close_named(handle) -> removed (NotImplemented, nothing done, for another kind of "
+     "handle): segment_close(handle, keep=None) of a named segment in one call."},
     {"close_lock", shmstep_close_lock, METH_O,
      "close_lock(handle) -> removed: segment_close(handle, keep=lock_keep) in one call; the "
      "last holder removes the lock object unless its memory records an unconfirmed death."},

@@ -380,6 +380,31 @@ shmstep_close_lock(PyObject *Py_UNUSED(module), PyObject *arg)
     return PyBool_FromLong(code == REMOVED);
 }
 
+/* close_named(handle) -> removed, or NotImplemented (nothing done) for a
+ * handle that is not a named object's: segment_close(handle, keep=None) of
+ * a named segment in one call (for the front end's C close). */
+static PyObject *
+shmstep_close_named(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    if (!PyObject_TypeCheck(arg, &Handle_Type)) {
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    HandleObject *handle = (HandleObject *)arg;
+    long pid;
+    PyObject *path = named_path(handle->os_name, &pid);
+    if (path == NULL) {
+        return NULL;
+    }
+    PyObject *state = release_handle(handle, PyBytes_AS_STRING(path), pid, DECIDE_UNLINK);
+    Py_DECREF(path);
+    if (state == NULL) {
+        return NULL;
+    }
+    long code = PyLong_AsLong(state);
+    Py_DECREF(state);
+    return PyBool_FromLong(code == REMOVED);
+}
+
 /* open_named(os_name, meta) -> None | SLOW | handle: attach() with the path
  * and pid found as the Python segment_open finds them (one C call for the
  * backend's segment_open and for the C by-name opens above it). */

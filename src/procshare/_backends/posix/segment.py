@@ -153,6 +153,10 @@ class PosixSegments(PosixSegmentListing, PosixAnonymousSegments, NativeKinds):
     #: case of :meth:`segment_open` in one C call, for the engine's C by-name
     #: opens; an int means "not the common case: call segment_open".
     segment_open_fast = staticmethod(_open_named)
+    #: ``segment_close_fast(handle) -> removed``: ``segment_close(handle,
+    #: keep=None)`` of a named segment in one C call, for the front end's C
+    #: close; NotImplemented (nothing done) for any other handle.
+    segment_close_fast = staticmethod(_shmstep.close_named)
 
     # -- limits, for the engine's messages -------------------------------------
 
