@@ -163,13 +163,14 @@ def test_a_close_that_fails_says_what_limit_it_met(
             seg = ps.shared("closing", ps.u64)
             del seg  # (its view and it refer to each other: the collector finds them)
             gc.collect()  # the finalizer says nothing of the failure
+        elif how == "with":
+            seg = ps.shared("closing", ps.u64)
+            with pytest.raises(ps.DescriptorLimit, match=r"ulimit -n"), seg:
+                pass
         else:
+            seg = ps.shared("closing", ps.u64)
             with pytest.raises(ps.DescriptorLimit, match=r"ulimit -n"):
-                if how == "with":
-                    with ps.shared("closing", ps.u64):
-                        pass
-                else:
-                    ps.shared("closing", ps.u64).close()
+                seg.close()
         assert len(left) == 1  # one close was tried, and it is claimed: never twice
     finally:
         monkeypatch.undo()
