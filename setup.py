@@ -48,6 +48,7 @@ setup(
                 "src/procshare/_backends/posix/_lock_layout.h",
             ],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
+            libraries=["pthread"],
         ),
         Extension(
             "procshare._backends.posix._futex",

@@ -148,6 +148,33 @@ def test_lock_close_keeps_a_lock_whose_holder_died_unconfirmed(backend: Backend)
         backend.segment_unlink(os_name)
 
 
+def test_lock_create_fast_makes_a_lock_object_in_one_step(backend: Backend) -> None:
+    create = getattr(backend, "lock_create_fast", None)
+    if create is None:  # (optional: the engine then uses segment_create)
+        return
+    os_name = names.os_name(names.LOCK, "contract-create")
+    meta = b'{"kind": "lock", "name": "contract-create"}'
+    handle = create(os_name, meta, 0o600)
+    assert handle is not None
+    assert handle is not NotImplemented  # O_TMPFILE exists on every machine CI runs on
+    try:
+        assert create(os_name, meta, 0o600) is None  # taken: nothing made
+        other = backend.segment_open(os_name, keep_orphan=backend.lock_keep, meta=meta)
+        assert other is not None
+        assert other.meta == meta
+        assert other.data_size >= backend.lock_data_size
+        m = backend.lock_attach(other)
+        assert m.acquire(False, -1.0) == api.OK  # set up as a lock before it was published
+        assert in_thread(lambda: backend.lock_attach(handle).acquire(False, -1.0)) == api.BUSY
+        assert m.release() == api.OK
+        assert not backend.lock_keep(other)
+        m.detach()
+        assert backend.lock_close(other) is False
+    finally:
+        assert backend.lock_close(handle) is True
+    assert backend.object_identity(os_name) is None
+
+
 def _holding_story(mutex: LockHandle, backend: Backend) -> None:
     assert backend.lock_holding() is False
     assert mutex.acquire(True, -1.0) == api.OK

@@ -18,7 +18,8 @@ static PyObject *lk_nsvar, *lk_env, *lk_env_key, *lk_default_ns, *lk_current_nam
 static PyObject *s_parts, *s_locks, *s_entries, *s_users, *s_closed, *s_lock, *s_acquire,
     *s_release, *s_backend, *s_swept, *s_os_names, *s_segment_open, *s_segment_create,
     *s_segment_close, *s_lock_keep, *s_lock_init, *s_lock_attach, *s_lock_data_size,
-    *s_data_size, *s_open_new, *s_l, *kw_lopen, *kw_lcreate, *kw_keep, *s_open_fast;
+    *s_data_size, *s_open_new, *s_l, *kw_lopen, *kw_lcreate, *kw_keep, *s_open_fast,
+    *s_create_fast;
 
 static int
 intern_str(PyObject **slot, const char *text)
@@ -68,7 +69,8 @@ cengine_lock_setup(PyObject *Py_UNUSED(module), PyObject *conf)
         intern_str(&s_lock_attach, "lock_attach") < 0 ||
         intern_str(&s_lock_data_size, "lock_data_size") < 0 ||
         intern_str(&s_data_size, "data_size") < 0 || intern_str(&s_open_new, "_open_new") < 0 ||
-        intern_str(&s_l, "l") < 0 || intern_str(&s_open_fast, "segment_open_fast") < 0) {
+        intern_str(&s_l, "l") < 0 || intern_str(&s_open_fast, "segment_open_fast") < 0 ||
+        intern_str(&s_create_fast, "lock_create_fast") < 0) {
         return NULL;
     }
     if (kw_lopen == NULL) {
@@ -206,6 +208,16 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
         }
         PyErr_Clear();
     }
+    PyObject *create_fast = PyObject_GetAttr(backend, s_create_fast);
+    if (create_fast == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            Py_XDECREF(fast);
+            Py_DECREF(meta);
+            Py_DECREF(os_name);
+            return NULL;
+        }
+        PyErr_Clear();
+    }
     keep = PyObject_GetAttr(backend, s_lock_keep);
     init = keep == NULL ? NULL : PyObject_GetAttr(backend, s_lock_init);
     size = init == NULL ? NULL : PyObject_GetAttr(backend, s_lock_data_size);
@@ -224,9 +236,17 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
         }
         if (handle == Py_None) {
             Py_DECREF(handle);
-            PyObject *create_args[7] = {backend, os_name, meta, size, mode, Py_False, init};
-            handle = PyObject_VectorcallMethod(s_segment_create, create_args,
-                                               2 | PY_VECTORCALL_ARGUMENTS_OFFSET, kw_lcreate);
+            /* The backend's one-call creation of a lock object, if it has one. */
+            handle = create_fast == NULL
+                         ? Py_NewRef(Py_NotImplemented)
+                         : PyObject_Vectorcall(create_fast, (PyObject *[]){os_name, meta, mode},
+                                               3, NULL);
+            if (handle == Py_NotImplemented) {
+                Py_DECREF(handle);
+                PyObject *create_args[7] = {backend, os_name, meta, size, mode, Py_False, init};
+                handle = PyObject_VectorcallMethod(s_segment_create, create_args,
+                                                   2 | PY_VECTORCALL_ARGUMENTS_OFFSET, kw_lcreate);
+            }
         }
         if (handle == NULL || handle != Py_None) {
             break;
@@ -235,6 +255,7 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
         handle = NULL;
     }
     Py_XDECREF(fast);
+    Py_XDECREF(create_fast);
     Py_XDECREF(keep);
     Py_XDECREF(init);
     Py_DECREF(meta);

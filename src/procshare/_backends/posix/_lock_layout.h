@@ -14,6 +14,8 @@
 #ifndef PROCSHARE_LOCK_LAYOUT_H
 #define PROCSHARE_LOCK_LAYOUT_H
 
+#include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -58,6 +60,30 @@ lock_memory_needs_keeping(const unsigned char *mem)
         return 1; /* reported until someone removes it (`procshare rm --lock`) */
     }
     return (word & (FUTEX_OWNER_DIED | FUTEX_TID_MASK)) != 0 || state.unconfirmed != 0;
+}
+
+/* Set up a fresh lock in the DATA_SIZE bytes at `mem` (a new object's, before
+ * it is published): a robust, process-shared, error-checking mutex and our
+ * words. 0, or an errno value. */
+static inline int
+lock_memory_initialise(void *mem)
+{
+    pthread_mutexattr_t attr;
+    int rc;
+    memset(mem, 0, DATA_SIZE);
+    if ((rc = pthread_mutexattr_init(&attr)) != 0) {
+        return rc;
+    }
+    if ((rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED)) != 0 ||
+        (rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST)) != 0 ||
+        (rc = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK)) != 0 ||
+        (rc = pthread_mutex_init((pthread_mutex_t *)mem, &attr)) != 0) {
+        pthread_mutexattr_destroy(&attr);
+        return rc;
+    }
+    pthread_mutexattr_destroy(&attr);
+    ((lock_state *)((char *)mem + STATE_OFFSET))->magic = STATE_MAGIC;
+    return 0;
 }
 
 #endif

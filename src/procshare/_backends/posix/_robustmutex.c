@@ -152,31 +152,18 @@ Mutex_dealloc(MutexObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Set up a fresh mutex and our words in the DATA_SIZE bytes at `mem`; 0, or
- * -1 with OSError set. */
+/* Set up a fresh mutex and our words in the DATA_SIZE bytes at `mem`
+ * (_lock_layout.h); 0, or -1 with OSError set. */
 static int
 initialise_memory(void *mem)
 {
-    pthread_mutexattr_t attr;
-    int rc;
-    memset(mem, 0, DATA_SIZE);
-    if ((rc = pthread_mutexattr_init(&attr)) != 0) {
-        goto fail;
+    int rc = lock_memory_initialise(mem);
+    if (rc != 0) {
+        errno = rc;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
     }
-    if ((rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED)) != 0 ||
-        (rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST)) != 0 ||
-        (rc = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK)) != 0 ||
-        (rc = pthread_mutex_init((pthread_mutex_t *)mem, &attr)) != 0) {
-        pthread_mutexattr_destroy(&attr);
-        goto fail;
-    }
-    pthread_mutexattr_destroy(&attr);
-    ((lock_state *)((char *)mem + STATE_OFFSET))->magic = STATE_MAGIC;
     return 0;
-fail:
-    errno = rc;
-    PyErr_SetFromErrno(PyExc_OSError);
-    return -1;
 }
 
 /* initialise(): set up a fresh mutex (only by the creator, before publication). */

@@ -58,6 +58,7 @@
 
 #define HEADER_SIZE 64
 #define META_OFFSET 64
+#define ALIGN 64 /* a data area's alignment (segment_object.ALIGN) */
 #define HOLD 0
 
 static const char MAGIC[8] = {'P', 'R', 'C', 'S', 'H', 'R', 0, 1};
@@ -265,6 +266,49 @@ shmstep_map(PyObject *Py_UNUSED(module), PyObject *args)
 #include "_shmstep_create.h" /* create, publish, adopt, link_mode */
 #include "_shmstep_close.h" /* release, close_lock, let_go, unhold */
 
+/* create_lock(os_name, meta, mode) -> a handle | None (the name is taken) |
+ * NotImplemented (no O_TMPFILE here: nothing done): a new lock object (its
+ * data area set up as a lock, _lock_layout.h) made, held, mapped and
+ * published in one call, the path and pid found where segment_object keeps
+ * them; what segment_create(os_name, meta=meta, data_size=DATA_SIZE,
+ * mode=mode, persist=False, init=lock_init) does, for the engine's C open
+ * of a lock by name. */
+static PyObject *
+shmstep_create_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyUnicode_Check(args[0]) || !PyBytes_Check(args[1]) || handle_type == NULL) {
+        PyErr_SetString(PyExc_TypeError, "create_lock(os_name, meta: bytes, mode)");
+        return NULL;
+    }
+    unsigned long mode = PyLong_AsUnsignedLong(args[2]);
+    if (mode == (unsigned long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    long pid;
+    PyObject *path = named_path(args[0], &pid);
+    PyObject *dir = paths_g == NULL ? NULL : PyDict_GetItemString(paths_g, "SHM_DIR_BYTES");
+    if (path == NULL || dir == NULL || !PyBytes_Check(dir)) {
+        Py_XDECREF(path);
+        return NULL;
+    }
+    unsigned long long dataoff = ((unsigned long long)META_OFFSET +
+                                  (unsigned long long)PyBytes_GET_SIZE(args[1]) + ALIGN - 1) /
+                                 ALIGN * ALIGN; /* segment_object.align */
+    PyObject *made = create_object(PyBytes_AS_STRING(dir), args[1], 0, dataoff, DATA_SIZE,
+                                   dataoff + DATA_SIZE, (unsigned int)mode, (unsigned int)pid,
+                                   PyBytes_AS_STRING(path), args[0], 1);
+    Py_DECREF(path);
+    if (made == Py_None) {
+        Py_DECREF(made);
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    if (made == Py_False) {
+        Py_DECREF(made);
+        Py_RETURN_NONE;
+    }
+    return made;
+}
+
 /* anonymous(size, reserve) -> Mapping: shared memory with no name anywhere.
  *
  * Inherited by fork like any MAP_SHARED mapping and freed by the kernel with
@@ -366,6 +410,9 @@ static PyMethodDef shmstep_methods[] = {
     {"open_named", (PyCFunction)(void (*)(void))shmstep_open_named, METH_FASTCALL,
      "open_named(os_name, meta) -> None | SLOW | handle: attach() with the path and pid found "
      "where segment_object keeps them."},
+    {"create_lock", (PyCFunction)(void (*)(void))shmstep_create_lock, METH_FASTCALL,
+     "create_lock(os_name, meta, mode) -> handle | None (taken) | NotImplemented (no "
+     "O_TMPFILE: nothing done): a new lock object in one call."},
     {"close_named", shmstep_close_named, METH_O,
      "close_named(handle) -> removed (NotImplemented, nothing done, for another kind of "
      "handle): segment_close(handle, keep=None) of a named segment in one call."},

@@ -70,23 +70,13 @@ link_object(int fd, const char *path)
  *     taken) | a handle: the same, for an object with nothing to initialise,
  *     published at once (one call instead of three, with the handle built
  *     here, as attach() builds it). */
+/* The work of create() (see above); with init_lock, the data area is set up
+ * as a lock (_lock_layout.h) after the mapping and before the publication. */
 static PyObject *
-shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
+create_object(const char *dir, PyObject *meta_obj, unsigned int flags, unsigned long long dataoff,
+              unsigned long long datalen, unsigned long long total, unsigned int mode,
+              unsigned int pid, const char *path, PyObject *os_name, int init_lock)
 {
-    const char *dir;
-    PyObject *meta_obj;
-    unsigned int flags, mode, pid;
-    unsigned long long dataoff, datalen, total;
-    const char *path = NULL;
-    PyObject *os_name = NULL;
-    if (!PyArg_ParseTuple(args, "ySIKKKII|yU", &dir, &meta_obj, &flags, &dataoff, &datalen,
-                          &total, &mode, &pid, &path, &os_name)) {
-        return NULL;
-    }
-    if (path != NULL && (os_name == NULL || handle_type == NULL)) {
-        PyErr_SetString(PyExc_TypeError, "create(): path needs os_name (and set_handle_type())");
-        return NULL;
-    }
     const char *meta_buf = PyBytes_AS_STRING(meta_obj);
     Py_ssize_t meta_len = PyBytes_GET_SIZE(meta_obj);
     if (total < (unsigned long long)META_OFFSET + (unsigned long long)meta_len ||
@@ -169,7 +159,16 @@ shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
         }
         return result;
     }
-    /* Nothing to initialise (zeroed): build the handle and publish now. */
+    if (init_lock) {
+        int failed = lock_memory_initialise(((MappingObject *)mm)->data + dataoff);
+        if (failed != 0) {
+            Py_DECREF(mm);
+            close(fd);
+            errno = failed;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+    }
+    /* Nothing (more) to initialise: build the handle and publish now. */
     PyObject *handle = handle_make(handle_type, os_name, mm, (unsigned long long)st.st_dev,
                                    (unsigned long long)st.st_ino, meta_obj, flags & 1,
                                    (Py_ssize_t)dataoff, (Py_ssize_t)datalen, created, pid,
@@ -198,6 +197,27 @@ shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
     errno = saved;
     return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
 #endif
+}
+
+static PyObject *
+shmstep_create(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    const char *dir;
+    PyObject *meta_obj;
+    unsigned int flags, mode, pid;
+    unsigned long long dataoff, datalen, total;
+    const char *path = NULL;
+    PyObject *os_name = NULL;
+    if (!PyArg_ParseTuple(args, "ySIKKKII|yU", &dir, &meta_obj, &flags, &dataoff, &datalen,
+                          &total, &mode, &pid, &path, &os_name)) {
+        return NULL;
+    }
+    if (path != NULL && (os_name == NULL || handle_type == NULL)) {
+        PyErr_SetString(PyExc_TypeError, "create(): path needs os_name (and set_handle_type())");
+        return NULL;
+    }
+    return create_object(dir, meta_obj, flags, dataoff, datalen, total, mode, pid, path, os_name,
+                         0);
 }
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from procshare._backends.api_lock import LockHandle
 from procshare._backends.api_segment import SegmentHandle
+from procshare._backends.posix import _shmstep
 from procshare._backends.posix.segment import PosixSegment, close_lock, peek_data
 
 try:
@@ -83,6 +84,11 @@ class PosixLocks:
     #: from the object itself (``_shmstep.close_lock``): a lock object is often
     #: closed at the end of a freshly forked child.
     lock_close: Callable[[SegmentHandle], bool] = staticmethod(close_lock)  # type: ignore[assignment]
+    #: ``lock_create_fast(os_name, meta, mode) -> handle | None | NotImplemented``:
+    #: ``segment_create(os_name, meta=meta, data_size=lock_data_size, mode=mode,
+    #: persist=False, init=lock_init)`` in one C call (None: the name is taken;
+    #: NotImplemented: not here, nothing done), for the engine's C open by name.
+    lock_create_fast = staticmethod(_shmstep.create_lock)
 
     #: ``lock_init(data)`` and ``lock_attach(handle)`` (``Mutex(handle.data)``):
     #: one C call each, no Python frame (a lock is often first created or
