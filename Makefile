@@ -18,6 +18,7 @@ BUILD_INPUTS := pyproject.toml setup.py src/procshare/_backends/posix/_robustmut
                 src/procshare/_engine/_cengine_lock.h \
                 src/procshare/_engine/_cengine_end.h \
                 src/procshare/_engine/_cengine_get.h \
+                src/procshare/_engine/_cengine_new.h \
                 src/procshare/_backends/posix/_lock_layout.h \
                 src/procshare/_cview_segment.h \
                 src/procshare/_cview_close.h \

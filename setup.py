@@ -76,6 +76,7 @@ setup(
                 "src/procshare/_engine/_cengine_lock.h",
                 "src/procshare/_engine/_cengine_end.h",
                 "src/procshare/_engine/_cengine_get.h",
+                "src/procshare/_engine/_cengine_new.h",
             ],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),

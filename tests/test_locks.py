@@ -1297,3 +1297,28 @@ def test_a_by_name_open_of_something_too_small_for_a_lock_says_so() -> None:
             ps.interprocess_lock("c-small")
     finally:
         backend.segment_close(handle, keep=None)
+
+
+def test_the_by_name_lock_built_in_c_is_the_constructors_lock() -> None:
+    # ps.interprocess_lock(name) with the default options builds its object in
+    # C (_cengine_new.h); InterprocessLock(name), the reference, must agree.
+    from procshare._engine import locks as engine_locks
+
+    made = engine_locks.new_lock("c-built", 0o600)
+    ref = ps.InterprocessLock("c-built")
+    try:
+        assert type(made) is ps.InterprocessLock
+        for attr in ("name", "timeout", "reentrant", "anonymous", "_on_owner_death"):
+            assert getattr(made, attr) == getattr(ref, attr), attr
+        assert made._entry is ref._entry  # one entry, both registered as its users
+        assert made._m is ref._entry.mutex
+        assert made._entry.users == {id(made), id(ref)}
+        with made:
+            assert made.locked()
+            assert not ref.acquire(timeout=0)  # (not reentrant, held through made)
+        assert not made.locked()
+        assert engine_locks.new_lock("not valid!", 0o600) is NotImplemented
+        assert engine_locks.new_lock(42, 0o600) is NotImplemented
+    finally:
+        made.close()
+        ref.close()

@@ -50,6 +50,7 @@ _valid_names: set[str] = set()
 # by_name in _engine/locks.py).
 _reuse = _engine_locks.reuse
 _keep = _engine_locks.keep
+_new_lock = _engine_locks.new_lock
 #: The default ``mode=``: compared by identity, so an explicit ``mode=0o600``
 #: (an equal int, not this object) takes the checked path.
 _MODE = 0o600
@@ -484,6 +485,9 @@ def _reopen(
         )
 
 
+_engine_locks.new_lock_setup(InterprocessLock)
+
+
 def interprocess_lock(
     name: str | None = None,
     *,
@@ -529,9 +533,12 @@ def interprocess_lock(
         lock = _reuse(name)
         if lock is not None:
             return lock  # type: ignore[no-any-return]
-        lock = InterprocessLock(name)
+        # InterprocessLock(name), built in C (the constructor is the reference).
+        lock = _new_lock(name, _MODE)
+        if lock is NotImplemented:
+            lock = InterprocessLock(name)  # (an invalid name: it says what is wrong)
         _keep(name, lock)  # (in C: a fresh child opening once runs no more Python)
-        return lock
+        return lock  # type: ignore[no-any-return]
     return InterprocessLock(
         name, timeout=timeout, reentrant=reentrant, on_owner_death=on_owner_death, mode=mode
     )

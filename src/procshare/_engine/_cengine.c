@@ -337,6 +337,7 @@ cnames_blake2b_hex(PyObject *Py_UNUSED(module), PyObject *args)
 #include "_cengine_lock.h"
 #include "_cengine_end.h"
 #include "_cengine_get.h"
+#include "_cengine_new.h"
 
 static PyMethodDef cnames_methods[] = {
     {"valid", cnames_valid, METH_O,
@@ -351,6 +352,11 @@ static PyMethodDef cnames_methods[] = {
      "lock_setup(dict): what open_lock() reads (see locks.py)."},
     {"open_lock", (PyCFunction)(void (*)(void))cengine_open_lock, METH_FASTCALL,
      "open_lock(engine, name, user, mode) -> the lock entry (locks.LocksPart.open)."},
+    {"new_lock_setup", cengine_new_lock_setup, METH_VARARGS,
+     "new_lock_setup(InterprocessLock, LockEntry, Engine): what new_lock() builds."},
+    {"new_lock", (PyCFunction)(void (*)(void))cengine_new_lock, METH_FASTCALL,
+     "new_lock(name, mode) -> InterprocessLock(name) with the default options, or "
+     "NotImplemented (nothing done) for a name that is not valid."},
     {"engine_setup", cengine_engine_setup, METH_VARARGS,
      "engine_setup(core globals, Engine, _new_engine): what get_engine() reads."},
     {"get_engine", cengine_get_engine, METH_NOARGS,

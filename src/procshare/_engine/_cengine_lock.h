@@ -21,6 +21,9 @@ static PyObject *s_parts, *s_locks, *s_entries, *s_users, *s_closed, *s_lock, *s
     *s_data_size, *s_open_new, *s_l, *kw_lopen, *kw_lcreate, *kw_keep, *s_open_fast,
     *s_create_fast;
 
+static PyObject *entry_new(PyObject *name, PyObject *ns, PyObject *os_name, PyObject *handle,
+                           PyObject *mutex, PyObject *part); /* _cengine_new.h */
+
 static int
 intern_str(PyObject **slot, const char *text)
 {
@@ -293,8 +296,7 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
     }
     PyObject *mutex = PyObject_CallMethodOneArg(backend, s_lock_attach, handle);
     if (mutex != NULL) {
-        entry = PyObject_CallFunctionObjArgs(lk_entry_cls, name, ns, os_name, handle, mutex, part,
-                                             NULL);
+        entry = entry_new(name, ns, os_name, handle, mutex, part);
         Py_DECREF(mutex);
     }
     Py_DECREF(handle);

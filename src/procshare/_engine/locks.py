@@ -41,6 +41,7 @@ reports it to its parent instead, see ``transport.child_main``).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import os
 import sys
@@ -559,3 +560,18 @@ def owner_of(os_name: str) -> int | None:
     (cleared on release; a holder that died leaves its pid, so the lister
     shows who it was). Only looks: listing never reclaims anything."""
     return get_engine().backend.lock_owner(os_name)
+
+
+#: ``new_lock(name, mode)``: the front end's lock object for ``name`` with the
+#: default options, built in C without running its ``__init__`` (which stays
+#: the reference; ``_cengine_new.h``), its entry opened as :func:`open_lock`
+#: opens it; NotImplemented, nothing done, for a name that is not valid.
+new_lock = _cengine.new_lock
+
+
+def new_lock_setup(lock_type: type) -> None:
+    """Tell :func:`new_lock` the front end's lock class (once, after defining it).
+    A class whose guard is not the backend's C one (no usable backend) is not
+    taken: :func:`new_lock` then declines and the constructor runs."""
+    with contextlib.suppress(TypeError):  # (its _m a Python slot, not the C guard's)
+        _cengine.new_lock_setup(lock_type, LockEntry, _core.Engine)

@@ -1,0 +1,194 @@
+/* Included by _cengine.c (after _cengine_lock.h and _cengine_get.h): the lock
+ * object of `ps.interprocess_lock(name)` with the default options, built in
+ * C (new_lock), and the locks part's entry it opens (entry_new).
+ *
+ * Why: the by-name open of a lock is often a freshly forked child's first
+ * call into procshare; the Python constructors (InterprocessLock.__init__
+ * and LockEntry.__init__, which stay the reference and serve every other
+ * case) ran there for the first time, with their checks, and each copied
+ * pages. Here the fields are set through their slots, as those
+ * constructors set them for a valid name and the default options. */
+
+static PyTypeObject *nl_lock_type, *nl_entry_type;
+static Py_ssize_t nl_name, nl_timeout, nl_death, nl_entry, nl_m, en_slot[10];
+static Py_ssize_t ge_forks_off = -1, ge_forking_off = -1, ge_pending_off = -1, ge_kept_off = -1;
+static PyObject *s_poll_e, *s_engine_p;
+
+enum { EN_CLOSED, EN_CLOSED_AT, EN_FORKS, EN_HANDLE, EN_MUTEX, EN_NAME, EN_NAMESPACE,
+       EN_OS_NAME, EN_PART, EN_USERS };
+static const char *const en_names[10] = {"closed", "closed_at", "forks", "handle", "mutex",
+                                         "name", "namespace", "os_name", "part", "users"};
+
+#define AT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
+
+/* The offset of member `name` of `type` (kind: T_OBJECT_EX or T_OBJECT). */
+static int
+member_offset(PyTypeObject *type, const char *name, int kind, Py_ssize_t *out)
+{
+    PyObject *descr = PyObject_GetAttrString((PyObject *)type, name);
+    if (descr == NULL) {
+        return -1;
+    }
+    int ok = PyObject_TypeCheck(descr, &PyMemberDescr_Type) &&
+             ((PyMemberDescrObject *)descr)->d_member->type == kind;
+    if (ok) {
+        *out = ((PyMemberDescrObject *)descr)->d_member->offset;
+    }
+    Py_DECREF(descr);
+    if (!ok) {
+        PyErr_Format(PyExc_TypeError, "new_lock_setup: %s.%s is not a slot", type->tp_name, name);
+        return -1;
+    }
+    return 0;
+}
+
+/* new_lock_setup(InterprocessLock, LockEntry, Engine) */
+static PyObject *
+cengine_new_lock_setup(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyTypeObject *lock, *entry, *engine;
+    if (!PyArg_ParseTuple(args, "O!O!O!:new_lock_setup", &PyType_Type, &lock, &PyType_Type, &entry,
+                          &PyType_Type, &engine)) {
+        return NULL;
+    }
+    if (member_offset(lock, "_name", T_OBJECT_EX, &nl_name) < 0 ||
+        member_offset(lock, "_timeout", T_OBJECT_EX, &nl_timeout) < 0 ||
+        member_offset(lock, "_on_owner_death", T_OBJECT_EX, &nl_death) < 0 ||
+        member_offset(lock, "_entry", T_OBJECT_EX, &nl_entry) < 0 ||
+        member_offset(lock, "_m", T_OBJECT, &nl_m) < 0 ||
+        member_offset(engine, "forks", T_OBJECT_EX, &ge_forks_off) < 0 ||
+        member_offset(engine, "forking", T_OBJECT_EX, &ge_forking_off) < 0 ||
+        member_offset(engine, "pending", T_OBJECT_EX, &ge_pending_off) < 0 ||
+        member_offset(engine, "kept", T_OBJECT_EX, &ge_kept_off) < 0) {
+        return NULL;
+    }
+    for (int i = 0; i < 10; i++) {
+        if (member_offset(entry, en_names[i], T_OBJECT_EX, &en_slot[i]) < 0) {
+            return NULL;
+        }
+    }
+    if (intern_str(&s_poll_e, "poll") < 0 || intern_str(&s_engine_p, "engine") < 0) {
+        return NULL;
+    }
+    Py_XSETREF(nl_lock_type, (PyTypeObject *)Py_NewRef(lock));
+    Py_XSETREF(nl_entry_type, (PyTypeObject *)Py_NewRef(entry));
+    Py_RETURN_NONE;
+}
+
+/* A new LockEntry (LockEntry.__init__'s fields), or NULL. */
+static PyObject *
+entry_new(PyObject *name, PyObject *ns, PyObject *os_name, PyObject *handle, PyObject *mutex,
+          PyObject *part)
+{
+    if (nl_entry_type == NULL) {
+        return PyObject_CallFunctionObjArgs(lk_entry_cls, name, ns, os_name, handle, mutex, part,
+                                            NULL);
+    }
+    PyObject *engine = PyObject_GetAttr(part, s_engine_p);
+    if (engine == NULL) {
+        return NULL;
+    }
+    PyObject *forks = NULL;
+    if (Py_IS_TYPE(engine, ge_engine_type) && AT(engine, ge_forks_off) != NULL &&
+        AT(engine, ge_forking_off) != NULL) {
+        /* Below any fork under way in another thread: its child inherits it. */
+        forks = PyNumber_Subtract(AT(engine, ge_forks_off), AT(engine, ge_forking_off));
+    }
+    else if (!PyErr_Occurred()) {
+        PyErr_SetString(PyExc_TypeError, "a locks part without its engine");
+    }
+    Py_DECREF(engine);
+    PyObject *users = forks == NULL ? NULL : PySet_New(NULL);
+    PyObject *zero = users == NULL ? NULL : PyLong_FromLong(0);
+    PyObject *entry = zero == NULL ? NULL : nl_entry_type->tp_alloc(nl_entry_type, 0);
+    if (entry == NULL) {
+        Py_XDECREF(forks);
+        Py_XDECREF(users);
+        Py_XDECREF(zero);
+        return NULL;
+    }
+    AT(entry, en_slot[EN_NAME]) = Py_NewRef(name);
+    AT(entry, en_slot[EN_NAMESPACE]) = Py_NewRef(ns);
+    AT(entry, en_slot[EN_OS_NAME]) = Py_NewRef(os_name);
+    AT(entry, en_slot[EN_HANDLE]) = Py_NewRef(handle);
+    AT(entry, en_slot[EN_MUTEX]) = Py_NewRef(mutex);
+    AT(entry, en_slot[EN_PART]) = Py_NewRef(part);
+    AT(entry, en_slot[EN_USERS]) = users;
+    AT(entry, en_slot[EN_CLOSED]) = Py_NewRef(Py_False);
+    AT(entry, en_slot[EN_FORKS]) = forks;
+    AT(entry, en_slot[EN_CLOSED_AT]) = zero;
+    return entry;
+}
+
+/* new_lock(name, mode) -> InterprocessLock(name) with the default options,
+ * built without running its __init__; NotImplemented, nothing done, when
+ * the name is not a valid one (the Python constructor says what is wrong), or
+ * when new_lock_setup() did not take the lock class. */
+static PyObject *
+cengine_new_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "new_lock(name, mode)");
+        return NULL;
+    }
+    if (nl_lock_type == NULL) {
+        Py_RETURN_NOTIMPLEMENTED; /* not set up (a lock class without the C guard) */
+    }
+    PyObject *name = args[0], *mode = args[1];
+    if (!PyUnicode_CheckExact(name) || !PyUnicode_IS_ASCII(name) ||
+        !valid_bytes((const char *)PyUnicode_DATA(name), PyUnicode_GET_LENGTH(name))) {
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    PyObject *engine = cengine_get_engine(NULL, NULL);
+    if (engine == NULL) {
+        return NULL;
+    }
+    PyObject *lock = nl_lock_type->tp_alloc(nl_lock_type, 0);
+    if (lock == NULL) {
+        Py_DECREF(engine);
+        return NULL;
+    }
+    AT(lock, nl_name) = Py_NewRef(name);
+    AT(lock, nl_timeout) = Py_NewRef(Py_None);
+    AT(lock, nl_death) = Py_NewRef(Py_None);
+    AT(lock, nl_entry) = Py_NewRef(Py_None);
+    AT(lock, nl_m) = Py_NewRef(Py_None);
+    PyObject *user = PyLong_FromVoidPtr(lock);
+    PyObject *entry = NULL;
+    if (user != NULL) {
+        /* (LocksPart.open, as the Python constructor calls it) */
+        PyObject *call[4] = {engine, name, user, mode};
+        entry = cengine_open_lock(NULL, call, 4);
+        Py_DECREF(user);
+    }
+    PyObject *mutex = entry == NULL ? NULL : AT(entry, en_slot[EN_MUTEX]);
+    if (entry != NULL && (!Py_IS_TYPE(entry, nl_entry_type) || mutex == NULL)) {
+        mutex = PyObject_GetAttrString(entry, "mutex"); /* (a Python-made entry) */
+        Py_XDECREF(mutex);                               /* (the entry keeps it) */
+    }
+    if (mutex == NULL) {
+        Py_XDECREF(entry);
+        Py_DECREF(lock); /* (its _entry is None: its finalizer has nothing to undo) */
+        Py_DECREF(engine);
+        return NULL;
+    }
+    Py_SETREF(AT(lock, nl_entry), entry);
+    Py_SETREF(AT(lock, nl_m), Py_NewRef(mutex));
+    /* After registering as a user, so housekeeping never closes our own entry. */
+    int busy = 0;
+    if (Py_IS_TYPE(engine, ge_engine_type)) {
+        PyObject *pending = AT(engine, ge_pending_off), *kept = AT(engine, ge_kept_off);
+        busy = (pending != NULL && pending != Py_False) || (kept != NULL && kept != Py_False);
+    }
+    if (busy) {
+        PyObject *done = PyObject_CallMethodNoArgs(engine, s_poll_e);
+        busy = done == NULL ? -1 : 0;
+        Py_XDECREF(done);
+    }
+    Py_DECREF(engine);
+    if (busy < 0) {
+        Py_DECREF(lock);
+        return NULL;
+    }
+    return lock;
+}
