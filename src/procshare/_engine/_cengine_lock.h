@@ -221,9 +221,9 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
         }
         PyErr_Clear();
     }
-    keep = PyObject_GetAttr(backend, s_lock_keep);
-    init = keep == NULL ? NULL : PyObject_GetAttr(backend, s_lock_init);
-    size = init == NULL ? NULL : PyObject_GetAttr(backend, s_lock_data_size);
+    /* (keep and init only when the backend's own open or create runs: each
+     * lookup makes or touches an object, a copied page in a fresh child.) */
+    size = PyObject_GetAttr(backend, s_lock_data_size);
     while (size != NULL) {
         handle = fast == NULL ? NULL : PyObject_Vectorcall(fast, (PyObject *[]){os_name, meta}, 2,
                                                            NULL);
@@ -233,6 +233,10 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
                 break;
             }
             Py_XDECREF(handle);
+            handle = NULL;
+            if (keep == NULL && (keep = PyObject_GetAttr(backend, s_lock_keep)) == NULL) {
+                break;
+            }
             PyObject *open_args[4] = {backend, os_name, keep, meta};
             handle = PyObject_VectorcallMethod(s_segment_open, open_args,
                                                2 | PY_VECTORCALL_ARGUMENTS_OFFSET, kw_lopen);
@@ -246,6 +250,10 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
                                                3, NULL);
             if (handle == Py_NotImplemented) {
                 Py_DECREF(handle);
+                if (init == NULL && (init = PyObject_GetAttr(backend, s_lock_init)) == NULL) {
+                    handle = NULL;
+                    break;
+                }
                 PyObject *create_args[7] = {backend, os_name, meta, size, mode, Py_False, init};
                 handle = PyObject_VectorcallMethod(s_segment_create, create_args,
                                                    2 | PY_VECTORCALL_ARGUMENTS_OFFSET, kw_lcreate);
