@@ -529,3 +529,36 @@ def test_running_out_of_descriptors_is_a_fork_error_naming_the_limit_and_the_fix
     assert code == errno.EMFILE
     assert "ulimit -n" in message
     assert "ps.children(limit=" in message
+
+
+@pytest.mark.timeout(60)
+def test_a_child_closes_every_sibling_descriptor_and_nothing_else() -> None:
+    # The child closes the parent-private descriptors in runs (close_range):
+    # descriptors of the program's own between them must stay open.
+    from procshare._backends.posix import _forkstep
+
+    siblings, mine = [], []
+    try:
+        for _ in range(6):
+            siblings.append(sleep_then(30, None))
+            mine.append(os.open("/dev/null", os.O_RDONLY))  # between the siblings' ones
+        private = set(_forkstep.private())
+        assert len(private) >= 12
+        private_pipes = {t for t in _fd_targets(private) if t.startswith("pipe:")}
+
+        @ps.forked
+        def open_here() -> tuple[list[str], list[str], list[str]]:
+            own = _fd_targets(set(_forkstep.private()))  # our result pipe's write end
+            return own, _fd_targets(set(mine)), _fd_targets()
+
+        own, at_mine, everything = open_here().join()
+        assert at_mine == ["/dev/null"] * len(mine)
+        assert not [t for t in everything if "pidfd" in t]
+        assert not (private_pipes & (set(everything) - set(own)))
+    finally:
+        for fd in mine:
+            os.close(fd)
+        for sibling in siblings:
+            sibling.kill()
+            with pytest.raises(ps.ChildKilled):
+                sibling.join()

@@ -96,6 +96,45 @@ reserve_private(void)
     return 0;
 }
 
+static int
+compare_fds(const void *a, const void *b)
+{
+    int x = *(const int *)a, y = *(const int *)b;
+    return (x > y) - (x < y);
+}
+
+/* In a child: close the parent-private descriptors it inherited. They are
+ * mostly a run of consecutive numbers (each fork makes a pipe and a pidfd,
+ * and the parent reuses the numbers it frees), so after a sort each run
+ * goes in one close_range() (Linux 5.9) instead of a close() each: a child
+ * forked while 100 siblings are unreaped inherited ~200 of them. The list
+ * is the child's own copy, sorted in place (it is reset right after). */
+static void
+close_inherited_private(void)
+{
+    static int no_close_range;
+    qsort(private_fds, (size_t)n_private, sizeof(int), compare_fds);
+    for (Py_ssize_t i = 0; i < n_private;) {
+        Py_ssize_t j = i;
+        while (j + 1 < n_private && private_fds[j + 1] == private_fds[j] + 1) {
+            j++;
+        }
+#ifdef SYS_close_range
+        if (j > i && !no_close_range) {
+            if (syscall(SYS_close_range, (unsigned int)private_fds[i],
+                        (unsigned int)private_fds[j], 0U) == 0) {
+                i = j + 1;
+                continue;
+            }
+            no_close_range = errno == ENOSYS || errno == EPERM; /* (a seccomp filter) */
+        }
+#endif
+        for (; i <= j; i++) {
+            close(private_fds[i]);
+        }
+    }
+}
+
 static void
 forget_private(int fd)
 {
@@ -171,9 +210,7 @@ ps_fork_step(int die_with_parent, int want_pidfd, int keep_write, pid_t *pid_out
          * they live on; the child's memory goes with it at exit anyway. */
         last_fork = NULL;
         close(fds[0]);
-        for (Py_ssize_t i = 0; i < n_private; i++) {
-            close(private_fds[i]);
-        }
+        close_inherited_private();
         n_private = 0;
         n_kept = 0;
         private_fds[n_private++] = fds[1]; /* reserved above */
