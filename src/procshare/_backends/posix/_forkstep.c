@@ -96,24 +96,25 @@ reserve_private(void)
     return 0;
 }
 
-static int
-compare_fds(const void *a, const void *b)
-{
-    int x = *(const int *)a, y = *(const int *)b;
-    return (x > y) - (x < y);
-}
-
 /* In a child: close the parent-private descriptors it inherited. They are
  * mostly a run of consecutive numbers (each fork makes a pipe and a pidfd,
  * and the parent reuses the numbers it frees), so after a sort each run
  * goes in one close_range() (Linux 5.9) instead of a close() each: a child
  * forked while 100 siblings are unreaped inherited ~200 of them. The list
- * is the child's own copy, sorted in place (it is reset right after). */
+ * is the child's own copy, sorted in place (it is reset right after) by
+ * insertion: it is nearly sorted already, and qsort would allocate. */
 static void
 close_inherited_private(void)
 {
     static int no_close_range;
-    qsort(private_fds, (size_t)n_private, sizeof(int), compare_fds);
+    for (Py_ssize_t i = 1; i < n_private; i++) {
+        int fd = private_fds[i];
+        Py_ssize_t j = i;
+        for (; j > 0 && private_fds[j - 1] > fd; j--) {
+            private_fds[j] = private_fds[j - 1];
+        }
+        private_fds[j] = fd;
+    }
     for (Py_ssize_t i = 0; i < n_private;) {
         Py_ssize_t j = i;
         while (j + 1 < n_private && private_fds[j + 1] == private_fds[j] + 1) {
