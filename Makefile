@@ -30,7 +30,8 @@ BUILD_INPUTS := pyproject.toml setup.py src/procshare/_backends/posix/_robustmut
                 src/procshare/_backends/posix/_forkfast.c \
                 src/procshare/_backends/posix/_forkjoin.c \
                 src/procshare/_backends/posix/_forkfast.h \
-                src/procshare/_backends/posix/_forkstep.h
+                src/procshare/_backends/posix/_forkstep.h \
+                src/procshare/_backends/posix/_forkstep_private.h
 
 .PHONY: test lint typecheck docs docs-serve demo bench bench-smoke clean
 

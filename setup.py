@@ -34,6 +34,7 @@ setup(
             depends=[
                 "src/procshare/_backends/posix/_forkstep.h",
                 "src/procshare/_backends/posix/_forkfast.h",
+                "src/procshare/_backends/posix/_forkstep_private.h",
             ],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),
