@@ -13,6 +13,7 @@ import time
 import pytest
 
 import procshare as ps
+from procshare._engine import sync as _engine_sync
 from procshare._queue import READING, WRITING
 
 numpy = pytest.importorskip("numpy")
@@ -217,6 +218,81 @@ def test_a_consumer_killed_while_reading_gives_the_item_back() -> None:
     assert q.get(timeout=5) == "first"  # back, once the waiter saw its reader dead
     with pytest.raises(queue.Empty):
         q.get(timeout=0.5)
+    q.close()
+
+
+def _reserve_and_die(name: str, maxsize: int) -> None:
+    """In a forked child: reserve room for a record, then die before writing it."""
+    mine = ps.interprocess_queue(name, maxsize=maxsize)
+    obj = mine._obj
+    obj.lock()
+    d = mine._reserve(obj, 64)
+    obj.unlock()
+    assert d >= 0
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["put_nowait", "timeout"])
+def test_room_a_dead_producer_held_is_given_back_before_full(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The chaos test's failure, made deterministic: a producer dies between
+    # its reservation and its commit, at the head of the ring; the live
+    # processes go on putting and taking behind it until every descriptor is
+    # used, the dead record first and FREE ones behind it. The queue holds no
+    # item, yet room comes back only past the head. A put that gives up must
+    # look at the dead record first, however recently its handle swept (here:
+    # never again on its own, with the liveness slice made an hour long).
+    monkeypatch.setattr(_engine_sync, "LIVENESS", 3600.0)
+    q = ps.interprocess_queue("stuck-head", maxsize=4)
+    q._last_sweep = time.monotonic()
+    status = ps.forked(_reserve_and_die)("stuck-head", 4).wait()
+    assert status is not None
+    assert status.outcome == "killed"
+    for i in range(3):
+        q.put_nowait(i)
+    assert [q.get_nowait() for _ in range(3)] == [0, 1, 2]
+    assert q.qsize() == 0
+    if how == "put_nowait":
+        q.put_nowait("after")  # was queue.Full: every descriptor behind the dead one
+    else:
+        q.put("after", timeout=0.05)
+    assert q.get_nowait() == "after"
+    for i in range(10):  # all of it is room again
+        q.put_nowait(i)
+        assert q.get_nowait() == i
+    q.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_item_a_dead_consumer_held_is_found_before_empty(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A consumer dies holding the only item (READING): a get that gives up
+    # must give that item back first, however recently its handle swept.
+    monkeypatch.setattr(_engine_sync, "LIVENESS", 3600.0)
+    q = ps.interprocess_queue("held-item", maxsize=4)
+    q._last_sweep = time.monotonic()
+    q.put("only")
+
+    @ps.forked
+    def claim_and_die() -> None:
+        mine = ps.interprocess_queue("held-item", maxsize=4)
+        obj = mine._obj
+        obj.lock()
+        d = mine._claim(obj)
+        obj.unlock()
+        assert obj.words.load(d) == READING
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    status = claim_and_die().wait()
+    assert status is not None
+    assert status.outcome == "killed"
+    assert q.qsize() == 0
+    assert q.get_nowait() == "only"  # was queue.Empty
+    with pytest.raises(queue.Empty):
+        q.get_nowait()  # once
     q.close()
 
 
