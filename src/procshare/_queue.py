@@ -47,7 +47,9 @@ from procshare.errors import QueueEmpty, QueueFull
 _MASK = 0xFFFFFFFF
 # words
 _HEAD, _TAIL, _DHEAD, _DTAIL, _NOT_EMPTY, _NOT_FULL, _GETTERS, _PUTTERS = (w(i) for i in range(8))
-_ITEMS = w(11)
+# (Word 11 once counted the ready records. Nothing can repair a count kept
+# beside the records when a producer dies between its commit and the count,
+# so qsize() counts the records themselves: Words.ring_ready.)
 # descriptor fields and states
 _DESC = 32
 _STATE, _PID, _SLO, _SHI, _START, _POS, _LEN, _END = range(0, 32, 4)
@@ -180,12 +182,6 @@ class InterprocessQueue(_Handle):
     def _repair(self) -> None:
         words = self._words
         head, tail = words.load(_HEAD), words.load(_TAIL)
-        ready = 0
-        seq = head
-        while seq != tail:
-            ready += words.load(self._desc(seq) + _STATE) == READY
-            seq = (seq + 1) & _MASK
-        words.store(_ITEMS, ready)
         if head == tail:
             words.store(_DTAIL, words.load(_DHEAD))
         else:
@@ -218,7 +214,6 @@ class InterprocessQueue(_Handle):
             words.store(d + _STATE, FREE)  # never delivered: padding
         else:
             words.store(d + _STATE, READY)  # delivered to nobody: again
-            words.add(_ITEMS, 1)
         return True
 
     def _repaired(self, changed: bool) -> bool:
@@ -303,7 +298,6 @@ class InterprocessQueue(_Handle):
             d = self._desc(seq)
             if words.load(d + _STATE) == READY:
                 self._own(obj, d, READING)
-                words.add(_ITEMS, -1)
                 return d
             seq = (seq + 1) & _MASK
         return -1
@@ -349,7 +343,6 @@ class InterprocessQueue(_Handle):
             words.store(d + _STATE, FREE)  # interrupted: padding, never delivered
             raise
         words.store(d + _STATE, READY)  # the commit
-        words.add(_ITEMS, 1)
         words.add(_NOT_EMPTY, 1)
         if words.load(_GETTERS):
             words.wake(_NOT_EMPTY, 1)
@@ -381,7 +374,6 @@ class InterprocessQueue(_Handle):
             item = _decode(self._data[at : at + size])
         except BaseException:
             words.store(d + _STATE, READY)  # not delivered: back for the next one
-            words.add(_ITEMS, 1)
             words.add(_NOT_EMPTY, 1)
             words.wake(_NOT_EMPTY, 1)
             raise
@@ -445,8 +437,7 @@ class InterprocessQueue(_Handle):
 
     def qsize(self) -> int:
         """Items ready to be taken now (a snapshot)."""
-        n = self._live().words.load(_ITEMS)
-        return 0 if n >= 1 << 31 else n
+        return self._live().words.ring_ready()
 
     def empty(self) -> bool:
         """Whether no item is ready now (a snapshot)."""

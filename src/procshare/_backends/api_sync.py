@@ -73,6 +73,11 @@ class Words(Protocol):
         """The record of ``desc`` was read: its space may be reused."""
         ...
 
+    def ring_ready(self) -> int:
+        """Ready records between the ring's head and tail now, counted from the
+        descriptors without the mutex (a snapshot: ``qsize()``)."""
+        ...
+
     def hold(self, op: int, pid: int, start: int, hint: int, nslots: int, /) -> int:
         """The uncontended path of a semaphore's or rwlock's acquire or release
         (``op``: see ``procshare._sync``), under the words' mutex, for process
