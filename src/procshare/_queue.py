@@ -200,15 +200,20 @@ class InterprocessQueue(_Handle):
             seq = (seq + 1) & _MASK
         return self._repaired(changed)
 
-    def _reclaim(self, obj: SyncObject, d: int, states: tuple[int, ...]) -> bool:
+    def _reclaim(
+        self, obj: SyncObject, d: int, states: tuple[int, ...], *, quick: bool = False
+    ) -> bool:
         """Take back record ``d`` if it is in one of ``states`` and its owner
-        died (mutex held); whether it was."""
+        died (mutex held); whether it was. ``quick``: only if no process has
+        the owner's pid any more (one system call; a dead owner not reaped
+        yet is left to the next sweep)."""
         words = self._words
         state = words.load(d + _STATE)
         if state not in states:
             return False
         token = (words.load(d + _PID), words.load(d + _SLO) | words.load(d + _SHI) << 32)
-        if obj.alive(token):
+        alive = not obj.gone(token) if quick else obj.alive(token)
+        if alive:
             return False
         if state == WRITING:
             words.store(d + _STATE, FREE)  # never delivered: padding
@@ -244,13 +249,16 @@ class InterprocessQueue(_Handle):
         """A get's last look before it reports Empty (mutex held): the items
         dead consumers were taking (READING), which nothing else gives back
         until a waiter's next liveness sweep. Records being written are not
-        looked at (a dead producer's record is never an item)."""
+        looked at (a dead producer's record is never an item). A quick look:
+        consumers often hold records being read while others poll with
+        ``get_nowait``, so each costs one system call, not a read of ``/proc``;
+        a dead consumer its parent has not reaped yet is left to the sweeps."""
         words = self._words
         head, tail = words.load(_HEAD), words.load(_TAIL)
         changed = False
         seq = head
         while seq != tail:
-            changed |= self._reclaim(obj, self._desc(seq), (READING,))
+            changed |= self._reclaim(obj, self._desc(seq), (READING,), quick=True)
             seq = (seq + 1) & _MASK
         return self._repaired(changed)
 

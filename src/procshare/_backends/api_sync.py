@@ -176,6 +176,13 @@ class SyncBackend(Protocol):
         dead; a pid reused by another process is not ``token``'s process."""
         ...
 
+    def process_gone(self, token: ProcessToken) -> bool:
+        """Whether no process has ``token``'s pid: a cheap test (one system
+        call, no ``/proc``) whose ``True`` is certain and whose ``False`` says
+        nothing (the process may be alive, a zombie, or another one reusing
+        the pid). For a quick look where :meth:`process_alive` is too dear."""
+        ...
+
     def sync_peek(self, os_name: str, size: int) -> bytes | None:
         """The first ``size`` bytes of the data of object ``os_name``, read
         without taking a hold (for listings); ``None`` if it is missing or
