@@ -484,6 +484,7 @@ def test_producers_and_consumers_killed_at_random_instants() -> None:
         while (found := q.get(timeout=5)) is not None:  # 5 s: dead records are repaired
             sort(found)
         assert got == mine  # all, once, in order
+        assert q.qsize() == 0  # nothing older than None is left ready, and nobody puts
     q.put("still works")
     assert list(q) == ["still works"]
     q.close()
