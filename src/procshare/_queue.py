@@ -17,6 +17,10 @@ with a dead owner, and a waiter that finds no progress checks the owners
 once per liveness slice: a dead producer's record becomes padding (it was
 never delivered), a dead consumer's record goes back to READY (the next
 consumer gets it, once). No other process's item is lost or duplicated.
+And a put or get about to give up looks at once at the dead records in its
+way (:meth:`InterprocessQueue._wait_for`): room comes back in ring order only,
+so a dead producer's record at the head, with freed records behind it, could
+otherwise make a queue with no item in it report Full.
 A process killed holding the mutex makes the next locker recompute the ring
 positions from the descriptors (:meth:`InterprocessQueue._repair`).
 
@@ -30,7 +34,7 @@ from __future__ import annotations
 import pickle
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, overload
 
 from procshare import _runtime
@@ -43,7 +47,9 @@ from procshare.errors import QueueEmpty, QueueFull
 _MASK = 0xFFFFFFFF
 # words
 _HEAD, _TAIL, _DHEAD, _DTAIL, _NOT_EMPTY, _NOT_FULL, _GETTERS, _PUTTERS = (w(i) for i in range(8))
-_ITEMS = w(11)
+# (Word 11 once counted the ready records. Nothing can repair a count kept
+# beside the records when a producer dies between its commit and the count,
+# so qsize() counts the records themselves: Words.ring_ready.)
 # descriptor fields and states
 _DESC = 32
 _STATE, _PID, _SLO, _SHI, _START, _POS, _LEN, _END = range(0, 32, 4)
@@ -176,43 +182,85 @@ class InterprocessQueue(_Handle):
     def _repair(self) -> None:
         words = self._words
         head, tail = words.load(_HEAD), words.load(_TAIL)
-        ready = 0
-        seq = head
-        while seq != tail:
-            ready += words.load(self._desc(seq) + _STATE) == READY
-            seq = (seq + 1) & _MASK
-        words.store(_ITEMS, ready)
         if head == tail:
             words.store(_DTAIL, words.load(_DHEAD))
         else:
             words.store(_DHEAD, words.load(self._desc(head) + _START))
             words.store(_DTAIL, words.load(self._desc((tail - 1) & _MASK) + _END))
 
-    def _sweep(self, obj: SyncObject) -> None:
-        """Repair the records of dead producers and consumers."""
+    def _sweep(self, obj: SyncObject) -> bool:
+        """Repair the records of dead producers and consumers; whether any was."""
         self._last_sweep = time.monotonic()
         words = self._words
         head, tail = words.load(_HEAD), words.load(_TAIL)
         changed = False
         seq = head
         while seq != tail:
-            d = self._desc(seq)
-            state = words.load(d + _STATE)
-            if state in (WRITING, READING):
-                token = (words.load(d + _PID), words.load(d + _SLO) | words.load(d + _SHI) << 32)
-                if not obj.alive(token):
-                    if state == WRITING:
-                        words.store(d + _STATE, FREE)  # never delivered: padding
-                    else:
-                        words.store(d + _STATE, READY)  # delivered to nobody: again
-                        words.add(_ITEMS, 1)
-                    changed = True
+            changed |= self._reclaim(obj, self._desc(seq), (WRITING, READING))
             seq = (seq + 1) & _MASK
+        return self._repaired(changed)
+
+    def _reclaim(
+        self, obj: SyncObject, d: int, states: tuple[int, ...], *, quick: bool = False
+    ) -> bool:
+        """Take back record ``d`` if it is in one of ``states`` and its owner
+        died (mutex held); whether it was. ``quick``: only if no process has
+        the owner's pid any more (one system call; a dead owner not reaped
+        yet is left to the next sweep)."""
+        words = self._words
+        state = words.load(d + _STATE)
+        if state not in states:
+            return False
+        token = (words.load(d + _PID), words.load(d + _SLO) | words.load(d + _SHI) << 32)
+        alive = not obj.gone(token) if quick else obj.alive(token)
+        if alive:
+            return False
+        if state == WRITING:
+            words.store(d + _STATE, FREE)  # never delivered: padding
+        else:
+            words.store(d + _STATE, READY)  # delivered to nobody: again
+        return True
+
+    def _repaired(self, changed: bool) -> bool:
+        """After records were taken back: move the head, wake every waiter."""
         if changed:
+            words = self._words
             self._advance()
             for word in (_NOT_EMPTY, _NOT_FULL):
                 words.add(word, 1)
                 words.wake(word, -1)
+        return changed
+
+    def _room_of_dead(self, obj: SyncObject) -> bool:
+        """A put's last look before it reports Full (mutex held): the room held
+        by dead producers' records at the head, which nothing else frees until
+        a waiter's next liveness sweep. Only the head matters (room comes back
+        in ring order), so this costs one liveness test, not a sweep of every
+        record."""
+        words = self._words
+        changed = False
+        while True:
+            head = self._advance() if changed else words.load(_HEAD)
+            if head == words.load(_TAIL) or not self._reclaim(obj, self._desc(head), (WRITING,)):
+                return self._repaired(changed)
+            changed = True
+
+    def _items_of_dead(self, obj: SyncObject) -> bool:
+        """A get's last look before it reports Empty (mutex held): the items
+        dead consumers were taking (READING), which nothing else gives back
+        until a waiter's next liveness sweep. Records being written are not
+        looked at (a dead producer's record is never an item). A quick look:
+        consumers often hold records being read while others poll with
+        ``get_nowait``, so each costs one system call, not a read of ``/proc``;
+        a dead consumer its parent has not reaped yet is left to the sweeps."""
+        words = self._words
+        head, tail = words.load(_HEAD), words.load(_TAIL)
+        changed = False
+        seq = head
+        while seq != tail:
+            changed |= self._reclaim(obj, self._desc(seq), (READING,), quick=True)
+            seq = (seq + 1) & _MASK
+        return self._repaired(changed)
 
     def _own(self, obj: SyncObject, d: int, state: int) -> None:
         words = self._words
@@ -258,7 +306,6 @@ class InterprocessQueue(_Handle):
             d = self._desc(seq)
             if words.load(d + _STATE) == READY:
                 self._own(obj, d, READING)
-                words.add(_ITEMS, -1)
                 return d
             seq = (seq + 1) & _MASK
         return -1
@@ -283,7 +330,14 @@ class InterprocessQueue(_Handle):
             )
         sync = self._live()
         words = self._words
-        d = self._wait_for(sync, _NOT_FULL, _PUTTERS, wait, lambda: self._reserve(sync, size))
+        d = self._wait_for(
+            sync,
+            _NOT_FULL,
+            _PUTTERS,
+            wait,
+            lambda: self._reserve(sync, size),
+            last_look=self._room_of_dead,
+        )
         if d < 0:
             raise QueueFull(sync.name)
         data = self._data
@@ -297,7 +351,6 @@ class InterprocessQueue(_Handle):
             words.store(d + _STATE, FREE)  # interrupted: padding, never delivered
             raise
         words.store(d + _STATE, READY)  # the commit
-        words.add(_ITEMS, 1)
         words.add(_NOT_EMPTY, 1)
         if words.load(_GETTERS):
             words.wake(_NOT_EMPTY, 1)
@@ -313,7 +366,14 @@ class InterprocessQueue(_Handle):
             d, at, size = found
         else:
             wait = _check_timeout(timeout) if block else 0.0
-            d = self._wait_for(sync, _NOT_EMPTY, _GETTERS, wait, lambda: self._claim(sync))
+            d = self._wait_for(
+                sync,
+                _NOT_EMPTY,
+                _GETTERS,
+                wait,
+                lambda: self._claim(sync),
+                last_look=self._items_of_dead,
+            )
             if d < 0:
                 raise QueueEmpty(sync.name)
             at = self._base + self._ring + (words.load(d + _POS) & (self._cap - 1))
@@ -322,7 +382,6 @@ class InterprocessQueue(_Handle):
             item = _decode(self._data[at : at + size])
         except BaseException:
             words.store(d + _STATE, READY)  # not delivered: back for the next one
-            words.add(_ITEMS, 1)
             words.add(_NOT_EMPTY, 1)
             words.wake(_NOT_EMPTY, 1)
             raise
@@ -330,33 +389,48 @@ class InterprocessQueue(_Handle):
         return item
 
     def _wait_for(
-        self, obj: SyncObject, seq_word: int, count_word: int, wait: float | None, attempt: Any
+        self,
+        obj: SyncObject,
+        seq_word: int,
+        count_word: int,
+        wait: float | None,
+        attempt: Callable[[], int],
+        *,
+        last_look: Callable[[SyncObject], bool],
     ) -> int:
+        """``attempt()`` (mutex held) until it gives a descriptor or ``wait``
+        seconds pass (-1). A waiter sweeps dead owners' records once per
+        liveness slice; and before giving up, a call always takes
+        ``last_look`` at what dead processes hold in its way, so Full or Empty
+        never stands for a dead process's record, however recently this
+        handle swept."""
         words = self._words
-        deadline = None
+        deadline = None if wait is None else time.monotonic() + wait
         while True:
             # The sequence is read before looking: a change after the look
             # makes the wait below return at once, so no wake is lost.
             seq = words.load(seq_word)
+            final = deadline is not None and time.monotonic() >= deadline
             obj.lock()
             try:
-                d: int = attempt()
-                if d < 0 and time.monotonic() - self._last_sweep > _sync.LIVENESS:
-                    self._sweep(obj)
-                    seq = words.load(seq_word)
-                    d = attempt()
+                d = attempt()
+                if d < 0:
+                    if time.monotonic() - self._last_sweep > _sync.LIVENESS:
+                        retry = self._sweep(obj)
+                    else:
+                        retry = final and last_look(obj)
+                    if retry:
+                        seq = words.load(seq_word)
+                        d = attempt()
             finally:
                 obj.unlock()
-            if d >= 0 or wait == 0:
+            if d >= 0 or final:
                 return d
-            now = time.monotonic()
-            if deadline is None and wait is not None:
-                deadline = now + wait
-            if deadline is not None and now >= deadline:
-                return -1
+            left = _sync.LIVENESS
+            if deadline is not None:
+                left = max(0.0, min(left, deadline - time.monotonic()))
             words.add(count_word, 1)
             try:
-                left = _sync.LIVENESS if deadline is None else min(_sync.LIVENESS, deadline - now)
                 words.wait(seq_word, seq, left)
             finally:
                 words.add(count_word, -1)
@@ -371,8 +445,7 @@ class InterprocessQueue(_Handle):
 
     def qsize(self) -> int:
         """Items ready to be taken now (a snapshot)."""
-        n = self._live().words.load(_ITEMS)
-        return 0 if n >= 1 << 31 else n
+        return self._live().words.ring_ready()
 
     def empty(self) -> bool:
         """Whether no item is ready now (a snapshot)."""

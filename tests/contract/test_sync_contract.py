@@ -211,8 +211,21 @@ def test_tokens_tell_the_living_from_the_dead(backend: Backend) -> None:
 
     pid = _child(lambda: None)
     # an exited child that is not reaped yet is a zombie: dead
-    assert wait_for(lambda: not backend.process_alive((pid, _start(backend, pid))))
+    token = (pid, _start(backend, pid))
+    assert wait_for(lambda: not backend.process_alive(token))
     _status(pid)
+    assert not backend.process_alive(token)
+
+
+def test_gone_is_a_cheap_look_that_is_sure_when_it_says_yes(backend: Backend) -> None:
+    me = backend.process_token()
+    assert not backend.process_gone(me)
+    assert backend.process_gone((0, 0))
+    pid = _child(lambda: None)
+    token = (pid, _start(backend, pid))
+    assert not backend.process_gone(token)  # running, or a zombie: not sure
+    _status(pid)  # reaped: no process has the pid (unless reused at once)
+    assert wait_for(lambda: backend.process_gone(token))
 
 
 def _start(backend: Backend, pid: int) -> int:

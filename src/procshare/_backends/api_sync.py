@@ -73,6 +73,11 @@ class Words(Protocol):
         """The record of ``desc`` was read: its space may be reused."""
         ...
 
+    def ring_ready(self) -> int:
+        """Ready records between the ring's head and tail now, counted from the
+        descriptors without the mutex (a snapshot: ``qsize()``)."""
+        ...
+
     def hold(self, op: int, pid: int, start: int, hint: int, nslots: int, /) -> int:
         """The uncontended path of a semaphore's or rwlock's acquire or release
         (``op``: see ``procshare._sync``), under the words' mutex, for process
@@ -169,6 +174,13 @@ class SyncBackend(Protocol):
     def process_alive(self, token: ProcessToken) -> bool:
         """Whether the process of ``token`` is still running. A zombie counts as
         dead; a pid reused by another process is not ``token``'s process."""
+        ...
+
+    def process_gone(self, token: ProcessToken) -> bool:
+        """Whether no process has ``token``'s pid: a cheap test (one system
+        call, no ``/proc``) whose ``True`` is certain and whose ``False`` says
+        nothing (the process may be alive, a zombie, or another one reusing
+        the pid). For a quick look where :meth:`process_alive` is too dear."""
         ...
 
     def sync_peek(self, os_name: str, size: int) -> bytes | None:

@@ -290,6 +290,10 @@ class SyncObject:
     def alive(self, token: ProcessToken) -> bool:
         return self.backend.process_alive(token)
 
+    def gone(self, token: ProcessToken) -> bool:
+        """Certainly dead (no process has its pid; cheap). ``False`` says nothing."""
+        return self.backend.process_gone(token)
+
     def state(self) -> str:
         """A short description of its state (as ``ls`` shows a named one)."""
         if self.rec.closed:

@@ -375,6 +375,8 @@ static PyMethodDef Words_methods[] = {
     {"ring_get", (PyCFunction)(void (*)(void))Words_ring_get, METH_FASTCALL,
      "ring_get(pid, start) -> (descriptor, offset, length) or None to go the slow way"},
     {"ring_free", (PyCFunction)Words_ring_free, METH_O, "ring_free(descriptor)"},
+    {"ring_ready", (PyCFunction)Words_ring_ready, METH_NOARGS,
+     "ring_ready() -> READY records now (a snapshot)"},
     {"hold", (PyCFunction)(void (*)(void))Words_hold, METH_FASTCALL,
      "hold(op, pid, start, hint, nslots) -> slot, or -1 to go slow"},
     {"detach", (PyCFunction)Words_detach, METH_NOARGS, "let go of the memory"},

@@ -22,7 +22,10 @@
 #define R_NOT_FULL W(5)
 #define R_GETTERS W(6)
 #define R_PUTTERS W(7)
-#define R_ITEMS W(11)
+/* W(11) once counted the READY records. A count kept beside the records
+ * drifts for good when a producer dies between its commit and the count (no
+ * lock is held there to repair it), so the count is now taken from the
+ * records themselves: ring_ready(). */
 #define R_REPAIR W(15)
 enum { D_STATE = 0, D_PID = 4, D_SLO = 8, D_SHI = 12, D_START = 16, D_POS = 20, D_LEN = 24,
        D_END = 28 };
@@ -120,6 +123,27 @@ ring_advance(WordsObject *self)
         st(self, R_HEAD, head);
     }
     return head;
+}
+
+/* READY records between the head and the tail, read without the mutex: a
+ * snapshot (what qsize() reports), or with first_only, whether there is one
+ * (a get's cheap look before it takes the mutex). */
+static uint32_t
+ring_count_ready(WordsObject *self, int first_only)
+{
+    uint32_t head = ld(self, R_HEAD), used = ld(self, R_TAIL) - head, n = 0;
+    if (used > self->ring_slots) {
+        used = self->ring_slots; /* the head moved between the two loads */
+    }
+    for (uint32_t i = 0; i < used; i++) {
+        if (ld(self, desc(self, head + i) + D_STATE) == S_READY) {
+            n++;
+            if (first_only) {
+                break;
+            }
+        }
+    }
+    return n;
 }
 
 static void
@@ -251,7 +275,6 @@ impl_ring_put(WordsObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     self->busy--;
     st(self, d + D_STATE, S_READY); /* the commit */
-    __atomic_fetch_add(at32(self, R_ITEMS), 1, __ATOMIC_SEQ_CST);
     __atomic_fetch_add(at32(self, R_NOT_EMPTY), 1, __ATOMIC_SEQ_CST);
     if (ld(self, R_GETTERS)) {
         wake(self, R_NOT_EMPTY, 1);
@@ -283,7 +306,7 @@ impl_ring_get(WordsObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (PyErr_Occurred()) {
         return NULL;
     }
-    if (ld(self, R_ITEMS) == 0 || !ring_lock(self)) {
+    if (ring_count_ready(self, 1) == 0 || !ring_lock(self)) {
         Py_RETURN_NONE;
     }
     uint32_t seq = ring_advance(self), tail = ld(self, R_TAIL);
@@ -291,7 +314,6 @@ impl_ring_get(WordsObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_ssize_t d = desc(self, seq);
         if (ld(self, d + D_STATE) == S_READY) {
             own(self, d, (uint32_t)pid, start, S_READING);
-            __atomic_fetch_sub(at32(self, R_ITEMS), 1, __ATOMIC_SEQ_CST);
             ring_unlock(self);
             uint32_t pos = ld(self, d + D_POS) & (self->ring_cap - 1);
             return Py_BuildValue("nnI", d, self->ring_data + (Py_ssize_t)pos, ld(self, d + D_LEN));
@@ -299,6 +321,17 @@ impl_ring_get(WordsObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     ring_unlock(self);
     Py_RETURN_NONE;
+}
+
+/* ring_ready() -> READY records now (a snapshot, read without the mutex). */
+static PyObject *
+Words_ring_ready(WordsObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!self->has_view || self->detaching || self->ring_slots == 0) {
+        PyErr_SetString(PyExc_ValueError, "futex words are detached or not set up as a ring");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLong(ring_count_ready(self, 0));
 }
 
 /* ring_free(descriptor): the record was read; its space may be reused. */

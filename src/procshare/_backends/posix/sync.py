@@ -95,5 +95,17 @@ class PosixSync:
         state, started = fields
         return state not in ("Z", "X", "x") and started == start
 
+    def process_gone(self, token: ProcessToken) -> bool:
+        pid = token[0]
+        if pid <= 0:
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # another user's process has the pid now
+            return False
+        return False
+
     def sync_peek(self, os_name: str, size: int) -> bytes | None:
         return peek_data(os_name, size)
