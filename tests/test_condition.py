@@ -10,6 +10,8 @@ users (``repr``, ``ps.segments()`` / ``ls``) count only live waiters.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 import procshare as ps
@@ -19,8 +21,8 @@ import procshare as ps
 ROUNDS = 10
 
 
-def _state(name: str) -> str | None:
-    (found,) = (i for i in ps.segments() if i.name == name and i.type == "condition")
+def _state() -> str | None:
+    (found,) = (i for i in ps.segments() if i.name == "k" and i.type == "condition")
     return found.state
 
 
@@ -30,26 +32,42 @@ def _killed(child: ps.Child[bool]) -> None:
     assert status.outcome == "killed"
 
 
-def _waiter(name: str, ready: str, limit: float) -> ps.Child[bool]:
+@pytest.fixture
+def cond() -> Iterator[ps.InterprocessCondition]:
+    """The condition "k" (each test has its own namespace)."""
+    c = ps.interprocess_condition("k")
+    yield c
+    c.close()
+    c.lock.close()
+
+
+def _waiting(limit: float, n: int = 1) -> list[ps.Child[bool]]:
+    """Start ``n`` children that wait on "k" up to ``limit`` seconds each; return
+    once each has signalled from inside ``with c:``, just before its wait (the
+    next ``with cond:`` of the caller then runs once all of them wait)."""
+
     @ps.forked
     def wait() -> bool:
-        c = ps.interprocess_condition(name)
+        c = ps.interprocess_condition("k")
         with c:
-            ps.interprocess_semaphore(ready, 0).release()
+            ps.interprocess_semaphore("k-ready", 0).release()
             return c.wait(limit)
 
-    return wait()
+    ready = ps.interprocess_semaphore("k-ready", 0)
+    children = [wait() for _ in range(n)]
+    for _ in range(n):
+        assert ready.acquire(timeout=60)
+    ready.close()
+    return children
 
 
 @pytest.mark.timeout(600)
-def test_a_waiter_killed_mid_wait_does_not_take_the_notify_of_a_live_one() -> None:
-    cond = ps.interprocess_condition("kc")
-    ready = ps.interprocess_semaphore("kc-ready", 0)
+def test_a_waiter_killed_mid_wait_does_not_take_the_notify_of_a_live_one(
+    cond: ps.InterprocessCondition,
+) -> None:
     for _ in range(ROUNDS):
-        victim = _waiter("kc", "kc-ready", 120)
-        live = _waiter("kc", "kc-ready", 30)
-        assert ready.acquire(timeout=60)
-        assert ready.acquire(timeout=60)
+        (victim,) = _waiting(120)
+        (live,) = _waiting(30)
         with cond:  # both are inside wait(): it let go of the lock
             assert repr(cond).endswith("waiters=2>")
             victim.kill()  # not reaped yet: it may still be in the kernel's queue
@@ -57,50 +75,36 @@ def test_a_waiter_killed_mid_wait_does_not_take_the_notify_of_a_live_one() -> No
         assert live.join(timeout=120) is True  # woken, not timed out
         _killed(victim)
     assert repr(cond).endswith("waiters=0>")
-    cond.close()
-    cond.lock.close()
-    ready.close()
 
 
 @pytest.mark.timeout(300)
-def test_notify_all_after_a_waiter_died_wakes_the_live_ones() -> None:
-    cond = ps.interprocess_condition("ka")
-    ready = ps.interprocess_semaphore("ka-ready", 0)
-    victim = _waiter("ka", "ka-ready", 120)
-    live = [_waiter("ka", "ka-ready", 60) for _ in range(2)]
-    for _ in range(3):
-        assert ready.acquire(timeout=60)
+def test_notify_all_after_a_waiter_died_wakes_the_live_ones(
+    cond: ps.InterprocessCondition,
+) -> None:
+    victim, *live = _waiting(60, 3)
     with cond:
         victim.kill()
         cond.notify_all()
     assert [child.join(timeout=120) for child in live] == [True, True]
     _killed(victim)
-    cond.close()
-    cond.lock.close()
-    ready.close()
 
 
 @pytest.mark.timeout(300)
-def test_the_waiter_count_shown_leaves_out_a_dead_waiter() -> None:
-    cond = ps.interprocess_condition("kn")
-    ready = ps.interprocess_semaphore("kn-ready", 0)
-    victim = _waiter("kn", "kn-ready", 120)
-    assert ready.acquire(timeout=60)
+def test_the_waiter_count_shown_leaves_out_a_dead_waiter(
+    cond: ps.InterprocessCondition,
+) -> None:
+    (victim,) = _waiting(120)
     with cond:
-        assert _state("kn") == "waiters=1"
+        assert _state() == "waiters=1"
     victim.kill()
     _killed(victim)
     # It died counted: repr and ls used to say waiters=1 from then on.
-    assert _state("kn") == "waiters=0"
+    assert _state() == "waiters=0"
     assert repr(cond).endswith("waiters=0>")
     # A later waiter is counted, and a notify reaches it.
-    live = _waiter("kn", "kn-ready", 60)
-    assert ready.acquire(timeout=60)
+    (live,) = _waiting(60)
     with cond:
-        assert _state("kn") == "waiters=1"
+        assert _state() == "waiters=1"
         cond.notify(1)
     assert live.join(timeout=120) is True
-    assert _state("kn") == "waiters=0"
-    cond.close()
-    cond.lock.close()
-    ready.close()
+    assert _state() == "waiters=0"

@@ -12,23 +12,19 @@ them apart.
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, ParamSpec, Self, TypeVar, overload
+from typing import Any, Self, overload
 
 from procshare import _runtime
 from procshare._engine import sync as _sync
 from procshare._engine.core import current_pid
 from procshare._engine.names import use_namespace, validate_name
 from procshare._engine.sync import A, HoldGuard, SyncObject, w
-from procshare._locks import _check_anonymous_mode, _check_timeout
+from procshare._locks import Decorates, _check_anonymous_mode, _check_timeout
 from procshare._shared import _refuse_anonymous_as_name
 from procshare.errors import AnonymousError, HolderDied, UsageError, WaitTimeout
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 _MASK = 0xFFFFFFFF
 # Operations of the backend's uncontended fast path (Words.hold).
@@ -306,7 +302,7 @@ class _Holding:
         return i
 
 
-class InterprocessSemaphore(HoldGuard, _Handle):
+class InterprocessSemaphore(HoldGuard, _Handle, Decorates):
     """A counting semaphore shared between processes (see
     :func:`interprocess_semaphore`).
 
@@ -468,16 +464,6 @@ class InterprocessSemaphore(HoldGuard, _Handle):
 
     def _exit_slow(self) -> None:
         self.release()
-
-    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
-        """Use the semaphore as a decorator: every call of ``func`` holds a unit."""
-
-        @functools.wraps(func)
-        def limited(*args: P.args, **kwargs: P.kwargs) -> R:
-            with self:
-                return func(*args, **kwargs)
-
-        return limited
 
 
 def _arm(guard: HoldGuard, obj: SyncObject, take: int, give: int) -> None:
