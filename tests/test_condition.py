@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 import procshare as ps
+from procshare._engine import sync as _engine_sync
 
 #: Rounds of kill-then-notify: each lost the notify about half the time
 #: before the fix, so ten fail with a probability of ~99.7 %.
@@ -108,3 +109,61 @@ def test_the_waiter_count_shown_leaves_out_a_dead_waiter(
         cond.notify(1)
     assert live.join(timeout=120) is True
     assert _state() == "waiters=0"
+
+
+@pytest.mark.timeout(300)
+def test_more_waiting_processes_than_slots_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 128 slots in real use; 2 here, so that a third waiting process is one too many.
+    monkeypatch.setattr(_engine_sync, "CONDITION_SLOTS", 2)
+    cond = ps.interprocess_condition("full")
+    ready = ps.interprocess_semaphore("full-ready", 0)
+
+    @ps.forked
+    def wait() -> bool:
+        c = ps.interprocess_condition("full")
+        with c:
+            ps.interprocess_semaphore("full-ready", 0).release()
+            return c.wait(60)
+
+    waiters = [wait() for _ in range(2)]
+    for _ in range(2):
+        assert ready.acquire(timeout=60)
+    with cond:
+        with pytest.raises(ps.UsageError, match="more than 2 processes wait on it at once"):
+            cond.wait(0.1)
+        assert cond.lock.owned()  # the refused wait kept the lock
+        cond.notify_all()
+    assert [child.join(timeout=120) for child in waiters] == [True, True]
+    with cond:  # a slot is free again
+        assert cond.wait(0) is False
+    cond.close()
+    cond.lock.close()
+    ready.close()
+
+
+@pytest.mark.timeout(300)
+def test_an_anonymous_condition_counts_and_wakes_past_a_dead_waiter() -> None:
+    cond = ps.interprocess_condition()
+    ready = ps.interprocess_semaphore(0)
+
+    @ps.forked
+    def wait(limit: float) -> bool:
+        with cond:
+            ready.release()
+            return cond.wait(limit)
+
+    victim = wait(120)
+    live = wait(60)
+    for _ in range(2):
+        assert ready.acquire(timeout=60)
+    with cond:
+        assert repr(cond).endswith("waiters=2>")
+        victim.kill()
+        cond.notify(1)
+    assert live.join(timeout=120) is True
+    _killed(victim)
+    assert repr(cond).endswith("waiters=0>")
+    cond.close()
+    ready.close()

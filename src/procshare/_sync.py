@@ -293,10 +293,14 @@ class _Holding:
             slots.sweep(obj.alive)  # (the caller's repair counts what comes back)
             i = slots.claim(token)
             if i < 0:
+                if obj.family == "condition":
+                    doing, why = "wait on it", "a dead one's waits are not counted"
+                else:
+                    doing, why = "hold it", "what a dead one held comes back"
                 raise UsageError(
-                    f"{obj.family} {obj.name!r}: more than {slots.count} processes hold it "
-                    "at once; procshare records each holder so that what a dead one held "
-                    "comes back, and has no room for another"
+                    f"{obj.family} {obj.name!r}: more than {slots.count} processes {doing} "
+                    f"at once; procshare records each of them so that {why}, and has no "
+                    "room for another"
                 )
         self.index, self.pid = i, token[0]
         return i
