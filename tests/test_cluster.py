@@ -640,10 +640,14 @@ def test_cluster_at_an_address_nobody_answers_says_what_to_do() -> None:
 
 
 def test_cluster_timeout_is_checked() -> None:
-    with pytest.raises(ValueError, match=r"timeout=\) must be a number of seconds > 0"):
-        ps.cluster("tcp://127.0.0.1:8786", timeout=0)
-    with pytest.raises(ValueError, match=r"timeout=\) must be a number of seconds > 0"):
-        ps.cluster("tcp://127.0.0.1:8786", timeout=True)
+    # A number out of range is a ValueError; what is not a number is a
+    # TypeError, as for every other timeout=. Both say what to pass.
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match=r"timeout=\) must be a number of seconds > 0"):
+            ps.cluster("tcp://127.0.0.1:8786", timeout=bad)
+    for wrong in (True, "5", [5]):
+        with pytest.raises(TypeError, match=r"timeout=\) must be a number of seconds > 0"):
+            ps.cluster("tcp://127.0.0.1:8786", timeout=wrong)  # type: ignore[arg-type]
 
 
 def test_cluster_refuses_a_timeout_with_a_connected_client(client: Any) -> None:

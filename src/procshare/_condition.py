@@ -1,7 +1,30 @@
-"""The condition variable shared between processes: a sequence-counter futex
-word plus the robust lock it is used with (glibc's process-shared condvar is
-not robust: a waiter that dies consumes a signal). Built on the families'
-handle in :mod:`procshare._sync`.
+"""The condition variable shared between processes: a generation futex word,
+wake-up tokens and the robust lock it is used with (glibc's process-shared
+condvar is not robust: a waiter that dies consumes a signal). Built on the
+families' handle in :mod:`procshare._sync`.
+
+A waiter killed while it waits must not take a notify with it. The kernel
+hands a ``FUTEX_WAKE`` to whichever sleepers are queued, and a process sent
+``SIGKILL`` stays queued until it next runs, so a ``notify(1)`` right after
+a kill could wake only the dying process (measured: 44 of 100 tries when the
+victim was not reaped yet), and the live waiter slept on. So a wake-up is a
+*token*, not the kernel's wake: ``notify(n)`` grants up to ``n`` tokens
+(never more than there are waits without one), bumps the generation (the
+futex word waiters sleep on) and wakes ``n`` sleepers; a waiter returns
+``True`` only by taking a token after a notify that came since it began to
+wait. A dying process runs no more code, so it takes none: a token that the
+kernel's wake left untaken is taken by a live waiter within one liveness
+slice (waiters sleep in slices of ``LIVENESS`` seconds, as the other
+families' do).
+
+Each waiting process records its waits in a slot (``(pid, start time)``,
+counter A = its threads in ``wait()``; a slot is claimed under the object's
+own mutex), so that a dead waiter's waits are taken off the count (a sweep,
+at most once per slice per handle, when a wait begins) and ``repr`` and
+``ls`` count only live waiters. The count is raised before the slot and
+lowered after it, both with the condition's lock held, so a process killed
+in between leaves the count too high (a spare token: a spurious wake-up at
+most), never too low (a lost one).
 """
 
 from __future__ import annotations
@@ -11,7 +34,8 @@ from collections.abc import Callable
 from typing import Any, Self, TypeVar, overload
 
 from procshare import _runtime
-from procshare._engine.sync import w
+from procshare._engine import sync as _sync
+from procshare._engine.sync import A, SyncObject, w
 from procshare._locks import (
     InterprocessLock,
     _check_anonymous_mode,
@@ -19,12 +43,15 @@ from procshare._locks import (
     interprocess_lock,
 )
 from procshare._shared import _refuse_anonymous_as_name
-from procshare._sync import _deadline, _Handle, _no_init
+from procshare._sync import _deadline, _Handle, _Holding, _no_init
 from procshare.errors import AnonymousError, UsageError
 
 R = TypeVar("R")
 
-_C_SEQ, _C_WAITERS = w(0), w(1)
+# words: 0 generation, one per notify (waiters sleep on it), 1 waits in
+# progress (a dead waiter's until a sweep), 2 tokens granted and not taken.
+# Slot counter A: this process's threads in wait().
+_C_GEN, _C_WAITERS, _C_TOKENS = w(0), w(1), w(2)
 
 
 class InterprocessCondition(_Handle):
@@ -70,8 +97,11 @@ class InterprocessCondition(_Handle):
                 "reach the lock",
             )
         self._lock = lock
+        self._holding = _Holding()
+        self._last_sweep = 0.0
         try:
-            self._open(name, "condition", 0, _no_init, mode)
+            self._open(name, "condition", _sync.CONDITION_SLOTS * _sync.SLOT_SIZE, _no_init, mode)
+            self._slots = _sync.Slots(self._obj.words, _sync.TABLES, _sync.CONDITION_SLOTS)
         except BaseException:
             if self._own_lock is not None:
                 self._own_lock.close()
@@ -121,21 +151,62 @@ class InterprocessCondition(_Handle):
         notify meant for it: check the state you wait for (:meth:`wait_for`).
         """
         wait = _check_timeout(timeout)
-        words = self._live().words
+        obj = self._live()
+        words = obj.words
         self._owned("wait() on")
-        seq = words.load(_C_SEQ)
-        words.add(_C_WAITERS, 1)
+        i = self._enter(obj)
+        gen = words.load(_C_GEN)
+        deadline = _deadline(wait)
         depth = 0
+        woken = False
         try:
             while self._lock.owned():  # a reentrant lock is released all the way
                 self._lock.release()
                 depth += 1
-            woken = words.wait(_C_SEQ, seq, wait)
+            while True:
+                now = words.load(_C_GEN)
+                if now != gen and _take(words):  # a notify since this wait began
+                    woken = True
+                    break
+                if not _sync.wait_word(obj, _C_GEN, now, deadline):
+                    break  # the time ran out
         finally:
-            words.add(_C_WAITERS, -1)
-            for _ in range(depth):
-                self._lock.acquire()
+            try:
+                for _ in range(depth):
+                    self._lock.acquire()
+            finally:
+                self._slots.add(i, A, -1)
+                words.add(_C_WAITERS, -1)
+                _cap_tokens(words)
         return woken
+
+    def _enter(self, obj: SyncObject) -> int:
+        """Count a wait of this thread (lock held); its slot's index."""
+        words = obj.words
+        if words.load(_C_WAITERS) and time.monotonic() - self._last_sweep > _sync.LIVENESS:
+            self._sweep(obj)
+        i = self._holding.find(obj, self._slots, False)
+        if i < 0:  # this process's first wait: claim a slot, under the table's mutex
+            obj.lock()
+            try:
+                i = self._holding.find(obj, self._slots, True)
+            finally:
+                obj.unlock()
+        words.add(_C_WAITERS, 1)  # before the slot: see the module's docstring
+        self._slots.add(i, A, 1)
+        return i
+
+    def _sweep(self, obj: SyncObject) -> None:
+        """Take the waits of dead processes off the count (lock held)."""
+        self._last_sweep = time.monotonic()
+        obj.lock()
+        try:
+            gone = sum(waits for _pid, waits, _b in self._slots.sweep(obj.alive) if waits > 0)
+        finally:
+            obj.unlock()
+        if gone:
+            obj.words.add(_C_WAITERS, -gone)
+            _cap_tokens(obj.words)
 
     def wait_for(self, predicate: Callable[[], R], timeout: float | None = None) -> R:
         """Wait until ``predicate()`` is true (``timeout`` seconds at most); return
@@ -155,13 +226,37 @@ class InterprocessCondition(_Handle):
         """Wake up to ``n`` waiters (of any process). The caller holds the lock."""
         words = self._live().words
         self._owned("notify() on")
-        if words.load(_C_WAITERS):
-            words.add(_C_SEQ, 1)
-            words.wake(_C_SEQ, n)
+        waiters = words.load(_C_WAITERS)
+        if waiters:
+            tokens = words.load(_C_TOKENS)
+            grant = waiters - tokens if n < 0 else min(n, waiters - tokens)
+            if grant > 0:
+                words.add(_C_TOKENS, grant)
+            words.add(_C_GEN, 1)
+            words.wake(_C_GEN, n)
 
     def notify_all(self) -> None:
         """Wake every waiter. The caller holds the lock."""
         self.notify(-1)
+
+
+def _take(words: Any) -> bool:
+    """Take a wake-up token if one is left; whether this call took it."""
+    while True:
+        tokens = words.load(_C_TOKENS)
+        if not tokens:
+            return False
+        if words.cas(_C_TOKENS, tokens, tokens - 1):
+            return True
+
+
+def _cap_tokens(words: Any) -> None:
+    """Drop the tokens beyond the waits in progress (a waiter that left, or died,
+    without taking one): they would wake later waiters spuriously."""
+    while True:
+        tokens, waiters = words.load(_C_TOKENS), words.load(_C_WAITERS)
+        if tokens <= waiters or words.cas(_C_TOKENS, tokens, waiters):
+            return
 
 
 @overload

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar
 
 from procshare import _runtime
 from procshare._engine import anonymous as _anonymous
@@ -140,7 +140,72 @@ def _check_anonymous_mode(family: str, mode: object) -> None:
         )
 
 
-class InterprocessLock(LockGuard):
+class _Guarding(Protocol):
+    def __enter__(self) -> object: ...
+    def __exit__(self, *exc_info: Any) -> object: ...
+
+
+class Decorates:
+    """``@obj`` for every object used as ``with obj:`` (a lock, a semaphore, a
+    side of an rwlock, here and on the cluster), written once."""
+
+    __slots__ = ()
+
+    def __call__(self: _Guarding, func: Callable[P, R]) -> Callable[P, R]:
+        """Use it as a decorator: every call of ``func`` runs inside ``with`` it
+        (holding the lock, a unit of the semaphore, the rwlock's side)."""
+
+        @functools.wraps(func)
+        def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+            with self:
+                return func(*args, **kwargs)
+
+        return guarded
+
+
+class LockMethods(Decorates):
+    """The read-only face of a lock wherever it runs (:class:`InterprocessLock`
+    here, the cluster's ``ClusterLock``): properties, their documentation and
+    the decorator, written once. A subclass sets ``_name``, ``_timeout`` and
+    ``_reentrant`` and says whether it was closed (``_is_closed``)."""
+
+    __slots__ = ()
+    _name: str
+    _timeout: float | None
+    _reentrant: bool
+
+    @property
+    def name(self) -> str:
+        """The lock's name."""
+        return self._name
+
+    @property
+    def anonymous(self) -> bool:
+        """Whether the lock has no name (``ps.interprocess_lock()``): shared only
+        with the children forked while it is open. Its :attr:`name` is then a
+        label such as ``"(anonymous #1)"``, which nothing can open."""
+        return self._name.startswith(_anonymous.LABEL[:-1])
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds ``with`` and :meth:`acquire` wait by default (``None``: forever)."""
+        return self._timeout
+
+    @property
+    def reentrant(self) -> bool:
+        """Whether the holding thread may acquire it again (and must release as often)."""
+        return self._reentrant
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._is_closed()
+
+    def _is_closed(self) -> bool:
+        raise NotImplementedError
+
+
+class InterprocessLock(LockGuard, LockMethods):
     """A named, robust lock shared between processes and between threads.
 
     Get one with :func:`interprocess_lock`. Use it as ``with lock:``, as a
@@ -227,31 +292,7 @@ class InterprocessLock(LockGuard):
 
     # -- the rest (`with` is LockGuard's, in C) ----------------------------------
 
-    @property
-    def name(self) -> str:
-        """The lock's name."""
-        return self._name
-
-    @property
-    def anonymous(self) -> bool:
-        """Whether the lock has no name (``ps.interprocess_lock()``): shared only
-        with the children forked while it is open. Its :attr:`name` is then a
-        label such as ``"(anonymous #1)"``, which nothing can open."""
-        return self._name.startswith(_anonymous.LABEL[:-1])
-
-    @property
-    def timeout(self) -> float | None:
-        """Seconds ``with`` and :meth:`acquire` wait by default (``None``: forever)."""
-        return self._timeout
-
-    @property
-    def reentrant(self) -> bool:
-        """Whether the holding thread may acquire it again (and must release as often)."""
-        return self._reentrant
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
+    def _is_closed(self) -> bool:
         return self._entry is None
 
     def _enter_slow(self, rc: int) -> InterprocessLock:
@@ -455,16 +496,6 @@ class InterprocessLock(LockGuard):
             raise _LockClosedError(f"lock {self._name!r} was closed; a closed lock cannot be sent")
         options = (self._timeout, self._reentrant, self._on_owner_death)
         return (_reopen, (entry.namespace, self._name, *options))
-
-    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
-        """Use the lock as a decorator: every call of ``func`` runs holding it."""
-
-        @functools.wraps(func)
-        def locked_call(*args: P.args, **kwargs: P.kwargs) -> R:
-            with self:
-                return func(*args, **kwargs)
-
-        return locked_call
 
     def __repr__(self) -> str:
         if self._entry is None:

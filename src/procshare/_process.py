@@ -24,7 +24,8 @@ from procshare._engine import scopes as _scopes
 from procshare._engine.children import ChildrenPart, Record, current_children
 from procshare._engine.scopes import CANCEL_GRACE, ScopeCancelled, ScopeState
 from procshare._exit_status import ExitStatus, Outcome
-from procshare.errors import ChildRaised, JoinTimeout, UsageError
+from procshare._scope import ChildrenMethods
+from procshare.errors import ChildRaised, JoinTimeout
 
 __all__ = ["CANCEL_GRACE", "Child", "Children", "ExitStatus", "children", "forked"]
 
@@ -269,8 +270,12 @@ class Child(_accel.HandleBase, Generic[R]):
 delattr(Child, "join")
 
 
-class Children:
-    """The scope returned by :func:`children`: owns every child forked in its block."""
+class Children(ChildrenMethods[Child[Any]]):
+    """The scope returned by :func:`children`: owns every child forked in its block.
+
+    Its properties (``limit``, ``cancel_on_error``, ``children``, ``results``)
+    are :class:`~procshare._scope.ChildrenMethods`', shared with the cluster's
+    scope."""
 
     def __init__(
         self, *, limit: int | None, cancel_on_error: bool, progress: bool = False
@@ -285,39 +290,17 @@ class Children:
         self._handles: list[Child[Any]] = []
         self._results: list[Any] | None = None
 
-    @property
-    def limit(self) -> int | None:
-        """At most this many children of the scope run at once (``None``: no limit)."""
-        return self._limit
-
-    @property
-    def cancel_on_error(self) -> bool:
-        """Whether the first failure terminates the scope's other children."""
-        return self._cancel_on_error
-
-    @property
-    def children(self) -> list[Child[Any]]:
-        """Handles of the children forked in the block, in fork order."""
+    def _started(self) -> list[Child[Any]]:
         scope = self._scope
         if scope is not None and len(self._handles) < len(scope.records):
             part = self._part
             assert part is not None
             self._handles.extend(Child(part, r) for r in scope.records[len(self._handles) :])
-        return list(self._handles)
-
-    @property
-    def results(self) -> list[Any]:
-        """Return values of the children in fork order, after a clean exit of the block."""
-        if self._results is None:
-            raise UsageError(
-                "kids.results is known only after the `with ps.children()` block has ended "
-                "without failures; inspect kids.children (each Child has wait()) otherwise"
-            )
-        return list(self._results)
+        return self._handles
 
     def __enter__(self) -> Children:
         if self._scope is not None:
-            raise UsageError("a ps.children() scope can be entered only once; make a new one")
+            raise self._entered_twice()
         if self._progress:  # before any fork: a missing tqdm fails here, not at the exit
             from procshare._progress import Bar
 
@@ -370,17 +353,12 @@ class Children:
         if not errors:
             self._results = [part.outcome(h._rec)[1] for h in handles]
             return isinstance(exc, ScopeCancelled) and exc.scope is scope
-        n = len(failed)
-        what = [f"{n} of {len(scope.records)} children failed"] if n else []
-        if isinstance(exc, Exception):
-            what.append(f"the block raised {type(exc).__name__}")
+        cancelled = 0
         if scope.cancelling and any(r.cancelled for r in scope.records):
             cancelled = sum(1 for h in handles if h.cancelled)
-            if cancelled:
-                what.append(f"{cancelled} cancelled")
         # `from None`: the block's exception is inside the group already; as the
         # group's context too it would be printed twice.
-        raise ExceptionGroup("ps.children(): " + ", ".join(what), errors) from None
+        raise self._failures(errors, len(failed), len(scope.records), exc, cancelled) from None
 
     def _count(self, part: ChildrenPart, scope: ScopeState) -> bool:
         """Move the bar to the children that ended; whether one of them failed."""

@@ -177,12 +177,13 @@ def cluster(
             (``pip install 'procshare[dask]'``).
         ClusterUnreachable: no scheduler answered at the address in time.
     """
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
-    ):
-        raise ValueError(
-            f"ps.cluster(timeout=) must be a number of seconds > 0 or None, not {timeout!r}"
-        )
+    if timeout is not None:
+        # TypeError for what is not a number, as every other timeout= check.
+        wrong = f"ps.cluster(timeout=) must be a number of seconds > 0 or None, not {timeout!r}"
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise TypeError(wrong)
+        if not timeout > 0:  # (NaN too)
+            raise ValueError(wrong)
     made: contextlib.AbstractContextManager[Any] = _load_dask("ps.cluster()").cluster(
         client_or_address, None if timeout is None else float(timeout)
     )

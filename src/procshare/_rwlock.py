@@ -16,15 +16,13 @@ never deadlocks against a waiting writer).
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Callable
-from typing import Any, ParamSpec, Self, TypeVar
+from typing import Any, Self
 
 from procshare import _runtime
 from procshare._engine import sync as _sync
 from procshare._engine.sync import A, B, HoldGuard, SyncObject, w
-from procshare._locks import _check_timeout
+from procshare._locks import Decorates, _check_timeout
 from procshare._sync import (
     READ_GIVE,
     READ_TAKE,
@@ -39,9 +37,6 @@ from procshare._sync import (
     _slice,
 )
 from procshare.errors import HolderDied, UsageError, WaitTimeout
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 # words: 0 read holds, 1 writer pid, 2-3 writer start time, 4 writers waiting,
 # 5 release sequence (waiters sleep on it), 6 waiters, 7 a dead writer not
@@ -277,7 +272,7 @@ class _RWCore(_Handle):
             obj.unlock()
 
 
-class _Side(HoldGuard):
+class _Side(HoldGuard, Decorates):
     """``rw.read`` or ``rw.write``: ``with``, decorator, ``acquire``/``release``.
 
     ``with`` is the backend's hold guard (C): one call when the hold can be
@@ -325,16 +320,6 @@ class _Side(HoldGuard):
 
     def _exit_slow(self) -> None:
         self._rw._release(self._write)
-
-    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
-        """Use the hold as a decorator: every call of ``func`` runs holding it."""
-
-        @functools.wraps(func)
-        def held(*args: P.args, **kwargs: P.kwargs) -> R:
-            with self:
-                return func(*args, **kwargs)
-
-        return held
 
     def __repr__(self) -> str:
         return f"<{'write' if self._write else 'read'} side of {self._rw!r}>"

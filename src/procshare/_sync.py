@@ -12,23 +12,19 @@ them apart.
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, ParamSpec, Self, TypeVar, overload
+from typing import Any, Self, overload
 
 from procshare import _runtime
 from procshare._engine import sync as _sync
 from procshare._engine.core import current_pid
 from procshare._engine.names import use_namespace, validate_name
 from procshare._engine.sync import A, HoldGuard, SyncObject, w
-from procshare._locks import _check_anonymous_mode, _check_timeout
+from procshare._locks import Decorates, _check_anonymous_mode, _check_timeout
 from procshare._shared import _refuse_anonymous_as_name
 from procshare.errors import AnonymousError, HolderDied, UsageError, WaitTimeout
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 _MASK = 0xFFFFFFFF
 # Operations of the backend's uncontended fast path (Words.hold).
@@ -297,16 +293,20 @@ class _Holding:
             slots.sweep(obj.alive)  # (the caller's repair counts what comes back)
             i = slots.claim(token)
             if i < 0:
+                if obj.family == "condition":
+                    doing, why = "wait on it", "a dead one's waits are not counted"
+                else:
+                    doing, why = "hold it", "what a dead one held comes back"
                 raise UsageError(
-                    f"{obj.family} {obj.name!r}: more than {slots.count} processes hold it "
-                    "at once; procshare records each holder so that what a dead one held "
-                    "comes back, and has no room for another"
+                    f"{obj.family} {obj.name!r}: more than {slots.count} processes {doing} "
+                    f"at once; procshare records each of them so that {why}, and has no "
+                    "room for another"
                 )
         self.index, self.pid = i, token[0]
         return i
 
 
-class InterprocessSemaphore(HoldGuard, _Handle):
+class InterprocessSemaphore(HoldGuard, _Handle, Decorates):
     """A counting semaphore shared between processes (see
     :func:`interprocess_semaphore`).
 
@@ -468,16 +468,6 @@ class InterprocessSemaphore(HoldGuard, _Handle):
 
     def _exit_slow(self) -> None:
         self.release()
-
-    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
-        """Use the semaphore as a decorator: every call of ``func`` holds a unit."""
-
-        @functools.wraps(func)
-        def limited(*args: P.args, **kwargs: P.kwargs) -> R:
-            with self:
-                return func(*args, **kwargs)
-
-        return limited
 
 
 def _arm(guard: HoldGuard, obj: SyncObject, take: int, give: int) -> None:

@@ -15,17 +15,17 @@ the views read fresh; releasing it publishes what was written under it).
 from __future__ import annotations
 
 import asyncio
-import functools
 import pickle
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import distributed
 
 from procshare._dask import shared
 from procshare._dask.runtime import DaskRuntime, dask_object
 from procshare._engine.names import validate_name
+from procshare._locks import Decorates, LockMethods
 from procshare.errors import (
     LockTimeout,
     NotOnCluster,
@@ -35,9 +35,6 @@ from procshare.errors import (
     UsageError,
     WaitTimeout,
 )
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 _INSTEAD = {
     "condition": (
@@ -74,7 +71,7 @@ class _Owners:
 _owners = _Owners()
 
 
-class ClusterLock:
+class ClusterLock(LockMethods):
     """``ps.interprocess_lock(name)`` on the cluster (a Dask ``Lock``).
 
     Same use as on one host: ``with``, a decorator, ``acquire(timeout)`` /
@@ -84,7 +81,8 @@ class ClusterLock:
     lease-timeout``, 30 s by default), and the shared views it was writing
     under the lock keep what was published before it took the lock.
     ``on_owner_death=`` is accepted and never called; ``mark_consistent()``
-    does nothing.
+    does nothing. Its properties and decorator are the local lock's
+    (:class:`~procshare._locks.LockMethods`).
     """
 
     def __init__(
@@ -106,25 +104,8 @@ class ClusterLock:
         self._reentrant = reentrant
         self._closed = False
 
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def timeout(self) -> float | None:
-        return self._timeout
-
-    @property
-    def reentrant(self) -> bool:
-        return self._reentrant
-
-    @property
-    def closed(self) -> bool:
+    def _is_closed(self) -> bool:
         return self._closed
-
-    @property
-    def anonymous(self) -> bool:
-        return False
 
     def owned(self) -> bool:
         """Whether the calling thread holds it."""
@@ -192,14 +173,6 @@ class ClusterLock:
     def __exit__(self, *exc_info: object) -> None:
         self.release()
 
-    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
-        @functools.wraps(func)
-        def locked(*args: P.args, **kwargs: P.kwargs) -> R:
-            with self:
-                return func(*args, **kwargs)
-
-        return locked
-
     def __reduce__(self) -> tuple[Any, ...]:
         return (_reopen_lock, (self._name, self._timeout, self._reentrant))
 
@@ -213,7 +186,7 @@ def _reopen_lock(name: str, timeout: float | None, reentrant: bool) -> Any:
     return ps.interprocess_lock(name, timeout=timeout, reentrant=reentrant)
 
 
-class ClusterSemaphore:
+class ClusterSemaphore(Decorates):
     """``ps.interprocess_semaphore(name, value)`` on the cluster (a Dask ``Semaphore``).
 
     Units held by a task whose worker dies come back when its lease expires;
@@ -285,14 +258,6 @@ class ClusterSemaphore:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
-
-    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
-        @functools.wraps(func)
-        def held(*args: P.args, **kwargs: P.kwargs) -> R:
-            with self:
-                return func(*args, **kwargs)
-
-        return held
 
     def __repr__(self) -> str:
         return f"<ClusterSemaphore {self._name!r} value={self._value} (Dask)>"

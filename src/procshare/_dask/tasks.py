@@ -27,6 +27,7 @@ from procshare import _runtime
 from procshare._dask.runtime import DaskRuntime, worker_runtime
 from procshare._engine import names
 from procshare._process import ExitStatus
+from procshare._scope import ChildrenMethods
 from procshare.errors import (
     Cancelled,
     ChildError,
@@ -34,7 +35,6 @@ from procshare.errors import (
     ChildRaised,
     ChildTimeout,
     JoinTimeout,
-    UsageError,
     WorkerDied,
 )
 
@@ -368,13 +368,14 @@ class _ScopeCancelled(Cancelled):
     """A ``@forked`` call in a cluster scope that is cancelling (absorbed by the scope)."""
 
 
-class ClusterChildren:
+class ClusterChildren(ChildrenMethods[ClusterChild]):
     """``ps.children()`` on the cluster: the same rules over tasks.
 
     Leaving the block waits for every task; failures (and the block's own
     exception) come out as one ``ExceptionGroup``; ``cancel_on_error``
     cancels the rest on the first failure (they count as cancelled, not
     failed); ``limit=N`` keeps at most N of its tasks submitted at once.
+    Its properties are the local scope's (:class:`ChildrenMethods`).
     """
 
     def __init__(
@@ -390,28 +391,8 @@ class ClusterChildren:
         self._cancelling = False
         self._bar: Any = None
 
-    @property
-    def limit(self) -> int | None:
-        return self._limit
-
-    @property
-    def cancel_on_error(self) -> bool:
-        return self._cancel_on_error
-
-    @property
-    def children(self) -> list[ClusterChild]:
-        """Handles of the tasks started in the block, in order."""
-        return list(self.handles)
-
-    @property
-    def results(self) -> list[Any]:
-        """Return values in order, after a clean exit of the block."""
-        if self._results is None:
-            raise UsageError(
-                "kids.results is known only after the `with ps.children()` block has ended "
-                "without failures; inspect kids.children (each has wait()) otherwise"
-            )
-        return list(self._results)
+    def _started(self) -> list[ClusterChild]:
+        return self.handles
 
     def _failed(self, child: ClusterChild) -> bool:
         return child.done and not child.cancelled and child.error() is not None
@@ -450,7 +431,7 @@ class ClusterChildren:
 
     def __enter__(self) -> ClusterChildren:
         if self._entered:
-            raise UsageError("a ps.children() scope can be entered only once; make a new one")
+            raise self._entered_twice()
         self._entered = True
         if self._progress:
             from procshare._progress import Bar
@@ -489,13 +470,8 @@ class ClusterChildren:
         if not errors:
             self._results = self._rt.client.gather([c.future for c in self.handles])
             return isinstance(exc, _ScopeCancelled)
-        what = [f"{failed} of {len(self.handles)} children failed"] if failed else []
-        if isinstance(exc, Exception):
-            what.append(f"the block raised {type(exc).__name__}")
         cancelled = sum(1 for c in self.handles if c.cancelled)
-        if cancelled:
-            what.append(f"{cancelled} cancelled")
-        raise ExceptionGroup("ps.children(): " + ", ".join(what), errors) from None
+        raise self._failures(errors, failed, len(self.handles), exc, cancelled) from None
 
     def _wait_all(self) -> None:
         counted: set[int] = set()

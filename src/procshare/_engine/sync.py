@@ -299,7 +299,7 @@ class SyncObject:
         if self.rec.closed:
             return "closed"
         if self.anonymous:
-            return describe(self.data[:TABLES].tobytes(), self.family)
+            return describe(self.data[: state_size(self.family)].tobytes(), self.family)
         return state_of(self.os_name, self.family)
 
     def close(self) -> None:
@@ -452,10 +452,38 @@ def peek(os_name: str, size: int = TABLES) -> bytes | None:
     return get_engine().backend.sync_peek(os_name, size)
 
 
+#: Holder slots a condition has (procshare._condition): ``ls`` counts the live
+#: waiters in them.
+CONDITION_SLOTS = 128
+
+
+def state_size(family: str) -> int:
+    """How many bytes of a sync object :func:`describe` reads."""
+    return TABLES + CONDITION_SLOTS * SLOT_SIZE if family == "condition" else TABLES
+
+
 def state_of(os_name: str, family: str) -> str:
     """A short description of a sync object's state for ``ls`` (read-only)."""
-    data = peek(os_name)
+    data = peek(os_name, state_size(family))
     return "?" if data is None else describe(data, family)
+
+
+def _live_waits(data: bytes, count: int) -> int:
+    """Counter A summed over the slots of living processes (read-only: a dead
+    process's slot is left for the next waiter's sweep)."""
+    alive = get_engine().backend.process_alive
+    total = 0
+    for i in range(count):
+        at = TABLES + i * SLOT_SIZE
+        if at + SLOT_SIZE > len(data):
+            break
+        pid, lo, hi, a = (
+            int.from_bytes(data[at + f : at + f + 4], "little")
+            for f in (_PID, _START_LO, _START_HI, _A)
+        )
+        if pid and a and a < 1 << 31 and alive((pid, lo | hi << 32)):
+            total += a
+    return total
 
 
 def describe(data: bytes, family: str) -> str:
@@ -466,7 +494,7 @@ def describe(data: bytes, family: str) -> str:
     describe: dict[str, Callable[[], str]] = {
         "semaphore": lambda: f"value={word(0)} waiters={word(2)}",
         "event": lambda: f"{'set' if word(0) & 1 else 'clear'} waiters={word(1)}",
-        "condition": lambda: f"waiters={word(1)}",
+        "condition": lambda: f"waiters={_live_waits(data, CONDITION_SLOTS)}",
         "barrier": lambda: (
             f"{word(0)}/{word(4)} waiting{' broken' if word(2) else ''} generation={word(1)}"
         ),
