@@ -50,25 +50,30 @@ cengine_end_setup(PyObject *Py_UNUSED(module), PyObject *core_globals)
     Py_RETURN_NONE;
 }
 
+/* getattr(obj, name), or NULL: with an exception set on an error, without
+ * one if the attribute is missing. */
+static PyObject *
+attr_or_missing(PyObject *obj, PyObject *name)
+{
+    PyObject *got = PyObject_GetAttr(obj, name);
+    if (got == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+    }
+    return got;
+}
+
 /* 1 if getattr(obj, name) == value (an int), 0 if not or if it is missing,
  * -1 with an exception set on any other error. */
 static int
 attr_is_int(PyObject *obj, PyObject *name, long value)
 {
-    PyObject *got = PyObject_GetAttr(obj, name);
+    PyObject *got = attr_or_missing(obj, name);
     if (got == NULL) {
-        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
-            PyErr_Clear();
-            return 0;
-        }
-        return -1;
+        return PyErr_Occurred() ? -1 : 0;
     }
     int same = PyLong_CheckExact(got) && PyLong_AsLong(got) == value;
     Py_DECREF(got);
-    if (PyErr_Occurred()) {
-        return -1;
-    }
-    return same;
+    return PyErr_Occurred() ? -1 : same;
 }
 
 /* Whether getattr(obj, name) is an empty dict or list (0 otherwise, -1 on an
@@ -76,13 +81,9 @@ attr_is_int(PyObject *obj, PyObject *name, long value)
 static int
 attr_is_empty(PyObject *obj, PyObject *name)
 {
-    PyObject *got = PyObject_GetAttr(obj, name);
+    PyObject *got = attr_or_missing(obj, name);
     if (got == NULL) {
-        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
-            PyErr_Clear();
-            return 0;
-        }
-        return -1;
+        return PyErr_Occurred() ? -1 : 0;
     }
     int empty = (PyDict_CheckExact(got) && PyDict_GET_SIZE(got) == 0) ||
                 (PyList_CheckExact(got) && PyList_GET_SIZE(got) == 0);
@@ -95,11 +96,8 @@ attr_is_empty(PyObject *obj, PyObject *name)
 static PyObject *
 open_lock_handles(PyObject *part)
 {
-    PyObject *entries = PyObject_GetAttr(part, s_entries_p);
+    PyObject *entries = attr_or_missing(part, s_entries_p);
     if (entries == NULL) {
-        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
-            PyErr_Clear();
-        }
         return NULL;
     }
     PyObject *handles = PyDict_CheckExact(entries) ? PyList_New(0) : NULL;

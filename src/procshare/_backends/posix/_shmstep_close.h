@@ -354,6 +354,26 @@ named_path(PyObject *os_name, long *pid)
     return path;
 }
 
+/* Close a named object's handle with the path and pid found by named_path():
+ * whether the last holder removed it (decide: what that holder does). */
+static PyObject *
+close_by_name(HandleObject *handle, int decide)
+{
+    long pid;
+    PyObject *path = named_path(handle->os_name, &pid);
+    if (path == NULL) {
+        return NULL;
+    }
+    PyObject *state = release_handle(handle, PyBytes_AS_STRING(path), pid, decide);
+    Py_DECREF(path);
+    if (state == NULL) {
+        return NULL;
+    }
+    long code = PyLong_AsLong(state);
+    Py_DECREF(state);
+    return PyBool_FromLong(code == REMOVED);
+}
+
 /* close_lock(handle) -> removed: close a lock object's handle as
  * segment_close(handle, keep=lock_keep) does, in one call: the last holder
  * removes the object unless its lock memory records an unconfirmed death. */
@@ -364,20 +384,7 @@ shmstep_close_lock(PyObject *Py_UNUSED(module), PyObject *arg)
         PyErr_SetString(PyExc_TypeError, "close_lock(handle) takes a POSIX segment handle");
         return NULL;
     }
-    HandleObject *handle = (HandleObject *)arg;
-    long pid;
-    PyObject *path = named_path(handle->os_name, &pid);
-    if (path == NULL) {
-        return NULL;
-    }
-    PyObject *state = release_handle(handle, PyBytes_AS_STRING(path), pid, DECIDE_LOCK);
-    Py_DECREF(path);
-    if (state == NULL) {
-        return NULL;
-    }
-    long code = PyLong_AsLong(state);
-    Py_DECREF(state);
-    return PyBool_FromLong(code == REMOVED);
+    return close_by_name((HandleObject *)arg, DECIDE_LOCK);
 }
 
 /* close_named(handle) -> removed, or NotImplemented (nothing done) for a
@@ -389,20 +396,7 @@ shmstep_close_named(PyObject *Py_UNUSED(module), PyObject *arg)
     if (!PyObject_TypeCheck(arg, &Handle_Type)) {
         Py_RETURN_NOTIMPLEMENTED;
     }
-    HandleObject *handle = (HandleObject *)arg;
-    long pid;
-    PyObject *path = named_path(handle->os_name, &pid);
-    if (path == NULL) {
-        return NULL;
-    }
-    PyObject *state = release_handle(handle, PyBytes_AS_STRING(path), pid, DECIDE_UNLINK);
-    Py_DECREF(path);
-    if (state == NULL) {
-        return NULL;
-    }
-    long code = PyLong_AsLong(state);
-    Py_DECREF(state);
-    return PyBool_FromLong(code == REMOVED);
+    return close_by_name((HandleObject *)arg, DECIDE_UNLINK);
 }
 
 /* open_named(os_name, meta) -> None | SLOW | handle: attach() with the path
