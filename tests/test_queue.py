@@ -488,3 +488,47 @@ def test_producers_and_consumers_killed_at_random_instants() -> None:
     q.put("still works")
     assert list(q) == ["still works"]
     q.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("delay", [0.05, 0.6])
+def test_a_put_on_a_full_queue_waits_for_room_then_goes_in(
+    monkeypatch: pytest.MonkeyPatch, delay: float
+) -> None:
+    # A blocking put on a full queue sleeps until a get frees room and puts
+    # again in C (_room_wait) for one liveness slice; a longer wait goes on in
+    # the general path (_wait_for), which sweeps dead records. Both deliver
+    # every item, once, in order.
+    from procshare import _queue
+
+    general: list[int] = []
+    wait_for = _queue.InterprocessQueue._wait_for
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> int:
+        general.append(1)
+        return wait_for(self, *args, **kwargs)
+
+    monkeypatch.setattr(_queue.InterprocessQueue, "_wait_for", counted)
+    q = ps.interprocess_queue("roomwait", maxsize=4)
+    try:
+        for i in range(4):
+            q.put(i)
+
+        @ps.forked
+        def consumer() -> list[int]:
+            mine = ps.interprocess_queue("roomwait", maxsize=4)
+            time.sleep(delay)
+            got = [mine.get(timeout=30) for _ in range(8)]
+            mine.close()
+            return got
+
+        child = consumer()
+        started = time.monotonic()
+        for i in range(4, 8):
+            q.put(i)  # the first one waits for the consumer
+        assert time.monotonic() - started >= delay * 0.5
+        assert child.join() == list(range(8))
+        # Within a slice the C wait does it all; past one, the general wait too.
+        assert (len(general) > 0) is (delay > _engine_sync.LIVENESS)
+    finally:
+        q.close()

@@ -319,7 +319,8 @@ class InterprocessQueue(_Handle):
         if self._obj.closed:
             self._live()
         pid, start = self._me()
-        if self._words.ring_put(parts, pid, start):
+        words = self._words
+        if words.ring_put(parts, pid, start):
             return
         wait = _check_timeout(timeout) if block else 0.0
         size = sum(memoryview(p).nbytes for p in parts)
@@ -328,6 +329,8 @@ class InterprocessQueue(_Handle):
                 f"an item of {size} bytes does not fit in queue {self.name!r} of "
                 f"{self._cap} bytes; open it with a larger capacity="
             )
+        if wait is None and len(parts) <= 8 and self._room_wait(parts, pid, start):
+            return
         sync = self._live()
         words = self._words
         d = self._wait_for(
@@ -387,6 +390,31 @@ class InterprocessQueue(_Handle):
             raise
         words.ring_free(d)
         return item
+
+    def _room_wait(self, parts: tuple[Any, ...], pid: int, start: int) -> bool:
+        """A blocking put's common wait, on a full queue: sleep until a get
+        frees room, then the C put again, for one liveness slice at most;
+        whether the item went in. The rest of the wait (the sweeps of dead
+        records, a last look) is :meth:`_wait_for`'s. A producer faster than
+        its consumer met a full queue on 10-15 % of its puts, and each went
+        through the general wait in Python: ~3x the cost of an item."""
+        words = self._words
+        until = time.monotonic() + _sync.LIVENESS
+        while not words.load(_sync.REPAIR):  # (a repair: the general path does it)
+            # The sequence is read before the try: a get that frees room after
+            # it makes the wait below return at once, so no wake is lost.
+            seq = words.load(_NOT_FULL)
+            if words.ring_put(parts, pid, start):
+                return True
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            words.add(_PUTTERS, 1)
+            try:
+                words.wait(_NOT_FULL, seq, left)
+            finally:
+                words.add(_PUTTERS, -1)
+        return False
 
     def _wait_for(
         self,
