@@ -532,3 +532,41 @@ def test_a_put_on_a_full_queue_waits_for_room_then_goes_in(
         assert (len(general) > 0) is (delay > _engine_sync.LIVENESS)
     finally:
         q.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("delay", [0.05, 0.6])
+def test_a_get_on_an_empty_queue_waits_for_an_item_then_takes_it(
+    monkeypatch: pytest.MonkeyPatch, delay: float
+) -> None:
+    # The get side of the test above (_item_wait): within a slice the C get
+    # takes the item; past one, the general wait goes on; nothing is lost.
+    from procshare import _queue
+
+    general: list[int] = []
+    wait_for = _queue.InterprocessQueue._wait_for
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> int:
+        general.append(1)
+        return wait_for(self, *args, **kwargs)
+
+    monkeypatch.setattr(_queue.InterprocessQueue, "_wait_for", counted)
+    q = ps.interprocess_queue("itemwait", maxsize=4)
+    try:
+
+        @ps.forked
+        def producer() -> None:
+            mine = ps.interprocess_queue("itemwait", maxsize=4)
+            time.sleep(delay)
+            for i in range(3):
+                mine.put(i)
+            mine.close()
+
+        child = producer()
+        started = time.monotonic()
+        assert [q.get() for _ in range(3)] == [0, 1, 2]
+        assert time.monotonic() - started >= delay * 0.5
+        child.join()
+        assert (len(general) > 0) is (delay > _engine_sync.LIVENESS)
+    finally:
+        q.close()

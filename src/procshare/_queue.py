@@ -365,6 +365,8 @@ class InterprocessQueue(_Handle):
         words = self._words
         pid, start = self._me()
         found = words.ring_get(pid, start)
+        if found is None and block and timeout is None:
+            found = self._item_wait(pid, start)
         if found is not None:
             d, at, size = found
         else:
@@ -390,6 +392,28 @@ class InterprocessQueue(_Handle):
             raise
         words.ring_free(d)
         return item
+
+    def _item_wait(self, pid: int, start: int) -> tuple[int, int, int] | None:
+        """A blocking get's common wait, on an empty queue: sleep until a put
+        commits an item, then the C get again, for one liveness slice at most
+        (as :meth:`_room_wait` for a put); the record, or None for the rest
+        of the wait in :meth:`_wait_for`."""
+        words = self._words
+        until = time.monotonic() + _sync.LIVENESS
+        while not words.load(_sync.REPAIR):  # (a repair: the general path does it)
+            seq = words.load(_NOT_EMPTY)  # (before the try: no wake is lost)
+            found: tuple[int, int, int] | None = words.ring_get(pid, start)
+            if found is not None:
+                return found
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            words.add(_GETTERS, 1)
+            try:
+                words.wait(_NOT_EMPTY, seq, left)
+            finally:
+                words.add(_GETTERS, -1)
+        return None
 
     def _room_wait(self, parts: tuple[Any, ...], pid: int, start: int) -> bool:
         """A blocking put's common wait, on a full queue: sleep until a get
