@@ -153,7 +153,11 @@ def test_an_anonymous_semaphore_limits_forked_children() -> None:
                 with lock:
                     inside.value += 1
                     most.value = max(most.value, inside.value)
-                time.sleep(0.05)
+                # Until two have been in at once (a deadline, not a sleep a
+                # loaded machine can outlast: see test_sync.py).
+                deadline = time.monotonic() + 20
+                while most.value < 2 and time.monotonic() < deadline:
+                    time.sleep(0.005)
                 with lock:
                     inside.value -= 1
 

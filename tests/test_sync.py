@@ -142,24 +142,31 @@ def test_semaphore_parameters_must_agree() -> None:
 @pytest.mark.timeout(60)
 def test_semaphore_limits_processes() -> None:
     sem = ps.interprocess_semaphore("limit", 2)
-    with ps.shared("inside", ps.i64) as inside, ps.shared("most", ps.i64) as most:
+    try:
+        with ps.shared("inside", ps.i64) as inside, ps.shared("most", ps.i64) as most:
 
-        @ps.forked
-        def work() -> None:
-            with ps.interprocess_semaphore("limit", 2):
-                with ps.interprocess_lock("count"):
-                    inside.value += 1
-                    most.value = max(most.value, inside.value)
-                time.sleep(0.02)
-                with ps.interprocess_lock("count"):
-                    inside.value -= 1
+            @ps.forked
+            def work() -> None:
+                with ps.interprocess_semaphore("limit", 2):
+                    with ps.interprocess_lock("count"):
+                        inside.value += 1
+                        most.value = max(most.value, inside.value)
+                    # Stay in until two have been in at once: a wait with a
+                    # deadline, not a sleep that a loaded machine can outlast
+                    # (children run one after the other, and none meets another).
+                    deadline = time.monotonic() + 20
+                    while most.value < 2 and time.monotonic() < deadline:
+                        time.sleep(0.005)
+                    with ps.interprocess_lock("count"):
+                        inside.value -= 1
 
-        with ps.children():
-            for _ in range(6):
-                work()
-        assert most.value == 2
-    assert sem.value == 2
-    sem.close()
+            with ps.children():
+                for _ in range(6):
+                    work()
+            assert most.value == 2  # two at once, never three
+        assert sem.value == 2
+    finally:
+        sem.close()
 
 
 @pytest.mark.timeout(60)
