@@ -492,12 +492,14 @@ def test_producers_and_consumers_killed_at_random_instants() -> None:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("delay", [0.05, 0.6])
-def test_a_put_on_a_full_queue_waits_for_room_then_goes_in(
-    monkeypatch: pytest.MonkeyPatch, delay: float
+@pytest.mark.parametrize("side", ["put", "get"])
+def test_a_blocked_put_or_get_waits_then_goes_through_the_c_path(
+    monkeypatch: pytest.MonkeyPatch, side: str, delay: float
 ) -> None:
-    # A blocking put on a full queue sleeps until a get frees room and puts
-    # again in C (_room_wait) for one liveness slice; a longer wait goes on in
-    # the general path (_wait_for), which sweeps dead records. Both deliver
+    # A blocking put on a full queue (get on an empty one) sleeps until the
+    # other side frees room (commits an item) and retries the C put (get)
+    # for one liveness slice (_slice_wait); a longer wait goes on in the
+    # general path (_wait_for), which sweeps dead records. Both deliver
     # every item, once, in order.
     from procshare import _queue
 
@@ -509,64 +511,36 @@ def test_a_put_on_a_full_queue_waits_for_room_then_goes_in(
         return wait_for(self, *args, **kwargs)
 
     monkeypatch.setattr(_queue.InterprocessQueue, "_wait_for", counted)
-    q = ps.interprocess_queue("roomwait", maxsize=4)
+    q = ps.interprocess_queue("slicewait", maxsize=4)
     try:
-        for i in range(4):
-            q.put(i)
+        if side == "put":
+            for i in range(4):
+                q.put(i)
 
         @ps.forked
-        def consumer() -> list[int]:
-            mine = ps.interprocess_queue("roomwait", maxsize=4)
+        def other_side() -> list[int]:
+            mine = ps.interprocess_queue("slicewait", maxsize=4)
             time.sleep(delay)
-            got = [mine.get(timeout=30) for _ in range(8)]
+            if side == "put":  # the consumer the parent's puts wait for
+                got = [mine.get(timeout=30) for _ in range(8)]
+            else:  # the producer the parent's gets wait for
+                for i in range(3):
+                    mine.put(i)
+                got = []
             mine.close()
             return got
 
-        child = consumer()
+        child = other_side()
         started = time.monotonic()
-        for i in range(4, 8):
-            q.put(i)  # the first one waits for the consumer
+        if side == "put":
+            for i in range(4, 8):
+                q.put(i)  # the first one waits for the consumer
+            assert child.join() == list(range(8))
+        else:
+            assert [q.get() for _ in range(3)] == [0, 1, 2]
+            child.join()
         assert time.monotonic() - started >= delay * 0.5
-        assert child.join() == list(range(8))
-        # Within a slice the C wait does it all; past one, the general wait too.
-        assert (len(general) > 0) is (delay > _engine_sync.LIVENESS)
-    finally:
-        q.close()
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("delay", [0.05, 0.6])
-def test_a_get_on_an_empty_queue_waits_for_an_item_then_takes_it(
-    monkeypatch: pytest.MonkeyPatch, delay: float
-) -> None:
-    # The get side of the test above (_item_wait): within a slice the C get
-    # takes the item; past one, the general wait goes on; nothing is lost.
-    from procshare import _queue
-
-    general: list[int] = []
-    wait_for = _queue.InterprocessQueue._wait_for
-
-    def counted(self: Any, *args: Any, **kwargs: Any) -> int:
-        general.append(1)
-        return wait_for(self, *args, **kwargs)
-
-    monkeypatch.setattr(_queue.InterprocessQueue, "_wait_for", counted)
-    q = ps.interprocess_queue("itemwait", maxsize=4)
-    try:
-
-        @ps.forked
-        def producer() -> None:
-            mine = ps.interprocess_queue("itemwait", maxsize=4)
-            time.sleep(delay)
-            for i in range(3):
-                mine.put(i)
-            mine.close()
-
-        child = producer()
-        started = time.monotonic()
-        assert [q.get() for _ in range(3)] == [0, 1, 2]
-        assert time.monotonic() - started >= delay * 0.5
-        child.join()
+        # Within a slice the C retry does it all; past one, the general wait too.
         assert (len(general) > 0) is (delay > _engine_sync.LIVENESS)
     finally:
         q.close()

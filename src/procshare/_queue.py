@@ -329,7 +329,12 @@ class InterprocessQueue(_Handle):
                 f"an item of {size} bytes does not fit in queue {self.name!r} of "
                 f"{self._cap} bytes; open it with a larger capacity="
             )
-        if wait is None and len(parts) <= 8 and self._room_wait(parts, pid, start):
+        # A full queue: wait for room, then the C put again (one slice).
+        if (
+            wait is None
+            and len(parts) <= 8
+            and self._slice_wait(_NOT_FULL, _PUTTERS, lambda: words.ring_put(parts, pid, start))
+        ):
             return
         sync = self._live()
         words = self._words
@@ -366,7 +371,8 @@ class InterprocessQueue(_Handle):
         pid, start = self._me()
         found = words.ring_get(pid, start)
         if found is None and block and timeout is None:
-            found = self._item_wait(pid, start)
+            # An empty queue: wait for an item, then the C get again (one slice).
+            found = self._slice_wait(_NOT_EMPTY, _GETTERS, lambda: words.ring_get(pid, start))
         if found is not None:
             d, at, size = found
         else:
@@ -393,52 +399,32 @@ class InterprocessQueue(_Handle):
         words.ring_free(d)
         return item
 
-    def _item_wait(self, pid: int, start: int) -> tuple[int, int, int] | None:
-        """A blocking get's common wait, on an empty queue: sleep until a put
-        commits an item, then the C get again, for one liveness slice at most
-        (as :meth:`_room_wait` for a put); the record, or None for the rest
-        of the wait in :meth:`_wait_for`."""
+    def _slice_wait(self, seq_word: int, count_word: int, attempt: Callable[[], Any]) -> Any:
+        """A blocking call's common wait: sleep on ``seq_word`` (counted in
+        ``count_word``, so the other side wakes us) until ``attempt()`` (a C
+        put or get) succeeds, for one liveness slice at most; its result, or
+        None for the rest of the wait in :meth:`_wait_for` (the sweeps of
+        dead records, the last look). A producer faster than its consumer met
+        a full queue on 10-15 % of its puts, and each went through
+        :meth:`_wait_for`: ~3x the cost of an item."""
         words = self._words
         until = time.monotonic() + _sync.LIVENESS
         while not words.load(_sync.REPAIR):  # (a repair: the general path does it)
-            seq = words.load(_NOT_EMPTY)  # (before the try: no wake is lost)
-            found: tuple[int, int, int] | None = words.ring_get(pid, start)
-            if found is not None:
-                return found
+            # The sequence is read before the try: a change after it makes
+            # the wait below return at once, so no wake is lost.
+            seq = words.load(seq_word)
+            done = attempt()
+            if done:
+                return done
             left = until - time.monotonic()
             if left <= 0:
                 break
-            words.add(_GETTERS, 1)
+            words.add(count_word, 1)
             try:
-                words.wait(_NOT_EMPTY, seq, left)
+                words.wait(seq_word, seq, left)
             finally:
-                words.add(_GETTERS, -1)
+                words.add(count_word, -1)
         return None
-
-    def _room_wait(self, parts: tuple[Any, ...], pid: int, start: int) -> bool:
-        """A blocking put's common wait, on a full queue: sleep until a get
-        frees room, then the C put again, for one liveness slice at most;
-        whether the item went in. The rest of the wait (the sweeps of dead
-        records, a last look) is :meth:`_wait_for`'s. A producer faster than
-        its consumer met a full queue on 10-15 % of its puts, and each went
-        through the general wait in Python: ~3x the cost of an item."""
-        words = self._words
-        until = time.monotonic() + _sync.LIVENESS
-        while not words.load(_sync.REPAIR):  # (a repair: the general path does it)
-            # The sequence is read before the try: a get that frees room after
-            # it makes the wait below return at once, so no wake is lost.
-            seq = words.load(_NOT_FULL)
-            if words.ring_put(parts, pid, start):
-                return True
-            left = until - time.monotonic()
-            if left <= 0:
-                break
-            words.add(_PUTTERS, 1)
-            try:
-                words.wait(_NOT_FULL, seq, left)
-            finally:
-                words.add(_PUTTERS, -1)
-        return False
 
     def _wait_for(
         self,
