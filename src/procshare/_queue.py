@@ -337,7 +337,6 @@ class InterprocessQueue(_Handle):
         ):
             return
         sync = self._live()
-        words = self._words
         d = self._wait_for(
             sync,
             _NOT_FULL,

@@ -353,7 +353,7 @@ static PyMethodDef cnames_methods[] = {
     {"open_lock", (PyCFunction)(void (*)(void))cengine_open_lock, METH_FASTCALL,
      "open_lock(engine, name, user, mode) -> the lock entry (locks.LocksPart.open)."},
     {"new_lock_setup", cengine_new_lock_setup, METH_VARARGS,
-     "new_lock_setup(InterprocessLock, LockEntry, Engine): what new_lock() builds."},
+     "new_lock_setup(InterprocessLock, LockEntry): what new_lock() builds."},
     {"new_lock", (PyCFunction)(void (*)(void))cengine_new_lock, METH_FASTCALL,
      "new_lock(name, mode) -> InterprocessLock(name) with the default options, or "
      "NotImplemented (nothing done) for a name that is not valid."},

@@ -12,10 +12,35 @@
 
 static PyObject *ge_core, *ge_new, *s_ge_engine, *s_ge_spare, *s_ge_inherited, *s_ge_lock,
     *s_ge_locked;
-static Py_ssize_t ge_pid_off = -1;
+/* The Engine's slots this file and _cengine_new.h read, found by engine_setup(). */
+static Py_ssize_t ge_pid_off = -1, ge_forks_off = -1, ge_forking_off = -1, ge_pending_off = -1,
+                  ge_kept_off = -1;
 static PyTypeObject *ge_engine_type;
 
-#define GE_SLOT(obj) (*(PyObject **)((char *)(obj) + ge_pid_off))
+#define AT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
+#define GE_SLOT(obj) AT(obj, ge_pid_off)
+
+/* The offset of member `name` of `type` (kind: T_OBJECT_EX or T_OBJECT). */
+static int
+member_offset(PyTypeObject *type, const char *name, int kind, Py_ssize_t *out)
+{
+    PyObject *descr = PyObject_GetAttrString((PyObject *)type, name);
+    if (descr == NULL) {
+        return -1;
+    }
+    int ok = PyObject_TypeCheck(descr, &PyMemberDescr_Type) &&
+             ((PyMemberDescrObject *)descr)->d_member->type == kind;
+    if (ok) {
+        *out = ((PyMemberDescrObject *)descr)->d_member->offset;
+    }
+    Py_DECREF(descr);
+    if (!ok) {
+        PyErr_Format(PyExc_TypeError, "%s.%s is not a slot", type->tp_name, name);
+        return -1;
+    }
+    return 0;
+}
+
 
 /* engine_setup(core globals, Engine, _new_engine) */
 static PyObject *
@@ -26,10 +51,12 @@ cengine_engine_setup(PyObject *Py_UNUSED(module), PyObject *args)
                           &new_engine)) {
         return NULL;
     }
-    PyObject *descr = PyDict_GetItemString(((PyTypeObject *)type)->tp_dict, "pid");
-    if (descr == NULL || !PyObject_TypeCheck(descr, &PyMemberDescr_Type) ||
-        ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
-        PyErr_SetString(PyExc_TypeError, "engine_setup: Engine has no pid slot");
+    PyTypeObject *t = (PyTypeObject *)type;
+    if (member_offset(t, "pid", T_OBJECT_EX, &ge_pid_off) < 0 ||
+        member_offset(t, "forks", T_OBJECT_EX, &ge_forks_off) < 0 ||
+        member_offset(t, "forking", T_OBJECT_EX, &ge_forking_off) < 0 ||
+        member_offset(t, "pending", T_OBJECT_EX, &ge_pending_off) < 0 ||
+        member_offset(t, "kept", T_OBJECT_EX, &ge_kept_off) < 0) {
         return NULL;
     }
     if (intern_str(&s_ge_engine, "_engine") < 0 || intern_str(&s_ge_spare, "_spare") < 0 ||
@@ -38,7 +65,6 @@ cengine_engine_setup(PyObject *Py_UNUSED(module), PyObject *args)
         intern_str(&s_pid_g, "_pid") < 0) {
         return NULL;
     }
-    ge_pid_off = ((PyMemberDescrObject *)descr)->d_member->offset;
     Py_XSETREF(ge_engine_type, (PyTypeObject *)Py_NewRef(type));
     Py_XSETREF(ge_core, Py_NewRef(globals));
     Py_XSETREF(ge_new, Py_NewRef(new_engine));

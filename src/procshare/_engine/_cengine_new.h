@@ -11,7 +11,6 @@
 
 static PyTypeObject *nl_lock_type, *nl_entry_type;
 static Py_ssize_t nl_name, nl_timeout, nl_death, nl_entry, nl_m, en_slot[10];
-static Py_ssize_t ge_forks_off = -1, ge_forking_off = -1, ge_pending_off = -1, ge_kept_off = -1;
 static PyObject *s_poll_e, *s_engine_p;
 
 enum { EN_CLOSED, EN_CLOSED_AT, EN_FORKS, EN_HANDLE, EN_MUTEX, EN_NAME, EN_NAMESPACE,
@@ -19,47 +18,19 @@ enum { EN_CLOSED, EN_CLOSED_AT, EN_FORKS, EN_HANDLE, EN_MUTEX, EN_NAME, EN_NAMES
 static const char *const en_names[10] = {"closed", "closed_at", "forks", "handle", "mutex",
                                          "name", "namespace", "os_name", "part", "users"};
 
-#define AT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
-
-/* The offset of member `name` of `type` (kind: T_OBJECT_EX or T_OBJECT). */
-static int
-member_offset(PyTypeObject *type, const char *name, int kind, Py_ssize_t *out)
-{
-    PyObject *descr = PyObject_GetAttrString((PyObject *)type, name);
-    if (descr == NULL) {
-        return -1;
-    }
-    int ok = PyObject_TypeCheck(descr, &PyMemberDescr_Type) &&
-             ((PyMemberDescrObject *)descr)->d_member->type == kind;
-    if (ok) {
-        *out = ((PyMemberDescrObject *)descr)->d_member->offset;
-    }
-    Py_DECREF(descr);
-    if (!ok) {
-        PyErr_Format(PyExc_TypeError, "new_lock_setup: %s.%s is not a slot", type->tp_name, name);
-        return -1;
-    }
-    return 0;
-}
-
-/* new_lock_setup(InterprocessLock, LockEntry, Engine) */
+/* new_lock_setup(InterprocessLock, LockEntry) */
 static PyObject *
 cengine_new_lock_setup(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    PyTypeObject *lock, *entry, *engine;
-    if (!PyArg_ParseTuple(args, "O!O!O!:new_lock_setup", &PyType_Type, &lock, &PyType_Type, &entry,
-                          &PyType_Type, &engine)) {
+    PyTypeObject *lock, *entry;
+    if (!PyArg_ParseTuple(args, "O!O!:new_lock_setup", &PyType_Type, &lock, &PyType_Type, &entry)) {
         return NULL;
     }
     if (member_offset(lock, "_name", T_OBJECT_EX, &nl_name) < 0 ||
         member_offset(lock, "_timeout", T_OBJECT_EX, &nl_timeout) < 0 ||
         member_offset(lock, "_on_owner_death", T_OBJECT_EX, &nl_death) < 0 ||
         member_offset(lock, "_entry", T_OBJECT_EX, &nl_entry) < 0 ||
-        member_offset(lock, "_m", T_OBJECT, &nl_m) < 0 ||
-        member_offset(engine, "forks", T_OBJECT_EX, &ge_forks_off) < 0 ||
-        member_offset(engine, "forking", T_OBJECT_EX, &ge_forking_off) < 0 ||
-        member_offset(engine, "pending", T_OBJECT_EX, &ge_pending_off) < 0 ||
-        member_offset(engine, "kept", T_OBJECT_EX, &ge_kept_off) < 0) {
+        member_offset(lock, "_m", T_OBJECT, &nl_m) < 0) {
         return NULL;
     }
     for (int i = 0; i < 10; i++) {

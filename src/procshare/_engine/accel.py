@@ -121,7 +121,7 @@ def accelerate(handle: type, poll_if_asked: Callable[[], None], runtime: dict[st
             "transport": vars(transport),  # the cancel's flags (_armed, _pending, _raised)
             # Whether a thread of the child may hold a lock: no, and the C end
             # needs no look at the locks (held_here would name none).
-            "taken": getattr(backend, "lock_holding", None) or (lambda: True),
+            "holding": getattr(backend, "lock_holding", None) or (lambda: True),
             # The end of the child's engine when it is simple (the C shutdown of
             # _cengine_end.h: True, or False having done nothing), and the report
             # of a close that failed there.

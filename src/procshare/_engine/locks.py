@@ -574,4 +574,4 @@ def new_lock_setup(lock_type: type) -> None:
     A class whose guard is not the backend's C one (no usable backend) is not
     taken: :func:`new_lock` then declines and the constructor runs."""
     with contextlib.suppress(TypeError):  # (its _m a Python slot, not the C guard's)
-        _cengine.new_lock_setup(lock_type, LockEntry, _core.Engine)
+        _cengine.new_lock_setup(lock_type, LockEntry)

@@ -51,7 +51,7 @@ Py_ssize_t roff[R_COUNT], eoff[E_COUNT], poff[P_COUNT], soff[S_COUNT];
 PyTypeObject *record_type, *engine_type, *part_type, *handle_type, *exit_type;
 PyTypeObject *scope_type;
 PyObject *core_g, *children_g, *runtime_g, *process_g; /* module globals */
-PyObject *child_main, *child_end, *child_taken, *child_backend, *child_held, *child_end_fast,
+PyObject *child_main, *child_end, *child_holding, *child_backend, *child_held, *child_end_fast,
     *child_end_failed;
 PyObject *set_handler, *handlers, *transport_g;
 PyObject *exit_ok, *returned_none, *poll_if_asked, *empty_dict, *empty_str;
@@ -114,7 +114,7 @@ fast_setup(PyObject *Py_UNUSED(module), PyObject *config)
         take(config, "exit_ok", &exit_ok, NULL) < 0 ||
         take(config, "main", &child_main, NULL) < 0 ||
         take(config, "end", &child_end, NULL) < 0 ||
-        take(config, "taken", &child_taken, NULL) < 0 ||
+        take(config, "holding", &child_holding, NULL) < 0 ||
         take(config, "end_fast", &child_end_fast, NULL) < 0 ||
         take(config, "end_failed", &child_end_failed, NULL) < 0 ||
         take(config, "transport", &transport_g, &PyDict_Type) < 0 ||
@@ -229,7 +229,7 @@ run_child(PyObject *fn, PyObject *args, PyObject *kwargs, int fd)
             PyObject *zero = PyLong_FromLong(0);
             if (zero != NULL && PyDict_SetItem(transport_g, k_armed, zero) == 0) {
                 PyObject *engine = global(core_g, k_engine);
-                PyObject *holding = PyObject_CallNoArgs(child_taken);
+                PyObject *holding = PyObject_CallNoArgs(child_holding);
                 if (holding == Py_False) {
                     /* Nothing to send, no lock to name as held: end what the
                      * engine opened, if it is that simple, and exit. */

@@ -26,7 +26,7 @@ PS_HIDDEN extern Py_ssize_t roff[R_COUNT], eoff[E_COUNT], poff[P_COUNT], soff[S_
 PS_HIDDEN extern PyTypeObject *record_type, *engine_type, *part_type, *handle_type, *exit_type;
 PS_HIDDEN extern PyTypeObject *scope_type;
 PS_HIDDEN extern PyObject *core_g, *children_g, *runtime_g, *process_g; /* module globals */
-PS_HIDDEN extern PyObject *child_main, *child_end, *child_taken, *child_backend, *child_held;
+PS_HIDDEN extern PyObject *child_main, *child_end, *child_holding, *child_backend, *child_held;
 PS_HIDDEN extern PyObject *set_handler, *handlers, *transport_g;
 PS_HIDDEN extern PyObject *exit_ok, *returned_none, *poll_if_asked, *empty_dict, *empty_str;
 PS_HIDDEN extern PyObject *k_armed, *k_pending, *k_raised, *k_engine, *k_pid, *k_current, *k_entered, *k_pidfd_open, *k_watch, *k_first;

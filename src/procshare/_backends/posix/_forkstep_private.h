@@ -119,18 +119,29 @@ ps_write_kept(int fd)
     return 0;
 }
 
-static PyObject *
-forkstep_close(PyObject *Py_UNUSED(module), PyObject *arg)
+/* A descriptor number given to close() or adopt(), or -1 with an exception set. */
+static int
+fd_argument(PyObject *arg)
 {
     long value = PyLong_AsLong(arg);
     if (value == -1 && PyErr_Occurred()) {
-        return NULL;
+        return -1;
     }
     if (value < 0 || value > INT_MAX) {
         PyErr_Format(PyExc_ValueError, "not a file descriptor: %ld", value);
+        return -1;
+    }
+    return (int)value;
+}
+
+static PyObject *
+forkstep_close(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    int value = fd_argument(arg);
+    if (value < 0) {
         return NULL;
     }
-    if (ps_close_fd((int)value) < 0) {
+    if (ps_close_fd(value) < 0) {
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     Py_RETURN_NONE;
@@ -143,12 +154,8 @@ forkstep_close(PyObject *Py_UNUSED(module), PyObject *arg)
 static PyObject *
 forkstep_adopt(PyObject *Py_UNUSED(module), PyObject *arg)
 {
-    long value = PyLong_AsLong(arg);
-    if (value == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (value < 0 || value > INT_MAX) {
-        PyErr_Format(PyExc_ValueError, "not a file descriptor: %ld", value);
+    int value = fd_argument(arg);
+    if (value < 0) {
         return NULL;
     }
     pid_t self = getpid();
@@ -160,8 +167,8 @@ forkstep_adopt(PyObject *Py_UNUSED(module), PyObject *arg)
     if (reserve_private() < 0) {
         return NULL;
     }
-    forget_private((int)value);
-    private_fds[n_private++] = (int)value;
+    forget_private(value);
+    private_fds[n_private++] = value;
     Py_RETURN_NONE;
 }
 

@@ -285,10 +285,9 @@ shmstep_create_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize
         return NULL;
     }
     long pid;
-    PyObject *path = named_path(args[0], &pid);
-    PyObject *dir = paths_g == NULL ? NULL : PyDict_GetItemString(paths_g, "SHM_DIR_BYTES");
-    if (path == NULL || dir == NULL || !PyBytes_Check(dir)) {
-        Py_XDECREF(path);
+    PyObject *dir; /* (borrowed: segment_object's SHM_DIR_BYTES) */
+    PyObject *path = named_path(args[0], &pid, &dir);
+    if (path == NULL) {
         return NULL;
     }
     unsigned long long dataoff = ((unsigned long long)META_OFFSET +

@@ -298,6 +298,7 @@ shmstep_release(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
  * globals of segment_object.py (path_bytes, SHM_DIR_BYTES, _pid), read at
  * each call as the Python path reads them. Set by set_paths(). */
 static PyObject *paths_g = NULL;
+static PyObject *k_path_bytes, *k_pid, *k_shm_dir; /* its keys, interned by set_paths() */
 
 static PyObject *
 shmstep_set_paths(PyObject *Py_UNUSED(module), PyObject *globals)
@@ -306,19 +307,28 @@ shmstep_set_paths(PyObject *Py_UNUSED(module), PyObject *globals)
         PyErr_SetString(PyExc_TypeError, "set_paths(segment_object globals)");
         return NULL;
     }
+    if ((k_path_bytes == NULL && (k_path_bytes = PyUnicode_InternFromString("path_bytes")) == NULL) ||
+        (k_pid == NULL && (k_pid = PyUnicode_InternFromString("_pid")) == NULL) ||
+        (k_shm_dir == NULL && (k_shm_dir = PyUnicode_InternFromString("SHM_DIR_BYTES")) == NULL)) {
+        return NULL;
+    }
     Py_XSETREF(paths_g, Py_NewRef(globals));
     Py_RETURN_NONE;
 }
 
 /* The path of os_name (new reference; remembered in path_bytes as
- * segment_object.remember_path does) and this process's pid, as the Python
- * path finds them; NULL with an exception set. */
+ * segment_object.remember_path does), this process's pid and (if dir_out is
+ * not NULL) the objects' directory (borrowed), as the Python path finds them;
+ * NULL with an exception set. */
 static PyObject *
-named_path(PyObject *os_name, long *pid)
+named_path(PyObject *os_name, long *pid, PyObject **dir_out)
 {
-    PyObject *known = paths_g == NULL ? NULL : PyDict_GetItemString(paths_g, "path_bytes");
-    PyObject *pidobj = paths_g == NULL ? NULL : PyDict_GetItemString(paths_g, "_pid");
-    PyObject *dir = paths_g == NULL ? NULL : PyDict_GetItemString(paths_g, "SHM_DIR_BYTES");
+    PyObject *known = paths_g == NULL ? NULL : PyDict_GetItemWithError(paths_g, k_path_bytes);
+    PyObject *pidobj = known == NULL ? NULL : PyDict_GetItemWithError(paths_g, k_pid);
+    PyObject *dir = pidobj == NULL ? NULL : PyDict_GetItemWithError(paths_g, k_shm_dir);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
     if (known == NULL || !PyDict_Check(known) || pidobj == NULL || dir == NULL ||
         !PyBytes_Check(dir) || !PyUnicode_Check(os_name)) {
         PyErr_SetString(PyExc_TypeError, "segment_object's globals are not set up (set_paths)");
@@ -327,6 +337,9 @@ named_path(PyObject *os_name, long *pid)
     *pid = PyLong_AsLong(pidobj);
     if (*pid == -1 && PyErr_Occurred()) {
         return NULL;
+    }
+    if (dir_out != NULL) {
+        *dir_out = dir;
     }
     PyObject *path = PyDict_GetItemWithError(known, os_name); /* borrowed */
     if (path != NULL && PyBytes_Check(path)) {
@@ -360,7 +373,7 @@ static PyObject *
 close_by_name(HandleObject *handle, int decide)
 {
     long pid;
-    PyObject *path = named_path(handle->os_name, &pid);
+    PyObject *path = named_path(handle->os_name, &pid, NULL);
     if (path == NULL) {
         return NULL;
     }
@@ -410,7 +423,7 @@ shmstep_open_named(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
         return NULL;
     }
     long pid;
-    PyObject *path = named_path(args[0], &pid);
+    PyObject *path = named_path(args[0], &pid, NULL);
     if (path == NULL) {
         return NULL;
     }
