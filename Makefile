@@ -22,6 +22,7 @@ BUILD_INPUTS := pyproject.toml setup.py src/procshare/_backends/posix/_robustmut
                 src/procshare/_backends/posix/_lock_layout.h \
                 src/procshare/_cview_segment.h \
                 src/procshare/_cview_close.h \
+                src/procshare/_slots.h \
                 src/procshare/_backends/posix/_robustmutex_reuse.h \
                 src/procshare/_backends/posix/_shmstep_types.h \
                 src/procshare/_backends/posix/_shmstep_holds.h \

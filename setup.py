@@ -64,7 +64,11 @@ setup(
         Extension(
             "procshare._cview",
             sources=["src/procshare/_cview.c"],
-            depends=["src/procshare/_cview_segment.h", "src/procshare/_cview_close.h"],
+            depends=[
+                "src/procshare/_cview_segment.h",
+                "src/procshare/_cview_close.h",
+                "src/procshare/_slots.h",
+            ],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),
         # Names and OS names in C (issue 16): a fresh child naming a lock copies
@@ -78,6 +82,7 @@ setup(
                 "src/procshare/_engine/_cengine_end.h",
                 "src/procshare/_engine/_cengine_get.h",
                 "src/procshare/_engine/_cengine_new.h",
+                "src/procshare/_slots.h",
             ],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),

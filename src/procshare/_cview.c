@@ -355,6 +355,7 @@ static PyTypeObject CellType = {
     .tp_members = cell_members,
 };
 
+#include "_slots.h"
 #include "_cview_segment.h"
 #include "_cview_close.h"
 

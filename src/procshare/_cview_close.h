@@ -13,25 +13,7 @@
  * close is raised by the part's _close_failed, as the Python path raises
  * it. */
 
-static PyTypeObject *cl_part_type, *cl_engine_type;
-static Py_ssize_t cl_part_engine, cl_part_open, cl_engine_pid, cl_engine_forks,
-    cl_engine_forking, cl_engine_backend;
 static PyObject *cl_core, *str_close_fast, *str_close_failed, *str_pid_g, *str_invalidate;
-
-#define CL_SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
-
-static int
-slot_offset(PyTypeObject *type, const char *name, Py_ssize_t *out)
-{
-    PyObject *descr = PyDict_GetItemString(type->tp_dict, name); /* borrowed */
-    if (descr == NULL || !PyObject_TypeCheck(descr, &PyMemberDescr_Type) ||
-        ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
-        PyErr_Format(PyExc_TypeError, "close_setup: %s has no slot %s", type->tp_name, name);
-        return -1;
-    }
-    *out = ((PyMemberDescrObject *)descr)->d_member->offset;
-    return 0;
-}
 
 /* close_setup(SegmentsPart, Engine, core globals) */
 static PyObject *
@@ -41,19 +23,22 @@ cview_close_setup(PyObject *Py_UNUSED(module), PyObject *args)
     if (!PyArg_ParseTuple(args, "O!O!O!:close_setup", &PyType_Type, &part, &PyType_Type, &engine,
                           &PyDict_Type, &core))
         return NULL;
-    if (slot_offset((PyTypeObject *)part, "engine", &cl_part_engine) < 0 ||
-        slot_offset((PyTypeObject *)part, "_open", &cl_part_open) < 0 ||
-        slot_offset((PyTypeObject *)engine, "pid", &cl_engine_pid) < 0 ||
-        slot_offset((PyTypeObject *)engine, "forks", &cl_engine_forks) < 0 ||
-        slot_offset((PyTypeObject *)engine, "forking", &cl_engine_forking) < 0 ||
-        slot_offset((PyTypeObject *)engine, "backend", &cl_engine_backend) < 0)
+    const char *who = "close_setup";
+    if (ps_slot_find(&sl_part_engine, part, "engine", who) < 0 ||
+        ps_slot_find(&sl_part_open, part, "_open", who) < 0 ||
+        ps_slot_find(&sl_part_created_last, part, "_created_last", who) < 0 ||
+        ps_slot_find(&sl_engine_pid, engine, "pid", who) < 0 ||
+        ps_slot_find(&sl_engine_forks, engine, "forks", who) < 0 ||
+        ps_slot_find(&sl_engine_forking, engine, "forking", who) < 0 ||
+        ps_slot_find(&sl_engine_backend, engine, "backend", who) < 0 ||
+        ps_slot_find(&sl_engine_pending, engine, "pending", who) < 0 ||
+        ps_slot_find(&sl_engine_kept, engine, "kept", who) < 0 ||
+        ps_slot_find(&sl_engine_parts, engine, "_parts", who) < 0)
         return NULL;
     if (intern(&str_close_fast, "segment_close_fast") < 0 ||
         intern(&str_close_failed, "_close_failed") < 0 || intern(&str_pid_g, "_pid") < 0 ||
         intern(&str_invalidate, "_ps_invalidate") < 0)
         return NULL;
-    Py_XSETREF(cl_part_type, (PyTypeObject *)Py_NewRef(part));
-    Py_XSETREF(cl_engine_type, (PyTypeObject *)Py_NewRef(engine));
     Py_XSETREF(cl_core, Py_NewRef(core));
     Py_RETURN_NONE;
 }
@@ -73,15 +58,13 @@ static int
 close_fast(CoreObject *self)
 {
     PyObject *rec = self->rec, *part = self->part;
-    if (cl_part_type == NULL || rec == NULL || record_type == NULL || !Py_IS_TYPE(rec, record_type))
+    if (sl_part_engine.type == NULL || rec == NULL || record_type == NULL || !Py_IS_TYPE(rec, record_type))
         return 0;
     if (REC_FIELD(rec, rec_closed_off) != Py_False)
         return REC_FIELD(rec, rec_closed_off) == Py_True; /* closed already: nothing to do */
-    if (part == NULL || !Py_IS_TYPE(part, cl_part_type))
-        return 0;
-    PyObject *engine = CL_SLOT(part, cl_part_engine);
-    PyObject *open = CL_SLOT(part, cl_part_open);
-    if (engine == NULL || !Py_IS_TYPE(engine, cl_engine_type) || open == NULL ||
+    PyObject *engine = part == NULL ? NULL : ps_slot_peek(&sl_part_engine, part);
+    PyObject *open = part == NULL ? NULL : ps_slot_peek(&sl_part_open, part);
+    if (engine == NULL || Py_TYPE(engine) != sl_engine_pid.type || open == NULL ||
         !PyDict_CheckExact(open))
         return 0;
     /* This process's engine (an inherited handle is only forgotten), and no
@@ -92,16 +75,16 @@ close_fast(CoreObject *self)
     PyObject *zero = PyLong_FromLong(0);
     if (zero == NULL)
         return -1;
-    int simple = CL_SLOT(engine, cl_engine_pid) != NULL &&
-                 PyObject_RichCompareBool(CL_SLOT(engine, cl_engine_pid), pid, Py_EQ);
+    PyObject *own = ps_slot_peek(&sl_engine_pid, engine);
+    int simple = own != NULL && PyObject_RichCompareBool(own, pid, Py_EQ);
     if (simple == 1)
-        simple = int_le(CL_SLOT(engine, cl_engine_forks), REC_FIELD(rec, rec_forks_off));
+        simple = int_le(ps_slot_peek(&sl_engine_forks, engine), REC_FIELD(rec, rec_forks_off));
     if (simple == 1)
-        simple = int_le(CL_SLOT(engine, cl_engine_forking), zero);
+        simple = int_le(ps_slot_peek(&sl_engine_forking, engine), zero);
     Py_DECREF(zero);
     if (simple != 1)
         return simple < 0 ? -1 : 0;
-    PyObject *backend = CL_SLOT(engine, cl_engine_backend);
+    PyObject *backend = ps_slot_peek(&sl_engine_backend, engine);
     PyObject *fast = backend == NULL ? NULL : PyObject_GetAttr(backend, str_close_fast);
     if (fast == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_AttributeError))

@@ -28,6 +28,12 @@ static PyObject *str_view, *str_close, *str_data, *str_cast;
 
 #define REC_FIELD(rec, off) (*(PyObject **)((char *)(rec) + (off)))
 
+/* The engine's and the segments part's fields the planned open and the C
+ * close read (_slots.h), found by close_setup(). */
+static ps_slot sl_engine_pid, sl_engine_forks, sl_engine_forking, sl_engine_backend,
+    sl_engine_pending, sl_engine_kept, sl_engine_parts, sl_part_engine, sl_part_open,
+    sl_part_created_last;
+
 static int
 core_traverse(CoreObject *self, visitproc visit, void *arg)
 {
@@ -307,18 +313,6 @@ cview_open_setup(PyObject *Py_UNUSED(module), PyObject *conf)
     Py_RETURN_NONE;
 }
 
-/* attr is truthy: 1, 0, or -1 with an exception set. */
-static int
-attr_true(PyObject *obj, PyObject *name)
-{
-    PyObject *value = PyObject_GetAttr(obj, name);
-    if (value == NULL)
-        return -1;
-    int truth = PyObject_IsTrue(value);
-    Py_DECREF(value);
-    return truth;
-}
-
 /* The current engine (new reference): core._engine if it is this process's,
  * else get_engine(). */
 static PyObject *
@@ -329,7 +323,7 @@ current_engine(void)
     if (PyErr_Occurred())
         return NULL;
     if (engine != NULL && engine != Py_None && pid != NULL) {
-        PyObject *own = PyObject_GetAttr(engine, str_pid);
+        PyObject *own = ps_slot_get(&sl_engine_pid, engine, str_pid);
         if (own == NULL)
             return NULL;
         int same = PyObject_RichCompareBool(own, pid, Py_EQ);
@@ -411,20 +405,20 @@ cview_open_planned(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
         goto done;
     }
     Py_INCREF(plan);
-    if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 5 ||
+    if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 6 ||
         PyTuple_GET_ITEM(plan, 0) != kind || !PyTuple_CheckExact(PyTuple_GET_ITEM(plan, 4))) {
         result = Py_NewRef(Py_None);
         goto done;
     }
-    PyObject *resolved = PyTuple_GET_ITEM(plan, 1), *os_name = PyTuple_GET_ITEM(plan, 2);
+    PyObject *os_name = PyTuple_GET_ITEM(plan, 2);
     PyObject *meta = PyTuple_GET_ITEM(plan, 3), *fast = PyTuple_GET_ITEM(plan, 4);
     /* The engine, its housekeeping, the segments part (as segments_part()). */
     engine = current_engine();
     if (engine == NULL)
         goto done;
-    int busy = attr_true(engine, str_pending);
+    int busy = ps_slot_true(&sl_engine_pending, engine, str_pending);
     if (busy == 0)
-        busy = attr_true(engine, str_kept);
+        busy = ps_slot_true(&sl_engine_kept, engine, str_kept);
     if (busy < 0)
         goto done;
     if (busy) {
@@ -433,7 +427,7 @@ cview_open_planned(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
             goto done;
         Py_DECREF(tmp);
     }
-    tmp = PyObject_GetAttr(engine, str_parts);
+    tmp = ps_slot_get(&sl_engine_parts, engine, str_parts);
     if (tmp == NULL)
         goto done;
     part = PyDict_Check(tmp) ? PyDict_GetItemWithError(tmp, str_segments) : NULL;
@@ -460,7 +454,7 @@ cview_open_planned(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
             result = Py_NewRef(Py_None);
         goto done;
     }
-    PyObject *created_last = PyObject_GetAttr(part, str_created_last);
+    PyObject *created_last = ps_slot_get(&sl_part_created_last, part, str_created_last);
     if (created_last == NULL)
         goto done;
     tmp = PyDict_Check(created_last) ? PyDict_GetItemWithError(created_last, os_name) : NULL;
@@ -472,7 +466,7 @@ cview_open_planned(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
         result = Py_NewRef(Py_None);
         goto done;
     }
-    PyObject *backend = PyObject_GetAttr(engine, str_backend);
+    PyObject *backend = ps_slot_get(&sl_engine_backend, engine, str_backend);
     if (backend == NULL)
         goto done;
     handle = open_by_name(backend, os_name, op_keep_nothing, meta);
@@ -489,9 +483,7 @@ cview_open_planned(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
         goto done;
     }
     holding = 1;
-    PyObject *layout = PyObject_GetAttrString(resolved, "layout");
-    if (layout == NULL)
-        goto done;
+    PyObject *layout = Py_NewRef(PyTuple_GET_ITEM(plan, 5));
     tmp = PyObject_GetAttr(handle, str_meta);
     int same = tmp == NULL ? -1 : PyObject_RichCompareBool(tmp, meta, Py_EQ);
     Py_XDECREF(tmp);
@@ -516,15 +508,15 @@ cview_open_planned(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
         if (rec == NULL)
             goto done;
         /* Below any fork under way in another thread: its child inherits this. */
-        PyObject *forks = PyObject_GetAttr(engine, str_forks);
-        PyObject *forking = forks == NULL ? NULL : PyObject_GetAttr(engine, str_forking);
+        PyObject *forks = ps_slot_get(&sl_engine_forks, engine, str_forks);
+        PyObject *forking = forks == NULL ? NULL : ps_slot_get(&sl_engine_forking, engine, str_forking);
         PyObject *below = forking == NULL ? NULL : PyNumber_Subtract(forks, forking);
         Py_XDECREF(forks);
         Py_XDECREF(forking);
         if (below == NULL)
             goto done;
         Py_XSETREF(REC_FIELD(rec, rec_forks_off), below);
-        PyObject *opened = PyObject_GetAttr(part, str_open);
+        PyObject *opened = ps_slot_get(&sl_part_open, part, str_open);
         PyObject *rid = opened == NULL ? NULL : PyLong_FromVoidPtr(rec);
         int rc = rid == NULL ? -1 : PyObject_SetItem(opened, rid, rec);
         Py_XDECREF(rid);
@@ -532,7 +524,7 @@ cview_open_planned(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
         if (rc < 0)
             goto done;
         holding = 0; /* registered: the engine closes it (as scalar_segment does on failure) */
-        created_last = PyObject_GetAttr(part, str_created_last);
+        created_last = ps_slot_get(&sl_part_created_last, part, str_created_last);
         if (created_last == NULL)
             goto done;
         if (PyDict_Check(created_last) && PyDict_GET_SIZE(created_last) > 4096)

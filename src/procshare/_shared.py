@@ -299,7 +299,7 @@ def shared(
                     namespace,
                     plan[2],
                     plan[3],
-                    resolved.layout,
+                    plan[5],
                     create=create,
                     initial=None,
                     persist=bool(persist),
@@ -341,7 +341,7 @@ def shared(
         fast = None
         if type(resolved) is _kinds.ScalarKind:
             fast = (resolved.name, resolved.scalar.name, resolved.scalar.format)
-        _plans[key] = (kind, resolved, os_name, meta, fast)
+        _plans[key] = (kind, resolved, os_name, meta, fast, resolved.layout)
     return Segment(part, rec, resolved)
 
 
@@ -443,7 +443,8 @@ _geteuid = os.geteuid
 # process that switches user (os.setuid in a child) must look in its new
 # user's namespace, not reuse a name of the old one.
 _plans: dict[
-    tuple[object, ...], tuple[Any, _kinds.Resolved, str, bytes, tuple[str, str, str] | None]
+    tuple[object, ...],
+    tuple[Any, _kinds.Resolved, str, bytes, tuple[str, str, str] | None, _segments.Layout],
 ] = {}
 _scalar_segment = _cview.scalar_segment
 _open_planned = _cview.open_planned

@@ -332,6 +332,16 @@ cnames_blake2b_hex(PyObject *Py_UNUSED(module), PyObject *args)
     return PyUnicode_FromStringAndSize(hex, size * 2);
 }
 
+#include "../_slots.h"
+
+/* The fields of the engine's own slotted objects that the C paths below
+ * read (_slots.h: no attribute lookup, so no page written for it in a fresh
+ * child): the Engine's, found by engine_setup(); the locks part's, a lock
+ * entry's and the segments part's, found by lock_setup(). */
+static ps_slot sl_e_pid, sl_e_forks, sl_e_forking, sl_e_pending, sl_e_kept, sl_e_parts, sl_e_lock,
+    sl_e_backend, sl_e_closed, sl_e_deferred;
+static ps_slot sl_lp_entries, sl_lp_backend, sl_lp_engine, sl_lp_fast, sl_le_users, sl_le_closed,
+    sl_le_handle, sl_sp_open;
 
 #include "_cengine_record.h"
 #include "_cengine_lock.h"

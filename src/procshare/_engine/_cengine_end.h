@@ -50,24 +50,24 @@ cengine_end_setup(PyObject *Py_UNUSED(module), PyObject *core_globals)
     Py_RETURN_NONE;
 }
 
-/* getattr(obj, name), or NULL: with an exception set on an error, without
+/* slot_get(obj, name), or NULL: with an exception set on an error, without
  * one if the attribute is missing. */
 static PyObject *
-attr_or_missing(PyObject *obj, PyObject *name)
+slot_or_missing(const ps_slot *slot, PyObject *obj, PyObject *name)
 {
-    PyObject *got = PyObject_GetAttr(obj, name);
+    PyObject *got = ps_slot_get(slot, obj, name);
     if (got == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
         PyErr_Clear();
     }
     return got;
 }
 
-/* 1 if getattr(obj, name) == value (an int), 0 if not or if it is missing,
- * -1 with an exception set on any other error. */
+/* 1 if obj.name == value (an int), 0 if not or if it is missing, -1 with an
+ * exception set on any other error. */
 static int
-attr_is_int(PyObject *obj, PyObject *name, long value)
+attr_is_int(const ps_slot *slot, PyObject *obj, PyObject *name, long value)
 {
-    PyObject *got = attr_or_missing(obj, name);
+    PyObject *got = slot_or_missing(slot, obj, name);
     if (got == NULL) {
         return PyErr_Occurred() ? -1 : 0;
     }
@@ -76,12 +76,12 @@ attr_is_int(PyObject *obj, PyObject *name, long value)
     return PyErr_Occurred() ? -1 : same;
 }
 
-/* Whether getattr(obj, name) is an empty dict or list (0 otherwise, -1 on an
- * error other than a missing attribute). */
+/* Whether obj.name is an empty dict or list (0 otherwise, -1 on an error
+ * other than a missing attribute). */
 static int
-attr_is_empty(PyObject *obj, PyObject *name)
+attr_is_empty(const ps_slot *slot, PyObject *obj, PyObject *name)
 {
-    PyObject *got = attr_or_missing(obj, name);
+    PyObject *got = slot_or_missing(slot, obj, name);
     if (got == NULL) {
         return PyErr_Occurred() ? -1 : 0;
     }
@@ -96,7 +96,7 @@ attr_is_empty(PyObject *obj, PyObject *name)
 static PyObject *
 open_lock_handles(PyObject *part)
 {
-    PyObject *entries = attr_or_missing(part, s_entries_p);
+    PyObject *entries = slot_or_missing(&sl_lp_entries, part, s_entries_p);
     if (entries == NULL) {
         return NULL;
     }
@@ -104,10 +104,8 @@ open_lock_handles(PyObject *part)
     Py_ssize_t pos = 0;
     PyObject *key, *entry;
     while (handles != NULL && PyDict_Next(entries, &pos, &key, &entry)) {
-        PyObject *closed = PyObject_GetAttr(entry, s_closed_entry);
-        int done = closed == NULL ? -1 : PyObject_IsTrue(closed);
-        Py_XDECREF(closed);
-        PyObject *handle = done != 0 ? NULL : PyObject_GetAttr(entry, s_handle_entry);
+        int done = ps_slot_true(&sl_le_closed, entry, s_closed_entry);
+        PyObject *handle = done != 0 ? NULL : ps_slot_get(&sl_le_handle, entry, s_handle_entry);
         if (done < 0 || (done == 0 && (handle == NULL || PyList_Append(handles, handle) < 0))) {
             Py_XDECREF(handle);
             Py_CLEAR(handles);
@@ -137,39 +135,44 @@ cengine_end_child(PyObject *Py_UNUSED(module), PyObject *engine)
     if (me == -1) {
         return PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
     }
-    int simple = attr_is_int(engine, s_pid_e, me);
+    int simple = attr_is_int(&sl_e_pid, engine, s_pid_e, me);
     if (simple == 1) {
-        PyObject *closed = PyObject_GetAttr(engine, s_closed_e);
+        PyObject *closed = ps_slot_get(&sl_e_closed, engine, s_closed_e);
         simple = closed == NULL ? -1 : closed == Py_False;
         Py_XDECREF(closed);
     }
     if (simple == 1) {
-        simple = attr_is_int(engine, s_forks_e, 0);
+        simple = attr_is_int(&sl_e_forks, engine, s_forks_e, 0);
     }
     if (simple == 1) {
-        simple = attr_is_int(engine, s_forking_e, 0);
+        simple = attr_is_int(&sl_e_forking, engine, s_forking_e, 0);
     }
     if (simple == 1) {
-        simple = attr_is_empty(engine, s_deferred_e);
+        simple = attr_is_empty(&sl_e_deferred, engine, s_deferred_e);
     }
     if (simple != 1) {
         return simple < 0 ? NULL : Py_NewRef(Py_False);
     }
-    PyObject *parts = PyObject_GetAttr(engine, s_parts_e);
+    PyObject *parts = ps_slot_get(&sl_e_parts, engine, s_parts_e);
     if (parts == NULL) {
         return NULL;
     }
-    PyObject *handles = NULL, *key, *part;
+    PyObject *handles = NULL, *close = NULL, *key, *part;
     Py_ssize_t pos = 0;
     while (PyDict_CheckExact(parts) && PyDict_Next(parts, &pos, &key, &part)) {
         int is_segments = PyUnicode_Check(key) && PyUnicode_Compare(key, s_segments_key) == 0;
         int is_locks = PyUnicode_Check(key) && PyUnicode_Compare(key, s_locks_key) == 0;
         if (is_segments) {
-            simple = attr_is_empty(part, s_open_p);
+            simple = attr_is_empty(&sl_sp_open, part, s_open_p);
         }
         else if (is_locks && handles == NULL) {
             handles = open_lock_handles(part);
             simple = handles != NULL ? 1 : PyErr_Occurred() ? -1 : 0;
+            /* The backend's lock_close, as the part found it (LocksPart.fast). */
+            PyObject *table = ps_slot_peek(&sl_lp_fast, part);
+            if (table != NULL && PyTuple_CheckExact(table) && PyTuple_GET_SIZE(table) == 5) {
+                close = Py_NewRef(PyTuple_GET_ITEM(table, 4));
+            }
         }
         else {
             simple = 0; /* anything else: the Python shutdown knows it */
@@ -184,15 +187,19 @@ cengine_end_child(PyObject *Py_UNUSED(module), PyObject *engine)
     Py_DECREF(parts);
     if (simple != 1) {
         Py_XDECREF(handles);
+        Py_XDECREF(close);
         return simple < 0 ? NULL : Py_NewRef(Py_False);
     }
     if (handles == NULL || PyList_GET_SIZE(handles) == 0) {
         Py_XDECREF(handles);
+        Py_XDECREF(close);
         Py_RETURN_TRUE;
     }
-    PyObject *backend = PyObject_GetAttr(engine, s_backend_e);
-    PyObject *close = backend == NULL ? NULL : PyObject_GetAttr(backend, s_lock_close);
-    Py_XDECREF(backend);
+    if (close == NULL) {
+        PyObject *backend = ps_slot_get(&sl_e_backend, engine, s_backend_e);
+        close = backend == NULL ? NULL : PyObject_GetAttr(backend, s_lock_close);
+        Py_XDECREF(backend);
+    }
     if (close == NULL) {
         Py_DECREF(handles);
         return NULL;

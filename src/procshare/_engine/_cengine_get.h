@@ -12,35 +12,8 @@
 
 static PyObject *ge_core, *ge_new, *s_ge_engine, *s_ge_spare, *s_ge_inherited, *s_ge_lock,
     *s_ge_locked;
-/* The Engine's slots this file and _cengine_new.h read, found by engine_setup(). */
-static Py_ssize_t ge_pid_off = -1, ge_forks_off = -1, ge_forking_off = -1, ge_pending_off = -1,
-                  ge_kept_off = -1;
-static PyTypeObject *ge_engine_type;
-
 #define AT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
-#define GE_SLOT(obj) AT(obj, ge_pid_off)
-
-/* The offset of member `name` of `type` (kind: T_OBJECT_EX or T_OBJECT). */
-static int
-member_offset(PyTypeObject *type, const char *name, int kind, Py_ssize_t *out)
-{
-    PyObject *descr = PyObject_GetAttrString((PyObject *)type, name);
-    if (descr == NULL) {
-        return -1;
-    }
-    int ok = PyObject_TypeCheck(descr, &PyMemberDescr_Type) &&
-             ((PyMemberDescrObject *)descr)->d_member->type == kind;
-    if (ok) {
-        *out = ((PyMemberDescrObject *)descr)->d_member->offset;
-    }
-    Py_DECREF(descr);
-    if (!ok) {
-        PyErr_Format(PyExc_TypeError, "%s.%s is not a slot", type->tp_name, name);
-        return -1;
-    }
-    return 0;
-}
-
+#define GE_SLOT(obj) AT(obj, sl_e_pid.offset)
 
 /* engine_setup(core globals, Engine, _new_engine) */
 static PyObject *
@@ -51,12 +24,17 @@ cengine_engine_setup(PyObject *Py_UNUSED(module), PyObject *args)
                           &new_engine)) {
         return NULL;
     }
-    PyTypeObject *t = (PyTypeObject *)type;
-    if (member_offset(t, "pid", T_OBJECT_EX, &ge_pid_off) < 0 ||
-        member_offset(t, "forks", T_OBJECT_EX, &ge_forks_off) < 0 ||
-        member_offset(t, "forking", T_OBJECT_EX, &ge_forking_off) < 0 ||
-        member_offset(t, "pending", T_OBJECT_EX, &ge_pending_off) < 0 ||
-        member_offset(t, "kept", T_OBJECT_EX, &ge_kept_off) < 0) {
+    const char *who = "engine_setup";
+    if (ps_slot_find(&sl_e_pid, type, "pid", who) < 0 ||
+        ps_slot_find(&sl_e_forks, type, "forks", who) < 0 ||
+        ps_slot_find(&sl_e_forking, type, "forking", who) < 0 ||
+        ps_slot_find(&sl_e_pending, type, "pending", who) < 0 ||
+        ps_slot_find(&sl_e_kept, type, "kept", who) < 0 ||
+        ps_slot_find(&sl_e_parts, type, "_parts", who) < 0 ||
+        ps_slot_find(&sl_e_lock, type, "lock", who) < 0 ||
+        ps_slot_find(&sl_e_backend, type, "backend", who) < 0 ||
+        ps_slot_find(&sl_e_closed, type, "_closed", who) < 0 ||
+        ps_slot_find(&sl_e_deferred, type, "_deferred", who) < 0) {
         return NULL;
     }
     if (intern_str(&s_ge_engine, "_engine") < 0 || intern_str(&s_ge_spare, "_spare") < 0 ||
@@ -65,7 +43,6 @@ cengine_engine_setup(PyObject *Py_UNUSED(module), PyObject *args)
         intern_str(&s_pid_g, "_pid") < 0) {
         return NULL;
     }
-    Py_XSETREF(ge_engine_type, (PyTypeObject *)Py_NewRef(type));
     Py_XSETREF(ge_core, Py_NewRef(globals));
     Py_XSETREF(ge_new, Py_NewRef(new_engine));
     Py_RETURN_NONE;
@@ -75,10 +52,7 @@ cengine_engine_setup(PyObject *Py_UNUSED(module), PyObject *args)
 static int
 engine_of(PyObject *obj, PyObject *pid)
 {
-    if (obj == NULL || !Py_IS_TYPE(obj, ge_engine_type)) {
-        return 0;
-    }
-    PyObject *own = GE_SLOT(obj);
+    PyObject *own = obj == NULL ? NULL : ps_slot_peek(&sl_e_pid, obj);
     if (own == NULL) {
         return 0;
     }
@@ -108,7 +82,7 @@ cengine_get_engine(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
     if (PyErr_Occurred()) {
         return NULL;
     }
-    int spare_ok = pid != NULL && spare != NULL && Py_IS_TYPE(spare, ge_engine_type) &&
+    int spare_ok = pid != NULL && spare != NULL && Py_IS_TYPE(spare, sl_e_pid.type) &&
                    inherited != NULL && PyList_CheckExact(inherited) && lock != NULL;
     if (spare_ok) {
         int same = engine_of(spare, pid);

@@ -14,7 +14,8 @@
  * lock_setup(). */
 
 static PyObject *lk_nsvar, *lk_env, *lk_env_key, *lk_default_ns, *lk_current_namespace,
-    *lk_env_namespace, *lk_segments, *lk_locks_part, *lk_entry_cls, *lk_keep_all;
+    *lk_env_namespace, *lk_segments, *lk_locks_part, *lk_entry_cls, *lk_keep_all, *lk_rlock,
+    *lk_rlock_acquire, *lk_rlock_release;
 static PyObject *s_parts, *s_locks, *s_entries, *s_users, *s_closed, *s_lock, *s_acquire,
     *s_release, *s_backend, *s_swept, *s_os_names, *s_segment_open, *s_segment_create,
     *s_segment_close, *s_lock_keep, *s_lock_init, *s_lock_attach, *s_lock_data_size,
@@ -38,10 +39,10 @@ cengine_lock_setup(PyObject *Py_UNUSED(module), PyObject *conf)
 {
     static const char *keys[] = {"nsvar", "env", "env_key", "default_namespace",
                                  "current_namespace", "env_namespace", "segments",
-                                 "locks_part", "LockEntry", "keep_all"};
+                                 "locks_part", "LockEntry", "keep_all", "RLock"};
     PyObject **slots[] = {&lk_nsvar, &lk_env, &lk_env_key, &lk_default_ns,
                           &lk_current_namespace, &lk_env_namespace, &lk_segments,
-                          &lk_locks_part, &lk_entry_cls, &lk_keep_all};
+                          &lk_locks_part, &lk_entry_cls, &lk_keep_all, &lk_rlock};
     if (!PyDict_Check(conf)) {
         PyErr_SetString(PyExc_TypeError, "lock_setup(dict)");
         return NULL;
@@ -55,8 +56,32 @@ cengine_lock_setup(PyObject *Py_UNUSED(module), PyObject *conf)
         Py_XSETREF(*slots[i], Py_NewRef(value));
     }
     if (!PyContextVar_CheckExact(lk_nsvar) || (lk_env != Py_None && !PyDict_Check(lk_env)) ||
-        !PyDict_Check(lk_segments)) {
+        !PyDict_Check(lk_segments) || !PyType_Check(lk_rlock)) {
         PyErr_SetString(PyExc_TypeError, "lock_setup: wrong types");
+        return NULL;
+    }
+    const char *who = "lock_setup";
+    PyObject *locks_part = PyDict_GetItemString(conf, "LocksPart");        /* borrowed */
+    PyObject *segments_part = PyDict_GetItemString(lk_segments, "SegmentsPart"); /* borrowed */
+    if (locks_part == NULL || segments_part == NULL) {
+        PyErr_SetString(PyExc_KeyError, "lock_setup: LocksPart or segments.SegmentsPart missing");
+        return NULL;
+    }
+    if (ps_slot_find(&sl_lp_entries, locks_part, "_entries", who) < 0 ||
+        ps_slot_find(&sl_lp_backend, locks_part, "backend", who) < 0 ||
+        ps_slot_find(&sl_lp_engine, locks_part, "engine", who) < 0 ||
+        ps_slot_find(&sl_lp_fast, locks_part, "fast", who) < 0 ||
+        ps_slot_find(&sl_le_users, lk_entry_cls, "users", who) < 0 ||
+        ps_slot_find(&sl_le_closed, lk_entry_cls, "closed", who) < 0 ||
+        ps_slot_find(&sl_le_handle, lk_entry_cls, "handle", who) < 0 ||
+        ps_slot_find(&sl_sp_open, segments_part, "_open", who) < 0) {
+        return NULL;
+    }
+    /* The engine's lock is taken and released through the methods found here
+     * (a method lookup in a fresh child writes the type's lookup cache). */
+    Py_XSETREF(lk_rlock_acquire, PyObject_GetAttrString(lk_rlock, "acquire"));
+    Py_XSETREF(lk_rlock_release, PyObject_GetAttrString(lk_rlock, "release"));
+    if (lk_rlock_acquire == NULL || lk_rlock_release == NULL) {
         return NULL;
     }
     if (intern_str(&s_parts, "_parts") < 0 || intern_str(&s_locks, "locks") < 0 ||
@@ -202,28 +227,37 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
     }
     /* Open, else create; a racing creator or closer can make both miss once. */
     PyObject *handle = NULL, *keep = NULL, *init = NULL, *size = NULL;
-    PyObject *fast = PyObject_GetAttr(backend, s_open_fast);
-    if (fast == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
-            Py_DECREF(meta);
-            Py_DECREF(os_name);
-            return NULL;
-        }
-        PyErr_Clear();
+    PyObject *fast = NULL, *create_fast = NULL, *attach = NULL;
+    int made = 0; /* made by create_fast, at the lock's size */
+    PyObject *table = ps_slot_peek(&sl_lp_fast, part);
+    if (table != NULL && PyTuple_CheckExact(table) && PyTuple_GET_SIZE(table) == 5) {
+        /* The backend's functions, found when the part was built (LocksPart.fast). */
+        fast = PyTuple_GET_ITEM(table, 0) == Py_None ? NULL : Py_NewRef(PyTuple_GET_ITEM(table, 0));
+        create_fast = PyTuple_GET_ITEM(table, 1) == Py_None ? NULL
+                                                             : Py_NewRef(PyTuple_GET_ITEM(table, 1));
+        size = Py_NewRef(PyTuple_GET_ITEM(table, 2));
+        attach = Py_NewRef(PyTuple_GET_ITEM(table, 3));
     }
-    PyObject *create_fast = PyObject_GetAttr(backend, s_create_fast);
-    if (create_fast == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+    else {
+        fast = PyObject_GetAttr(backend, s_open_fast);
+        if (fast == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+        }
+        create_fast = PyErr_Occurred() ? NULL : PyObject_GetAttr(backend, s_create_fast);
+        if (create_fast == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+        }
+        size = PyErr_Occurred() ? NULL : PyObject_GetAttr(backend, s_lock_data_size);
+        if (size == NULL) {
             Py_XDECREF(fast);
+            Py_XDECREF(create_fast);
             Py_DECREF(meta);
             Py_DECREF(os_name);
             return NULL;
         }
-        PyErr_Clear();
     }
     /* (keep and init only when the backend's own open or create runs: each
      * lookup makes or touches an object, a copied page in a fresh child.) */
-    size = PyObject_GetAttr(backend, s_lock_data_size);
     while (size != NULL) {
         handle = fast == NULL ? NULL : PyObject_Vectorcall(fast, (PyObject *[]){os_name, meta}, 2,
                                                            NULL);
@@ -248,6 +282,7 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
                          ? Py_NewRef(Py_NotImplemented)
                          : PyObject_Vectorcall(create_fast, (PyObject *[]){os_name, meta, mode},
                                                3, NULL);
+            made = handle != NULL && handle != Py_None && handle != Py_NotImplemented;
             if (handle == Py_NotImplemented) {
                 Py_DECREF(handle);
                 if (init == NULL && (init = PyObject_GetAttr(backend, s_lock_init)) == NULL) {
@@ -273,6 +308,7 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
     PyObject *entry = NULL;
     if (handle == NULL) {
         Py_XDECREF(size);
+        Py_XDECREF(attach);
         Py_DECREF(os_name);
         if (PyErr_ExceptionMatches(PyExc_OSError)) {
             PyErr_Clear(); /* the Python path tries again and says what went wrong */
@@ -280,11 +316,13 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
         }
         return NULL;
     }
-    PyObject *have = PyObject_GetAttr(handle, s_data_size);
-    int small = have == NULL ? -1 : PyObject_RichCompareBool(have, size, Py_LT);
+    /* (One the backend just made at that size is no smaller.) */
+    PyObject *have = made ? NULL : PyObject_GetAttr(handle, s_data_size);
+    int small = made ? 0 : have == NULL ? -1 : PyObject_RichCompareBool(have, size, Py_LT);
     Py_XDECREF(have);
     Py_DECREF(size);
     if (small != 0) {
+        Py_XDECREF(attach);
         if (small > 0) {
             /* Not ours to judge: close it, keeping it, and let the Python
              * path meet it again and say what it is. */
@@ -302,7 +340,9 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
         Py_DECREF(os_name);
         return NULL;
     }
-    PyObject *mutex = PyObject_CallMethodOneArg(backend, s_lock_attach, handle);
+    PyObject *mutex = attach != NULL ? PyObject_CallOneArg(attach, handle)
+                                     : PyObject_CallMethodOneArg(backend, s_lock_attach, handle);
+    Py_XDECREF(attach);
     if (mutex != NULL) {
         entry = entry_new(name, ns, os_name, handle, mutex, part);
         Py_DECREF(mutex);
@@ -318,13 +358,7 @@ python:
 static int
 entry_closed(PyObject *entry)
 {
-    PyObject *closed = PyObject_GetAttr(entry, s_closed);
-    if (closed == NULL) {
-        return -1;
-    }
-    int truth = PyObject_IsTrue(closed);
-    Py_DECREF(closed);
-    return truth;
+    return ps_slot_true(&sl_le_closed, entry, s_closed);
 }
 
 /* open_lock(engine, name, user, mode) -> the entry for name in the current
@@ -342,7 +376,7 @@ cengine_open_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
     if (ns == NULL) {
         return NULL;
     }
-    PyObject *parts = PyObject_GetAttr(engine, s_parts);
+    PyObject *parts = ps_slot_get(&sl_e_parts, engine, s_parts);
     if (parts == NULL) {
         goto done;
     }
@@ -358,7 +392,7 @@ cengine_open_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
             goto done;
         }
     }
-    entries = PyObject_GetAttr(part, s_entries);
+    entries = ps_slot_get(&sl_lp_entries, part, s_entries);
     key = entries == NULL ? NULL : PyTuple_Pack(2, ns, name);
     if (key == NULL) {
         goto done;
@@ -373,7 +407,7 @@ cengine_open_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
     else {
         /* Register first, then check: a concurrent close marks the entry
          * closed before it looks at the users (LocksPart._close_if_idle). */
-        users = PyObject_GetAttr(entry, s_users);
+        users = ps_slot_get(&sl_le_users, entry, s_users);
         if (users == NULL || PySet_Add(users, user) < 0) {
             goto done;
         }
@@ -391,8 +425,10 @@ cengine_open_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
         Py_CLEAR(users);
         Py_CLEAR(entry);
     }
-    lock = PyObject_GetAttr(engine, s_lock);
-    PyObject *taken = lock == NULL ? NULL : PyObject_CallMethodNoArgs(lock, s_acquire);
+    lock = ps_slot_get(&sl_e_lock, engine, s_lock);
+    PyObject *taken = lock == NULL                 ? NULL
+                      : Py_IS_TYPE(lock, (PyTypeObject *)lk_rlock) ? PyObject_CallOneArg(lk_rlock_acquire, lock)
+                                                   : PyObject_CallMethodNoArgs(lock, s_acquire);
     if (taken == NULL) {
         goto done;
     }
@@ -415,7 +451,7 @@ cengine_open_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
         }
     }
     if (!PyErr_Occurred() && fresh) {
-        PyObject *backend = PyObject_GetAttr(part, s_backend);
+        PyObject *backend = ps_slot_get(&sl_lp_backend, part, s_backend);
         entry = backend == NULL ? NULL : lock_open_new(part, backend, ns, name, mode, env);
         Py_XDECREF(backend);
         if (entry != NULL && PyObject_SetItem(entries, key, entry) < 0) {
@@ -423,7 +459,7 @@ cengine_open_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
         }
     }
     if (entry != NULL) {
-        users = PyObject_GetAttr(entry, s_users);
+        users = ps_slot_get(&sl_le_users, entry, s_users);
         if (users != NULL && PySet_Add(users, user) == 0) {
             result = Py_NewRef(entry);
         }
@@ -431,7 +467,9 @@ cengine_open_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
     {
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);
-        PyObject *released = PyObject_CallMethodNoArgs(lock, s_release);
+        PyObject *released = Py_IS_TYPE(lock, (PyTypeObject *)lk_rlock)
+                                 ? PyObject_CallOneArg(lk_rlock_release, lock)
+                                 : PyObject_CallMethodNoArgs(lock, s_release);
         if (released == NULL) {
             if (type == NULL) {
                 Py_CLEAR(result); /* that error is the one to report */

@@ -26,15 +26,16 @@ cengine_new_lock_setup(PyObject *Py_UNUSED(module), PyObject *args)
     if (!PyArg_ParseTuple(args, "O!O!:new_lock_setup", &PyType_Type, &lock, &PyType_Type, &entry)) {
         return NULL;
     }
-    if (member_offset(lock, "_name", T_OBJECT_EX, &nl_name) < 0 ||
-        member_offset(lock, "_timeout", T_OBJECT_EX, &nl_timeout) < 0 ||
-        member_offset(lock, "_on_owner_death", T_OBJECT_EX, &nl_death) < 0 ||
-        member_offset(lock, "_entry", T_OBJECT_EX, &nl_entry) < 0 ||
-        member_offset(lock, "_m", T_OBJECT, &nl_m) < 0) {
+    const char *who = "new_lock_setup";
+    if (ps_member_offset(lock, "_name", &nl_name, who) < 0 ||
+        ps_member_offset(lock, "_timeout", &nl_timeout, who) < 0 ||
+        ps_member_offset(lock, "_on_owner_death", &nl_death, who) < 0 ||
+        ps_member_offset(lock, "_entry", &nl_entry, who) < 0 ||
+        ps_member_offset(lock, "_m", &nl_m, who) < 0) {
         return NULL;
     }
     for (int i = 0; i < 10; i++) {
-        if (member_offset(entry, en_names[i], T_OBJECT_EX, &en_slot[i]) < 0) {
+        if (ps_member_offset(entry, en_names[i], &en_slot[i], who) < 0) {
             return NULL;
         }
     }
@@ -55,15 +56,16 @@ entry_new(PyObject *name, PyObject *ns, PyObject *os_name, PyObject *handle, PyO
         return PyObject_CallFunctionObjArgs(lk_entry_cls, name, ns, os_name, handle, mutex, part,
                                             NULL);
     }
-    PyObject *engine = PyObject_GetAttr(part, s_engine_p);
+    PyObject *engine = ps_slot_get(&sl_lp_engine, part, s_engine_p);
     if (engine == NULL) {
         return NULL;
     }
     PyObject *forks = NULL;
-    if (Py_IS_TYPE(engine, ge_engine_type) && AT(engine, ge_forks_off) != NULL &&
-        AT(engine, ge_forking_off) != NULL) {
+    PyObject *forks_now = ps_slot_peek(&sl_e_forks, engine);
+    PyObject *forking_now = ps_slot_peek(&sl_e_forking, engine);
+    if (forks_now != NULL && forking_now != NULL) {
         /* Below any fork under way in another thread: its child inherits it. */
-        forks = PyNumber_Subtract(AT(engine, ge_forks_off), AT(engine, ge_forking_off));
+        forks = PyNumber_Subtract(forks_now, forking_now);
     }
     else if (!PyErr_Occurred()) {
         PyErr_SetString(PyExc_TypeError, "a locks part without its engine");
@@ -147,8 +149,9 @@ cengine_new_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t 
     Py_SETREF(AT(lock, nl_m), Py_NewRef(mutex));
     /* After registering as a user, so housekeeping never closes our own entry. */
     int busy = 0;
-    if (Py_IS_TYPE(engine, ge_engine_type)) {
-        PyObject *pending = AT(engine, ge_pending_off), *kept = AT(engine, ge_kept_off);
+    if (Py_IS_TYPE(engine, sl_e_pid.type)) {
+        PyObject *pending = ps_slot_peek(&sl_e_pending, engine);
+        PyObject *kept = ps_slot_peek(&sl_e_kept, engine);
         busy = (pending != NULL && pending != Py_False) || (kept != NULL && kept != Py_False);
     }
     if (busy) {

@@ -45,6 +45,7 @@ import contextlib
 import errno
 import os
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -270,16 +271,33 @@ class LockEntry:
 
 
 class LocksPart:
-    """Per-process cache of open locks (an :class:`~procshare._engine.core.EnginePart`)."""
+    """Per-process cache of open locks (an :class:`~procshare._engine.core.EnginePart`).
+
+    Slotted: the C open and end (``_cengine``) read its fields at their
+    offsets, with no lookup that would write pages in a fresh child.
+    """
+
+    __slots__ = ("_entries", "backend", "engine", "fast", "maybe_idle")
 
     order = 10
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.backend = engine.backend
+        self.backend = backend = engine.backend
         self._entries: dict[tuple[str, str], LockEntry] = {}
         #: set when an entry may have lost its last user (a lock object was collected)
         self.maybe_idle = False
+        #: The backend functions the C open and end call, found once, here (in
+        #: the parent, for the part a forked child adopts): ``segment_open_fast``
+        #: and ``lock_create_fast`` (``None`` where the backend has none),
+        #: ``lock_data_size``, ``lock_attach``, ``lock_close``.
+        self.fast = (
+            getattr(backend, "segment_open_fast", None),
+            getattr(backend, "lock_create_fast", None),
+            backend.lock_data_size,
+            backend.lock_attach,
+            backend.lock_close,
+        )
 
     # -- opening and closing -------------------------------------------------
 
@@ -512,6 +530,8 @@ _cengine.lock_setup(
         "locks_part": locks_part,
         "LockEntry": LockEntry,
         "keep_all": _keep_everything,
+        "LocksPart": LocksPart,
+        "RLock": type(threading.RLock()),
     }
 )
 
