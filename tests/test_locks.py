@@ -1262,6 +1262,40 @@ def test_a_by_name_open_is_one_c_call_that_writes_the_same_object(
         again.close()
 
 
+@pytest.mark.parametrize("table", ["the part's", "none"])
+def test_the_c_open_calls_the_backend_through_the_parts_function_table(
+    monkeypatch: pytest.MonkeyPatch, table: str
+) -> None:
+    # LocksPart.fast: the backend's functions, found once when the part is
+    # built (a fresh child adopts a part its parent built, and looks nothing
+    # up). Without that table the C open looks them up on the backend.
+    from procshare._engine.locks import LocksPart, locks_part
+
+    with ps.interprocess_lock("c-table-warm"):  # (this namespace is swept now)
+        pass
+    part = locks_part()
+    assert isinstance(part.fast, tuple)
+    create_fast = part.fast[1]
+    created: list[str] = []
+
+    def create(os_name: str, meta: bytes, mode: int) -> Any:
+        created.append(os_name)
+        return create_fast(os_name, meta, mode)
+
+    if table == "none":
+        monkeypatch.setattr(part, "fast", None)
+    else:
+        monkeypatch.setattr(part, "fast", (part.fast[0], create, *part.fast[2:]))
+    monkeypatch.setattr(LocksPart, "_open_new", _refuse_python_open)
+    lock = ps.interprocess_lock("c-table")
+    try:
+        with lock:
+            assert lock.locked()
+        assert len(created) == (1 if table == "the part's" else 0)
+    finally:
+        lock.close()
+
+
 def test_a_by_name_open_leaves_what_is_unusual_to_the_python_open(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

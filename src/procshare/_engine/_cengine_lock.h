@@ -228,15 +228,19 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
     /* Open, else create; a racing creator or closer can make both miss once. */
     PyObject *handle = NULL, *keep = NULL, *init = NULL, *size = NULL;
     PyObject *fast = NULL, *create_fast = NULL, *attach = NULL;
+    PyObject *held = NULL; /* the reference that keeps the four above: the table, or NULL */
     int made = 0; /* made by create_fast, at the lock's size */
     PyObject *table = ps_slot_peek(&sl_lp_fast, part);
     if (table != NULL && PyTuple_CheckExact(table) && PyTuple_GET_SIZE(table) == 5) {
-        /* The backend's functions, found when the part was built (LocksPart.fast). */
-        fast = PyTuple_GET_ITEM(table, 0) == Py_None ? NULL : Py_NewRef(PyTuple_GET_ITEM(table, 0));
-        create_fast = PyTuple_GET_ITEM(table, 1) == Py_None ? NULL
-                                                             : Py_NewRef(PyTuple_GET_ITEM(table, 1));
-        size = Py_NewRef(PyTuple_GET_ITEM(table, 2));
-        attach = Py_NewRef(PyTuple_GET_ITEM(table, 3));
+        /* The backend's functions, found when the part was built (LocksPart.fast):
+         * borrowed from the table, which is held instead (one count written,
+         * not four). */
+        Py_INCREF(table);
+        held = table;
+        fast = PyTuple_GET_ITEM(table, 0) == Py_None ? NULL : PyTuple_GET_ITEM(table, 0);
+        create_fast = PyTuple_GET_ITEM(table, 1) == Py_None ? NULL : PyTuple_GET_ITEM(table, 1);
+        size = PyTuple_GET_ITEM(table, 2);
+        attach = PyTuple_GET_ITEM(table, 3);
     }
     else {
         fast = PyObject_GetAttr(backend, s_open_fast);
@@ -248,9 +252,14 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
             PyErr_Clear();
         }
         size = PyErr_Occurred() ? NULL : PyObject_GetAttr(backend, s_lock_data_size);
-        if (size == NULL) {
-            Py_XDECREF(fast);
-            Py_XDECREF(create_fast);
+        /* (held: these references, dropped together below) */
+        held = size == NULL ? NULL
+                            : PyTuple_Pack(3, fast == NULL ? Py_None : fast,
+                                           create_fast == NULL ? Py_None : create_fast, size);
+        Py_XDECREF(fast);
+        Py_XDECREF(create_fast);
+        Py_XDECREF(size);
+        if (held == NULL) {
             Py_DECREF(meta);
             Py_DECREF(os_name);
             return NULL;
@@ -300,15 +309,12 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
         Py_DECREF(handle);
         handle = NULL;
     }
-    Py_XDECREF(fast);
-    Py_XDECREF(create_fast);
     Py_XDECREF(keep);
     Py_XDECREF(init);
     Py_DECREF(meta);
     PyObject *entry = NULL;
     if (handle == NULL) {
-        Py_XDECREF(size);
-        Py_XDECREF(attach);
+        Py_DECREF(held);
         Py_DECREF(os_name);
         if (PyErr_ExceptionMatches(PyExc_OSError)) {
             PyErr_Clear(); /* the Python path tries again and says what went wrong */
@@ -320,9 +326,8 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
     PyObject *have = made ? NULL : PyObject_GetAttr(handle, s_data_size);
     int small = made ? 0 : have == NULL ? -1 : PyObject_RichCompareBool(have, size, Py_LT);
     Py_XDECREF(have);
-    Py_DECREF(size);
     if (small != 0) {
-        Py_XDECREF(attach);
+        Py_DECREF(held);
         if (small > 0) {
             /* Not ours to judge: close it, keeping it, and let the Python
              * path meet it again and say what it is. */
@@ -342,7 +347,7 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
     }
     PyObject *mutex = attach != NULL ? PyObject_CallOneArg(attach, handle)
                                      : PyObject_CallMethodOneArg(backend, s_lock_attach, handle);
-    Py_XDECREF(attach);
+    Py_DECREF(held);
     if (mutex != NULL) {
         entry = entry_new(name, ns, os_name, handle, mutex, part);
         Py_DECREF(mutex);
