@@ -138,13 +138,8 @@ cview_setup(PyObject *Py_UNUSED(module), PyObject *args)
                           &handle_off, &forks_off))
         return NULL;
     /* _Closed's one slot, _ps_name: where it is, from its member descriptor. */
-    PyObject *descr = PyDict_GetItemString(((PyTypeObject *)closed)->tp_dict, "_ps_name");
-    if (descr == NULL || !PyObject_TypeCheck(descr, &PyMemberDescr_Type) ||
-        ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
-        PyErr_SetString(PyExc_TypeError, "setup: _Closed has no _ps_name slot");
+    if (ps_member_offset((PyTypeObject *)closed, "_ps_name", &closed_name_off, "setup") < 0)
         return NULL;
-    }
-    closed_name_off = ((PyMemberDescrObject *)descr)->d_member->offset;
     Py_XSETREF(closed_cls, (PyTypeObject *)Py_NewRef(closed));
     if (!PyType_IsSubtype((PyTypeObject *)seg, &CoreType) ||
         !PyType_IsSubtype((PyTypeObject *)view, &CellType)) {
