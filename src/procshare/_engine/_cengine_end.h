@@ -157,7 +157,7 @@ cengine_end_child(PyObject *Py_UNUSED(module), PyObject *engine)
     if (parts == NULL) {
         return NULL;
     }
-    PyObject *handles = NULL, *close = NULL, *key, *part;
+    PyObject *handles = NULL, *key, *part;
     Py_ssize_t pos = 0;
     while (PyDict_CheckExact(parts) && PyDict_Next(parts, &pos, &key, &part)) {
         int is_segments = PyUnicode_Check(key) && PyUnicode_Compare(key, s_segments_key) == 0;
@@ -168,11 +168,6 @@ cengine_end_child(PyObject *Py_UNUSED(module), PyObject *engine)
         else if (is_locks && handles == NULL) {
             handles = open_lock_handles(part);
             simple = handles != NULL ? 1 : PyErr_Occurred() ? -1 : 0;
-            /* The backend's lock_close, as the part found it (LocksPart.fast). */
-            PyObject *table = ps_slot_peek(&sl_lp_fast, part);
-            if (table != NULL && PyTuple_CheckExact(table) && PyTuple_GET_SIZE(table) == 5) {
-                close = Py_NewRef(PyTuple_GET_ITEM(table, 4));
-            }
         }
         else {
             simple = 0; /* anything else: the Python shutdown knows it */
@@ -187,19 +182,16 @@ cengine_end_child(PyObject *Py_UNUSED(module), PyObject *engine)
     Py_DECREF(parts);
     if (simple != 1) {
         Py_XDECREF(handles);
-        Py_XDECREF(close);
         return simple < 0 ? NULL : Py_NewRef(Py_False);
     }
     if (handles == NULL || PyList_GET_SIZE(handles) == 0) {
         Py_XDECREF(handles);
-        Py_XDECREF(close);
         Py_RETURN_TRUE;
     }
-    if (close == NULL) {
-        PyObject *backend = ps_slot_get(&sl_e_backend, engine, s_backend_e);
-        close = backend == NULL ? NULL : PyObject_GetAttr(backend, s_lock_close);
-        Py_XDECREF(backend);
-    }
+    /* (Looked up now, as the Python close does: not the part's table.) */
+    PyObject *backend = ps_slot_get(&sl_e_backend, engine, s_backend_e);
+    PyObject *close = backend == NULL ? NULL : PyObject_GetAttr(backend, s_lock_close);
+    Py_XDECREF(backend);
     if (close == NULL) {
         Py_DECREF(handles);
         return NULL;

@@ -231,7 +231,7 @@ lock_open_new(PyObject *part, PyObject *backend, PyObject *ns, PyObject *name, P
     PyObject *held = NULL; /* the reference that keeps the four above: the table, or NULL */
     int made = 0; /* made by create_fast, at the lock's size */
     PyObject *table = ps_slot_peek(&sl_lp_fast, part);
-    if (table != NULL && PyTuple_CheckExact(table) && PyTuple_GET_SIZE(table) == 5) {
+    if (table != NULL && PyTuple_CheckExact(table) && PyTuple_GET_SIZE(table) == 4) {
         /* The backend's functions, found when the part was built (LocksPart.fast):
          * borrowed from the table, which is held instead (one count written,
          * not four). */

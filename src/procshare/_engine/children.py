@@ -43,6 +43,7 @@ from procshare._backends.api_process import Exit
 from procshare._engine import core as _core
 from procshare._engine import locks as _locks
 from procshare._engine import scopes, transport, userwarn
+from procshare._engine.children_warn import ChildrenWarnings
 from procshare._engine.scopes import CANCEL_GRACE, ScopeCancelled, ScopeState
 from procshare._engine.transport import Record
 from procshare.errors import ForkError, UsageError
@@ -81,7 +82,7 @@ CHILD_HANDLERS: dict[int, Callable[[int, FrameType | None], Any]] = {
 }
 
 
-class ChildrenPart:
+class ChildrenPart(ChildrenWarnings):
     """Every child this process forked and has not reaped yet.
 
     Slotted: the backend's C start and join (see ``_engine/accel.py``) read
@@ -377,25 +378,6 @@ class ChildrenPart:
             for r in blind:
                 self.advance(r)
 
-    def _warn_held_locks(self) -> None:
-        """A wait for children has lasted DEADLOCK_WATCH seconds: warn if the
-        waiting thread holds a lock somebody is waiting for."""
-        held: list[str] = []
-        for key in (_locks.KEY, "anonymous-locks"):  # named, then anonymous (.anonymous)
-            part = self.engine.existing_part(key)
-            if isinstance(part, _locks.LocksPart):
-                held += part.held_and_awaited()
-        if held:
-            userwarn.warn(
-                f"procshare: this thread has waited {DEADLOCK_WATCH:g} s for child processes "
-                f"while it holds interprocess lock {', '.join(map(repr, held))}, which "
-                "another process is waiting for. If that process is one of the children, "
-                "neither can go on: the child waits for the lock and this thread for the "
-                "child. Release the lock before waiting for children; to share a lock with "
-                "children, open it in the parent without `with` (see 'Making it fast' in "
-                "the seed scenario tutorial)."
-            )
-
     def signal(self, rec: Record, signum: int) -> bool:
         """Signal a child that has not been reaped (never a reused pid)."""
         with self._lock:
@@ -503,22 +485,6 @@ class ChildrenPart:
         for rec in reaped:
             self._warn_dropped(rec)
 
-    def _warn_dropped(self, rec: Record) -> None:
-        exit_ = rec.exit
-        if rec.timed_out:
-            what = f"was cancelled after its timeout of {rec.timeout} s"
-        elif exit_ is not None and exit_.signal is not None:
-            what = f"was killed by signal {exit_.signal}"
-        elif exit_ is not None and exit_.status:
-            what = f"ended with exit status {exit_.status} (an exception, or sys.exit)"
-        else:
-            return
-        userwarn.warn(
-            f"procshare: child {rec.name!r} (pid {rec.pid}) {what}, and its handle was "
-            "dropped without join(), so nobody saw its error. Keep the Child and call "
-            "join(), or fork it inside `with ps.children():`."
-        )
-
     def shutdown(self) -> None:
         """Interpreter (or child) exit: wait for non-daemon children (cancel them
         if the interpreter is exiting on Ctrl-C), cancel daemon ones, reap them all."""
@@ -557,23 +523,6 @@ class ChildrenPart:
                     with contextlib.suppress(Exception):
                         self._warn_dropped(rec)
             self._warn_quietly()
-
-    def _warn_quietly(self) -> None:
-        if self._held_news:
-            with contextlib.suppress(Exception):
-                self._warn_held_at_end()
-
-    def _warn_held_at_end(self) -> None:
-        """Children said they ended holding interprocess locks (see ``_finish``)."""
-        with self._lock:
-            news, self._held_news = self._held_news, []
-        for rec, names in news:
-            userwarn.warn(
-                f"procshare: child {rec.name!r} (pid {rec.pid}) ended while holding "
-                f"interprocess lock {', '.join(map(repr, names))}; the next process to "
-                "take it will be told ps.OwnerDied. Release every lock before the "
-                "child's function returns: use `with lock:` rather than acquire()."
-            )
 
 
 def still_running(pid: int) -> bool:

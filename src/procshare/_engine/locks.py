@@ -287,16 +287,17 @@ class LocksPart:
         self._entries: dict[tuple[str, str], LockEntry] = {}
         #: set when an entry may have lost its last user (a lock object was collected)
         self.maybe_idle = False
-        #: The backend functions the C open and end call, found once, here (in
-        #: the parent, for the part a forked child adopts): ``segment_open_fast``
-        #: and ``lock_create_fast`` (``None`` where the backend has none),
-        #: ``lock_data_size``, ``lock_attach``, ``lock_close``.
+        #: What the C open (``_cengine``) calls, found once, here (in the parent,
+        #: for the part a forked child adopts, which then looks nothing up):
+        #: the backend's one-call open and lock creation (``None`` where it has
+        #: none; the Python open uses ``segment_open`` and ``segment_create``),
+        #: ``lock_data_size`` and ``lock_attach``. A test that replaces one of
+        #: these on the backend replaces it here too.
         self.fast = (
             getattr(backend, "segment_open_fast", None),
             getattr(backend, "lock_create_fast", None),
             backend.lock_data_size,
             backend.lock_attach,
-            backend.lock_close,
         )
 
     # -- opening and closing -------------------------------------------------
