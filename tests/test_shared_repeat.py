@@ -174,6 +174,34 @@ def test_a_planned_reopen_of_a_held_number_is_one_c_call(
             ps.shared("rep-open", ps.i64, create=False)
 
 
+@pytest.mark.parametrize("table", ["the part's", "none"])
+def test_the_c_planned_open_calls_the_backend_through_the_parts_open_fast(
+    monkeypatch: pytest.MonkeyPatch, table: str
+) -> None:
+    # SegmentsPart.open_fast: the backend's one-call open, found once when the
+    # part is built (a fresh child adopts a part its parent built, and looks
+    # nothing up). None: the backend has none, and its segment_open attaches.
+    from procshare._engine.segments import SegmentsPart, segments_part
+
+    part = segments_part()
+    assert part.open_fast is not None
+    real = part.open_fast
+    opened: list[str] = []
+
+    def counting(os_name: str, meta: bytes) -> object:
+        opened.append(os_name)
+        return real(os_name, meta)
+
+    with ps.shared("rep-table", ps.u64) as held:  # plans it; this handle holds it
+        ps.shared("rep-table", ps.u64).close()  # (from now on it attaches first)
+        monkeypatch.setattr(part, "open_fast", counting if table == "the part's" else None)
+        monkeypatch.setattr(SegmentsPart, "open", _refuse)
+        with ps.shared("rep-table", ps.u64) as again:  # the C planned open
+            again.value = 5
+        assert held.value == 5
+    assert len(opened) == (1 if table == "the part's" else 0)
+
+
 def test_the_c_planned_open_runs_pending_housekeeping(monkeypatch: pytest.MonkeyPatch) -> None:
     from procshare._engine import core
     from procshare._engine.segments import SegmentsPart

@@ -118,7 +118,7 @@ cell_detach(CellObject *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
-static PyObject *str_release;
+static PyObject *str_release, *mv_cast, *mv_release;
 
 /* _ps_invalidate(): the segment closed: drop the buffer, put a closed
  * stand-in (_views._Closed, whose every use raises SegmentClosed) in place
@@ -140,7 +140,7 @@ cell_invalidate(CellObject *self, PyObject *Py_UNUSED(ignored))
     PyObject *mv = self->mv;
     self->mv = stand_in;
     if (mv != NULL && PyMemoryView_Check(mv)) {
-        PyObject *done = PyObject_CallMethodNoArgs(mv, str_release);
+        PyObject *done = PyObject_CallOneArg(mv_release, mv);
         if (done == NULL) {
             if (!PyErr_ExceptionMatches(PyExc_BufferError)) {
                 Py_DECREF(mv);
@@ -394,6 +394,12 @@ PyInit__cview(void)
     str_release = PyUnicode_InternFromString("release");
     if (str_get_slow == NULL || str_set_slow == NULL || str_view == NULL || str_close == NULL ||
         str_data == NULL || str_cast == NULL || str_release == NULL)
+        return NULL;
+    /* memoryview's cast and release, called through these (a method lookup in
+     * a fresh child writes the type's lookup cache and the method's count). */
+    mv_cast = PyObject_GetAttr((PyObject *)&PyMemoryView_Type, str_cast);
+    mv_release = PyObject_GetAttr((PyObject *)&PyMemoryView_Type, str_release);
+    if (mv_cast == NULL || mv_release == NULL)
         return NULL;
     if (PyType_Ready(&CellType) < 0 || PyType_Ready(&CoreType) < 0)
         return NULL;

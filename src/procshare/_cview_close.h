@@ -27,6 +27,7 @@ cview_close_setup(PyObject *Py_UNUSED(module), PyObject *args)
     if (ps_slot_find(&sl_part_engine, part, "engine", who) < 0 ||
         ps_slot_find(&sl_part_open, part, "_open", who) < 0 ||
         ps_slot_find(&sl_part_created_last, part, "_created_last", who) < 0 ||
+        ps_slot_find(&sl_part_open_fast, part, "open_fast", who) < 0 ||
         ps_slot_find(&sl_engine_pid, engine, "pid", who) < 0 ||
         ps_slot_find(&sl_engine_forks, engine, "forks", who) < 0 ||
         ps_slot_find(&sl_engine_forking, engine, "forking", who) < 0 ||

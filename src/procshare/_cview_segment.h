@@ -32,7 +32,7 @@ static PyObject *str_view, *str_close, *str_data, *str_cast;
  * close read (_slots.h), found by close_setup(). */
 static ps_slot sl_engine_pid, sl_engine_forks, sl_engine_forking, sl_engine_backend,
     sl_engine_pending, sl_engine_kept, sl_engine_parts, sl_part_engine, sl_part_open,
-    sl_part_created_last;
+    sl_part_created_last, sl_part_open_fast;
 
 static int
 core_traverse(CoreObject *self, visitproc visit, void *arg)
@@ -187,7 +187,8 @@ cview_scalar_segment(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssiz
     data = PyObject_GetAttr(REC_FIELD(rec, rec_handle_off), str_data);
     if (data == NULL)
         goto fail;
-    mv = PyObject_CallMethodOneArg(data, str_cast, fmt);
+    mv = PyMemoryView_Check(data) ? PyObject_Vectorcall(mv_cast, (PyObject *[]){data, fmt}, 2, NULL)
+                                  : PyObject_CallMethodOneArg(data, str_cast, fmt);
     if (mv == NULL)
         goto fail;
     view = (CellObject *)view_cls->tp_alloc(view_cls, 0);
@@ -332,17 +333,22 @@ current_engine(void)
 }
 
 /* backend.segment_open(os_name, keep_orphan=keep, meta=meta), through the
- * backend's one-call common case (segment_open_fast) when it has one. */
+ * backend's one-call common case (segment_open_fast) when it has one: as the
+ * segments part found it (SegmentsPart.open_fast), else looked up. */
 static PyObject *
-open_by_name(PyObject *backend, PyObject *os_name, PyObject *keep, PyObject *meta)
+open_by_name(PyObject *part, PyObject *backend, PyObject *os_name, PyObject *keep, PyObject *meta)
 {
-    PyObject *fast = PyObject_GetAttr(backend, str_open_fast);
-    if (fast == NULL) {
+    PyObject *fast = ps_slot_peek(&sl_part_open_fast, part);
+    if (fast == Py_None)
+        fast = NULL;
+    else if (fast != NULL)
+        Py_INCREF(fast);
+    else if ((fast = PyObject_GetAttr(backend, str_open_fast)) == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_AttributeError))
             return NULL;
         PyErr_Clear();
     }
-    else {
+    if (fast != NULL) {
         PyObject *call[2] = {os_name, meta};
         PyObject *found = PyObject_Vectorcall(fast, call, 2, NULL);
         Py_DECREF(fast);
@@ -464,7 +470,7 @@ cview_open_planned(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
     PyObject *backend = ps_slot_get(&sl_engine_backend, engine, str_backend);
     if (backend == NULL)
         goto done;
-    handle = open_by_name(backend, os_name, op_keep_nothing, meta);
+    handle = open_by_name(part, backend, os_name, op_keep_nothing, meta);
     Py_DECREF(backend);
     if (handle == NULL) {
         if (PyErr_ExceptionMatches(PyExc_OSError)) {

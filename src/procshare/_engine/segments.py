@@ -227,12 +227,17 @@ class SegmentsPart:
     instance dictionary is one more object (and page) to make there.
     """
 
-    __slots__ = ("_created_last", "_open", "engine", "init_hook")
+    __slots__ = ("_created_last", "_open", "engine", "init_hook", "open_fast")
 
     order = 20
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        #: The backend's one-call open (``segment_open_fast``, or ``None``), which
+        #: the front end's C planned open calls: found once, here (in the
+        #: parent, for the part a forked child adopts, which then looks
+        #: nothing up). The Python open uses ``segment_open``.
+        self.open_fast = getattr(engine.backend, "segment_open_fast", None)
         #: Test hook: called during initialisation of a new segment, half-way
         #: through writing ``initial`` and before publication. Tests set it in a
         #: forked child to pause (or die) there and prove nobody sees the half.
