@@ -167,8 +167,9 @@ def test_bad_arguments_are_refused(
     assert message in capsys.readouterr().err
 
 
-def interrupt_demo(after_header: float) -> tuple[int, str]:
-    """Run ``demo --processes 5 --sleep``, Ctrl-C it ``after_header`` s into the run."""
+def interrupt_demo(after_header: float, signum: int = signal.SIGINT) -> tuple[int, str]:
+    """Run ``demo --processes 5 --sleep``, Ctrl-C it (or send ``signum``)
+    ``after_header`` s into the run."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "procshare", "demo", "--processes", "5", "--sleep"],
         cwd=ROOT,
@@ -185,7 +186,7 @@ def interrupt_demo(after_header: float) -> tuple[int, str]:
             if not line.strip():
                 break
         time.sleep(after_header)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         rest, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -201,6 +202,19 @@ def test_ctrl_c_during_the_pause_stops_cleanly() -> None:
     assert code == 130, out
     assert "interrupted during run 1" in out
     assert "nothing left in shared memory" in out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("after", [0.3, 1.2])
+def test_sigterm_stops_it_as_ctrl_c_does_and_leaves_nothing(after: float) -> None:
+    # kill, timeout, a service manager: Python's default would end the process
+    # at once and leave the run's segment in a namespace nobody opens again.
+    code, out = interrupt_demo(after, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, out
+    assert "terminated (SIGTERM) during run 1" in out
+    assert "nothing left in shared memory" in out or (
+        "a lock whose holder was killed is kept" in out and "removed 1 object(s)" in out
+    ), out
 
 
 @pytest.mark.timeout(120)

@@ -11,6 +11,12 @@ Each invocation runs in a fresh namespace (``demo-<pid>-<random>``): a
 segment called ``"sum"`` that some other program keeps in the default
 namespace can neither spoil the result nor be touched by it, and "nothing
 left behind" can be checked exactly, by listing that namespace.
+
+Ctrl-C and ``SIGTERM`` (``kill``, ``timeout``, a service manager) stop it the
+same way: the children are cancelled and reaped, and the run's namespace is
+left empty. Nobody opens that namespace again, so without this a ``SIGTERM``
+(Python's default ends the process at once) left the run's segment in
+/dev/shm until a ``procshare gc``.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ import argparse
 import contextlib
 import os
 import secrets
+import signal
 import statistics
 import sys
+import threading
 import time
 
 import attrs
@@ -152,15 +160,31 @@ def run_once(number: int, processes: int, *, paced: bool, namespace: str) -> Run
     return Run(number, total, expected, wall, left, error)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: handled as Ctrl-C is (the children
+    are cancelled, the namespace is emptied), then reported as SIGTERM."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def _is_interrupt(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return exc.subgroup(KeyboardInterrupt) is not None
     return isinstance(exc, KeyboardInterrupt)
 
 
-def _interrupted(number: int, namespace: str) -> int:
+def _terminated(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(_Terminated) is not None
+    return isinstance(exc, _Terminated)
+
+
+def _interrupted(number: int, namespace: str, exc: BaseException) -> int:
     left = inspect.namespace_objects(namespace)
-    print(f"\ninterrupted during run {number}")
+    by_sigterm = _terminated(exc)
+    print(f"\n{'terminated (SIGTERM)' if by_sigterm else 'interrupted'} during run {number}")
     if left:
         # A child killed while it held the lock leaves the lock behind on purpose:
         # the next process to open "m" must be told its owner died (ps.OwnerDied).
@@ -170,7 +194,8 @@ def _interrupted(number: int, namespace: str) -> int:
         _remove_leftovers(namespace)
     else:
         print(f"nothing left in shared memory: namespace {namespace} is empty")
-    return 130  # the shell's convention for "ended by SIGINT"
+    # The shell's convention for "ended by SIGTERM" / "ended by SIGINT".
+    return 128 + signal.SIGTERM if by_sigterm else 130
 
 
 def _remove_leftovers(namespace: str) -> None:
@@ -251,6 +276,19 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m procshare demo``; returns the exit status."""
     p = parser()
     args = p.parse_args(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
+    try:
+        return _main(p, args)
+    except _Terminated:  # between runs: nothing of a run is open
+        print("\nterminated (SIGTERM)")
+        return 128 + signal.SIGTERM
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.cluster is None:
         return _run(p, args)
     # --cluster: the same program, unchanged, as Dask tasks (SPEC 8).
@@ -319,9 +357,9 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         except BaseException as exc:
             if not _is_interrupt(exc):
                 raise
-            # Ctrl-C: the children were terminated and what they held released;
-            # show that nothing leaked even so.
-            return _interrupted(number, namespace)
+            # Ctrl-C or SIGTERM: the children were terminated and what they
+            # held released; show that nothing leaked even so.
+            return _interrupted(number, namespace, exc)
         runs.append(run)
         found = run.problems(paced=paced, processes=processes)
         problems += found
