@@ -23,18 +23,20 @@ cview_close_setup(PyObject *Py_UNUSED(module), PyObject *args)
     if (!PyArg_ParseTuple(args, "O!O!O!:close_setup", &PyType_Type, &part, &PyType_Type, &engine,
                           &PyDict_Type, &core))
         return NULL;
-    const char *who = "close_setup";
-    if (ps_slot_find(&sl_part_engine, part, "engine", who) < 0 ||
-        ps_slot_find(&sl_part_open, part, "_open", who) < 0 ||
-        ps_slot_find(&sl_part_created_last, part, "_created_last", who) < 0 ||
-        ps_slot_find(&sl_part_open_fast, part, "open_fast", who) < 0 ||
-        ps_slot_find(&sl_engine_pid, engine, "pid", who) < 0 ||
-        ps_slot_find(&sl_engine_forks, engine, "forks", who) < 0 ||
-        ps_slot_find(&sl_engine_forking, engine, "forking", who) < 0 ||
-        ps_slot_find(&sl_engine_backend, engine, "backend", who) < 0 ||
-        ps_slot_find(&sl_engine_pending, engine, "pending", who) < 0 ||
-        ps_slot_find(&sl_engine_kept, engine, "kept", who) < 0 ||
-        ps_slot_find(&sl_engine_parts, engine, "_parts", who) < 0)
+    const ps_slot_spec slots[] = {
+        {&sl_part_engine, part, "engine"},
+        {&sl_part_open, part, "_open"},
+        {&sl_part_created_last, part, "_created_last"},
+        {&sl_part_open_fast, part, "open_fast"},
+        {&sl_engine_pid, engine, "pid"},
+        {&sl_engine_forks, engine, "forks"},
+        {&sl_engine_forking, engine, "forking"},
+        {&sl_engine_backend, engine, "backend"},
+        {&sl_engine_pending, engine, "pending"},
+        {&sl_engine_kept, engine, "kept"},
+        {&sl_engine_parts, engine, "_parts"},
+    };
+    if (ps_slots_find(slots, sizeof slots / sizeof slots[0], "close_setup") < 0)
         return NULL;
     if (intern(&str_close_fast, "segment_close_fast") < 0 ||
         intern(&str_close_failed, "_close_failed") < 0 || intern(&str_pid_g, "_pid") < 0 ||

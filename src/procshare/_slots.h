@@ -62,6 +62,23 @@ ps_slot_find(ps_slot *slot, PyObject *type, const char *name, const char *who)
     return 0;
 }
 
+/* One slot to find: where to keep it, the class, the slot's name. */
+typedef struct {
+    ps_slot *slot;
+    PyObject *type;
+    const char *name;
+} ps_slot_spec;
+
+/* Find each of `n` slots (ps_slot_find): 0, or -1 with TypeError. */
+static int
+ps_slots_find(const ps_slot_spec *specs, size_t n, const char *who)
+{
+    for (size_t i = 0; i < n; i++)
+        if (ps_slot_find(specs[i].slot, specs[i].type, specs[i].name, who) < 0)
+            return -1;
+    return 0;
+}
+
 /* Borrowed: obj's field, when obj is exactly of the slot's type and the field
  * is set; else NULL, with no exception (the caller looks the attribute up).
  * Valid only until Python code may run (it could replace the field). */

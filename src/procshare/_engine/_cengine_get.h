@@ -24,17 +24,19 @@ cengine_engine_setup(PyObject *Py_UNUSED(module), PyObject *args)
                           &new_engine)) {
         return NULL;
     }
-    const char *who = "engine_setup";
-    if (ps_slot_find(&sl_e_pid, type, "pid", who) < 0 ||
-        ps_slot_find(&sl_e_forks, type, "forks", who) < 0 ||
-        ps_slot_find(&sl_e_forking, type, "forking", who) < 0 ||
-        ps_slot_find(&sl_e_pending, type, "pending", who) < 0 ||
-        ps_slot_find(&sl_e_kept, type, "kept", who) < 0 ||
-        ps_slot_find(&sl_e_parts, type, "_parts", who) < 0 ||
-        ps_slot_find(&sl_e_lock, type, "lock", who) < 0 ||
-        ps_slot_find(&sl_e_backend, type, "backend", who) < 0 ||
-        ps_slot_find(&sl_e_closed, type, "_closed", who) < 0 ||
-        ps_slot_find(&sl_e_deferred, type, "_deferred", who) < 0) {
+    const ps_slot_spec slots[] = {
+        {&sl_e_pid, type, "pid"},
+        {&sl_e_forks, type, "forks"},
+        {&sl_e_forking, type, "forking"},
+        {&sl_e_pending, type, "pending"},
+        {&sl_e_kept, type, "kept"},
+        {&sl_e_parts, type, "_parts"},
+        {&sl_e_lock, type, "lock"},
+        {&sl_e_backend, type, "backend"},
+        {&sl_e_closed, type, "_closed"},
+        {&sl_e_deferred, type, "_deferred"},
+    };
+    if (ps_slots_find(slots, sizeof slots / sizeof slots[0], "engine_setup") < 0) {
         return NULL;
     }
     if (intern_str(&s_ge_engine, "_engine") < 0 || intern_str(&s_ge_spare, "_spare") < 0 ||

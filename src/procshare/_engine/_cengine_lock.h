@@ -60,21 +60,23 @@ cengine_lock_setup(PyObject *Py_UNUSED(module), PyObject *conf)
         PyErr_SetString(PyExc_TypeError, "lock_setup: wrong types");
         return NULL;
     }
-    const char *who = "lock_setup";
     PyObject *locks_part = PyDict_GetItemString(conf, "LocksPart");        /* borrowed */
     PyObject *segments_part = PyDict_GetItemString(lk_segments, "SegmentsPart"); /* borrowed */
     if (locks_part == NULL || segments_part == NULL) {
         PyErr_SetString(PyExc_KeyError, "lock_setup: LocksPart or segments.SegmentsPart missing");
         return NULL;
     }
-    if (ps_slot_find(&sl_lp_entries, locks_part, "_entries", who) < 0 ||
-        ps_slot_find(&sl_lp_backend, locks_part, "backend", who) < 0 ||
-        ps_slot_find(&sl_lp_engine, locks_part, "engine", who) < 0 ||
-        ps_slot_find(&sl_lp_fast, locks_part, "fast", who) < 0 ||
-        ps_slot_find(&sl_le_users, lk_entry_cls, "users", who) < 0 ||
-        ps_slot_find(&sl_le_closed, lk_entry_cls, "closed", who) < 0 ||
-        ps_slot_find(&sl_le_handle, lk_entry_cls, "handle", who) < 0 ||
-        ps_slot_find(&sl_sp_open, segments_part, "_open", who) < 0) {
+    const ps_slot_spec fields[] = {
+        {&sl_lp_entries, locks_part, "_entries"},
+        {&sl_lp_backend, locks_part, "backend"},
+        {&sl_lp_engine, locks_part, "engine"},
+        {&sl_lp_fast, locks_part, "fast"},
+        {&sl_le_users, lk_entry_cls, "users"},
+        {&sl_le_closed, lk_entry_cls, "closed"},
+        {&sl_le_handle, lk_entry_cls, "handle"},
+        {&sl_sp_open, segments_part, "_open"},
+    };
+    if (ps_slots_find(fields, sizeof fields / sizeof fields[0], "lock_setup") < 0) {
         return NULL;
     }
     /* The engine's lock is taken and released through the methods found here
