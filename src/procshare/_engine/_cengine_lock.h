@@ -361,6 +361,15 @@ python:
     return PyObject_CallMethodObjArgs(part, s_open_new, ns, name, mode, NULL);
 }
 
+/* lock.name(): through `method`, found by lock_setup(), when the engine's
+ * lock is the RLock it expects (no method lookup), else looked up. */
+static PyObject *
+rlock_call(PyObject *lock, PyObject *method, PyObject *name)
+{
+    return Py_IS_TYPE(lock, (PyTypeObject *)lk_rlock) ? PyObject_CallOneArg(method, lock)
+                                                      : PyObject_CallMethodNoArgs(lock, name);
+}
+
 /* Whether entry.closed is true: 1, 0, -1 with an exception set. */
 static int
 entry_closed(PyObject *entry)
@@ -433,9 +442,7 @@ cengine_open_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
         Py_CLEAR(entry);
     }
     lock = ps_slot_get(&sl_e_lock, engine, s_lock);
-    PyObject *taken = lock == NULL                 ? NULL
-                      : Py_IS_TYPE(lock, (PyTypeObject *)lk_rlock) ? PyObject_CallOneArg(lk_rlock_acquire, lock)
-                                                   : PyObject_CallMethodNoArgs(lock, s_acquire);
+    PyObject *taken = lock == NULL ? NULL : rlock_call(lock, lk_rlock_acquire, s_acquire);
     if (taken == NULL) {
         goto done;
     }
@@ -474,9 +481,7 @@ cengine_open_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
     {
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);
-        PyObject *released = Py_IS_TYPE(lock, (PyTypeObject *)lk_rlock)
-                                 ? PyObject_CallOneArg(lk_rlock_release, lock)
-                                 : PyObject_CallMethodNoArgs(lock, s_release);
+        PyObject *released = rlock_call(lock, lk_rlock_release, s_release);
         if (released == NULL) {
             if (type == NULL) {
                 Py_CLEAR(result); /* that error is the one to report */
