@@ -61,7 +61,8 @@ static int
 close_fast(CoreObject *self)
 {
     PyObject *rec = self->rec, *part = self->part;
-    if (sl_part_engine.type == NULL || rec == NULL || record_type == NULL || !Py_IS_TYPE(rec, record_type))
+    if (sl_part_engine.type == NULL || rec == NULL || record_type == NULL ||
+        !Py_IS_TYPE(rec, record_type))
         return 0;
     if (REC_FIELD(rec, rec_closed_off) != Py_False)
         return REC_FIELD(rec, rec_closed_off) == Py_True; /* closed already: nothing to do */

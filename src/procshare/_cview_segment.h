@@ -510,7 +510,8 @@ cview_open_planned(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_
             goto done;
         /* Below any fork under way in another thread: its child inherits this. */
         PyObject *forks = ps_slot_get(&sl_engine_forks, engine, str_forks);
-        PyObject *forking = forks == NULL ? NULL : ps_slot_get(&sl_engine_forking, engine, str_forking);
+        PyObject *forking =
+            forks == NULL ? NULL : ps_slot_get(&sl_engine_forking, engine, str_forking);
         PyObject *below = forking == NULL ? NULL : PyNumber_Subtract(forks, forking);
         Py_XDECREF(forks);
         Py_XDECREF(forking);
