@@ -21,6 +21,25 @@ from procshare._queue import READING, WRITING
 numpy = pytest.importorskip("numpy")
 
 
+@ps.forked
+def _claim_and_die(name: str, maxsize: int) -> None:
+    mine = ps.interprocess_queue(name, maxsize)
+    obj = mine._obj
+    obj.lock()
+    d = mine._claim(obj)
+    obj.unlock()
+    assert obj.words.load(d) == READING
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _consumer_killed_reading(name: str, maxsize: int = 0) -> None:
+    """A consumer opens the queue by name, claims the next item (READING) and
+    is killed holding it."""
+    status = _claim_and_die(name, maxsize).wait()
+    assert status is not None
+    assert status.outcome == "killed"
+
+
 def test_fifo_of_objects() -> None:
     q = ps.interprocess_queue("q")
     assert q.empty()
@@ -203,19 +222,7 @@ def test_a_consumer_killed_while_reading_gives_the_item_back() -> None:
     q.put("first")
     q.put("second")
 
-    @ps.forked
-    def claim_and_die() -> None:
-        mine = ps.interprocess_queue("dead-consumer")
-        obj = mine._obj
-        obj.lock()
-        d = mine._claim(obj)
-        obj.unlock()
-        assert obj.words.load(d) == READING
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    status = claim_and_die().wait()
-    assert status is not None
-    assert status.outcome == "killed"
+    _consumer_killed_reading("dead-consumer")
     assert q.get(timeout=5) == "second"
     assert q.get(timeout=5) == "first"  # back, once the waiter saw its reader dead
     with pytest.raises(queue.Empty):
@@ -278,19 +285,7 @@ def test_an_item_a_dead_consumer_held_is_found_before_empty(
     q._last_sweep = time.monotonic()
     q.put("only")
 
-    @ps.forked
-    def claim_and_die() -> None:
-        mine = ps.interprocess_queue("held-item", maxsize=4)
-        obj = mine._obj
-        obj.lock()
-        d = mine._claim(obj)
-        obj.unlock()
-        assert obj.words.load(d) == READING
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    status = claim_and_die().wait()
-    assert status is not None
-    assert status.outcome == "killed"
+    _consumer_killed_reading("held-item", maxsize=4)
     assert q.qsize() == 0
     assert q.get_nowait() == "only"  # was queue.Empty
     with pytest.raises(queue.Empty):

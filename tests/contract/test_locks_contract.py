@@ -32,18 +32,24 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return get_backend()
 
 
-@pytest.fixture
-def segment(backend: Backend) -> Iterator[SegmentHandle]:
-    os_name = names.os_name(names.LOCK, "contract")
+def _new_lock_object(backend: Backend, os_name: str, meta: bytes) -> SegmentHandle:
+    """A lock object made the general way: segment_create with the lock's size and set-up."""
     handle = backend.segment_create(
         os_name,
-        meta=b'{"kind": "lock"}',
+        meta=meta,
         data_size=backend.lock_data_size,
         mode=0o600,
         persist=False,
         init=backend.lock_init,
     )
     assert handle is not None
+    return handle
+
+
+@pytest.fixture
+def segment(backend: Backend) -> Iterator[SegmentHandle]:
+    os_name = names.os_name(names.LOCK, "contract")
+    handle = _new_lock_object(backend, os_name, b'{"kind": "lock"}')
     yield handle
     backend.segment_close(handle, keep=lambda _h: False)
     backend.segment_unlink(os_name)
@@ -102,15 +108,7 @@ def test_fresh_lock_is_free_and_needs_no_keeping(
 def test_lock_close_removes_the_last_holders_clean_lock(backend: Backend) -> None:
     os_name = names.os_name(names.LOCK, "contract-close")
     meta = b'{"kind": "lock"}'
-    first = backend.segment_create(
-        os_name,
-        meta=meta,
-        data_size=backend.lock_data_size,
-        mode=0o600,
-        persist=False,
-        init=backend.lock_init,
-    )
-    assert first is not None
+    first = _new_lock_object(backend, os_name, meta)
     second = backend.segment_open(os_name, keep_orphan=backend.lock_keep, meta=meta)
     assert second is not None
     m = backend.lock_attach(second)
@@ -127,15 +125,7 @@ def test_lock_close_removes_the_last_holders_clean_lock(backend: Backend) -> Non
 @pytest.mark.timeout(30)
 def test_lock_close_keeps_a_lock_whose_holder_died_unconfirmed(backend: Backend) -> None:
     os_name = names.os_name(names.LOCK, "contract-keep")
-    handle = backend.segment_create(
-        os_name,
-        meta=b'{"kind": "lock"}',
-        data_size=backend.lock_data_size,
-        mode=0o600,
-        persist=False,
-        init=backend.lock_init,
-    )
-    assert handle is not None
+    handle = _new_lock_object(backend, os_name, b'{"kind": "lock"}')
     m = backend.lock_attach(handle)
     try:
         _die_holding(m)
