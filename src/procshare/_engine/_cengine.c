@@ -340,8 +340,13 @@ cnames_blake2b_hex(PyObject *Py_UNUSED(module), PyObject *args)
  * entry's and the segments part's, found by lock_setup(). */
 static ps_slot sl_e_pid, sl_e_forks, sl_e_forking, sl_e_pending, sl_e_kept, sl_e_parts, sl_e_lock,
     sl_e_backend, sl_e_closed, sl_e_deferred;
-static ps_slot sl_lp_entries, sl_lp_backend, sl_lp_engine, sl_lp_fast, sl_le_users, sl_le_closed,
-    sl_le_handle, sl_sp_open;
+static ps_slot sl_lp_entries, sl_lp_backend, sl_lp_engine, sl_lp_fast, sl_sp_open;
+/* A lock entry's ten slots: read by the open and the end, set by entry_new. */
+enum { EN_CLOSED, EN_CLOSED_AT, EN_FORKS, EN_HANDLE, EN_MUTEX, EN_NAME, EN_NAMESPACE,
+       EN_OS_NAME, EN_PART, EN_USERS, EN_COUNT };
+static const char *const en_names[EN_COUNT] = {"closed", "closed_at", "forks", "handle", "mutex",
+                                               "name", "namespace", "os_name", "part", "users"};
+static ps_slot sl_le[EN_COUNT];
 
 #include "_cengine_record.h"
 #include "_cengine_lock.h"

@@ -104,8 +104,8 @@ open_lock_handles(PyObject *part)
     Py_ssize_t pos = 0;
     PyObject *key, *entry;
     while (handles != NULL && PyDict_Next(entries, &pos, &key, &entry)) {
-        int done = ps_slot_true(&sl_le_closed, entry, s_closed_entry);
-        PyObject *handle = done != 0 ? NULL : ps_slot_get(&sl_le_handle, entry, s_handle_entry);
+        int done = ps_slot_true(&sl_le[EN_CLOSED], entry, s_closed_entry);
+        PyObject *handle = done != 0 ? NULL : ps_slot_get(&sl_le[EN_HANDLE], entry, s_handle_entry);
         if (done < 0 || (done == 0 && (handle == NULL || PyList_Append(handles, handle) < 0))) {
             Py_XDECREF(handle);
             Py_CLEAR(handles);

@@ -71,13 +71,15 @@ cengine_lock_setup(PyObject *Py_UNUSED(module), PyObject *conf)
         {&sl_lp_backend, locks_part, "backend"},
         {&sl_lp_engine, locks_part, "engine"},
         {&sl_lp_fast, locks_part, "fast"},
-        {&sl_le_users, lk_entry_cls, "users"},
-        {&sl_le_closed, lk_entry_cls, "closed"},
-        {&sl_le_handle, lk_entry_cls, "handle"},
         {&sl_sp_open, segments_part, "_open"},
     };
     if (ps_slots_find(fields, sizeof fields / sizeof fields[0], "lock_setup") < 0) {
         return NULL;
+    }
+    for (int i = 0; i < EN_COUNT; i++) {
+        if (ps_slot_find(&sl_le[i], lk_entry_cls, en_names[i], "lock_setup") < 0) {
+            return NULL;
+        }
     }
     /* The engine's lock is taken and released through the methods found here
      * (a method lookup in a fresh child writes the type's lookup cache). */
@@ -374,7 +376,7 @@ rlock_call(PyObject *lock, PyObject *method, PyObject *name)
 static int
 entry_closed(PyObject *entry)
 {
-    return ps_slot_true(&sl_le_closed, entry, s_closed);
+    return ps_slot_true(&sl_le[EN_CLOSED], entry, s_closed);
 }
 
 /* open_lock(engine, name, user, mode) -> the entry for name in the current
@@ -423,7 +425,7 @@ cengine_open_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
     else {
         /* Register first, then check: a concurrent close marks the entry
          * closed before it looks at the users (LocksPart._close_if_idle). */
-        users = ps_slot_get(&sl_le_users, entry, s_users);
+        users = ps_slot_get(&sl_le[EN_USERS], entry, s_users);
         if (users == NULL || PySet_Add(users, user) < 0) {
             goto done;
         }
@@ -473,7 +475,7 @@ cengine_open_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
         }
     }
     if (entry != NULL) {
-        users = ps_slot_get(&sl_le_users, entry, s_users);
+        users = ps_slot_get(&sl_le[EN_USERS], entry, s_users);
         if (users != NULL && PySet_Add(users, user) == 0) {
             result = Py_NewRef(entry);
         }

@@ -10,15 +10,11 @@
  * constructors set them for a valid name and the default options. */
 
 static PyTypeObject *nl_lock_type, *nl_entry_type;
-static Py_ssize_t nl_name, nl_timeout, nl_death, nl_entry, nl_m, en_slot[10];
+static Py_ssize_t nl_name, nl_timeout, nl_death, nl_entry, nl_m;
 static PyObject *s_poll_e, *s_engine_p;
 
-enum { EN_CLOSED, EN_CLOSED_AT, EN_FORKS, EN_HANDLE, EN_MUTEX, EN_NAME, EN_NAMESPACE,
-       EN_OS_NAME, EN_PART, EN_USERS };
-static const char *const en_names[10] = {"closed", "closed_at", "forks", "handle", "mutex",
-                                         "name", "namespace", "os_name", "part", "users"};
-
-/* new_lock_setup(InterprocessLock, LockEntry) */
+/* new_lock_setup(InterprocessLock, LockEntry), after lock_setup() found the
+ * entry's slots (sl_le) on the same LockEntry. */
 static PyObject *
 cengine_new_lock_setup(PyObject *Py_UNUSED(module), PyObject *args)
 {
@@ -34,10 +30,9 @@ cengine_new_lock_setup(PyObject *Py_UNUSED(module), PyObject *args)
         ps_member_offset(lock, "_m", &nl_m, who) < 0) {
         return NULL;
     }
-    for (int i = 0; i < 10; i++) {
-        if (ps_member_offset(entry, en_names[i], &en_slot[i], who) < 0) {
-            return NULL;
-        }
+    if (sl_le[0].type != entry) {
+        PyErr_SetString(PyExc_TypeError, "new_lock_setup: not the LockEntry lock_setup() took");
+        return NULL;
     }
     if (intern_str(&s_poll_e, "poll") < 0 || intern_str(&s_engine_p, "engine") < 0) {
         return NULL;
@@ -80,16 +75,16 @@ entry_new(PyObject *name, PyObject *ns, PyObject *os_name, PyObject *handle, PyO
         Py_XDECREF(zero);
         return NULL;
     }
-    AT(entry, en_slot[EN_NAME]) = Py_NewRef(name);
-    AT(entry, en_slot[EN_NAMESPACE]) = Py_NewRef(ns);
-    AT(entry, en_slot[EN_OS_NAME]) = Py_NewRef(os_name);
-    AT(entry, en_slot[EN_HANDLE]) = Py_NewRef(handle);
-    AT(entry, en_slot[EN_MUTEX]) = Py_NewRef(mutex);
-    AT(entry, en_slot[EN_PART]) = Py_NewRef(part);
-    AT(entry, en_slot[EN_USERS]) = users;
-    AT(entry, en_slot[EN_CLOSED]) = Py_NewRef(Py_False);
-    AT(entry, en_slot[EN_FORKS]) = forks;
-    AT(entry, en_slot[EN_CLOSED_AT]) = zero;
+    AT(entry, sl_le[EN_NAME].offset) = Py_NewRef(name);
+    AT(entry, sl_le[EN_NAMESPACE].offset) = Py_NewRef(ns);
+    AT(entry, sl_le[EN_OS_NAME].offset) = Py_NewRef(os_name);
+    AT(entry, sl_le[EN_HANDLE].offset) = Py_NewRef(handle);
+    AT(entry, sl_le[EN_MUTEX].offset) = Py_NewRef(mutex);
+    AT(entry, sl_le[EN_PART].offset) = Py_NewRef(part);
+    AT(entry, sl_le[EN_USERS].offset) = users;
+    AT(entry, sl_le[EN_CLOSED].offset) = Py_NewRef(Py_False);
+    AT(entry, sl_le[EN_FORKS].offset) = forks;
+    AT(entry, sl_le[EN_CLOSED_AT].offset) = zero;
     return entry;
 }
 
@@ -134,8 +129,8 @@ cengine_new_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t 
         entry = cengine_open_lock(NULL, call, 4);
         Py_DECREF(user);
     }
-    PyObject *mutex = entry == NULL ? NULL : AT(entry, en_slot[EN_MUTEX]);
-    if (entry != NULL && (!Py_IS_TYPE(entry, nl_entry_type) || mutex == NULL)) {
+    PyObject *mutex = entry == NULL ? NULL : ps_slot_peek(&sl_le[EN_MUTEX], entry);
+    if (entry != NULL && mutex == NULL) {
         mutex = PyObject_GetAttrString(entry, "mutex"); /* (a Python-made entry) */
         Py_XDECREF(mutex);                               /* (the entry keeps it) */
     }
