@@ -20,6 +20,7 @@ setup(
             depends=[
                 "src/procshare/_backends/posix/_robustmutex_reuse.h",
                 "src/procshare/_backends/posix/_lock_layout.h",
+                "src/procshare/_slots.h",
             ],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
             libraries=["pthread"],
@@ -35,6 +36,7 @@ setup(
                 "src/procshare/_backends/posix/_forkstep.h",
                 "src/procshare/_backends/posix/_forkfast.h",
                 "src/procshare/_backends/posix/_forkstep_private.h",
+                "src/procshare/_slots.h",
             ],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         ),

@@ -1,6 +1,7 @@
 /* Included by procshare's C extensions that read procshare's own slotted
- * objects (_cview.c, _engine/_cengine.c): a field read without an attribute
- * lookup.
+ * objects (_cview.c, _engine/_cengine.c; the backend's _forkfast.c and
+ * _robustmutex.c find their offsets with ps_member_offset): a field read
+ * without an attribute lookup.
  *
  * Why: a freshly forked child runs the C open and close paths once, for the
  * first time in its life, and every page it writes there is a page the
@@ -28,7 +29,7 @@ typedef struct {
 /* The offset of `name`, a slot (a T_OBJECT_EX or T_OBJECT member) of `type`,
  * as attribute lookup on the class finds it (a subclass's property of that
  * name is not a slot): 0, or -1 with TypeError (`who` names the setup call). */
-static int
+static inline int
 ps_member_offset(PyTypeObject *type, const char *name, Py_ssize_t *out, const char *who)
 {
     PyObject *descr = PyObject_GetAttrString((PyObject *)type, name);
@@ -48,7 +49,7 @@ ps_member_offset(PyTypeObject *type, const char *name, Py_ssize_t *out, const ch
 }
 
 /* Find `name`, a slot of the class `type`, for ps_slot_peek and ps_slot_get. */
-static int
+static inline int
 ps_slot_find(ps_slot *slot, PyObject *type, const char *name, const char *who)
 {
     if (!PyType_Check(type)) {
@@ -70,7 +71,7 @@ typedef struct {
 } ps_slot_spec;
 
 /* Find each of `n` slots (ps_slot_find): 0, or -1 with TypeError. */
-static int
+static inline int
 ps_slots_find(const ps_slot_spec *specs, size_t n, const char *who)
 {
     for (size_t i = 0; i < n; i++)

@@ -32,6 +32,7 @@
  * those works alike on both paths.
  */
 #include "_forkfast.h"
+#include "../../_slots.h"
 
 #include <unistd.h>
 
@@ -64,14 +65,9 @@ static int
 slot_offsets(PyTypeObject *type, const char *const *names, Py_ssize_t *out, int n)
 {
     for (int i = 0; i < n; i++) {
-        PyObject *descr = PyDict_GetItemString(type->tp_dict, names[i]); /* borrowed */
-        if (descr == NULL || !PyObject_TypeCheck(descr, &PyMemberDescr_Type) ||
-            ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
-            PyErr_Format(PyExc_TypeError, "fast_setup: %s has no slot %s", type->tp_name,
-                         names[i]);
+        if (ps_member_offset(type, names[i], &out[i], "fast_setup") < 0) {
             return -1;
         }
-        out[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
     }
     return 0;
 }

@@ -613,6 +613,7 @@ static PyTypeObject GuardType = {
     .tp_members = Guard_members,
 };
 
+#include "../../_slots.h"
 #include "_robustmutex_reuse.h"
 
 /* taken_here() -> whether a thread of this process has taken any mutex since

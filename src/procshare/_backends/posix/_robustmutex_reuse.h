@@ -22,15 +22,14 @@ static PyTypeObject *reuse_engine_type;
 static Py_ssize_t by_name_offset, pending_offset;
 
 static Py_ssize_t
-slot_offset(PyTypeObject *type, PyObject *name)
+slot_offset(PyTypeObject *type, const char *name)
 {
-    PyObject *descr = PyDict_GetItemWithError(type->tp_dict, name); /* borrowed */
-    if (descr == NULL || !PyObject_TypeCheck(descr, &PyMemberDescr_Type)) {
+    Py_ssize_t offset;
+    if (ps_member_offset(type, name, &offset, "reuse_setup") < 0) {
         PyErr_Clear();
         return 0;
     }
-    PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
-    return member->type == T_OBJECT_EX ? member->offset : 0;
+    return offset;
 }
 
 static PyObject *
@@ -55,8 +54,8 @@ robustmutex_reuse_setup(PyObject *Py_UNUSED(module), PyObject *const *args, Py_s
     PyObject *engine_type = PyDict_GetItemString(args[0], "Engine"); /* borrowed */
     if (engine_type != NULL && PyType_Check(engine_type)) {
         Py_XSETREF(reuse_engine_type, (PyTypeObject *)Py_NewRef(engine_type));
-        by_name_offset = slot_offset(reuse_engine_type, reuse_by_name_key);
-        pending_offset = slot_offset(reuse_engine_type, reuse_pending_key);
+        by_name_offset = slot_offset(reuse_engine_type, "by_name");
+        pending_offset = slot_offset(reuse_engine_type, "pending");
     }
     Py_XSETREF(reuse_globals, Py_NewRef(args[0]));
     Py_XSETREF(reuse_nsvar, Py_NewRef(args[1]));
