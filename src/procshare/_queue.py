@@ -191,12 +191,19 @@ class InterprocessQueue(_Handle):
     def _sweep(self, obj: SyncObject) -> bool:
         """Repair the records of dead producers and consumers; whether any was."""
         self._last_sweep = time.monotonic()
+        return self._reclaim_ring(obj, (WRITING, READING))
+
+    def _reclaim_ring(
+        self, obj: SyncObject, states: tuple[int, ...], *, quick: bool = False
+    ) -> bool:
+        """:meth:`_reclaim` every record from head to tail (mutex held), then
+        :meth:`_repaired`; whether any was taken back."""
         words = self._words
-        head, tail = words.load(_HEAD), words.load(_TAIL)
+        tail = words.load(_TAIL)
         changed = False
-        seq = head
+        seq = words.load(_HEAD)
         while seq != tail:
-            changed |= self._reclaim(obj, self._desc(seq), (WRITING, READING))
+            changed |= self._reclaim(obj, self._desc(seq), states, quick=quick)
             seq = (seq + 1) & _MASK
         return self._repaired(changed)
 
@@ -253,14 +260,7 @@ class InterprocessQueue(_Handle):
         consumers often hold records being read while others poll with
         ``get_nowait``, so each costs one system call, not a read of ``/proc``;
         a dead consumer its parent has not reaped yet is left to the sweeps."""
-        words = self._words
-        head, tail = words.load(_HEAD), words.load(_TAIL)
-        changed = False
-        seq = head
-        while seq != tail:
-            changed |= self._reclaim(obj, self._desc(seq), (READING,), quick=True)
-            seq = (seq + 1) & _MASK
-        return self._repaired(changed)
+        return self._reclaim_ring(obj, (READING,), quick=True)
 
     def _own(self, obj: SyncObject, d: int, state: int) -> None:
         words = self._words
