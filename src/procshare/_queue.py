@@ -418,12 +418,18 @@ class InterprocessQueue(_Handle):
             left = until - time.monotonic()
             if left <= 0:
                 break
-            words.add(count_word, 1)
-            try:
-                words.wait(seq_word, seq, left)
-            finally:
-                words.add(count_word, -1)
+            self._sleep_on(seq_word, count_word, seq, left)
         return None
+
+    def _sleep_on(self, seq_word: int, count_word: int, seq: int, left: float) -> None:
+        """Sleep until ``seq_word`` moves from ``seq``, ``left`` seconds at most,
+        counted in ``count_word`` meanwhile (so the other side wakes us)."""
+        words = self._words
+        words.add(count_word, 1)
+        try:
+            words.wait(seq_word, seq, left)
+        finally:
+            words.add(count_word, -1)
 
     def _wait_for(
         self,
@@ -466,11 +472,7 @@ class InterprocessQueue(_Handle):
             left = _sync.LIVENESS
             if deadline is not None:
                 left = max(0.0, min(left, deadline - time.monotonic()))
-            words.add(count_word, 1)
-            try:
-                words.wait(seq_word, seq, left)
-            finally:
-                words.add(count_word, -1)
+            self._sleep_on(seq_word, count_word, seq, left)
 
     def put_nowait(self, obj: object) -> None:
         """``put(obj, block=False)``: :class:`~procshare.QueueFull` if there is no room."""
