@@ -325,14 +325,19 @@ handle_finalize(HandleObject *self)
 {
     /* What Child.__del__ did: a handle dropped unjoined marks its record
      * dropped (reaped at the next call into procshare). Nothing to do, and
-     * nothing touched, when its child is done. */
+     * nothing touched, when its child is done or a children() scope will
+     * join it: ChildrenPart.drop() returns at once then, and calling it for
+     * every handle a `for` loop drops wrote its function's and code's pages
+     * in the parent, copies while the children forked before share them. */
     PyObject *rec = self->rec, *part = self->part;
     if (rec == NULL || part == NULL) {
         return;
     }
-    if (record_type != NULL && PyObject_TypeCheck(rec, record_type) &&
-        SLOT(rec, roff[R_DONE]) == Py_True) {
-        return;
+    if (record_type != NULL && PyObject_TypeCheck(rec, record_type)) {
+        PyObject *scope = SLOT(rec, roff[R_SCOPE]);
+        if (SLOT(rec, roff[R_DONE]) == Py_True || (scope != NULL && scope != Py_None)) {
+            return;
+        }
     }
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
