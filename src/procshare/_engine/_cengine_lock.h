@@ -379,6 +379,23 @@ entry_closed(PyObject *entry)
     return ps_slot_true(&sl_le[EN_CLOSED], entry, s_closed);
 }
 
+/* entries[key], a new reference, or NULL: absent (no error set) or an error.
+ * A dict's lookup, not the subscript: a missing key there raises a KeyError,
+ * and the exception object, made and freed once or twice in every child
+ * that creates its lock, is a few copied pages. */
+static PyObject *
+entry_of(PyObject *entries, PyObject *key)
+{
+    if (PyDict_CheckExact(entries)) {
+        return Py_XNewRef(PyDict_GetItemWithError(entries, key));
+    }
+    PyObject *entry = PyObject_GetItem(entries, key);
+    if (entry == NULL && PyErr_ExceptionMatches(PyExc_KeyError)) {
+        PyErr_Clear();
+    }
+    return entry;
+}
+
 /* open_lock(engine, name, user, mode) -> the entry for name in the current
  * namespace, user registered on it (LocksPart.open). */
 static PyObject *
@@ -415,12 +432,11 @@ cengine_open_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
     if (key == NULL) {
         goto done;
     }
-    entry = PyObject_GetItem(entries, key);
+    entry = entry_of(entries, key);
     if (entry == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_KeyError)) {
+        if (PyErr_Occurred()) {
             goto done;
         }
-        PyErr_Clear();
     }
     else {
         /* Register first, then check: a concurrent close marks the entry
@@ -449,14 +465,9 @@ cengine_open_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
         goto done;
     }
     Py_DECREF(taken);
-    entry = PyObject_GetItem(entries, key);
+    entry = entry_of(entries, key);
     int fresh = entry == NULL;
-    if (entry == NULL) {
-        if (PyErr_ExceptionMatches(PyExc_KeyError)) {
-            PyErr_Clear();
-        }
-    }
-    else {
+    if (entry != NULL) {
         int closed = entry_closed(entry);
         fresh = closed != 0;
         if (closed < 0) {

@@ -158,6 +158,14 @@ release_handle(HandleObject *handle, const char *path, long pid, int decide)
     if (handle->opener_pid != pid) {
         return PyLong_FromLong(RELEASED); /* inherited: the hold is shared with the parent */
     }
+    if (handle->data != NULL && PyMemoryView_Check(handle->data) &&
+        ((PyMemoryViewObject *)handle->data)->exports > 0) {
+        /* A buffer exported from data itself (a lock's mutex keeps one,
+         * numpy.frombuffer(data)): release() would refuse with a BufferError,
+         * an exception object made and dropped in every child that closes a
+         * lock (copied pages). The mapping stays while they live (let_go). */
+        Py_CLEAR(handle->data);
+    }
     if (handle->data != NULL) {
         /* Views made from data share its managed buffer; only a buffer exported
          * from data itself (numpy.frombuffer(data)) makes release() refuse. */
