@@ -57,7 +57,7 @@ PyObject *child_main, *child_end, *child_holding, *child_backend, *child_held, *
 PyObject *set_handler, *handlers, *transport_g;
 PyObject *exit_ok, *returned_none, *poll_if_asked, *empty_dict, *empty_str;
 PyObject *k_armed, *k_pending, *k_raised, *k_engine, *k_pid, *k_current, *k_entered, *k_pidfd_open, *k_watch, *k_first;
-PyObject *k_flush, *k_stack, *k_call, *k_join, *k_joined, *k_drop, *k_check_held, *k_warn;
+PyObject *k_stack, *k_call, *k_join, *k_joined, *k_drop, *k_check_held, *k_warn;
 int fast_ready, fast_on = 1;
 unsigned long long n_starts, n_joins; /* fast starts and joins (for tests) */
 
@@ -383,13 +383,7 @@ fork_now(LauncherObject *self, PyObject *args, PyObject *kwargs, PyObject *part,
     /* Flush what the parent buffered, or the child would print it again; as
      * process_fork does, a failing flush is ignored, an interruption is not. */
     for (int i = 0; i < 2; i++) {
-        PyObject *stream = ps_std_stream(i);
-        if (stream == NULL || stream == Py_None) {
-            continue;
-        }
-        Py_INCREF(stream);
-        PyObject *r = PyObject_CallMethodNoArgs(stream, k_flush);
-        Py_DECREF(stream);
+        PyObject *r = ps_flush_stream(i);
         if (r != NULL) {
             Py_DECREF(r);
         }
@@ -588,7 +582,6 @@ ps_fast_init(PyObject *module)
     INTERN(k_pidfd_open, "_pidfd_open");
     INTERN(k_watch, "DEADLOCK_WATCH");
     INTERN(k_first, "_EXIT_FIRST");
-    INTERN(k_flush, "flush");
     INTERN(k_stack, "stack");
     INTERN(k_call, "_call");
     INTERN(k_join, "_join");

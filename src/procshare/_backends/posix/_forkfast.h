@@ -30,7 +30,7 @@ PS_HIDDEN extern PyObject *child_main, *child_end, *child_holding, *child_backen
 PS_HIDDEN extern PyObject *set_handler, *handlers, *transport_g;
 PS_HIDDEN extern PyObject *exit_ok, *returned_none, *poll_if_asked, *empty_dict, *empty_str;
 PS_HIDDEN extern PyObject *k_armed, *k_pending, *k_raised, *k_engine, *k_pid, *k_current, *k_entered, *k_pidfd_open, *k_watch, *k_first;
-PS_HIDDEN extern PyObject *k_flush, *k_stack, *k_call, *k_join, *k_joined, *k_drop, *k_check_held, *k_warn;
+PS_HIDDEN extern PyObject *k_stack, *k_call, *k_join, *k_joined, *k_drop, *k_check_held, *k_warn;
 PS_HIDDEN extern int fast_ready, fast_on;
 PS_HIDDEN extern unsigned long long n_starts, n_joins; /* fast starts and joins (for tests) */
 

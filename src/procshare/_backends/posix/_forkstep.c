@@ -260,7 +260,8 @@ forkstep_unblock(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
 static PyObject *flush_name; /* "flush", interned by the module's init */
 static PyObject *sys_dict, *stream_names[2]; /* sys.__dict__, "stdout", "stderr" */
 
-PyObject *
+/* sys.stdout (0) or sys.stderr (1), borrowed, or NULL (no error set). */
+static PyObject *
 ps_std_stream(int which)
 {
     /* PySys_GetObject() without its per-call name object (made and hashed
@@ -272,18 +273,25 @@ ps_std_stream(int which)
     return stream;
 }
 
+PyObject *
+ps_flush_stream(int which)
+{
+    PyObject *stream = ps_std_stream(which);
+    if (stream == NULL || stream == Py_None) {
+        return Py_NewRef(Py_None);
+    }
+    /* No bound method and no name object made per call: a child calls this
+     * as it ends, where each object written is a copied page. */
+    Py_INCREF(stream); /* (a flush may run Python that replaces sys.stdout) */
+    PyObject *r = PyObject_CallMethodNoArgs(stream, flush_name);
+    Py_DECREF(stream);
+    return r;
+}
+
 static void
 flush_stream(int which)
 {
-    PyObject *stream = ps_std_stream(which);
-    if (stream != NULL && stream != Py_None) {
-        /* No bound method and no name object made per call: a child calls
-         * this as it ends, where each object written is a copied page. */
-        Py_INCREF(stream);
-        PyObject *r = PyObject_CallMethodNoArgs(stream, flush_name);
-        Py_XDECREF(r);
-        Py_DECREF(stream);
-    }
+    Py_XDECREF(ps_flush_stream(which));
     PyErr_Clear(); /* a failed flush must not stop the exit */
 }
 

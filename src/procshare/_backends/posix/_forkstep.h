@@ -32,8 +32,9 @@ PS_HIDDEN void ps_restore_mask(void);
 /* Close a descriptor the fork step returned, so children stop closing it;
  * -1 with errno set on an error other than EBADF. */
 PS_HIDDEN int ps_close_fd(int fd);
-/* sys.stdout (0) or sys.stderr (1), borrowed, or NULL (no error set). */
-PS_HIDDEN PyObject *ps_std_stream(int which);
+/* sys.stdout.flush() (0) or sys.stderr.flush() (1): a new reference (None
+ * when there is no such stream), or NULL with the flush's error set. */
+PS_HIDDEN PyObject *ps_flush_stream(int which);
 /* Flush stdio, then _exit(status), or end by signal -status if negative. */
 PS_HIDDEN PS_NORETURN void ps_exit(long status);
 /* The number of Python threads, or -1 before threads_setup(). */
