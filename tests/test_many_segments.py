@@ -13,10 +13,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import gc
 import mmap
 import os
 import resource
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -390,3 +392,53 @@ def test_two_last_holders_closing_at_once_leave_no_orphan() -> None:
             ps.unlink(f"tw{i}")  # (only if the test failed)
         for fd in (start_r, start_w, done_r, done_w):
             os.close(fd)
+
+
+@ps.forked
+def _nothing() -> None:
+    pass
+
+
+@pytest.mark.parametrize("forked_since", [False, True], ids=["alone", "forked-since"])
+@pytest.mark.parametrize("which", ["first", "last"])
+@pytest.mark.parametrize("ending", ["close", "dropped"])
+def test_a_kept_descriptor_closed_behind_its_back_is_not_touched(
+    ending: str, which: str, forked_since: bool, tmp_path: Path
+) -> None:
+    # A program may close descriptors it did not open (os.closerange) and get
+    # the number back for a file of its own. Closing the segment must leave
+    # that file alone (no lock call on it, no close), and still decide from
+    # the object itself: while the other hold is open the name stays, and the
+    # last close removes it. "alone": no fork since the open (the close on the
+    # kept descriptor); "forked-since": the close the mapping way.
+    first = ps.shared("cb", ps.u64, initial=3)
+    last = ps.shared("cb", ps.u64)
+    path = _path("cb")
+    own = os.open(tmp_path / "own", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        victim = first if which == "first" else last
+        taken = victim._rec.handle.fd
+        assert taken >= 0
+        assert _descriptors_on(path) == 2
+        if forked_since:
+            assert _nothing().join(timeout=60) is None
+        os.dup2(own, taken)  # closes the segment's descriptor; the number is a file's now
+        assert _descriptors_on(path) == 1
+        if ending == "close":
+            first.close()
+            assert os.path.exists(path)
+            assert _held_by_someone("cb")
+            last.close()
+        else:
+            del first, victim
+            gc.collect()
+            assert os.path.exists(path)
+            assert _held_by_someone("cb")
+            del last
+            gc.collect()
+        assert not os.path.exists(path)  # the last hold removed it
+        os.pwrite(taken, b"x", 0)  # the program's file is still open there, and its own
+        assert (tmp_path / "own").read_bytes() == b"x"
+        os.close(taken)
+    finally:
+        os.close(own)

@@ -184,7 +184,7 @@ release_handle(HandleObject *handle, const char *path, long pid, int decide)
         return NULL;
     }
     MappingObject *mm = (MappingObject *)handle->mm;
-    int fd = handle->fd;
+    int fd = handle_own_fd(handle);
     int alone = fd >= 0 && handle->epoch == fork_epoch; /* nobody shares fd's description */
     if (fd >= 0) {
         handle->fd = -1;
@@ -468,7 +468,7 @@ shmstep_let_go(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     MappingObject *mm = (MappingObject *)handle->mm;
     const char *path = PyBytes_AS_STRING(args[1]);
     unsigned long long dev = handle->st_dev, ino = handle->st_ino;
-    if (handle->fd >= 0) {
+    if (handle_own_fd(handle) >= 0) {
         close(handle->fd); /* the children's references keep the description and READ */
         handle->fd = -1;
         fd_holds--;

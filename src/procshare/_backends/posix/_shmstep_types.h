@@ -177,6 +177,27 @@ typedef struct {
     char closed;
 } HandleObject;
 
+/* The descriptor that keeps handle's hold, if it still is the object's;
+ * else -1, and the handle forgets it. A program may close descriptors it did
+ * not open (os.closerange, a double close elsewhere), and the number may name
+ * one of its own files by now: a lock call, a close or a decision made on it
+ * would touch that file (and could unlink the object while others hold it).
+ * The hold itself lives on in the mapping, which keeps the open description
+ * and its lock: the close then goes the mapping way. One fstat(). */
+static int
+handle_own_fd(HandleObject *handle)
+{
+    int fd = handle->fd;
+    struct stat st;
+    if (fd < 0 || (fstat(fd, &st) == 0 && (unsigned long long)st.st_dev == handle->st_dev &&
+                   (unsigned long long)st.st_ino == handle->st_ino)) {
+        return fd;
+    }
+    handle->fd = -1;
+    fd_holds--;
+    return -1;
+}
+
 static PyTypeObject Handle_Type;
 /* The subclass attach() builds (segment.py's PosixSegment), set by set_handle_type(). */
 static PyTypeObject *handle_type = NULL;
@@ -236,7 +257,7 @@ handle_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static void
 handle_dealloc(HandleObject *self)
 {
-    if (self->fd >= 0 && self->opener_pid == getpid()) {
+    if (self->fd >= 0 && self->opener_pid == getpid() && handle_own_fd(self) >= 0) {
         /* Never closed: the hold ends with the object, as a mapping's would
          * (a child leaves what it inherited to its exit). */
         close(self->fd);
