@@ -154,6 +154,37 @@ def test_large_result_does_not_deadlock_on_the_pipe() -> None:
     assert data[-1] == 255
 
 
+@ps.forked
+def _closes_descriptors_it_did_not_open(path: str, reuse: bool) -> int:
+    top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    streams = {sys.stdout.fileno(), sys.stderr.fileno()}  # (pytest's capture files here)
+    for fd in range(3, top + 1):  # as os.closerange(3, ...) does, the result pipe among them
+        if fd not in streams:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    if reuse:
+        fd = -1
+        while fd < top:  # the child's own file takes every number back
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    return 5
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["closed", "number-reused"])
+def test_a_child_that_closed_its_result_pipe_fails_and_writes_nowhere_else(
+    reuse: bool, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Its result cannot reach the parent: the child says so and fails, rather
+    # than writing the pickled 5 into a file of its own that got the pipe's
+    # number back (the parent then read silence as a returned None).
+    own = tmp_path / "own"
+    own.write_bytes(b"")
+    with pytest.raises(ps.ChildExited) as failed:
+        _closes_descriptors_it_did_not_open(str(own), reuse).join(timeout=60)
+    assert failed.value.exitcode == 1
+    assert own.read_bytes() == b""
+    assert "its result pipe, was closed by the child's own code" in capfd.readouterr().err
+
+
 def test_unpicklable_result_is_a_child_raised_not_a_hang() -> None:
     @ps.forked
     def returns_a_lock() -> object:

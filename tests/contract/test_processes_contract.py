@@ -77,6 +77,23 @@ def test_fork_returns_only_in_the_parent_and_the_child_reports_through_the_pipe(
     assert _finish(backend, forked) == Exit(0, None)
 
 
+def test_a_child_knows_whether_its_result_pipe_is_still_the_one_it_was_given(
+    backend: ProcessBackend,
+) -> None:
+    def child(fd: int) -> int:
+        before = backend.process_result_pipe(fd)
+        other = os.open(os.devnull, os.O_WRONLY)
+        neighbour = backend.process_result_pipe(other)
+        os.dup2(other, fd)  # closes the pipe's end; the number names another file now
+        reused = backend.process_result_pipe(fd)
+        os.close(fd)
+        closed = backend.process_result_pipe(fd)
+        return 0 if (before, neighbour, reused, closed) == (True, False, False, False) else 1
+
+    forked = backend.process_fork(child)
+    assert _finish(backend, forked) == Exit(0, None)
+
+
 @pytest.mark.parametrize("status", [0, 3, 255])
 def test_the_child_exits_with_the_status_it_returns(backend: ProcessBackend, status: int) -> None:
     forked = backend.process_fork(lambda fd: status)

@@ -96,6 +96,13 @@ class ProcessBackend(Protocol):
         reader is gone."""
         ...
 
+    def process_result_pipe(self, fd: int) -> bool:
+        """In a child: whether ``fd`` still is the result pipe's write end that
+        :meth:`process_fork` gave it. False once the child's own code closed it
+        (``os.closerange``), and when the number names another file since:
+        writing the result there would land in that file."""
+        ...
+
     def process_read(self, fd: int) -> bytes | None:
         """Read what is available on a non-blocking pipe now: ``None`` if nothing
         yet, ``b""`` at end of file."""

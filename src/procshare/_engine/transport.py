@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import pickle
 import signal
 import struct
@@ -336,6 +337,15 @@ def child_end_failed(backend: Backend, exc: BaseException, result_fd: int) -> in
     return _send(backend, [], 1, raised_payload(exc, _RELEASE_FAILED), result_fd)
 
 
+_LOST_PIPE = (
+    "procshare: child {pid} could not send its result to its parent: descriptor {fd}, its "
+    "result pipe, was closed by the child's own code (os.closerange or os.close on a "
+    "descriptor it did not open), so the result is lost and the child exits with status 1. "
+    "Code run in a child (a @ps.forked function, a pool's) should close only the descriptors "
+    "it opened.\n"
+)
+
+
 def _send(
     backend: Backend, held: list[str], status: int, payload: bytes | None, result_fd: int
 ) -> int:
@@ -347,6 +357,12 @@ def _send(
     if held:
         note = "\0".join(held).encode()
         head = LEN.pack(len(note) + 1) + HELD + note
+    if (payload is not None or head) and not backend.process_result_pipe(result_fd):
+        # The function closed the pipe (os.closerange), and the number may
+        # name a file of its own by now: write nothing, say why, and fail, so
+        # that the parent does not take silence for a returned None.
+        sys.stderr.write(_LOST_PIPE.format(pid=os.getpid(), fd=result_fd))
+        return status or 1
     if payload is not None or head:
         # The parent dropped its handle and closed the pipe: nobody wants it.
         with contextlib.suppress(BrokenPipeError):

@@ -42,6 +42,7 @@
 #include <poll.h>
 #include <sys/syscall.h>
 #include <time.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
 #ifdef __linux__
@@ -64,6 +65,14 @@ static PyObject *last_fork;
 static long last_token; /* the caller's number for that fork */
 
 #include "_forkstep_private.h" /* the parent-private descriptors */
+
+/* In a child: its result pipe's write end as the fork step made it (the
+ * descriptor and the pipe's identity), or -1. A function may close
+ * descriptors it did not open (os.closerange) and get the number back for a
+ * file of its own: the result must not be written there (see result_pipe()). */
+static int result_fd = -1;
+static dev_t result_dev;
+static ino_t result_ino;
 
 static void
 block_signals(void)
@@ -134,6 +143,13 @@ ps_fork_step(int die_with_parent, int want_pidfd, int keep_write, pid_t *pid_out
         n_kept = 0;
         private_fds[n_private++] = fds[1]; /* reserved above */
         private_owner = getpid();
+        struct stat st;
+        result_fd = -1;
+        if (fstat(fds[1], &st) == 0) {
+            result_fd = fds[1];
+            result_dev = st.st_dev;
+            result_ino = st.st_ino;
+        }
         if (die_with_parent) {
 #ifdef __linux__
             prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
@@ -433,7 +449,23 @@ forkstep_python_threads(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
     return PyLong_FromSsize_t(n);
 }
 
+/* result_pipe(fd) -> bool: whether fd is still this child's result pipe. */
+static PyObject *
+forkstep_result_pipe(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    struct stat st;
+    return PyBool_FromLong(fd >= 0 && fd == result_fd && fstat((int)fd, &st) == 0 &&
+                           st.st_dev == result_dev && st.st_ino == result_ino);
+}
+
 static PyMethodDef forkstep_methods[] = {
+    {"result_pipe", forkstep_result_pipe, METH_O,
+     "result_pipe(fd) -> whether fd is still the result pipe the fork step gave this child "
+     "(not closed, and not a number reused for another file since)."},
     {"adopt", forkstep_adopt, METH_O,
      "adopt(fd): children forked from now on close fd first thing (until close(fd))."},
     {"close", forkstep_close, METH_O,

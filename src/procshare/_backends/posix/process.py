@@ -135,6 +135,9 @@ class PosixProcesses:
                 n = os.write(fd, view)
                 view = view[n:]
 
+    def process_result_pipe(self, fd: int) -> bool:
+        return _forkstep.result_pipe(fd)  # the identity the fork step took (fstat)
+
     def process_read(self, fd: int) -> bytes | None:
         try:
             return os.read(fd, _READ_CHUNK)
