@@ -8,6 +8,8 @@ import attrs
 import pytest
 
 from procshare._backends import get_backend
+from procshare._backends.posix import segment_object
+from procshare._backends.posix import sync as sync_posix
 from procshare._engine import Engine, get_engine
 from procshare._engine import core as engine_core
 
@@ -88,6 +90,44 @@ def test_a_forked_child_gets_an_empty_engine_and_never_shuts_down_the_parents() 
     assert answer == b"1"
     assert log == []
     parent_engine._parts.pop("probe")
+
+
+@pytest.mark.timeout(60)
+def test_every_forked_child_resets_the_per_process_state_first() -> None:
+    # The after-fork hooks (C: _cengine.after_fork_child, _shmstep.refresh_pid,
+    # the token list's clear) run in any child, a raw os.fork's included: the
+    # pids cached in two modules, a fresh engine lock even when the parent's
+    # was held at the fork, the parent's engine set aside, no process token.
+    parent = get_engine()
+    get_backend().process_token()  # remembered in this process from now on
+    assert sync_posix._token
+    r, w = os.pipe()
+    with engine_core._engine_lock:  # held by the parent while it forks
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                me = os.getpid()
+                said = [
+                    engine_core._pid == me,
+                    segment_object._pid == me,
+                    not engine_core._engine_lock.locked(),
+                    engine_core._engine is None,
+                    engine_core._inherited[-1] is parent,
+                    sync_posix._token == [],
+                ]
+                os.write(w, bytes(int(x) for x in said))
+                code = 0
+            finally:
+                os._exit(code)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    said = list(os.read(r, 16))
+    os.close(r)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert said == [1, 1, 1, 1, 1, 1]
+    assert engine_core._engine is parent  # the parent's own state is untouched
+    assert engine_core._pid == segment_object._pid == os.getpid()
 
 
 @pytest.mark.timeout(60)

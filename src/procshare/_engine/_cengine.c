@@ -373,7 +373,10 @@ static PyMethodDef cnames_methods[] = {
      "new_lock(name, mode) -> InterprocessLock(name) with the default options, or "
      "NotImplemented (nothing done) for a name that is not valid."},
     {"engine_setup", cengine_engine_setup, METH_VARARGS,
-     "engine_setup(core globals, Engine, _new_engine): what get_engine() reads."},
+     "engine_setup(core globals, Engine, _new_engine, threading.Lock): what get_engine() and "
+     "after_fork_child() read."},
+    {"after_fork_child", cengine_after_fork_child, METH_NOARGS,
+     "after_fork_child(): core._after_fork_in_child in C (an after-fork hook in each child)."},
     {"get_engine", cengine_get_engine, METH_NOARGS,
      "get_engine() -> this process's engine, created on first use (core.get_engine)."},
     {"end_setup", cengine_end_setup, METH_O,

@@ -10,18 +10,19 @@
  * and this code holds the GIL throughout), the adoption itself; anything
  * else calls the Python _new_engine. */
 
+static PyObject *ge_lock_type; /* threading.Lock, for after_fork_child() */
 static PyObject *ge_core, *ge_new, *s_ge_engine, *s_ge_spare, *s_ge_inherited, *s_ge_lock,
     *s_ge_locked;
 #define AT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 #define GE_SLOT(obj) AT(obj, sl_e_pid.offset)
 
-/* engine_setup(core globals, Engine, _new_engine) */
+/* engine_setup(core globals, Engine, _new_engine, threading.Lock) */
 static PyObject *
 cengine_engine_setup(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    PyObject *globals, *type, *new_engine;
-    if (!PyArg_ParseTuple(args, "O!O!O:engine_setup", &PyDict_Type, &globals, &PyType_Type, &type,
-                          &new_engine)) {
+    PyObject *globals, *type, *new_engine, *lock_type;
+    if (!PyArg_ParseTuple(args, "O!O!OO:engine_setup", &PyDict_Type, &globals, &PyType_Type,
+                          &type, &new_engine, &lock_type)) {
         return NULL;
     }
     const ps_slot_spec slots[] = {
@@ -47,6 +48,57 @@ cengine_engine_setup(PyObject *Py_UNUSED(module), PyObject *args)
     }
     Py_XSETREF(ge_core, Py_NewRef(globals));
     Py_XSETREF(ge_new, Py_NewRef(new_engine));
+    Py_XSETREF(ge_lock_type, Py_NewRef(lock_type));
+    Py_RETURN_NONE;
+}
+
+/* after_fork_child(): what core.py registers to run in every child. Every
+ * child of the process runs it (os.register_at_fork), raw os.fork children
+ * included: the Python function's frame, its code (cold in a child: the
+ * parent never calls it) and the modules it read were pages each child
+ * copied. The pid, a fresh engine lock (another thread may have held the old
+ * one at the fork), and the parent's engine put aside as inherited. */
+static PyObject *
+cengine_after_fork_child(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
+{
+    if (ge_core == NULL) {
+        PyErr_SetString(PyExc_TypeError, "after_fork_child() after engine_setup()");
+        return NULL;
+    }
+    PyObject *pid = PyLong_FromLong((long)getpid());
+    int rc = pid == NULL ? -1 : PyDict_SetItem(ge_core, s_pid_g, pid);
+    Py_XDECREF(pid);
+    PyObject *lock = rc < 0 ? NULL : PyObject_CallNoArgs(ge_lock_type);
+    rc = lock == NULL ? -1 : PyDict_SetItem(ge_core, s_ge_lock, lock);
+    Py_XDECREF(lock);
+    PyObject *engine = rc < 0 ? NULL : PyDict_GetItemWithError(ge_core, s_ge_engine);
+    if (engine == NULL) {
+        if (rc == 0 && !PyErr_Occurred()) {
+            PyErr_SetString(PyExc_NameError, "procshare._engine.core has no _engine");
+        }
+        return NULL;
+    }
+    if (engine != Py_None) {
+        PyObject *inherited = PyDict_GetItemWithError(ge_core, s_ge_inherited);
+        if (inherited == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_NameError, "procshare._engine.core has no _inherited");
+            }
+            return NULL;
+        }
+        Py_INCREF(engine);
+        rc = PyList_CheckExact(inherited) ? PyList_Append(inherited, engine) : -1;
+        if (rc == 0) {
+            rc = PyDict_SetItem(ge_core, s_ge_engine, Py_None);
+        }
+        else if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "procshare._engine.core._inherited is not a list");
+        }
+        Py_DECREF(engine);
+        if (rc < 0) {
+            return NULL;
+        }
+    }
     Py_RETURN_NONE;
 }
 

@@ -332,15 +332,6 @@ def _new_engine() -> Engine:
         return _engine
 
 
-def _after_fork_in_child() -> None:
-    global _engine, _engine_lock, _pid
-    _pid = os.getpid()
-    _engine_lock = threading.Lock()  # may have been held by another thread at fork
-    if _engine is not None:
-        _inherited.append(_engine)
-        _engine = None
-
-
 def shutdown_engine() -> None:
     """Shut down this process's engine if it has one (interpreter exit, child exit)."""
     engine = _engine
@@ -348,10 +339,14 @@ def shutdown_engine() -> None:
         engine.shutdown()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(shutdown_engine)
 
-_cengine.engine_setup(globals(), Engine, _new_engine)
+_cengine.engine_setup(globals(), Engine, _new_engine, threading.Lock)
+# What every child of this process runs first, raw os.fork children too: _pid
+# refreshed, a new _engine_lock (another thread may have held this one at the
+# fork), and the parent's engine moved to _inherited. In C: a Python function's
+# frame, code and the modules it read were pages each child copied.
+os.register_at_fork(after_in_child=_cengine.after_fork_child)
 #: ``get_engine() -> Engine``: this process's engine, created on first use
 #: (:func:`get_engine_py` in C: no Python frame in a fresh child's first call).
 get_engine: Callable[[], Engine] = _cengine.get_engine

@@ -418,6 +418,8 @@ static PyMethodDef shmstep_methods[] = {
     {"close_lock", shmstep_close_lock, METH_O,
      "close_lock(handle) -> removed: segment_close(handle, keep=lock_keep) in one call; the "
      "last holder removes the lock object unless its memory records an unconfirmed death."},
+    {"refresh_pid", shmstep_refresh_pid, METH_NOARGS,
+     "refresh_pid(): segment_object's _pid = getpid() (an after-fork hook in each child)."},
     {"set_paths", shmstep_set_paths, METH_O,
      "set_paths(globals): segment_object's globals, where close_lock() finds paths and the pid."},
     {"release", (PyCFunction)(void (*)(void))shmstep_release, METH_FASTCALL,

@@ -324,6 +324,26 @@ shmstep_set_paths(PyObject *Py_UNUSED(module), PyObject *globals)
     Py_RETURN_NONE;
 }
 
+/* refresh_pid(): segment_object._pid = getpid(), run in every forked child
+ * (os.register_at_fork): in C, a hook whose call writes no code object,
+ * frame or module of its own in a child (the Python one copied a few pages
+ * in every child of the process, raw os.fork children included). */
+static PyObject *
+shmstep_refresh_pid(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(args))
+{
+    if (paths_g == NULL) {
+        PyErr_SetString(PyExc_TypeError, "refresh_pid() after set_paths()");
+        return NULL;
+    }
+    PyObject *pid = PyLong_FromLong((long)getpid());
+    int rc = pid == NULL ? -1 : PyDict_SetItem(paths_g, k_pid, pid);
+    Py_XDECREF(pid);
+    if (rc < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* The path of os_name (new reference; remembered in path_bytes as
  * segment_object.remember_path does), this process's pid and (if dir_out is
  * not NULL) the objects' directory (borrowed), as the Python path finds them;

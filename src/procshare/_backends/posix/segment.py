@@ -120,6 +120,8 @@ _fork_epoch = _shmstep.fork_epoch
 close_lock = _shmstep.close_lock
 _open_named = _shmstep.open_named
 _shmstep.set_paths(vars(segment_object))
+# segment_object._pid refreshed in every child (raw os.fork too), in C.
+os.register_at_fork(after_in_child=_shmstep.refresh_pid)
 
 # Up to this size the whole object is written with one pwrite (which reserves
 # the pages just as fallocate does, and fails with ENOSPC the same way).

@@ -56,16 +56,10 @@ FLAG_PERSIST = 1
 
 
 # This process's pid, kept current across fork: getpid() is a real system call
-# (glibc stopped caching it), and open/close would make several.
+# (glibc stopped caching it), and open/close would make several. Refreshed in
+# every child by _shmstep.refresh_pid (registered by segment.py, which hands
+# _shmstep these globals).
 _pid = os.getpid()
-
-
-def _refresh_pid() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_refresh_pid)
 
 
 def current_pid() -> int:

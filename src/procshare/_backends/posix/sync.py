@@ -48,13 +48,10 @@ def _stat_fields(pid: int) -> tuple[str, int] | None:
 
 
 _token: list[ProcessToken] = []
-
-
-def _forget_token() -> None:
-    _token.clear()
-
-
-os.register_at_fork(after_in_child=_forget_token)
+# Forgotten in every child, raw os.fork included: the list's own clear, a C
+# method, not a Python function (whose frame, code and globals were pages
+# each forked child copied).
+os.register_at_fork(after_in_child=_token.clear)
 
 
 class PosixSync:
