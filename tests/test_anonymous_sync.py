@@ -27,7 +27,7 @@ import pytest
 import procshare as ps
 from procshare._backends import get_backend
 from procshare._engine import names
-from procshare._queue import READING, WRITING
+from queue_support import die_reading, die_writing
 from shared_support import Helper, alive, wait_for
 from test_anonymous import _anonymous_inodes, _pids
 
@@ -448,12 +448,7 @@ def test_an_anonymous_queue_consumer_killed_while_reading_gives_the_item_back() 
 
     @ps.forked
     def claim_and_die() -> None:
-        obj = q._obj
-        obj.lock()
-        d = q._claim(obj)
-        obj.unlock()
-        assert obj.words.load(d) == READING
-        os.kill(os.getpid(), signal.SIGKILL)
+        die_reading(q)
 
     _killed(claim_and_die().wait())
     assert q.get(timeout=5) == "second"
@@ -470,12 +465,7 @@ def test_an_anonymous_queue_producer_killed_while_writing_leaves_padding() -> No
 
     @ps.forked
     def reserve_and_die() -> None:
-        obj = q._obj
-        obj.lock()
-        d = q._reserve(obj, 64)
-        obj.unlock()
-        assert obj.words.load(d) == WRITING
-        os.kill(os.getpid(), signal.SIGKILL)
+        die_writing(q)
 
     _killed(reserve_and_die().wait())
     q.put("after")

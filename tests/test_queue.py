@@ -16,20 +16,14 @@ import pytest
 
 import procshare as ps
 from procshare._engine import sync as _engine_sync
-from procshare._queue import READING, WRITING
+from queue_support import die_reading, die_writing
 
 numpy = pytest.importorskip("numpy")
 
 
 @ps.forked
 def _claim_and_die(name: str, maxsize: int) -> None:
-    mine = ps.interprocess_queue(name, maxsize)
-    obj = mine._obj
-    obj.lock()
-    d = mine._claim(obj)
-    obj.unlock()
-    assert obj.words.load(d) == READING
-    os.kill(os.getpid(), signal.SIGKILL)
+    die_reading(ps.interprocess_queue(name, maxsize))
 
 
 def _consumer_killed_reading(name: str, maxsize: int = 0) -> None:
@@ -192,14 +186,7 @@ def test_a_producer_killed_while_writing_leaves_padding() -> None:
 
     @ps.forked
     def reserve_and_die() -> None:
-        mine = ps.interprocess_queue("dead-producer")
-        obj = mine._obj
-        obj.lock()
-        d = mine._reserve(obj, 64)
-        obj.unlock()
-        assert d >= 0
-        assert obj.words.load(d) == WRITING
-        os.kill(os.getpid(), signal.SIGKILL)
+        die_writing(ps.interprocess_queue("dead-producer"))
 
     status = reserve_and_die().wait()
     assert status is not None
@@ -232,13 +219,7 @@ def test_a_consumer_killed_while_reading_gives_the_item_back() -> None:
 
 def _reserve_and_die(name: str, maxsize: int) -> None:
     """In a forked child: reserve room for a record, then die before writing it."""
-    mine = ps.interprocess_queue(name, maxsize=maxsize)
-    obj = mine._obj
-    obj.lock()
-    d = mine._reserve(obj, 64)
-    obj.unlock()
-    assert d >= 0
-    os.kill(os.getpid(), signal.SIGKILL)
+    die_writing(ps.interprocess_queue(name, maxsize=maxsize))
 
 
 @pytest.mark.timeout(60)
