@@ -169,21 +169,16 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated
 
 
-def _is_interrupt(exc: BaseException) -> bool:
+def _raised(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``exc`` is a ``kind``, or an exception group holding one."""
     if isinstance(exc, BaseExceptionGroup):
-        return exc.subgroup(KeyboardInterrupt) is not None
-    return isinstance(exc, KeyboardInterrupt)
-
-
-def _terminated(exc: BaseException) -> bool:
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.subgroup(_Terminated) is not None
-    return isinstance(exc, _Terminated)
+        return exc.subgroup(kind) is not None
+    return isinstance(exc, kind)
 
 
 def _interrupted(number: int, namespace: str, exc: BaseException) -> int:
     left = inspect.namespace_objects(namespace)
-    by_sigterm = _terminated(exc)
+    by_sigterm = _raised(exc, _Terminated)
     print(f"\n{'terminated (SIGTERM)' if by_sigterm else 'interrupted'} during run {number}")
     if left:
         # A child killed while it held the lock leaves the lock behind on purpose:
@@ -355,7 +350,7 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         try:
             run = run_once(number, processes, paced=paced, namespace=namespace)
         except BaseException as exc:
-            if not _is_interrupt(exc):
+            if not _raised(exc, KeyboardInterrupt):
                 raise
             # Ctrl-C or SIGTERM: the children were terminated and what they
             # held released; show that nothing leaked even so.
