@@ -376,7 +376,8 @@ static PyMethodDef cnames_methods[] = {
      "engine_setup(core globals, Engine, _new_engine, threading.Lock): what get_engine() and "
      "after_fork_child() read."},
     {"after_fork_child", cengine_after_fork_child, METH_NOARGS,
-     "after_fork_child(): core._after_fork_in_child in C (an after-fork hook in each child)."},
+     "after_fork_child(): core's reset in each forked child (its os.register_at_fork hook): _pid, "
+     "a new _engine_lock, the parent's engine moved to _inherited."},
     {"get_engine", cengine_get_engine, METH_NOARGS,
      "get_engine() -> this process's engine, created on first use (core.get_engine)."},
     {"end_setup", cengine_end_setup, METH_O,
